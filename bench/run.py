@@ -1,0 +1,564 @@
+"""Benchmark Tollway against its yardsticks, in one run, on one fake provider.
+
+    .venv/bin/python bench/run.py            # full run (make bench)
+    .venv/bin/python bench/run.py --quick    # smoke run, about 30 s
+
+One fake provider serves every target, and the targets are measured
+interleaved (each repeat walks every scenario, concurrency and target in
+turn), so a ratio between two targets means something even on a noisy shared
+machine. With ``taskset`` and two CPUs, the fake provider and the load
+generator share CPU 0 and the proxy under test has CPU 1 to itself, as in
+``../shared/bench/README.md``.
+
+A target is a small descriptor: a name and how to start it on a port given
+the fake provider's address. Adding one (floor_proxy_db.py, Tollway with
+billing) is one more entry in ``TARGETS``. Every process started here is
+stopped by PID on the way out, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT / ".." / "shared" / "bench"  # the yardsticks; never copied into the repo
+PY = sys.executable
+LOADGEN = ROOT / "bench" / "loadgen.py"
+LOADGEN_CPU, PROXY_CPU = "0", "1"
+
+
+@dataclass(frozen=True)
+class Env:
+    """What a target needs to start: the fake provider's port and scratch space."""
+
+    provider_port: int
+    workdir: Path
+    dsn: str | None = None
+    tollway_src: Path | None = None  # an exported proxy/ package; None: the working tree
+
+    @property
+    def upstream(self) -> str:
+        return f"http://127.0.0.1:{self.provider_port}"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    # argv serving OpenAI's /v1 API on the given port; None: the fake provider itself.
+    command: Callable[[Env, int], list[str]] | None
+    # Why this target cannot run in this environment (e.g. no Postgres), else None.
+    unavailable: Callable[[Env], str | None] = lambda env: None
+
+
+def _floor(env: Env, port: int) -> list[str]:
+    return [PY, str(SHARED / "floor_proxy.py"), str(port), env.upstream]
+
+
+def _floor_db(billing: str) -> Callable[[Env, int], list[str]]:
+    def argv(env: Env, port: int) -> list[str]:
+        script = str(SHARED / "floor_proxy_db.py")
+        return [PY, script, str(port), env.upstream, env.dsn or "", "--billing", billing]
+
+    return argv
+
+
+TOLLWAY_YAML = """\
+server: {{host: 127.0.0.1, port: {port}}}
+auth: none
+providers:
+  fake:
+    kind: openai
+    base_url: http://127.0.0.1:{provider_port}/v1
+    api_key: sk-bench-provider
+models:
+  - name: bench-model
+    targets: [{{provider: fake}}]
+"""
+
+
+# Every request but the first of each scenario is a cache hit: no provider involved.
+CACHE_YAML = "cache: {enabled: true, unset_temperature: true, ttl_s: 3600}\n"
+# The same, each hit read from Redis (no per-process near cache).
+CACHE_REDIS_YAML = "cache: {enabled: true, unset_temperature: true, local_ttl_s: 0}\n"
+
+
+def _tollway_serve(name: str, extra_yaml: str = "") -> Callable[[Env, int], list[str]]:
+    """``tollway serve`` with TOLLWAY_YAML plus ``extra_yaml``, files named after the target."""
+
+    def argv(env: Env, port: int) -> list[str]:
+        config = env.workdir / f"{name}.yaml"
+        yaml = TOLLWAY_YAML.format(port=port, provider_port=env.provider_port) + extra_yaml
+        config.write_text(yaml)
+        tollway = str(Path(PY).parent / "tollway")
+        # A private data dir: the embedded Postgres (and Redis) that serve starts
+        # must not be the ones colleagues' instances use in ./.tollway/. auth: none
+        # bills nothing, so Postgres only serves the start-up; Redis, a child of
+        # serve, shares the proxy's CPU.
+        environ = [f"TOLLWAY_DATA_DIR={env.workdir / f'{name}-data'}"]
+        if env.tollway_src is not None:
+            # PYTHONPATH comes before the editable install's finder: this runs the export.
+            environ.append(f"PYTHONPATH={env.tollway_src}")
+        return [
+            *("env", *environ),
+            *(tollway, "serve", "--migrate", "--config", str(config)),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ]
+
+    return argv
+
+
+_tollway = _tollway_serve("tollway")
+
+
+def _stop_embedded_postgres(env: Env) -> None:
+    """Safety net: serve stops its embedded Postgres on exit, but if it was
+    killed the postmaster (daemonized, so not our child) would linger."""
+    for pidfile in env.workdir.glob("*-data/postgres/postmaster.pid"):
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            print(f"bench: stopped leftover embedded Postgres (pid {pid})", file=sys.stderr)
+        except (OSError, ValueError, IndexError):
+            pass  # no pid file, or already gone: the normal case
+
+
+def export_revision(rev: str, dest: Path) -> Path:
+    """Export proxy/ and sql/ as of ``rev`` (read-only git), so that a run
+    measures one commit even while others are editing the shared working tree."""
+    tar = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "proxy", "sql"], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(dest, filter="data")
+    return dest
+
+
+def tollway_version(rev: str | None) -> str:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout
+
+    if rev:
+        return f"{rev} = commit {git('rev-parse', '--short', rev).strip()}"
+    dirty = " plus uncommitted changes in proxy/" if git("status", "--porcelain", "proxy") else ""
+    return f"working tree at commit {git('rev-parse', '--short', 'HEAD').strip()}{dirty}"
+
+
+def _needs_dsn(env: Env) -> str | None:
+    return None if env.dsn else "needs --dsn"
+
+
+TARGETS = [
+    Target("direct", None),
+    Target("floor_proxy", _floor),
+    Target("floor_db_batch", _floor_db("batch"), _needs_dsn),
+    Target("tollway", _tollway),
+    Target("tollway_cache", _tollway_serve("tollway_cache", CACHE_YAML)),
+    Target("tollway_cache_redis", _tollway_serve("tollway_cache_redis", CACHE_REDIS_YAML)),
+]
+DEFAULT_TARGETS = "direct,floor_proxy,tollway"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    body: dict[str, Any]
+    stream: bool = False
+
+
+_CHAT = {
+    "model": "bench-model",
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Say hello to the benchmark."},
+    ],
+}
+SCENARIOS = [
+    Scenario("chat", "/v1/chat/completions", _CHAT),
+    Scenario(
+        "chat-stream",
+        "/v1/chat/completions",
+        {**_CHAT, "stream": True, "stream_options": {"include_usage": True}},
+        stream=True,
+    ),
+]
+
+
+class Processes:
+    """Every long-lived child, stopped by PID (reverse start order) in ``stop_all``."""
+
+    def __init__(self, pin: bool, logdir: Path) -> None:
+        self.pin = pin
+        self.logdir = logdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def prefix(self, cpu: str) -> list[str]:
+        return ["taskset", "-c", cpu] if self.pin else []
+
+    def start(self, name: str, argv: list[str], cpu: str, port: int) -> None:
+        # Own session: a terminal's Ctrl-C reaches only us, and we stop children in order.
+        with open(self.logdir / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                self.prefix(cpu) + argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append((name, proc))
+        _wait_listening(name, proc, port, self.logdir / f"{name}.log")
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                print(f"bench: {name} (pid {proc.pid}) ignored SIGTERM; killing", file=sys.stderr)
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(name: str, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + 90  # serve may first initdb an embedded Postgres
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{tail}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on port {port} within 90 s")
+
+
+@dataclass
+class Point:
+    """One measurement: a target under one scenario at one concurrency."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    ttfb_p50_ms: float | None
+    errors: int
+    first_error: str = ""
+    requests: int = 0
+
+
+def _pct(sorted_us: list[int], q: float) -> float:
+    if not sorted_us:
+        return float("nan")
+    return sorted_us[min(len(sorted_us) - 1, int(q * len(sorted_us)))] / 1000
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def measure(
+    procs: Processes, port: int, scenario: Scenario, c: int, args: argparse.Namespace
+) -> Point:
+    """Run the load generator (as ``--loadgen-procs`` processes) and merge their samples."""
+    shares = _split(c, min(c, args.loadgen_procs))
+    start_at = time.time() + 0.5  # lets every generator process import and connect first
+    common = [
+        f"http://127.0.0.1:{port}{scenario.path}",
+        orjson.dumps(scenario.body).decode(),
+        f"--duration={args.duration}",
+        f"--warmup={args.warmup}",
+        f"--max-requests={args.max_requests // len(shares)}",
+        f"--start-at={start_at}",
+        *(["--stream"] if scenario.stream else []),
+    ]
+    gens = [
+        subprocess.Popen(
+            [*procs.prefix(LOADGEN_CPU), PY, str(LOADGEN), *common, f"--concurrency={n}"],
+            stdout=subprocess.PIPE,
+        )
+        for n in shares
+    ]
+    try:
+        outs = [g.communicate(timeout=args.warmup + args.duration + 30)[0] for g in gens]
+    finally:
+        for g in gens:
+            if g.poll() is None:
+                os.kill(g.pid, signal.SIGKILL)
+                g.wait()
+    if any(g.returncode for g in gens):
+        raise RuntimeError(f"load generator failed against port {port}: exit {gens[0].returncode}")
+    results = [orjson.loads(o) for o in outs]
+    lat = sorted(x for r in results for x in r["latency_us"])
+    ttfb = sorted(x for r in results for x in r["ttfb_us"])
+    return Point(
+        rps=sum(r["ok"] / r["elapsed"] for r in results),
+        p50_ms=_pct(lat, 0.5),
+        p99_ms=_pct(lat, 0.99),
+        ttfb_p50_ms=_pct(ttfb, 0.5) if scenario.stream else None,
+        errors=sum(r["errors"] for r in results),
+        first_error=next((r["first_error"] for r in results if r["first_error"]), ""),
+        requests=len(lat),
+    )
+
+
+@dataclass
+class Row:
+    """Medians over repeats of one (scenario, concurrency, target)."""
+
+    scenario: str
+    concurrency: int
+    target: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    ttfb_p50_ms: float | None
+    errors: int
+    first_error: str
+    repeats: list[Point] = field(default_factory=list)
+    vs_direct: float | None = None
+    added_p50_ms: float | None = None
+
+
+def _median_row(scenario: str, c: int, target: str, points: list[Point]) -> Row:
+    ttfbs = [p.ttfb_p50_ms for p in points if p.ttfb_p50_ms is not None]
+    return Row(
+        scenario=scenario,
+        concurrency=c,
+        target=target,
+        rps=statistics.median(p.rps for p in points),
+        p50_ms=statistics.median(p.p50_ms for p in points),
+        p99_ms=statistics.median(p.p99_ms for p in points),
+        ttfb_p50_ms=statistics.median(ttfbs) if ttfbs else None,
+        errors=sum(p.errors for p in points),
+        first_error=next((p.first_error for p in points if p.first_error), ""),
+        repeats=points,
+    )
+
+
+def _compare_to_direct(rows: list[Row]) -> None:
+    direct = {(r.scenario, r.concurrency): r for r in rows if r.target == "direct"}
+    for r in rows:
+        d = direct.get((r.scenario, r.concurrency))
+        if d is None:
+            continue
+        r.vs_direct = r.rps / d.rps if d.rps else None
+        if r.concurrency == 1 and r is not d:
+            r.added_p50_ms = r.p50_ms - d.p50_ms
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| scenario | c | target | rps | of direct | p50 ms | p99 ms | TTFB p50 ms "
+        "| added p50 ms (c=1) | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.scenario} | {r.concurrency} | {r.target} | {r.rps:,.0f} "
+            f"| {_fmt(r.vs_direct, '.2f')} | {r.p50_ms:.3f} | {r.p99_ms:.3f} "
+            f"| {_fmt(r.ttfb_p50_ms, '.3f')} | {_fmt(r.added_p50_ms, '+.3f')} | {r.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    """The issue's targets: pass-through added p50 at c=1 under 0.5 ms, and
+    throughput at c=16 at least floor_proxy's, for every scenario."""
+    by = {(r.scenario, r.concurrency, r.target): r for r in rows}
+    out = []
+    for s in dict.fromkeys(r.scenario for r in rows):
+        tw = by.get((s, 1, "tollway"))
+        if tw is not None and tw.added_p50_ms is not None:
+            ok = tw.added_p50_ms < 0.5
+            out.append(
+                f"{'PASS' if ok else 'FAIL'} {s}: tollway added p50 at c=1 "
+                f"{tw.added_p50_ms:+.3f} ms (target < 0.5 ms)"
+            )
+        tw, fl = by.get((s, 16, "tollway")), by.get((s, 16, "floor_proxy"))
+        if tw is not None and fl is not None:
+            ok = tw.rps >= fl.rps
+            out.append(
+                f"{'PASS' if ok else 'FAIL'} {s}: tollway c=16 {tw.rps:,.0f} rps vs floor_proxy "
+                f"{fl.rps:,.0f} rps ({tw.rps / fl.rps:.2f}x, target >= 1.00x)"
+            )
+        hit, direct = by.get((s, 16, "tollway_cache")), by.get((s, 16, "direct"))
+        if hit is not None and direct is not None:
+            ok = hit.rps > direct.rps
+            out.append(
+                f"{'PASS' if ok else 'FAIL'} {s}: tollway cache hits c=16 {hit.rps:,.0f} rps vs "
+                f"direct {direct.rps:,.0f} rps ({hit.rps / direct.rps:.2f}x, target > 1.00x)"
+            )
+    return out
+
+
+def machine_notes(pin: bool) -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    layout = (
+        f"fake provider + load generator on CPU {LOADGEN_CPU}, proxy on CPU {PROXY_CPU}"
+        if pin
+        else "no CPU pinning"
+    )
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}; {layout}"
+    )
+
+
+def run(args: argparse.Namespace, procs: Processes, env: Env) -> list[Row]:
+    wanted = args.targets.split(",")
+    unknown = set(wanted) - {t.name for t in TARGETS}
+    if unknown:
+        raise SystemExit(f"bench: unknown target(s) {', '.join(sorted(unknown))}")
+    targets = [t for t in TARGETS if t.name in wanted]
+    for t in targets:
+        reason = t.unavailable(env)
+        if reason:
+            print(f"bench: skipping {t.name}: {reason}", file=sys.stderr)
+    targets = [t for t in targets if t.unavailable(env) is None]
+    ports = {}
+    for t in targets:
+        if t.command is None:
+            ports[t.name] = env.provider_port
+        else:
+            ports[t.name] = _free_port()
+            procs.start(t.name, t.command(env, ports[t.name]), PROXY_CPU, ports[t.name])
+    scenarios = [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    points: dict[tuple[str, int, str], list[Point]] = {}
+    for rep in range(args.repeats):
+        for s in scenarios:
+            for c in levels:
+                for t in targets:
+                    p = measure(procs, ports[t.name], s, c, args)
+                    points.setdefault((s.name, c, t.name), []).append(p)
+                    print(
+                        f"  [{rep + 1}/{args.repeats}] {s.name:<11} c={c:<3} {t.name:<14} "
+                        f"{p.rps:>9,.0f} rps  p50 {p.p50_ms:.3f} ms  errors {p.errors}",
+                        file=sys.stderr,
+                    )
+    rows = [_median_row(s, c, t, pts) for (s, c, t), pts in points.items()]
+    _compare_to_direct(rows)
+    return rows
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated target names")
+    p.add_argument("--scenarios", default=",".join(s.name for s in SCENARIOS))
+    p.add_argument("--concurrency", default="1,16,64", help="comma-separated levels")
+    p.add_argument("--duration", type=float, default=4.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per point")
+    p.add_argument("--repeats", type=int, default=3, help="the table shows their medians")
+    p.add_argument("--max-requests", type=int, default=2_000_000, help="cap per point")
+    p.add_argument("--chunks", type=int, default=20, help="content chunks per fake stream")
+    p.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes with taskset")
+    p.add_argument("--dsn", help="Postgres DSN, enables the floor_db_batch target")
+    p.add_argument("--tollway-rev", help="measure proxy/ at this git revision (default: tree)")
+    p.add_argument("--json", type=Path, help="write results here (default: bench/out/...)")
+    p.add_argument("--no-json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 s points, one repeat")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.repeats = 1.0, 0.3, 1
+    return args
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM runs the same cleanup as Ctrl-C
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    if pin:  # keep this orchestrator off the proxy's CPU too
+        os.sched_setaffinity(0, {int(LOADGEN_CPU)})
+    # Explicit, because a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    meta = {
+        "started": f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC",
+        "command": " ".join(sys.argv),
+        "machine": machine_notes(pin),
+        "tollway": tollway_version(args.tollway_rev),
+        "method": f"{args.duration:g} s per point after {args.warmup:g} s warm-up, medians of "
+        f"{args.repeats} repeat(s), targets interleaved; streams: {args.chunks} content chunks",
+    }
+    with tempfile.TemporaryDirectory(prefix="tollway-bench-", ignore_cleanup_errors=True) as tmp:
+        workdir = Path(tmp)
+        src = export_revision(args.tollway_rev, workdir / "src") if args.tollway_rev else None
+        env = Env(_free_port(), workdir, args.dsn, src)
+        procs = Processes(pin, workdir)
+        try:
+            fake = [PY, str(ROOT / "bench" / "fake_provider.py"), str(env.provider_port)]
+            fake.append(f"--chunks={args.chunks}")
+            procs.start("fake_provider", fake, LOADGEN_CPU, env.provider_port)
+            rows = run(args, procs, env)
+        except KeyboardInterrupt:
+            print("bench: interrupted; stopping children", file=sys.stderr)
+            return 130
+        finally:
+            procs.stop_all()
+            _stop_embedded_postgres(env)
+    report(args, rows, meta)
+    return 0 if all(r.errors == 0 for r in rows) else 1
+
+
+def report(args: argparse.Namespace, rows: list[Row], meta: dict[str, str]) -> None:
+    print("\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n")
+    print(table(rows))
+    print("\n" + "\n".join(verdicts(rows)))
+    for r in rows:
+        if r.first_error:
+            print(f"errors in {r.scenario} c={r.concurrency} {r.target}: {r.first_error}")
+    if args.no_json:
+        return
+    stamp = meta["started"][:19].replace("-", "").replace(":", "").replace(" ", "-")
+    path = args.json or ROOT / "bench" / "out" / f"bench-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {**meta, "rows": [asdict(r) for r in rows]}
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""One structured JSON line per request, on stdout (logger ``tollway.access``).
+
+A settle-side observer: the line is built from the request's ``UsageRecord``
+after it settled, so rejected, failed, cached and disconnected requests all
+get theirs. It names the tenant and the key by its display prefix only.
+Prompts and completions are left out unless the YAML names the tenant::
+
+    logging:
+      access_log: true            # default
+      bodies:
+        tenants: [acme-debug]     # globs; prompts and completions in their lines
+        max_chars: 4000           # each text cut to this length
+
+Every line passes the redaction layer (``proxy.redact``) like any log record.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from proxy.config import ConfigError, glob_match
+from proxy.metering import StreamMeter
+from proxy.providers.base import Reply
+from proxy.settle import UsageRecord
+
+log = logging.getLogger("tollway.access")
+
+
+@dataclass(frozen=True, slots=True)
+class LogPolicy:
+    access_log: bool = True
+    body_tenants: tuple[str, ...] = ()  # globs of tenants whose bodies are logged
+    body_max_chars: int = 4000
+
+    def logs_bodies(self, tenant: str | None) -> bool:
+        return tenant is not None and any(glob_match(p, tenant) for p in self.body_tenants)
+
+
+def parse_logging(raw: Any) -> LogPolicy:
+    if raw is None:
+        return LogPolicy()
+    if not isinstance(raw, dict):
+        raise ConfigError("logging: must be a mapping")
+    _only(raw, "logging", ("access_log", "bodies"))
+    access = raw.get("access_log", True)
+    if not isinstance(access, bool):
+        raise ConfigError("logging.access_log: must be true or false")
+    bodies = raw.get("bodies") or {}
+    if not isinstance(bodies, dict):
+        raise ConfigError("logging.bodies: must be a mapping")
+    _only(bodies, "logging.bodies", ("tenants", "max_chars"))
+    tenants = bodies.get("tenants", [])
+    if not isinstance(tenants, list) or not all(isinstance(t, str) and t for t in tenants):
+        raise ConfigError("logging.bodies.tenants: must be a list of tenant names or globs")
+    max_chars = bodies.get("max_chars", 4000)
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0:
+        raise ConfigError("logging.bodies.max_chars: must be a positive integer")
+    return LogPolicy(access, tuple(tenants), max_chars)
+
+
+def _only(raw: dict[str, Any], path: str, allowed: tuple[str, ...]) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(allowed)})")
+
+
+def keep_bodies(
+    record: UsageRecord,
+    body: dict[str, Any],
+    meter: StreamMeter | None,
+    reply: Reply | None,
+) -> None:
+    """Attach the prompt and completion to ``record`` if its tenant's are logged."""
+    policy = record.config.logging if record.config is not None else None
+    if policy is None or not policy.logs_bodies(record.tenant):
+        return
+    cut = policy.body_max_chars
+    prompt = body.get("messages", body.get("prompt", body.get("input")))
+    completion = ""
+    if meter is not None:
+        completion = meter.delivered_text()
+    elif reply is not None:
+        completion = _reply_text(reply.body)
+    record.transcript = {
+        "prompt": orjson.dumps(prompt).decode()[:cut],
+        "completion": completion[:cut],
+    }
+
+
+def _reply_text(raw: bytes) -> str:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return ""
+    parts = []
+    for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
+        if isinstance(choice, dict):
+            msg = choice.get("message")
+            text = msg.get("content") if isinstance(msg, dict) else choice.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+    return "".join(parts)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def line(record: UsageRecord, cost: float | None) -> bytes:
+    usage = record.usage
+    entry: dict[str, Any] = {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "type": "access",
+        "request_id": record.request_id,
+        "tenant": record.tenant,
+        "key_prefix": record.key_prefix,
+        "endpoint": record.endpoint,
+        "model": record.public_model,
+        "provider": record.provider,
+        "provider_model": record.provider_model,
+        "stream": record.stream,
+        "status": record.status,
+        "error_code": record.error_code,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "usage_source": usage.source,
+        "cost_usd": cost,
+        "latency_ms": _ms(record.latency_ms),
+        "ttft_ms": _ms(record.ttft_ms),
+        "cache": record.cache or ("hit" if record.cached else None),
+        "attempts": record.attempts,
+        "upstream": [
+            {"provider": a.provider, "status": a.status, "ms": _ms(a.latency_ms)}
+            for a in record.attempt_log
+        ],
+        "client_disconnected": record.client_disconnected,
+        "config_version": record.config.version if record.config is not None else None,
+    }
+    if record.transcript is not None:
+        entry.update(record.transcript)
+    return orjson.dumps(entry)
+
+
+class AccessLog:
+    """The observer: ``observe(record, cost)`` writes the line if enabled."""
+
+    def observe(self, record: UsageRecord, cost: float | None) -> None:
+        policy = record.config.logging if record.config is not None else None
+        if policy is not None and not policy.access_log:
+            return
+        if log.isEnabledFor(logging.INFO):
+            log.info(line(record, cost).decode())

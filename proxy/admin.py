@@ -1,0 +1,172 @@
+"""``/admin/`` — tenant and key management over HTTP (Bearer ``TOLLWAY_ADMIN_KEY``).
+
+The same operations as the CLI (``proxy.accounts``), each audited with the
+actor ``admin-api``. Without ``TOLLWAY_ADMIN_KEY`` the admin API is off (404).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy import accounts, redact
+from proxy.errors import GatewayError, InvalidApiKey, InvalidRequest, NotFound
+from proxy.state import BILLING, CONFIG
+from proxy.tiers import Tier
+
+ACTOR = "admin-api"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def rate_limit(tier: Tier | None) -> dict[str, Any]:
+    if tier is None:
+        return {}
+    return {
+        "requests_per_hour": tier.requests_per_hour,
+        "tokens_per_minute": tier.tokens_per_minute,
+        "monthly_requests": tier.monthly_requests,
+        "monthly_tokens": tier.monthly_tokens,
+        "max_tokens": tier.max_tokens,
+    }
+
+
+class _Refused(GatewayError):
+    def __init__(self, exc: accounts.AccountError) -> None:
+        super().__init__(str(exc), code="admin_refused")
+        self._status = exc.status
+
+    @property
+    def http_status(self) -> int:
+        return self._status
+
+    type = "invalid_request_error"  # type: ignore[assignment]
+
+
+def _guard(handler: Handler, *, needs_db: bool = True) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        expected = os.environ.get("TOLLWAY_ADMIN_KEY")
+        if not expected or (needs_db and BILLING not in request.app):
+            raise NotFound("The admin API is not enabled on this gateway.")
+        redact.remember(expected)  # never in a log line, whatever logs it
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            raise InvalidApiKey("Invalid admin key.")
+        try:
+            return await handler(request)
+        except accounts.AccountError as exc:
+            raise _Refused(exc) from None
+
+    return wrapped
+
+
+guard = _guard  # for the operations endpoints (proxy.reload), which need no database
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The admin request body must be JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The admin request body must be a JSON object.")
+    return body
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def _str(body: dict[str, Any], key: str, required: bool = True) -> str | None:
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"'{key}' must be a non-empty string.", param=key)
+    return value
+
+
+async def create_tenant(request: web.Request) -> web.Response:
+    body = await _body(request)
+    tiers = request.app[CONFIG].current.config.tiers
+    row = await accounts.create_tenant(
+        request.app[BILLING].auth.pool,
+        _str(body, "name") or "",
+        _str(body, "tier") or "",
+        tiers,
+        ACTOR,
+    )
+    return _json(row, 201)
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    return _json({"data": await accounts.list_tenants(request.app[BILLING].auth.pool)})
+
+
+async def set_tier(request: web.Request) -> web.Response:
+    body = await _body(request)
+    tiers = request.app[CONFIG].current.config.tiers
+    row = await accounts.set_tier(
+        request.app[BILLING].auth.pool,
+        request.match_info["name"],
+        _str(body, "tier") or "",
+        tiers,
+        ACTOR,
+    )
+    return _json(row)
+
+
+async def create_key(request: web.Request) -> web.Response:
+    body = await _body(request)
+    billing = request.app[BILLING]
+    tiers = request.app[CONFIG].current.config.tiers
+    days = body.get("expires_in_days")
+    if days is not None and (isinstance(days, bool) or not isinstance(days, int)):
+        raise InvalidRequest("'expires_in_days' must be an integer.", param="expires_in_days")
+    row = await accounts.create_key(
+        billing.auth.pool,
+        billing.auth.hasher,
+        _str(body, "tenant") or "",
+        _str(body, "name", required=False) or "",
+        days,
+        _str(body, "tier", required=False),
+        tiers,
+        ACTOR,
+    )
+    row["rate_limit"] = rate_limit(tiers.get(row["tier"]))
+    return _json(row, 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    keys = await accounts.list_keys(request.app[BILLING].auth.pool, request.query.get("tenant"))
+    return _json({"data": keys})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    row = await accounts.revoke_key(
+        request.app[BILLING].auth.pool, request.match_info["key_id"], ACTOR
+    )
+    return _json(row)
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    billing = request.app[BILLING]
+    row = await accounts.rotate_key(
+        billing.auth.pool, billing.auth.hasher, request.match_info["key_id"], ACTOR
+    )
+    return _json(row, 201)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/admin/tenants", _guard(create_tenant))
+    r.add_get("/admin/tenants", _guard(list_tenants))
+    r.add_patch("/admin/tenants/{name}", _guard(set_tier))
+    r.add_post("/admin/keys", _guard(create_key))
+    r.add_get("/admin/keys", _guard(list_keys))
+    r.add_post("/admin/keys/{key_id}/revoke", _guard(revoke_key))
+    r.add_post("/admin/keys/{key_id}/rotate", _guard(rotate_key))

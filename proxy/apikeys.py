@@ -1,0 +1,62 @@
+"""API key format, generation and hashing.
+
+A key is ``tw-`` + 43 URL-safe base64 characters (256 bits from
+``secrets``). It is stored only as HMAC-SHA256 under a server secret, plus a
+short display prefix. ``looks_valid`` runs before any lookup, so junk, SQL
+fragments, NUL bytes and 10 KB strings are refused without a query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from pathlib import Path
+
+PREFIX = "tw-"
+_SHAPE = re.compile(r"tw-[A-Za-z0-9_-]{43}")
+DISPLAY_CHARS = 10  # "tw-" + 7 characters: enough to tell keys apart, useless to guess
+
+
+def generate() -> str:
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def looks_valid(key: str) -> bool:
+    return len(key) == 46 and _SHAPE.fullmatch(key) is not None
+
+
+def display_prefix(key: str) -> str:
+    return key[:DISPLAY_CHARS]
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+class KeyHasher:
+    """HMAC-SHA256 of keys under the server secret."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("TOLLWAY_KEY_SECRET must be at least 16 bytes")
+        self._secret = secret
+
+    def digest(self, key: str) -> bytes:
+        return hmac.new(self._secret, key.encode(), hashlib.sha256).digest()
+
+
+def load_secret(data_dir: Path) -> bytes:
+    """``TOLLWAY_KEY_SECRET``, or a secret generated once and kept (mode 0600)
+    under the data directory, so embedded set-ups need no configuration."""
+    env = os.environ.get("TOLLWAY_KEY_SECRET")
+    if env:
+        return env.encode()
+    path = data_dir / "key_secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48))
+    return path.read_text().strip().encode()

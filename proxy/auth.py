@@ -1,0 +1,130 @@
+"""The authenticate stage: ``Authorization: Bearer <key>`` → a ``Principal``.
+
+The key's shape is checked before anything else, so malformed keys cost no
+query. Lookups are cached per process by digest for ``key_cache_ttl_s``
+(5 s by default), unknown digests too, so the hot path does not touch
+Postgres; a revocation or tier change therefore reaches every worker within
+that TTL. Unknown, revoked, expired and malformed keys all get the same 401,
+which never echoes the key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from proxy import apikeys
+from proxy.errors import InvalidApiKey, ServiceUnavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    key_prefix: str
+    tenant_id: int
+    tenant: str
+    tier: str
+    expires_at: datetime | None
+
+
+_LOOKUP = """
+SELECT k.id, k.prefix, k.state, k.expires_at, t.id AS tenant_id, t.name AS tenant,
+       coalesce(k.tier, t.tier) AS tier
+FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+WHERE k.digest = $1
+"""
+
+
+def invalid_key() -> InvalidApiKey:
+    return InvalidApiKey(
+        "Incorrect API key provided. You can find your API key in your Tollway dashboard "
+        "or ask your administrator for one."
+    )
+
+
+def bearer(header: str | None) -> str:
+    if not header or not header.startswith("Bearer "):
+        raise InvalidApiKey(
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    return header[7:].strip()
+
+
+class KeyCache:
+    """Digest → Principal (or None for unknown/revoked), with a TTL and a size bound."""
+
+    def __init__(
+        self, ttl: float, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
+
+    def get(self, digest: bytes, *, stale_ok: bool = False) -> tuple[bool, Principal | None]:
+        hit = self._entries.get(digest)
+        if hit is None or (hit[0] < self._clock() and not stale_ok):
+            return False, None
+        return True, hit[1]
+
+    def put(self, digest: bytes, principal: Principal | None) -> None:
+        self._entries[digest] = (self._clock() + self.ttl, principal)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+
+class Authenticator:
+    def __init__(self, pool: asyncpg.Pool, hasher: apikeys.KeyHasher, cache: KeyCache) -> None:
+        self.pool = pool
+        self.hasher = hasher
+        self.cache = cache
+        self.queries = 0  # lookups that reached Postgres; tests assert on it
+
+    async def authenticate(self, header: str | None) -> Principal:
+        key = bearer(header)
+        if not apikeys.looks_valid(key):
+            raise invalid_key()
+        digest = self.hasher.digest(key)
+        found, principal = self.cache.get(digest)
+        if not found:
+            try:
+                principal = await self._lookup(digest)
+            except ServiceUnavailable:
+                # Postgres is down: a key we knew keeps working (stale-if-error).
+                found, principal = self.cache.get(digest, stale_ok=True)
+                if not found:
+                    raise
+            else:
+                self.cache.put(digest, principal)
+        if principal is None:
+            raise invalid_key()
+        if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
+            raise invalid_key()
+        return principal
+
+    async def _lookup(self, digest: bytes) -> Principal | None:
+        self.queries += 1
+        try:
+            row = await self.pool.fetchrow(_LOOKUP, digest)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            raise ServiceUnavailable(
+                "The key store is unreachable; please retry shortly.",
+                headers={"retry-after": "2"},
+            ) from None
+        if row is None or row["state"] != "active":
+            return None
+        return Principal(
+            key_id=row["id"],
+            key_prefix=row["prefix"],
+            tenant_id=row["tenant_id"],
+            tenant=row["tenant"],
+            tier=row["tier"],
+            expires_at=row["expires_at"],
+        )

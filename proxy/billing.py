@@ -1,0 +1,192 @@
+"""Billing glue: authenticate + admit before forwarding, settle after.
+
+``Billing`` owns the Postgres pool and the three parts that use it: the
+``Authenticator`` (keys), the ``QuotaBook`` (monthly quota leases) and the
+``Ledger`` (batched usage events). As a ``Settler`` it turns every
+``UsageRecord`` into one usage row, refunding the unused part of the
+request's reservation on the way.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from proxy import tokens
+from proxy.auth import Authenticator, Principal
+from proxy.config import Config
+from proxy.errors import ModelNotAllowed, QuotaExceeded
+from proxy.ledger import Ledger, UsageRow
+from proxy.quota import QuotaBook, Reservation, Standing, period_of
+from proxy.settle import UsageRecord
+from proxy.tiers import Price, Tier, price_for
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()[:32]}-{secrets.token_hex(4)}"
+
+
+@dataclass(slots=True)
+class Admission:
+    principal: Principal
+    tier: Tier
+    reservation: Reservation
+    tokens: int = 0  # prompt estimate + max_tokens, when a token limit needs it
+
+
+def tier_of(config: Config, principal: Principal) -> Tier:
+    tier = config.tiers.get(principal.tier)
+    if tier is None:
+        raise ModelNotAllowed(
+            f"Your key's tier '{principal.tier}' is not configured on this gateway."
+        )
+    return tier
+
+
+def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
+    """Cap the completion budget at the tier's ``max_tokens`` (set it when
+    absent, so the reservation bounds what the provider may generate)."""
+    if endpoint == "embeddings":
+        return 0
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    asked = body.get(key)
+    budget = min(asked, tier.max_tokens) if isinstance(asked, int) else tier.max_tokens
+    body[key] = budget
+    n = body.get("n")
+    return budget * (n if isinstance(n, int) and n > 0 else 1)
+
+
+def check_model(tier: Tier, public_model: str) -> None:
+    if not tier.allows(public_model):
+        raise ModelNotAllowed(
+            f"Your tier '{tier.name}' does not have access to the model '{public_model}'.",
+            param="model",
+        )
+
+
+def ratelimit_headers(standing: Standing) -> dict[str, str]:
+    reset = reset_duration(standing.reset_seconds)
+    out = {}
+    if standing.limit_requests is not None:
+        out["x-ratelimit-limit-requests"] = str(standing.limit_requests)
+        out["x-ratelimit-remaining-requests"] = str(standing.remaining_requests)
+        out["x-ratelimit-reset-requests"] = reset
+    if standing.limit_tokens is not None:
+        out["x-ratelimit-limit-tokens"] = str(standing.limit_tokens)
+        out["x-ratelimit-remaining-tokens"] = str(standing.remaining_tokens)
+        out["x-ratelimit-reset-tokens"] = reset
+    return out
+
+
+def reset_duration(seconds: float) -> str:
+    """OpenAI's reset format: ``6m0s``, ``1h2m3s``, ``1s``."""
+    s = int(seconds + 0.999)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    return f"{m}m{sec}s" if m else f"{sec}s"
+
+
+def cost_of(record: UsageRecord, default: Mapping[str, Price] | None = None) -> Decimal:
+    """The request's cost at the prices of its own config snapshot."""
+    prices = record.config.prices if record.config is not None else default or {}
+    price = price_for(prices, record.public_model)
+    usage = record.usage
+    if price is None:
+        return Decimal(0)
+    return price.cost(usage.prompt_tokens, usage.completion_tokens)
+
+
+class Billing:
+    def __init__(
+        self, auth: Authenticator, quota: QuotaBook, ledger: Ledger, prices: Mapping[str, Price]
+    ) -> None:
+        self.auth = auth
+        self.quota = quota
+        self.ledger = ledger
+        self.prices = prices
+
+    async def admit(
+        self,
+        config: Config,
+        principal: Principal,
+        body: dict[str, Any],
+        endpoint: str,
+        public_model: str,
+    ) -> Admission:
+        tier = tier_of(config, principal)
+        check_model(tier, public_model)
+        budget = clamp_max_tokens(body, tier, endpoint)
+        estimate = 0
+        if tier.monthly_tokens is not None or tier.tokens_per_minute is not None:
+            estimate = tokens.count_prompt(body, endpoint, public_model) + budget
+        try:
+            reservation = await self.quota.admit(principal, tier, estimate)
+        except QuotaExceeded as exc:
+            exc.headers.update(ratelimit_headers(self.quota.standing(principal.tenant_id, tier)))
+            raise
+        return Admission(principal, tier, reservation, estimate)
+
+    def settle(self, record: UsageRecord) -> None:
+        admission = record.admission
+        reservation = admission.reservation if isinstance(admission, Admission) else None
+        usage = record.usage
+        counted = reservation is not None and (usage.total_tokens > 0 or record.status < 400)
+        if reservation is not None:
+            self.quota.release(reservation, counted, usage.total_tokens)
+        if record.tenant_id is None and reservation is None:
+            return  # unauthenticated: nothing to bill
+        self.ledger.add(self._row(record, reservation, counted))
+
+    def _row(self, record: UsageRecord, reservation: Reservation | None, counted: bool) -> UsageRow:
+        usage = record.usage
+        # Prices of the snapshot the request ran on: a reload mid-stream
+        # does not reprice it. A cache hit's usage is what its policy bills.
+        cost = cost_of(record, self.prices)
+        period = reservation.period if reservation else period_of(self.quota.clock())
+        values = (
+            period,
+            secrets.token_hex(12),  # the row's own idempotency key, fixed from here on
+            record.request_id,
+            record.tenant_id,
+            record.key_id,
+            self.quota.worker_id,
+            record.endpoint,
+            record.public_model,
+            record.provider,
+            record.provider_model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.source,
+            counted,
+            record.cached,
+            record.stream,
+            record.client_disconnected,
+            record.status,
+            record.error_code,
+            record.latency_ms,
+            record.ttft_ms,
+            record.attempts,
+            cost,
+            _details(record),
+        )
+        return UsageRow(values, leased=bool(reservation and reservation.leased))
+
+
+def _details(record: UsageRecord) -> str | None:
+    """Provider-specific token counts, plus every attempt that reached a
+    provider: a failed attempt may still be on the provider's invoice."""
+    details: dict[str, object] = dict(record.usage.details)
+    reached = [a for a in record.attempt_log if a.reached]
+    if len(reached) > 1 or (reached and record.status >= 400):
+        details["attempts"] = [
+            {"provider": a.provider, "model": a.model, "status": a.status} for a in reached
+        ]
+    return orjson.dumps(details).decode() if details else None

@@ -1,0 +1,179 @@
+"""The ``tollway`` command.
+
+Operator mistakes (missing or invalid config, a port in use, an unmigrated
+database) end in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy import cli_admin, redact
+from proxy.accounts import AccountError
+from proxy.config import Config, ConfigError, load_config
+from proxy.datastores import DatastoreError
+from proxy.migrate import NotMigrated
+from proxy.server import StartupError
+
+DEFAULT_CONFIG = "config/tollway.yaml"
+
+
+def _config_path(arg: str | None) -> str:
+    return arg or os.environ.get("TOLLWAY_CONFIG") or DEFAULT_CONFIG
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tollway", description="Tollway LLM gateway")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument(
+        "--config", help=f"YAML config (default: $TOLLWAY_CONFIG or {DEFAULT_CONFIG})"
+    )
+    serve.add_argument("--host", help="listen address (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: server.port, 8080)")
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=int(os.environ.get("TOLLWAY_WORKERS") or 1),
+        help="worker processes sharing the port (default: $TOLLWAY_WORKERS or 1)",
+    )
+    serve.add_argument("--migrate", action="store_true", help="apply pending migrations first")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="on an empty database, create a demo tenant and print one key",
+    )
+    check = sub.add_parser("check-config", help="validate a config file offline")
+    check.add_argument("path", nargs="?", help="YAML config to check")
+    cli_admin.add_commands(sub)
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from proxy import apikeys, datastores, migrate, supervisor
+    from proxy.app import build_app
+    from proxy.billing_setup import BillingOptions
+    from proxy.metrics_share import ENV as METRICS_DIR_ENV
+    from proxy.redis_client import RedisOptions
+    from proxy.reload import ReloadOptions
+    from proxy.server import install_fast_loop, serve
+
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    path = _config_path(args.config)
+    dsn = datastores.database_url()
+    redis_url = datastores.redis_url()  # embedded without REDIS_URL; stopped at exit
+    redis = RedisOptions(redis_url)
+    if args.migrate:
+        asyncio.run(migrate.migrate(dsn))
+    if args.demo:
+        hasher = apikeys.KeyHasher(apikeys.load_secret(datastores.data_dir()))
+        key = asyncio.run(cli_admin.ensure_demo(dsn, config, hasher))
+        if key:
+            print(
+                f"Created tenant '{cli_admin.DEMO_TENANT}' with a demo API key "
+                f"(shown only now):\n\n    {key}\n",
+                flush=True,
+            )
+
+    def ready(port: int, workers: str = "") -> str:
+        return (
+            f"tollway {config.version} listening on http://{host}:{port}{workers} "
+            f"(OpenAI base_url: http://{host}:{port}/v1)"
+        )
+
+    if args.workers > 1:
+        return supervisor.supervise(
+            path,
+            host,
+            port,
+            args.workers,
+            {"DATABASE_URL": dsn, "REDIS_URL": redis_url},
+            grace=lambda: _grace(path, config),
+            ready_line=lambda p: ready(p, f" with {args.workers} workers"),
+        )
+    parent = supervisor.supervisor_pid()  # set when this process is one of N workers
+    metrics_dir = os.environ.get(METRICS_DIR_ENV) if parent else None
+    install_fast_loop()
+    app = build_app(
+        config,
+        billing=BillingOptions(dsn, datastores.data_dir()),
+        redis=redis,
+        reloading=ReloadOptions(Path(path)),
+        metrics_dir=Path(metrics_dir) if metrics_dir else None,
+    )
+    asyncio.run(
+        serve(
+            app,
+            host,
+            port,
+            ready_line="" if parent else ready(port),
+            reuse_port=parent is not None,
+            on_ready=supervisor.notify_ready,
+            parent_pid=parent,
+        )
+    )
+    return 0
+
+
+def _grace(path: str, started: Config) -> float:
+    """The shutdown grace of the config as it is now (it may have been reloaded)."""
+    try:
+        return load_config(path).server.shutdown_grace_s
+    except ConfigError:
+        return started.server.shutdown_grace_s
+
+
+def _setup_logging() -> None:
+    """Diagnostics on stderr; the access log (one JSON line per request) alone
+    on stdout. Every record passes the redaction layer first."""
+    redact.install()
+    logging.basicConfig(
+        level=os.environ.get("TOLLWAY_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    access = logging.getLogger("tollway.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "check-config":
+            cfg = load_config(_config_path(args.path))
+            print(
+                f"ok: {len(cfg.providers)} providers, {len(cfg.models)} models, "
+                f"{len(cfg.routes)} routes, {len(cfg.tiers)} tiers (version {cfg.version})"
+            )
+            return 0
+        config = load_config(_config_path(getattr(args, "config", None)))
+        if args.command == "serve":
+            return _serve(args, config)
+        return cli_admin.run(args, config)
+    except ConfigError as exc:
+        print(f"tollway: config error: {exc}", file=sys.stderr)
+    except (StartupError, DatastoreError, NotMigrated, AccountError) as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+    except (OSError, ConnectionError) as exc:
+        print(f"tollway: cannot reach the database: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 2

@@ -1,0 +1,139 @@
+"""``tollway migrate | tenants … | keys …`` — admin commands on the database.
+
+They use the same operations as the ``/admin/`` API (``proxy.accounts``),
+audited with the actor ``cli:<user>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from proxy import accounts, apikeys, datastores, migrate
+from proxy.admin import rate_limit
+from proxy.config import Config
+
+DEMO_TENANT = "demo"
+
+
+def add_commands(sub: Any) -> None:
+    sub.add_parser("migrate", help="apply sql/ migrations to DATABASE_URL (or the embedded DB)")
+    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(
+        dest="action", required=True
+    )
+    c = tenants.add_parser("create", help="create a tenant")
+    c.add_argument("name")
+    c.add_argument("--tier", default="free")
+    st = tenants.add_parser("set-tier", help="change a tenant's tier")
+    st.add_argument("name")
+    st.add_argument("tier")
+    tenants.add_parser("list", help="list tenants")
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="action", required=True
+    )
+    kc = keys.add_parser("create", help="create a key (shown only once)")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--name", default="")
+    kc.add_argument("--expires-in-days", type=int)
+    kc.add_argument("--tier", help="override the tenant's tier for this key")
+    kc.add_argument("--json", action="store_true", help="print JSON")
+    kl = keys.add_parser("list", help="list keys")
+    kl.add_argument("--tenant")
+    for action in ("revoke", "rotate"):
+        keys.add_parser(action, help=f"{action} a key").add_argument("key_id")
+    for p in (
+        c,
+        st,
+        tenants.choices["list"],
+        kc,
+        kl,
+        keys.choices["revoke"],
+        keys.choices["rotate"],
+    ):
+        p.add_argument("--config", help="YAML config (for tier names)")
+
+
+def actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+async def _with_pool(fn: Any) -> Any:
+    pool = await asyncpg.create_pool(datastores.database_url(), min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        await migrate.check(pool)
+        return await fn(pool)
+    finally:
+        await pool.close()
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "migrate":
+        applied = asyncio.run(migrate.migrate(datastores.database_url()))
+        print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+        return 0
+    hasher = apikeys.KeyHasher(apikeys.load_secret(datastores.data_dir()))
+    result = asyncio.run(_with_pool(lambda pool: _dispatch(args, config, pool, hasher)))
+    _print(args, result)
+    return 0
+
+
+async def _dispatch(
+    args: argparse.Namespace, config: Config, pool: asyncpg.Pool, hasher: apikeys.KeyHasher
+) -> Any:
+    tiers, who = config.tiers, actor()
+    match (args.command, args.action):
+        case ("tenants", "create"):
+            return await accounts.create_tenant(pool, args.name, args.tier, tiers, who)
+        case ("tenants", "set-tier"):
+            return await accounts.set_tier(pool, args.name, args.tier, tiers, who)
+        case ("tenants", "list"):
+            return await accounts.list_tenants(pool)
+        case ("keys", "create"):
+            row = await accounts.create_key(
+                pool, hasher, args.tenant, args.name, args.expires_in_days, args.tier, tiers, who
+            )
+            return {**row, "rate_limit": rate_limit(tiers.get(row["tier"]))}
+        case ("keys", "list"):
+            return await accounts.list_keys(pool, args.tenant)
+        case ("keys", "revoke"):
+            return await accounts.revoke_key(pool, args.key_id, who)
+        case ("keys", "rotate"):
+            return await accounts.rotate_key(pool, hasher, args.key_id, who)
+    raise AssertionError(args)
+
+
+def _print(args: argparse.Namespace, result: Any) -> None:
+    if getattr(args, "json", False) or not isinstance(result, dict | list):
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        return
+    rows = result if isinstance(result, list) else [result]
+    for row in rows:
+        print("  ".join(f"{k}={v}" for k, v in row.items() if v is not None))
+    if isinstance(result, dict) and "api_key" in result:
+        print("This is the only time the key is shown: store it now.")
+
+
+async def ensure_demo(dsn: str, config: Config, hasher: apikeys.KeyHasher) -> str | None:
+    """On an empty database, create the demo tenant and return one demo key."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        if await pool.fetchval("SELECT count(*) FROM tenants"):
+            return None
+        tier = "pro" if "pro" in config.tiers else next(iter(config.tiers))
+        await accounts.create_tenant(pool, DEMO_TENANT, tier, config.tiers, "quickstart")
+        row = await accounts.create_key(
+            pool, hasher, DEMO_TENANT, "demo", None, None, config.tiers, "quickstart"
+        )
+        return str(row["api_key"])
+    finally:
+        await pool.close()

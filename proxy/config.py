@@ -1,0 +1,545 @@
+"""Load ``tollway.yaml`` into a frozen, validated ``Config``.
+
+Strict by design: unknown keys, unknown provider references, bad weights and
+duplicate names are refused at load, and every message names the key path
+(``models[3].targets[0].weight: must be > 0``) so an admin can fix the file
+without reading code. ``${VAR}`` references are resolved here; an unset
+variable is an error unless written ``${VAR:-default}``. Secrets never appear
+in an error message: only key paths and variable names do.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from proxy.access_log import LogPolicy
+    from proxy.cache_config import CachePolicy
+    from proxy.ratelimit_config import RateLimitPolicy
+    from proxy.tiers import BillingPolicy, Price, Tier
+
+PROVIDER_KINDS = ("echo", "openai", "azure", "anthropic", "gemini")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A config problem, always prefixed with the key path it concerns."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 10.0
+    first_byte: float = 120.0
+    idle: float = 120.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the forward stage retries one request (``retry:`` at top level, per
+    model, per route rule; each level overrides the keys it names)."""
+
+    max_attempts: int = 3  # provider requests in all, fallbacks included
+    backoff_base_ms: float = 250.0  # a retry of a target waits U(0, min(max, base * 2^n))
+    backoff_max_ms: float = 8000.0
+    deadline_s: float = 600.0  # bounds all attempts and waits, up to the first byte
+    retry_on_429: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """When a provider's targets are ejected (``providers.<name>.breaker``)."""
+
+    failures: int = 5  # consecutive failures that eject a target
+    cooldown_s: float = 10.0  # first ejection; doubles with each repeated one
+    max_cooldown_s: float = 300.0
+    trip_on_429: bool = False
+
+
+STRATEGIES = ("weighted", "least_in_flight")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    kind: str
+    base_url: str = ""
+    api_key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    api_version: str | None = None
+    default_max_tokens: int = 4096
+    # Why a provider is unusable (e.g. its key's env var is empty), else None.
+    disabled_reason: str | None = None
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    provider: str
+    model: str | None = None  # None: pass the requested name through
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    targets: tuple[TargetConfig, ...]
+    aliases: tuple[str, ...] = ()
+    owned_by: str = "tollway"
+    strategy: str = "weighted"  # one of STRATEGIES
+    fallbacks: tuple[str, ...] = ()  # public models tried after this one's targets
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeouts: Mapping[str, float] = field(default_factory=dict)  # over the providers' own
+
+    @property
+    def is_pattern(self) -> bool:
+        return any(c in self.name for c in "*?[")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """``when`` conditions are globs, all of which must match; ``model`` is
+    the public model the request is redirected to."""
+
+    model: str
+    when_model: str | None = None
+    when_headers: Mapping[str, str] = field(default_factory=dict)
+    when_tenant: str | None = None
+    when_tier: str | None = None
+    retry: RetryPolicy | None = None  # None: the model's
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 4 * 1024 * 1024
+    # After SIGTERM: how long in-flight requests and streams may take to finish.
+    shutdown_grace_s: float = 120.0
+    watch_config: bool = True  # reload when the file changes (else SIGHUP / POST /admin/reload)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    auth: str
+    providers: Mapping[str, ProviderConfig]
+    models: tuple[ModelConfig, ...]
+    routes: tuple[RouteRule, ...]
+    version: str  # short hash of the source text, shown by /admin/config later
+    tiers: Mapping[str, Tier] = field(default_factory=dict)
+    prices: Mapping[str, Price] = field(default_factory=dict)
+    billing: BillingPolicy | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    cache: CachePolicy | None = None  # always set by parse_config
+    ratelimit: RateLimitPolicy | None = None  # always set by parse_config
+    logging: LogPolicy | None = None  # always set by parse_config
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by later stages
+
+
+class _Node:
+    """A YAML value plus its key path, with strict typed accessors."""
+
+    def __init__(self, value: Any, path: str) -> None:
+        self.value = value
+        self.path = path
+
+    def fail(self, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path or '<root>'}: {msg}")
+
+    def mapping(self, allowed: tuple[str, ...]) -> dict[str, _Node]:
+        if not isinstance(self.value, dict):
+            raise self.fail("must be a mapping")
+        out = {}
+        for key, val in self.value.items():
+            sub = f"{self.path}.{key}" if self.path else str(key)
+            if key not in allowed:
+                raise ConfigError(f"{sub}: unknown key (allowed: {', '.join(allowed)})")
+            out[key] = _Node(val, sub)
+        return out
+
+    def items(self) -> Iterator[_Node]:
+        if not isinstance(self.value, list):
+            raise self.fail("must be a list")
+        for i, val in enumerate(self.value):
+            yield _Node(val, f"{self.path}[{i}]")
+
+    def string(self) -> str:
+        if not isinstance(self.value, str) or not self.value:
+            raise self.fail("must be a non-empty string")
+        return self.value
+
+    def number(self, *, positive: bool = False) -> float:
+        if isinstance(self.value, bool) or not isinstance(self.value, int | float):
+            raise self.fail("must be a number")
+        if positive and not self.value > 0:
+            raise self.fail("must be > 0")
+        return float(self.value)
+
+    def integer(self, *, positive: bool = False) -> int:
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            raise self.fail("must be an integer")
+        if positive and self.value <= 0:
+            raise self.fail("must be > 0")
+        return self.value
+
+    def boolean(self) -> bool:
+        if not isinstance(self.value, bool):
+            raise self.fail("must be true or false")
+        return self.value
+
+    def string_map(self) -> dict[str, str]:
+        if not isinstance(self.value, dict):
+            raise self.fail("must be a mapping")
+        out = {}
+        for k, v in self.value.items():
+            if not isinstance(v, str | int | float) or isinstance(v, bool):
+                raise ConfigError(f"{self.path}.{k}: must be a string")
+            out[str(k)] = str(v)
+        return out
+
+
+def _resolve_env(value: Any, path: str, env: Mapping[str, str]) -> Any:
+    """Replace ``${VAR}``/``${VAR:-default}`` in every string, recursively."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, has_default, default = m.group(1), m.group(2), m.group(3)
+            if name in env:
+                return env[name]
+            if has_default is not None:
+                return default or ""
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {
+            k: _resolve_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_resolve_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _timeout_overrides(node: _Node) -> dict[str, float]:
+    m = node.mapping(("connect", "first_byte", "idle", "total"))
+    return {k: v.number(positive=True) for k, v in m.items()}
+
+
+def _timeouts(node: _Node) -> Timeouts:
+    return Timeouts(**_timeout_overrides(node))
+
+
+def _retry(node: _Node, base: RetryPolicy) -> RetryPolicy:
+    kw: dict[str, Any] = {}
+    for key, val in node.mapping(tuple(RetryPolicy.__dataclass_fields__)).items():
+        if key == "max_attempts":
+            kw[key] = val.integer(positive=True)
+        elif key == "retry_on_429":
+            kw[key] = val.boolean()
+        elif key == "deadline_s":
+            kw[key] = val.number(positive=True)
+        elif val.number() < 0:
+            raise val.fail("must be >= 0")
+        else:
+            kw[key] = val.number()
+    policy = replace(base, **kw)
+    if policy.backoff_max_ms < policy.backoff_base_ms:
+        raise node.fail("backoff_max_ms must be >= backoff_base_ms")
+    return policy
+
+
+def _breaker(node: _Node) -> BreakerPolicy:
+    kw: dict[str, Any] = {}
+    for key, val in node.mapping(tuple(BreakerPolicy.__dataclass_fields__)).items():
+        if key == "failures":
+            kw[key] = val.integer(positive=True)
+        else:
+            kw[key] = val.boolean() if key == "trip_on_429" else val.number(positive=True)
+    policy = BreakerPolicy(**kw)
+    if policy.max_cooldown_s < policy.cooldown_s:
+        raise node.fail("max_cooldown_s must be >= cooldown_s")
+    return policy
+
+
+def _provider(name: str, node: _Node, raw: Any) -> ProviderConfig:
+    m = node.mapping(
+        (
+            "kind",
+            "base_url",
+            "api_key",
+            "headers",
+            "timeouts",
+            "api_version",
+            "default_max_tokens",
+            "breaker",
+        )
+    )
+    if "kind" not in m:
+        raise node.fail("missing key 'kind'")
+    kind = m["kind"].string()
+    if kind not in PROVIDER_KINDS:
+        raise m["kind"].fail(f"unknown provider kind {kind!r} (known: {', '.join(PROVIDER_KINDS)})")
+    base_url = m["base_url"].string().rstrip("/") if "base_url" in m else ""
+    if kind != "echo" and not base_url:
+        raise node.fail("missing key 'base_url'")
+    if base_url and not base_url.startswith(("http://", "https://")):
+        raise m["base_url"].fail("must start with http:// or https://")
+    api_key = None
+    disabled = None
+    if "api_key" in m:
+        if not isinstance(m["api_key"].value, str):
+            raise m["api_key"].fail("must be a string")
+        api_key = m["api_key"].value
+        if not api_key:
+            ref = _ENV_REF.search(raw.get("api_key", "")) if isinstance(raw, dict) else None
+            hint = f"set {ref.group(1)}" if ref else "set api_key"
+            disabled = f"provider '{name}' has no API key ({hint})"
+    return ProviderConfig(
+        name=name,
+        kind=kind,
+        base_url=base_url,
+        api_key=api_key,
+        headers=m["headers"].string_map() if "headers" in m else {},
+        timeouts=_timeouts(m["timeouts"]) if "timeouts" in m else Timeouts(),
+        api_version=m["api_version"].string() if "api_version" in m else None,
+        default_max_tokens=(
+            m["default_max_tokens"].integer(positive=True) if "default_max_tokens" in m else 4096
+        ),
+        disabled_reason=disabled,
+        breaker=_breaker(m["breaker"]) if "breaker" in m else BreakerPolicy(),
+    )
+
+
+_MODEL_KEYS = (
+    "name",
+    "aliases",
+    "targets",
+    "owned_by",
+    "strategy",
+    "fallbacks",
+    "retry",
+    "timeouts",
+)
+
+
+def _model(node: _Node, providers: Mapping[str, ProviderConfig], retry: RetryPolicy) -> ModelConfig:
+    m = node.mapping(_MODEL_KEYS)
+    if "name" not in m:
+        raise node.fail("missing key 'name'")
+    if "targets" not in m:
+        raise node.fail("missing key 'targets'")
+    targets = []
+    for t in m["targets"].items():
+        tm = t.mapping(("provider", "model", "weight"))
+        if "provider" not in tm:
+            raise t.fail("missing key 'provider'")
+        prov = tm["provider"].string()
+        if prov not in providers:
+            raise tm["provider"].fail(f"unknown provider {prov!r}")
+        targets.append(
+            TargetConfig(
+                provider=prov,
+                model=tm["model"].string() if "model" in tm else None,
+                weight=tm["weight"].number(positive=True) if "weight" in tm else 1.0,
+            )
+        )
+    if not targets:
+        raise m["targets"].fail("must list at least one target")
+    aliases = tuple(a.string() for a in m["aliases"].items()) if "aliases" in m else ()
+    strategy = m["strategy"].string() if "strategy" in m else "weighted"
+    if strategy not in STRATEGIES:
+        raise m["strategy"].fail(f"must be one of: {', '.join(STRATEGIES)}")
+    return ModelConfig(
+        name=m["name"].string(),
+        targets=tuple(targets),
+        aliases=aliases,
+        owned_by=m["owned_by"].string() if "owned_by" in m else "tollway",
+        strategy=strategy,
+        fallbacks=tuple(f.string() for f in m["fallbacks"].items()) if "fallbacks" in m else (),
+        retry=_retry(m["retry"], retry) if "retry" in m else retry,
+        timeouts=_timeout_overrides(m["timeouts"]) if "timeouts" in m else {},
+    )
+
+
+def _check_fallbacks(models: list[ModelConfig]) -> None:
+    """Fallbacks name existing, non-pattern models and never lead back to themselves."""
+    by_name = {n: m for m in models for n in (m.name, *m.aliases)}
+    for i, model in enumerate(models):
+        for j, name in enumerate(model.fallbacks):
+            other = by_name.get(name)
+            where = f"models[{i}].fallbacks[{j}]"
+            if other is None:
+                raise ConfigError(f"{where}: unknown model {name!r}")
+            if other.is_pattern:
+                raise ConfigError(f"{where}: {name!r} is a pattern; name a model")
+    for i, model in enumerate(models):
+        loop = _fallback_loop(model, by_name, ())
+        if loop:
+            raise ConfigError(f"models[{i}].fallbacks: fallback loop {' -> '.join(loop)}")
+
+
+def _fallback_loop(
+    model: ModelConfig, by_name: Mapping[str, ModelConfig], path: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    if model.name in path:
+        return (*path[path.index(model.name) :], model.name)
+    for name in model.fallbacks:
+        loop = _fallback_loop(by_name[name], by_name, (*path, model.name))
+        if loop:
+            return loop
+    return None
+
+
+def _route(node: _Node, model_retry: Mapping[str, RetryPolicy]) -> RouteRule:
+    m = node.mapping(("when", "model", "retry"))
+    if "model" not in m:
+        raise node.fail("missing key 'model'")
+    target = m["model"].string()
+    if target not in model_retry:
+        raise m["model"].fail(f"unknown model {target!r}")
+    when: dict[str, _Node] = (
+        m["when"].mapping(("model", "headers", "tenant", "tier")) if "when" in m else {}
+    )
+    return RouteRule(
+        model=target,
+        when_model=when["model"].string() if "model" in when else None,
+        when_headers=(
+            {k.lower(): v for k, v in when["headers"].string_map().items()}
+            if "headers" in when
+            else {}
+        ),
+        when_tenant=when["tenant"].string() if "tenant" in when else None,
+        when_tier=when["tier"].string() if "tier" in when else None,
+        retry=_retry(m["retry"], model_retry[target]) if "retry" in m else None,
+    )
+
+
+def _server(node: _Node) -> ServerConfig:
+    m = node.mapping(("host", "port", "max_body_bytes", "shutdown_grace_s", "watch_config"))
+    grace = m["shutdown_grace_s"].number() if "shutdown_grace_s" in m else 120.0
+    if grace < 0:
+        raise m["shutdown_grace_s"].fail("must be >= 0")
+    return ServerConfig(
+        host=m["host"].string() if "host" in m else "127.0.0.1",
+        port=m["port"].integer(positive=True) if "port" in m else 8080,
+        max_body_bytes=(
+            m["max_body_bytes"].integer(positive=True) if "max_body_bytes" in m else 4 << 20
+        ),
+        shutdown_grace_s=grace,
+        watch_config=m["watch_config"].boolean() if "watch_config" in m else True,
+    )
+
+
+# Sections validated by the stages that own them (billing, cache, ...); the
+# core only checks they are mappings or lists so a typo at top level is caught.
+_LATER_SECTIONS: tuple[str, ...] = ()
+# validated by cache_config, ratelimit_config, access_log
+_SHARED_SECTIONS = ("cache", "ratelimit", "logging")
+_BILLING_SECTIONS = ("tiers", "prices", "billing")
+_TOP = (
+    "server",
+    "auth",
+    "providers",
+    "models",
+    "routes",
+    "retry",
+    *_BILLING_SECTIONS,
+    *_SHARED_SECTIONS,
+    *_LATER_SECTIONS,
+)
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
+    """Validate YAML text into a ``Config``; raise ``ConfigError`` naming the key path."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"<root>: invalid YAML{where}") from None
+    if raw is None:
+        raise ConfigError("<root>: the file is empty")
+    root = _Node(raw, "").mapping(_TOP)
+    resolved = _Node(_resolve_env(raw, "", os.environ if env is None else env), "").mapping(_TOP)
+
+    providers: dict[str, ProviderConfig] = {}
+    if "providers" not in resolved:
+        raise ConfigError("providers: missing (at least one provider is required)")
+    pnode = resolved["providers"]
+    if not isinstance(pnode.value, dict) or not pnode.value:
+        raise pnode.fail("must be a non-empty mapping of name -> provider")
+    for name, val in pnode.value.items():
+        raw_p = root["providers"].value.get(name)
+        providers[str(name)] = _provider(str(name), _Node(val, f"providers.{name}"), raw_p)
+
+    retry = _retry(resolved["retry"], RetryPolicy()) if "retry" in resolved else RetryPolicy()
+    models: list[ModelConfig] = []
+    seen: dict[str, str] = {}
+    for node in resolved["models"].items() if "models" in resolved else iter(()):
+        model = _model(node, providers, retry)
+        for n in (model.name, *model.aliases):
+            if n in seen:
+                raise ConfigError(f"{node.path}: duplicate model name {n!r} (also {seen[n]})")
+            seen[n] = node.path
+        models.append(model)
+    _check_fallbacks(models)
+
+    model_retry = {n: m.retry for m in models for n in (m.name, *m.aliases)}
+    routes = tuple(
+        _route(node, model_retry)
+        for node in (resolved["routes"].items() if "routes" in resolved else ())
+    )
+    auth = resolved["auth"].string() if "auth" in resolved else "keys"
+    if auth not in ("none", "keys"):
+        raise resolved["auth"].fail("must be 'none' or 'keys'")
+    extra = {k: resolved[k].value for k in _LATER_SECTIONS if k in resolved}
+    from proxy.access_log import parse_logging  # these import this module
+    from proxy.cache_config import parse_cache
+    from proxy.ratelimit_config import parse_ratelimit
+    from proxy.tiers import parse_billing, parse_prices, parse_tiers
+
+    raw_of = {k: resolved[k].value if k in resolved else None for k in _BILLING_SECTIONS}
+    return Config(
+        tiers=parse_tiers(raw_of["tiers"]),
+        prices=parse_prices(raw_of["prices"]),
+        billing=parse_billing(raw_of["billing"]),
+        server=_server(resolved["server"]) if "server" in resolved else ServerConfig(),
+        auth=auth,
+        providers=providers,
+        models=tuple(models),
+        routes=routes,
+        retry=retry,
+        version=hashlib.sha256(text.encode()).hexdigest()[:12],
+        cache=parse_cache(resolved["cache"].value if "cache" in resolved else None),
+        ratelimit=parse_ratelimit(
+            resolved["ratelimit"].value if "ratelimit" in resolved else None, providers
+        ),
+        logging=parse_logging(resolved["logging"].value if "logging" in resolved else None),
+        extra=extra,
+    )
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    return parse_config(text, env)
+
+
+def glob_match(pattern: str, value: str) -> bool:
+    return fnmatch.fnmatchcase(value, pattern)

@@ -1,0 +1,333 @@
+"""The forward stage: walk the route plan until a provider answers.
+
+The invariant: nothing is retried or re-routed once the client may have
+seen a byte. The boundary is where ``forward`` returns —
+
+- non-stream: the provider's whole reply has been read;
+- stream: the provider answered with a success status *and* its first SSE
+  event has been read (not yet sent). A provider that answers 200 and then
+  stalls or resets before any event is therefore still retried. From then
+  on the relay owns the stream, and a failure becomes an OpenAI-shaped SSE
+  error event, never a second attempt.
+
+Before the boundary, a failure moves on when ``retry.retryable`` allows
+(connect errors, resets, timeouts, 408/409/429, 5xx; any other 4xx ends the
+request as is). ``retry.Schedule`` picks what comes next: targets not yet
+tried first, in ``balance.arrange`` order (weighted or least-in-flight,
+ejected targets left out), then retries of tried ones after backoff or
+``retry-after``; all within ``max_attempts`` and ``deadline_s``. Each attempt
+reports to the target's circuit breaker and is logged in the usage record's
+``attempt_log``, since a provider may bill what it received.
+
+Timeouts per target (the provider's, as its model overrides them): the wait
+for the boundary is bounded by ``first_byte`` (stream) or ``total``
+(non-stream) and never runs past the deadline; after it ``GuardedStream``
+bounds each gap between events by ``idle`` and the whole stream by ``total``.
+
+When the plan is exhausted the client gets the most telling error: the last
+408/409/429 a provider sent, as is (with ``retry-after``); else 504 when
+time ran out, 502 when providers failed, 503 when no target could be tried.
+Every error names providers by their config name, never by URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+
+from proxy.balance import InFlight, Slot, arrange
+from proxy.breaker import Breakers, Health, MemoryBreakerStore, verdict
+from proxy.errors import (
+    GatewayError,
+    ProviderHTTPError,
+    ServiceUnavailable,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+)
+from proxy.provider_limits import Permit, ProviderGate
+from proxy.providers.base import Call, Provider, Reply, UpstreamStream
+from proxy.retry import Schedule, retry_after, retryable
+from proxy.routing import RoutePlan, Target
+from proxy.settle import AttemptRecord, UsageRecord
+from proxy.snapshot import Snapshot
+
+
+@dataclass(slots=True)
+class Upstreams:
+    """What the forward stage keeps across requests: one per app."""
+
+    breakers: Breakers = field(default_factory=lambda: Breakers(MemoryBreakerStore()))
+    inflight: InFlight = field(default_factory=InFlight)
+    rng: random.Random = field(default_factory=random.Random)  # backoff jitter
+    gate: ProviderGate | None = None  # provider limits (rpm, tpm, concurrency), set at start
+
+
+@dataclass(slots=True)
+class Forwarded:
+    target: Target
+    attempts: int
+    reply: Reply | None = None
+    stream: UpstreamStream | None = None
+
+
+async def forward(
+    upstreams: Upstreams,
+    snapshot: Snapshot,
+    plan: RoutePlan,
+    call: Call,
+    record: UsageRecord,
+) -> Forwarded:
+    """``call`` is the request as the client made it; each attempt rewrites
+    its model and timeouts for the target. ``record`` gets every attempt."""
+    health = await upstreams.breakers.health([t.key for t in plan.targets])
+    return await _Run(upstreams, snapshot, plan, call, record, health).walk()
+
+
+class _Run:
+    """One request's walk over its plan."""
+
+    def __init__(
+        self,
+        ups: Upstreams,
+        snapshot: Snapshot,
+        plan: RoutePlan,
+        call: Call,
+        record: UsageRecord,
+        health: dict[str, Health],
+    ) -> None:
+        self.ups, self.snapshot, self.plan = ups, snapshot, plan
+        self.call, self.record, self.health = call, record, health
+        self.deadline = time.monotonic() + plan.retry.deadline_s
+        order = arrange(plan, health, ups.inflight)
+        self.schedule = Schedule(order, plan.retry, self.deadline, ups.rng)
+        self.attempts = 0
+        self.last: GatewayError | None = None
+        self.last_4xx: ProviderHTTPError | None = None
+        self.refused: GatewayError | None = None  # a provider limit said no
+        self.out_of_time = False
+
+    async def walk(self) -> Forwarded:
+        while self.attempts < self.plan.retry.max_attempts:
+            now = time.monotonic()
+            pick = self.schedule.next(now)
+            if pick is None:
+                break
+            target, wait = pick
+            if now + wait >= self.deadline:
+                self.out_of_time = True
+                break
+            if wait:
+                await asyncio.sleep(wait)
+            try:
+                permit = await self._permit(target)
+            except GatewayError as exc:  # over a provider limit: the next target
+                self.schedule.drop(target)
+                self.refused = exc
+                continue
+            lease = self.deadline - time.monotonic() + 1
+            if not await self.ups.breakers.acquire(target.key, self.health[target.key], lease):
+                self.schedule.drop(target)  # another request is probing it
+                if permit is not None:
+                    permit.release()
+                continue
+            self.schedule.started(target)
+            try:
+                return await self._attempt(target, permit)
+            except GatewayError as exc:
+                await self._failed(target, exc)
+        raise self._exhausted()
+
+    async def _permit(self, target: Target) -> Permit | None:
+        if self.ups.gate is None:
+            return None
+        member = f"{self.call.request_id}:{self.attempts + 1}"
+        return await self.ups.gate.enter(self.snapshot.config, target, self.call, member)
+
+    async def _attempt(self, target: Target, permit: Permit | None) -> Forwarded:
+        self.attempts += 1
+        entry = AttemptRecord(provider=target.provider.name, model=target.model)
+        self._note(entry)
+        provider = self.snapshot.providers[target.provider.name]
+        call = replace(self.call, model=target.model, timeouts=target.timeouts)
+        slot = self.ups.inflight.enter(target.key, permit.release if permit else None)
+        started = time.monotonic()
+        try:
+            if call.stream:
+                done = await self._open_stream(provider, call, target, slot)
+            else:
+                done = await self._complete(provider, call, target)
+        except GatewayError as exc:
+            entry.status, entry.error_code = exc.http_status, exc.error_code
+            entry.reached = not isinstance(exc, UpstreamConnectError)
+            raise
+        except BaseException:
+            entry.status = 499  # the client went away: abandoned, maybe billed
+            raise
+        finally:
+            entry.latency_ms = (time.monotonic() - started) * 1000
+            if not (call.stream and entry.status == 200):
+                slot.release()  # an open stream keeps its slot until the relay closes it
+        await self._report(target, None)
+        return done
+
+    def _note(self, entry: AttemptRecord) -> None:
+        self.record.attempt_log.append(entry)
+        self.record.attempts = self.attempts
+        self.record.provider, self.record.provider_model = entry.provider, entry.model
+
+    async def _complete(self, provider: Provider, call: Call, target: Target) -> Forwarded:
+        async with self._bounded(target, target.timeouts.total):
+            reply = await provider.complete(call)
+        self.record.attempt_log[-1].status = reply.status
+        return Forwarded(target, self.attempts, reply=reply)
+
+    async def _open_stream(
+        self, provider: Provider, call: Call, target: Target, slot: Slot
+    ) -> Forwarded:
+        started = time.monotonic()
+        async with self._bounded(target, target.timeouts.first_byte):
+            upstream = await provider.stream(call)
+            events = aiter(upstream)
+            try:
+                first = await anext(events)
+            except StopAsyncIteration:
+                await upstream.aclose()
+                raise UpstreamStreamBroken(
+                    f"provider '{target.provider.name}' ended the stream before sending anything"
+                ) from None
+            except BaseException:
+                await upstream.aclose()
+                raise
+        self.record.attempt_log[-1].status = 200
+        guarded = GuardedStream(
+            upstream, events, first, target, slot, started, lambda exc: self._report(target, exc)
+        )
+        return Forwarded(target, self.attempts, stream=guarded)
+
+    @asynccontextmanager
+    async def _bounded(self, target: Target, limit: float) -> AsyncIterator[None]:
+        budget = min(limit, self.deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(budget):
+                yield
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"provider '{target.provider.name}' did not answer within {budget:.3g}s"
+            ) from None
+
+    async def _failed(self, target: Target, exc: GatewayError) -> None:
+        await self._report(target, exc)
+        if not retryable(exc, self.plan.retry):
+            raise self._tagged(exc)
+        self.last = exc
+        hint = None
+        if isinstance(exc, ProviderHTTPError):
+            if exc.http_status < 500:
+                self.last_4xx = exc
+            hint = retry_after(exc.headers)
+        self.schedule.failed(target, time.monotonic(), hint)
+
+    async def _report(self, target: Target, exc: GatewayError | None) -> None:
+        outcome = verdict(exc, target.provider.breaker)
+        may_eject = outcome == "failure" and await self._others_healthy(target)
+        await self.ups.breakers.record(target.key, target.provider.breaker, outcome, may_eject)
+
+    async def _others_healthy(self, target: Target) -> bool:
+        """Whether the target's model has another target that is not ejected."""
+        group = next(g for g in self.plan.groups if any(t is target for t in g.targets))
+        others = [t.key for t in group.targets if t is not target]
+        health = await self.ups.breakers.health(others) if others else {}
+        return any(h != "open" for h in health.values())
+
+    def _exhausted(self) -> GatewayError:
+        n, model = self.attempts, self.plan.public_model
+        err: GatewayError
+        if self.last_4xx is not None:
+            err = self.last_4xx
+        elif self.out_of_time:
+            err = UpstreamTimeout(
+                f"No provider answered for '{model}' within {self.plan.retry.deadline_s:g}s "
+                f"({n} attempt{'s' if n != 1 else ''})."
+            )
+        elif isinstance(self.last, UpstreamError):
+            err = self.last
+        elif isinstance(self.last, ProviderHTTPError):
+            name, status = self.record.provider, self.last.http_status
+            # An overloaded provider's 503 (Anthropic's 529 maps to it) tells
+            # the client to come back; any other 5xx is a bad gateway.
+            unavailable = status in (503, 529)
+            err = (ServiceUnavailable if unavailable else UpstreamError)(
+                f"provider '{name}' failed with HTTP {status} ({n} attempt{'s' if n != 1 else ''})."
+            )
+        elif self.refused is not None:
+            err = self.refused
+        else:
+            err = ServiceUnavailable(
+                f"No provider for '{model}' is available right now; retry shortly."
+            )
+        return self._tagged(err)
+
+    def _tagged(self, err: GatewayError) -> GatewayError:
+        err.headers["x-tollway-attempts"] = str(self.attempts)
+        if self.record.provider is not None and self.record.provider_model is not None:
+            err.headers["x-tollway-provider"] = self.record.provider
+            err.headers["x-tollway-model"] = self.record.provider_model
+        return err
+
+
+class GuardedStream(UpstreamStream):
+    """The upstream stream as the relay sees it: the first event (already
+    read by ``forward``) comes first; each gap between events is bounded by
+    ``idle`` and the whole stream by ``total``; a provider failure counts
+    against the target's breaker; the in-flight slot is freed on close."""
+
+    def __init__(
+        self,
+        upstream: UpstreamStream,
+        events: AsyncIterator[bytes],
+        first: bytes,
+        target: Target,
+        slot: Slot,
+        started: float,
+        on_broken: Callable[[GatewayError], Awaitable[None]],
+    ) -> None:
+        self.headers = upstream.headers
+        self._upstream, self._events, self._first = upstream, events, first
+        self._target, self._slot, self._on_broken = target, slot, on_broken
+        self._ends_at = started + target.timeouts.total
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        yield self._first
+        idle = self._target.timeouts.idle
+        while True:
+            left = self._ends_at - time.monotonic()
+            try:
+                async with asyncio.timeout(min(idle, left)):
+                    event = await anext(self._events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                exc = self._stalled(idle, left)
+                await self._on_broken(exc)
+                raise exc from None
+            except UpstreamError as exc:
+                await self._on_broken(exc)
+                raise
+            yield event
+
+    def _stalled(self, idle: float, left: float) -> UpstreamTimeout:
+        name = self._target.provider.name
+        if left < idle:
+            total = self._target.timeouts.total
+            return UpstreamTimeout(f"provider '{name}' exceeded its total time of {total:g}s")
+        return UpstreamTimeout(f"provider '{name}' stalled for more than {idle:g}s mid-stream")
+
+    async def aclose(self) -> None:
+        self._slot.release()
+        await self._upstream.aclose()

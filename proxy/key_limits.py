@@ -1,0 +1,112 @@
+"""The admit stage's per-key rate limit: the tier's requests per hour and
+tokens per minute, checked together in one script call (``ratelimit.py``).
+
+It runs after the monthly quota has reserved the request, so a request the
+rate limit refuses settles as a 429 and gets its reservation back: no limit
+is consumed by a request another limit refused. Tokens per minute count what
+a request may use, its prompt estimate plus ``max_tokens`` (OpenAI's own
+limiter counts the same way), and are not refunded.
+
+Headers: the ``x-ratelimit-*-requests`` trio reports the hourly window;
+``x-ratelimit-*-tokens`` the minute window when the tier sets
+``tokens_per_minute`` (else the monthly tokens, see ``billing.py``). With a
+sliding window there is no single reset instant: ``reset`` is when the
+oldest counted unit leaves the window, i.e. when ``remaining`` next grows.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from proxy.billing import Admission, reset_duration
+from proxy.config import Config
+from proxy.errors import RateLimited, TokenRateLimited
+from proxy.ratelimit import HOUR_MS, MINUTE_MS, Limit, RateLimiter, Verdict, Window
+from proxy.tiers import Tier
+
+_WHAT = {
+    "requests_per_hour": ("requests per hour (RPH)", "requests"),
+    "tokens_per_minute": ("tokens per min (TPM)", "tokens"),
+}
+
+
+def instances(config: Config) -> int:
+    return config.ratelimit.expected_instances if config.ratelimit else 1
+
+
+def limits_for(tier: Tier, key_id: str, tokens: int) -> list[Limit]:
+    tag = f"tw:rl:{{{key_id}}}"  # one Cluster slot per key: the script touches both
+    out = []
+    if tier.requests_per_hour is not None:
+        out.append(Limit(f"{tag}:rph", "requests_per_hour", tier.requests_per_hour, HOUR_MS))
+    if tier.tokens_per_minute is not None:
+        out.append(
+            Limit(f"{tag}:tpm", "tokens_per_minute", tier.tokens_per_minute, MINUTE_MS, tokens)
+        )
+    return out
+
+
+async def admit(limiter: RateLimiter, config: Config, admission: Admission) -> Verdict | None:
+    """Count the request against its key's windows, or raise the 429."""
+    who = admission.principal
+    limits = limits_for(admission.tier, who.key_id, admission.tokens)
+    if not limits:
+        return None
+    verdict = await limiter.check(limits, instances(config))
+    if not verdict.admitted:
+        raise refused(verdict, who.key_prefix)
+    return verdict
+
+
+def headers(verdict: Verdict | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for w in verdict.windows if verdict is not None else ():
+        suffix = _WHAT[w.limit.name][1]
+        out[f"x-ratelimit-limit-{suffix}"] = str(w.capacity)
+        out[f"x-ratelimit-remaining-{suffix}"] = str(w.remaining)
+        out[f"x-ratelimit-reset-{suffix}"] = reset_duration(w.reset_ms / 1000)
+    return out
+
+
+def refused(verdict: Verdict, key_prefix: str) -> RateLimited:
+    w = verdict.blocking
+    assert w is not None
+    what = _WHAT[w.limit.name][0]
+    cls = TokenRateLimited if w.limit.name == "tokens_per_minute" else RateLimited
+    extra: dict[str, str]
+    if w.retry_ms < 0:
+        message = (
+            f"Request too large for {what} on key {key_prefix}...: Limit {w.capacity}, "
+            f"Requested {w.limit.cost}. Lower max_tokens or the prompt size."
+        )
+        extra = {"x-should-retry": "false"}
+    else:
+        wait = math.ceil(w.retry_ms / 1000)
+        message = (
+            f"Rate limit reached for key {key_prefix}... on {what}: Limit {w.capacity}, "
+            f"Used {w.used}, Requested {w.limit.cost}. "
+            f"Please try again in {reset_duration(w.retry_ms / 1000)}."
+        )
+        extra = {"retry-after": str(max(1, wait)), "retry-after-ms": str(w.retry_ms)}
+    return cls(message, headers={**headers(verdict), **extra})
+
+
+async def hour_window(
+    limiter: RateLimiter, config: Config, key_id: str, tier: Tier
+) -> dict[str, Any]:
+    """The key's hourly window for ``GET /v1/usage``, without counting a request."""
+    if tier.requests_per_hour is None:
+        return {"requests": {"used": None, "limit": None, "remaining": None}, "resets_at": None}
+    verdict = await limiter.check(limits_for(tier, key_id, 0)[:1], instances(config), commit=False)
+    w: Window = verdict.windows[0]
+    resets_at = None
+    if w.used:
+        at = datetime.fromtimestamp((verdict.now_ms + w.reset_ms) / 1000, UTC)
+        resets_at = at.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return {
+        "requests": {"used": w.used, "limit": w.capacity, "remaining": w.remaining},
+        "resets_at": resets_at,
+        "window": "sliding",
+    }

@@ -1,0 +1,408 @@
+"""Usage events, written in batches off the request path, never lost or doubled.
+
+Settled rows are queued in memory and flushed every ``flush_interval_ms``
+in one transaction: the events are inserted ``ON CONFLICT DO NOTHING`` (unique
+by period and an event id the server draws at settle time, never the client's
+``x-request-id``, which a client may reuse), and only the rows actually inserted move quota
+counters and leases, so a retried or replayed batch never double-bills.
+
+If Postgres is unreachable the batch is appended to a local spool file
+(fsynced JSON lines) and replayed when Postgres answers again. What a hard
+crash can lose is the in-memory batch of the last flush interval; leases of
+a worker that stops heartbeating are released by any other worker's sweep
+after ``lease_ttl_s`` (its unsettled reservations are released, not
+charged; spooled usage of that worker is still charged when replayed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+log = logging.getLogger("tollway.ledger")
+
+COLUMNS = (
+    "period",
+    "event_id",
+    "request_id",
+    "tenant_id",
+    "key_id",
+    "worker_id",
+    "endpoint",
+    "public_model",
+    "provider",
+    "provider_model",
+    "prompt_tokens",
+    "completion_tokens",
+    "usage_source",
+    "counted",
+    "cached",
+    "stream",
+    "client_disconnected",
+    "status",
+    "error_code",
+    "latency_ms",
+    "ttft_ms",
+    "attempts",
+    "cost_usd",
+    "details",
+)
+_TYPES = (
+    "date",
+    "text",
+    "text",
+    "bigint",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "bigint",
+    "bigint",
+    "text",
+    "bool",
+    "bool",
+    "bool",
+    "bool",
+    "int",
+    "text",
+    "real",
+    "real",
+    "int",
+    "numeric",
+    "jsonb",
+)
+_UNNEST = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate((*_TYPES, "bool")))
+_WRITE = f"""
+WITH rows AS (
+    SELECT * FROM unnest({_UNNEST}) AS r({", ".join(COLUMNS)}, leased)
+), ins AS (
+    INSERT INTO usage_events ({", ".join(COLUMNS)})
+    SELECT {", ".join(COLUMNS)} FROM rows
+    ON CONFLICT DO NOTHING
+    RETURNING period, event_id
+), agg AS (
+    SELECT r.tenant_id, r.period, r.worker_id,
+           count(*) AS n, sum(r.prompt_tokens + r.completion_tokens) AS t,
+           count(*) FILTER (WHERE r.leased) AS ln,
+           coalesce(sum(r.prompt_tokens + r.completion_tokens) FILTER (WHERE r.leased), 0) AS lt
+    FROM rows r JOIN ins USING (period, event_id)
+    WHERE r.counted AND r.tenant_id IS NOT NULL
+    GROUP BY r.tenant_id, r.period, r.worker_id
+), counters AS (
+    INSERT INTO quota_counters AS q (tenant_id, period, requests_used, tokens_used)
+    SELECT tenant_id, period, sum(n), sum(t) FROM agg
+    GROUP BY tenant_id, period ORDER BY tenant_id, period
+    ON CONFLICT (tenant_id, period) DO UPDATE
+    SET requests_used = q.requests_used + excluded.requests_used,
+        tokens_used = q.tokens_used + excluded.tokens_used
+    RETURNING 1
+)
+SELECT worker_id, tenant_id, period, ln, lt, (SELECT count(*) FROM counters) AS c
+FROM agg WHERE ln > 0 ORDER BY tenant_id, period
+"""
+# Leases are updated after the counters, in a second statement of the same
+# transaction: counter rows are always locked before lease rows, the order
+# tollway_take_lease uses too, so the two cannot deadlock.
+_SETTLE_LEASES = """
+UPDATE quota_leases l SET requests = l.requests - d.n, tokens = l.tokens - d.t
+FROM unnest($1::text[], $2::bigint[], $3::date[], $4::bigint[], $5::bigint[])
+     AS d(worker_id, tenant_id, period, n, t)
+WHERE l.worker_id = d.worker_id AND l.tenant_id = d.tenant_id AND l.period = d.period
+"""
+
+
+@dataclass(slots=True)
+class UsageRow:
+    values: tuple[Any, ...]  # in COLUMNS order
+    leased: bool
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"v": [_jsonable(v) for v in self.values], "l": self.leased})
+
+    @classmethod
+    def from_json(cls, line: bytes) -> UsageRow:
+        obj = orjson.loads(line)
+        v = list(obj["v"])
+        v[0] = date.fromisoformat(v[0])
+        v[21] = Decimal(v[21])
+        return cls(tuple(v), bool(obj["l"]))
+
+
+def _try_lock(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+async def write_batch(pool: asyncpg.Pool, rows: list[UsageRow]) -> None:
+    columns: list[list[Any]] = [[] for _ in range(len(COLUMNS) + 1)]
+    for row in rows:
+        for i, value in enumerate(row.values):
+            columns[i].append(value)
+        columns[-1].append(row.leased)
+    async with pool.acquire() as conn, conn.transaction():
+        leases = await conn.fetch(_WRITE, *columns)
+        if leases:
+            await conn.execute(
+                _SETTLE_LEASES,
+                *(
+                    list(x)
+                    for x in zip(
+                        *[
+                            (r["worker_id"], r["tenant_id"], r["period"], r["ln"], r["lt"])
+                            for r in leases
+                        ],
+                        strict=True,
+                    )
+                ),
+            )
+
+
+class Spool:
+    """A durable append-only file of rows that could not be written yet.
+
+    Its owner holds an exclusive ``flock`` on a lock file beside it for its
+    whole life, so a later process can tell a dead worker's spool (lock
+    free) from a live one's and replay only the former.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _try_lock(path.with_suffix(".lock"))
+        if self._lock_fd is None:
+            raise RuntimeError(f"spool {path.name} is owned by a live process")
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def append(self, rows: list[UsageRow]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as fh:
+            fh.write(b"".join(r.to_json() + b"\n" for r in rows))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[UsageRow]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_bytes().splitlines():
+            try:
+                rows.append(UsageRow.from_json(line))
+            except (orjson.JSONDecodeError, KeyError, ValueError, IndexError):
+                log.error("skipping an unreadable spool line (%d bytes)", len(line))
+        return rows
+
+    def depth(self) -> int:
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb") as fh:
+            return sum(1 for _ in fh)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class Ledger:
+    """Queues rows, flushes them in batches, spools what fails, replays it."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        spool: Spool,
+        worker_id: str,
+        flush_interval: float,
+        lease_ttl: float,
+        on_leases: Callable[[set[tuple[int, date]], float], None] | None = None,
+    ) -> None:
+        self._on_leases = on_leases
+        self._pool = pool
+        self.spool = spool
+        self.worker_id = worker_id
+        self._interval = flush_interval
+        self._lease_ttl = lease_ttl
+        self._queue: list[UsageRow] = []
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self.healthy = True
+        self.written = 0
+        # For the metrics: rows not yet in Postgres, and since when (monotonic).
+        self._spooled = spool.depth()
+        self._in_flight = 0
+        self._since: dict[str, float] = {"spool": time.monotonic()} if self._spooled else {}
+
+    def add(self, row: UsageRow) -> None:
+        if not self._queue:
+            self._since["queue"] = time.monotonic()
+        self._queue.append(row)
+
+    def pending(self) -> int:
+        """Usage rows waiting for Postgres: queued, being written, spooled."""
+        return len(self._queue) + self._in_flight + self._spooled
+
+    def lag(self) -> float:
+        """Age in seconds of the oldest row not yet settled in Postgres."""
+        return time.monotonic() - min(self._since.values()) if self._since else 0.0
+
+    async def run(self) -> None:
+        """The flusher loop; one per process. ``stop`` it, then call ``close``.
+
+        Stopped by an event, not a cancel: a cancel landing inside a batch
+        write would leave the batch neither in Postgres nor in the spool."""
+        beat = 0.0
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._stopping.wait()
+            await self.flush()
+            if loop.time() - beat > self._lease_ttl / 4:
+                beat = loop.time()
+                await self._heartbeat_and_sweep()
+
+    def stop(self) -> None:
+        """Let ``run`` finish its current flush and return."""
+        self._stopping.set()
+
+    async def flush(self) -> None:
+        # One flush at a time: a replay clearing the spool must not race a
+        # failing batch appending to it.
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self.spool.path.exists():
+            await self._replay()
+        if not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        since = self._since.pop("queue", time.monotonic())
+        self._since["batch"], self._in_flight = since, len(batch)
+        try:
+            await write_batch(self._pool, batch)
+            self.written += len(batch)
+            self._set_healthy(True)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the rows go to the spool
+            self._set_healthy(False, exc)
+            self.spool.append(batch)
+            self._spooled += len(batch)
+            self._since["spool"] = min(since, self._since.get("spool", since))
+        except asyncio.CancelledError:
+            # Back in the queue for the next flush; the write may have landed
+            # anyway, which the (period, event_id) key makes harmless.
+            self._queue[:0] = batch
+            self._since["queue"] = min(since, self._since.get("queue", since))
+            raise
+        finally:
+            self._since.pop("batch", None)
+            self._in_flight = 0
+
+    async def _replay(self) -> bool:
+        rows = self.spool.read()
+        try:
+            for i in range(0, len(rows), 1000):
+                await write_batch(self._pool, rows[i : i + 1000])
+        except Exception as exc:  # noqa: BLE001 - keep the spool, try again next flush
+            self._set_healthy(False, exc)
+            return False
+        self.spool.clear()
+        self._spooled = 0
+        self._since.pop("spool", None)
+        self.written += len(rows)
+        log.info("replayed %d spooled usage rows", len(rows))
+        self._set_healthy(True)
+        return True
+
+    def _set_healthy(self, ok: bool, exc: BaseException | None = None) -> None:
+        if ok != self.healthy:
+            if ok:
+                log.warning("billing database reachable again")
+            else:
+                log.error("billing database unreachable, spooling usage: %s", type(exc).__name__)
+        self.healthy = ok
+
+    async def _heartbeat_and_sweep(self) -> None:
+        checked_at = time.monotonic()
+        try:
+            alive = await self._pool.fetch(
+                "UPDATE quota_leases SET heartbeat_at = now() WHERE worker_id = $1"
+                " RETURNING tenant_id, period",
+                self.worker_id,
+            )
+            if self._on_leases is not None:
+                # Leases swept while we were cut off are no longer ours to spend.
+                self._on_leases({(r["tenant_id"], r["period"]) for r in alive}, checked_at)
+            await self._pool.execute(
+                "DELETE FROM quota_leases WHERE heartbeat_at < now() - make_interval(secs => $1)",
+                self._lease_ttl,
+            )
+        except Exception:  # noqa: BLE001 - a missed heartbeat is retried next round
+            pass
+
+    async def replay_orphans(self, directory: Path) -> int:
+        """Write the spools left by dead workers (crashes), then remove them."""
+        total = 0
+        for path in sorted(directory.glob("spool-*.jsonl")):  # noqa: ASYNC240 - once, at start
+            if path == self.spool.path:
+                continue
+            try:
+                orphan = Spool(path)
+            except RuntimeError:
+                continue  # its worker is alive
+            rows = orphan.read()
+            try:
+                for i in range(0, len(rows), 1000):
+                    await write_batch(self._pool, rows[i : i + 1000])
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                orphan.release()
+                continue
+            orphan.clear()
+            path.with_suffix(".lock").unlink(missing_ok=True)
+            orphan.release()
+            total += len(rows)
+        if total:
+            log.info("replayed %d usage rows spooled by earlier processes", total)
+        return total
+
+    async def close(self) -> None:
+        """Final flush, then hand this worker's unused leases back."""
+        await self.flush()
+        try:
+            await self._pool.execute(
+                "DELETE FROM quota_leases WHERE worker_id = $1", self.worker_id
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            log.warning("could not return leases; the sweeper will release them")
+        if self.spool.depth() == 0:
+            self.spool.path.with_suffix(".lock").unlink(missing_ok=True)
+        self.spool.release()

@@ -1,0 +1,128 @@
+"""In-flight requests, draining and graceful shutdown.
+
+``track`` (a middleware) registers every ``/v1/`` request's handler task
+while it runs; the relay counts the SSE streams open to clients. On SIGTERM
+``shutdown``:
+
+1. marks the instance draining: ``/readyz`` answers 503, and every response
+   still sent on an open keep-alive connection carries ``Connection: close``;
+2. closes the listening sockets (no new connections);
+3. waits up to the grace period (``server.shutdown_grace_s``) for the
+   in-flight requests, streams included, to finish on their own;
+4. aborts what is left: a stream gets an OpenAI-shaped SSE error event
+   (``server_shutting_down``) and a clean end, a request still waiting for
+   its provider a 503; both still settle (the delivered part is billed);
+5. cleans the app up, which flushes the usage ledger and returns leases.
+
+A second SIGTERM skips what is left of the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from proxy.errors import ServiceUnavailable
+from proxy.state import LIFECYCLE
+
+log = logging.getLogger("tollway.lifecycle")
+ABORT_WAIT = 10.0  # after the grace: how long aborted handlers get to settle
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "server_shutting_down"
+
+
+def shutting_down() -> ShuttingDown:
+    return ShuttingDown("The gateway is shutting down; retry the request.")
+
+
+class Lifecycle:
+    """Per app: what is in flight, and whether the instance is going away."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.aborting = False
+        self.streams = 0
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._hurried = False
+        self._idle = asyncio.Event()  # no request in flight, or hurried
+        self._idle.set()
+
+    @property
+    def requests(self) -> int:
+        return len(self._tasks)
+
+    def enter(self, task: asyncio.Task[object]) -> None:
+        self._tasks.add(task)
+        if not self._hurried:
+            self._idle.clear()
+
+    def leave(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
+
+    def hurry(self) -> None:
+        """End the grace period now (a second SIGTERM)."""
+        self._hurried = True
+        self._idle.set()
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` s (less if hurried) for in-flight requests;
+        abort the rest. Returns how many were aborted."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        left = list(self._tasks)
+        if not left:
+            return 0
+        log.warning("grace period over: aborting %d in-flight request(s)", len(left))
+        self.aborting = True
+        for task in left:
+            task.cancel()
+        await asyncio.wait(left, timeout=ABORT_WAIT)
+        return len(left)
+
+
+def was_aborted(request: web.Request) -> bool:
+    """Whether a cancellation of this request's handler is the shutdown's."""
+    lifecycle = request.app.get(LIFECYCLE)
+    return lifecycle is not None and lifecycle.aborting
+
+
+@web.middleware
+async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+    lifecycle = request.app[LIFECYCLE]
+    task = asyncio.current_task() if request.path.startswith("/v1/") else None
+    if task is not None:
+        lifecycle.enter(task)
+    try:
+        resp = await handler(request)
+    except asyncio.CancelledError:
+        if task is None or not lifecycle.aborting:
+            raise
+        task.uncancel()  # the shutdown's cancel, answered with a 503
+        raise shutting_down() from None
+    finally:
+        if task is not None:
+            lifecycle.leave(task)
+    if lifecycle.draining and not resp.prepared:
+        resp.force_close()  # keep-alive clients move to another instance
+    return resp
+
+
+async def shutdown(runner: web.AppRunner, grace: float) -> None:
+    """Steps 1-5 of the module docstring, for a started runner."""
+    lifecycle = runner.app[LIFECYCLE]
+    lifecycle.draining = True
+    for site in list(runner.sites):
+        await site.stop()
+    log.info("draining: %d request(s) in flight, grace %gs", lifecycle.requests, grace)
+    await lifecycle.drain(grace)
+    await runner.cleanup()

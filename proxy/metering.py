@@ -1,0 +1,131 @@
+"""The side counter of the relay: usage for every request, whatever happened.
+
+Provider-reported usage wins. When the provider reported nothing, reported
+only zeros for a non-empty answer, or the stream was cut before its usage
+chunk, the tokens are counted with tiktoken on the text actually delivered
+(one call on the collected text, never per chunk) and marked ``estimated``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy import tokens
+from proxy.sse import event_data
+from proxy.usage import Usage, usage_from_openai
+
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    """Text a choice carries, in a delta (stream) or a message (non-stream)."""
+    parts: list[str] = []
+    text = choice.get("text")
+    if isinstance(text, str):
+        parts.append(text)
+    for key in ("delta", "message"):
+        msg = choice.get(key)
+        if not isinstance(msg, dict):
+            continue
+        for field in ("content", "reasoning_content", "refusal"):
+            value = msg.get(field)
+            if isinstance(value, str):
+                parts.append(value)
+        for call in msg.get("tool_calls") or ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                parts.extend(str(fn.get(k) or "") for k in ("name", "arguments"))
+    return "".join(parts)
+
+
+def _text_of(obj: Any) -> str:
+    if not isinstance(obj, dict):
+        return ""
+    return "".join(_choice_text(c) for c in obj.get("choices") or () if isinstance(c, dict))
+
+
+def _trusted(usage: Usage | None, delivered_text: bool) -> bool:
+    # All-zero usage for an answer that had text means "unknown", not "free".
+    return usage is not None and (usage.total_tokens > 0 or not delivered_text)
+
+
+class StreamMeter:
+    """Watches each OpenAI SSE event on its way to the client.
+
+    ``observe`` returns the bytes to forward, or None to drop the event: the
+    usage chunk Tollway asked for on the client's behalf is dropped when the
+    client did not ask for usage itself.
+    """
+
+    __slots__ = ("_payloads", "client_wants_usage", "done", "usage")
+
+    def __init__(self, client_wants_usage: bool) -> None:
+        self.client_wants_usage = client_wants_usage
+        self.usage: Usage | None = None
+        self.done = False
+        self._payloads: list[bytes] = []
+
+    def observe(self, event: bytes) -> bytes | None:
+        data = event_data(event)
+        if data is None:
+            return event  # comment / heartbeat: passes through
+        if data == b"[DONE]":
+            self.done = True
+            return event
+        if _USAGE_MARKERS[0] in data or _USAGE_MARKERS[1] in data:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                found = usage_from_openai(obj.get("usage"))
+                if found is not None:
+                    self.usage = found
+                if not self.client_wants_usage and not obj.get("choices"):
+                    return None
+        self._payloads.append(data)
+        return event
+
+    @property
+    def payloads(self) -> list[bytes]:
+        """The ``data:`` payloads forwarded so far, in order (not ``[DONE]``)."""
+        return self._payloads
+
+    def delivered_text(self) -> str:
+        parts = []
+        for data in self._payloads:
+            try:
+                parts.append(_text_of(orjson.loads(data)))
+            except orjson.JSONDecodeError:
+                continue
+        return "".join(parts)
+
+    def result(self, body: dict[str, Any], endpoint: str, model: str) -> Usage:
+        if self.usage is not None and self.usage.total_tokens > 0:
+            return self.usage
+        text = self.delivered_text()
+        if _trusted(self.usage, bool(text)):
+            assert self.usage is not None
+            return self.usage
+        return estimate(body, endpoint, model, text)
+
+
+def estimate(body: dict[str, Any], endpoint: str, model: str, completion_text: str) -> Usage:
+    return Usage(
+        prompt_tokens=tokens.count_prompt(body, endpoint, model),
+        completion_tokens=tokens.count_text(completion_text, model),
+        source="estimated",
+    )
+
+
+def reply_usage(
+    reported: Usage | None, response: Any, body: dict[str, Any], endpoint: str, model: str
+) -> Usage:
+    """Usage of a non-stream reply: the provider's, else a tiktoken estimate."""
+    text = _text_of(response)
+    if _trusted(reported, bool(text)):
+        assert reported is not None
+        return reported
+    return estimate(body, endpoint, model, text)

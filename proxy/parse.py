@@ -1,0 +1,163 @@
+"""The parse stage: a size-capped body, decoded once, checked for OpenAI's shape.
+
+Only what the gateway relies on is checked (types of the fields it reads and
+OpenAI's own required fields); every other field is left for the provider, so
+new OpenAI parameters pass through without a gateway release.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import BodyTooLarge, InvalidRequest
+from proxy.providers.base import Endpoint
+
+
+async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(max_bytes) from None
+    if len(raw) > max_bytes:
+        raise _too_large(max_bytes)
+    if not raw:
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request: {exc.msg} "
+            f"(line {exc.lineno}, column {exc.colno})."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def _too_large(max_bytes: int) -> BodyTooLarge:
+    return BodyTooLarge(f"The request body exceeds the limit of {max_bytes} bytes.")
+
+
+def _type_error(param: str, expected: str, value: Any) -> InvalidRequest:
+    got = type(value).__name__ if value is not None else "null"
+    names = {
+        "str": "string",
+        "dict": "object",
+        "list": "array",
+        "int": "integer",
+        "float": "number",
+        "bool": "boolean",
+    }
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected {expected}, but got {names.get(got, got)}.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def _require(body: dict[str, Any], param: str) -> Any:
+    if param not in body or body[param] is None:
+        raise InvalidRequest(
+            f"Missing required parameter: '{param}'.",
+            param=param,
+            code="missing_required_parameter",
+        )
+    return body[param]
+
+
+def _optional(
+    body: dict[str, Any], param: str, types: type | tuple[type, ...], expected: str
+) -> None:
+    value = body.get(param)
+    if value is None:
+        return
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise _type_error(param, expected, value)
+    if not isinstance(value, types):
+        raise _type_error(param, expected, value)
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = _require(body, "model")
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    if not model.strip():
+        raise InvalidRequest("'model' must not be empty.", param="model")
+    return model
+
+
+def _common(body: dict[str, Any]) -> None:
+    _optional(body, "stream", bool, "a boolean")
+    _optional(body, "stream_options", dict, "an object")
+    _optional(body, "n", int, "an integer")
+    _optional(body, "max_tokens", int, "an integer")
+    _optional(body, "max_completion_tokens", int, "an integer")
+    _optional(body, "temperature", (int, float), "a number")
+    _optional(body, "top_p", (int, float), "a number")
+    _optional(body, "user", str, "a string")
+    for param in ("max_tokens", "max_completion_tokens", "n"):
+        value = body.get(param)
+        if isinstance(value, int) and value < 1:
+            raise InvalidRequest(f"'{param}' must be at least 1.", param=param)
+
+
+def _messages(body: dict[str, Any]) -> None:
+    messages = _require(body, "messages")
+    if not isinstance(messages, list):
+        raise _type_error("messages", "an array", messages)
+    if not messages:
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise _type_error(f"messages[{i}]", "an object", msg)
+        role = msg.get("role")
+        if not isinstance(role, str):
+            raise InvalidRequest(
+                f"Missing or invalid 'role' in messages[{i}].", param=f"messages[{i}].role"
+            )
+
+
+def _prompt(body: dict[str, Any], param: str) -> None:
+    value = _require(body, param)
+    if isinstance(value, str):
+        return
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(v, str | int) or (isinstance(v, list) and all(isinstance(t, int) for t in v))
+            for v in value
+        )
+    ):
+        return
+    raise _type_error(param, "a string or an array of strings or token arrays", value)
+
+
+def validate(body: dict[str, Any], endpoint: Endpoint) -> str:
+    """Check the body for ``endpoint``; return the requested model name."""
+    model = _model(body)
+    if endpoint == "chat":
+        _messages(body)
+        _common(body)
+    elif endpoint == "completions":
+        _prompt(body, "prompt")
+        _common(body)
+    else:
+        _prompt(body, "input")
+        _optional(body, "dimensions", int, "an integer")
+        _optional(body, "encoding_format", str, "a string")
+    return model
+
+
+def wants_stream(body: dict[str, Any], endpoint: Endpoint) -> bool:
+    return endpoint != "embeddings" and body.get("stream") is True
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True

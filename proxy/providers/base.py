@@ -1,0 +1,78 @@
+"""The provider interface: two methods, ``complete()`` and ``stream()``.
+
+Every adapter speaks OpenAI's shapes towards the gateway whatever its wire
+format, so relay and metering are written once:
+
+- ``complete(call)`` returns a ``Reply`` whose body is an OpenAI response
+  JSON, with ``usage`` read from what the provider reported (None when it
+  reported nothing).
+- ``stream(call)`` opens the upstream request and returns once the provider
+  has answered with a success status; iterating the ``UpstreamStream`` yields
+  whole SSE events carrying OpenAI ``chat.completion.chunk`` (or
+  ``text_completion``) payloads, ending with ``data: [DONE]``. When the
+  provider reports usage, the adapter emits it as OpenAI's final usage chunk
+  (``choices: []``) so metering finds it in one place.
+
+Errors before the first byte are raised from ``complete``/``stream`` (so the
+forward stage may still fall back); errors while iterating are raised from the
+iterator as ``UpstreamStreamBroken``/``UpstreamTimeout``. ``aclose()`` must
+release the upstream connection promptly; the relay calls it when the client
+goes away, which cancels the provider request.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from proxy.config import ProviderConfig, Timeouts
+from proxy.usage import Usage
+
+Endpoint = Literal["chat", "completions", "embeddings"]
+
+
+@dataclass(slots=True)
+class Call:
+    endpoint: Endpoint
+    body: dict[str, Any]  # the client's validated body; adapters copy before changing it
+    model: str  # the provider's model name
+    stream: bool
+    request_id: str
+    # The target's timeouts (the provider's as its model overrides them); None:
+    # the provider's. The forward stage enforces them too, around any adapter.
+    timeouts: Timeouts | None = None
+
+
+@dataclass(slots=True)
+class Reply:
+    body: bytes
+    usage: Usage | None
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class UpstreamStream(ABC):
+    headers: dict[str, str]
+
+    @abstractmethod
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class Provider(ABC):
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @abstractmethod
+    async def complete(self, call: Call) -> Reply: ...
+
+    @abstractmethod
+    async def stream(self, call: Call) -> UpstreamStream: ...

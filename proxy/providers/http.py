@@ -1,0 +1,109 @@
+"""The one place where aiohttp client exceptions become gateway errors.
+
+Adapters call ``post`` / ``read_body`` / ``iter_body`` and never see aiohttp
+exceptions themselves (STYLE rule 6): connect failures and resets become
+``UpstreamUnavailable`` (502), timeouts ``UpstreamTimeout`` (504), a broken
+body mid-stream ``UpstreamStreamBroken`` (502).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.config import ProviderConfig, Timeouts
+from proxy.errors import (
+    GatewayError,
+    ProviderHTTPError,
+    UpstreamConnectError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+# Response headers worth passing to the client from a provider's error.
+PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
+
+
+def client_timeout(cfg: ProviderConfig, timeouts: Timeouts | None = None) -> aiohttp.ClientTimeout:
+    t = timeouts or cfg.timeouts
+    return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.idle)
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    cfg: ProviderConfig,
+    url: str,
+    payload: bytes,
+    headers: dict[str, str],
+    timeouts: Timeouts | None = None,
+) -> aiohttp.ClientResponse:
+    """POST and wait for the response headers, within ``first_byte``.
+    ``timeouts`` (a call's, see ``Call.timeouts``) replaces the provider's."""
+    t = timeouts or cfg.timeouts
+    try:
+        async with asyncio.timeout(t.first_byte):
+            return await session.post(
+                url, data=payload, headers=headers, timeout=client_timeout(cfg, t)
+            )
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"provider '{cfg.name}' did not answer within {t.first_byte:g}s"
+        ) from None
+    except aiohttp.ClientConnectorError:
+        raise UpstreamConnectError(f"provider '{cfg.name}' is unreachable") from None
+    except (aiohttp.ClientError, OSError):
+        raise UpstreamUnavailable(
+            f"provider '{cfg.name}' closed the connection before answering"
+        ) from None
+
+
+async def read_body(
+    resp: aiohttp.ClientResponse, cfg: ProviderConfig, timeouts: Timeouts | None = None
+) -> bytes:
+    try:
+        async with asyncio.timeout((timeouts or cfg.timeouts).first_byte):
+            return await resp.read()
+    except TimeoutError:
+        raise UpstreamTimeout(f"provider '{cfg.name}' timed out sending its response") from None
+    except (aiohttp.ClientError, OSError):
+        raise UpstreamUnavailable(f"provider '{cfg.name}' broke off its response") from None
+    finally:
+        resp.release()
+
+
+async def iter_body(resp: aiohttp.ClientResponse, cfg: ProviderConfig) -> AsyncIterator[bytes]:
+    """The raw body in arrival order; the idle gap is bounded by ``sock_read``."""
+    try:
+        async for chunk in resp.content.iter_any():
+            yield chunk
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeout(
+            f"provider '{cfg.name}' stalled for more than {cfg.timeouts.idle:g}s mid-stream"
+        ) from None
+    except (aiohttp.ClientError, OSError):
+        raise UpstreamStreamBroken(f"provider '{cfg.name}' broke off the stream") from None
+
+
+def openai_error(status: int, body: bytes, headers: Any, cfg: ProviderConfig) -> GatewayError:
+    """A provider's non-2xx answer as a client-facing error, status kept."""
+    passed = {h: headers[h] for h in PASSED_ERROR_HEADERS if h in headers}
+    err: dict[str, Any] = {}
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        err = parsed["error"]
+    elif isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+        err = {"message": parsed["error"]}
+    if not err.get("message"):
+        err = {**err, "message": f"provider '{cfg.name}' returned HTTP {status}"}
+    return ProviderHTTPError(status, err, headers=passed)
+
+
+ErrorMapper = Callable[[int, bytes, Any, ProviderConfig], GatewayError]

@@ -1,0 +1,120 @@
+"""``kind: openai`` — any OpenAI-compatible upstream (OpenAI, Groq, Mistral,
+OpenRouter, Together, vLLM, Ollama's /v1, LM Studio); ``kind: azure`` reuses it.
+
+Contract: the client's body goes upstream with only ``model`` rewritten (and,
+for streams, ``stream_options.include_usage`` switched on so the provider
+reports usage); unknown fields survive. Only the provider's own credentials
+and configured headers are sent: no client header is forwarded. Usage is what
+the provider reports; stream events are forwarded as the provider's bytes,
+whole events at a time. ``aclose()`` closes the upstream connection, which
+cancels the provider's work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.config import ProviderConfig
+from proxy.providers import http
+from proxy.providers.base import Call, Provider, Reply, UpstreamStream
+from proxy.sse import IncompleteEvent, iter_events
+from proxy.usage import usage_from_openai
+
+_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+# Fields that would let a client steer the gateway itself; never forwarded.
+_GATEWAY_FIELDS = ("api_base", "base_url", "api_key")
+
+
+class OpenAIStream(UpstreamStream):
+    def __init__(self, resp: aiohttp.ClientResponse, cfg: ProviderConfig) -> None:
+        self._resp = resp
+        self._cfg = cfg
+        self.headers = {}
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        try:
+            async for event in iter_events(http.iter_body(self._resp, self._cfg)):
+                yield event
+        except IncompleteEvent:
+            from proxy.errors import UpstreamStreamBroken
+
+            raise UpstreamStreamBroken(
+                f"provider '{self._cfg.name}' ended the stream mid-event"
+            ) from None
+
+    async def aclose(self) -> None:
+        self._resp.close()
+
+
+class OpenAIProvider(Provider):
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(config)
+        self._session = session
+        self._headers = {"Content-Type": "application/json", **config.headers}
+        if config.api_key:
+            self._headers.update(self.auth_headers(config.api_key))
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"}
+
+    def url(self, call: Call) -> str:
+        return self.config.base_url + _PATHS[call.endpoint]
+
+    def payload(self, call: Call) -> bytes:
+        body = {k: v for k, v in call.body.items() if k not in _GATEWAY_FIELDS}
+        body["model"] = call.model
+        if call.stream:
+            opts = body.get("stream_options")
+            body["stream_options"] = {
+                **(opts if isinstance(opts, dict) else {}),
+                "include_usage": True,
+            }
+        return orjson.dumps(body)
+
+    async def _send(self, call: Call) -> aiohttp.ClientResponse:
+        headers = {**self._headers, "X-Request-Id": call.request_id}
+        resp = await http.post(
+            self._session, self.config, self.url(call), self.payload(call), headers, call.timeouts
+        )
+        if resp.status >= 400:
+            body = await http.read_body(resp, self.config, call.timeouts)
+            raise http.openai_error(resp.status, body, resp.headers, self.config)
+        return resp
+
+    async def complete(self, call: Call) -> Reply:
+        resp = await self._send(call)
+        body = await http.read_body(resp, self.config, call.timeouts)
+        usage = None
+        try:
+            parsed: Any = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            from proxy.errors import UpstreamUnavailable
+
+            raise UpstreamUnavailable(
+                f"provider '{self.config.name}' returned a response that is not JSON"
+            ) from None
+        if isinstance(parsed, dict):
+            usage = usage_from_openai(parsed.get("usage"))
+        return Reply(body=body, usage=usage, status=resp.status)
+
+    async def stream(self, call: Call) -> UpstreamStream:
+        return OpenAIStream(await self._send(call), self.config)
+
+
+class AzureProvider(OpenAIProvider):
+    """``kind: azure``: deployment URLs, ``api-version`` and an ``api-key``
+    header; the body is OpenAI's. The target ``model`` names the deployment."""
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"api-key": api_key}
+
+    def url(self, call: Call) -> str:
+        version = self.config.api_version or "2024-10-21"
+        return (
+            f"{self.config.base_url}/openai/deployments/{call.model}"
+            f"{_PATHS[call.endpoint]}?api-version={version}"
+        )

@@ -1,0 +1,219 @@
+"""The admit stage's monthly quota: exact, without a query per request.
+
+Each worker leases quota from Postgres in blocks (``tollway_take_lease``: one
+atomic statement under the tenant's counter row lock) and admits requests
+from its local lease. A block is at most 1/8 of what is left, so leases
+shrink to single units near the limit, and the sum of everything admitted
+can never pass the limit: with 10 requests left and 200 concurrent requests,
+exactly 10 are admitted.
+
+A request reserves one request and ``prompt estimate + max_tokens`` tokens
+(the tier's ``max_tokens`` cap when the client sends none; the forwarded
+request carries that cap). Settling refunds the unused part to the local
+lease. Token overshoot is therefore bounded by the prompt estimate's error:
+the provider may count a prompt differently from tiktoken, and a reasoning
+model may be billed beyond ``max_tokens`` by its provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+
+from proxy.auth import Principal
+from proxy.errors import QuotaExceeded, ServiceUnavailable
+from proxy.tiers import BillingPolicy, Tier
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def period_of(moment: datetime) -> date:
+    return date(moment.year, moment.month, 1)
+
+
+def period_end(period: date) -> datetime:
+    """The first instant of the next month, when the quota resets."""
+    year, month = (period.year + 1, 1) if period.month == 12 else (period.year, period.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC)
+
+
+@dataclass(slots=True)
+class Reservation:
+    tenant_id: int
+    period: date
+    requests: int
+    tokens: int
+    leased: bool  # taken from a Postgres lease (vs unlimited or offline allowance)
+
+
+@dataclass(slots=True)
+class _Lease:
+    requests: int = 0
+    tokens: int = 0
+    left_requests: int | None = None  # headroom in Postgres at the last lease call
+    left_tokens: int | None = None
+    exhausted_until: float = 0.0
+    refilled_at: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """What the ``x-ratelimit-*`` headers report for a tenant this month."""
+
+    limit_requests: int | None
+    remaining_requests: int | None
+    limit_tokens: int | None
+    remaining_tokens: int | None
+    reset_seconds: float
+
+
+class QuotaBook:
+    def __init__(
+        self, pool: asyncpg.Pool, worker_id: str, policy: BillingPolicy, clock: Clock = utc_now
+    ) -> None:
+        self._pool = pool
+        self.worker_id = worker_id
+        self._policy = policy
+        self.clock = clock
+        self._leases: dict[tuple[int, date], _Lease] = {}
+        self._offline_used = 0
+        self.lease_calls = 0
+
+    def _lease(self, tenant_id: int, period: date) -> _Lease:
+        lease = self._leases.get((tenant_id, period))
+        if lease is None:
+            lease = self._leases[(tenant_id, period)] = _Lease()
+        return lease
+
+    async def admit(self, who: Principal, tier: Tier, tokens: int) -> Reservation:
+        period = period_of(self.clock())
+        if tier.monthly_requests is None and tier.monthly_tokens is None:
+            return Reservation(who.tenant_id, period, 1, tokens, leased=False)
+        need_tokens = tokens if tier.monthly_tokens is not None else 0
+        lease = self._lease(who.tenant_id, period)
+        if not _fits(lease, need_tokens):
+            async with lease.lock:
+                if not _fits(lease, need_tokens):
+                    offline = await self._refill(who, tier, period, lease, need_tokens)
+                    if offline is not None:
+                        return offline
+        lease.requests -= 1
+        lease.tokens -= need_tokens
+        return Reservation(who.tenant_id, period, 1, need_tokens, leased=True)
+
+    async def _refill(
+        self, who: Principal, tier: Tier, period: date, lease: _Lease, need_tokens: int
+    ) -> Reservation | None:
+        if lease.exhausted_until > time.monotonic():
+            raise _exhausted(tier, lease, need_tokens, period_end(period) - self.clock())
+        want_r = self._policy.lease_requests if lease.requests < 1 else 0
+        short_t = max(0, need_tokens - lease.tokens)
+        want_t = max(short_t, self._policy.lease_tokens) if short_t else 0
+        try:
+            self.lease_calls += 1
+            row = await self._pool.fetchrow(
+                "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
+                self.worker_id,
+                who.tenant_id,
+                period,
+                want_r,
+                want_t,
+                short_t,
+                tier.monthly_requests,
+                tier.monthly_tokens,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return self._offline(who, period, need_tokens)
+        assert row is not None
+        lease.refilled_at = time.monotonic()
+        lease.requests += row["got_requests"]
+        lease.tokens += row["got_tokens"]
+        lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
+        if not _fits(lease, need_tokens):
+            # Nothing left: answer the next requests from here for a moment.
+            lease.exhausted_until = time.monotonic() + 0.25
+            raise _exhausted(tier, lease, need_tokens, period_end(period) - self.clock())
+        return None
+
+    def _offline(self, who: Principal, period: date, tokens: int) -> Reservation:
+        if self._offline_used < self._policy.offline_allowance:
+            self._offline_used += 1
+            return Reservation(who.tenant_id, period, 1, tokens, leased=False)
+        raise ServiceUnavailable(
+            "Quota cannot be checked right now (billing database unreachable); retry shortly.",
+            code="billing_unavailable",
+            headers={"retry-after": "5"},
+        )
+
+    def release(self, reservation: Reservation, counted: bool, tokens_used: int) -> None:
+        """Return the unused part of a reservation to the local lease."""
+        if not reservation.leased:
+            return
+        lease = self._lease(reservation.tenant_id, reservation.period)
+        if counted:
+            lease.tokens += reservation.tokens - (tokens_used if reservation.tokens else 0)
+        else:
+            lease.requests += reservation.requests
+            lease.tokens += reservation.tokens
+        lease.exhausted_until = 0.0
+
+    def standing(self, tenant_id: int, tier: Tier) -> Standing:
+        period = period_of(self.clock())
+        lease = self._leases.get((tenant_id, period)) or _Lease()
+        reset = (period_end(period) - self.clock()).total_seconds()
+        return Standing(
+            limit_requests=tier.monthly_requests,
+            remaining_requests=_remaining(
+                tier.monthly_requests, lease.left_requests, lease.requests
+            ),
+            limit_tokens=tier.monthly_tokens,
+            remaining_tokens=_remaining(tier.monthly_tokens, lease.left_tokens, lease.tokens),
+            reset_seconds=max(0.0, reset),
+        )
+
+    def keep_only(self, alive: set[tuple[int, date]], checked_at: float) -> None:
+        """Drop local leases whose Postgres rows were gone at ``checked_at``
+        (swept while this worker was cut off): they are no longer ours."""
+        for key in [k for k in self._leases if k not in alive]:
+            lease = self._leases[key]
+            if lease.refilled_at < checked_at and not lease.lock.locked():
+                del self._leases[key]
+
+
+def _fits(lease: _Lease, tokens: int) -> bool:
+    return lease.requests >= 1 and lease.tokens >= tokens
+
+
+def _remaining(limit: int | None, left: int | None, local: int) -> int | None:
+    if limit is None:
+        return None
+    return max(0, (left if left is not None else limit) + max(0, local))
+
+
+def _exhausted(
+    tier: Tier, lease: _Lease, need_tokens: int, until_reset: timedelta
+) -> QuotaExceeded:
+    if lease.requests < 1:
+        what = f"monthly request quota ({tier.monthly_requests} requests on the '{tier.name}' tier)"
+    else:
+        what = (
+            f"monthly token quota ({tier.monthly_tokens} tokens on the '{tier.name}' tier; "
+            f"this request reserves {need_tokens} tokens: prompt + max_tokens)"
+        )
+    retry = int(until_reset.total_seconds()) + 1
+    exc = QuotaExceeded(
+        f"You exceeded your {what}. It resets at the start of next month (UTC).",
+        headers={"retry-after": str(max(1, retry)), "x-should-retry": "false"},
+    )
+    exc.reason = "requests" if lease.requests < 1 else "tokens"
+    return exc

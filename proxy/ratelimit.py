@@ -1,0 +1,286 @@
+"""Shared limits: sliding windows and concurrency slots, in one Lua script.
+
+The algorithm is a **sliding log at slot resolution**: a window of length W
+is cut into 600 slots of W/600 (6 s for an hour, 100 ms for a minute); a
+Redis hash per limit keeps the units admitted in each slot plus their sum.
+A request is admitted when the units in the current slot and the 600 before
+it, plus its own cost, fit the capacity. Time is the Redis server's
+(``TIME``), so clock skew between Tollway instances does not matter.
+
+**The exact bound.** Any rolling interval of length W holds at most
+``capacity`` units — never N+1 requests in any rolling hour for a limit of N
+per hour, across all workers and instances. (Proof: when the last request of
+such an interval was admitted at time t, every earlier request of the
+interval happened at or after t - W, so in a slot the check counted.) The
+price of the bound is that a unit is forgotten between W and W + W/600 after
+it was admitted: a client that used all N requests at one instant gets its
+next one between 60m0s and 60m6s later, never before 60m0s.
+
+GCRA and the two-bucket sliding-window estimate were rejected: GCRA with a
+burst of N lets 2N-1 through in a rolling hour, and the estimate is only
+exact when traffic is even. A per-request log would be exact too, but holds
+N entries per key (a million for the ``unlimited`` tier); the slots hold at
+most 601 small fields whatever N is.
+
+One script call checks every limit of a request and commits only if all
+pass, so a request refused by one limit consumes no other. Each hash is
+pruned as its slots age (amortised O(1) per request) and has a TTL of one
+window. A concurrency limit is a sorted set of holders scored by lease
+expiry, so a crashed holder frees its slot when its lease ends.
+
+When Redis is down (``RedisDown``) the same checks run on a per-process
+``LocalLimiter`` with ``capacity // expected_instances`` (at least 1); see
+``proxy/local_limits.py`` for what that guarantees.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from redis.asyncio import Redis
+
+from proxy.redis_client import RedisDown, SharedRedis
+
+SLOTS = 600
+HOUR_MS = 3_600_000
+MINUTE_MS = 60_000
+
+_LUA = """
+local SLOTS = 600
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function window(key, cap, slot, cost)
+  local cur = math.floor(now / slot)
+  local oldest = cur - SLOTS
+  local meta = redis.call('HMGET', key, 'sum', 'low')
+  local sum, low = tonumber(meta[1]), tonumber(meta[2])
+  if sum == nil or low == nil or low + SLOTS < oldest then
+    if sum ~= nil then redis.call('DEL', key) end
+    sum, low = 0, cur
+  else
+    -- Drop slots that left the window; move low to the oldest live slot.
+    local s = low
+    while s <= cur do
+      local v = tonumber(redis.call('HGET', key, s))
+      if v then
+        if s >= oldest then break end
+        sum = sum - v
+        redis.call('HDEL', key, s)
+      end
+      s = s + 1
+    end
+    if sum <= 0 then
+      redis.call('DEL', key)
+      sum, low = 0, cur
+    elseif s ~= low then
+      low = s
+      redis.call('HSET', key, 'sum', sum, 'low', low)
+    end
+  end
+  local reset = 0
+  if sum > 0 then reset = (low + SLOTS + 1) * slot - now end
+  if sum + cost <= cap then return {1, sum, reset, 0} end
+  local retry = -1
+  if cost <= cap then
+    local need = sum + cost - cap
+    local s = low
+    while s < cur do
+      local v = tonumber(redis.call('HGET', key, s))
+      if v then
+        need = need - v
+        if need <= 0 then break end
+      end
+      s = s + 1
+    end
+    retry = (s + SLOTS + 1) * slot - now
+  end
+  return {0, sum, reset, retry}
+end
+
+local function take_window(key, slot, cost, r)
+  if cost <= 0 then return end
+  local cur = math.floor(now / slot)
+  redis.call('HINCRBY', key, cur, cost)
+  redis.call('HINCRBY', key, 'sum', cost)
+  redis.call('HSETNX', key, 'low', cur)
+  redis.call('PEXPIRE', key, (SLOTS + 2) * slot)
+  if r[2] == 0 then r[3] = (cur + SLOTS + 1) * slot - now end
+  r[2] = r[2] + cost
+end
+
+local function slots(key, cap)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local used = redis.call('ZCARD', key)
+  if used < cap then return {1, used, 0, 0} end
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return {0, used, 0, math.max(1, tonumber(first[2]) - now)}
+end
+
+local function take_slot(key, lease, member, r)
+  redis.call('ZADD', key, now + lease, member)
+  if redis.call('PTTL', key) < lease then redis.call('PEXPIRE', key, lease + 1000) end
+  r[2] = r[2] + 1
+end
+
+local commit = ARGV[1] == 'commit'
+local admitted = 1
+local results = {}
+for i = 1, #KEYS do
+  local a = i * 4 - 2
+  local r
+  if ARGV[a] == 'w' then
+    r = window(KEYS[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]))
+  else
+    r = slots(KEYS[i], tonumber(ARGV[a + 1]))
+  end
+  if r[1] == 0 then admitted = 0 end
+  results[i] = r
+end
+local out = {now, admitted}
+for i = 1, #KEYS do
+  local a = i * 4 - 2
+  local r = results[i]
+  if admitted == 1 and commit then
+    if ARGV[a] == 'w' then
+      take_window(KEYS[i], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), r)
+    else
+      take_slot(KEYS[i], tonumber(ARGV[a + 2]), ARGV[a + 3], r)
+    end
+  end
+  for j = 1, 4 do out[#out + 1] = r[j] end
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit a request must pass. All limits checked together must share
+    a Redis Cluster hash tag in ``key`` (``tw:rl:{key_id}:rph``)."""
+
+    key: str
+    name: str  # what the client is told: "requests_per_hour", "tokens_per_minute", "rpm", ...
+    capacity: int
+    window_ms: int = 0  # a multiple of SLOTS; 0 for a concurrency limit
+    cost: int = 1  # units this request takes (its tokens, for a token limit)
+    member: str = ""  # concurrency: who holds the slot
+    lease_ms: int = 0  # concurrency: the slot frees itself after this
+
+    @property
+    def concurrency(self) -> bool:
+        return self.window_ms == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A limit's state after the check (after the commit, when admitted)."""
+
+    limit: Limit
+    capacity: int  # in effect: the fallback's share while Redis is down
+    fits: bool
+    used: int
+    reset_ms: int  # until the oldest counted unit leaves the window (0: empty)
+    retry_ms: int  # refused: until this request would fit; -1: never (cost > capacity)
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.capacity - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    admitted: bool
+    windows: tuple[Window, ...]
+    now_ms: int  # the clock that decided: Redis's, or this process's in the fallback
+    shared: bool  # decided in Redis (False: by the per-process fallback)
+
+    @property
+    def blocking(self) -> Window | None:
+        """The limit that refused the request (the longest wait, if several did)."""
+        refused = [w for w in self.windows if not w.fits]
+        if not refused:
+            return None
+        return max(refused, key=lambda w: w.retry_ms if w.retry_ms >= 0 else 1 << 62)
+
+    def window(self, name: str) -> Window | None:
+        return next((w for w in self.windows if w.limit.name == name), None)
+
+
+def check_args(limits: Sequence[Limit], commit: bool) -> list[str | int]:
+    args: list[str | int] = ["commit" if commit else "peek"]
+    for lim in limits:
+        if lim.concurrency:
+            args += ["c", lim.capacity, lim.lease_ms, lim.member]
+        else:
+            assert lim.window_ms % SLOTS == 0, "a window must be a multiple of 600 ms"
+            args += ["w", lim.capacity, lim.window_ms // SLOTS, lim.cost]
+    return args
+
+
+def parse_reply(limits: Sequence[Limit], reply: Sequence[int]) -> Verdict:
+    windows = []
+    for i, lim in enumerate(limits):
+        fits, used, reset, retry = reply[2 + 4 * i : 6 + 4 * i]
+        windows.append(Window(lim, lim.capacity, bool(fits), used, reset, retry))
+    return Verdict(bool(reply[1]), tuple(windows), int(reply[0]), shared=True)
+
+
+class RateLimiter:
+    """Checks limits in Redis, or on the per-process fallback when it is down."""
+
+    def __init__(self, redis: SharedRedis | None) -> None:
+        from proxy.local_limits import LocalLimiter  # it imports this module
+
+        self.redis = redis
+        self.local = LocalLimiter()
+        self._script = redis.script(_LUA) if redis is not None else None
+        self.rejections: Counter[str] = Counter()  # by limit name
+        self.fallbacks = 0  # checks answered by the per-process limiter
+
+    async def check(
+        self, limits: Sequence[Limit], instances: int = 1, *, commit: bool = True
+    ) -> Verdict:
+        """``commit=False`` only reports (for ``GET /v1/usage``)."""
+        verdict = None
+        if self.redis is not None and self._script is not None:
+            script, keys, args = (
+                self._script,
+                [lim.key for lim in limits],
+                check_args(limits, commit),
+            )
+            try:
+                reply = await self.redis.call(lambda r: script(keys=keys, args=args, client=r))
+                verdict = parse_reply(limits, reply)
+            except RedisDown:
+                pass
+        if verdict is None:
+            self.fallbacks += 1
+            verdict = self.local.check(limits, instances, commit=commit)
+        blocking = verdict.blocking
+        if commit and blocking is not None:
+            self.rejections[blocking.limit.name] += 1
+        return verdict
+
+    def release(self, verdict: Verdict) -> None:
+        """Give back the concurrency slots an admitted request holds."""
+        held = [w.limit for w in verdict.windows if w.limit.concurrency]
+        if not held:
+            return
+        if not verdict.shared or self.redis is None:
+            self.local.release(held)
+            return
+        redis = self.redis
+
+        async def release() -> None:
+            for lim in held:
+                await redis.call(partial(_zrem, lim.key, lim.member))
+
+        redis.spawn(release(), name="release-slots")
+
+
+async def _zrem(key: str, member: str, client: Redis) -> None:
+    await client.zrem(key, member)

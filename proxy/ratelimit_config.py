@@ -1,0 +1,80 @@
+"""The YAML ``ratelimit:`` section: shared-limit settings and provider limits.
+
+Per-key limits come from the tiers (``requests_per_hour``,
+``tokens_per_minute``); this section says how many Tollway processes share
+them (for the per-process fallback while Redis is unreachable) and what each
+provider, or one provider model (a target, ``provider/model``), accepts::
+
+    ratelimit:
+      expected_instances: 4          # Tollway processes in all (workers x hosts)
+      providers:
+        openai: {rpm: 3000, tpm: 1000000, max_concurrency: 100}
+        openai/gpt-4o: {rpm: 500}    # one target, on top of its provider's limits
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.config import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLimit:
+    rpm: int | None = None  # requests per rolling minute
+    tpm: int | None = None  # tokens per rolling minute (prompt estimate + max_tokens)
+    max_concurrency: int | None = None  # requests in flight, streams until closed
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    # Tollway processes sharing the limits. While Redis is unreachable each
+    # process admits limit // expected_instances (at least 1) on its own.
+    expected_instances: int = 1
+    providers: Mapping[str, ProviderLimit] = field(default_factory=dict)
+
+
+_KEYS = ("expected_instances", "providers")
+_PROVIDER_KEYS = tuple(ProviderLimit.__dataclass_fields__)
+
+
+def _positive(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{path}: must be a positive integer")
+    return value
+
+
+def _provider_limit(raw: Any, path: str) -> ProviderLimit:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of {', '.join(_PROVIDER_KEYS)}")
+    for key in raw:
+        if key not in _PROVIDER_KEYS:
+            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_PROVIDER_KEYS)})")
+    return ProviderLimit(
+        **{k: None if v is None else _positive(v, f"{path}.{k}") for k, v in raw.items()}
+    )
+
+
+def parse_ratelimit(raw: Any, providers: Mapping[str, object]) -> RateLimitPolicy:
+    """``providers`` are the configured provider names a limit may refer to."""
+    if raw is None:
+        return RateLimitPolicy()
+    if not isinstance(raw, dict):
+        raise ConfigError("ratelimit: must be a mapping")
+    for key in raw:
+        if key not in _KEYS:
+            raise ConfigError(f"ratelimit.{key}: unknown key (allowed: {', '.join(_KEYS)})")
+    instances = _positive(raw.get("expected_instances", 1), "ratelimit.expected_instances")
+    limits: dict[str, ProviderLimit] = {}
+    given = raw.get("providers") or {}
+    if not isinstance(given, dict):
+        raise ConfigError("ratelimit.providers: must be a mapping of provider -> limits")
+    for name, value in given.items():
+        path = f"ratelimit.providers.{name}"
+        provider = str(name).split("/", 1)[0]
+        if provider not in providers:
+            raise ConfigError(f"{path}: unknown provider {provider!r}")
+        limits[str(name)] = _provider_limit(value, path)
+    return RateLimitPolicy(expected_instances=instances, providers=limits)

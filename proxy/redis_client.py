@@ -1,0 +1,129 @@
+"""The shared Redis client, with a health flag that keeps requests fast.
+
+Redis holds what is shared but is not money (rate-limit windows, the
+response cache, provider limits), so Redis failing never fails a request:
+every command runs with a short socket timeout (50 ms by default) and no
+retries, and the first failure or timeout marks Redis down. While it is
+down nothing waits on it — ``call`` raises ``RedisDown`` at once and callers
+take their fallback (per-process rate limits, cache miss) — and a probe pings
+it every ``probe_interval_s`` until it answers, so Redis coming back is
+picked up without a restart. Each transition is one log line; ``errors``,
+``outages`` and ``up`` are the numbers a metrics exporter reads.
+
+This is the only module that sees redis-py exceptions; everything else sees
+``RedisDown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from proxy.tasks import TaskGroup
+
+log = logging.getLogger("tollway.redis")
+T = TypeVar("T")
+_FAULTS = (RedisError, OSError, TimeoutError)
+
+
+class RedisDown(Exception):
+    """Redis is unreachable or too slow right now: use the fallback."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    url: str
+    timeout_s: float = 0.05  # per socket operation: connect, write, read
+    probe_interval_s: float = 0.5
+
+
+class SharedRedis:
+    def __init__(self, opts: RedisOptions) -> None:
+        self.opts = opts
+        self.client = Redis.from_url(
+            opts.url,
+            socket_timeout=opts.timeout_s,
+            socket_connect_timeout=opts.timeout_s,
+            retry=Retry(NoBackoff(), 0),  # a retry would make a request wait on Redis
+            health_check_interval=0,
+        )
+        self.up = True
+        self.errors = 0  # commands that failed or timed out
+        self.outages = 0  # times Redis was marked down
+        self._down_at = 0.0
+        self._tasks = TaskGroup()
+        self._probe_task: asyncio.Task[None] | None = None
+
+    def script(self, lua: str) -> AsyncScript:
+        """A Lua script run by EVALSHA, loaded again if the script cache was
+        flushed (redis-py's ``AsyncScript`` handles NOSCRIPT)."""
+        return self.client.register_script(lua)
+
+    async def call(self, fn: Callable[[Redis], Awaitable[T]]) -> T:
+        if not self.up:
+            raise RedisDown
+        try:
+            return await fn(self.client)
+        except _FAULTS as exc:
+            self._fault(exc)
+            raise RedisDown from None
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        """Background Redis work (cache writes, releases): held, drained at close."""
+        self._tasks.spawn(_quiet(coro), name=name)
+
+    async def ping(self) -> bool:
+        try:
+            await self.client.ping()
+        except _FAULTS as exc:
+            self._fault(exc)
+            return False
+        return True
+
+    def _fault(self, exc: BaseException) -> None:
+        self.errors += 1
+        if not self.up:
+            return
+        self.up = False
+        self.outages += 1
+        self._down_at = time.monotonic()
+        log.warning(
+            "redis unreachable (%s): per-process rate limits, cache off, until it answers",
+            type(exc).__name__,
+        )
+        self._probe_task = self._tasks.spawn(self._probe(), name="redis-probe")
+
+    async def _probe(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.probe_interval_s)
+            try:
+                await self.client.ping()
+            except _FAULTS:
+                self.errors += 1
+                continue
+            self.up = True
+            log.warning("redis is back after %.1fs", time.monotonic() - self._down_at)
+            return
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        await self._tasks.drain(grace=2)
+        await self.client.aclose()
+
+
+async def _quiet(coro: Coroutine[Any, Any, Any]) -> None:
+    try:
+        await coro
+    except RedisDown:
+        pass  # already counted and logged

@@ -1,0 +1,40 @@
+"""Opening and closing the Redis-backed parts as one ``cleanup_ctx`` resource.
+
+Without Redis (no ``RedisOptions``: tests, or a gateway built without it)
+the rate limiter runs per process only and the response cache is off.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from proxy.cache import ResponseCache
+from proxy.provider_limits import ProviderGate
+from proxy.ratelimit import RateLimiter
+from proxy.redis_client import RedisOptions, SharedRedis
+from proxy.state import CACHE, LIMITER, REDIS, UPSTREAMS
+
+log = logging.getLogger("tollway.redis")
+
+
+def redis_ctx(opts: RedisOptions | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        redis = SharedRedis(opts) if opts is not None else None
+        if redis is None:
+            log.info("no Redis configured: per-process rate limits, no response cache")
+        else:
+            app[REDIS] = redis
+            await redis.ping()  # a Redis down at start is logged and probed, not fatal
+        app[LIMITER] = limiter = RateLimiter(redis)
+        app[UPSTREAMS].gate = ProviderGate(limiter)
+        app[CACHE] = ResponseCache(redis)
+        try:
+            yield
+        finally:
+            if redis is not None:
+                await redis.close()
+
+    return ctx

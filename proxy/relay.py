@@ -1,0 +1,114 @@
+"""The relay stage: hand the answer to the client as it arrives.
+
+Streams are a tee: each whole SSE event is written to the client as soon as
+the provider sends it, while ``StreamMeter`` watches for usage on the side.
+Once SSE headers are out, a failure can no longer change the status, so it
+becomes an OpenAI-shaped ``data: {"error": ...}`` event and a clean close.
+
+Client disconnect: the server runs with ``handler_cancellation``, so the
+handler is cancelled the moment the client goes away (or the next write
+fails, whichever comes first); the upstream response is then closed at once,
+cancelling the provider's request rather than draining it, and the usage of
+what was delivered so far goes to the settle stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy import metering, redact
+from proxy.errors import GatewayError, UpstreamStreamBroken
+from proxy.lifecycle import shutting_down
+from proxy.metering import StreamMeter
+from proxy.providers.base import Reply, UpstreamStream
+from proxy.settle import UsageRecord
+from proxy.sse import data_event
+from proxy.state import LIFECYCLE
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+
+
+def reply(
+    result: Reply, headers: dict[str, str], record: UsageRecord, body: dict[str, Any], model: str
+) -> web.Response:
+    usage = result.usage
+    if usage is None or usage.total_tokens == 0:
+        try:
+            parsed = orjson.loads(result.body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        usage = metering.reply_usage(usage, parsed, body, record.endpoint, model)
+    record.usage = usage
+    record.status = result.status
+    return web.Response(
+        body=result.body, status=result.status, headers=headers, content_type="application/json"
+    )
+
+
+async def stream(
+    request: web.Request,
+    upstream: UpstreamStream,
+    meter: StreamMeter,
+    headers: dict[str, str],
+    record: UsageRecord,
+    started: float,
+) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+    lifecycle = request.app[LIFECYCLE]
+    lifecycle.streams += 1
+    try:
+        await resp.prepare(request)  # inside: a client gone already still closes upstream
+        async for event in upstream:
+            out = meter.observe(event)
+            if out is None:
+                continue
+            if record.ttft_ms is None:
+                record.ttft_ms = (time.perf_counter() - started) * 1000
+            await resp.write(out)
+        if not meter.done:
+            raise UpstreamStreamBroken("The provider ended the stream before it was complete.")
+    except GatewayError as exc:
+        record.fail(exc)
+        await _write_quietly(resp, redact.scrub_bytes(data_event(exc.payload())))
+    except ConnectionResetError:
+        _client_gone(record)
+    except asyncio.CancelledError:
+        if not lifecycle.aborting:
+            # With handler_cancellation on, a client disconnect cancels us even
+            # while we wait on the provider; closing upstream cancels its work too.
+            _client_gone(record)
+            raise
+        # Shutdown, grace period over: end the stream with an error event the
+        # client can read, then cleanly; what was delivered is still billed.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        gone = shutting_down()
+        record.fail(gone)
+        if resp.prepared:
+            await _write_quietly(resp, data_event(gone.payload()))
+    finally:
+        lifecycle.streams -= 1
+        await upstream.aclose()
+    return resp
+
+
+def _client_gone(record: UsageRecord) -> None:
+    record.client_disconnected = True
+    record.status = 499  # nginx's "client closed request"
+
+
+async def _write_quietly(resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        await resp.write(data)
+    except ConnectionResetError:
+        pass

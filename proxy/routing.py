@@ -1,0 +1,193 @@
+"""The route stage: (public model, headers, tenant, tier) → an ordered plan.
+
+Rules in ``routes:`` are tried in order and the first match redirects the
+request to another public model. The model is then found by exact name or
+alias, else by the first glob pattern that matches (``llama-*``).
+
+The plan is a list of groups: the model's own targets first, then those of
+each model named in its ``fallbacks:`` (and theirs, depth first), each
+target with its own rewrite (provider, provider model name, timeouts). Within
+a group the targets are in weighted random order, drawn without replacement:
+the first is the weighted choice, the rest its fallbacks. The live part of
+the ordering (breaker health, least-in-flight) is ``balance.arrange``'s. The
+plan also carries the retry policy: the matching rule's, else the model's.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from proxy.config import (
+    Config,
+    ModelConfig,
+    ProviderConfig,
+    RetryPolicy,
+    RouteRule,
+    Timeouts,
+    glob_match,
+)
+from proxy.errors import ModelNotFound, ProviderNotConfigured
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: ProviderConfig
+    model: str  # the name sent to the provider
+    weight: float = 1.0
+    timeouts: Timeouts = field(default_factory=Timeouts)  # the provider's, as the model overrides
+
+    @property
+    def key(self) -> str:
+        """Identifies the target to the breaker and the in-flight counts."""
+        return f"{self.provider.name}/{self.model}"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetGroup:
+    model: str  # the public model these targets serve
+    strategy: str
+    targets: tuple[Target, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    public_model: str
+    groups: tuple[TargetGroup, ...]
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return tuple(t for g in self.groups for t in g.targets)
+
+
+def _rule_matches(
+    rule: RouteRule, model: str, headers: Mapping[str, str], tenant: str | None, tier: str | None
+) -> bool:
+    if rule.when_model is not None and not glob_match(rule.when_model, model):
+        return False
+    for name, pattern in rule.when_headers.items():
+        value = headers.get(name)
+        if value is None or not glob_match(pattern, value):
+            return False
+    if rule.when_tenant is not None and (
+        tenant is None or not glob_match(rule.when_tenant, tenant)
+    ):
+        return False
+    return rule.when_tier is None or (tier is not None and glob_match(rule.when_tier, tier))
+
+
+def _weighted_order(targets: tuple[Target, ...], rng: random.Random) -> tuple[Target, ...]:
+    if len(targets) < 2:
+        return targets
+    # Efraimidis-Spirakis: key u^(1/w); sorting by it is a weighted draw
+    # without replacement.
+    return tuple(sorted(targets, key=lambda t: rng.random() ** (1.0 / t.weight), reverse=True))
+
+
+class Router:
+    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+        self._config = config
+        self._rng = rng or random.Random()
+        self._exact: dict[str, ModelConfig] = {}
+        self._patterns: list[ModelConfig] = []
+        for model in config.models:
+            if model.is_pattern:
+                self._patterns.append(model)
+            else:
+                self._exact[model.name] = model
+            for alias in model.aliases:
+                self._exact[alias] = model
+        self._rules = config.routes
+        # Only a glob's own group depends on the requested name: build the rest once.
+        self._own = {m.name: self._group(m, m.name) for m in config.models if not m.is_pattern}
+        self._fallbacks = {m.name: self._fallback_groups(m) for m in config.models}
+
+    def find(self, name: str) -> ModelConfig | None:
+        model = self._exact.get(name)
+        if model is not None:
+            return model
+        for pattern in self._patterns:
+            if glob_match(pattern.name, name):
+                return pattern
+        return None
+
+    def is_available(self, model: ModelConfig) -> bool:
+        providers = self._config.providers
+        return any(providers[t.provider].disabled_reason is None for t in model.targets)
+
+    def listed_models(self) -> list[tuple[str, ModelConfig]]:
+        """Names a client may call, for ``GET /v1/models``: exact names and
+        aliases of models with at least one usable provider."""
+        return [(name, m) for name, m in self._exact.items() if self.is_available(m)]
+
+    def _group(self, model: ModelConfig, public: str) -> TargetGroup:
+        targets = []
+        for t in model.targets:
+            prov = self._config.providers[t.provider]
+            if prov.disabled_reason is not None:
+                continue
+            timeouts = replace(prov.timeouts, **model.timeouts) if model.timeouts else prov.timeouts
+            targets.append(Target(prov, t.model or public, t.weight, timeouts))
+        return TargetGroup(public, model.strategy, tuple(targets))
+
+    def _fallback_groups(self, model: ModelConfig) -> tuple[TargetGroup, ...]:
+        order: list[ModelConfig] = []
+
+        def visit(m: ModelConfig) -> None:  # depth first; config refuses loops
+            for name in m.fallbacks:
+                other = self._exact[name]
+                if other is not model and other not in order:
+                    order.append(other)
+                    visit(other)
+
+        visit(model)
+        return tuple(self._group(m, m.name) for m in order)
+
+    def _redirect(
+        self, requested: str, headers: Mapping[str, str], tenant: str | None, tier: str | None
+    ) -> RouteRule | None:
+        for rule in self._rules:
+            if _rule_matches(rule, requested, headers, tenant, tier):
+                return rule
+        return None
+
+    def plan(
+        self,
+        requested: str,
+        headers: Mapping[str, str],
+        tenant: str | None = None,
+        tier: str | None = None,
+    ) -> RoutePlan:
+        rule = self._redirect(requested, headers, tenant, tier) if self._rules else None
+        public = rule.model if rule is not None else requested
+        model = self.find(public)
+        if model is None:
+            raise ModelNotFound(
+                f"The model '{requested}' does not exist or you do not have access to it.",
+                param="model",
+            )
+        if not model.is_pattern:
+            public = model.name  # aliases bill and report as their model
+        own = self._group(model, public) if model.is_pattern else self._own[model.name]
+        groups = self._draw((own, *self._fallbacks[model.name]))
+        if not groups:
+            providers = self._config.providers
+            reasons = [providers[t.provider].disabled_reason for t in model.targets]
+            raise ProviderNotConfigured(
+                f"The model '{requested}' is not available: {'; '.join(filter(None, reasons))}."
+            )
+        retry = rule.retry if rule is not None and rule.retry is not None else model.retry
+        return RoutePlan(public_model=public, groups=groups, retry=retry)
+
+    def _draw(self, groups: tuple[TargetGroup, ...]) -> tuple[TargetGroup, ...]:
+        """Each group in weighted order; a target already in an earlier group is left out."""
+        seen: set[str] = set()
+        out = []
+        for group in groups:
+            fresh = tuple(t for t in group.targets if t.key not in seen)
+            seen.update(t.key for t in fresh)
+            if fresh:
+                out.append(replace(group, targets=_weighted_order(fresh, self._rng)))
+        return tuple(out)

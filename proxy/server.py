@@ -1,0 +1,108 @@
+"""Run the app on a socket until SIGINT/SIGTERM, with one-line startup errors.
+
+SIGTERM (or SIGINT) drains gracefully (``lifecycle.shutdown``: readyz 503,
+stop accepting, in-flight requests get ``server.shutdown_grace_s``, then an
+SSE error event, usage flushed); a second one cuts the grace short. SIGHUP
+reloads the config file. ``reuse_port`` lets the workers of ``tollway serve
+--workers N`` share one port (``SO_REUSEPORT``: the kernel spreads
+connections over them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from proxy.lifecycle import shutdown
+from proxy.state import CONFIG, LIFECYCLE, RELOADER
+
+log = logging.getLogger("tollway.server")
+
+
+class StartupError(RuntimeError):
+    """A problem the operator must fix; printed as one line, no traceback."""
+
+
+def install_fast_loop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    # handler_cancellation: a client that disconnects cancels its handler, so
+    # the provider request is cancelled at once instead of running on unseen.
+    # max_field_size: a 10 KB junk Authorization header must reach the auth
+    # stage (an OpenAI-shaped 401), not die in the HTTP parser as a bare 400.
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        max_field_size=64 * 1024,
+    )
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    ready_line: str = "",
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    parent_pid: int | None = None,
+) -> None:
+    """``parent_pid``: a supervisor whose disappearance stops this worker."""
+    runner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port or None
+    )
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"port {port} on {host} is already in use") from None
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            raise StartupError(f"cannot listen on {host}: address not available") from None
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_stop() -> None:
+        if stop.is_set():
+            app[LIFECYCLE].hurry()  # a second signal: no more grace
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: app[RELOADER].reload("SIGHUP"))
+    if parent_pid is not None:
+
+        def check_parent() -> None:
+            if os.getppid() != parent_pid:
+                log.error("the supervisor is gone: stopping")
+                on_stop()
+            else:
+                loop.call_later(1.0, check_parent)
+
+        loop.call_later(1.0, check_parent)
+    # Only now: a SIGTERM sent as soon as this line appears must still clean up.
+    if ready_line:
+        print(ready_line, flush=True)
+    if on_ready is not None:
+        on_ready()
+    try:
+        await stop.wait()
+    finally:
+        await shutdown(runner, app[CONFIG].current.config.server.shutdown_grace_s)

@@ -1,0 +1,78 @@
+"""The settle stage: every request ends here exactly once, whatever happened.
+
+``UsageRecord`` is what billing, metrics and the access log consume. The
+``Settler`` interface is deliberately synchronous: settling must never make
+the client wait, so implementations enqueue and write in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from proxy.usage import NO_USAGE, Usage
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+    from proxy.errors import GatewayError
+
+log = logging.getLogger("tollway.settle")
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """One request the forward stage sent to a provider (or tried to)."""
+
+    provider: str
+    model: str
+    status: int = 0  # the provider's HTTP status; 502/504 when it sent none; 499 abandoned
+    error_code: str | None = None
+    reached: bool = True  # False only when no connection was made: nothing to bill
+    latency_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    request_id: str
+    endpoint: str
+    public_model: str | None = None
+    provider: str | None = None
+    provider_model: str | None = None
+    stream: bool = False
+    status: int = 200
+    error_code: str | None = None
+    usage: Usage = NO_USAGE
+    cached: bool = False
+    client_disconnected: bool = False
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    attempts: int = 0
+    tenant: str | None = None
+    tenant_id: int | None = None
+    key_id: str | None = None
+    key_prefix: str | None = None  # the key's display prefix, for the access log
+    config: Config | None = None  # the snapshot the request ran on (prices, log policy)
+    cache: str = ""  # the response cache's verdict: "hit" | "miss" | "bypass" | "" (off)
+    reason: str | None = None  # why a 429 refused it (rate-limit or quota window)
+    transcript: dict[str, object] | None = None  # prompt/completion, when logging allows
+    admission: object | None = None  # the billing stage's reservation, refunded at settle
+    # Every provider attempt, in order; the last one served the answer when status < 400.
+    attempt_log: list[AttemptRecord] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def fail(self, exc: GatewayError) -> None:
+        self.status, self.error_code = exc.http_status, exc.error_code
+        self.reason = getattr(exc, "reason", None)
+
+
+class Settler(Protocol):
+    def settle(self, record: UsageRecord) -> None: ...
+
+
+class LogSettler:
+    """The pass-through default until billing is configured: debug log only."""
+
+    def settle(self, record: UsageRecord) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("settled %s %s %s", record.request_id, record.status, record.usage)

@@ -1,0 +1,56 @@
+"""Server-sent events on the wire: split a byte stream into whole events.
+
+Upstream bytes arrive in arbitrary TCP pieces; the relay forwards only whole
+events so a client never sees half a JSON line, even when the upstream dies
+mid-event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+
+import orjson
+
+DONE = b"data: [DONE]\n\n"
+
+
+async def iter_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Yield complete events (each ending in a blank line, LF-normalised)."""
+    buf = b""
+    async for chunk in chunks:
+        buf += chunk
+        if b"\r" in buf:
+            # Normalise on the buffer, not the chunk: a CRLF may be split
+            # across two reads ("...\r" | "\n..."), and the "\r" waits here.
+            buf = buf.replace(b"\r\n", b"\n")
+        while True:
+            end = buf.find(b"\n\n")
+            if end < 0:
+                break
+            event, buf = buf[: end + 2], buf[end + 2 :]
+            if event.strip():
+                yield event
+    if buf.strip():
+        # A trailing event without its blank line: the stream was cut.
+        raise IncompleteEvent(buf)
+
+
+class IncompleteEvent(Exception):
+    def __init__(self, tail: bytes) -> None:
+        super().__init__("stream ended inside an event")
+        self.tail = tail
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The joined ``data:`` payload of one event, or None for comments."""
+    if event.startswith(b"data: ") and event.count(b"\n") == 2:
+        return event[6:-2]  # the common case: one data line
+    parts = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            parts.append(line[6:] if line[5:6] == b" " else line[5:])
+    return b"\n".join(parts) if parts else None
+
+
+def data_event(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"

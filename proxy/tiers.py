@@ -1,0 +1,179 @@
+"""Tiers and prices from the YAML ``tiers:`` and ``prices:`` sections.
+
+A tier sets requests per hour (per key, enforced in Redis), monthly requests
+and tokens (per tenant, enforced in Postgres), the models it may use (globs)
+and a ``max_tokens`` cap, which is also the completion budget reserved for a
+request that does not say ``max_tokens`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from proxy.config import ConfigError, glob_match
+
+DEFAULT_TIERS: dict[str, dict[str, Any]] = {
+    "free": {
+        "requests_per_hour": 100,
+        "monthly_requests": 3_000,
+        "monthly_tokens": 1_000_000,
+        "max_tokens": 1_024,
+    },
+    "pro": {
+        "requests_per_hour": 1_000,
+        "monthly_requests": 30_000,
+        "monthly_tokens": 20_000_000,
+        "max_tokens": 4_096,
+    },
+    "enterprise": {
+        "requests_per_hour": 10_000,
+        "monthly_requests": 300_000,
+        "monthly_tokens": 300_000_000,
+        "max_tokens": 16_384,
+    },
+    "unlimited": {
+        "requests_per_hour": 1_000_000,
+        "monthly_requests": None,
+        "monthly_tokens": None,
+        "max_tokens": 32_768,
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    name: str
+    requests_per_hour: int | None
+    tokens_per_minute: int | None
+    monthly_requests: int | None
+    monthly_tokens: int | None
+    max_tokens: int
+    models: tuple[str, ...] = ("*",)
+
+    def allows(self, model: str) -> bool:
+        return any(glob_match(p, model) for p in self.models)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    prompt: Decimal  # USD per 1M tokens
+    completion: Decimal
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        return (self.prompt * prompt_tokens + self.completion * completion_tokens) / 1_000_000
+
+
+_TIER_KEYS = (
+    "requests_per_hour",
+    "tokens_per_minute",
+    "monthly_requests",
+    "monthly_tokens",
+    "max_tokens",
+    "models",
+)
+
+
+def _limit(value: Any, path: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{path}: must be a positive integer or null")
+    return value
+
+
+def _tier(name: str, raw: Any) -> Tier:
+    path = f"tiers.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping")
+    for key in raw:
+        if key not in _TIER_KEYS:
+            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_TIER_KEYS)})")
+    models = raw.get("models", ["*"])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ConfigError(f"{path}.models: must be a list of model names or globs")
+    max_tokens = _limit(raw.get("max_tokens", 4096), f"{path}.max_tokens")
+    if max_tokens is None:
+        raise ConfigError(f"{path}.max_tokens: must be a positive integer")
+    return Tier(
+        name=name,
+        requests_per_hour=_limit(raw.get("requests_per_hour"), f"{path}.requests_per_hour"),
+        tokens_per_minute=_limit(raw.get("tokens_per_minute"), f"{path}.tokens_per_minute"),
+        monthly_requests=_limit(raw.get("monthly_requests"), f"{path}.monthly_requests"),
+        monthly_tokens=_limit(raw.get("monthly_tokens"), f"{path}.monthly_tokens"),
+        max_tokens=max_tokens,
+        models=tuple(models),
+    )
+
+
+def parse_tiers(raw: Any) -> dict[str, Tier]:
+    if raw is None:
+        raw = DEFAULT_TIERS
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError("tiers: must be a non-empty mapping of name -> tier")
+    return {str(name): _tier(str(name), value) for name, value in raw.items()}
+
+
+def parse_prices(raw: Any) -> dict[str, Price]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("prices: must be a mapping of model -> {prompt, completion}")
+    out = {}
+    for model, value in raw.items():
+        path = f"prices.{model}"
+        if not isinstance(value, dict) or set(value) - {"prompt", "completion"}:
+            raise ConfigError(f"{path}: must be {{prompt: USD per 1M, completion: USD per 1M}}")
+        for k in ("prompt", "completion"):
+            v = value.get(k, 0)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise ConfigError(f"{path}.{k}: must be a number >= 0")
+        out[str(model)] = Price(
+            Decimal(str(value.get("prompt", 0))), Decimal(str(value.get("completion", 0)))
+        )
+    return out
+
+
+def price_for(prices: Mapping[str, Price], model: str | None) -> Price | None:
+    if model is None:
+        return None
+    found = prices.get(model)
+    if found is not None:
+        return found
+    for pattern, price in prices.items():
+        if glob_match(pattern, model):
+            return price
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class BillingPolicy:
+    """``billing:`` — how admission leases quota and how usage is written."""
+
+    lease_requests: int = 64  # largest block of requests one worker leases at once
+    lease_tokens: int = 256_000  # largest block of tokens
+    offline_allowance: int = 0  # requests per worker admitted while Postgres is down
+    flush_interval_ms: int = 20
+    key_cache_ttl_s: float = 5.0
+    lease_ttl_s: float = 60.0  # leases of a worker silent this long are released
+
+
+_BILLING_KEYS = tuple(BillingPolicy.__dataclass_fields__)
+
+
+def parse_billing(raw: Any) -> BillingPolicy:
+    if raw is None:
+        return BillingPolicy()
+    if not isinstance(raw, dict):
+        raise ConfigError("billing: must be a mapping")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _BILLING_KEYS:
+            raise ConfigError(f"billing.{key}: unknown key (allowed: {', '.join(_BILLING_KEYS)})")
+        minimum = 0 if key == "offline_allowance" else 1e-9
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise ConfigError(f"billing.{key}: must be a number >= {minimum:g}")
+        values[key] = value
+    return BillingPolicy(**values)

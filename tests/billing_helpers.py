@@ -1,0 +1,82 @@
+"""Helpers for billing tests: tenants and keys made through the real admin code."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import yaml
+
+from proxy import accounts, apikeys
+from proxy.config import parse_config
+from tests.conftest import gateway_config
+from tests.db import unique
+
+TEST_TIERS: dict[str, Any] = {
+    "tiny": {
+        "requests_per_hour": 1000,
+        "monthly_requests": 10,
+        "monthly_tokens": 1_000_000,
+        "max_tokens": 100,
+    },
+    "tokens": {
+        "requests_per_hour": 1000,
+        "monthly_requests": 1000,
+        "monthly_tokens": 600,
+        "max_tokens": 100,
+    },
+    "free": {
+        "requests_per_hour": 100,
+        "monthly_requests": 3000,
+        "monthly_tokens": 1_000_000,
+        "max_tokens": 1024,
+        "models": ["echo", "fake-model"],
+    },
+    "pro": {
+        "requests_per_hour": 1000,
+        "monthly_requests": 30000,
+        "monthly_tokens": 20_000_000,
+        "max_tokens": 4096,
+    },
+}
+
+
+def billing_config(provider_url: str, **billing: Any) -> dict[str, Any]:
+    return gateway_config(
+        provider_url,
+        auth="keys",
+        tiers=TEST_TIERS,
+        prices={"fake-model": {"prompt": 1.0, "completion": 2.0}},
+        billing={"flush_interval_ms": 10, "key_cache_ttl_s": 0.5, **billing},
+    )
+
+
+def tier_names(provider_url: str) -> set[str]:
+    return set(parse_config(yaml.safe_dump(billing_config(provider_url)), {}).tiers)
+
+
+async def tenant_with_key(
+    pool: asyncpg.Pool, data_dir: Path, tier: str, tiers: set[str] | None = None
+) -> tuple[str, dict[str, Any]]:
+    names = tiers or set(TEST_TIERS)
+    tenant = unique("t")
+    await accounts.create_tenant(pool, tenant, tier, names, "test")
+    hasher = apikeys.KeyHasher(apikeys.load_secret(data_dir))
+    key = await accounts.create_key(pool, hasher, tenant, "k", None, None, names, "test")
+    return tenant, key
+
+
+async def wait_for(
+    pool: asyncpg.Pool, query: str, *args: Any, expect: Any, limit: float = 5.0
+) -> Any:
+    """Poll until the query returns ``expect`` (usage is written in batches)."""
+    value = None
+    async with asyncio.timeout(limit):
+        for _ in range(10_000):
+            value = await pool.fetchval(query, *args)
+            if value == expect:
+                return value
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"{query!r} stayed {value!r}, expected {expect!r}")

@@ -1,0 +1,188 @@
+"""Shared fixtures: fake providers and a gateway, each on a real port."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import openai
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.app import build_app
+from proxy.billing_setup import BillingOptions
+from proxy.config import parse_config
+from proxy.migrate import migrate
+from proxy.quota import Clock, utc_now
+from proxy.redis_client import RedisOptions
+from proxy.reload import ReloadOptions
+from proxy.server import make_runner
+from proxy.settle import UsageRecord
+from tests.db import start_database
+from tests.fakes import FakeOpenAI
+from tests.leaks import LeakWatch
+from tests.redis_server import OwnRedis, start_redis
+
+
+class RecordingSettler:
+    """Keeps every settled record, so tests can assert what billing receives."""
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def settle(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: web.Application
+    settler: RecordingSettler
+    runner: web.AppRunner
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def sdk(self, **kw: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=kw.pop("api_key", "sk-test"), max_retries=0, **kw
+        )
+
+
+def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
+    """A config with the echo provider and one fake OpenAI-compatible provider."""
+    cfg: dict[str, Any] = {
+        "auth": "none",
+        "providers": {
+            "echo": {"kind": "echo"},
+            "fake": {
+                "kind": "openai",
+                "base_url": provider_url,
+                "api_key": "sk-provider-secret",
+                "headers": {"X-Team": "tollway"},
+                "timeouts": {"connect": 2, "first_byte": 2, "idle": 2, "total": 30},
+            },
+        },
+        "models": [
+            {"name": "echo", "targets": [{"provider": "echo"}]},
+            {
+                "name": "fake-model",
+                "aliases": ["fm"],
+                "targets": [{"provider": "fake", "model": "upstream-model"}],
+            },
+            {"name": "fake-*", "targets": [{"provider": "fake"}]},
+        ],
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_logs() -> Iterator[None]:
+    """The canary sweep over the whole suite (tests/leaks.py)."""
+    watch = LeakWatch()
+    root, ours = logging.getLogger(), logging.getLogger("tollway")
+    level = ours.level
+    ours.setLevel(logging.INFO)
+    root.addHandler(watch)
+    try:
+        yield
+    finally:
+        root.removeHandler(watch)
+        ours.setLevel(level)
+    assert not watch.leaks, f"secrets reached log lines: {watch.leaks}"
+
+
+@pytest.fixture(scope="session")
+async def pg_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    url, _server = start_database(tmp_path_factory.mktemp("db"))
+    await migrate(url)
+    yield url  # the embedded server stops and is deleted when the session exits
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url, server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def pg(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
+    started: list[Gateway] = []
+
+    async def start(
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        database_url: str | None = None,
+        clock: Clock = utc_now,
+        data_dir: Path | None = None,
+        redis_url: str | None = None,
+        config_file: Path | None = None,
+    ) -> Gateway:
+        """``config_file``: the config is written there and hot-reloaded from it."""
+        settler = RecordingSettler()
+        billing = None
+        if database_url is not None:
+            billing = BillingOptions(database_url, data_dir or tmp_path, clock=clock)
+        redis = RedisOptions(redis_url, probe_interval_s=0.1) if redis_url else None
+        text = yaml.safe_dump(config)
+        if config_file is not None:
+            config_file.write_text(text)  # noqa: ASYNC240 - once, before the app starts
+        app = build_app(
+            parse_config(text, env or {}),
+            settler=settler,
+            billing=billing,
+            redis=redis,
+            reloading=ReloadOptions(config_file, env=env or {}) if config_file else None,
+        )
+        runner = make_runner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        gw = Gateway(f"http://127.0.0.1:{port}", app, settler, runner)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.runner.cleanup()
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    fake = await FakeOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def gateway(start_gateway: StartGateway, fake_openai: FakeOpenAI) -> Gateway:
+    return await start_gateway(gateway_config(fake_openai.url))

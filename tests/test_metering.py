@@ -1,0 +1,114 @@
+"""Golden cases for the usage side counter: present, absent, zeros, cut."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.metering import StreamMeter, reply_usage
+from proxy.sse import DONE, data_event
+from proxy.usage import Usage
+
+BODY: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Count to three"}],
+}
+
+
+def _chunk(content: str | None = None, usage: dict[str, int] | None = None) -> bytes:
+    choices = (
+        []
+        if content is None
+        else [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+    )
+    obj: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk", "choices": choices}
+    if usage is not None:
+        obj["usage"] = usage
+    return data_event(obj)
+
+
+def _run(events: list[bytes], wants_usage: bool = False) -> tuple[StreamMeter, list[bytes]]:
+    meter = StreamMeter(client_wants_usage=wants_usage)
+    out = [o for e in events if (o := meter.observe(e)) is not None]
+    return meter, out
+
+
+def test_provider_usage_chunk_is_used_and_stripped() -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    events = [_chunk("one"), _chunk(" two"), _chunk(usage=usage), DONE]
+    meter, out = _run(events)
+    assert meter.result(BODY, "chat", "gpt-4o-mini").as_dict() == {
+        "prompt_tokens": 12,
+        "completion_tokens": 3,
+        "source": "provider",
+    }
+    assert out == [events[0], events[1], DONE]  # the client did not ask for usage
+    _, kept = _run(events, wants_usage=True)
+    assert kept == events
+
+
+def test_absent_usage_is_estimated_with_tiktoken() -> None:
+    meter, _ = _run([_chunk("one"), _chunk(" two"), _chunk(" three"), DONE])
+    usage = meter.result(BODY, "chat", "gpt-4o-mini")
+    assert usage.source == "estimated"
+    assert usage.completion_tokens == 3  # "one two three" is 3 cl100k tokens
+    assert usage.prompt_tokens == 3 + 3 + 3 + 1  # framing + "user" + "Count to three"
+
+
+def test_zero_usage_for_a_real_answer_is_estimated() -> None:
+    zeros = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    meter, _ = _run([_chunk("one"), _chunk(usage=zeros), DONE])
+    usage = meter.result(BODY, "chat", "gpt-4o-mini")
+    assert usage.source == "estimated" and usage.completion_tokens == 1
+
+
+def test_cut_stream_counts_what_was_delivered() -> None:
+    meter, _ = _run([_chunk("one"), _chunk(" two")])
+    assert not meter.done
+    usage = meter.result(BODY, "chat", "gpt-4o-mini")
+    assert (usage.completion_tokens, usage.source) == (2, "estimated")
+
+
+def test_non_stream_reply_usage() -> None:
+    response = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "one two"}}]}
+    reported = Usage(prompt_tokens=5, completion_tokens=2, source="provider")
+    assert reply_usage(reported, response, BODY, "chat", "gpt-4o-mini") is reported
+    estimated = reply_usage(None, response, BODY, "chat", "gpt-4o-mini")
+    assert (estimated.completion_tokens, estimated.source) == (2, "estimated")
+
+
+def test_tool_call_arguments_are_counted() -> None:
+    chunk = data_event(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": 0, "function": {"name": "get", "arguments": '{"a": 1}'}}
+                        ]
+                    },
+                }
+            ]
+        }
+    )
+    meter, _ = _run([chunk, DONE])
+    assert meter.result(BODY, "chat", "gpt-4o-mini").completion_tokens > 0
+    assert orjson.loads(chunk[6:])  # fixture sanity
+
+
+async def test_crlf_split_across_reads_keeps_events_apart() -> None:
+    from proxy.sse import iter_events
+
+    wire = b'data: {"a": 1}\r\n\r\ndata: {"b": 2}\r\n\r\n'
+    for cut in range(1, len(wire)):
+        for cut2 in range(cut, len(wire)):
+
+            async def pieces(c1: int = cut, c2: int = cut2) -> Any:
+                for piece in (wire[:c1], wire[c1:c2], wire[c2:]):
+                    if piece:
+                        yield piece
+
+            events = [e async for e in iter_events(pieces())]
+            assert events == [b'data: {"a": 1}\n\n', b'data: {"b": 2}\n\n'], (cut, cut2)

@@ -1,0 +1,109 @@
+"""The streaming tee: chunks go out as they arrive; failures end cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+
+from tests.conftest import StartGateway, gateway_config
+from tests.fakes import WORDS, FakeOpenAI
+
+BODY = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+async def _events(resp: aiohttp.ClientResponse) -> list[bytes]:
+    raw = await resp.read()
+    return [e for e in raw.split(b"\n\n") if e]
+
+
+async def test_first_chunk_arrives_while_provider_holds_the_rest(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI
+) -> None:
+    gw = await start_gateway(gateway_config(fake_openai.url))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw.base_url + "/chat/completions", json={**BODY, "model": "fake-held"}) as resp,
+    ):
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        seen = b""
+        async with asyncio.timeout(2):
+            while WORDS[0].encode() not in seen:
+                seen += await resp.content.readany()
+        # The provider is still holding the rest of the answer.
+        assert not fake_openai.release.is_set()
+        assert WORDS[1].encode() not in seen
+        fake_openai.release.set()
+        rest = await resp.read()
+    assert rest.endswith(b"data: [DONE]\n\n")
+
+
+async def test_heartbeat_comments_pass_through(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI
+) -> None:
+    gw = await start_gateway(gateway_config(fake_openai.url))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw.base_url + "/chat/completions", json={**BODY, "model": "fake-heartbeat"}) as resp,
+    ):
+        events = await _events(resp)
+    assert events.count(b": ping") == len(WORDS)
+
+
+async def test_client_disconnect_cancels_upstream_and_still_settles(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI
+) -> None:
+    gw = await start_gateway(gateway_config(fake_openai.url))
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(gw.base_url + "/chat/completions", json={**BODY, "model": "fake-held"})
+        seen = b""
+        while WORDS[0].encode() not in seen:
+            seen += await resp.content.readany()
+        resp.close()  # the client walks away while the provider is mid-answer
+    async with asyncio.timeout(5):
+        await fake_openai.disconnected.wait()  # upstream request was cancelled
+        for _ in range(250):
+            if gw.settler.records:
+                break
+            await asyncio.sleep(0.02)
+    record = gw.settler.records[-1]
+    assert record.client_disconnected
+    assert record.usage.source == "estimated"  # the usage chunk never came
+    assert record.usage.completion_tokens >= 1  # what was delivered is billed
+    assert record.usage.prompt_tokens > 0
+
+
+async def test_upstream_dying_mid_stream_ends_with_error_event(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI
+) -> None:
+    gw = await start_gateway(gateway_config(fake_openai.url))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw.base_url + "/chat/completions", json={**BODY, "model": "fake-cut"}) as resp,
+    ):
+        async with asyncio.timeout(5):
+            events = await _events(resp)
+    assert resp.status == 200
+    payloads = [orjson.loads(e.removeprefix(b"data: ")) for e in events]  # every line whole JSON
+    assert payloads[-1]["error"]["code"] == "upstream_stream_broken"
+    record = gw.settler.records[-1]
+    assert record.status == 502
+    assert record.usage.source == "estimated" and record.usage.completion_tokens >= 1
+
+
+async def test_stalled_stream_times_out_with_error_event(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI
+) -> None:
+    cfg = gateway_config(fake_openai.url)
+    cfg["providers"]["fake"]["timeouts"] = {"connect": 1, "first_byte": 1, "idle": 0.3, "total": 10}
+    gw = await start_gateway(cfg)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw.base_url + "/chat/completions", json={**BODY, "model": "fake-held"}) as resp,
+    ):
+        async with asyncio.timeout(5):
+            events = await _events(resp)
+    last = orjson.loads(events[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == "upstream_timeout"
+    fake_openai.release.set()
