@@ -17,7 +17,8 @@ already flowing from a target is never touched by its breaker.
 Transitions are pure functions on ``BreakerState``, applied through a
 ``BreakerStore`` so that a shared store (Redis) can apply them atomically and
 every instance sees the same ejections. ``MemoryBreakerStore`` keeps them per
-process. Times are wall-clock seconds because a shared store spans hosts.
+process; ``breaker_redis.RedisBreakerStore`` shares them through Redis.
+Times are wall-clock seconds because a shared store spans hosts.
 """
 
 from __future__ import annotations
@@ -125,16 +126,22 @@ class MemoryBreakerStore:
 
     async def update(self, key: str, fn: Transition, ttl: float) -> BreakerState | None:
         new = fn(self._states.get(key, CLEAN))  # no await in between: atomic
-        if new is None:
-            return None
-        if new == CLEAN:
+        if new is not None:
+            self.put(key, new)
+        return new
+
+    def put(self, key: str, state: BreakerState) -> None:
+        if state == CLEAN:
             self._states.pop(key, None)
-            return new
-        self._states[key] = new
+            return
+        self._states[key] = state
         if len(self._states) > self._max:
             # Pass-through names can make many keys: forget the healthy ones.
             self._states = {k: s for k, s in self._states.items() if s.tripped}
-        return new
+
+    def replace(self, states: dict[str, BreakerState]) -> None:
+        """Take a shared store's states wholesale (absent means healthy)."""
+        self._states = states
 
 
 class Breakers:

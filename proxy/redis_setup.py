@@ -1,7 +1,8 @@
 """Opening and closing the Redis-backed parts as one ``cleanup_ctx`` resource.
 
 Without Redis (no ``RedisOptions``: tests, or a gateway built without it)
-the rate limiter runs per process only and the response cache is off.
+the rate limiter and the circuit breakers run per process only and the
+response cache is off.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from proxy.breaker import Breakers
+from proxy.breaker_redis import RedisBreakerStore
 from proxy.cache import ResponseCache
 from proxy.provider_limits import ProviderGate
 from proxy.ratelimit import RateLimiter
@@ -30,6 +33,8 @@ def redis_ctx(opts: RedisOptions | None) -> Callable[[web.Application], AsyncIte
             await redis.ping()  # a Redis down at start is logged and probed, not fatal
         app[LIMITER] = limiter = RateLimiter(redis)
         app[UPSTREAMS].gate = ProviderGate(limiter)
+        if redis is not None:  # ejections seen by every instance
+            app[UPSTREAMS].breakers = Breakers(RedisBreakerStore(redis))
         app[CACHE] = ResponseCache(redis)
         try:
             yield

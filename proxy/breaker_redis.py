@@ -1,0 +1,142 @@
+"""Breaker states shared by every instance through Redis.
+
+Reads never wait on Redis: ``get`` answers from a local mirror, which a
+background sync refreshes from Redis at most every ``refresh_s`` seconds
+(one ``HGETALL`` per provider the process routes to). So an ejection made by
+one instance reaches the others within ``refresh_s`` (0.5 s by default) plus
+a round trip.
+
+Writes that change a state go to Redis as an optimistic transaction
+(``WATCH``/``MULTI``) on the provider's hash ``tw:br:{provider}`` (one Redis
+Cluster slot per provider), so the transition is applied to the fleet's
+current state, not to this process's possibly stale copy: failures counted
+by several instances add up, and only one instance wins a half-open probe.
+A transition that changes nothing in the local mirror (a success on a
+healthy target: nearly every request) skips Redis altogether; the price is
+that a success here does not reset failures another instance counted since
+the last sync.
+
+While Redis is down (``RedisDown``) the mirror is updated alone: breaking
+goes on per process, as without Redis, and the next sync after Redis is
+back replaces the mirror with the fleet's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from proxy.breaker import CLEAN, BreakerState, MemoryBreakerStore, Transition
+from proxy.redis_client import RedisDown, SharedRedis
+
+_WATCH_TRIES = 5  # concurrent writers to one hash: each loser reads again
+
+
+class _Contended(Exception):
+    """Lost every WATCH race: not a Redis fault, so Redis is not marked down."""
+
+
+def _hash(target: str) -> str:
+    provider = target.split("/", 1)[0]
+    return f"tw:br:{{{provider}}}"
+
+
+def _encode(state: BreakerState) -> bytes:
+    return orjson.dumps(
+        [state.failures, state.tripped, state.ejections, state.open_until, state.probe_until]
+    )
+
+
+def _decode(raw: bytes | str | None) -> BreakerState:
+    if raw is None:
+        return CLEAN
+    try:
+        f, t, e, o, p = orjson.loads(raw)
+        return BreakerState(int(f), bool(t), int(e), float(o), float(p))
+    except (ValueError, TypeError):
+        return CLEAN  # an unreadable entry counts as healthy; the next write fixes it
+
+
+class RedisBreakerStore:
+    def __init__(self, redis: SharedRedis, refresh_s: float = 0.5) -> None:
+        self.redis = redis
+        self.refresh_s = refresh_s
+        self.local = MemoryBreakerStore()
+        self._hashes: set[str] = set()  # providers this process has asked about
+        self._synced = 0.0
+        self._syncing = False
+        self._ttl = 60  # seconds a hash lives after its last write; grows with policies
+
+    async def get(self, keys: Sequence[str]) -> list[BreakerState]:
+        for key in keys:
+            self._hashes.add(_hash(key))
+        if not self._syncing and time.monotonic() - self._synced >= self.refresh_s:
+            self._syncing = True
+            self.redis.spawn(self.sync(), name="breaker-sync")
+        return await self.local.get(keys)
+
+    async def sync(self) -> None:
+        """Replace the mirror's states of every known provider with Redis's."""
+        try:
+            names = sorted(self._hashes)
+
+            async def fetch(client: Redis) -> list[dict[bytes, bytes]]:
+                async with client.pipeline(transaction=False) as pipe:
+                    for name in names:
+                        pipe.hgetall(name)
+                    return list(await pipe.execute())
+
+            hashes = await self.redis.call(fetch)
+            states: dict[str, BreakerState] = {}
+            for fields in hashes:
+                for field, raw in fields.items():
+                    state = _decode(raw)
+                    if state != CLEAN:
+                        states[field.decode()] = state
+            self.local.replace(states)
+        finally:
+            self._synced = time.monotonic()
+            self._syncing = False
+
+    async def update(self, key: str, fn: Transition, ttl: float) -> BreakerState | None:
+        (seen,) = await self.local.get([key])
+        if fn(seen) is None:
+            return None  # no change from here: no reason to bother Redis
+        self._ttl = max(self._ttl, int(ttl) + 1)
+        try:
+            new = await self.redis.call(lambda client: self._transact(client, key, fn))
+        except (RedisDown, _Contended):
+            return await self.local.update(key, fn, ttl)  # per process until Redis is back
+        self.local.put(key, new[1] if new[1] is not None else new[0])
+        return new[1]
+
+    async def _transact(
+        self, client: Redis, key: str, fn: Transition
+    ) -> tuple[BreakerState, BreakerState | None]:
+        """``fn`` applied to the fleet's state; (state now, new or None)."""
+        name = _hash(key)
+        async with client.pipeline(transaction=True) as pipe:
+            for attempt in range(_WATCH_TRIES):
+                try:
+                    await pipe.watch(name)
+                    current = _decode(await pipe.hget(name, key))
+                    new = fn(current)
+                    if new is None:
+                        await pipe.unwatch()
+                        return current, None
+                    pipe.multi()
+                    if new == CLEAN:
+                        pipe.hdel(name, key)
+                    else:
+                        pipe.hset(name, key, _encode(new))
+                    pipe.expire(name, self._ttl)
+                    await pipe.execute()
+                    return new, new
+                except WatchError:
+                    await asyncio.sleep(0.001 * attempt)
+        raise _Contended
