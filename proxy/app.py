@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from proxy import admin, handlers, lifecycle, middleware, observe, redact, reload, usage_api
+from proxy import admin, handlers, lifecycle, middleware, observe, redact, reload, tokens, usage_api
 from proxy.billing_setup import BillingOptions, billing_ctx
 from proxy.config import Config
 from proxy.forward import Upstreams
@@ -21,10 +22,11 @@ from proxy.snapshot import ConfigStore, build_snapshot
 from proxy.state import CONFIG, HTTP, LIFECYCLE, METRICS, SETTLER, TASKS, UPSTREAMS
 from proxy.tasks import TaskGroup
 
-# Order matters: the request id must exist before an error is rendered, and
-# errors must wrap everything that can raise, including the 503 that
-# lifecycle.track answers for a request aborted at shutdown.
-MIDDLEWARES = [middleware.request_id, middleware.errors, lifecycle.track]
+# Order matters: envelope (the request id, then error rendering) comes first,
+# so the id exists before an error is rendered and the renderer wraps
+# everything that can raise, including the 503 that lifecycle.track answers
+# for a request aborted at shutdown.
+MIDDLEWARES = [middleware.envelope, lifecycle.track]
 
 
 def build_app(
@@ -61,6 +63,7 @@ def build_app(
     # know whether a database is there.
     app.cleanup_ctx.append(observe.observe_ctx(metrics_dir))
     app.cleanup_ctx.append(reload.reload_ctx(reloading or reload.ReloadOptions(None)))
+    app.on_startup.append(_warm_tokens)
     _routes(app)
     return app
 
@@ -79,6 +82,10 @@ def _routes(app: web.Application) -> None:
     r.add_get("/admin/config", admin.guard(reload.get_config, needs_db=False))
     r.add_post("/admin/reload", admin.guard(reload.post_reload, needs_db=False))
     admin.add_routes(app)
+
+
+async def _warm_tokens(app: web.Application) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
 
 
 async def _tasks(app: web.Application) -> AsyncIterator[None]:

@@ -10,7 +10,7 @@ from aiohttp import web
 from proxy import pipeline
 from proxy.config import ModelConfig
 from proxy.errors import ModelNotFound
-from proxy.state import CONFIG, LIFECYCLE
+from proxy.state import BILLING, CONFIG, LIFECYCLE, REDIS
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -54,7 +54,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    snap = request.app[CONFIG].current
-    if request.app[LIFECYCLE].draining:  # shutting down: load balancers, look elsewhere
-        return _json({"status": "draining", "config_version": snap.config.version}, 503)
-    return _json({"status": "ready", "config_version": snap.config.version})
+    """Ready: config loaded, not draining, Postgres answering. Redis is only
+    reported: without it requests still pass (per-process limits, no cache)."""
+    app = request.app
+    body: dict[str, Any] = {"status": "ready", "config_version": app[CONFIG].current.config.version}
+    redis = app.get(REDIS)
+    body["redis"] = "off" if redis is None else ("up" if redis.up else "down")
+    billing = app.get(BILLING)
+    if billing is not None:
+        body["database"] = "up" if await billing.ledger.reachable() else "unreachable"
+    if app[LIFECYCLE].draining:  # shutting down: load balancers, look elsewhere
+        body["status"] = "draining"
+    elif body.get("database") == "unreachable":
+        body["status"] = "unready"  # keys and quotas cannot be checked
+    return _json(body, 200 if body["status"] == "ready" else 503)

@@ -290,6 +290,15 @@ class Ledger:
                 beat = loop.time()
                 await self._heartbeat_and_sweep()
 
+    async def reachable(self) -> bool:
+        """Whether Postgres answers a trivial query within a second (``/readyz``)."""
+        try:
+            async with asyncio.timeout(1.0):
+                await self._pool.fetchval("SELECT 1")
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        return True
+
     def stop(self) -> None:
         """Let ``run`` finish its current flush and return."""
         self._stopping.set()

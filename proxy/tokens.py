@@ -51,6 +51,12 @@ def _fallback() -> tiktoken.Encoding:
     return tiktoken.get_encoding(_FALLBACK)
 
 
+def warm_up() -> None:
+    """Load the fallback encoding now: its first load takes ~0.3 s of CPU,
+    which must not land on the event loop inside the first request."""
+    _fallback()
+
+
 def count_text(text: str, model: str) -> int:
     if not text:
         return 0

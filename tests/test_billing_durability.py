@@ -40,6 +40,12 @@ async def _chat(gw: Gateway, key: str, model: str = "fake-model") -> int:
         return r.status
 
 
+async def _ready(gw: Gateway) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/readyz") as r:
+        body = await r.json()
+        return r.status, body["status"], body["database"]
+
+
 @pytest.fixture
 async def own_db(tmp_path: Path) -> AsyncIterator[tuple[str, EmbeddedPostgres]]:
     """A Postgres of this test's own, so the test may stop and restart it."""
@@ -68,6 +74,7 @@ async def test_outage_spools_usage_and_reconciles(
     await asyncio.sleep(0.6)  # past the key cache TTL: auth must use its stale entry
     statuses += [await _chat(gw, key["api_key"]) for _ in range(6)]
     assert statuses == [200] * 8 + [503] * 3  # the local lease serves 3 more, then fail closed
+    assert await _ready(gw) == (503, "unready", "unreachable")  # load balancers: look elsewhere
     ledger = gw.app[BILLING].ledger
     await asyncio.sleep(0.1)
     assert ledger.spool.depth() > 0 and not ledger.healthy
@@ -88,6 +95,7 @@ async def test_outage_spools_usage_and_reconciles(
         assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE status = 503") == 3
         await wait_for(pool, "SELECT 1", expect=1)
         assert ledger.spool.depth() == 0 and ledger.healthy
+        assert await _ready(gw) == (200, "ready", "up")
     finally:
         await pool.close()
     assert tenant

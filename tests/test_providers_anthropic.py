@@ -419,6 +419,8 @@ async def _outcome(raw: bytes, pieces: list[bytes]) -> tuple[list[bytes], str | 
 def config(url: str, **provider: Any) -> dict[str, Any]:
     return {
         "auth": "none",
+        # Short: a retry-after beyond the deadline ends the plan at once.
+        "retry": {"max_attempts": 2, "backoff_base_ms": 5, "backoff_max_ms": 20, "deadline_s": 2},
         "providers": {
             "anthropic": {
                 "kind": "anthropic",
@@ -585,12 +587,14 @@ def test_error_mapping_of_a_non_json_body() -> None:
 
 
 async def test_e2e_overloaded_is_a_server_error(gw: Gateway, fake: FakeAnthropic) -> None:
-    # The adapter turns 529 into 503 (see test_error_mapping); what the client
-    # finally sees after the gateway's retries is the forward stage's call.
+    # The adapter turns 529 into 503 (see test_error_mapping); its retry-after
+    # of 3 s is beyond the 2 s deadline, so the plan ends after one attempt
+    # with an overloaded provider's 503: the client knows to come back.
     with pytest.raises(openai.InternalServerError) as exc:
         await gw.sdk().chat.completions.create(model="claude-overloaded", messages=MSG)  # type: ignore[arg-type]
-    assert exc.value.status_code in (502, 503)
-    assert fake.seen and gw.settler.records[-1].status == exc.value.status_code
+    assert exc.value.status_code == 503
+    assert isinstance(exc.value.body, dict) and exc.value.body["code"] == "service_unavailable"
+    assert len(fake.seen) == 1 and gw.settler.records[-1].status == 503
 
 
 async def test_e2e_bad_request_passes_status(gw: Gateway) -> None:

@@ -122,6 +122,9 @@ async def test_redis_killed_mid_run_then_restarted(
     assert value(series, "tollway_redis_up") == 0
     assert value(series, "tollway_redis_errors_total") >= 1
     assert value(series, "tollway_ratelimit_local_checks_total") >= 3
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/readyz") as r:
+        ready = await r.json()
+    assert r.status == 200 and ready["redis"] == "down"  # degraded, still serving
 
     own_redis.restart()  # empty: Redis keeps nothing across a restart here
     await _until(lambda: redis.up)
