@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from proxy.config import ConfigError, glob_match
+from proxy.config_reader import ConfigError, glob_match
 from proxy.metering import StreamMeter
 from proxy.providers.base import Reply
 from proxy.settle import UsageRecord

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from proxy import cli_admin, redact
 from proxy.accounts import AccountError
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, load_config
+from proxy.config_reader import ConfigError
 from proxy.datastores import DatastoreError
 from proxy.migrate import NotMigrated
 from proxy.server import StartupError
@@ -62,8 +63,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _print_demo_key(dsn: str, config: Config) -> None:
+    """On an empty database: a demo tenant, and its key printed this once."""
+    from proxy import apikeys, datastores
+
+    hasher = apikeys.KeyHasher(apikeys.load_secret(datastores.data_dir()))
+    key = asyncio.run(cli_admin.ensure_demo(dsn, config, hasher))
+    if key:
+        print(
+            f"Created tenant '{cli_admin.DEMO_TENANT}' with a demo API key "
+            f"(shown only now):\n\n    {key}\n",
+            flush=True,
+        )
+
+
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from proxy import apikeys, datastores, migrate, supervisor
+    from proxy import datastores, migrate, supervisor
     from proxy.app import build_app
     from proxy.billing_setup import BillingOptions
     from proxy.metrics_share import ENV as METRICS_DIR_ENV
@@ -80,14 +95,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     if args.migrate:
         asyncio.run(migrate.migrate(dsn))
     if args.demo:
-        hasher = apikeys.KeyHasher(apikeys.load_secret(datastores.data_dir()))
-        key = asyncio.run(cli_admin.ensure_demo(dsn, config, hasher))
-        if key:
-            print(
-                f"Created tenant '{cli_admin.DEMO_TENANT}' with a demo API key "
-                f"(shown only now):\n\n    {key}\n",
-                flush=True,
-            )
+        _print_demo_key(dsn, config)
 
     def ready(port: int, workers: str = "") -> str:
         return (

@@ -10,16 +10,16 @@ in an error message: only key paths and variable names do.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from proxy.config_reader import ENV_REF, ConfigError, Node, resolve_env
 
 if TYPE_CHECKING:
     from proxy.access_log import LogPolicy
@@ -28,11 +28,6 @@ if TYPE_CHECKING:
     from proxy.tiers import BillingPolicy, Price, Tier
 
 PROVIDER_KINDS = ("echo", "openai", "azure", "anthropic", "gemini")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
-
-
-class ConfigError(ValueError):
-    """A config problem, always prefixed with the key path it concerns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,100 +142,16 @@ class Config:
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by later stages
 
 
-class _Node:
-    """A YAML value plus its key path, with strict typed accessors."""
-
-    def __init__(self, value: Any, path: str) -> None:
-        self.value = value
-        self.path = path
-
-    def fail(self, msg: str) -> ConfigError:
-        return ConfigError(f"{self.path or '<root>'}: {msg}")
-
-    def mapping(self, allowed: tuple[str, ...]) -> dict[str, _Node]:
-        if not isinstance(self.value, dict):
-            raise self.fail("must be a mapping")
-        out = {}
-        for key, val in self.value.items():
-            sub = f"{self.path}.{key}" if self.path else str(key)
-            if key not in allowed:
-                raise ConfigError(f"{sub}: unknown key (allowed: {', '.join(allowed)})")
-            out[key] = _Node(val, sub)
-        return out
-
-    def items(self) -> Iterator[_Node]:
-        if not isinstance(self.value, list):
-            raise self.fail("must be a list")
-        for i, val in enumerate(self.value):
-            yield _Node(val, f"{self.path}[{i}]")
-
-    def string(self) -> str:
-        if not isinstance(self.value, str) or not self.value:
-            raise self.fail("must be a non-empty string")
-        return self.value
-
-    def number(self, *, positive: bool = False) -> float:
-        if isinstance(self.value, bool) or not isinstance(self.value, int | float):
-            raise self.fail("must be a number")
-        if positive and not self.value > 0:
-            raise self.fail("must be > 0")
-        return float(self.value)
-
-    def integer(self, *, positive: bool = False) -> int:
-        if isinstance(self.value, bool) or not isinstance(self.value, int):
-            raise self.fail("must be an integer")
-        if positive and self.value <= 0:
-            raise self.fail("must be > 0")
-        return self.value
-
-    def boolean(self) -> bool:
-        if not isinstance(self.value, bool):
-            raise self.fail("must be true or false")
-        return self.value
-
-    def string_map(self) -> dict[str, str]:
-        if not isinstance(self.value, dict):
-            raise self.fail("must be a mapping")
-        out = {}
-        for k, v in self.value.items():
-            if not isinstance(v, str | int | float) or isinstance(v, bool):
-                raise ConfigError(f"{self.path}.{k}: must be a string")
-            out[str(k)] = str(v)
-        return out
-
-
-def _resolve_env(value: Any, path: str, env: Mapping[str, str]) -> Any:
-    """Replace ``${VAR}``/``${VAR:-default}`` in every string, recursively."""
-    if isinstance(value, str):
-
-        def sub(m: re.Match[str]) -> str:
-            name, has_default, default = m.group(1), m.group(2), m.group(3)
-            if name in env:
-                return env[name]
-            if has_default is not None:
-                return default or ""
-            raise ConfigError(f"{path}: environment variable {name} is not set")
-
-        return _ENV_REF.sub(sub, value)
-    if isinstance(value, dict):
-        return {
-            k: _resolve_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_resolve_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
-    return value
-
-
-def _timeout_overrides(node: _Node) -> dict[str, float]:
+def _timeout_overrides(node: Node) -> dict[str, float]:
     m = node.mapping(("connect", "first_byte", "idle", "total"))
     return {k: v.number(positive=True) for k, v in m.items()}
 
 
-def _timeouts(node: _Node) -> Timeouts:
+def _timeouts(node: Node) -> Timeouts:
     return Timeouts(**_timeout_overrides(node))
 
 
-def _retry(node: _Node, base: RetryPolicy) -> RetryPolicy:
+def _retry(node: Node, base: RetryPolicy) -> RetryPolicy:
     kw: dict[str, Any] = {}
     for key, val in node.mapping(tuple(RetryPolicy.__dataclass_fields__)).items():
         if key == "max_attempts":
@@ -259,7 +170,7 @@ def _retry(node: _Node, base: RetryPolicy) -> RetryPolicy:
     return policy
 
 
-def _breaker(node: _Node) -> BreakerPolicy:
+def _breaker(node: Node) -> BreakerPolicy:
     kw: dict[str, Any] = {}
     for key, val in node.mapping(tuple(BreakerPolicy.__dataclass_fields__)).items():
         if key == "failures":
@@ -272,7 +183,7 @@ def _breaker(node: _Node) -> BreakerPolicy:
     return policy
 
 
-def _provider(name: str, node: _Node, raw: Any) -> ProviderConfig:
+def _provider(name: str, node: Node, raw: Any) -> ProviderConfig:
     m = node.mapping(
         (
             "kind",
@@ -302,7 +213,7 @@ def _provider(name: str, node: _Node, raw: Any) -> ProviderConfig:
             raise m["api_key"].fail("must be a string")
         api_key = m["api_key"].value
         if not api_key:
-            ref = _ENV_REF.search(raw.get("api_key", "")) if isinstance(raw, dict) else None
+            ref = ENV_REF.search(raw.get("api_key", "")) if isinstance(raw, dict) else None
             hint = f"set {ref.group(1)}" if ref else "set api_key"
             disabled = f"provider '{name}' has no API key ({hint})"
     return ProviderConfig(
@@ -333,7 +244,7 @@ _MODEL_KEYS = (
 )
 
 
-def _model(node: _Node, providers: Mapping[str, ProviderConfig], retry: RetryPolicy) -> ModelConfig:
+def _model(node: Node, providers: Mapping[str, ProviderConfig], retry: RetryPolicy) -> ModelConfig:
     m = node.mapping(_MODEL_KEYS)
     if "name" not in m:
         raise node.fail("missing key 'name'")
@@ -401,14 +312,14 @@ def _fallback_loop(
     return None
 
 
-def _route(node: _Node, model_retry: Mapping[str, RetryPolicy]) -> RouteRule:
+def _route(node: Node, model_retry: Mapping[str, RetryPolicy]) -> RouteRule:
     m = node.mapping(("when", "model", "retry"))
     if "model" not in m:
         raise node.fail("missing key 'model'")
     target = m["model"].string()
     if target not in model_retry:
         raise m["model"].fail(f"unknown model {target!r}")
-    when: dict[str, _Node] = (
+    when: dict[str, Node] = (
         m["when"].mapping(("model", "headers", "tenant", "tier")) if "when" in m else {}
     )
     return RouteRule(
@@ -425,7 +336,7 @@ def _route(node: _Node, model_retry: Mapping[str, RetryPolicy]) -> RouteRule:
     )
 
 
-def _server(node: _Node) -> ServerConfig:
+def _server(node: Node) -> ServerConfig:
     m = node.mapping(("host", "port", "max_body_bytes", "shutdown_grace_s", "watch_config"))
     grace = m["shutdown_grace_s"].number() if "shutdown_grace_s" in m else 120.0
     if grace < 0:
@@ -460,30 +371,23 @@ _TOP = (
 )
 
 
-def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
-    """Validate YAML text into a ``Config``; raise ``ConfigError`` naming the key path."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"<root>: invalid YAML{where}") from None
-    if raw is None:
-        raise ConfigError("<root>: the file is empty")
-    root = _Node(raw, "").mapping(_TOP)
-    resolved = _Node(_resolve_env(raw, "", os.environ if env is None else env), "").mapping(_TOP)
-
-    providers: dict[str, ProviderConfig] = {}
+def _providers(resolved: Mapping[str, Node], root: Mapping[str, Node]) -> dict[str, ProviderConfig]:
     if "providers" not in resolved:
         raise ConfigError("providers: missing (at least one provider is required)")
     pnode = resolved["providers"]
     if not isinstance(pnode.value, dict) or not pnode.value:
         raise pnode.fail("must be a non-empty mapping of name -> provider")
-    for name, val in pnode.value.items():
-        raw_p = root["providers"].value.get(name)
-        providers[str(name)] = _provider(str(name), _Node(val, f"providers.{name}"), raw_p)
+    return {
+        str(name): _provider(
+            str(name), Node(val, f"providers.{name}"), root["providers"].value.get(name)
+        )
+        for name, val in pnode.value.items()
+    }
 
-    retry = _retry(resolved["retry"], RetryPolicy()) if "retry" in resolved else RetryPolicy()
+
+def _models(
+    resolved: Mapping[str, Node], providers: Mapping[str, ProviderConfig], retry: RetryPolicy
+) -> tuple[ModelConfig, ...]:
     models: list[ModelConfig] = []
     seen: dict[str, str] = {}
     for node in resolved["models"].items() if "models" in resolved else iter(()):
@@ -494,6 +398,25 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
             seen[n] = node.path
         models.append(model)
     _check_fallbacks(models)
+    return tuple(models)
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
+    """Validate YAML text into a ``Config``; raise ``ConfigError`` naming the key path."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"<root>: invalid YAML{where}") from None
+    if raw is None:
+        raise ConfigError("<root>: the file is empty")
+    root = Node(raw, "").mapping(_TOP)
+    resolved = Node(resolve_env(raw, "", os.environ if env is None else env), "").mapping(_TOP)
+
+    providers = _providers(resolved, root)
+    retry = _retry(resolved["retry"], RetryPolicy()) if "retry" in resolved else RetryPolicy()
+    models = _models(resolved, providers, retry)
 
     model_retry = {n: m.retry for m in models for n in (m.name, *m.aliases)}
     routes = tuple(
@@ -517,7 +440,7 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
         server=_server(resolved["server"]) if "server" in resolved else ServerConfig(),
         auth=auth,
         providers=providers,
-        models=tuple(models),
+        models=models,
         routes=routes,
         retry=retry,
         version=hashlib.sha256(text.encode()).hexdigest()[:12],
@@ -539,7 +462,3 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
     return parse_config(text, env)
-
-
-def glob_match(pattern: str, value: str) -> bool:
-    return fnmatch.fnmatchcase(value, pattern)

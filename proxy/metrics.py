@@ -22,7 +22,8 @@ from aiohttp import web
 from aioprometheus import Counter, Gauge, Histogram, Registry, render
 from aioprometheus import histogram as hist
 
-from proxy.config import Config, glob_match
+from proxy.config import Config
+from proxy.config_reader import glob_match
 from proxy.settle import AttemptRecord, UsageRecord
 
 ENDPOINTS = {

@@ -42,7 +42,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.config import Config, ConfigError, parse_config
+from proxy.config import Config, parse_config
+from proxy.config_reader import ConfigError
 from proxy.errors import InvalidRequest
 from proxy.metrics import Metrics
 from proxy.snapshot import ConfigStore, Snapshot, build_snapshot

@@ -1,0 +1,105 @@
+"""Reading YAML values strictly, each with the key path an error names.
+
+``Node`` wraps a parsed YAML value and its path (``models[3].targets[0]``);
+its typed accessors refuse anything unexpected with a ``ConfigError`` that
+starts with that path, so every config module reports errors the same way.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A config problem, always prefixed with the key path it concerns."""
+
+
+def glob_match(pattern: str, value: str) -> bool:
+    return fnmatch.fnmatchcase(value, pattern)
+
+
+class Node:
+    """A YAML value plus its key path, with strict typed accessors."""
+
+    def __init__(self, value: Any, path: str) -> None:
+        self.value = value
+        self.path = path
+
+    def fail(self, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path or '<root>'}: {msg}")
+
+    def mapping(self, allowed: tuple[str, ...]) -> dict[str, Node]:
+        if not isinstance(self.value, dict):
+            raise self.fail("must be a mapping")
+        out = {}
+        for key, val in self.value.items():
+            sub = f"{self.path}.{key}" if self.path else str(key)
+            if key not in allowed:
+                raise ConfigError(f"{sub}: unknown key (allowed: {', '.join(allowed)})")
+            out[key] = Node(val, sub)
+        return out
+
+    def items(self) -> Iterator[Node]:
+        if not isinstance(self.value, list):
+            raise self.fail("must be a list")
+        for i, val in enumerate(self.value):
+            yield Node(val, f"{self.path}[{i}]")
+
+    def string(self) -> str:
+        if not isinstance(self.value, str) or not self.value:
+            raise self.fail("must be a non-empty string")
+        return self.value
+
+    def number(self, *, positive: bool = False) -> float:
+        if isinstance(self.value, bool) or not isinstance(self.value, int | float):
+            raise self.fail("must be a number")
+        if positive and not self.value > 0:
+            raise self.fail("must be > 0")
+        return float(self.value)
+
+    def integer(self, *, positive: bool = False) -> int:
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            raise self.fail("must be an integer")
+        if positive and self.value <= 0:
+            raise self.fail("must be > 0")
+        return self.value
+
+    def boolean(self) -> bool:
+        if not isinstance(self.value, bool):
+            raise self.fail("must be true or false")
+        return self.value
+
+    def string_map(self) -> dict[str, str]:
+        if not isinstance(self.value, dict):
+            raise self.fail("must be a mapping")
+        out = {}
+        for k, v in self.value.items():
+            if not isinstance(v, str | int | float) or isinstance(v, bool):
+                raise ConfigError(f"{self.path}.{k}: must be a string")
+            out[str(k)] = str(v)
+        return out
+
+
+def resolve_env(value: Any, path: str, env: Mapping[str, str]) -> Any:
+    """Replace ``${VAR}``/``${VAR:-default}`` in every string, recursively."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, has_default, default = m.group(1), m.group(2), m.group(3)
+            if name in env:
+                return env[name]
+            if has_default is not None:
+                return default or ""
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        return ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: resolve_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
