@@ -1,14 +1,16 @@
-"""Middlewares, in the order ``app.py`` lists them.
+"""The front middleware, first in ``app.py``'s list.
 
-``request_id`` comes first so every response, errors included, carries an
-``x-request-id``; ``errors`` renders every failure in OpenAI's shape.
+``envelope`` does two jobs that must both wrap everything else, merged into
+one middleware because each layer costs every request a call: it gives the
+request its id, so every response, errors included, carries an
+``x-request-id``; and it renders every failure in OpenAI's shape.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import secrets
+from random import getrandbits
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -22,21 +24,34 @@ _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:\-]")
 
 
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    # An id, not a secret: 96 bits of the process's PRNG (reseeded after a
+    # fork) avoid a urandom syscall per request. The ledger's idempotency
+    # key is drawn separately.
+    return f"req_{getrandbits(96):024x}"
 
 
 def sanitise_request_id(given: str | None) -> str:
     """The client's id with anything but ``[A-Za-z0-9._:-]`` dropped, at most
     128 characters (it goes into log lines and the ledger); else a new one."""
-    clean = _UNSAFE_ID_CHARS.sub("", given or "")[:128]
+    if not given:
+        return new_request_id()
+    clean = _UNSAFE_ID_CHARS.sub("", given)[:128]
     return clean or new_request_id()
 
 
 @web.middleware
-async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = sanitise_request_id(request.headers.get("x-request-id"))
-    request[REQUEST_ID] = rid
-    resp = await handler(request)
+async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request[REQUEST_ID] = sanitise_request_id(request.headers.get("x-request-id"))
+    try:
+        resp = await handler(request)
+    except GatewayError as exc:
+        return render(exc, request)
+    except web.HTTPException as exc:
+        resp = _http_error(exc, request)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        err = GatewayError("The server had an error while processing your request.")
+        return render(err, request)
     if not resp.prepared:
         resp.headers["x-request-id"] = rid
     return resp
@@ -51,25 +66,14 @@ def render(exc: GatewayError, request: web.Request) -> web.Response:
     )
 
 
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        return render(exc, request)
-    except web.HTTPException as exc:
-        if exc.status == 404:
-            err: GatewayError = NotFound(f"Unknown request URL: {request.method} {request.path}.")
-        elif exc.status == 405:
-            err = InvalidRequest(f"Method {request.method} is not allowed for {request.path}.")
-            err.headers["Allow"] = exc.headers.get("Allow", "")
-            return web.Response(
-                status=405, body=err.body(), headers=err.headers, content_type="application/json"
-            )
-        else:
-            raise
-        return render(err, request)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        err = GatewayError("The server had an error while processing your request.")
-        return render(err, request)
+def _http_error(exc: web.HTTPException, request: web.Request) -> web.Response:
+    """aiohttp's own 404 and 405 in OpenAI's shape; any other is raised again."""
+    if exc.status == 404:
+        return render(NotFound(f"Unknown request URL: {request.method} {request.path}."), request)
+    if exc.status == 405:
+        err = InvalidRequest(f"Method {request.method} is not allowed for {request.path}.")
+        err.headers["Allow"] = exc.headers.get("Allow", "")
+        return web.Response(
+            status=405, body=err.body(), headers=err.headers, content_type="application/json"
+        )
+    raise exc
