@@ -21,8 +21,14 @@ reports to the target's circuit breaker and is logged in the usage record's
 
 Timeouts per target (the provider's, as its model overrides them): the wait
 for the boundary is bounded by ``first_byte`` (stream) or ``total``
-(non-stream) and never runs past the deadline; after it ``GuardedStream``
-bounds each gap between events by ``idle`` and the whole stream by ``total``.
+(non-stream) and never runs past the deadline; after it each gap between
+reads is bounded by ``idle`` and the whole stream by ``total``. The stream's
+first event is bounded here, around any adapter; everything else is the
+attempt's aiohttp ``ClientTimeout`` (``sock_read`` = idle, ``total``; see
+``providers.http``), built from ``Call.timeouts``, whose ``total`` a
+non-stream attempt gets cut to the time left before the deadline. The
+adapter raises ``UpstreamTimeout`` when one fires, which ``GuardedStream``
+reports to the breaker like any other mid-stream failure.
 
 When the plan is exhausted the client gets the most telling error: the last
 408/409/429 a provider sent, as is (with ``retry-after``); else 504 when
@@ -36,11 +42,11 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from proxy.balance import InFlight, Slot, arrange
 from proxy.breaker import Breakers, Health, MemoryBreakerStore, verdict
+from proxy.config import Timeouts
 from proxy.errors import (
     GatewayError,
     ProviderHTTPError,
@@ -154,7 +160,10 @@ class _Run:
         entry = AttemptRecord(provider=target.provider.name, model=target.model)
         self._note(entry)
         provider = self.snapshot.providers[target.provider.name]
-        call = replace(self.call, model=target.model, timeouts=target.timeouts)
+        c = self.call  # built field by field: dataclasses.replace costs more
+        call = Call(
+            c.endpoint, c.body, target.model, c.stream, c.request_id, self._timeouts(target)
+        )
         slot = self.ups.inflight.enter(target.key, permit.release if permit else None)
         started = time.monotonic()
         try:
@@ -181,45 +190,41 @@ class _Run:
         self.record.attempts = self.attempts
         self.record.provider, self.record.provider_model = entry.provider, entry.model
 
+    def _timeouts(self, target: Target) -> Timeouts:
+        """The attempt's timeouts: the target's, with a non-stream ``total``
+        cut to the deadline (the whole reply is the boundary there)."""
+        t = target.timeouts
+        if self.call.stream:
+            return t
+        left = self.deadline - time.monotonic()
+        if left >= t.total:
+            return t
+        # aiohttp reads a total of 0 as "no limit": never hand it one.
+        return Timeouts(
+            connect=t.connect, first_byte=t.first_byte, idle=t.idle, total=max(left, 1e-3)
+        )
+
     async def _complete(self, provider: Provider, call: Call, target: Target) -> Forwarded:
-        async with self._bounded(target, target.timeouts.total):
-            reply = await provider.complete(call)
+        # Bounded by the attempt's ClientTimeout (``_timeouts``), no timer of our own.
+        reply = await provider.complete(call)
         self.record.attempt_log[-1].status = reply.status
         return Forwarded(target, self.attempts, reply=reply)
 
     async def _open_stream(
         self, provider: Provider, call: Call, target: Target, slot: Slot
     ) -> Forwarded:
-        started = time.monotonic()
-        async with self._bounded(target, target.timeouts.first_byte):
-            upstream = await provider.stream(call)
-            events = aiter(upstream)
-            try:
-                first = await anext(events)
-            except StopAsyncIteration:
-                await upstream.aclose()
-                raise UpstreamStreamBroken(
-                    f"provider '{target.provider.name}' ended the stream before sending anything"
-                ) from None
-            except BaseException:
-                await upstream.aclose()
-                raise
-        self.record.attempt_log[-1].status = 200
-        guarded = GuardedStream(
-            upstream, events, first, target, slot, started, lambda exc: self._report(target, exc)
-        )
-        return Forwarded(target, self.attempts, stream=guarded)
-
-    @asynccontextmanager
-    async def _bounded(self, target: Target, limit: float) -> AsyncIterator[None]:
-        budget = min(limit, self.deadline - time.monotonic())
+        budget = min(target.timeouts.first_byte, self.deadline - time.monotonic())
         try:
             async with asyncio.timeout(budget):
-                yield
+                upstream = await provider.stream(call)
+                batches, first = await _first_batch(upstream, target.provider.name)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"provider '{target.provider.name}' did not answer within {budget:.3g}s"
             ) from None
+        self.record.attempt_log[-1].status = 200
+        guarded = GuardedStream(upstream, batches, first, slot, lambda e: self._report(target, e))
+        return Forwarded(target, self.attempts, stream=guarded)
 
     async def _failed(self, target: Target, exc: GatewayError) -> None:
         await self._report(target, exc)
@@ -281,52 +286,55 @@ class _Run:
         return err
 
 
+async def _first_batch(
+    upstream: UpstreamStream, name: str
+) -> tuple[AsyncIterator[list[bytes]], list[bytes]]:
+    """The stream's batches and the first of them; the upstream is closed on failure."""
+    batches = upstream.batches()
+    try:
+        return batches, await anext(batches)
+    except StopAsyncIteration:
+        await upstream.aclose()
+        raise UpstreamStreamBroken(
+            f"provider '{name}' ended the stream before sending anything"
+        ) from None
+    except BaseException:
+        await upstream.aclose()
+        raise
+
+
 class GuardedStream(UpstreamStream):
-    """The upstream stream as the relay sees it: the first event (already
-    read by ``forward``) comes first; each gap between events is bounded by
-    ``idle`` and the whole stream by ``total``; a provider failure counts
-    against the target's breaker; the in-flight slot is freed on close."""
+    """The upstream stream as the relay sees it: the first batch of events
+    (already read by ``forward``) comes first; a provider failure, the idle
+    gap and the total time included (the adapter raises them as
+    ``UpstreamError``, from the attempt's ClientTimeout), counts against the
+    target's breaker; the in-flight slot is freed on close."""
 
     def __init__(
         self,
         upstream: UpstreamStream,
-        events: AsyncIterator[bytes],
-        first: bytes,
-        target: Target,
+        batches: AsyncIterator[list[bytes]],
+        first: list[bytes],
         slot: Slot,
-        started: float,
         on_broken: Callable[[GatewayError], Awaitable[None]],
     ) -> None:
         self.headers = upstream.headers
-        self._upstream, self._events, self._first = upstream, events, first
-        self._target, self._slot, self._on_broken = target, slot, on_broken
-        self._ends_at = started + target.timeouts.total
+        self._upstream, self._batches, self._first = upstream, batches, first
+        self._slot, self._on_broken = slot, on_broken
 
     async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        yield self._first
-        idle = self._target.timeouts.idle
-        while True:
-            left = self._ends_at - time.monotonic()
-            try:
-                async with asyncio.timeout(min(idle, left)):
-                    event = await anext(self._events)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                exc = self._stalled(idle, left)
-                await self._on_broken(exc)
-                raise exc from None
-            except UpstreamError as exc:
-                await self._on_broken(exc)
-                raise
-            yield event
+        async for batch in self.batches():
+            for event in batch:
+                yield event
 
-    def _stalled(self, idle: float, left: float) -> UpstreamTimeout:
-        name = self._target.provider.name
-        if left < idle:
-            total = self._target.timeouts.total
-            return UpstreamTimeout(f"provider '{name}' exceeded its total time of {total:g}s")
-        return UpstreamTimeout(f"provider '{name}' stalled for more than {idle:g}s mid-stream")
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        yield self._first
+        try:
+            async for batch in self._batches:
+                yield batch
+        except UpstreamError as exc:
+            await self._on_broken(exc)
+            raise
 
     async def aclose(self) -> None:
         self._slot.release()

@@ -88,6 +88,13 @@ class StreamMeter:
         self._payloads.append(data)
         return event
 
+    def observe_batch(self, events: list[bytes]) -> bytes:
+        """``observe`` on each event of one upstream read, in order; the
+        bytes to forward for all of them at once (empty: nothing to send)."""
+        if len(events) == 1:
+            return self.observe(events[0]) or b""
+        return b"".join([out for event in events if (out := self.observe(event)) is not None])
+
     @property
     def payloads(self) -> list[bytes]:
         """The ``data:`` payloads forwarded so far, in order (not ``[DONE]``)."""

@@ -1,7 +1,8 @@
 """The relay stage: hand the answer to the client as it arrives.
 
-Streams are a tee: each whole SSE event is written to the client as soon as
-the provider sends it, while ``StreamMeter`` watches for usage on the side.
+Streams are a tee: the whole SSE events of each upstream read are written to
+the client as soon as the provider sends them (one write for all of them),
+while ``StreamMeter`` watches each event for usage on the side.
 Once SSE headers are out, a failure can no longer change the status, so it
 becomes an OpenAI-shaped ``data: {"error": ...}`` event and a clean close.
 
@@ -67,9 +68,11 @@ async def stream(
     lifecycle.streams += 1
     try:
         await resp.prepare(request)  # inside: a client gone already still closes upstream
-        async for event in upstream:
-            out = meter.observe(event)
-            if out is None:
+        # One write per upstream read, however many events it carried: a
+        # write is a chunk frame and a send() of its own.
+        async for batch in upstream.batches():
+            out = meter.observe_batch(batch)
+            if not out:
                 continue
             if record.ttft_ms is None:
                 record.ttft_ms = (time.perf_counter() - started) * 1000

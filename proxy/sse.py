@@ -16,6 +16,14 @@ DONE = b"data: [DONE]\n\n"
 
 async def iter_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     """Yield complete events (each ending in a blank line, LF-normalised)."""
+    async for batch in iter_event_batches(chunks):
+        for event in batch:
+            yield event
+
+
+async def iter_event_batches(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes]]:
+    """Yield the complete events each upstream read completed, as one list
+    (never empty), so a relay can pass them on in one write."""
     buf = b""
     async for chunk in chunks:
         buf += chunk
@@ -23,13 +31,17 @@ async def iter_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
             # Normalise on the buffer, not the chunk: a CRLF may be split
             # across two reads ("...\r" | "\n..."), and the "\r" waits here.
             buf = buf.replace(b"\r\n", b"\n")
-        while True:
-            end = buf.find(b"\n\n")
-            if end < 0:
-                break
-            event, buf = buf[: end + 2], buf[end + 2 :]
+        batch = []
+        start = 0
+        while (end := buf.find(b"\n\n", start)) >= 0:
+            event = buf[start : end + 2]
+            start = end + 2
             if event.strip():
-                yield event
+                batch.append(event)
+        if start:
+            buf = buf[start:]
+        if batch:
+            yield batch
     if buf.strip():
         # A trailing event without its blank line: the stream was cut.
         raise IncompleteEvent(buf)

@@ -112,3 +112,38 @@ async def test_crlf_split_across_reads_keeps_events_apart() -> None:
 
             events = [e async for e in iter_events(pieces())]
             assert events == [b'data: {"a": 1}\n\n', b'data: {"b": 2}\n\n'], (cut, cut2)
+
+
+async def test_events_are_batched_per_upstream_read() -> None:
+    from proxy.sse import IncompleteEvent, iter_event_batches
+
+    a, b, c = b"data: 1\n\n", b": ping\n\n", b"data: 2\n\n"
+    reads = [a + b + c[:4], c[4:], b"\n\n", a + a, b"data: cut"]
+
+    async def pieces() -> Any:
+        for piece in reads:
+            yield piece
+
+    got = []
+    try:
+        async for batch in iter_event_batches(pieces()):
+            got.append(batch)
+    except IncompleteEvent as exc:
+        assert exc.tail == b"data: cut"
+    else:
+        raise AssertionError("a cut event must raise")
+    # One list per read that completed events; a read completing none (or only
+    # blank lines) yields nothing, and no list is ever empty.
+    assert got == [[a, b], [c], [a, a]]
+
+
+def test_a_batch_is_metered_event_by_event_and_sent_as_one() -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    events = [_chunk("one"), b": ping\n\n", _chunk(" two"), _chunk(usage=usage), DONE]
+    meter = StreamMeter(client_wants_usage=False)
+    assert meter.observe_batch(events[:2]) == events[0] + events[1]
+    # The usage chunk Tollway asked for is dropped from the middle of a batch.
+    assert meter.observe_batch(events[2:]) == events[2] + DONE
+    assert meter.done and meter.usage is not None and meter.usage.total_tokens == 15
+    assert meter.observe_batch([_chunk(usage=usage)]) == b""  # nothing left to send
+    assert meter.payloads == [events[0][6:-2], events[2][6:-2]]

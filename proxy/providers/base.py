@@ -9,7 +9,8 @@ format, so relay and metering are written once:
 - ``stream(call)`` opens the upstream request and returns once the provider
   has answered with a success status; iterating the ``UpstreamStream`` yields
   whole SSE events carrying OpenAI ``chat.completion.chunk`` (or
-  ``text_completion``) payloads, ending with ``data: [DONE]``. When the
+  ``text_completion``) payloads, ending with ``data: [DONE]``; ``batches()``
+  yields the same events in lists, one list per upstream read. When the
   provider reports usage, the adapter emits it as OpenAI's final usage chunk
   (``choices: []``) so metering finds it in one place.
 
@@ -40,8 +41,10 @@ class Call:
     model: str  # the provider's model name
     stream: bool
     request_id: str
-    # The target's timeouts (the provider's as its model overrides them); None:
-    # the provider's. The forward stage enforces them too, around any adapter.
+    # The target's timeouts (the provider's as its model overrides them, a
+    # non-stream total cut to the retry deadline); None: the provider's. An
+    # adapter must apply them to its upstream request (``http.post`` does):
+    # the forward stage bounds only a stream's first event itself.
     timeouts: Timeouts | None = None
 
 
@@ -58,6 +61,13 @@ class UpstreamStream(ABC):
 
     @abstractmethod
     def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        """The same events grouped as they arrived, so the relay can pass a
+        group on in one write: here one event per group; an adapter that
+        reads SSE from the wire groups the events of each upstream read."""
+        async for event in self:
+            yield [event]
 
     @abstractmethod
     async def aclose(self) -> None: ...

@@ -43,16 +43,26 @@ async def post(
     timeouts: Timeouts | None = None,
 ) -> aiohttp.ClientResponse:
     """POST and wait for the response headers, within ``first_byte``.
-    ``timeouts`` (a call's, see ``Call.timeouts``) replaces the provider's."""
+    ``timeouts`` (a call's, see ``Call.timeouts``) replaces the provider's.
+
+    The request runs under ``client_timeout``: its ``sock_read`` (the idle
+    gap) and ``total`` bound the wait for the headers, and go on bounding the
+    body the caller reads. A timer of our own is only needed when
+    ``first_byte`` is the tightest of the three."""
     t = timeouts or cfg.timeouts
     try:
-        async with asyncio.timeout(t.first_byte):
-            return await session.post(
-                url, data=payload, headers=headers, timeout=client_timeout(cfg, t)
-            )
+        if t.first_byte < t.idle and t.first_byte < t.total:
+            async with asyncio.timeout(t.first_byte):
+                return await session.post(
+                    url, data=payload, headers=headers, timeout=client_timeout(cfg, t)
+                )
+        return await session.post(
+            url, data=payload, headers=headers, timeout=client_timeout(cfg, t)
+        )
     except TimeoutError:
+        waited = min(t.first_byte, t.idle, t.total)
         raise UpstreamTimeout(
-            f"provider '{cfg.name}' did not answer within {t.first_byte:g}s"
+            f"provider '{cfg.name}' did not answer within {waited:.3g}s"
         ) from None
     except aiohttp.ClientConnectorError:
         raise UpstreamConnectError(f"provider '{cfg.name}' is unreachable") from None
@@ -65,28 +75,40 @@ async def post(
 async def read_body(
     resp: aiohttp.ClientResponse, cfg: ProviderConfig, timeouts: Timeouts | None = None
 ) -> bytes:
+    """The whole body of a response ``post`` returned, then the connection
+    back to the pool. Bounded by the request's ClientTimeout: each gap by
+    ``idle`` (``sock_read``), the whole request by ``total``."""
     try:
-        async with asyncio.timeout((timeouts or cfg.timeouts).first_byte):
-            return await resp.read()
-    except TimeoutError:
-        raise UpstreamTimeout(f"provider '{cfg.name}' timed out sending its response") from None
+        return await resp.read()
+    except TimeoutError as exc:
+        raise _timed_out(exc, cfg, timeouts or cfg.timeouts, "sending its response") from None
     except (aiohttp.ClientError, OSError):
         raise UpstreamUnavailable(f"provider '{cfg.name}' broke off its response") from None
     finally:
         resp.release()
 
 
-async def iter_body(resp: aiohttp.ClientResponse, cfg: ProviderConfig) -> AsyncIterator[bytes]:
-    """The raw body in arrival order; the idle gap is bounded by ``sock_read``."""
+async def iter_body(
+    resp: aiohttp.ClientResponse, cfg: ProviderConfig, timeouts: Timeouts | None = None
+) -> AsyncIterator[bytes]:
+    """The raw body in arrival order; each gap between reads is bounded by
+    ``idle`` (``sock_read``) and the whole stream by ``total``, both the
+    request's ClientTimeout (``timeouts``, the call's: for the messages)."""
     try:
         async for chunk in resp.content.iter_any():
             yield chunk
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        raise UpstreamTimeout(
-            f"provider '{cfg.name}' stalled for more than {cfg.timeouts.idle:g}s mid-stream"
-        ) from None
+    except TimeoutError as exc:
+        raise _timed_out(exc, cfg, timeouts or cfg.timeouts, "mid-stream") from None
     except (aiohttp.ClientError, OSError):
         raise UpstreamStreamBroken(f"provider '{cfg.name}' broke off the stream") from None
+
+
+def _timed_out(exc: TimeoutError, cfg: ProviderConfig, t: Timeouts, what: str) -> UpstreamTimeout:
+    # aiohttp raises its own ServerTimeoutError for sock_read (the idle gap)
+    # and a plain TimeoutError when the request's total time runs out.
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(f"provider '{cfg.name}' stalled for more than {t.idle:g}s {what}")
+    return UpstreamTimeout(f"provider '{cfg.name}' exceeded its total time of {t.total:.3g}s")
 
 
 def openai_error(status: int, body: bytes, headers: Any, cfg: ProviderConfig) -> GatewayError:

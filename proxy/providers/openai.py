@@ -18,10 +18,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.config import ProviderConfig
+from proxy.config import ProviderConfig, Timeouts
+from proxy.errors import UpstreamStreamBroken, UpstreamUnavailable
 from proxy.providers import http
 from proxy.providers.base import Call, Provider, Reply, UpstreamStream
-from proxy.sse import IncompleteEvent, iter_events
+from proxy.sse import IncompleteEvent, iter_event_batches
 from proxy.usage import usage_from_openai
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
@@ -30,18 +31,25 @@ _GATEWAY_FIELDS = ("api_base", "base_url", "api_key")
 
 
 class OpenAIStream(UpstreamStream):
-    def __init__(self, resp: aiohttp.ClientResponse, cfg: ProviderConfig) -> None:
+    def __init__(
+        self, resp: aiohttp.ClientResponse, cfg: ProviderConfig, timeouts: Timeouts | None
+    ) -> None:
         self._resp = resp
         self._cfg = cfg
+        self._timeouts = timeouts
         self.headers = {}
 
     async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        try:
-            async for event in iter_events(http.iter_body(self._resp, self._cfg)):
+        async for batch in self.batches():
+            for event in batch:
                 yield event
-        except IncompleteEvent:
-            from proxy.errors import UpstreamStreamBroken
 
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        try:
+            body = http.iter_body(self._resp, self._cfg, self._timeouts)
+            async for batch in iter_event_batches(body):
+                yield batch
+        except IncompleteEvent:
             raise UpstreamStreamBroken(
                 f"provider '{self._cfg.name}' ended the stream mid-event"
             ) from None
@@ -92,8 +100,6 @@ class OpenAIProvider(Provider):
         try:
             parsed: Any = orjson.loads(body)
         except orjson.JSONDecodeError:
-            from proxy.errors import UpstreamUnavailable
-
             raise UpstreamUnavailable(
                 f"provider '{self.config.name}' returned a response that is not JSON"
             ) from None
@@ -102,7 +108,7 @@ class OpenAIProvider(Provider):
         return Reply(body=body, usage=usage, status=resp.status)
 
     async def stream(self, call: Call) -> UpstreamStream:
-        return OpenAIStream(await self._send(call), self.config)
+        return OpenAIStream(await self._send(call), self.config, call.timeouts)
 
 
 class AzureProvider(OpenAIProvider):
