@@ -15,8 +15,10 @@ plan also carries the retry policy: the matching rule's, else the model's.
 
 from __future__ import annotations
 
+import fnmatch
 import random
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from proxy.config import (
@@ -26,7 +28,6 @@ from proxy.config import (
     RetryPolicy,
     RouteRule,
     Timeouts,
-    glob_match,
 )
 from proxy.errors import ModelNotFound, ProviderNotConfigured
 
@@ -37,11 +38,12 @@ class Target:
     model: str  # the name sent to the provider
     weight: float = 1.0
     timeouts: Timeouts = field(default_factory=Timeouts)  # the provider's, as the model overrides
+    # Identifies the target to the breaker and the in-flight counts; made
+    # once here, as it is read several times per request.
+    key: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        """Identifies the target to the breaker and the in-flight counts."""
-        return f"{self.provider.name}/{self.model}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.provider.name}/{self.model}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,20 +64,38 @@ class RoutePlan:
         return tuple(t for g in self.groups for t in g.targets)
 
 
-def _rule_matches(
-    rule: RouteRule, model: str, headers: Mapping[str, str], tenant: str | None, tier: str | None
-) -> bool:
-    if rule.when_model is not None and not glob_match(rule.when_model, model):
-        return False
-    for name, pattern in rule.when_headers.items():
-        value = headers.get(name)
-        if value is None or not glob_match(pattern, value):
+Glob = Callable[[str], object]  # a compiled glob: truthy when it matches
+
+
+def _glob(pattern: str) -> Glob:
+    """``config.glob_match(pattern, ·)``, compiled once instead of per request."""
+    return re.compile(fnmatch.translate(pattern)).match
+
+
+class _Rule:
+    """A route rule with its ``when`` globs compiled."""
+
+    __slots__ = ("headers", "model", "rule", "tenant", "tier")
+
+    def __init__(self, rule: RouteRule) -> None:
+        self.rule = rule
+        self.model = _glob(rule.when_model) if rule.when_model is not None else None
+        self.headers = [(name, _glob(p)) for name, p in rule.when_headers.items()]
+        self.tenant = _glob(rule.when_tenant) if rule.when_tenant is not None else None
+        self.tier = _glob(rule.when_tier) if rule.when_tier is not None else None
+
+    def matches(
+        self, model: str, headers: Mapping[str, str], tenant: str | None, tier: str | None
+    ) -> bool:
+        if self.model is not None and not self.model(model):
             return False
-    if rule.when_tenant is not None and (
-        tenant is None or not glob_match(rule.when_tenant, tenant)
-    ):
-        return False
-    return rule.when_tier is None or (tier is not None and glob_match(rule.when_tier, tier))
+        for name, glob in self.headers:
+            value = headers.get(name)
+            if value is None or not glob(value):
+                return False
+        if self.tenant is not None and (tenant is None or not self.tenant(tenant)):
+            return False
+        return self.tier is None or (tier is not None and bool(self.tier(tier)))
 
 
 def _weighted_order(targets: tuple[Target, ...], rng: random.Random) -> tuple[Target, ...]:
@@ -91,25 +111,30 @@ class Router:
         self._config = config
         self._rng = rng or random.Random()
         self._exact: dict[str, ModelConfig] = {}
-        self._patterns: list[ModelConfig] = []
+        self._patterns: list[tuple[Glob, ModelConfig]] = []
         for model in config.models:
             if model.is_pattern:
-                self._patterns.append(model)
+                self._patterns.append((_glob(model.name), model))
             else:
                 self._exact[model.name] = model
             for alias in model.aliases:
                 self._exact[alias] = model
-        self._rules = config.routes
-        # Only a glob's own group depends on the requested name: build the rest once.
-        self._own = {m.name: self._group(m, m.name) for m in config.models if not m.is_pattern}
+        self._rules = [_Rule(rule) for rule in config.routes]
         self._fallbacks = {m.name: self._fallback_groups(m) for m in config.models}
+        # Only a glob's own group depends on the requested name: plan the
+        # groups of every other model (and its aliases) once.
+        self._static: dict[str, tuple[ModelConfig, tuple[TargetGroup, ...]]] = {}
+        for name, model in self._exact.items():
+            if not model.is_pattern:
+                own = self._group(model, model.name)
+                self._static[name] = (model, _distinct((own, *self._fallbacks[model.name])))
 
     def find(self, name: str) -> ModelConfig | None:
         model = self._exact.get(name)
         if model is not None:
             return model
-        for pattern in self._patterns:
-            if glob_match(pattern.name, name):
+        for glob, pattern in self._patterns:
+            if glob(name):
                 return pattern
         return None
 
@@ -149,8 +174,8 @@ class Router:
         self, requested: str, headers: Mapping[str, str], tenant: str | None, tier: str | None
     ) -> RouteRule | None:
         for rule in self._rules:
-            if _rule_matches(rule, requested, headers, tenant, tier):
-                return rule
+            if rule.matches(requested, headers, tenant, tier):
+                return rule.rule
         return None
 
     def plan(
@@ -162,16 +187,19 @@ class Router:
     ) -> RoutePlan:
         rule = self._redirect(requested, headers, tenant, tier) if self._rules else None
         public = rule.model if rule is not None else requested
-        model = self.find(public)
-        if model is None:
-            raise ModelNotFound(
-                f"The model '{requested}' does not exist or you do not have access to it.",
-                param="model",
-            )
-        if not model.is_pattern:
+        static = self._static.get(public)
+        if static is not None:
+            model, groups = static
             public = model.name  # aliases bill and report as their model
-        own = self._group(model, public) if model.is_pattern else self._own[model.name]
-        groups = self._draw((own, *self._fallbacks[model.name]))
+        else:
+            found = self.find(public)
+            if found is None:
+                raise ModelNotFound(
+                    f"The model '{requested}' does not exist or you do not have access to it.",
+                    param="model",
+                )
+            model = found  # a glob, or an alias of one: its own group serves this name
+            groups = _distinct((self._group(model, public), *self._fallbacks[model.name]))
         if not groups:
             providers = self._config.providers
             reasons = [providers[t.provider].disabled_reason for t in model.targets]
@@ -179,15 +207,27 @@ class Router:
                 f"The model '{requested}' is not available: {'; '.join(filter(None, reasons))}."
             )
         retry = rule.retry if rule is not None and rule.retry is not None else model.retry
-        return RoutePlan(public_model=public, groups=groups, retry=retry)
+        return RoutePlan(public_model=public, groups=self._draw(groups), retry=retry)
 
     def _draw(self, groups: tuple[TargetGroup, ...]) -> tuple[TargetGroup, ...]:
-        """Each group in weighted order; a target already in an earlier group is left out."""
-        seen: set[str] = set()
-        out = []
-        for group in groups:
-            fresh = tuple(t for t in group.targets if t.key not in seen)
-            seen.update(t.key for t in fresh)
-            if fresh:
-                out.append(replace(group, targets=_weighted_order(fresh, self._rng)))
-        return tuple(out)
+        """Each group in weighted order (a group of one needs no draw)."""
+        if all(len(g.targets) < 2 for g in groups):
+            return groups
+        return tuple(
+            g
+            if len(g.targets) < 2
+            else TargetGroup(g.model, g.strategy, _weighted_order(g.targets, self._rng))
+            for g in groups
+        )
+
+
+def _distinct(groups: tuple[TargetGroup, ...]) -> tuple[TargetGroup, ...]:
+    """The groups without a target already in an earlier group, nor empty groups."""
+    seen: set[str] = set()
+    out = []
+    for group in groups:
+        fresh = tuple(t for t in group.targets if t.key not in seen)
+        seen.update(t.key for t in fresh)
+        if fresh:
+            out.append(group if len(fresh) == len(group.targets) else replace(group, targets=fresh))
+    return tuple(out)
