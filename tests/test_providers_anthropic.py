@@ -15,12 +15,9 @@ import pytest
 
 from proxy.config import ProviderConfig
 from proxy.errors import InvalidRequest, ProviderHTTPError, UpstreamStreamBroken
-from proxy.providers.anthropic import (
-    AnthropicStreamTranslator,
-    anthropic_error,
-    translate_stream,
-)
+from proxy.providers.anthropic import AnthropicStreamTranslator, anthropic_error
 from proxy.providers.anthropic_translate import JSON_OBJECT_HINT, from_anthropic, to_anthropic
+from proxy.providers.translated import translate_stream
 from tests.conftest import Gateway, StartGateway
 from tests.fakes_providers import FakeAnthropic, decoded, fixture, golden, translate_pieces
 from tests.schema import validate

@@ -15,9 +15,9 @@ import pytest
 
 from proxy.config import ProviderConfig
 from proxy.errors import InvalidRequest, ProviderHTTPError, UpstreamStreamBroken
-from proxy.providers.anthropic import translate_stream
 from proxy.providers.gemini import GeminiStreamTranslator, api_root, gemini_error
 from proxy.providers.gemini_translate import from_gemini, from_gemini_embed, to_gemini
+from proxy.providers.translated import translate_stream
 from tests.conftest import Gateway, StartGateway
 from tests.fakes_providers import EMBEDDING, FakeGemini, decoded, fixture, golden, translate_pieces
 from tests.schema import validate

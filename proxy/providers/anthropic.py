@@ -23,8 +23,8 @@ Anthropic's generation.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import aiohttp
 import orjson
@@ -35,9 +35,7 @@ from proxy.errors import (
     InvalidRequest,
     ProviderHTTPError,
     UpstreamStreamBroken,
-    UpstreamUnavailable,
 )
-from proxy.providers import http
 from proxy.providers.anthropic_translate import (
     Json,
     finish_reason,
@@ -45,8 +43,14 @@ from proxy.providers.anthropic_translate import (
     to_anthropic,
     usage_json,
 )
-from proxy.providers.base import Call, Provider, Reply, UpstreamStream
-from proxy.sse import DONE, IncompleteEvent, data_event, event_data, iter_events
+from proxy.providers.base import Call, Reply
+from proxy.providers.translated import (
+    TranslatingProvider,
+    chat_id,
+    error_object,
+    passed_headers,
+)
+from proxy.sse import DONE, data_event, event_data
 from proxy.usage import usage_from_openai
 
 DEFAULT_VERSION = "2023-06-01"
@@ -183,81 +187,23 @@ _HANDLERS: dict[Any, _Handler] = {
 }
 
 
-class Translator(Protocol):
-    def feed(self, event: bytes) -> list[bytes]: ...
-
-    def end(self) -> list[bytes]: ...
-
-
-async def _whole_crlf(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    # iter_events normalises CRLF per chunk; a "\r" at a chunk's end would
-    # lose its "\n" to the next chunk, so it is held back until then.
-    held = b""
-    async for chunk in chunks:
-        chunk, held = held + chunk, b""
-        if chunk.endswith(b"\r"):
-            chunk, held = chunk[:-1], b"\r"
-        if chunk:
-            yield chunk
-    if held:
-        yield held
-
-
-async def translate_stream(
-    chunks: AsyncIterable[bytes], translator: Translator, name: str
-) -> AsyncIterator[bytes]:
-    """Provider body bytes in, whole OpenAI SSE events out, one at a time.
-    Not Anthropic-specific: the Gemini adapter uses it too."""
-    try:
-        async for event in iter_events(_whole_crlf(chunks)):
-            for out in translator.feed(event):
-                yield out
-    except IncompleteEvent:
-        raise UpstreamStreamBroken(f"provider '{name}' ended the stream mid-event") from None
-    for out in translator.end():
-        yield out
-
-
-class TranslatedStream(UpstreamStream):
-    """An upstream response read through a stream translator (Anthropic's, Gemini's)."""
-
-    def __init__(
-        self, resp: aiohttp.ClientResponse, cfg: ProviderConfig, translator: Translator
-    ) -> None:
-        self._resp = resp
-        self._cfg = cfg
-        self._translator = translator
-        self.headers = {}
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        body = http.iter_body(self._resp, self._cfg)
-        async for event in translate_stream(body, self._translator, self._cfg.name):
-            yield event
-
-    async def aclose(self) -> None:
-        self._resp.close()
-
-
-def _error_object(body: bytes) -> dict[str, Any]:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    err = parsed.get("error") if isinstance(parsed, dict) else None
-    return err if isinstance(err, dict) else {}
-
-
-def anthropic_error(status: int, body: bytes, headers: Any, cfg: ProviderConfig) -> GatewayError:
+def anthropic_error(
+    status: int, body: bytes, headers: Mapping[str, str], cfg: ProviderConfig
+) -> GatewayError:
     """An Anthropic error response in OpenAI's shape; 529 overloaded becomes 503."""
-    err = _error_object(body)
+    try:
+        err = error_object(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        err = {}
     kind = err.get("type")
     kind = kind if isinstance(kind, str) else "api_error"
     message = err.get("message") or f"provider '{cfg.name}' returned HTTP {status}"
     default = ("server_error", kind) if status >= 500 else ("invalid_request_error", kind)
     err_type, code = _ERROR_KINDS.get(kind, default)
-    passed = {h: headers[h] for h in http.PASSED_ERROR_HEADERS if h in headers}
     error = {"message": message, "type": err_type, "code": code}
-    return ProviderHTTPError(503 if status == 529 else status, error, headers=passed)
+    return ProviderHTTPError(
+        503 if status == 529 else status, error, headers=passed_headers(headers)
+    )
 
 
 def messages_url(base_url: str) -> str:
@@ -265,18 +211,16 @@ def messages_url(base_url: str) -> str:
     return base_url + ("/messages" if base_url.endswith("/v1") else "/v1/messages")
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(TranslatingProvider):
+    translator = AnthropicStreamTranslator
+
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
-        super().__init__(config)
-        self._session = session
+        version = {"anthropic-version": config.api_version or DEFAULT_VERSION}
+        super().__init__(config, session, version, key_header="x-api-key")
         self._url = messages_url(config.base_url)
-        self._headers = {
-            "Content-Type": "application/json",
-            "anthropic-version": config.api_version or DEFAULT_VERSION,
-            **config.headers,
-        }
-        if config.api_key:
-            self._headers["x-api-key"] = config.api_key
+
+    def url(self, call: Call) -> str:
+        return self._url
 
     def payload(self, call: Call) -> bytes:
         if call.endpoint == "embeddings":
@@ -292,48 +236,15 @@ class AnthropicProvider(Provider):
         )
         return orjson.dumps(body)
 
-    async def _send(self, call: Call) -> aiohttp.ClientResponse:
-        payload = self.payload(call)
-        headers = {**self._headers, "X-Request-Id": call.request_id}
-        resp = await http.post(
-            self._session, self.config, self._url, payload, headers, call.timeouts
-        )
-        if resp.status >= 400:
-            body = await http.read_body(resp, self.config, call.timeouts)
-            raise anthropic_error(resp.status, body, resp.headers, self.config)
-        return resp
+    def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
+        return anthropic_error(status, body, headers, self.config)
 
     async def complete(self, call: Call) -> Reply:
-        resp = await self._send(call)
-        raw = await http.read_body(resp, self.config, call.timeouts)
-        try:
-            msg = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            msg = None
-        if not isinstance(msg, dict):
-            raise UpstreamUnavailable(
-                f"provider '{self.name}' returned a response that is not a JSON object"
-            )
         out = from_anthropic(
-            msg,
+            await self.answer(call),
             chat_id=chat_id(call),
             created=int(time.time()),
             model=call.model,
             endpoint=call.endpoint,
         )
         return Reply(body=orjson.dumps(out), usage=usage_from_openai(out.get("usage")))
-
-    async def stream(self, call: Call) -> UpstreamStream:
-        resp = await self._send(call)
-        translator = AnthropicStreamTranslator(
-            chat_id=chat_id(call),
-            model=call.model,
-            created=int(time.time()),
-            endpoint=call.endpoint,
-        )
-        return TranslatedStream(resp, self.config, translator)
-
-
-def chat_id(call: Call) -> str:
-    """The response id: tied to the gateway's request id, like the echo provider's."""
-    return ("chatcmpl-" if call.endpoint == "chat" else "cmpl-") + call.request_id

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.errors import InvalidRequest
+from proxy.providers.translated import function_call, positive_int, prompt_text
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -35,24 +36,6 @@ JSON_OBJECT_HINT = "Respond with a single valid JSON object and nothing else."
 _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,(.*)", re.DOTALL)
 _SYSTEM_ROLES = ("system", "developer")
 Json = dict[str, Any]
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def prompt_text(body: Json) -> str:
-    """The single prompt of a legacy completions request, or a clear 400."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidRequest(
-            "This model's provider takes one text prompt per request; "
-            "batched prompts and token arrays are not supported.",
-            param="prompt",
-        )
-    return prompt
 
 
 def chat_messages(body: Json, endpoint: str) -> list[Any]:
@@ -107,33 +90,14 @@ def _text(content: Any, where: str) -> str:
     return "".join(b.get("text", "") for b in blocks)
 
 
-def _arguments(raw: Any, where: str) -> Any:
-    if raw is None or raw == "":
-        return {}
-    if isinstance(raw, dict):
-        return raw
-    try:
-        value = orjson.loads(raw)
-    except (orjson.JSONDecodeError, TypeError):
-        raise InvalidRequest("Tool call arguments must be a JSON object.", param=where) from None
-    if not isinstance(value, dict):
-        raise InvalidRequest("Tool call arguments must be a JSON object.", param=where)
-    return value
-
-
 def _assistant(msg: Json, where: str) -> list[Json]:
     blocks: list[Json] = []
     text = _text(msg.get("content"), f"{where}.content")
     if text:
         blocks.append({"type": "text", "text": text})
     for j, call in enumerate(msg.get("tool_calls") or ()):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise InvalidRequest(
-                "Tool calls need a function name.", param=f"{where}.tool_calls[{j}]"
-            )
-        args = _arguments(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
-        blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn["name"], "input": args})
+        name, args = function_call(call, f"{where}.tool_calls[{j}]")
+        blocks.append({"type": "tool_use", "id": call.get("id"), "name": name, "input": args})
     return blocks
 
 
@@ -265,10 +229,10 @@ def usage_json(usage: Any) -> Json | None:
     """Anthropic usage as OpenAI's ``usage`` object (see the module docstring)."""
     if not isinstance(usage, dict):
         return None
-    read = _int(usage.get("cache_read_input_tokens"))
-    write = _int(usage.get("cache_creation_input_tokens"))
-    prompt = _int(usage.get("input_tokens")) + read + write
-    completion = _int(usage.get("output_tokens"))
+    read = positive_int(usage.get("cache_read_input_tokens"))
+    write = positive_int(usage.get("cache_creation_input_tokens"))
+    prompt = positive_int(usage.get("input_tokens")) + read + write
+    completion = positive_int(usage.get("output_tokens"))
     out: Json = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -25,6 +25,7 @@ connection, which stops Gemini's generation.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -33,10 +34,8 @@ import orjson
 
 from proxy import tokens
 from proxy.config import ProviderConfig
-from proxy.errors import GatewayError, ProviderHTTPError, UpstreamStreamBroken, UpstreamUnavailable
-from proxy.providers import http
-from proxy.providers.anthropic import TranslatedStream, chat_id
-from proxy.providers.base import Call, Provider, Reply, UpstreamStream
+from proxy.errors import GatewayError, ProviderHTTPError, UpstreamStreamBroken
+from proxy.providers.base import Call, Reply
 from proxy.providers.gemini_translate import (
     Json,
     call_id,
@@ -49,6 +48,7 @@ from proxy.providers.gemini_translate import (
     tool_call,
     usage_json,
 )
+from proxy.providers.translated import TranslatingProvider, chat_id, error_object, passed_headers
 from proxy.sse import DONE, data_event, event_data
 from proxy.usage import usage_from_openai
 
@@ -144,20 +144,17 @@ class GeminiStreamTranslator:
         return self._chunk([{**choice, "logprobs": None, "finish_reason": finish}])
 
 
-def _error_object(body: bytes) -> Json:
+def gemini_error(
+    status: int, body: bytes, headers: Mapping[str, str], cfg: ProviderConfig
+) -> GatewayError:
+    """A Gemini error (``{"error": {"code", "message", "status"}}``) in OpenAI's shape."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return {}
+        parsed = None
     if isinstance(parsed, list) and parsed:  # streaming endpoints wrap it in a list
         parsed = parsed[0]
-    err = parsed.get("error") if isinstance(parsed, dict) else None
-    return err if isinstance(err, dict) else {}
-
-
-def gemini_error(status: int, body: bytes, headers: Any, cfg: ProviderConfig) -> GatewayError:
-    """A Gemini error (``{"error": {"code", "message", "status"}}``) in OpenAI's shape."""
-    err = _error_object(body)
+    err = error_object(parsed)
     grpc = err.get("status")
     grpc = grpc if isinstance(grpc, str) else ""
     message = err.get("message") or f"provider '{cfg.name}' returned HTTP {status}"
@@ -166,9 +163,8 @@ def gemini_error(status: int, body: bytes, headers: Any, cfg: ProviderConfig) ->
         grpc.lower() or None,
     )
     err_type, code = _STATUS_KINDS.get(grpc, kinds)
-    passed = {h: headers[h] for h in http.PASSED_ERROR_HEADERS if h in headers}
     error = {"message": message, "type": err_type, "code": code}
-    return ProviderHTTPError(status, error, headers=passed)
+    return ProviderHTTPError(status, error, headers=passed_headers(headers))
 
 
 def api_root(cfg: ProviderConfig) -> str:
@@ -177,14 +173,12 @@ def api_root(cfg: ProviderConfig) -> str:
     return f"{cfg.base_url}/{cfg.api_version or DEFAULT_VERSION}"
 
 
-class GeminiProvider(Provider):
+class GeminiProvider(TranslatingProvider):
+    translator = GeminiStreamTranslator
+
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
-        super().__init__(config)
-        self._session = session
+        super().__init__(config, session, {}, key_header="x-goog-api-key")
         self._root = api_root(config)
-        self._headers = {"Content-Type": "application/json", **config.headers}
-        if config.api_key:
-            self._headers["x-goog-api-key"] = config.api_key
 
     def url(self, call: Call) -> str:
         model = quote(call.model.removeprefix("models/"), safe="")
@@ -199,28 +193,11 @@ class GeminiProvider(Provider):
             return orjson.dumps(to_gemini_embed(call.body, call.model.removeprefix("models/")))
         return orjson.dumps(to_gemini(call.body, call.endpoint))
 
-    async def _send(self, call: Call) -> aiohttp.ClientResponse:
-        payload = self.payload(call)
-        headers = {**self._headers, "X-Request-Id": call.request_id}
-        resp = await http.post(
-            self._session, self.config, self.url(call), payload, headers, call.timeouts
-        )
-        if resp.status >= 400:
-            body = await http.read_body(resp, self.config, call.timeouts)
-            raise gemini_error(resp.status, body, resp.headers, self.config)
-        return resp
+    def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
+        return gemini_error(status, body, headers, self.config)
 
     async def complete(self, call: Call) -> Reply:
-        resp = await self._send(call)
-        raw = await http.read_body(resp, self.config, call.timeouts)
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            obj = None
-        if not isinstance(obj, dict):
-            raise UpstreamUnavailable(
-                f"provider '{self.name}' returned a response that is not a JSON object"
-            )
+        obj = await self.answer(call)
         if call.endpoint == "embeddings":
             return self._embeddings(call, obj)
         created = int(time.time())
@@ -236,13 +213,3 @@ class GeminiProvider(Provider):
         # None lets the relay mark the tiktoken estimate as such.
         usage = usage_from_openai(out["usage"]) if "usageMetadata" in obj else None
         return Reply(body=orjson.dumps(out), usage=usage)
-
-    async def stream(self, call: Call) -> UpstreamStream:
-        resp = await self._send(call)
-        translator = GeminiStreamTranslator(
-            chat_id=chat_id(call),
-            model=call.model,
-            created=int(time.time()),
-            endpoint=call.endpoint,
-        )
-        return TranslatedStream(resp, self.config, translator)

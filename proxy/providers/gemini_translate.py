@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from proxy.errors import InvalidRequest
+from proxy.providers.translated import function_call, positive_int, prompt_text
 
 Json = dict[str, Any]
 SIGNATURE_MARK = "~ts~"
@@ -38,24 +39,6 @@ _FILTERED = frozenset(
     ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY")
 )
 _TOOL_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def prompt_text(body: Json) -> str:
-    """The single prompt of a legacy completions request, or a clear 400."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidRequest(
-            "This model's provider takes one text prompt per request; "
-            "batched prompts and token arrays are not supported.",
-            param="prompt",
-        )
-    return prompt
 
 
 # -- request ------------------------------------------------------------------
@@ -98,32 +81,15 @@ def _parts(content: Any, where: str) -> list[Json]:
     raise InvalidRequest("Message content must be a string or an array.", param=where)
 
 
-def _arguments(raw: Any, where: str) -> Json:
-    if raw is None or raw == "":
-        return {}
-    try:
-        value = raw if isinstance(raw, dict) else orjson.loads(raw)
-    except (orjson.JSONDecodeError, TypeError):
-        value = None
-    if not isinstance(value, dict):
-        raise InvalidRequest("Tool call arguments must be a JSON object.", param=where)
-    return value
-
-
 def _model_parts(msg: Json, where: str, names: dict[str, str]) -> list[Json]:
     parts = [p for p in _parts(msg.get("content"), f"{where}.content") if "text" in p]
     for j, call in enumerate(msg.get("tool_calls") or ()):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise InvalidRequest(
-                "Tool calls need a function name.", param=f"{where}.tool_calls[{j}]"
-            )
-        args = _arguments(fn.get("arguments"), f"{where}.tool_calls[{j}].function.arguments")
-        part: Json = {"functionCall": {"name": fn["name"], "args": args}}
+        name, args = function_call(call, f"{where}.tool_calls[{j}]")
+        part: Json = {"functionCall": {"name": name, "args": args}}
         call_id = str(call.get("id") or "")
         if SIGNATURE_MARK in call_id:
             part["thoughtSignature"] = call_id.rpartition(SIGNATURE_MARK)[2]
-        names[call_id] = fn["name"]
+        names[call_id] = name
         parts.append(part)
     return parts
 
@@ -254,15 +220,17 @@ def usage_json(meta: Any) -> Json | None:
     """Gemini ``usageMetadata`` as OpenAI's ``usage`` (see the module docstring)."""
     if not isinstance(meta, dict):
         return None
-    prompt = _int(meta.get("promptTokenCount")) + _int(meta.get("toolUsePromptTokenCount"))
-    thoughts = _int(meta.get("thoughtsTokenCount"))
-    completion = _int(meta.get("candidatesTokenCount")) + thoughts
+    prompt = positive_int(meta.get("promptTokenCount")) + positive_int(
+        meta.get("toolUsePromptTokenCount")
+    )
+    thoughts = positive_int(meta.get("thoughtsTokenCount"))
+    completion = positive_int(meta.get("candidatesTokenCount")) + thoughts
     out: Json = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-    cached = _int(meta.get("cachedContentTokenCount"))
+    cached = positive_int(meta.get("cachedContentTokenCount"))
     if cached:
         out["prompt_tokens_details"] = {"cached_tokens": cached}
     if thoughts:
