@@ -65,6 +65,20 @@ async def test_chat_uses_deployment_url_version_and_api_key(gw: Gateway, fake: F
     assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (11, 6, "provider")
 
 
+async def test_a_passed_through_name_stays_one_deployment(gw: Gateway, fake: FakeAzure) -> None:
+    """A glob route sends the client's model name as the deployment: it must
+    not be able to add a query parameter or leave the deployments path."""
+    name = "azure-x?api-version=1999-01-01&key=1"
+    resp = await gw.sdk().chat.completions.create(model=name, messages=MSG)
+    assert resp.choices[0].message.content == "".join(WORDS)
+    assert fake.queries[-1] == {"api-version": "2024-10-21"}
+    assert fake.seen[-1].path == f"/openai/deployments/{name}/chat/completions"
+    # Unquoted, "../" would be resolved away and the request miss the route.
+    climb = "azure-y/../../../other"
+    await gw.sdk().chat.completions.create(model=climb, messages=MSG)
+    assert fake.seen[-1].path == f"/openai/deployments/{climb}/chat/completions"
+
+
 async def test_stream_asks_for_usage_and_bills_it(gw: Gateway, fake: FakeAzure) -> None:
     stream = await gw.sdk().chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
     chunks = [c async for c in stream]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -120,7 +121,9 @@ class AzureProvider(OpenAIProvider):
 
     def url(self, call: Call) -> str:
         version = self.config.api_version or "2024-10-21"
+        # A glob route passes the client's model name through: quoted, it
+        # stays one path segment and cannot add a query or climb the path.
         return (
-            f"{self.config.base_url}/openai/deployments/{call.model}"
+            f"{self.config.base_url}/openai/deployments/{quote(call.model, safe='')}"
             f"{_PATHS[call.endpoint]}?api-version={version}"
         )
