@@ -227,6 +227,9 @@ class Processes:
         self.procs.append((name, proc))
         _wait_listening(name, proc, port, self.logdir / f"{name}.log")
 
+    def pid(self, name: str) -> int:
+        return next(proc.pid for n, proc in self.procs if n == name)
+
     def stop_all(self) -> None:
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
@@ -272,6 +275,22 @@ class Point:
     errors: int
     first_error: str = ""
     requests: int = 0
+    # CPU time of the serving process (utime + stime, its threads included)
+    # in the measured window, per completed request; None where unreadable.
+    cpu_us: float | None = None
+
+
+_TICK_US = 1e6 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 1e4
+
+
+def _cpu_us(pid: int) -> float | None:
+    """utime + stime of a process so far, from /proc (Linux), in microseconds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) * _TICK_US
 
 
 def _pct(sorted_us: list[int], q: float) -> float:
@@ -285,9 +304,10 @@ def _split(total: int, parts: int) -> list[int]:
 
 
 def measure(
-    procs: Processes, port: int, scenario: Scenario, c: int, args: argparse.Namespace
+    procs: Processes, port: int, scenario: Scenario, c: int, args: argparse.Namespace, pid: int
 ) -> Point:
-    """Run the load generator (as ``--loadgen-procs`` processes) and merge their samples."""
+    """Run the load generator (as ``--loadgen-procs`` processes) and merge their samples;
+    ``pid`` is the serving process, whose CPU time is read around the measured window."""
     shares = _split(c, min(c, args.loadgen_procs))
     start_at = time.time() + 0.5  # lets every generator process import and connect first
     common = [
@@ -307,6 +327,11 @@ def measure(
         for n in shares
     ]
     try:
+        window = start_at + args.warmup  # the generators' measured window opens here
+        time.sleep(max(0.0, window - time.time()))
+        cpu_from = _cpu_us(pid)
+        time.sleep(max(0.0, window + args.duration - time.time()))
+        cpu_to = _cpu_us(pid)
         outs = [g.communicate(timeout=args.warmup + args.duration + 30)[0] for g in gens]
     finally:
         for g in gens:
@@ -317,6 +342,8 @@ def measure(
         raise RuntimeError(f"load generator failed against port {port}: exit {gens[0].returncode}")
     results = [orjson.loads(o) for o in outs]
     lat = sorted(x for r in results for x in r["latency_us"])
+    ok = sum(r["ok"] for r in results)
+    cpu = None if cpu_from is None or cpu_to is None or not ok else (cpu_to - cpu_from) / ok
     ttfb = sorted(x for r in results for x in r["ttfb_us"])
     return Point(
         rps=sum(r["ok"] / r["elapsed"] for r in results),
@@ -326,6 +353,7 @@ def measure(
         errors=sum(r["errors"] for r in results),
         first_error=next((r["first_error"] for r in results if r["first_error"]), ""),
         requests=len(lat),
+        cpu_us=cpu,
     )
 
 
@@ -342,6 +370,7 @@ class Row:
     ttfb_p50_ms: float | None
     errors: int
     first_error: str
+    cpu_us: float | None = None
     repeats: list[Point] = field(default_factory=list)
     vs_direct: float | None = None
     added_p50_ms: float | None = None
@@ -349,6 +378,7 @@ class Row:
 
 def _median_row(scenario: str, c: int, target: str, points: list[Point]) -> Row:
     ttfbs = [p.ttfb_p50_ms for p in points if p.ttfb_p50_ms is not None]
+    cpus = [p.cpu_us for p in points if p.cpu_us is not None]
     return Row(
         scenario=scenario,
         concurrency=c,
@@ -359,6 +389,7 @@ def _median_row(scenario: str, c: int, target: str, points: list[Point]) -> Row:
         ttfb_p50_ms=statistics.median(ttfbs) if ttfbs else None,
         errors=sum(p.errors for p in points),
         first_error=next((p.first_error for p in points if p.first_error), ""),
+        cpu_us=statistics.median(cpus) if cpus else None,
         repeats=points,
     )
 
@@ -381,14 +412,15 @@ def _fmt(v: float | None, spec: str) -> str:
 def table(rows: list[Row]) -> str:
     lines = [
         "| scenario | c | target | rps | of direct | p50 ms | p99 ms | TTFB p50 ms "
-        "| added p50 ms (c=1) | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| added p50 ms (c=1) | CPU µs/req | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.scenario} | {r.concurrency} | {r.target} | {r.rps:,.0f} "
             f"| {_fmt(r.vs_direct, '.2f')} | {r.p50_ms:.3f} | {r.p99_ms:.3f} "
-            f"| {_fmt(r.ttfb_p50_ms, '.3f')} | {_fmt(r.added_p50_ms, '+.3f')} | {r.errors} |"
+            f"| {_fmt(r.ttfb_p50_ms, '.3f')} | {_fmt(r.added_p50_ms, '+.3f')} "
+            f"| {_fmt(r.cpu_us, '.0f')} | {r.errors} |"
         )
     return "\n".join(lines)
 
@@ -468,11 +500,13 @@ def run(args: argparse.Namespace, procs: Processes, env: Env) -> list[Row]:
         for s in scenarios:
             for c in levels:
                 for t in targets:
-                    p = measure(procs, ports[t.name], s, c, args)
+                    pid = procs.pid(t.name if t.command is not None else "fake_provider")
+                    p = measure(procs, ports[t.name], s, c, args, pid)
                     points.setdefault((s.name, c, t.name), []).append(p)
                     print(
                         f"  [{rep + 1}/{args.repeats}] {s.name:<11} c={c:<3} {t.name:<14} "
-                        f"{p.rps:>9,.0f} rps  p50 {p.p50_ms:.3f} ms  errors {p.errors}",
+                        f"{p.rps:>9,.0f} rps  p50 {p.p50_ms:.3f} ms  "
+                        f"cpu {_fmt(p.cpu_us, '.0f')} us/req  errors {p.errors}",
                         file=sys.stderr,
                     )
     rows = [_median_row(s, c, t, pts) for (s, c, t), pts in points.items()]
