@@ -30,6 +30,7 @@ from proxy.errors import QuotaExceeded, ServiceUnavailable
 from proxy.tiers import BillingPolicy, Tier
 
 Clock = Callable[[], datetime]
+_REFILL_TRIES = 8  # lease calls one admission may make before it gives up
 
 
 def utc_now() -> datetime:
@@ -116,34 +117,41 @@ class QuotaBook:
     ) -> Reservation | None:
         if lease.exhausted_until > time.monotonic():
             raise _exhausted(tier, lease, need_tokens, period_end(period) - self.clock())
-        want_r = self._policy.lease_requests if lease.requests < 1 else 0
-        short_t = max(0, need_tokens - lease.tokens)
-        want_t = max(short_t, self._policy.lease_tokens) if short_t else 0
-        try:
-            self.lease_calls += 1
-            row = await self._pool.fetchrow(
-                "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
-                self.worker_id,
-                who.tenant_id,
-                period,
-                want_r,
-                want_t,
-                short_t,
-                tier.monthly_requests,
-                tier.monthly_tokens,
-            )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return self._offline(who, period, need_tokens)
-        assert row is not None
-        lease.refilled_at = time.monotonic()
-        lease.requests += row["got_requests"]
-        lease.tokens += row["got_tokens"]
-        lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
-        if not _fits(lease, need_tokens):
-            # Nothing left: answer the next requests from here for a moment.
-            lease.exhausted_until = time.monotonic() + 0.25
-            raise _exhausted(tier, lease, need_tokens, period_end(period) - self.clock())
-        return None
+        # Requests that still fit keep being admitted while we wait on Postgres
+        # (refunds make room for them), so the lease may run short of what we
+        # did not ask for. Only a grant of nothing for what we asked means the
+        # month is used up; otherwise ask again for what is short now.
+        for _ in range(_REFILL_TRIES):
+            want_r = self._policy.lease_requests if lease.requests < 1 else 0
+            short_t = max(0, need_tokens - lease.tokens)
+            want_t = max(short_t, self._policy.lease_tokens) if short_t else 0
+            try:
+                self.lease_calls += 1
+                row = await self._pool.fetchrow(
+                    "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
+                    self.worker_id,
+                    who.tenant_id,
+                    period,
+                    want_r,
+                    want_t,
+                    short_t,
+                    tier.monthly_requests,
+                    tier.monthly_tokens,
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                return self._offline(who, period, need_tokens)
+            assert row is not None
+            lease.refilled_at = time.monotonic()
+            lease.requests += row["got_requests"]
+            lease.tokens += row["got_tokens"]
+            lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
+            if _fits(lease, need_tokens):
+                return None
+            if (want_r and not row["got_requests"]) or (short_t and not row["got_tokens"]):
+                break
+        # Nothing left: answer the next requests from here for a moment.
+        lease.exhausted_until = time.monotonic() + 0.25
+        raise _exhausted(tier, lease, need_tokens, period_end(period) - self.clock())
 
     def _offline(self, who: Principal, period: date, tokens: int) -> Reservation:
         if self._offline_used < self._policy.offline_allowance:
