@@ -187,11 +187,11 @@ async def _slot(host: str, port: int, request: bytes, stream: bool, stats: Stats
             await asyncio.sleep(0.01)
 
 
-def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
+def build_request(host: str, port: int, path: str, body: bytes, api_key: str) -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
         "Content-Type: application/json\r\nAccept: */*\r\n"
-        "Authorization: Bearer sk-bench\r\n"
+        f"Authorization: Bearer {api_key}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
@@ -206,6 +206,7 @@ async def run_point(
     max_requests: int = 10_000_000,
     start_at: float = 0.0,
     stream: bool = False,
+    api_key: str = "sk-bench",
 ) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "", parts.port or 80
@@ -215,7 +216,7 @@ async def run_point(
         await asyncio.sleep(max(0.0, start_at - time.time()))
     now = time.perf_counter()
     stats = Stats(now + warmup, now + warmup + duration, max_requests)
-    request = build_request(host, port, parts.path, body)
+    request = build_request(host, port, parts.path, body, api_key)
     slots = [_slot(host, port, request, stream, stats) for _ in range(concurrency)]
     try:
         # Hard bound: a hung response must not hold the benchmark hostage.
@@ -244,6 +245,7 @@ def main() -> None:
     p.add_argument("--max-requests", type=int, default=10_000_000)
     p.add_argument("--start-at", type=float, default=0.0, help="UNIX time to begin")
     p.add_argument("--stream", action="store_true", help="expect an SSE answer")
+    p.add_argument("--api-key", default="sk-bench", help="sent as the Bearer token")
     a = p.parse_args()
     try:
         import uvloop
@@ -261,6 +263,7 @@ def main() -> None:
             max_requests=a.max_requests,
             start_at=a.start_at,
             stream=a.stream,
+            api_key=a.api_key,
         )
     )
     sys.stdout.buffer.write(orjson.dumps(result))

@@ -55,6 +55,9 @@ class Env:
     workdir: Path
     dsn: str | None = None
     tollway_src: Path | None = None  # an exported proxy/ package; None: the working tree
+    redis_url: str | None = None  # for targets that bill: the same Redis for all
+    # API keys by target name, made by a target's command before it starts.
+    api_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def upstream(self) -> str:
@@ -84,7 +87,6 @@ def _floor_db(billing: str) -> Callable[[Env, int], list[str]]:
 
 TOLLWAY_YAML = """\
 server: {{host: 127.0.0.1, port: {port}}}
-auth: none
 providers:
   fake:
     kind: openai
@@ -102,24 +104,45 @@ CACHE_YAML = "cache: {enabled: true, unset_temperature: true, ttl_s: 3600}\n"
 CACHE_REDIS_YAML = "cache: {enabled: true, unset_temperature: true, local_ttl_s: 0}\n"
 
 
-def _tollway_serve(name: str, extra_yaml: str = "") -> Callable[[Env, int], list[str]]:
-    """``tollway serve`` with TOLLWAY_YAML plus ``extra_yaml``, files named after the target."""
+# The full path: API keys, tier admission against monthly quotas leased from
+# Postgres, the key's hourly window in Redis, one usage row per request.
+BILLING_YAML = """\
+auth: keys
+tiers:
+  bench: {requests_per_hour: 1000000000, monthly_requests: 1000000000,
+          monthly_tokens: 1000000000000, max_tokens: 4096}
+prices:
+  bench-model: {prompt: 1.0, completion: 2.0}
+"""
+
+
+def _tollway_serve(
+    name: str, extra_yaml: str = "", billing: bool = False
+) -> Callable[[Env, int], list[str]]:
+    """``tollway serve`` with TOLLWAY_YAML plus ``extra_yaml``, files named after
+    the target. ``billing``: ``BILLING_YAML`` on the run's Postgres and Redis,
+    with a tenant and key made first through the CLI."""
 
     def argv(env: Env, port: int) -> list[str]:
         config = env.workdir / f"{name}.yaml"
         yaml = TOLLWAY_YAML.format(port=port, provider_port=env.provider_port) + extra_yaml
-        config.write_text(yaml)
+        config.write_text(yaml + (BILLING_YAML if billing else "auth: none\n"))
         tollway = str(Path(PY).parent / "tollway")
         # A private data dir: the embedded Postgres (and Redis) that serve starts
         # must not be the ones colleagues' instances use in ./.tollway/. auth: none
         # bills nothing, so Postgres only serves the start-up; Redis, a child of
-        # serve, shares the proxy's CPU.
-        environ = [f"TOLLWAY_DATA_DIR={env.workdir / f'{name}-data'}"]
+        # serve, shares the proxy's CPU. A billing target uses the run's
+        # Postgres and Redis instead, the ones floor_db_batch uses too.
+        environ = {"TOLLWAY_DATA_DIR": str(env.workdir / f"{name}-data")}
         if env.tollway_src is not None:
             # PYTHONPATH comes before the editable install's finder: this runs the export.
-            environ.append(f"PYTHONPATH={env.tollway_src}")
+            environ["PYTHONPATH"] = str(env.tollway_src)
+        if billing:
+            assert env.dsn is not None and env.redis_url is not None
+            environ |= {"DATABASE_URL": env.dsn, "REDIS_URL": env.redis_url}
+            env.api_keys[name] = _bench_key(tollway, name, config, environ)
         return [
-            *("env", *environ),
+            *("env", *(f"{k}={v}" for k, v in environ.items())),
             *(tollway, "serve", "--migrate", "--config", str(config)),
             *("--host", "127.0.0.1", "--port", str(port)),
         ]
@@ -127,13 +150,68 @@ def _tollway_serve(name: str, extra_yaml: str = "") -> Callable[[Env, int], list
     return argv
 
 
+def _bench_key(tollway: str, name: str, config: Path, environ: dict[str, str]) -> str:
+    """A tenant on the bench tier and one API key for it, through the CLI."""
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [tollway, *args, "--config", str(config)],
+            env={**os.environ, **environ},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode:
+            raise RuntimeError(f"tollway {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    subprocess.run([tollway, "migrate"], env={**os.environ, **environ}, check=True, timeout=120)
+    tenant = f"{name}-{os.getpid()}-{int(time.time())}"
+    cli("tenants", "create", tenant, "--tier", "bench")
+    key: str = orjson.loads(cli("keys", "create", "--tenant", tenant, "--json"))["api_key"]
+    return key
+
+
 _tollway = _tollway_serve("tollway")
 
 
-def _stop_embedded_postgres(env: Env) -> None:
+class Datastores:
+    """The Postgres and Redis that billing targets share, for this run only:
+    ``--dsn`` or an embedded Postgres, and an embedded Redis; started only
+    when a target needs them, stopped by ``stop``. Unpinned: like a real
+    database host, they are nobody's CPU in particular."""
+
+    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+        self.dsn: str | None = args.dsn
+        self.redis_url: str | None = None
+        self._servers: list[Any] = []
+        wanted = set(args.targets.split(","))
+        if not wanted & {"floor_db_batch", "tollway_billing"}:
+            return
+        from proxy.datastores import EmbeddedPostgres, EmbeddedRedis
+
+        pinned = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the servers inherit it
+        try:
+            if self.dsn is None:
+                pg = EmbeddedPostgres(workdir / "bench-pg", cleanup="delete")
+                self.dsn = pg.start()
+                self._servers.append(pg)
+            redis = EmbeddedRedis(workdir / "bench-redis")
+            self.redis_url = redis.start()
+            self._servers.append(redis)
+        finally:
+            os.sched_setaffinity(0, pinned)
+
+    def stop(self) -> None:
+        for server in reversed(self._servers):
+            server.stop()
+
+
+def _stop_embedded_postgres(workdir: Path) -> None:
     """Safety net: serve stops its embedded Postgres on exit, but if it was
     killed the postmaster (daemonized, so not our child) would linger."""
-    for pidfile in env.workdir.glob("*-data/postgres/postmaster.pid"):
+    for pidfile in workdir.glob("*-data/postgres/postmaster.pid"):
         try:
             pid = int(pidfile.read_text().split()[0])
             os.kill(pid, signal.SIGTERM)
@@ -164,7 +242,7 @@ def tollway_version(rev: str | None) -> str:
 
 
 def _needs_dsn(env: Env) -> str | None:
-    return None if env.dsn else "needs --dsn"
+    return None if env.dsn else "no Postgres"
 
 
 TARGETS = [
@@ -172,6 +250,7 @@ TARGETS = [
     Target("floor_proxy", _floor),
     Target("floor_db_batch", _floor_db("batch"), _needs_dsn),
     Target("tollway", _tollway),
+    Target("tollway_billing", _tollway_serve("tollway_billing", billing=True), _needs_dsn),
     Target("tollway_cache", _tollway_serve("tollway_cache", CACHE_YAML)),
     Target("tollway_cache_redis", _tollway_serve("tollway_cache_redis", CACHE_REDIS_YAML)),
 ]
@@ -304,7 +383,13 @@ def _split(total: int, parts: int) -> list[int]:
 
 
 def measure(
-    procs: Processes, port: int, scenario: Scenario, c: int, args: argparse.Namespace, pid: int
+    procs: Processes,
+    port: int,
+    scenario: Scenario,
+    c: int,
+    args: argparse.Namespace,
+    pid: int,
+    api_key: str = "sk-bench",
 ) -> Point:
     """Run the load generator (as ``--loadgen-procs`` processes) and merge their samples;
     ``pid`` is the serving process, whose CPU time is read around the measured window."""
@@ -317,6 +402,7 @@ def measure(
         f"--warmup={args.warmup}",
         f"--max-requests={args.max_requests // len(shares)}",
         f"--start-at={start_at}",
+        f"--api-key={api_key}",
         *(["--stream"] if scenario.stream else []),
     ]
     gens = [
@@ -445,6 +531,7 @@ def verdicts(rows: list[Row]) -> list[str]:
                 f"{'PASS' if ok else 'FAIL'} {s}: tollway c=16 {tw.rps:,.0f} rps vs floor_proxy "
                 f"{fl.rps:,.0f} rps ({tw.rps / fl.rps:.2f}x, target >= 1.00x)"
             )
+        out += _billing_verdicts(by, s)
         hit, direct = by.get((s, 16, "tollway_cache")), by.get((s, 16, "direct"))
         if hit is not None and direct is not None:
             ok = hit.rps > direct.rps
@@ -452,6 +539,27 @@ def verdicts(rows: list[Row]) -> list[str]:
                 f"{'PASS' if ok else 'FAIL'} {s}: tollway cache hits c=16 {hit.rps:,.0f} rps vs "
                 f"direct {direct.rps:,.0f} rps ({hit.rps / direct.rps:.2f}x, target > 1.00x)"
             )
+    return out
+
+
+def _billing_verdicts(by: dict[tuple[str, int, str], Row], s: str) -> list[str]:
+    """Issue 3's targets for the full path: c=16 at least 80% of floor_db_batch,
+    added p50 at c=1 under 1 ms."""
+    out = []
+    tw = by.get((s, 1, "tollway_billing"))
+    if tw is not None and tw.added_p50_ms is not None:
+        ok = tw.added_p50_ms < 1.0
+        out.append(
+            f"{'PASS' if ok else 'FAIL'} {s}: tollway_billing added p50 at c=1 "
+            f"{tw.added_p50_ms:+.3f} ms (target < 1 ms)"
+        )
+    tw, fl = by.get((s, 16, "tollway_billing")), by.get((s, 16, "floor_db_batch"))
+    if tw is not None and fl is not None:
+        ok = tw.rps >= 0.8 * fl.rps
+        out.append(
+            f"{'PASS' if ok else 'FAIL'} {s}: tollway_billing c=16 {tw.rps:,.0f} rps vs "
+            f"floor_db_batch {fl.rps:,.0f} rps ({tw.rps / fl.rps:.2f}x, target >= 0.80x)"
+        )
     return out
 
 
@@ -501,7 +609,8 @@ def run(args: argparse.Namespace, procs: Processes, env: Env) -> list[Row]:
             for c in levels:
                 for t in targets:
                     pid = procs.pid(t.name if t.command is not None else "fake_provider")
-                    p = measure(procs, ports[t.name], s, c, args, pid)
+                    key = env.api_keys.get(t.name, "sk-bench")
+                    p = measure(procs, ports[t.name], s, c, args, pid, key)
                     points.setdefault((s.name, c, t.name), []).append(p)
                     print(
                         f"  [{rep + 1}/{args.repeats}] {s.name:<11} c={c:<3} {t.name:<14} "
@@ -526,7 +635,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=20, help="content chunks per fake stream")
     p.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes with taskset")
-    p.add_argument("--dsn", help="Postgres DSN, enables the floor_db_batch target")
+    p.add_argument(
+        "--dsn", help="Postgres for floor_db_batch and tollway_billing (default: embedded)"
+    )
     p.add_argument("--tollway-rev", help="measure proxy/ at this git revision (default: tree)")
     p.add_argument("--json", type=Path, help="write results here (default: bench/out/...)")
     p.add_argument("--no-json", action="store_true")
@@ -560,9 +671,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tollway-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         src = export_revision(args.tollway_rev, workdir / "src") if args.tollway_rev else None
-        env = Env(_free_port(), workdir, args.dsn, src)
         procs = Processes(pin, workdir)
+        stores = Datastores(workdir, args)
         try:
+            env = Env(_free_port(), workdir, stores.dsn, src, stores.redis_url)
             fake = [PY, str(ROOT / "bench" / "fake_provider.py"), str(env.provider_port)]
             fake.append(f"--chunks={args.chunks}")
             procs.start("fake_provider", fake, LOADGEN_CPU, env.provider_port)
@@ -572,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         finally:
             procs.stop_all()
-            _stop_embedded_postgres(env)
+            stores.stop()
+            _stop_embedded_postgres(workdir)
     report(args, rows, meta)
     return 0 if all(r.errors == 0 for r in rows) else 1
 
