@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import os
 import signal
@@ -35,6 +36,20 @@ def install_fast_loop() -> None:
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _tune_gc() -> None:
+    """Every request allocates a few hundred short-lived objects, so the
+    cyclic GC's default generation-0 threshold (700) runs a collection every
+    couple of requests, each one walking the young objects of everything in
+    flight. Objects alive after start-up (config, modules, pools) are frozen
+    out of collections, and collections run 50x less often; memory freed by
+    reference counting, nearly all of it, is unaffected."""
+    if os.environ.get("TOLLWAY_GC_TUNE", "1") == "0":
+        return
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(35_000, 20, 20)
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
@@ -97,6 +112,7 @@ async def serve(
                 loop.call_later(1.0, check_parent)
 
         loop.call_later(1.0, check_parent)
+    _tune_gc()
     # Only now: a SIGTERM sent as soon as this line appears must still clean up.
     if ready_line:
         print(ready_line, flush=True)
