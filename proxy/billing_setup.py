@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,31 @@ class BillingOptions:
     data_dir: Path
     clock: Clock = utc_now
     worker_id: str = ""
+    pool_size: int = 10  # Postgres connections per worker, at most
+    # asyncpg's prepared-statement cache; 0 behind PgBouncer in transaction
+    # pooling mode (before 1.21), where a statement may meet another backend.
+    statement_cache_size: int = 100
+
+    @classmethod
+    def from_env(cls, database_url: str, data_dir: Path) -> BillingOptions:
+        """``TOLLWAY_PG_POOL_SIZE`` and ``TOLLWAY_PG_STATEMENT_CACHE``."""
+        env = os.environ
+        return cls(
+            database_url,
+            data_dir,
+            pool_size=int(env.get("TOLLWAY_PG_POOL_SIZE") or 10),
+            statement_cache_size=int(env.get("TOLLWAY_PG_STATEMENT_CACHE") or 100),
+        )
 
 
-async def open_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, command_timeout=10)
+async def open_pool(dsn: str, max_size: int = 10, statement_cache_size: int = 100) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        command_timeout=10,
+        statement_cache_size=statement_cache_size,
+    )
     assert pool is not None
     return pool
 
@@ -36,7 +58,7 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG].current.config
         policy = config.billing or BillingPolicy()
-        pool = await open_pool(opts.database_url)
+        pool = await open_pool(opts.database_url, opts.pool_size, opts.statement_cache_size)
         try:
             await migrate.check(pool)
             worker = opts.worker_id or new_worker_id()

@@ -118,7 +118,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     install_fast_loop()
     app = build_app(
         config,
-        billing=BillingOptions(dsn, datastores.data_dir()),
+        billing=BillingOptions.from_env(dsn, datastores.data_dir()),
         redis=redis,
         reloading=ReloadOptions(Path(path)),
         metrics_dir=Path(metrics_dir) if metrics_dir else None,

@@ -145,12 +145,18 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         data_dir: Path | None = None,
         redis_url: str | None = None,
         config_file: Path | None = None,
+        statement_cache_size: int = 100,
     ) -> Gateway:
         """``config_file``: the config is written there and hot-reloaded from it."""
         settler = RecordingSettler()
         billing = None
         if database_url is not None:
-            billing = BillingOptions(database_url, data_dir or tmp_path, clock=clock)
+            billing = BillingOptions(
+                database_url,
+                data_dir or tmp_path,
+                clock=clock,
+                statement_cache_size=statement_cache_size,
+            )
         redis = RedisOptions(redis_url, probe_interval_s=0.1) if redis_url else None
         text = yaml.safe_dump(config)
         if config_file is not None:

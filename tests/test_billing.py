@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from proxy.auth import Principal
+from proxy.billing_setup import BillingOptions
 from proxy.state import BILLING
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
@@ -342,3 +343,31 @@ async def test_failures_and_disconnects_are_billed(
 
 def _principal(tenant_id: int) -> Principal:
     return Principal("key_x", "tw-x", tenant_id, "t", "tiny", None)
+
+
+async def test_billing_works_without_prepared_statement_cache(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind PgBouncer in transaction mode a named prepared statement may
+    land on another backend; TOLLWAY_PG_STATEMENT_CACHE=0 turns them off."""
+    monkeypatch.setenv("TOLLWAY_PG_STATEMENT_CACHE", "0")
+    monkeypatch.setenv("TOLLWAY_PG_POOL_SIZE", "3")
+    opts = BillingOptions.from_env(pg_url, tmp_path)
+    assert (opts.statement_cache_size, opts.pool_size) == (0, 3)
+    gw = await start_gateway(
+        billing_config(fake_openai.url, lease_requests=2),  # a lease call every 2 requests
+        database_url=pg_url,
+        data_dir=tmp_path,
+        statement_cache_size=opts.statement_cache_size,
+    )
+    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    for _ in range(5):
+        assert (await _chat(gw, key["api_key"]))[0] == 200
+    await wait_for(pg, EVENTS, tenant, expect=5)
+    usage = await _get(gw, "/v1/usage", key["api_key"])
+    assert usage["month"]["requests"]["used"] == 5
