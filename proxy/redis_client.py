@@ -82,6 +82,13 @@ class SharedRedis:
         """Background Redis work (cache writes, releases): held, drained at close."""
         self._tasks.spawn(_quiet(coro), name=name)
 
+    async def settled(self, limit: float = 2.0) -> None:
+        """Wait (up to ``limit`` s) for the background work spawned so far,
+        the probe aside: a cache store is in Redis once this returns."""
+        pending = self._tasks.running() - {self._probe_task}
+        if pending:
+            await asyncio.wait(pending, timeout=limit)
+
     async def ping(self) -> bool:
         try:
             await self.client.ping()

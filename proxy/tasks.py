@@ -33,6 +33,9 @@ class TaskGroup:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def running(self) -> set[asyncio.Task[Any]]:
+        return set(self._tasks)
+
     async def drain(self, grace: float) -> None:
         """Wait for running tasks up to ``grace`` seconds, then cancel the rest."""
         if not self._tasks:

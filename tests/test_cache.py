@@ -75,7 +75,7 @@ async def test_second_identical_request_is_a_hit(
     body = {"model": "fake-model", "messages": _msg(), "temperature": 0}
     status, headers, first = await _post(gw, body)
     assert (status, headers["x-tollway-cache"]) == (200, "miss")
-    await asyncio.sleep(0.05)
+    await gw.app[REDIS].settled()  # the miss's background store
     seen = len(fake_openai.seen)
     status, headers, again = await _post(gw, {**body, "user": "someone-else"})
     assert (status, headers["x-tollway-cache"]) == (200, "hit")
@@ -86,7 +86,7 @@ async def test_second_identical_request_is_a_hit(
     assert hit.cached and hit.status == 200 and hit.usage.total_tokens == 0
     emb = {"model": "fake-model", "input": unique("text")}
     assert (await _post(gw, emb, path="/embeddings"))[1]["x-tollway-cache"] == "miss"
-    await asyncio.sleep(0.05)
+    await gw.app[REDIS].settled()  # the miss's background store
     assert (await _post(gw, emb, path="/embeddings"))[1]["x-tollway-cache"] == "hit"
 
 
@@ -111,7 +111,7 @@ async def test_only_deterministic_requests_by_default(
     gw = await _open(start_gateway, fake_openai, redis_url, **cache)
     body = {"model": "fake-model", "messages": _msg(), **extra}
     assert (await _post(gw, body))[1]["x-tollway-cache"] == ("miss" if cached else "bypass")
-    await asyncio.sleep(0.05)
+    await gw.app[REDIS].settled()  # the miss's background store
     assert (await _post(gw, body))[1]["x-tollway-cache"] == ("hit" if cached else "bypass")
 
 
@@ -121,11 +121,11 @@ async def test_client_header_and_per_model_opt_out(
     gw = await _open(start_gateway, fake_openai, redis_url, models={"echo": {"enabled": False}})
     body = {"model": "fake-model", "messages": _msg(), "temperature": 0}
     assert (await _post(gw, body, x_tollway_cache="no-store"))[1]["x-tollway-cache"] == "bypass"
-    await asyncio.sleep(0.05)
+    await gw.app[REDIS].settled()  # any background store (none is expected)
     assert (await _post(gw, body))[1]["x-tollway-cache"] == "miss"  # no-store wrote nothing
     hot = {"model": "fake-model", "messages": _msg(), "temperature": 1.2}
     assert (await _post(gw, hot, x_tollway_cache="force"))[1]["x-tollway-cache"] == "miss"
-    await asyncio.sleep(0.05)
+    await gw.app[REDIS].settled()  # the miss's background store
     assert (await _post(gw, hot, x_tollway_cache="FORCE"))[1]["x-tollway-cache"] == "hit"
     assert (await _post(gw, hot))[1]["x-tollway-cache"] == "bypass"
     echo = {"model": "echo", "messages": _msg(), "temperature": 0}
@@ -152,7 +152,7 @@ async def test_entries_are_per_tenant_unless_shared(
     shared = {**own, "model": "fake-shared"}
     for body, bob_sees in ((own, "miss"), (shared, "hit")):
         assert (await _post(gw, body, alice["api_key"]))[1]["x-tollway-cache"] == "miss"
-        await asyncio.sleep(0.05)
+        await gw.app[REDIS].settled()  # the miss's background store
         assert (await _post(gw, body, alice["api_key"]))[1]["x-tollway-cache"] == "hit"
         assert (await _post(gw, body, bob["api_key"]))[1]["x-tollway-cache"] == bob_sees
 
@@ -205,13 +205,13 @@ async def test_errors_cut_streams_and_oversized_answers_are_not_stored(
         assert (await _post(gw, error))[0] == 400
         _, headers, raw = await _post(gw, cut)
         assert headers["x-tollway-cache"] == "miss" and b"upstream_stream_broken" in raw
-        await asyncio.sleep(0.05)
+        await gw.app[REDIS].settled()  # any background store (none is expected)
     assert len(fake_openai.seen) == 4
     small = await _open(start_gateway, fake_openai, redis_url, max_entry_bytes=64)
     body = {"model": "fake-model", "messages": _msg(), "temperature": 0}
     for _ in range(2):
         assert (await _post(small, body))[1]["x-tollway-cache"] == "miss"
-        await asyncio.sleep(0.05)
+        await small.app[REDIS].settled()  # the miss's background store
 
 
 async def test_entries_expire_after_their_ttl(
@@ -255,7 +255,7 @@ async def test_cache_hits_are_billed_by_policy(
     tenant, key = await tenant_with_key(pg, tmp_path, "pro")
     body = {"model": "fake-model", "messages": _msg(), "temperature": 0}
     assert (await _post(gw, body, key["api_key"]))[1]["x-tollway-cache"] == "miss"
-    await asyncio.sleep(0.05)
+    await gw.app[REDIS].settled()  # the miss's background store
     status, headers, _ = await _post(gw, body, key["api_key"])
     assert (status, headers["x-tollway-cache"]) == (200, "hit")
     assert headers["x-ratelimit-remaining-requests"] == "998"  # a hit is a request
