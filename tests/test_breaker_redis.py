@@ -16,19 +16,12 @@ from tests.conftest import Gateway, StartGateway
 from tests.db import unique
 from tests.fakes_faults import FaultyOpenAI
 from tests.redis_server import OwnRedis
+from tests.test_breaker import Clock, clock
 from tests.test_forward import _chat, config, fake_a, fake_b, started
 
-__all__ = ["fake_a", "fake_b"]  # fixtures, imported for pytest
+__all__ = ["clock", "fake_a", "fake_b"]  # fixtures, imported for pytest
 POLICY = BreakerPolicy(failures=3, cooldown_s=10, max_cooldown_s=60)
 Instances = Callable[[str], tuple[Breakers, Breakers]]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -47,11 +40,6 @@ async def two_instances(clock: Clock) -> AsyncIterator[Instances]:
     yield make
     for client in clients:
         await client.close()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 async def _synced_health(b: Breakers, key: str) -> str:
