@@ -22,7 +22,7 @@ from proxy.auth import Principal
 from proxy.billing import Admission, ratelimit_headers
 from proxy.cache import Lookup
 from proxy.errors import GatewayError, InvalidApiKey
-from proxy.forward import forward
+from proxy.forward import Forwarded, forward
 from proxy.metering import StreamMeter
 from proxy.providers.base import Call, Endpoint, Reply
 from proxy.settle import UsageRecord
@@ -92,11 +92,24 @@ def quota_headers(request: web.Request, record: UsageRecord) -> dict[str, str]:
     return {**{k: v for k, v in monthly.items() if not k.endswith("-requests")}, **hourly}
 
 
+def _served_headers(
+    request: web.Request, record: UsageRecord, done: Forwarded, cache: dict[str, str]
+) -> dict[str, str]:
+    """Who served the answer, the cache's verdict, the caller's limits."""
+    return {
+        "x-request-id": record.request_id,
+        "x-tollway-provider": done.target.provider.name,
+        "x-tollway-model": done.target.model,
+        "x-tollway-attempts": str(done.attempts),
+        **cache,
+        **quota_headers(request, record),
+    }
+
+
 async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     started = time.perf_counter()
     snapshot = request.app[CONFIG].current  # one snapshot for the whole request
-    request_id = request[REQUEST_ID]
-    record = UsageRecord(request_id=request_id, endpoint=endpoint, config=snapshot.config)
+    record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
     meter: StreamMeter | None = None
     answer: Reply | None = None
     body: dict[str, Any] = {}
@@ -116,23 +129,16 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         found = await lookup(request, snapshot, who, body, endpoint, plan.public_model)
         record.cache = found.status
         if found.entry is not None:  # a hit skips forward and relay, and still settles
-            hit_headers = {"x-request-id": request_id, **quota_headers(request, record)}
+            hit_headers = {"x-request-id": record.request_id, **quota_headers(request, record)}
             usage_chunk = parse.wants_usage(body)
             return await cache_replay.serve_hit(
                 request, found, record, hit_headers, usage_chunk, started
             )
-        call = Call(endpoint, body, plan.public_model, record.stream, request_id)
+        call = Call(endpoint, body, plan.public_model, record.stream, record.request_id)
         done = await forward(request.app[UPSTREAMS], snapshot, plan, call, record)
         record.provider, record.provider_model = done.target.provider.name, done.target.model
         record.attempts = done.attempts
-        headers = {
-            "x-request-id": request_id,
-            "x-tollway-provider": done.target.provider.name,
-            "x-tollway-model": done.target.model,
-            "x-tollway-attempts": str(done.attempts),
-            **found.headers(),
-            **quota_headers(request, record),
-        }
+        headers = _served_headers(request, record, done, found.headers())
         if done.stream is not None:
             meter = StreamMeter(client_wants_usage=parse.wants_usage(body))
             resp = await relay.stream(request, done.stream, meter, headers, record, started)
