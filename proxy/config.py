@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from proxy.tiers import BillingPolicy, Price, Tier
 
 PROVIDER_KINDS = ("echo", "openai", "azure", "anthropic", "gemini")
+_PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,10 +379,14 @@ def _providers(resolved: Mapping[str, Node], root: Mapping[str, Node]) -> dict[s
     pnode = resolved["providers"]
     if not isinstance(pnode.value, dict) or not pnode.value:
         raise pnode.fail("must be a non-empty mapping of name -> provider")
+    for name in pnode.value:
+        if not isinstance(name, str) or not _PROVIDER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"providers.{name}: a provider name is 1-64 letters, digits, '.', '_' or '-' "
+                "(it goes into headers, metrics labels and 'provider/model' target keys)"
+            )
     return {
-        str(name): _provider(
-            str(name), Node(val, f"providers.{name}"), root["providers"].value.get(name)
-        )
+        name: _provider(name, Node(val, f"providers.{name}"), root["providers"].value.get(name))
         for name, val in pnode.value.items()
     }
 

@@ -72,6 +72,20 @@ def test_invalid_configs_name_the_key_path(path: list[Any], value: Any, message:
     assert str(exc.value).startswith(message)
 
 
+@pytest.mark.parametrize("name", ["a/b", "x{y}", "bad\nname", "", "-dash", "n" * 65, 7])
+def test_provider_names_that_would_break_keys_or_headers_are_refused(name: Any) -> None:
+    provider = BASE["providers"]["p"]
+    cfg = {**BASE, "providers": {name: provider}, "models": []}
+    with pytest.raises(ConfigError, match=r"a provider name is 1-64 letters"):
+        _parse(cfg)
+
+
+def test_provider_names_may_use_dots_dashes_underscores() -> None:
+    provider = BASE["providers"]["p"]
+    cfg = {**BASE, "providers": {"azure-east_2.prod": provider}, "models": []}
+    assert list(_parse(cfg).providers) == ["azure-east_2.prod"]
+
+
 def test_duplicate_names_and_aliases_are_refused() -> None:
     cfg = _broken(
         ["models"],
