@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy import cli_admin, redact
+from proxy import cli_admin, redact, sealed
 from proxy.accounts import AccountError
 from proxy.config import Config, load_config
 from proxy.config_reader import ConfigError
@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on an empty database, create a demo tenant and print one key",
     )
+    seal = sub.add_parser(
+        "seal", help="encrypt a secret read from stdin with $TOLLWAY_MASTER_KEY, for the YAML"
+    )
+    seal.add_argument("--new-key", action="store_true", help="print a new master key instead")
     check = sub.add_parser("check-config", help="validate a config file offline")
     check.add_argument("path", nargs="?", help="YAML config to check")
     cli_admin.add_commands(sub)
@@ -61,6 +65,19 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _seal(new_key: bool) -> int:
+    """``enc:...`` for a secret on stdin (one line; a trailing newline is
+    not part of it), or a new master key."""
+    if new_key:
+        print(sealed.new_key())
+        return 0
+    secret = sys.stdin.readline().rstrip("\r\n")
+    if not secret:
+        raise sealed.SealError("nothing to seal: pass the secret on stdin")
+    print(sealed.seal(secret, os.environ.get(sealed.MASTER_KEY_ENV)))
+    return 0
 
 
 def _print_demo_key(dsn: str, config: Config) -> None:
@@ -168,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
     try:
+        if args.command == "seal":
+            return _seal(args.new_key)
         if args.command == "check-config":
             cfg = load_config(_config_path(args.path))
             print(
@@ -181,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli_admin.run(args, config)
     except ConfigError as exc:
         print(f"tollway: config error: {exc}", file=sys.stderr)
+    except sealed.SealError as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
     except (StartupError, DatastoreError, NotMigrated, AccountError) as exc:
         print(f"tollway: {exc}", file=sys.stderr)
     except (OSError, ConnectionError) as exc:

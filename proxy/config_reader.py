@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from proxy import sealed
+
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 
@@ -86,7 +88,8 @@ class Node:
 
 
 def resolve_env(value: Any, path: str, env: Mapping[str, str]) -> Any:
-    """Replace ``${VAR}``/``${VAR:-default}`` in every string, recursively."""
+    """Replace ``${VAR}``/``${VAR:-default}`` in every string, recursively,
+    then open the values sealed with the master key (``enc:...``)."""
     if isinstance(value, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -97,7 +100,13 @@ def resolve_env(value: Any, path: str, env: Mapping[str, str]) -> Any:
                 return default or ""
             raise ConfigError(f"{path}: environment variable {name} is not set")
 
-        return ENV_REF.sub(sub, value)
+        text = ENV_REF.sub(sub, value)
+        if not sealed.is_sealed(text):
+            return text
+        try:
+            return sealed.open_sealed(text, env.get(sealed.MASTER_KEY_ENV))
+        except sealed.SealError as exc:
+            raise ConfigError(f"{path}: sealed value {exc}") from None
     if isinstance(value, dict):
         return {k: resolve_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
     if isinstance(value, list):
