@@ -291,13 +291,23 @@ class Ledger:
                 await self._heartbeat_and_sweep()
 
     async def reachable(self) -> bool:
-        """Whether Postgres answers a trivial query within a second (``/readyz``)."""
+        """Whether Postgres answers a trivial query within a second (``/readyz``).
+
+        Tried twice: after a Postgres restart the pool may hand out a
+        connection that died with the old server (it is dropped on release),
+        and that says nothing about the server now."""
         try:
             async with asyncio.timeout(1.0):
-                await self._pool.fetchval("SELECT 1")
+                for attempt in (1, 2):
+                    try:
+                        await self._pool.fetchval("SELECT 1")
+                        return True
+                    except (OSError, asyncpg.InterfaceError):
+                        if attempt == 2:
+                            raise
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return False
-        return True
+            pass
+        return False
 
     def stop(self) -> None:
         """Let ``run`` finish its current flush and return."""
