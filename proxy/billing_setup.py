@@ -18,6 +18,9 @@ from proxy.quota import Clock, QuotaBook, utc_now
 from proxy.state import BILLING, CONFIG, SETTLER, TASKS
 from proxy.tiers import BillingPolicy
 
+POOL_SIZE = 10
+STATEMENT_CACHE = 100  # asyncpg's default
+
 
 @dataclass(frozen=True, slots=True)
 class BillingOptions:
@@ -25,10 +28,10 @@ class BillingOptions:
     data_dir: Path
     clock: Clock = utc_now
     worker_id: str = ""
-    pool_size: int = 10  # Postgres connections per worker, at most
+    pool_size: int = POOL_SIZE  # Postgres connections per worker, at most
     # asyncpg's prepared-statement cache; 0 behind PgBouncer in transaction
     # pooling mode (before 1.21), where a statement may meet another backend.
-    statement_cache_size: int = 100
+    statement_cache_size: int = STATEMENT_CACHE
 
     @classmethod
     def from_env(cls, database_url: str, data_dir: Path) -> BillingOptions:
@@ -37,18 +40,18 @@ class BillingOptions:
         return cls(
             database_url,
             data_dir,
-            pool_size=int(env.get("TOLLWAY_PG_POOL_SIZE") or 10),
-            statement_cache_size=int(env.get("TOLLWAY_PG_STATEMENT_CACHE") or 100),
+            pool_size=int(env.get("TOLLWAY_PG_POOL_SIZE") or POOL_SIZE),
+            statement_cache_size=int(env.get("TOLLWAY_PG_STATEMENT_CACHE") or STATEMENT_CACHE),
         )
 
 
-async def open_pool(dsn: str, max_size: int = 10, statement_cache_size: int = 100) -> asyncpg.Pool:
+async def open_pool(opts: BillingOptions) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn,
+        opts.database_url,
         min_size=1,
-        max_size=max_size,
+        max_size=opts.pool_size,
         command_timeout=10,
-        statement_cache_size=statement_cache_size,
+        statement_cache_size=opts.statement_cache_size,
     )
     assert pool is not None
     return pool
@@ -58,7 +61,7 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG].current.config
         policy = config.billing or BillingPolicy()
-        pool = await open_pool(opts.database_url, opts.pool_size, opts.statement_cache_size)
+        pool = await open_pool(opts)
         try:
             await migrate.check(pool)
             worker = opts.worker_id or new_worker_id()

@@ -24,6 +24,7 @@ back replaces the mirror with the fleet's state.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ class _Contended(Exception):
     """Lost every WATCH race: not a Redis fault, so Redis is not marked down."""
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every target of every request
 def _hash(target: str) -> str:
     provider = target.split("/", 1)[0]
     return f"tw:br:{{{provider}}}"

@@ -57,7 +57,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.provider_limits import Permit, ProviderGate
-from proxy.providers.base import Call, Provider, Reply, UpstreamStream
+from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
 from proxy.retry import Schedule, retry_after, retryable
 from proxy.routing import RoutePlan, Target
 from proxy.settle import AttemptRecord, UsageRecord
@@ -303,7 +303,7 @@ async def _first_batch(
         raise
 
 
-class GuardedStream(UpstreamStream):
+class GuardedStream(BatchedStream):
     """The upstream stream as the relay sees it: the first batch of events
     (already read by ``forward``) comes first; a provider failure, the idle
     gap and the total time included (the adapter raises them as
@@ -321,11 +321,6 @@ class GuardedStream(UpstreamStream):
         self.headers = upstream.headers
         self._upstream, self._batches, self._first = upstream, batches, first
         self._slot, self._on_broken = slot, on_broken
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        async for batch in self.batches():
-            for event in batch:
-                yield event
 
     async def batches(self) -> AsyncIterator[list[bytes]]:
         yield self._first

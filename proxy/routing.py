@@ -15,10 +15,8 @@ plan also carries the retry policy: the matching rule's, else the model's.
 
 from __future__ import annotations
 
-import fnmatch
 import random
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from proxy.config import (
@@ -29,6 +27,7 @@ from proxy.config import (
     RouteRule,
     Timeouts,
 )
+from proxy.config_reader import Glob, compile_glob
 from proxy.errors import ModelNotFound, ProviderNotConfigured
 
 
@@ -64,14 +63,6 @@ class RoutePlan:
         return tuple(t for g in self.groups for t in g.targets)
 
 
-Glob = Callable[[str], object]  # a compiled glob: truthy when it matches
-
-
-def _glob(pattern: str) -> Glob:
-    """``config.glob_match(pattern, ·)``, compiled once instead of per request."""
-    return re.compile(fnmatch.translate(pattern)).match
-
-
 class _Rule:
     """A route rule with its ``when`` globs compiled."""
 
@@ -79,10 +70,10 @@ class _Rule:
 
     def __init__(self, rule: RouteRule) -> None:
         self.rule = rule
-        self.model = _glob(rule.when_model) if rule.when_model is not None else None
-        self.headers = [(name, _glob(p)) for name, p in rule.when_headers.items()]
-        self.tenant = _glob(rule.when_tenant) if rule.when_tenant is not None else None
-        self.tier = _glob(rule.when_tier) if rule.when_tier is not None else None
+        self.model = compile_glob(rule.when_model) if rule.when_model is not None else None
+        self.headers = [(name, compile_glob(p)) for name, p in rule.when_headers.items()]
+        self.tenant = compile_glob(rule.when_tenant) if rule.when_tenant is not None else None
+        self.tier = compile_glob(rule.when_tier) if rule.when_tier is not None else None
 
     def matches(
         self, model: str, headers: Mapping[str, str], tenant: str | None, tier: str | None
@@ -114,7 +105,7 @@ class Router:
         self._patterns: list[tuple[Glob, ModelConfig]] = []
         for model in config.models:
             if model.is_pattern:
-                self._patterns.append((_glob(model.name), model))
+                self._patterns.append((compile_glob(model.name), model))
             else:
                 self._exact[model.name] = model
             for alias in model.aliases:

@@ -36,6 +36,7 @@ from proxy.errors import (
     ProviderHTTPError,
     UpstreamStreamBroken,
 )
+from proxy.providers import http
 from proxy.providers.anthropic_translate import (
     Json,
     finish_reason,
@@ -48,7 +49,6 @@ from proxy.providers.translated import (
     TranslatingProvider,
     chat_id,
     error_object,
-    passed_headers,
 )
 from proxy.sse import DONE, data_event, event_data
 from proxy.usage import usage_from_openai
@@ -202,7 +202,7 @@ def anthropic_error(
     err_type, code = _ERROR_KINDS.get(kind, default)
     error = {"message": message, "type": err_type, "code": code}
     return ProviderHTTPError(
-        503 if status == 529 else status, error, headers=passed_headers(headers)
+        503 if status == 529 else status, error, headers=http.passed_headers(headers)
     )
 
 

@@ -73,6 +73,19 @@ class UpstreamStream(ABC):
     async def aclose(self) -> None: ...
 
 
+class BatchedStream(UpstreamStream):
+    """A stream that reads its events in batches: iterating it yields the
+    events of ``batches()`` one by one."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    @abstractmethod
+    def batches(self) -> AsyncIterator[list[bytes]]: ...
+
+
 class Provider(ABC):
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config

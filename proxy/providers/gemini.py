@@ -35,6 +35,7 @@ import orjson
 from proxy import tokens
 from proxy.config import ProviderConfig
 from proxy.errors import GatewayError, ProviderHTTPError, UpstreamStreamBroken
+from proxy.providers import http
 from proxy.providers.base import Call, Reply
 from proxy.providers.gemini_translate import (
     Json,
@@ -48,7 +49,7 @@ from proxy.providers.gemini_translate import (
     tool_call,
     usage_json,
 )
-from proxy.providers.translated import TranslatingProvider, chat_id, error_object, passed_headers
+from proxy.providers.translated import TranslatingProvider, chat_id, error_object
 from proxy.sse import DONE, data_event, event_data
 from proxy.usage import usage_from_openai
 
@@ -164,7 +165,7 @@ def gemini_error(
     )
     err_type, code = _STATUS_KINDS.get(grpc, kinds)
     error = {"message": message, "type": err_type, "code": code}
-    return ProviderHTTPError(status, error, headers=passed_headers(headers))
+    return ProviderHTTPError(status, error, headers=http.passed_headers(headers))
 
 
 def api_root(cfg: ProviderConfig) -> str:

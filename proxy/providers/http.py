@@ -9,7 +9,7 @@ body mid-stream ``UpstreamStreamBroken`` (502).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -111,9 +111,13 @@ def _timed_out(exc: TimeoutError, cfg: ProviderConfig, t: Timeouts, what: str) -
     return UpstreamTimeout(f"provider '{cfg.name}' exceeded its total time of {t.total:.3g}s")
 
 
+def passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The provider headers a client may see on an error (``retry-after``...)."""
+    return {h: headers[h] for h in PASSED_ERROR_HEADERS if h in headers}
+
+
 def openai_error(status: int, body: bytes, headers: Any, cfg: ProviderConfig) -> GatewayError:
     """A provider's non-2xx answer as a client-facing error, status kept."""
-    passed = {h: headers[h] for h in PASSED_ERROR_HEADERS if h in headers}
     err: dict[str, Any] = {}
     try:
         parsed = orjson.loads(body)
@@ -125,7 +129,4 @@ def openai_error(status: int, body: bytes, headers: Any, cfg: ProviderConfig) ->
         err = {"message": parsed["error"]}
     if not err.get("message"):
         err = {**err, "message": f"provider '{cfg.name}' returned HTTP {status}"}
-    return ProviderHTTPError(status, err, headers=passed)
-
-
-ErrorMapper = Callable[[int, bytes, Any, ProviderConfig], GatewayError]
+    return ProviderHTTPError(status, err, headers=passed_headers(headers))

@@ -22,7 +22,7 @@ import orjson
 from proxy.config import ProviderConfig, Timeouts
 from proxy.errors import UpstreamStreamBroken, UpstreamUnavailable
 from proxy.providers import http
-from proxy.providers.base import Call, Provider, Reply, UpstreamStream
+from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
 from proxy.sse import IncompleteEvent, iter_event_batches
 from proxy.usage import usage_from_openai
 
@@ -31,7 +31,7 @@ _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embedding
 _GATEWAY_FIELDS = ("api_base", "base_url", "api_key")
 
 
-class OpenAIStream(UpstreamStream):
+class OpenAIStream(BatchedStream):
     def __init__(
         self, resp: aiohttp.ClientResponse, cfg: ProviderConfig, timeouts: Timeouts | None
     ) -> None:
@@ -39,11 +39,6 @@ class OpenAIStream(UpstreamStream):
         self._cfg = cfg
         self._timeouts = timeouts
         self.headers = {}
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        async for batch in self.batches():
-            for event in batch:
-                yield event
 
     async def batches(self) -> AsyncIterator[list[bytes]]:
         try:

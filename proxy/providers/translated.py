@@ -88,31 +88,12 @@ def error_object(parsed: Any) -> Json:
     return err if isinstance(err, dict) else {}
 
 
-def passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The provider headers a client may see on an error (``retry-after``...)."""
-    return {h: headers[h] for h in http.PASSED_ERROR_HEADERS if h in headers}
-
-
-async def _whole_crlf(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    # iter_events normalises CRLF per chunk; a "\r" at a chunk's end would
-    # lose its "\n" to the next chunk, so it is held back until then.
-    held = b""
-    async for chunk in chunks:
-        chunk, held = held + chunk, b""
-        if chunk.endswith(b"\r"):
-            chunk, held = chunk[:-1], b"\r"
-        if chunk:
-            yield chunk
-    if held:
-        yield held
-
-
 async def translate_stream(
     chunks: AsyncIterable[bytes], translator: Translator, name: str
 ) -> AsyncIterator[bytes]:
     """Provider body bytes in, whole OpenAI SSE events out, one at a time."""
     try:
-        async for event in iter_events(_whole_crlf(chunks)):
+        async for event in iter_events(chunks):
             for out in translator.feed(event):
                 yield out
     except IncompleteEvent:
