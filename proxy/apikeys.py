@@ -56,7 +56,24 @@ def load_secret(data_dir: Path) -> bytes:
         return env.encode()
     path = data_dir / "key_secret"
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(48))
+        _create_once(path, secrets.token_urlsafe(48))
     return path.read_text().strip().encode()
+
+
+def _create_once(path: Path, content: str) -> None:
+    """Write ``content`` to a file of our own, then link it into place: the
+    workers of ``serve --workers N`` start together, and each must read
+    either nothing yet or the whole secret the first of them made."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic; fails if another worker was first
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
