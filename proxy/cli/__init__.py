@@ -1,0 +1,1 @@
+"""The tollway command, the admin CLI and the worker supervisor."""

@@ -1,0 +1,1 @@
+"""handle(): the stages in order, the snapshot a request reads."""

@@ -1,0 +1,1 @@
+"""Admission: quota reservation, per-key windows."""

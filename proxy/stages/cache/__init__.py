@@ -1,0 +1,1 @@
+"""The exact response cache: a stage that may answer a request itself."""

@@ -1,0 +1,1 @@
+"""Forward: attempts over a route plan, retries, breakers, balance."""

@@ -1,0 +1,1 @@
+"""Settlers: billing, metrics and the access log, each told of every request."""

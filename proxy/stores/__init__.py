@@ -1,0 +1,1 @@
+"""Postgres (ledger, keys, quota) and Redis (client, rate-limit windows)."""

@@ -1,0 +1,1 @@
+"""The aiohttp app, middlewares, handlers, admin routes, app keys, cleanup contexts."""
