@@ -188,7 +188,7 @@ class Datastores:
         wanted = set(args.targets.split(","))
         if not wanted & {"floor_db_batch", "tollway_billing"}:
             return
-        from proxy.datastores import EmbeddedPostgres, EmbeddedRedis
+        from proxy.stores.embedded import EmbeddedPostgres, EmbeddedRedis
 
         pinned = os.sched_getaffinity(0)
         os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the servers inherit it

@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 import yaml
 
-from proxy import accounts, apikeys
-from proxy.config import parse_config
+from proxy.config.model import parse_config
+from proxy.stores import accounts, apikeys
 from tests.conftest import gateway_config
 from tests.db import unique
 

@@ -14,15 +14,15 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.app import build_app
-from proxy.billing_setup import BillingOptions
-from proxy.config import parse_config
-from proxy.migrate import migrate
-from proxy.quota import Clock, utc_now
-from proxy.redis_client import RedisOptions
-from proxy.reload import ReloadOptions
-from proxy.server import make_runner
-from proxy.settle import UsageRecord
+from proxy.config.model import parse_config
+from proxy.core.record import UsageRecord
+from proxy.stores.migrate import migrate
+from proxy.stores.quota import Clock, utc_now
+from proxy.stores.redis_client import RedisOptions
+from proxy.web.app import build_app
+from proxy.web.billing_setup import BillingOptions
+from proxy.web.reload import ReloadOptions
+from proxy.web.server import make_runner
 from tests.db import start_database
 from tests.fakes import FakeOpenAI
 from tests.leaks import LeakWatch

@@ -11,7 +11,7 @@ import os
 import secrets
 from pathlib import Path
 
-from proxy.datastores import EmbeddedPostgres
+from proxy.stores.embedded import EmbeddedPostgres
 
 
 def start_database(root: Path) -> tuple[str, EmbeddedPostgres | None]:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from proxy.sse import event_data
+from proxy.core.sse import event_data
 from tests.fakes import FakeOpenAI
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from proxy.datastores import EmbeddedRedis
+from proxy.stores.embedded import EmbeddedRedis
 
 
 def start_redis(root: Path) -> tuple[str, EmbeddedRedis | None]:

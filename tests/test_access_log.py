@@ -12,8 +12,8 @@ import orjson
 import pytest
 import yaml
 
-from proxy.config import ConfigError, parse_config
-from proxy.middleware import sanitise_request_id
+from proxy.config.model import ConfigError, parse_config
+from proxy.web.middleware import sanitise_request_id
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeOpenAI

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import apikeys
+from proxy.stores import apikeys
 
 
 def test_workers_starting_together_share_one_secret(

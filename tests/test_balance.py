@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
-from proxy.balance import InFlight, arrange
-from proxy.config import parse_config
-from proxy.routing import Router
+from proxy.config.model import parse_config
+from proxy.stages.forward.balance import InFlight, arrange
+from proxy.stages.route import Router
 
 CFG: dict[str, Any] = {
     "providers": {

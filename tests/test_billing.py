@@ -12,9 +12,9 @@ import openai
 import orjson
 import pytest
 
-from proxy.auth import Principal
-from proxy.billing_setup import BillingOptions
-from proxy.state import BILLING
+from proxy.stages.auth import Principal
+from proxy.web.billing_setup import BillingOptions
+from proxy.web.keys import BILLING
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FAKE_USAGE, FakeOpenAI

@@ -12,13 +12,13 @@ import aiohttp
 import asyncpg
 import pytest
 
-from proxy.auth import Principal
-from proxy.datastores import EmbeddedPostgres
-from proxy.ledger import COLUMNS, Ledger, Spool, UsageRow
-from proxy.migrate import migrate
-from proxy.quota import QuotaBook
-from proxy.state import BILLING
-from proxy.tiers import BillingPolicy
+from proxy.config.tiers import BillingPolicy
+from proxy.stages.auth import Principal
+from proxy.stores.embedded import EmbeddedPostgres
+from proxy.stores.ledger import COLUMNS, Ledger, Spool, UsageRow
+from proxy.stores.migrate import migrate
+from proxy.stores.quota import QuotaBook
+from proxy.web.keys import BILLING
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.db import unique
@@ -110,7 +110,7 @@ async def test_crashed_worker_leases_are_released_by_the_sweeper(
 ) -> None:
     tenant, key = await tenant_with_key(pg, tmp_path, "tiny")  # 10 requests a month
     tenant_id = await pg.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
-    from proxy.tiers import parse_tiers
+    from proxy.config.tiers import parse_tiers
 
     tiny = parse_tiers(TEST_TIERS)["tiny"]
     dead = QuotaBook(pg, "crashed-worker", BillingPolicy())

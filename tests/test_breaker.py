@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.breaker import (
+from proxy.config.model import BreakerPolicy
+from proxy.core.errors import InvalidRequest, ProviderHTTPError, UpstreamTimeout
+from proxy.stages.forward.breaker import (
     CLEAN,
     Breakers,
     BreakerState,
@@ -14,8 +16,6 @@ from proxy.breaker import (
     on_success,
     verdict,
 )
-from proxy.config import BreakerPolicy
-from proxy.errors import InvalidRequest, ProviderHTTPError, UpstreamTimeout
 
 POLICY = BreakerPolicy(failures=3, cooldown_s=10, max_cooldown_s=60)
 

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from proxy.breaker import Breakers
-from proxy.breaker_redis import RedisBreakerStore
-from proxy.config import BreakerPolicy
-from proxy.redis_client import RedisOptions, SharedRedis
-from proxy.state import UPSTREAMS
+from proxy.config.model import BreakerPolicy
+from proxy.stages.forward.breaker import Breakers
+from proxy.stages.forward.breaker_redis import RedisBreakerStore
+from proxy.stores.redis_client import RedisOptions, SharedRedis
+from proxy.web.keys import UPSTREAMS
 from tests.conftest import Gateway, StartGateway
 from tests.db import unique
 from tests.fakes_faults import FaultyOpenAI

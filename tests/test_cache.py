@@ -13,12 +13,12 @@ import orjson
 import pytest
 import yaml
 
-from proxy.cache import fingerprint
-from proxy.cache_replay import assemble, replay_events
-from proxy.config import ConfigError, parse_config
-from proxy.sse import event_data
-from proxy.state import REDIS
-from proxy.usage import Usage
+from proxy.config.model import ConfigError, parse_config
+from proxy.core.sse import event_data
+from proxy.core.usage import Usage
+from proxy.stages.cache.replay import assemble, replay_events
+from proxy.stages.cache.store import fingerprint
+from proxy.web.keys import REDIS
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.db import unique

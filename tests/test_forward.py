@@ -19,8 +19,8 @@ import openai
 import orjson
 import pytest
 
-from proxy.routing import Router
-from proxy.state import CONFIG, UPSTREAMS
+from proxy.stages.route import Router
+from proxy.web.keys import CONFIG, UPSTREAMS
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import WORDS
 from tests.fakes_faults import FaultyOpenAI

@@ -12,8 +12,8 @@ import asyncpg
 import orjson
 import pytest
 
-from proxy.lifecycle import shutdown
-from proxy.state import LIFECYCLE
+from proxy.web.keys import LIFECYCLE
+from proxy.web.lifecycle import shutdown
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import StartGateway
 from tests.fakes import FakeOpenAI

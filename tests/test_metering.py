@@ -6,9 +6,9 @@ from typing import Any
 
 import orjson
 
-from proxy.metering import StreamMeter, reply_usage
-from proxy.sse import DONE, data_event
-from proxy.usage import Usage
+from proxy.core.metering import StreamMeter, reply_usage
+from proxy.core.sse import DONE, data_event
+from proxy.core.usage import Usage
 
 BODY: dict[str, Any] = {
     "model": "gpt-4o-mini",
@@ -99,7 +99,7 @@ def test_tool_call_arguments_are_counted() -> None:
 
 
 async def test_crlf_split_across_reads_keeps_events_apart() -> None:
-    from proxy.sse import iter_events
+    from proxy.core.sse import iter_events
 
     wire = b'data: {"a": 1}\r\n\r\ndata: {"b": 2}\r\n\r\n'
     for cut in range(1, len(wire)):
@@ -115,7 +115,7 @@ async def test_crlf_split_across_reads_keeps_events_apart() -> None:
 
 
 async def test_events_are_batched_per_upstream_read() -> None:
-    from proxy.sse import IncompleteEvent, iter_event_batches
+    from proxy.core.sse import IncompleteEvent, iter_event_batches
 
     a, b, c = b"data: 1\n\n", b": ping\n\n", b"data: 2\n\n"
     reads = [a + b + c[:4], c[4:], b"\n\n", a + a, b"data: cut"]

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from proxy.metrics import Metrics, error_kind
-from proxy.settle import AttemptRecord
+from proxy.core.record import AttemptRecord
+from proxy.stages.settle.metrics import Metrics, error_kind
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
@@ -176,7 +176,7 @@ def test_error_kinds() -> None:
 
 
 def test_model_labels_are_bounded_by_the_config() -> None:
-    from proxy.config import parse_config
+    from proxy.config.model import parse_config
 
     cfg = parse_config(
         "providers: {e: {kind: echo}}\n"

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.state import REDIS
+from proxy.web.keys import REDIS
 from tests.conftest import Gateway, StartGateway
 from tests.db import unique
 from tests.fakes import FakeOpenAI

@@ -13,8 +13,8 @@ import openai
 import orjson
 import pytest
 
-from proxy.config import ProviderConfig
-from proxy.errors import InvalidRequest, ProviderHTTPError, UpstreamStreamBroken
+from proxy.config.model import ProviderConfig
+from proxy.core.errors import InvalidRequest, ProviderHTTPError, UpstreamStreamBroken
 from proxy.providers.anthropic import AnthropicStreamTranslator, anthropic_error
 from proxy.providers.anthropic_translate import JSON_OBJECT_HINT, from_anthropic, to_anthropic
 from proxy.providers.translated import translate_stream

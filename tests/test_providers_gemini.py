@@ -13,8 +13,8 @@ import openai
 import orjson
 import pytest
 
-from proxy.config import ProviderConfig
-from proxy.errors import InvalidRequest, ProviderHTTPError, UpstreamStreamBroken
+from proxy.config.model import ProviderConfig
+from proxy.core.errors import InvalidRequest, ProviderHTTPError, UpstreamStreamBroken
 from proxy.providers.gemini import GeminiStreamTranslator, api_root, gemini_error
 from proxy.providers.gemini_translate import from_gemini, from_gemini_embed, to_gemini
 from proxy.providers.translated import translate_stream

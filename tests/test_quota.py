@@ -8,9 +8,9 @@ from pathlib import Path
 
 import asyncpg
 
-from proxy.auth import Principal
-from proxy.quota import QuotaBook
-from proxy.tiers import BillingPolicy, Tier
+from proxy.config.tiers import BillingPolicy, Tier
+from proxy.stages.auth import Principal
+from proxy.stores.quota import QuotaBook
 from tests.billing_helpers import tenant_with_key
 
 ROOMY = Tier("roomy", None, None, 1_000_000_000, 1_000_000_000_000, 4096)

@@ -18,10 +18,10 @@ import asyncpg
 import pytest
 import yaml
 
-from proxy.config import ConfigError, parse_config
-from proxy.local_limits import LocalLimiter
-from proxy.ratelimit import Limit, RateLimiter
-from proxy.redis_client import RedisOptions, SharedRedis
+from proxy.config.model import ConfigError, parse_config
+from proxy.stores.local_limits import LocalLimiter
+from proxy.stores.ratelimit import Limit, RateLimiter
+from proxy.stores.redis_client import RedisOptions, SharedRedis
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.db import unique

@@ -17,8 +17,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy import apikeys
-from proxy.redact import MASK, Redactor, install
+from proxy.core.redact import MASK, Redactor, install
+from proxy.stores import apikeys
 from tests.billing_helpers import billing_config
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI

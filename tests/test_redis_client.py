@@ -18,7 +18,7 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from proxy.state import LIMITER, REDIS
+from proxy.web.keys import LIMITER, REDIS
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.db import unique

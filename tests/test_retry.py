@@ -8,8 +8,8 @@ from email.utils import format_datetime
 
 import pytest
 
-from proxy.config import RetryPolicy
-from proxy.errors import (
+from proxy.config.model import RetryPolicy
+from proxy.core.errors import (
     InvalidRequest,
     ProviderHTTPError,
     UpstreamConnectError,
@@ -17,7 +17,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.retry import Schedule, backoff, retry_after, retryable
+from proxy.stages.forward.retry import Schedule, backoff, retry_after, retryable
 
 POLICY = RetryPolicy(max_attempts=5, backoff_base_ms=100, backoff_max_ms=1000, deadline_s=10)
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import parse_config
-from proxy.errors import ModelNotFound, ProviderNotConfigured
-from proxy.routing import Router
+from proxy.config.model import parse_config
+from proxy.core.errors import ModelNotFound, ProviderNotConfigured
+from proxy.stages.route import Router
 
 CFG: dict[str, Any] = {
     "providers": {

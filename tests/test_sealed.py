@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy import redact, sealed
-from proxy.config import parse_config
-from proxy.config_reader import ConfigError
+from proxy.config import sealed
+from proxy.config.model import parse_config
+from proxy.config.reader import ConfigError
+from proxy.core import redact
 from tests.conftest import StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
 

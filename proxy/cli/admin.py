@@ -1,6 +1,6 @@
 """``tollway migrate | tenants … | keys …`` — admin commands on the database.
 
-They use the same operations as the ``/admin/`` API (``proxy.accounts``),
+They use the same operations as the ``/admin/`` API (``proxy.stores.accounts``),
 audited with the actor ``cli:<user>``.
 """
 
@@ -14,9 +14,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from proxy import accounts, apikeys, datastores, migrate
-from proxy.admin import rate_limit
-from proxy.config import Config
+from proxy.config.model import Config
+from proxy.stores import accounts, apikeys, migrate
+from proxy.stores import embedded as datastores
+from proxy.web.admin import rate_limit
 
 DEMO_TENANT = "demo"
 

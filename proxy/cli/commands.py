@@ -14,13 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy import cli_admin, redact, sealed
-from proxy.accounts import AccountError
-from proxy.config import Config, load_config
-from proxy.config_reader import ConfigError
-from proxy.datastores import DatastoreError
-from proxy.migrate import NotMigrated
-from proxy.server import StartupError
+from proxy.cli import admin as cli_admin
+from proxy.config import sealed
+from proxy.config.model import Config, load_config
+from proxy.config.reader import ConfigError
+from proxy.core import redact
+from proxy.stores.accounts import AccountError
+from proxy.stores.embedded import DatastoreError
+from proxy.stores.migrate import NotMigrated
+from proxy.web.server import StartupError
 
 DEFAULT_CONFIG = "config/tollway.yaml"
 
@@ -82,7 +84,8 @@ def _seal(new_key: bool) -> int:
 
 def _print_demo_key(dsn: str, config: Config) -> None:
     """On an empty database: a demo tenant, and its key printed this once."""
-    from proxy import apikeys, datastores
+    from proxy.stores import apikeys
+    from proxy.stores import embedded as datastores
 
     hasher = apikeys.KeyHasher(apikeys.load_secret(datastores.data_dir()))
     key = asyncio.run(cli_admin.ensure_demo(dsn, config, hasher))
@@ -95,13 +98,15 @@ def _print_demo_key(dsn: str, config: Config) -> None:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from proxy import datastores, migrate, supervisor
-    from proxy.app import build_app
-    from proxy.billing_setup import BillingOptions
-    from proxy.metrics_share import ENV as METRICS_DIR_ENV
-    from proxy.redis_client import RedisOptions
-    from proxy.reload import ReloadOptions
-    from proxy.server import install_fast_loop, serve
+    from proxy.cli import supervisor
+    from proxy.stores import embedded as datastores
+    from proxy.stores import migrate
+    from proxy.stores.redis_client import RedisOptions
+    from proxy.web.app import build_app
+    from proxy.web.billing_setup import BillingOptions
+    from proxy.web.metrics_share import ENV as METRICS_DIR_ENV
+    from proxy.web.reload import ReloadOptions
+    from proxy.web.server import install_fast_loop, serve
 
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port

@@ -9,9 +9,9 @@ workers and looks after them:
 - it reserves the port (refusing one already in use, resolving port 0) and
   each worker binds it with ``SO_REUSEPORT``, so the kernel spreads new
   connections over the workers;
-- it gives the instance a fresh metrics directory (``proxy.metrics_share``);
+- it gives the instance a fresh metrics directory (``proxy.web.metrics_share``);
 - SIGTERM/SIGINT are forwarded to every worker as SIGTERM (each drains, see
-  ``proxy.lifecycle``) and the supervisor waits for them, up to the grace
+  ``proxy.web.lifecycle``) and the supervisor waits for them, up to the grace
   period plus a margin; SIGHUP is forwarded (every worker reloads);
 - a worker that dies is restarted, with a growing pause when it keeps
   dying; one that dies before it was ever ready ends the start-up (its own
@@ -40,9 +40,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from proxy.metrics_share import ENV as METRICS_DIR_ENV
-from proxy.reload import SUPERVISOR_ENV
-from proxy.server import StartupError
+from proxy.web.metrics_share import ENV as METRICS_DIR_ENV
+from proxy.web.reload import SUPERVISOR_ENV
+from proxy.web.server import StartupError
 
 log = logging.getLogger("tollway.supervisor")
 READY_FD_ENV = "TOLLWAY_READY_FD"

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from proxy.config_reader import ENV_REF, ConfigError, Node, resolve_env
+from proxy.config.reader import ENV_REF, ConfigError, Node, resolve_env
 
 if TYPE_CHECKING:
-    from proxy.access_log import LogPolicy
-    from proxy.cache_config import CachePolicy
-    from proxy.ratelimit_config import RateLimitPolicy
-    from proxy.tiers import BillingPolicy, Price, Tier
+    from proxy.config.ratelimit import RateLimitPolicy
+    from proxy.config.tiers import BillingPolicy, Price, Tier
+    from proxy.stages.cache.config import CachePolicy
+    from proxy.stages.settle.access_log import LogPolicy
 
 PROVIDER_KINDS = ("echo", "openai", "azure", "anthropic", "gemini")
 _PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -433,10 +433,10 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
     if auth not in ("none", "keys"):
         raise resolved["auth"].fail("must be 'none' or 'keys'")
     extra = {k: resolved[k].value for k in _LATER_SECTIONS if k in resolved}
-    from proxy.access_log import parse_logging  # these import this module
-    from proxy.cache_config import parse_cache
-    from proxy.ratelimit_config import parse_ratelimit
-    from proxy.tiers import parse_billing, parse_prices, parse_tiers
+    from proxy.config.ratelimit import parse_ratelimit
+    from proxy.config.tiers import parse_billing, parse_prices, parse_tiers
+    from proxy.stages.cache.config import parse_cache
+    from proxy.stages.settle.access_log import parse_logging  # these import this module
 
     raw_of = {k: resolved[k].value if k in resolved else None for k in _BILLING_SECTIONS}
     return Config(

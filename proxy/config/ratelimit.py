@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config_reader import ConfigError
+from proxy.config.reader import ConfigError
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from proxy.config_reader import ConfigError, glob_match
+from proxy.config.reader import ConfigError, glob_match
 
 DEFAULT_TIERS: dict[str, dict[str, Any]] = {
     "free": {

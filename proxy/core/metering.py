@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 
-from proxy import tokens
-from proxy.sse import event_data
-from proxy.usage import Usage, usage_from_openai
+from proxy.core import tokens
+from proxy.core.sse import event_data
+from proxy.core.usage import Usage, usage_from_openai
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 

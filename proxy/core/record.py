@@ -11,11 +11,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.usage import NO_USAGE, Usage
+from proxy.core.usage import NO_USAGE, Usage
 
 if TYPE_CHECKING:
-    from proxy.config import Config
-    from proxy.errors import GatewayError
+    from proxy.config.model import Config
+    from proxy.core.errors import GatewayError
 
 log = logging.getLogger("tollway.settle")
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from proxy.config import Config
+    from proxy.config.model import Config
 
 MASK = "[REDACTED]"
 _MIN_SECRET = 8  # shorter "secrets" would redact ordinary words

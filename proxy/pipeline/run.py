@@ -17,17 +17,21 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import access_log, cache_replay, key_limits, lifecycle, parse, relay
-from proxy.auth import Principal
-from proxy.billing import Admission, ratelimit_headers
-from proxy.cache import Lookup
-from proxy.errors import GatewayError, InvalidApiKey
-from proxy.forward import Forwarded, forward
-from proxy.metering import StreamMeter
+from proxy.core.errors import GatewayError, InvalidApiKey
+from proxy.core.metering import StreamMeter
+from proxy.core.record import UsageRecord
+from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import Call, Endpoint, Reply
-from proxy.settle import UsageRecord
-from proxy.snapshot import Snapshot
-from proxy.state import BILLING, CACHE, CONFIG, LIMITER, RATE, REQUEST_ID, SETTLER, UPSTREAMS
+from proxy.stages import parse, relay
+from proxy.stages.admit import key_limits
+from proxy.stages.admit.billing import Admission, ratelimit_headers
+from proxy.stages.auth import Principal
+from proxy.stages.cache import replay as cache_replay
+from proxy.stages.cache.store import Lookup
+from proxy.stages.forward.attempts import Forwarded, forward
+from proxy.stages.settle import access_log
+from proxy.web import lifecycle
+from proxy.web.keys import BILLING, CACHE, CONFIG, LIMITER, RATE, REQUEST_ID, SETTLER, UPSTREAMS
 
 
 async def authenticate(

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from proxy import redact
-from proxy.config import Config
+from proxy.config.model import Config
+from proxy.core import redact
 from proxy.providers import Provider, build_provider
-from proxy.routing import Router
+from proxy.stages.route import Router
 
 
 @dataclass(frozen=True, slots=True)

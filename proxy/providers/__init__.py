@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from proxy.config import ProviderConfig
+from proxy.config.model import ProviderConfig
 from proxy.providers.anthropic import AnthropicProvider
 from proxy.providers.base import Call, Provider, Reply, UpstreamStream
 from proxy.providers.echo import EchoProvider

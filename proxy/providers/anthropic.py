@@ -29,13 +29,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.config import ProviderConfig
-from proxy.errors import (
+from proxy.config.model import ProviderConfig
+from proxy.core.errors import (
     GatewayError,
     InvalidRequest,
     ProviderHTTPError,
     UpstreamStreamBroken,
 )
+from proxy.core.sse import DONE, data_event, event_data
+from proxy.core.usage import usage_from_openai
 from proxy.providers import http
 from proxy.providers.anthropic_translate import (
     Json,
@@ -50,8 +52,6 @@ from proxy.providers.translated import (
     chat_id,
     error_object,
 )
-from proxy.sse import DONE, data_event, event_data
-from proxy.usage import usage_from_openai
 
 DEFAULT_VERSION = "2023-06-01"
 # Anthropic error type -> (OpenAI error type, code); others are the client's fault.

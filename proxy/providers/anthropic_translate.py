@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import InvalidRequest
+from proxy.core.errors import InvalidRequest
 from proxy.providers.translated import function_call, positive_int, prompt_text
 
 FINISH_REASONS = {

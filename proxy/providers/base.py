@@ -28,8 +28,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from proxy.config import ProviderConfig, Timeouts
-from proxy.usage import Usage
+from proxy.config.model import ProviderConfig, Timeouts
+from proxy.core.usage import Usage
 
 Endpoint = Literal["chat", "completions", "embeddings"]
 

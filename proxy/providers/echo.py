@@ -19,10 +19,10 @@ from typing import Any
 
 import orjson
 
-from proxy import tokens
+from proxy.core import tokens
+from proxy.core.sse import DONE, data_event
+from proxy.core.usage import Usage
 from proxy.providers.base import Call, Provider, Reply, UpstreamStream
-from proxy.sse import DONE, data_event
-from proxy.usage import Usage
 
 _TOKENS_PER_CHUNK = 3
 

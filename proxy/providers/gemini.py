@@ -32,9 +32,11 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import orjson
 
-from proxy import tokens
-from proxy.config import ProviderConfig
-from proxy.errors import GatewayError, ProviderHTTPError, UpstreamStreamBroken
+from proxy.config.model import ProviderConfig
+from proxy.core import tokens
+from proxy.core.errors import GatewayError, ProviderHTTPError, UpstreamStreamBroken
+from proxy.core.sse import DONE, data_event, event_data
+from proxy.core.usage import usage_from_openai
 from proxy.providers import http
 from proxy.providers.base import Call, Reply
 from proxy.providers.gemini_translate import (
@@ -50,8 +52,6 @@ from proxy.providers.gemini_translate import (
     usage_json,
 )
 from proxy.providers.translated import TranslatingProvider, chat_id, error_object
-from proxy.sse import DONE, data_event, event_data
-from proxy.usage import usage_from_openai
 
 DEFAULT_VERSION = "v1beta"
 # gRPC status -> (OpenAI error type, code); others by HTTP status.

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import InvalidRequest
+from proxy.core.errors import InvalidRequest
 from proxy.providers.translated import function_call, positive_int, prompt_text
 
 Json = dict[str, Any]

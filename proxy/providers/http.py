@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.config import ProviderConfig, Timeouts
-from proxy.errors import (
+from proxy.config.model import ProviderConfig, Timeouts
+from proxy.core.errors import (
     GatewayError,
     ProviderHTTPError,
     UpstreamConnectError,

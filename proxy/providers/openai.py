@@ -19,12 +19,12 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from proxy.config import ProviderConfig, Timeouts
-from proxy.errors import UpstreamStreamBroken, UpstreamUnavailable
+from proxy.config.model import ProviderConfig, Timeouts
+from proxy.core.errors import UpstreamStreamBroken, UpstreamUnavailable
+from proxy.core.sse import IncompleteEvent, iter_event_batches
+from proxy.core.usage import usage_from_openai
 from proxy.providers import http
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
-from proxy.sse import IncompleteEvent, iter_event_batches
-from proxy.usage import usage_from_openai
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 # Fields that would let a client steer the gateway itself; never forwarded.

@@ -19,11 +19,16 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from proxy.config import ProviderConfig
-from proxy.errors import GatewayError, InvalidRequest, UpstreamStreamBroken, UpstreamUnavailable
+from proxy.config.model import ProviderConfig
+from proxy.core.errors import (
+    GatewayError,
+    InvalidRequest,
+    UpstreamStreamBroken,
+    UpstreamUnavailable,
+)
+from proxy.core.sse import IncompleteEvent, iter_events
 from proxy.providers import http
 from proxy.providers.base import Call, Provider, UpstreamStream
-from proxy.sse import IncompleteEvent, iter_events
 
 Json = dict[str, Any]
 

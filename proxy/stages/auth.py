@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from proxy import apikeys
-from proxy.errors import InvalidApiKey, ServiceUnavailable
+from proxy.core.errors import InvalidApiKey, ServiceUnavailable
+from proxy.stores import apikeys
 
 
 @dataclass(frozen=True, slots=True)

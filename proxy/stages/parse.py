@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge, InvalidRequest
+from proxy.core.errors import BodyTooLarge, InvalidRequest
 from proxy.providers.base import Endpoint
 
 

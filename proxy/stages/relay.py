@@ -22,14 +22,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import metering, redact
-from proxy.errors import GatewayError, UpstreamStreamBroken
-from proxy.lifecycle import shutting_down
-from proxy.metering import StreamMeter
+from proxy.core import metering, redact
+from proxy.core.errors import GatewayError, UpstreamStreamBroken
+from proxy.core.metering import StreamMeter
+from proxy.core.record import UsageRecord
+from proxy.core.sse import data_event
 from proxy.providers.base import Reply, UpstreamStream
-from proxy.settle import UsageRecord
-from proxy.sse import data_event
-from proxy.state import LIFECYCLE
+from proxy.web.keys import LIFECYCLE
+from proxy.web.lifecycle import shutting_down
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",

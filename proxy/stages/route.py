@@ -19,7 +19,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from proxy.config import (
+from proxy.config.model import (
     Config,
     ModelConfig,
     ProviderConfig,
@@ -27,8 +27,8 @@ from proxy.config import (
     RouteRule,
     Timeouts,
 )
-from proxy.config_reader import Glob, compile_glob
-from proxy.errors import ModelNotFound, ProviderNotConfigured
+from proxy.config.reader import Glob, compile_glob
+from proxy.core.errors import ModelNotFound, ProviderNotConfigured
 
 
 @dataclass(frozen=True, slots=True)

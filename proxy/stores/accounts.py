@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from proxy import apikeys
+from proxy.stores import apikeys
 
 
 class AccountError(ValueError):

@@ -25,7 +25,7 @@ def sql_dir() -> Path:
     if os.environ.get("TOLLWAY_SQL_DIR"):
         return Path(os.environ["TOLLWAY_SQL_DIR"])
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "sql", here / "sql"):
+    for candidate in (here.parents[1] / "sql", here / "sql"):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError("the sql/ migrations directory was not found")

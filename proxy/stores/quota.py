@@ -25,9 +25,9 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from proxy.auth import Principal
-from proxy.errors import QuotaExceeded, ServiceUnavailable
-from proxy.tiers import BillingPolicy, Tier
+from proxy.config.tiers import BillingPolicy, Tier
+from proxy.core.errors import QuotaExceeded, ServiceUnavailable
+from proxy.stages.auth import Principal
 
 Clock = Callable[[], datetime]
 _REFILL_TRIES = 8  # lease calls one admission may make before it gives up

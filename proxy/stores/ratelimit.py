@@ -42,7 +42,7 @@ from functools import partial
 
 from redis.asyncio import Redis
 
-from proxy.redis_client import RedisDown, SharedRedis
+from proxy.stores.redis_client import RedisDown, SharedRedis
 
 SLOTS = 600
 HOUR_MS = 3_600_000
@@ -233,7 +233,7 @@ class RateLimiter:
     """Checks limits in Redis, or on the per-process fallback when it is down."""
 
     def __init__(self, redis: SharedRedis | None) -> None:
-        from proxy.local_limits import LocalLimiter  # it imports this module
+        from proxy.stores.local_limits import LocalLimiter  # it imports this module
 
         self.redis = redis
         self.local = LocalLimiter()

@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from proxy.tasks import TaskGroup
+from proxy.core.tasks import TaskGroup
 
 log = logging.getLogger("tollway.redis")
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """``/admin/`` — tenant and key management over HTTP (Bearer ``TOLLWAY_ADMIN_KEY``).
 
-The same operations as the CLI (``proxy.accounts``), each audited with the
+The same operations as the CLI (``proxy.stores.accounts``), each audited with the
 actor ``admin-api``. Without ``TOLLWAY_ADMIN_KEY`` the admin API is off (404).
 """
 
@@ -14,10 +14,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import accounts, redact
-from proxy.errors import GatewayError, InvalidApiKey, InvalidRequest, NotFound
-from proxy.state import BILLING, CONFIG
-from proxy.tiers import Tier
+from proxy.config.tiers import Tier
+from proxy.core import redact
+from proxy.core.errors import GatewayError, InvalidApiKey, InvalidRequest, NotFound
+from proxy.stores import accounts
+from proxy.web.keys import BILLING, CONFIG
 
 ACTOR = "admin-api"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -64,7 +65,7 @@ def _guard(handler: Handler, *, needs_db: bool = True) -> Handler:
     return wrapped
 
 
-guard = _guard  # for the operations endpoints (proxy.reload), which need no database
+guard = _guard  # for the operations endpoints (proxy.web.reload), which need no database
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -9,18 +9,19 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from proxy import admin, handlers, lifecycle, middleware, observe, redact, reload, tokens, usage_api
-from proxy.billing_setup import BillingOptions, billing_ctx
-from proxy.config import Config
-from proxy.forward import Upstreams
-from proxy.lifecycle import Lifecycle
-from proxy.metrics import Metrics
-from proxy.redis_client import RedisOptions
-from proxy.redis_setup import redis_ctx
-from proxy.settle import LogSettler, Settler
-from proxy.snapshot import ConfigStore, build_snapshot
-from proxy.state import CONFIG, HTTP, LIFECYCLE, METRICS, SETTLER, TASKS, UPSTREAMS
-from proxy.tasks import TaskGroup
+from proxy.config.model import Config
+from proxy.core import redact, tokens
+from proxy.core.record import LogSettler, Settler
+from proxy.core.tasks import TaskGroup
+from proxy.pipeline.snapshot import ConfigStore, build_snapshot
+from proxy.stages.forward.attempts import Upstreams
+from proxy.stages.settle.metrics import Metrics
+from proxy.stores.redis_client import RedisOptions
+from proxy.web import admin, handlers, lifecycle, middleware, observe, reload, usage_api
+from proxy.web.billing_setup import BillingOptions, billing_ctx
+from proxy.web.keys import CONFIG, HTTP, LIFECYCLE, METRICS, SETTLER, TASKS, UPSTREAMS
+from proxy.web.lifecycle import Lifecycle
+from proxy.web.redis_setup import redis_ctx
 
 # Order matters: envelope (the request id, then error rendering) comes first,
 # so the id exists before an error is rendered and the renderer wraps

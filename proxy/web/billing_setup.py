@@ -10,13 +10,13 @@ from pathlib import Path
 import asyncpg
 from aiohttp import web
 
-from proxy import apikeys, migrate
-from proxy.auth import Authenticator, KeyCache
-from proxy.billing import Billing, new_worker_id
-from proxy.ledger import Ledger, Spool
-from proxy.quota import Clock, QuotaBook, utc_now
-from proxy.state import BILLING, CONFIG, SETTLER, TASKS
-from proxy.tiers import BillingPolicy
+from proxy.config.tiers import BillingPolicy
+from proxy.stages.admit.billing import Billing, new_worker_id
+from proxy.stages.auth import Authenticator, KeyCache
+from proxy.stores import apikeys, migrate
+from proxy.stores.ledger import Ledger, Spool
+from proxy.stores.quota import Clock, QuotaBook, utc_now
+from proxy.web.keys import BILLING, CONFIG, SETTLER, TASKS
 
 POOL_SIZE = 10
 STATEMENT_CACHE = 100  # asyncpg's default

@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import pipeline
-from proxy.config import ModelConfig
-from proxy.errors import ModelNotFound
-from proxy.state import BILLING, CONFIG, LIFECYCLE, REDIS
+from proxy.config.model import ModelConfig
+from proxy.core.errors import ModelNotFound
+from proxy.pipeline import run as pipeline
+from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -7,20 +7,20 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from proxy.billing import Billing
-from proxy.cache import ResponseCache
-from proxy.forward import Upstreams
-from proxy.ratelimit import RateLimiter, Verdict
-from proxy.redis_client import SharedRedis
-from proxy.settle import Settler
-from proxy.snapshot import ConfigStore
-from proxy.tasks import TaskGroup
+from proxy.core.record import Settler
+from proxy.core.tasks import TaskGroup
+from proxy.pipeline.snapshot import ConfigStore
+from proxy.stages.admit.billing import Billing
+from proxy.stages.cache.store import ResponseCache
+from proxy.stages.forward.attempts import Upstreams
+from proxy.stores.ratelimit import RateLimiter, Verdict
+from proxy.stores.redis_client import SharedRedis
 
 if TYPE_CHECKING:
-    from proxy.lifecycle import Lifecycle
-    from proxy.metrics import Metrics
-    from proxy.metrics_share import MetricsShare
-    from proxy.reload import Reloader
+    from proxy.stages.settle.metrics import Metrics
+    from proxy.web.lifecycle import Lifecycle
+    from proxy.web.metrics_share import MetricsShare
+    from proxy.web.reload import Reloader
 
 CONFIG = web.AppKey("config", ConfigStore)
 HTTP = web.AppKey("http_session", aiohttp.ClientSession)

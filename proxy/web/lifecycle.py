@@ -26,8 +26,8 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import ServiceUnavailable
-from proxy.state import LIFECYCLE
+from proxy.core.errors import ServiceUnavailable
+from proxy.web.keys import LIFECYCLE
 
 log = logging.getLogger("tollway.lifecycle")
 ABORT_WAIT = 10.0  # after the grace: how long aborted handlers get to settle

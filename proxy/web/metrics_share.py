@@ -32,7 +32,7 @@ import orjson
 from aioprometheus import Counter, Gauge, Histogram, Registry
 from aioprometheus import histogram as hist
 
-from proxy.metrics import GAUGE_MERGE, Metrics
+from proxy.stages.settle.metrics import GAUGE_MERGE, Metrics
 
 ENV = "TOLLWAY_METRICS_DIR"
 PUBLISH_INTERVAL = 1.0

@@ -15,9 +15,9 @@ from random import getrandbits
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import redact
-from proxy.errors import GatewayError, InvalidRequest, NotFound
-from proxy.state import REQUEST_ID
+from proxy.core import redact
+from proxy.core.errors import GatewayError, InvalidRequest, NotFound
+from proxy.web.keys import REQUEST_ID
 
 log = logging.getLogger("tollway.errors")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:\-]")

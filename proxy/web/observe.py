@@ -5,7 +5,7 @@ every ``UsageRecord`` is settled by billing first, then feeds the metrics and
 the access log (an observer's failure is logged, never the request's). The
 scrape handler refreshes the gauges that are read, not counted (in-flight,
 breakers, spool, config version) and answers for the whole instance when
-several workers share the port (``proxy.metrics_share``).
+several workers share the port (``proxy.web.metrics_share``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.access_log import AccessLog
-from proxy.billing import cost_of
-from proxy.metrics import Metrics, breaker_states, target_keys, text
-from proxy.metrics_share import PUBLISH_INTERVAL, MetricsShare
-from proxy.settle import Settler, UsageRecord
-from proxy.state import (
+from proxy.core.record import Settler, UsageRecord
+from proxy.stages.admit.billing import cost_of
+from proxy.stages.settle.access_log import AccessLog
+from proxy.stages.settle.metrics import Metrics, breaker_states, target_keys, text
+from proxy.web.keys import (
     BILLING,
     CONFIG,
     LIFECYCLE,
@@ -35,6 +34,7 @@ from proxy.state import (
     TASKS,
     UPSTREAMS,
 )
+from proxy.web.metrics_share import PUBLISH_INTERVAL, MetricsShare
 
 log = logging.getLogger("tollway.observe")
 

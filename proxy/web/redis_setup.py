@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from proxy.breaker import Breakers
-from proxy.breaker_redis import RedisBreakerStore
-from proxy.cache import ResponseCache
-from proxy.provider_limits import ProviderGate
-from proxy.ratelimit import RateLimiter
-from proxy.redis_client import RedisOptions, SharedRedis
-from proxy.state import CACHE, LIMITER, REDIS, UPSTREAMS
+from proxy.stages.cache.store import ResponseCache
+from proxy.stages.forward.breaker import Breakers
+from proxy.stages.forward.breaker_redis import RedisBreakerStore
+from proxy.stages.forward.provider_limits import ProviderGate
+from proxy.stores.ratelimit import RateLimiter
+from proxy.stores.redis_client import RedisOptions, SharedRedis
+from proxy.web.keys import CACHE, LIMITER, REDIS, UPSTREAMS
 
 log = logging.getLogger("tollway.redis")
 

@@ -42,12 +42,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.config import Config, parse_config
-from proxy.config_reader import ConfigError
-from proxy.errors import InvalidRequest
-from proxy.metrics import Metrics
-from proxy.snapshot import ConfigStore, Snapshot, build_snapshot
-from proxy.state import BILLING, CONFIG, HTTP, METRICS, RELOADER, TASKS
+from proxy.config.model import Config, parse_config
+from proxy.config.reader import ConfigError
+from proxy.core.errors import InvalidRequest
+from proxy.pipeline.snapshot import ConfigStore, Snapshot, build_snapshot
+from proxy.stages.settle.metrics import Metrics
+from proxy.web.keys import BILLING, CONFIG, HTTP, METRICS, RELOADER, TASKS
 
 log = logging.getLogger("tollway.reload")
 SUPERVISOR_ENV = "TOLLWAY_SUPERVISOR_PID"

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.lifecycle import shutdown
-from proxy.state import CONFIG, LIFECYCLE, RELOADER
+from proxy.web.keys import CONFIG, LIFECYCLE, RELOADER
+from proxy.web.lifecycle import shutdown
 
 log = logging.getLogger("tollway.server")
 

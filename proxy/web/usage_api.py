@@ -7,11 +7,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import key_limits
-from proxy.billing import tier_of
-from proxy.errors import InvalidRequest
-from proxy.quota import period_end, period_of
-from proxy.state import BILLING, CONFIG, LIMITER
+from proxy.core.errors import InvalidRequest
+from proxy.stages.admit import key_limits
+from proxy.stages.admit.billing import tier_of
+from proxy.stores.quota import period_end, period_of
+from proxy.web.keys import BILLING, CONFIG, LIMITER
 
 
 def _counter(used: int, limit: int | None) -> dict[str, Any]:

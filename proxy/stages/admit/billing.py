@@ -18,14 +18,14 @@ from typing import Any
 
 import orjson
 
-from proxy import tokens
-from proxy.auth import Authenticator, Principal
-from proxy.config import Config
-from proxy.errors import ModelNotAllowed, QuotaExceeded
-from proxy.ledger import Ledger, UsageRow
-from proxy.quota import QuotaBook, Reservation, Standing, period_of
-from proxy.settle import UsageRecord
-from proxy.tiers import Price, Tier, price_for
+from proxy.config.model import Config
+from proxy.config.tiers import Price, Tier, price_for
+from proxy.core import tokens
+from proxy.core.errors import ModelNotAllowed, QuotaExceeded
+from proxy.core.record import UsageRecord
+from proxy.stages.auth import Authenticator, Principal
+from proxy.stores.ledger import Ledger, UsageRow
+from proxy.stores.quota import QuotaBook, Reservation, Standing, period_of
 
 
 def new_worker_id() -> str:

@@ -20,11 +20,11 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.billing import Admission, reset_duration
-from proxy.config import Config
-from proxy.errors import RateLimited, TokenRateLimited
-from proxy.ratelimit import HOUR_MS, MINUTE_MS, Limit, RateLimiter, Verdict, Window
-from proxy.tiers import Tier
+from proxy.config.model import Config
+from proxy.config.tiers import Tier
+from proxy.core.errors import RateLimited, TokenRateLimited
+from proxy.stages.admit.billing import Admission, reset_duration
+from proxy.stores.ratelimit import HOUR_MS, MINUTE_MS, Limit, RateLimiter, Verdict, Window
 
 _WHAT = {
     "requests_per_hour": ("requests per hour (RPH)", "requests"),

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config_reader import ConfigError, glob_match
+from proxy.config.reader import ConfigError, glob_match
 
 SCOPES = ("tenant", "shared")
 HIT_BILLING = ("request", "tokens")

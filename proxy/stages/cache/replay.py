@@ -17,11 +17,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.cache import HEADER, Lookup, usage_of
-from proxy.relay import SSE_HEADERS
-from proxy.settle import UsageRecord
-from proxy.sse import DONE, data_event
-from proxy.usage import Usage
+from proxy.core.record import UsageRecord
+from proxy.core.sse import DONE, data_event
+from proxy.core.usage import Usage
+from proxy.stages.cache.store import HEADER, Lookup, usage_of
+from proxy.stages.relay import SSE_HEADERS
 
 
 def _usage_dict(usage: Usage) -> dict[str, int]:

@@ -40,11 +40,11 @@ from typing import Any
 
 import orjson
 
-from proxy.cache_config import CachePolicy, ModelCache
-from proxy.errors import InvalidRequest
-from proxy.metering import StreamMeter
-from proxy.redis_client import RedisDown, SharedRedis
-from proxy.usage import Usage
+from proxy.core.errors import InvalidRequest
+from proxy.core.metering import StreamMeter
+from proxy.core.usage import Usage
+from proxy.stages.cache.config import CachePolicy, ModelCache
+from proxy.stores.redis_client import RedisDown, SharedRedis
 
 HEADER = "x-tollway-cache"
 _IGNORED = frozenset(("stream", "stream_options", "user", "metadata", "store", "model"))
@@ -172,7 +172,7 @@ class Lookup:
         whole = ok and meter.done
         if key is None or cache is None or redis is None or not redis.up or not whole:
             return
-        from proxy.cache_replay import assemble  # it imports this module
+        from proxy.stages.cache.replay import assemble  # it imports this module
 
         async def store() -> None:  # after the client has its last byte
             usage = meter.result(dict(body), endpoint, model)

@@ -44,10 +44,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from proxy.balance import InFlight, Slot, arrange
-from proxy.breaker import Breakers, Health, MemoryBreakerStore, verdict
-from proxy.config import Timeouts
-from proxy.errors import (
+from proxy.config.model import Timeouts
+from proxy.core.errors import (
     GatewayError,
     ProviderHTTPError,
     ServiceUnavailable,
@@ -56,12 +54,14 @@ from proxy.errors import (
     UpstreamStreamBroken,
     UpstreamTimeout,
 )
-from proxy.provider_limits import Permit, ProviderGate
+from proxy.core.record import AttemptRecord, UsageRecord
+from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
-from proxy.retry import Schedule, retry_after, retryable
-from proxy.routing import RoutePlan, Target
-from proxy.settle import AttemptRecord, UsageRecord
-from proxy.snapshot import Snapshot
+from proxy.stages.forward.balance import InFlight, Slot, arrange
+from proxy.stages.forward.breaker import Breakers, Health, MemoryBreakerStore, verdict
+from proxy.stages.forward.provider_limits import Permit, ProviderGate
+from proxy.stages.forward.retry import Schedule, retry_after, retryable
+from proxy.stages.route import RoutePlan, Target
 
 
 @dataclass(slots=True)

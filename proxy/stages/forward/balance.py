@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from proxy.breaker import Health
-from proxy.routing import RoutePlan, Target
+from proxy.stages.forward.breaker import Health
+from proxy.stages.route import RoutePlan, Target
 
 
 class InFlight:

@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
-from proxy.config import BreakerPolicy
-from proxy.errors import GatewayError, ProviderHTTPError, UpstreamError
+from proxy.config.model import BreakerPolicy
+from proxy.core.errors import GatewayError, ProviderHTTPError, UpstreamError
 
 Health = Literal["closed", "half_open", "open"]
 Verdict = Literal["ok", "failure", "neutral"]

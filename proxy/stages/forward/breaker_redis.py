@@ -32,8 +32,8 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from proxy.breaker import CLEAN, BreakerState, MemoryBreakerStore, Transition
-from proxy.redis_client import RedisDown, SharedRedis
+from proxy.stages.forward.breaker import CLEAN, BreakerState, MemoryBreakerStore, Transition
+from proxy.stores.redis_client import RedisDown, SharedRedis
 
 _WATCH_TRIES = 5  # concurrent writers to one hash: each loser reads again
 

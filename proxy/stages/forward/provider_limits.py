@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from proxy import tokens
-from proxy.config import Config
-from proxy.errors import RateLimited, ServiceUnavailable
+from proxy.config.model import Config
+from proxy.config.ratelimit import ProviderLimit
+from proxy.core import tokens
+from proxy.core.errors import RateLimited, ServiceUnavailable
 from proxy.providers.base import Call
-from proxy.ratelimit import MINUTE_MS, Limit, RateLimiter, Verdict
-from proxy.ratelimit_config import ProviderLimit
-from proxy.routing import Target
+from proxy.stages.route import Target
+from proxy.stores.ratelimit import MINUTE_MS, Limit, RateLimiter, Verdict
 
 
 class ProviderRateLimited(RateLimited):

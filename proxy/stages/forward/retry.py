@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Generic, TypeVar
 
-from proxy.config import RetryPolicy
-from proxy.errors import GatewayError, ProviderHTTPError, UpstreamError
+from proxy.config.model import RetryPolicy
+from proxy.core.errors import GatewayError, ProviderHTTPError, UpstreamError
 
 T = TypeVar("T")
 

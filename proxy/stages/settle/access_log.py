@@ -11,7 +11,7 @@ Prompts and completions are left out unless the YAML names the tenant::
         tenants: [acme-debug]     # globs; prompts and completions in their lines
         max_chars: 4000           # each text cut to this length
 
-Every line passes the redaction layer (``proxy.redact``) like any log record.
+Every line passes the redaction layer (``proxy.core.redact``) like any log record.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 
 import orjson
 
-from proxy.config_reader import ConfigError, glob_match
-from proxy.metering import StreamMeter
+from proxy.config.reader import ConfigError, glob_match
+from proxy.core.metering import StreamMeter
+from proxy.core.record import UsageRecord
 from proxy.providers.base import Reply
-from proxy.settle import UsageRecord
 
 log = logging.getLogger("tollway.access")
 

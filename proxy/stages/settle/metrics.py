@@ -8,7 +8,7 @@ name or glob from the YAML (``""`` when the request named none of them),
 three routes. No key, tenant or prompt is ever a label.
 
 Several workers (``tollway serve --workers N``) share one port, so one
-scrape reaches one worker; ``proxy.metrics_share`` makes every worker answer
+scrape reaches one worker; ``proxy.web.metrics_share`` makes every worker answer
 for the whole instance.
 """
 
@@ -22,9 +22,9 @@ from aiohttp import web
 from aioprometheus import Counter, Gauge, Histogram, Registry, render
 from aioprometheus import histogram as hist
 
-from proxy.config import Config
-from proxy.config_reader import glob_match
-from proxy.settle import AttemptRecord, UsageRecord
+from proxy.config.model import Config
+from proxy.config.reader import glob_match
+from proxy.core.record import AttemptRecord, UsageRecord
 
 ENDPOINTS = {
     "chat": "/v1/chat/completions",
