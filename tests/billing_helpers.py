@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import yaml
 
-from proxy.config.model import parse_config
+from proxy.pipeline.registry import parse_config
 from proxy.stores import accounts, apikeys
 from tests.conftest import gateway_config
 from tests.db import unique

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.config.model import parse_config
 from proxy.core.record import UsageRecord
+from proxy.pipeline.registry import parse_config
 from proxy.stores.migrate import migrate
 from proxy.stores.quota import Clock, utc_now
 from proxy.stores.redis_client import RedisOptions

@@ -12,7 +12,8 @@ import orjson
 import pytest
 import yaml
 
-from proxy.config.model import ConfigError, parse_config
+from proxy.config.model import ConfigError
+from proxy.pipeline.registry import parse_config
 from proxy.web.middleware import sanitise_request_id
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway, gateway_config

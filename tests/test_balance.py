@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from proxy.config.model import parse_config
+from proxy.pipeline.registry import parse_config
 from proxy.stages.forward.balance import InFlight, arrange
 from proxy.stages.route import Router
 

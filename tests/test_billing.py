@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.stages.auth import Principal
+from proxy.core.principal import Principal
 from proxy.web.billing_setup import BillingOptions
 from proxy.web.keys import BILLING
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for

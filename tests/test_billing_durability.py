@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from proxy.config.tiers import BillingPolicy
-from proxy.stages.auth import Principal
+from proxy.core.principal import Principal
 from proxy.stores.embedded import EmbeddedPostgres
 from proxy.stores.ledger import COLUMNS, Ledger, Spool, UsageRow
 from proxy.stores.migrate import migrate

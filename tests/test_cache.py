@@ -13,9 +13,10 @@ import orjson
 import pytest
 import yaml
 
-from proxy.config.model import ConfigError, parse_config
+from proxy.config.model import ConfigError
 from proxy.core.sse import event_data
 from proxy.core.usage import Usage
+from proxy.pipeline.registry import parse_config
 from proxy.stages.cache.replay import assemble, replay_events
 from proxy.stages.cache.store import fingerprint
 from proxy.web.keys import REDIS

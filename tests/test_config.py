@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config.model import ConfigError, load_config, parse_config
+from proxy.config.model import ConfigError
+from proxy.pipeline.registry import load_config, parse_config
 
 BASE: dict[str, Any] = {
     "auth": "none",

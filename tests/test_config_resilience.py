@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config.model import BreakerPolicy, Config, ConfigError, RetryPolicy, parse_config
+from proxy.config.model import BreakerPolicy, Config, ConfigError, RetryPolicy
+from proxy.pipeline.registry import parse_config
 
 BASE: dict[str, Any] = {
     "retry": {"max_attempts": 4, "deadline_s": 30},

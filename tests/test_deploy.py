@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config.model import parse_config
+from proxy.pipeline.registry import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

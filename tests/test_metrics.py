@@ -176,7 +176,7 @@ def test_error_kinds() -> None:
 
 
 def test_model_labels_are_bounded_by_the_config() -> None:
-    from proxy.config.model import parse_config
+    from proxy.pipeline.registry import parse_config
 
     cfg = parse_config(
         "providers: {e: {kind: echo}}\n"

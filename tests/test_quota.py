@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 
 from proxy.config.tiers import BillingPolicy, Tier
-from proxy.stages.auth import Principal
+from proxy.core.principal import Principal
 from proxy.stores.quota import QuotaBook
 from tests.billing_helpers import tenant_with_key
 

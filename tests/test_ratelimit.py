@@ -18,10 +18,12 @@ import asyncpg
 import pytest
 import yaml
 
-from proxy.config.model import ConfigError, parse_config
+from proxy.config.model import ConfigError
+from proxy.pipeline.registry import parse_config
 from proxy.stores.local_limits import LocalLimiter
-from proxy.stores.ratelimit import Limit, RateLimiter
+from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.redis_client import RedisOptions, SharedRedis
+from proxy.stores.windows import Limit
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.db import unique

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.config.model import parse_config
+from proxy.pipeline.registry import parse_config
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config.model import parse_config
 from proxy.core.errors import ModelNotFound, ProviderNotConfigured
+from proxy.pipeline.registry import parse_config
 from proxy.stages.route import Router
 
 CFG: dict[str, Any] = {

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from proxy.config import sealed
-from proxy.config.model import parse_config
 from proxy.config.reader import ConfigError
 from proxy.core import redact
+from proxy.pipeline.registry import parse_config
 from tests.conftest import StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
 

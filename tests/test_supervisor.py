@@ -24,7 +24,7 @@ import orjson
 import pytest
 import yaml
 
-from proxy.config.model import parse_config
+from proxy.pipeline.registry import parse_config
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import gateway_config
 from tests.fakes import FakeOpenAI

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from proxy.cli import admin as cli_admin
 from proxy.config import sealed
-from proxy.config.model import Config, load_config
+from proxy.config.model import Config
 from proxy.config.reader import ConfigError
 from proxy.core import redact
+from proxy.pipeline.registry import load_config
 from proxy.stores.accounts import AccountError
 from proxy.stores.embedded import DatastoreError
 from proxy.stores.migrate import NotMigrated

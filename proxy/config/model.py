@@ -13,20 +13,24 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
+from proxy.config.logging import LogPolicy, parse_logging
+from proxy.config.ratelimit import RateLimitPolicy, parse_ratelimit
 from proxy.config.reader import ENV_REF, ConfigError, Node, resolve_env
-
-if TYPE_CHECKING:
-    from proxy.config.ratelimit import RateLimitPolicy
-    from proxy.config.tiers import BillingPolicy, Price, Tier
-    from proxy.stages.cache.config import CachePolicy
-    from proxy.stages.settle.access_log import LogPolicy
+from proxy.config.tiers import (
+    BillingPolicy,
+    Price,
+    Tier,
+    parse_billing,
+    parse_prices,
+    parse_tiers,
+)
 
 PROVIDER_KINDS = ("echo", "openai", "azure", "anthropic", "gemini")
 _PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -138,10 +142,15 @@ class Config:
     prices: Mapping[str, Price] = field(default_factory=dict)
     billing: BillingPolicy | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    cache: CachePolicy | None = None  # always set by parse_config
     ratelimit: RateLimitPolicy | None = None  # always set by parse_config
-    logging: LogPolicy | None = None  # always set by parse_config
+    logging: LogPolicy = field(default_factory=LogPolicy)
+    # What each stage's own section configured (proxy.stages.base.Stage.configure),
+    # by section name; a stage whose section is absent or off is not here.
+    sections: Mapping[str, object] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by later stages
+
+    def section(self, name: str) -> object | None:
+        return self.sections.get(name)
 
 
 def _timeout_overrides(node: Node) -> dict[str, float]:
@@ -357,8 +366,8 @@ def _server(node: Node) -> ServerConfig:
 # Sections validated by the stages that own them (billing, cache, ...); the
 # core only checks they are mappings or lists so a typo at top level is caught.
 _LATER_SECTIONS: tuple[str, ...] = ()
-# validated by cache_config, ratelimit_config, access_log
-_SHARED_SECTIONS = ("cache", "ratelimit", "logging")
+# validated by proxy.config.ratelimit and proxy.config.logging
+_SHARED_SECTIONS = ("ratelimit", "logging")
 _BILLING_SECTIONS = ("tiers", "prices", "billing")
 _TOP = (
     "server",
@@ -407,8 +416,24 @@ def _models(
     return tuple(models)
 
 
-def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
-    """Validate YAML text into a ``Config``; raise ``ConfigError`` naming the key path."""
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A top-level key owned by a stage: ``read`` validates it (``raw`` is None
+    when absent) and returns the stage's settings, or None for "off"."""
+
+    name: str
+    read: Callable[[Any, Config], object | None]
+
+
+def parse_config(
+    text: str, env: Mapping[str, str] | None = None, sections: Sequence[Section] = ()
+) -> Config:
+    """Validate YAML text into a ``Config``; raise ``ConfigError`` naming the key path.
+
+    ``sections``: the stages' own top-level keys (``proxy.pipeline.registry``
+    passes them); any other unknown key is refused.
+    """
+    top = (*_TOP, *(s.name for s in sections))
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -417,8 +442,8 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"<root>: invalid YAML{where}") from None
     if raw is None:
         raise ConfigError("<root>: the file is empty")
-    root = Node(raw, "").mapping(_TOP)
-    resolved = Node(resolve_env(raw, "", os.environ if env is None else env), "").mapping(_TOP)
+    root = Node(raw, "").mapping(top)
+    resolved = Node(resolve_env(raw, "", os.environ if env is None else env), "").mapping(top)
 
     providers = _providers(resolved, root)
     retry = _retry(resolved["retry"], RetryPolicy()) if "retry" in resolved else RetryPolicy()
@@ -433,13 +458,9 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
     if auth not in ("none", "keys"):
         raise resolved["auth"].fail("must be 'none' or 'keys'")
     extra = {k: resolved[k].value for k in _LATER_SECTIONS if k in resolved}
-    from proxy.config.ratelimit import parse_ratelimit
-    from proxy.config.tiers import parse_billing, parse_prices, parse_tiers
-    from proxy.stages.cache.config import parse_cache
-    from proxy.stages.settle.access_log import parse_logging  # these import this module
 
     raw_of = {k: resolved[k].value if k in resolved else None for k in _BILLING_SECTIONS}
-    return Config(
+    config = Config(
         tiers=parse_tiers(raw_of["tiers"]),
         prices=parse_prices(raw_of["prices"]),
         billing=parse_billing(raw_of["billing"]),
@@ -450,16 +471,22 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
         routes=routes,
         retry=retry,
         version=hashlib.sha256(text.encode()).hexdigest()[:12],
-        cache=parse_cache(resolved["cache"].value if "cache" in resolved else None),
         ratelimit=parse_ratelimit(
             resolved["ratelimit"].value if "ratelimit" in resolved else None, providers
         ),
         logging=parse_logging(resolved["logging"].value if "logging" in resolved else None),
         extra=extra,
     )
+    owned = {
+        s.name: s.read(resolved[s.name].value if s.name in resolved else None, config)
+        for s in sections
+    }
+    return replace(config, sections={k: v for k, v in owned.items() if v is not None})
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | Path, env: Mapping[str, str] | None = None, sections: Sequence[Section] = ()
+) -> Config:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -467,4 +494,4 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError(f"config file not found: {p}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
-    return parse_config(text, env)
+    return parse_config(text, env, sections)

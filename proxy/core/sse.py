@@ -13,6 +13,12 @@ import orjson
 
 DONE = b"data: [DONE]\n\n"
 
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+
 
 async def iter_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     """Yield complete events (each ending in a blank line, LF-normalised)."""

@@ -1,172 +1,159 @@
 """One LLM request, stage by stage, as DESIGN.md draws it:
 
-    parse → authenticate → route → admit → forward → relay → settle
+    parse → authenticate → route → admit → [stages] → forward → relay → settle
 
 Chat completions, legacy completions and embeddings share this path; only
 the shape check in ``parse`` differs. Route comes before admit because
 admission needs the public model (tier model rules, token estimate). The
-settle stage runs in ``finally``, so every request is settled exactly once,
+plug-in stages of ``proxy.pipeline.registry`` run their hooks around
+forward and relay (a hook may answer the request itself: a cache hit). The
+settle step runs in ``finally``, so every request is settled exactly once,
 including rejected, failed and disconnected ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Any
 
 from aiohttp import web
 
 from proxy.core.errors import GatewayError, InvalidApiKey
+from proxy.core.lifecycle import shutting_down
 from proxy.core.metering import StreamMeter
+from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
+from proxy.pipeline.runtime import REQUEST_ID, Runtime
 from proxy.pipeline.snapshot import Snapshot
-from proxy.providers.base import Call, Endpoint, Reply
+from proxy.providers.base import Call, Endpoint
 from proxy.stages import parse, relay
 from proxy.stages.admit import key_limits
 from proxy.stages.admit.billing import Admission, ratelimit_headers
-from proxy.stages.auth import Principal
-from proxy.stages.cache import replay as cache_replay
-from proxy.stages.cache.store import Lookup
+from proxy.stages.base import Exchange
 from proxy.stages.forward.attempts import Forwarded, forward
 from proxy.stages.settle import access_log
-from proxy.web import lifecycle
-from proxy.web.keys import BILLING, CACHE, CONFIG, LIMITER, RATE, REQUEST_ID, SETTLER, UPSTREAMS
+
+log = logging.getLogger("tollway.pipeline")
 
 
-async def authenticate(
-    request: web.Request, snapshot: Snapshot, record: UsageRecord
-) -> Principal | None:
-    if snapshot.config.auth == "none":
+async def authenticate(rt: Runtime, request: web.Request, ex: Exchange) -> Principal | None:
+    if ex.config.auth == "none":
         return None
-    billing = request.app.get(BILLING)
-    if billing is None:  # refused at start; kept as a guard
+    if rt.billing is None:  # refused at start; kept as a guard
         raise InvalidApiKey("API keys are required but no key store is configured.")
-    who = await billing.auth.authenticate(request.headers.get("Authorization"))
+    who = await rt.billing.auth.authenticate(request.headers.get("Authorization"))
+    record = ex.record
     record.tenant, record.tenant_id, record.key_id = who.tenant, who.tenant_id, who.key_id
     record.key_prefix = who.key_prefix
     return who
 
 
-async def admit(
-    request: web.Request,
-    snapshot: Snapshot,
-    who: Principal | None,
-    body: dict[str, Any],
-    endpoint: Endpoint,
-    record: UsageRecord,
-) -> None:
-    if who is None:
+async def admit(rt: Runtime, ex: Exchange) -> None:
+    if ex.who is None or rt.billing is None:
         return
-    billing = request.app[BILLING]
-    assert record.public_model is not None
-    record.admission = admission = await billing.admit(
-        snapshot.config, who, body, endpoint, record.public_model
+    ex.record.admission = admission = await rt.billing.admit(
+        ex.config, ex.who, ex.body, ex.endpoint, ex.model
     )
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
-    verdict = await key_limits.admit(request.app[LIMITER], snapshot.config, admission)
+    verdict = await key_limits.admit(rt.limiter, ex.config, admission)
     if verdict is not None:
-        request[RATE] = verdict
+        ex.notes["rate"] = verdict
         if not verdict.admitted:
-            raise key_limits.refused(verdict, who.key_prefix)
+            raise key_limits.refused(verdict, ex.who.key_prefix)
 
 
-async def lookup(
-    request: web.Request,
-    snapshot: Snapshot,
-    who: Principal | None,
-    body: dict[str, Any],
-    endpoint: Endpoint,
-    model: str,
-) -> Lookup:
-    scope = f"t{who.tenant_id}" if who is not None else "gw"
-    policy = snapshot.config.cache
-    return await request.app[CACHE].lookup(policy, request.headers, body, endpoint, model, scope)
-
-
-def quota_headers(request: web.Request, record: UsageRecord) -> dict[str, str]:
-    admission = record.admission
-    if not isinstance(admission, Admission):
+def quota_headers(rt: Runtime, ex: Exchange) -> dict[str, str]:
+    admission = ex.record.admission
+    if not isinstance(admission, Admission) or rt.billing is None:
         return {}
-    book = request.app[BILLING].quota
+    book = rt.billing.quota
     monthly = ratelimit_headers(book.standing(admission.principal.tenant_id, admission.tier))
     # The -requests trio is the hourly window; -tokens the minute window if any, else monthly.
-    hourly = key_limits.headers(request.get(RATE))
+    hourly = key_limits.headers(ex.notes.get("rate"))  # type: ignore[arg-type]
     return {**{k: v for k, v in monthly.items() if not k.endswith("-requests")}, **hourly}
 
 
-def _served_headers(
-    request: web.Request, record: UsageRecord, done: Forwarded, cache: dict[str, str]
-) -> dict[str, str]:
-    """Who served the answer, the cache's verdict, the caller's limits."""
+def _served_headers(ex: Exchange, done: Forwarded) -> dict[str, str]:
+    """Who served the answer, the stages' verdicts, the caller's limits."""
     return {
-        "x-request-id": record.request_id,
+        **ex.headers,
         "x-tollway-provider": done.target.provider.name,
         "x-tollway-model": done.target.model,
         "x-tollway-attempts": str(done.attempts),
-        **cache,
-        **quota_headers(request, record),
     }
 
 
-async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+async def run_stages(snapshot: Snapshot, ex: Exchange) -> web.StreamResponse | None:
+    for stage, settings in snapshot.hooks.request:
+        answer = await stage.on_request(ex, settings)
+        if answer is not None:
+            return answer
+    return None
+
+
+def settle_stages(snapshot: Snapshot, ex: Exchange) -> None:
+    for stage, settings in snapshot.hooks.settle:
+        try:
+            stage.on_settle(ex, settings)
+        except Exception:
+            log.exception("stage %s failed to settle request %s", stage.name, ex.record.request_id)
+
+
+async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.StreamResponse:
     started = time.perf_counter()
-    snapshot = request.app[CONFIG].current  # one snapshot for the whole request
+    snapshot = rt.config.current  # one snapshot for the whole request
     record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
-    meter: StreamMeter | None = None
-    answer: Reply | None = None
-    body: dict[str, Any] = {}
+    ex = Exchange(request, record, snapshot.config, endpoint, {}, started)
     try:
-        body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
-        record.public_model = parse.validate(body, endpoint)
-        who = await authenticate(request, snapshot, record)
+        ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
+        record.public_model = parse.validate(ex.body, endpoint)
+        ex.who = who = await authenticate(rt, request, ex)
         plan = snapshot.router.plan(
             record.public_model,
             request.headers,
             tenant=who.tenant if who else None,
             tier=who.tier if who else None,
         )
-        record.public_model = plan.public_model
-        await admit(request, snapshot, who, body, endpoint, record)
-        record.stream = parse.wants_stream(body, endpoint)
-        found = await lookup(request, snapshot, who, body, endpoint, plan.public_model)
-        record.cache = found.status
-        if found.entry is not None:  # a hit skips forward and relay, and still settles
-            hit_headers = {"x-request-id": record.request_id, **quota_headers(request, record)}
-            usage_chunk = parse.wants_usage(body)
-            return await cache_replay.serve_hit(
-                request, found, record, hit_headers, usage_chunk, started
-            )
-        call = Call(endpoint, body, plan.public_model, record.stream, record.request_id)
-        done = await forward(request.app[UPSTREAMS], snapshot, plan, call, record)
+        record.public_model = ex.model = plan.public_model
+        await admit(rt, ex)
+        record.stream = parse.wants_stream(ex.body, endpoint)
+        ex.headers = {"x-request-id": record.request_id, **quota_headers(rt, ex)}
+        answered = await run_stages(snapshot, ex)
+        if answered is not None:
+            return answered
+        call = Call(endpoint, ex.body, plan.public_model, record.stream, record.request_id)
+        done = await forward(rt.upstreams, snapshot, plan, call, record)
         record.provider, record.provider_model = done.target.provider.name, done.target.model
         record.attempts = done.attempts
-        headers = _served_headers(request, record, done, found.headers())
+        headers = _served_headers(ex, done)
         if done.stream is not None:
-            meter = StreamMeter(client_wants_usage=parse.wants_usage(body))
-            resp = await relay.stream(request, done.stream, meter, headers, record, started)
-            whole = record.status == 200 and not record.client_disconnected
-            found.keep_stream(meter, body, endpoint, done.target.model, whole)
-            return resp
+            ex.meter = StreamMeter(client_wants_usage=parse.wants_usage(ex.body))
+            filters = [f for s, cfg in snapshot.hooks.stream if (f := s.on_stream(ex, cfg))]
+            return await relay.stream(
+                request, done.stream, ex.meter, headers, record, started, rt.lifecycle, filters
+            )
         assert done.reply is not None
-        answer = done.reply
-        reply = relay.reply(done.reply, headers, record, body, done.target.model)
-        found.keep_reply(done.reply.body, record.usage, record.status)
-        return reply
+        reply = done.reply
+        for stage, settings in snapshot.hooks.reply:
+            reply = stage.on_reply(ex, settings, reply)
+        ex.reply = reply
+        return relay.reply(reply, headers, record, ex.body, done.target.model)
     except GatewayError as exc:
         record.fail(exc)
-        exc.headers.update(quota_headers(request, record))
+        exc.headers.update(quota_headers(rt, ex))
         raise
     except asyncio.CancelledError:  # the client left, or the shutdown aborted the request
-        if lifecycle.was_aborted(request):
-            record.fail(lifecycle.shutting_down())
+        if rt.lifecycle.aborting:
+            record.fail(shutting_down())
         elif record.status < 400:
             record.status, record.client_disconnected = 499, True
         raise
     finally:
-        if meter is not None and record.provider_model is not None:
-            record.usage = meter.result(body, endpoint, record.provider_model)
-        access_log.keep_bodies(record, body, meter, answer)
+        if ex.meter is not None and record.provider_model is not None:
+            record.usage = ex.meter.result(ex.body, endpoint, record.provider_model)
+        access_log.keep_bodies(record, ex.body, ex.meter, ex.reply)
         record.latency_ms = (time.perf_counter() - started) * 1000
-        request.app[SETTLER].settle(record)
+        settle_stages(snapshot, ex)
+        rt.settler.settle(record)

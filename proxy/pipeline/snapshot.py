@@ -9,15 +9,43 @@ the snapshot they started with.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
 from proxy.config.model import Config
 from proxy.core import redact
 from proxy.providers import Provider, build_provider
+from proxy.stages.base import Stage, overrides
 from proxy.stages.route import Router
+
+Enabled = tuple[tuple[Stage, Any], ...]  # (stage, its settings), in registry order
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """Per hook, the stages that implement it and are on in this config: the
+    pipeline loops over these, so an absent feature costs nothing."""
+
+    request: Enabled = ()
+    reply: Enabled = ()
+    stream: Enabled = ()
+    settle: Enabled = ()
+
+
+def hooks_for(config: Config, stages: Sequence[Stage]) -> Hooks:
+    on = [
+        (stage, config.section(stage.section) if stage.section else None)
+        for stage in stages
+        if stage.section is None or config.section(stage.section) is not None
+    ]
+
+    def having(hook: str) -> Enabled:
+        return tuple((stage, settings) for stage, settings in on if overrides(stage, hook))
+
+    return Hooks(having("on_request"), having("on_reply"), having("on_stream"), having("on_settle"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,20 +53,25 @@ class Snapshot:
     config: Config
     router: Router
     providers: Mapping[str, Provider]
+    hooks: Hooks = field(default_factory=Hooks)
     loaded_at: float = field(default_factory=time.time)
 
 
-def build_snapshot(config: Config, session: aiohttp.ClientSession) -> Snapshot:
+def build_snapshot(
+    config: Config, session: aiohttp.ClientSession, stages: Sequence[Stage] = ()
+) -> Snapshot:
     redact.remember_config(config)  # its provider keys are scrubbed from every log line
     providers = {name: build_provider(cfg, session) for name, cfg in config.providers.items()}
-    return Snapshot(config=config, router=Router(config), providers=providers)
+    return Snapshot(config, Router(config), providers, hooks_for(config, stages))
 
 
 class ConfigStore:
-    """Holds the live snapshot; ``swap`` replaces it atomically."""
+    """Holds the live snapshot; ``swap`` replaces it atomically. ``stages``
+    are the app's stage instances, which every new snapshot is built with."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, stages: Sequence[Stage] = ()) -> None:
         self.current = snapshot
+        self.stages = tuple(stages)
 
     def swap(self, snapshot: Snapshot) -> None:
         self.current = snapshot

@@ -13,24 +13,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 
 from proxy.core.errors import InvalidApiKey, ServiceUnavailable
+from proxy.core.principal import Principal
 from proxy.stores import apikeys
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    key_id: str
-    key_prefix: str
-    tenant_id: int
-    tenant: str
-    tier: str
-    expires_at: datetime | None
-
 
 _LOOKUP = """
 SELECT k.id, k.prefix, k.state, k.expires_at, t.id AS tenant_id, t.name AS tenant,

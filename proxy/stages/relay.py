@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -24,18 +25,12 @@ from aiohttp import web
 
 from proxy.core import metering, redact
 from proxy.core.errors import GatewayError, UpstreamStreamBroken
+from proxy.core.lifecycle import Lifecycle, shutting_down
 from proxy.core.metering import StreamMeter
 from proxy.core.record import UsageRecord
-from proxy.core.sse import data_event
+from proxy.core.sse import SSE_HEADERS, data_event
 from proxy.providers.base import Reply, UpstreamStream
-from proxy.web.keys import LIFECYCLE
-from proxy.web.lifecycle import shutting_down
-
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
-}
+from proxy.stages.base import ChunkFilter
 
 
 def reply(
@@ -62,9 +57,11 @@ async def stream(
     headers: dict[str, str],
     record: UsageRecord,
     started: float,
+    lifecycle: Lifecycle,
+    filters: Sequence[ChunkFilter] = (),
 ) -> web.StreamResponse:
+    """``filters``: the stages' chunk filters, in order (usually none)."""
     resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
-    lifecycle = request.app[LIFECYCLE]
     lifecycle.streams += 1
     try:
         await resp.prepare(request)  # inside: a client gone already still closes upstream
@@ -72,6 +69,8 @@ async def stream(
         # write is a chunk frame and a send() of its own.
         async for batch in upstream.batches():
             out = meter.observe_batch(batch)
+            for chunk_filter in filters:
+                out = chunk_filter.feed(out) if out else out
             if not out:
                 continue
             if record.ttft_ms is None:

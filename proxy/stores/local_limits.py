@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
-from proxy.stores.ratelimit import SLOTS, Limit, Verdict, Window
+from proxy.stores.windows import SLOTS, Limit, Verdict, Window
 
 
 class _Slots:

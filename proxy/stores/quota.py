@@ -27,7 +27,7 @@ import asyncpg
 
 from proxy.config.tiers import BillingPolicy, Tier
 from proxy.core.errors import QuotaExceeded, ServiceUnavailable
-from proxy.stages.auth import Principal
+from proxy.core.principal import Principal
 
 Clock = Callable[[], datetime]
 _REFILL_TRIES = 8  # lease calls one admission may make before it gives up

@@ -37,16 +37,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 
 from redis.asyncio import Redis
 
+from proxy.stores.local_limits import LocalLimiter
 from proxy.stores.redis_client import RedisDown, SharedRedis
-
-SLOTS = 600
-HOUR_MS = 3_600_000
-MINUTE_MS = 60_000
+from proxy.stores.windows import SLOTS, Limit, Verdict, Window
 
 _LUA = """
 local SLOTS = 600
@@ -157,59 +154,6 @@ return out
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Limit:
-    """One limit a request must pass. All limits checked together must share
-    a Redis Cluster hash tag in ``key`` (``tw:rl:{key_id}:rph``)."""
-
-    key: str
-    name: str  # what the client is told: "requests_per_hour", "tokens_per_minute", "rpm", ...
-    capacity: int
-    window_ms: int = 0  # a multiple of SLOTS; 0 for a concurrency limit
-    cost: int = 1  # units this request takes (its tokens, for a token limit)
-    member: str = ""  # concurrency: who holds the slot
-    lease_ms: int = 0  # concurrency: the slot frees itself after this
-
-    @property
-    def concurrency(self) -> bool:
-        return self.window_ms == 0
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """A limit's state after the check (after the commit, when admitted)."""
-
-    limit: Limit
-    capacity: int  # in effect: the fallback's share while Redis is down
-    fits: bool
-    used: int
-    reset_ms: int  # until the oldest counted unit leaves the window (0: empty)
-    retry_ms: int  # refused: until this request would fit; -1: never (cost > capacity)
-
-    @property
-    def remaining(self) -> int:
-        return max(0, self.capacity - self.used)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    admitted: bool
-    windows: tuple[Window, ...]
-    now_ms: int  # the clock that decided: Redis's, or this process's in the fallback
-    shared: bool  # decided in Redis (False: by the per-process fallback)
-
-    @property
-    def blocking(self) -> Window | None:
-        """The limit that refused the request (the longest wait, if several did)."""
-        refused = [w for w in self.windows if not w.fits]
-        if not refused:
-            return None
-        return max(refused, key=lambda w: w.retry_ms if w.retry_ms >= 0 else 1 << 62)
-
-    def window(self, name: str) -> Window | None:
-        return next((w for w in self.windows if w.limit.name == name), None)
-
-
 def check_args(limits: Sequence[Limit], commit: bool) -> list[str | int]:
     args: list[str | int] = ["commit" if commit else "peek"]
     for lim in limits:
@@ -233,8 +177,6 @@ class RateLimiter:
     """Checks limits in Redis, or on the per-process fallback when it is down."""
 
     def __init__(self, redis: SharedRedis | None) -> None:
-        from proxy.stores.local_limits import LocalLimiter  # it imports this module
-
         self.redis = redis
         self.local = LocalLimiter()
         self._script = redis.script(_LUA) if redis is not None else None

@@ -11,16 +11,34 @@ from aiohttp import web
 
 from proxy.config.model import Config
 from proxy.core import redact, tokens
+from proxy.core.lifecycle import Lifecycle
 from proxy.core.record import LogSettler, Settler
 from proxy.core.tasks import TaskGroup
+from proxy.pipeline import registry
+from proxy.pipeline.runtime import Runtime
 from proxy.pipeline.snapshot import ConfigStore, build_snapshot
+from proxy.stages.base import Services
 from proxy.stages.forward.attempts import Upstreams
+from proxy.stages.settle.access_log import AccessLog
 from proxy.stages.settle.metrics import Metrics
+from proxy.stages.settle.settlers import Settlers
 from proxy.stores.redis_client import RedisOptions
 from proxy.web import admin, handlers, lifecycle, middleware, observe, reload, usage_api
 from proxy.web.billing_setup import BillingOptions, billing_ctx
-from proxy.web.keys import CONFIG, HTTP, LIFECYCLE, METRICS, SETTLER, TASKS, UPSTREAMS
-from proxy.web.lifecycle import Lifecycle
+from proxy.web.keys import (
+    BILLING,
+    CONFIG,
+    HTTP,
+    LIFECYCLE,
+    LIMITER,
+    METRICS,
+    REDIS,
+    RUNTIME,
+    SETTLER,
+    STAGES,
+    TASKS,
+    UPSTREAMS,
+)
 from proxy.web.redis_setup import redis_ctx
 
 # Order matters: envelope (the request id, then error rendering) comes first,
@@ -48,7 +66,7 @@ def build_app(
     if config.auth == "keys" and billing is None:
         raise ValueError("auth: keys needs a database (billing options)")
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.server.max_body_bytes + 1)
-    app[SETTLER] = settler or LogSettler()
+    app[STAGES] = registry.build_stages()
     app[UPSTREAMS] = Upstreams()  # breaker state per process until Redis is wired in
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()
@@ -58,12 +76,14 @@ def build_app(
     app.cleanup_ctx.append(_config_store(config))
     app.cleanup_ctx.append(redis_ctx(redis))  # closes after the tasks that write to it
     app.cleanup_ctx.append(_tasks)
+    app.cleanup_ctx.append(_stages)  # after Redis and the tasks they use
     if billing is not None:
         app.cleanup_ctx.append(billing_ctx(billing))
-    # After billing: the observers wrap its settler; the reloader needs to
-    # know whether a database is there.
+    app.cleanup_ctx.append(_settlers(settler))  # after billing, its first settler
     app.cleanup_ctx.append(observe.observe_ctx(metrics_dir))
+    # The reloader needs to know whether a database is there.
     app.cleanup_ctx.append(reload.reload_ctx(reloading or reload.ReloadOptions(None)))
+    app.cleanup_ctx.append(_runtime)  # last: everything the pipeline is handed exists
     app.on_startup.append(_warm_tokens)
     _routes(app)
     return app
@@ -107,7 +127,36 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
 
 def _config_store(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        app[CONFIG] = ConfigStore(build_snapshot(config, app[HTTP]))
+        stages = app[STAGES]
+        app[CONFIG] = ConfigStore(build_snapshot(config, app[HTTP], stages), stages)
         yield
 
     return ctx
+
+
+async def _stages(app: web.Application) -> AsyncIterator[None]:
+    services = Services(app[HTTP], app[TASKS], app.get(REDIS))
+    for stage in app[STAGES]:
+        await stage.open(services)
+    yield
+    for stage in app[STAGES][::-1]:
+        await stage.close()
+
+
+def _settlers(extra: Settler | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The one tuple of settlers: billing (the ledger), a caller's own (tests),
+    then the observers. Without either of the first two, the debug log."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        first = [s for s in (app.get(BILLING), extra) if s is not None] or [LogSettler()]
+        app[SETTLER] = Settlers((*first, app[METRICS], AccessLog()))
+        yield
+
+    return ctx
+
+
+async def _runtime(app: web.Application) -> AsyncIterator[None]:
+    app[RUNTIME] = Runtime(
+        app[CONFIG], app[UPSTREAMS], app[LIMITER], app[SETTLER], app[LIFECYCLE], app.get(BILLING)
+    )
+    yield

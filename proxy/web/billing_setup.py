@@ -16,7 +16,7 @@ from proxy.stages.auth import Authenticator, KeyCache
 from proxy.stores import apikeys, migrate
 from proxy.stores.ledger import Ledger, Spool
 from proxy.stores.quota import Clock, QuotaBook, utc_now
-from proxy.web.keys import BILLING, CONFIG, SETTLER, TASKS
+from proxy.web.keys import BILLING, CONFIG, TASKS
 
 POOL_SIZE = 10
 STATEMENT_CACHE = 100  # asyncpg's default
@@ -83,7 +83,6 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
             )
             await ledger.replay_orphans(opts.data_dir)
             app[BILLING] = billing
-            app[SETTLER] = billing
             flusher = app[TASKS].spawn(ledger.run(), name="ledger")
             yield
             ledger.stop()

@@ -10,19 +10,19 @@ from aiohttp import web
 from proxy.config.model import ModelConfig
 from proxy.core.errors import ModelNotFound
 from proxy.pipeline import run as pipeline
-from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS
+from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS, RUNTIME
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await pipeline.handle(request, "chat")
+    return await pipeline.handle(request, "chat", request.app[RUNTIME])
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await pipeline.handle(request, "completions")
+    return await pipeline.handle(request, "completions", request.app[RUNTIME])
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await pipeline.handle(request, "embeddings")
+    return await pipeline.handle(request, "embeddings", request.app[RUNTIME])
 
 
 def _model_object(name: str, model: ModelConfig, created: int) -> dict[str, Any]:

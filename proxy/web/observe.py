@@ -1,11 +1,10 @@
-"""Observability wiring: the settle-side observers and ``GET /metrics``.
+"""Observability wiring: ``GET /metrics`` and the workers' shared metrics.
 
-``observe_ctx`` runs after billing has installed its settler and wraps it:
-every ``UsageRecord`` is settled by billing first, then feeds the metrics and
-the access log (an observer's failure is logged, never the request's). The
-scrape handler refreshes the gauges that are read, not counted (in-flight,
-breakers, spool, config version) and answers for the whole instance when
-several workers share the port (``proxy.web.metrics_share``).
+The metrics and the access log are settlers (``proxy.web.app`` builds the
+tuple); this module only serves what they counted. The scrape handler
+refreshes the gauges that are read, not counted (in-flight, breakers,
+spool, config version) and answers for the whole instance when several
+workers share the port (``proxy.web.metrics_share``).
 """
 
 from __future__ import annotations
@@ -18,10 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.core.record import Settler, UsageRecord
-from proxy.stages.admit.billing import cost_of
-from proxy.stages.settle.access_log import AccessLog
-from proxy.stages.settle.metrics import Metrics, breaker_states, target_keys, text
+from proxy.stages.settle.metrics import breaker_states, target_keys, text
 from proxy.web.keys import (
     BILLING,
     CONFIG,
@@ -30,33 +26,12 @@ from proxy.web.keys import (
     METRICS,
     METRICS_SHARE,
     REDIS,
-    SETTLER,
     TASKS,
     UPSTREAMS,
 )
 from proxy.web.metrics_share import PUBLISH_INTERVAL, MetricsShare
 
 log = logging.getLogger("tollway.observe")
-
-
-class Observed:
-    """The settler the pipeline calls: ``inner`` (billing), then the observers."""
-
-    def __init__(self, inner: Settler, metrics: Metrics, access: AccessLog) -> None:
-        self.inner = inner
-        self._metrics = metrics
-        self._access = access
-
-    def settle(self, record: UsageRecord) -> None:
-        try:
-            self.inner.settle(record)
-        finally:
-            try:
-                cost = cost_of(record)
-                self._metrics.observe(record, cost)
-                self._access.observe(record, float(cost) if cost else None)
-            except Exception:
-                log.exception("observing request %s failed", record.request_id)
 
 
 async def collect(app: web.Application) -> None:
@@ -90,7 +65,6 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 def observe_ctx(share_dir: Path | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        app[SETTLER] = Observed(app[SETTLER], app[METRICS], AccessLog())
         publisher = None
         if share_dir is not None:
             share = app[METRICS_SHARE] = MetricsShare(share_dir)

@@ -2,7 +2,7 @@
 
 Without Redis (no ``RedisOptions``: tests, or a gateway built without it)
 the rate limiter and the circuit breakers run per process only and the
-response cache is off.
+response cache stores nothing.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from proxy.stages.cache.store import ResponseCache
 from proxy.stages.forward.breaker import Breakers
 from proxy.stages.forward.breaker_redis import RedisBreakerStore
 from proxy.stages.forward.provider_limits import ProviderGate
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.redis_client import RedisOptions, SharedRedis
-from proxy.web.keys import CACHE, LIMITER, REDIS, UPSTREAMS
+from proxy.web.keys import LIMITER, REDIS, UPSTREAMS
 
 log = logging.getLogger("tollway.redis")
 
@@ -35,7 +34,6 @@ def redis_ctx(opts: RedisOptions | None) -> Callable[[web.Application], AsyncIte
         app[UPSTREAMS].gate = ProviderGate(limiter)
         if redis is not None:  # ejections seen by every instance
             app[UPSTREAMS].breakers = Breakers(RedisBreakerStore(redis))
-        app[CACHE] = ResponseCache(redis)
         try:
             yield
         finally:

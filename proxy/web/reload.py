@@ -42,12 +42,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.config.model import Config, parse_config
+from proxy.config.model import Config
 from proxy.config.reader import ConfigError
 from proxy.core.errors import InvalidRequest
+from proxy.pipeline.registry import parse_config
 from proxy.pipeline.snapshot import ConfigStore, Snapshot, build_snapshot
 from proxy.stages.settle.metrics import Metrics
-from proxy.web.keys import BILLING, CONFIG, HTTP, METRICS, RELOADER, TASKS
+from proxy.web.keys import BILLING, CONFIG, HTTP, METRICS, TASKS
 
 log = logging.getLogger("tollway.reload")
 SUPERVISOR_ENV = "TOLLWAY_SUPERVISOR_PID"
@@ -132,7 +133,7 @@ class Reloader:
 
     def _compile(self, config: Config) -> Snapshot:
         try:
-            return build_snapshot(config, self._session)
+            return build_snapshot(config, self._session, self._store.stages)
         except Exception as exc:  # noqa: BLE001 - any failure refuses the file, never crashes
             raise ConfigError(f"<root>: cannot be compiled ({type(exc).__name__})") from None
 
@@ -205,6 +206,9 @@ class Reloader:
             "last_reload": self.last_attempt,
             "worker_pid": os.getpid(),
         }
+
+
+RELOADER = web.AppKey("reloader", Reloader)
 
 
 def reload_ctx(opts: ReloadOptions) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -20,8 +20,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.web.keys import CONFIG, LIFECYCLE, RELOADER
+from proxy.web.keys import CONFIG, LIFECYCLE
 from proxy.web.lifecycle import shutdown
+from proxy.web.reload import RELOADER
 
 log = logging.getLogger("tollway.server")
 

@@ -22,8 +22,9 @@ from proxy.config.model import Config
 from proxy.config.tiers import Price, Tier, price_for
 from proxy.core import tokens
 from proxy.core.errors import ModelNotAllowed, QuotaExceeded
+from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
-from proxy.stages.auth import Authenticator, Principal
+from proxy.stages.auth import Authenticator
 from proxy.stores.ledger import Ledger, UsageRow
 from proxy.stores.quota import QuotaBook, Reservation, Standing, period_of
 

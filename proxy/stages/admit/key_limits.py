@@ -24,7 +24,8 @@ from proxy.config.model import Config
 from proxy.config.tiers import Tier
 from proxy.core.errors import RateLimited, TokenRateLimited
 from proxy.stages.admit.billing import Admission, reset_duration
-from proxy.stores.ratelimit import HOUR_MS, MINUTE_MS, Limit, RateLimiter, Verdict, Window
+from proxy.stores.ratelimit import RateLimiter
+from proxy.stores.windows import HOUR_MS, MINUTE_MS, Limit, Verdict, Window
 
 _WHAT = {
     "requests_per_hour": ("requests per hour (RPH)", "requests"),

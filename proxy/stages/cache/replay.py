@@ -18,10 +18,9 @@ import orjson
 from aiohttp import web
 
 from proxy.core.record import UsageRecord
-from proxy.core.sse import DONE, data_event
+from proxy.core.sse import DONE, SSE_HEADERS, data_event
 from proxy.core.usage import Usage
 from proxy.stages.cache.store import HEADER, Lookup, usage_of
-from proxy.stages.relay import SSE_HEADERS
 
 
 def _usage_dict(usage: Usage) -> dict[str, int]:

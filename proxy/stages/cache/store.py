@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ from proxy.stages.cache.config import CachePolicy, ModelCache
 from proxy.stores.redis_client import RedisDown, SharedRedis
 
 HEADER = "x-tollway-cache"
+Assemble = Callable[[list[bytes], str, Usage], bytes | None]
 _IGNORED = frozenset(("stream", "stream_options", "user", "metadata", "store", "model"))
 
 
@@ -164,15 +165,21 @@ class Lookup:
             self._cache.store(self.key, body, usage, self)
 
     def keep_stream(
-        self, meter: StreamMeter, body: Mapping[str, Any], endpoint: str, model: str, ok: bool
+        self,
+        meter: StreamMeter,
+        body: Mapping[str, Any],
+        endpoint: str,
+        model: str,
+        ok: bool,
+        assemble: Assemble,
     ) -> None:
-        """``ok``: the stream reached ``[DONE]`` with status 200 and its client."""
+        """``ok``: the stream reached ``[DONE]`` with status 200 and its client.
+        ``assemble`` turns its events into the reply JSON (``replay.assemble``)."""
         cache, key = self._cache, self.key
         redis = cache.redis if cache is not None else None
         whole = ok and meter.done
         if key is None or cache is None or redis is None or not redis.up or not whole:
             return
-        from proxy.stages.cache.replay import assemble  # it imports this module
 
         async def store() -> None:  # after the client has its last byte
             usage = meter.result(dict(body), endpoint, model)

@@ -41,10 +41,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from proxy.config.model import Timeouts
+from proxy.config.model import Config, Timeouts
 from proxy.core.errors import (
     GatewayError,
     ProviderHTTPError,
@@ -55,13 +56,22 @@ from proxy.core.errors import (
     UpstreamTimeout,
 )
 from proxy.core.record import AttemptRecord, UsageRecord
-from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
 from proxy.stages.forward.balance import InFlight, Slot, arrange
 from proxy.stages.forward.breaker import Breakers, Health, MemoryBreakerStore, verdict
 from proxy.stages.forward.provider_limits import Permit, ProviderGate
 from proxy.stages.forward.retry import Schedule, retry_after, retryable
 from proxy.stages.route import RoutePlan, Target
+
+
+class Snapshot(Protocol):
+    """What forward reads of the live config snapshot (``proxy.pipeline.snapshot``)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def providers(self) -> Mapping[str, Provider]: ...
 
 
 @dataclass(slots=True)

@@ -24,7 +24,8 @@ from proxy.core import tokens
 from proxy.core.errors import RateLimited, ServiceUnavailable
 from proxy.providers.base import Call
 from proxy.stages.route import Target
-from proxy.stores.ratelimit import MINUTE_MS, Limit, RateLimiter, Verdict
+from proxy.stores.ratelimit import RateLimiter
+from proxy.stores.windows import MINUTE_MS, Limit, Verdict
 
 
 class ProviderRateLimited(RateLimited):

@@ -17,56 +17,17 @@ Every line passes the redaction layer (``proxy.core.redact``) like any log recor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from proxy.config.reader import ConfigError, glob_match
 from proxy.core.metering import StreamMeter
 from proxy.core.record import UsageRecord
 from proxy.providers.base import Reply
+from proxy.stages.admit.billing import cost_of
 
 log = logging.getLogger("tollway.access")
-
-
-@dataclass(frozen=True, slots=True)
-class LogPolicy:
-    access_log: bool = True
-    body_tenants: tuple[str, ...] = ()  # globs of tenants whose bodies are logged
-    body_max_chars: int = 4000
-
-    def logs_bodies(self, tenant: str | None) -> bool:
-        return tenant is not None and any(glob_match(p, tenant) for p in self.body_tenants)
-
-
-def parse_logging(raw: Any) -> LogPolicy:
-    if raw is None:
-        return LogPolicy()
-    if not isinstance(raw, dict):
-        raise ConfigError("logging: must be a mapping")
-    _only(raw, "logging", ("access_log", "bodies"))
-    access = raw.get("access_log", True)
-    if not isinstance(access, bool):
-        raise ConfigError("logging.access_log: must be true or false")
-    bodies = raw.get("bodies") or {}
-    if not isinstance(bodies, dict):
-        raise ConfigError("logging.bodies: must be a mapping")
-    _only(bodies, "logging.bodies", ("tenants", "max_chars"))
-    tenants = bodies.get("tenants", [])
-    if not isinstance(tenants, list) or not all(isinstance(t, str) and t for t in tenants):
-        raise ConfigError("logging.bodies.tenants: must be a list of tenant names or globs")
-    max_chars = bodies.get("max_chars", 4000)
-    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0:
-        raise ConfigError("logging.bodies.max_chars: must be a positive integer")
-    return LogPolicy(access, tuple(tenants), max_chars)
-
-
-def _only(raw: dict[str, Any], path: str, allowed: tuple[str, ...]) -> None:
-    for key in raw:
-        if key not in allowed:
-            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(allowed)})")
 
 
 def keep_bodies(
@@ -148,6 +109,10 @@ def line(record: UsageRecord, cost: float | None) -> bytes:
 
 class AccessLog:
     """The observer: ``observe(record, cost)`` writes the line if enabled."""
+
+    def settle(self, record: UsageRecord) -> None:
+        cost = cost_of(record)
+        self.observe(record, float(cost) if cost else None)
 
     def observe(self, record: UsageRecord, cost: float | None) -> None:
         policy = record.config.logging if record.config is not None else None

@@ -25,6 +25,7 @@ from aioprometheus import histogram as hist
 from proxy.config.model import Config
 from proxy.config.reader import glob_match
 from proxy.core.record import AttemptRecord, UsageRecord
+from proxy.stages.admit.billing import cost_of
 
 ENDPOINTS = {
     "chat": "/v1/chat/completions",
@@ -144,6 +145,9 @@ class Metrics:
             assert isinstance(series, hist.Histogram)
             for v in values[1:]:
                 series.observe(v)
+
+    def settle(self, record: UsageRecord) -> None:
+        self.observe(record, cost_of(record))
 
     def observe(self, record: UsageRecord, cost: Decimal) -> None:
         model = self.model_label(record.config, record.public_model)

@@ -1,0 +1,16 @@
+"""Who a request is billed to: what authentication found for its API key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    key_prefix: str
+    tenant_id: int
+    tenant: str
+    tier: str
+    expires_at: datetime | None

@@ -1,0 +1,34 @@
+"""What the pipeline needs from the app, handed over once by the web layer.
+
+The pipeline never reads ``request.app``: the web layer builds one
+``Runtime`` when the app starts (after every store is open) and passes it to
+``handle`` with each request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.core.lifecycle import Lifecycle
+from proxy.core.record import Settler
+from proxy.pipeline.snapshot import ConfigStore
+from proxy.stages.admit.billing import Billing
+from proxy.stages.forward.attempts import Upstreams
+from proxy.stores.ratelimit import RateLimiter
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: ConfigStore  # the live snapshot, swapped by reloads
+    upstreams: Upstreams  # breakers, in-flight counts, provider limits
+    limiter: RateLimiter  # per-key windows (Redis, or per process)
+    settler: Settler  # every settler, in order (proxy.web.settlers)
+    lifecycle: Lifecycle  # streams open, shutdown in progress
+    billing: Billing | None = None  # None without a database (auth: none)
+
+
+# Drawn (or sanitised from the client's x-request-id) by the web layer's
+# envelope middleware before the pipeline runs.
+REQUEST_ID = web.RequestKey("request_id", str)
