@@ -8,13 +8,16 @@ event once stream headers are out.
     GatewayError
     ├── InvalidRequest (400)
     │   └── BodyTooLarge (413)
+    │   └── ConfigRefused (400)       an admin's config edit was refused
     ├── InvalidApiKey (401)
     ├── ModelNotAllowed (403)
     ├── NotFound (404)
     │   └── ModelNotFound (404)
+    ├── Conflict (409)
     ├── RateLimited (429)
     │   ├── TokenRateLimited (429, type tokens)
-    │   └── QuotaExceeded (429, insufficient_quota)
+    │   ├── QuotaExceeded (429, insufficient_quota)
+    │   └── ProviderRateLimited (429) a provider's rpm/tpm limit in Tollway
     ├── UpstreamError (502)           provider failure, translated at the edge
     │   ├── UpstreamUnavailable (502) connect error, reset, bad gateway
     │   │   └── UpstreamConnectError  the request never left: nothing to bill
@@ -22,7 +25,10 @@ event once stream headers are out.
     │   ├── UpstreamStreamBroken (502) cut or malformed stream after headers
     │   └── ProviderNotConfigured (503)
     ├── ServiceUnavailable (503)
-    └── ProviderHTTPError (status passed on from the provider)
+    │   ├── ProviderBusy (503)        a provider's concurrency limit in Tollway
+    │   └── ShuttingDown (503)
+    └── ProviderHTTPError (status passed on from the provider: the one status
+                          not fixed by the class, as it is the provider's)
 """
 
 from __future__ import annotations
@@ -79,6 +85,10 @@ class BodyTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class ConfigRefused(InvalidRequest):
+    code = "config_invalid"
+
+
 class InvalidApiKey(GatewayError):
     status = 401
     type = "invalid_request_error"
@@ -101,6 +111,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class RateLimited(GatewayError):
     status = 429
     type = "requests"
@@ -119,10 +135,23 @@ class QuotaExceeded(RateLimited):
     reason = "requests"  # or "tokens": the monthly quota that ran out
 
 
+class ProviderRateLimited(RateLimited):
+    code = "provider_rate_limited"
+    reason = "provider"  # a provider's rpm/tpm, not the key's
+
+
 class ServiceUnavailable(GatewayError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class ProviderBusy(ServiceUnavailable):
+    code = "provider_busy"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "server_shutting_down"
 
 
 class UpstreamError(GatewayError):

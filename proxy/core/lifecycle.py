@@ -12,14 +12,10 @@ import asyncio
 import contextlib
 import logging
 
-from proxy.core.errors import ServiceUnavailable
+from proxy.core.errors import ShuttingDown
 
 log = logging.getLogger("tollway.lifecycle")
 ABORT_WAIT = 10.0  # after the grace: how long aborted handlers get to settle
-
-
-class ShuttingDown(ServiceUnavailable):
-    code = "server_shutting_down"
 
 
 def shutting_down() -> ShuttingDown:

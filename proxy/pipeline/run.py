@@ -24,7 +24,7 @@ from proxy.core.lifecycle import shutting_down
 from proxy.core.metering import StreamMeter
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
-from proxy.pipeline.runtime import REQUEST_ID, Runtime
+from proxy.pipeline.runtime import PRINCIPAL, REQUEST_ID, Runtime
 from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import Call, Endpoint
 from proxy.stages import parse, relay
@@ -37,12 +37,13 @@ from proxy.stages.settle import access_log
 log = logging.getLogger("tollway.pipeline")
 
 
-async def authenticate(rt: Runtime, request: web.Request, ex: Exchange) -> Principal | None:
+def authenticate(request: web.Request, ex: Exchange) -> Principal | None:
+    """The principal the web layer's gate found for the key (None: ``auth: none``)."""
     if ex.config.auth == "none":
         return None
-    if rt.billing is None:  # refused at start; kept as a guard
-        raise InvalidApiKey("API keys are required but no key store is configured.")
-    who = await rt.billing.auth.authenticate(request.headers.get("Authorization"))
+    who = request.get(PRINCIPAL)
+    if who is None:  # the config turned keys on after the gate let this request in
+        raise InvalidApiKey("API keys are required on this gateway.")
     record = ex.record
     record.tenant, record.tenant_id, record.key_id = who.tenant, who.tenant_id, who.key_id
     record.key_prefix = who.key_prefix
@@ -109,7 +110,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
     try:
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
         record.public_model = parse.validate(ex.body, endpoint)
-        ex.who = who = await authenticate(rt, request, ex)
+        ex.who = who = authenticate(request, ex)
         plan = snapshot.router.plan(
             record.public_model,
             request.headers,

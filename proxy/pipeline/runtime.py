@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.core.lifecycle import Lifecycle
+from proxy.core.principal import Principal
 from proxy.core.record import Settler
 from proxy.pipeline.snapshot import ConfigStore
 from proxy.stages.admit.billing import Billing
@@ -32,3 +33,5 @@ class Runtime:
 # Drawn (or sanitised from the client's x-request-id) by the web layer's
 # envelope middleware before the pipeline runs.
 REQUEST_ID = web.RequestKey("request_id", str)
+# The caller's principal, found by the web layer's gate (absent with ``auth: none``).
+PRINCIPAL = web.RequestKey("principal", Principal)

@@ -197,6 +197,16 @@ class QuotaBook:
             if lease.refilled_at < checked_at and not lease.lock.locked():
                 del self._leases[key]
 
+    async def used(self, tenant_id: int, period: date) -> tuple[int, int]:
+        """(requests, tokens) counted in Postgres for the tenant's month."""
+        row = await self._pool.fetchrow(
+            "SELECT requests_used, tokens_used FROM quota_counters"
+            " WHERE tenant_id = $1 AND period = $2",
+            tenant_id,
+            period,
+        )
+        return (row["requests_used"], row["tokens_used"]) if row else (0, 0)
+
 
 def _fits(lease: _Lease, tokens: int) -> bool:
     return lease.requests >= 1 and lease.tokens >= tokens

@@ -6,8 +6,6 @@ actor ``admin-api``. Without ``TOLLWAY_ADMIN_KEY`` the admin API is off (404).
 
 from __future__ import annotations
 
-import hmac
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,8 +13,7 @@ import orjson
 from aiohttp import web
 
 from proxy.config.tiers import Tier
-from proxy.core import redact
-from proxy.core.errors import GatewayError, InvalidApiKey, InvalidRequest, NotFound
+from proxy.core.errors import Conflict, GatewayError, InvalidRequest, NotFound
 from proxy.stores import accounts
 from proxy.web.keys import BILLING, CONFIG
 
@@ -36,31 +33,23 @@ def rate_limit(tier: Tier | None) -> dict[str, Any]:
     }
 
 
-class _Refused(GatewayError):
-    def __init__(self, exc: accounts.AccountError) -> None:
-        super().__init__(str(exc), code="admin_refused")
-        self._status = exc.status
+# What an account operation's refusal is, by the status the store gave it.
+_REFUSALS: dict[int, type[GatewayError]] = {404: NotFound, 409: Conflict}
 
-    @property
-    def http_status(self) -> int:
-        return self._status
 
-    type = "invalid_request_error"  # type: ignore[assignment]
+def _refused(exc: accounts.AccountError) -> GatewayError:
+    return _REFUSALS.get(exc.status, InvalidRequest)(str(exc), code="admin_refused")
 
 
 def _guard(handler: Handler, *, needs_db: bool = True) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        expected = os.environ.get("TOLLWAY_ADMIN_KEY")
-        if not expected or (needs_db and BILLING not in request.app):
+        # The admin key was checked by the gate (proxy.web.gate).
+        if needs_db and BILLING not in request.app:
             raise NotFound("The admin API is not enabled on this gateway.")
-        redact.remember(expected)  # never in a log line, whatever logs it
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-            raise InvalidApiKey("Invalid admin key.")
         try:
             return await handler(request)
         except accounts.AccountError as exc:
-            raise _Refused(exc) from None
+            raise _refused(exc) from None
 
     return wrapped
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from proxy.config.model import ModelConfig
+from proxy.config.model import Config, ModelConfig
 from proxy.core.errors import ModelNotFound
 from proxy.pipeline import run as pipeline
+from proxy.pipeline.runtime import PRINCIPAL
 from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS, RUNTIME
 
 
@@ -33,18 +35,34 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
+def _may_use(request: web.Request, config: Config) -> Callable[[str], bool]:
+    """Which model names the caller's tier allows (all of them with ``auth: none``)."""
+    who = request.get(PRINCIPAL)
+    if who is None:
+        return lambda name: True
+    tier = config.tiers.get(who.tier)
+    return tier.allows if tier is not None else (lambda name: False)
+
+
 async def list_models(request: web.Request) -> web.Response:
     snap = request.app[CONFIG].current
     created = int(snap.loaded_at)
-    data = [_model_object(n, m, created) for n, m in snap.router.listed_models()]
+    allowed = _may_use(request, snap.config)
+    listed = snap.router.listed_models()
+    data = [_model_object(n, m, created) for n, m in listed if allowed(n)]
     return _json({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """A model the caller's tier may not use does not exist for it (as OpenAI does)."""
     snap = request.app[CONFIG].current
     name = request.match_info["model"]
     model = snap.router.find(name)
-    if model is None or not snap.router.is_available(model):
+    if (
+        model is None
+        or not snap.router.is_available(model)
+        or not _may_use(request, snap.config)(name)
+    ):
         raise ModelNotFound(f"The model '{name}' does not exist", param="model")
     return _json(_model_object(name, model, int(snap.loaded_at)))
 

@@ -44,7 +44,7 @@ from aiohttp import web
 
 from proxy.config.model import Config
 from proxy.config.reader import ConfigError
-from proxy.core.errors import InvalidRequest
+from proxy.core.errors import ConfigRefused
 from proxy.pipeline.registry import parse_config
 from proxy.pipeline.snapshot import ConfigStore, Snapshot, build_snapshot
 from proxy.stages.settle.metrics import Metrics
@@ -68,10 +68,6 @@ class Outcome:
     version: str  # the live version afterwards
     previous: str
     error: str | None = None
-
-
-class ConfigRefused(InvalidRequest):
-    code = "config_invalid"
 
 
 def _iso(ts: float | None) -> str | None:

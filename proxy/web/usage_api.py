@@ -8,6 +8,7 @@ import orjson
 from aiohttp import web
 
 from proxy.core.errors import InvalidRequest
+from proxy.pipeline.runtime import PRINCIPAL
 from proxy.stages.admit import key_limits
 from proxy.stages.admit.billing import tier_of
 from proxy.stores.quota import period_end, period_of
@@ -26,20 +27,16 @@ async def usage(request: web.Request) -> web.Response:
     billing = request.app.get(BILLING)
     if billing is None:
         raise InvalidRequest("Usage is only tracked when API keys are enabled (auth: keys).")
-    who = await billing.auth.authenticate(request.headers.get("Authorization"))
+    who = request.get(PRINCIPAL)
+    if who is None:
+        raise InvalidRequest("Usage is only tracked when API keys are enabled (auth: keys).")
     config = request.app[CONFIG].current.config
     tier = tier_of(config, who)
     hour = await key_limits.hour_window(request.app[LIMITER], config, who.key_id, tier)
     await billing.ledger.flush()  # include this worker's just-finished requests
     now = billing.quota.clock()
     period = period_of(now)
-    row = await billing.auth.pool.fetchrow(
-        "SELECT requests_used, tokens_used FROM quota_counters"
-        " WHERE tenant_id = $1 AND period = $2",
-        who.tenant_id,
-        period,
-    )
-    used_r, used_t = (row["requests_used"], row["tokens_used"]) if row else (0, 0)
+    used_r, used_t = await billing.quota.used(who.tenant_id, period)
     body = {
         "object": "usage",
         "tenant": who.tenant,

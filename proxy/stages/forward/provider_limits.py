@@ -21,20 +21,11 @@ from typing import Any
 from proxy.config.model import Config
 from proxy.config.ratelimit import ProviderLimit
 from proxy.core import tokens
-from proxy.core.errors import RateLimited, ServiceUnavailable
+from proxy.core.errors import ProviderBusy, ProviderRateLimited
 from proxy.providers.base import Call
 from proxy.stages.route import Target
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.windows import MINUTE_MS, Limit, Verdict
-
-
-class ProviderRateLimited(RateLimited):
-    code = "provider_rate_limited"
-    reason = "provider"  # a provider's rpm/tpm, not the key's
-
-
-class ProviderBusy(ServiceUnavailable):
-    code = "provider_busy"
 
 
 class Permit:
