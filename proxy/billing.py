@@ -183,10 +183,17 @@ class Billing:
 def _details(record: UsageRecord) -> str | None:
     """Provider-specific token counts, plus every attempt that reached a
     provider: a failed attempt may still be on the provider's invoice."""
-    details: dict[str, object] = dict(record.usage.details)
+    # The keys come from the provider's usage object: made safe for jsonb.
+    details: dict[str, object] = {_key(k): v for k, v in record.usage.details.items()}
     reached = [a for a in record.attempt_log if a.reached]
     if len(reached) > 1 or (reached and record.status >= 400):
         details["attempts"] = [
             {"provider": a.provider, "model": a.model, "status": a.status} for a in reached
         ]
     return orjson.dumps(details).decode() if details else None
+
+
+def _key(name: str) -> str:
+    """A provider-chosen name as jsonb takes it: no NUL (Postgres refuses
+    ``\\u0000`` in jsonb), no other control characters, at most 64 characters."""
+    return "".join(c if c.isprintable() else "?" for c in name[:64])
