@@ -124,8 +124,12 @@ FROM agg WHERE ln > 0 ORDER BY tenant_id, period
 # Leases are updated after the counters, in a second statement of the same
 # transaction: counter rows are always locked before lease rows, the order
 # tollway_take_lease uses too, so the two cannot deadlock.
+# A lease never goes below zero: usage beyond what it held (a tier without a
+# token limit reserves no tokens; a provider may bill past max_tokens) is in
+# the counter already, and a negative lease would hand it back as headroom.
 _SETTLE_LEASES = """
-UPDATE quota_leases l SET requests = l.requests - d.n, tokens = l.tokens - d.t
+UPDATE quota_leases l
+SET requests = greatest(0, l.requests - d.n), tokens = greatest(0, l.tokens - d.t)
 FROM unnest($1::text[], $2::bigint[], $3::date[], $4::bigint[], $5::bigint[])
      AS d(worker_id, tenant_id, period, n, t)
 WHERE l.worker_id = d.worker_id AND l.tenant_id = d.tenant_id AND l.period = d.period
