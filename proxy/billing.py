@@ -49,17 +49,27 @@ def tier_of(config: Config, principal: Principal) -> Tier:
     return tier
 
 
+_LIMITS = ("max_completion_tokens", "max_tokens")
+
+
 def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
-    """Cap the completion budget at the tier's ``max_tokens`` (set it when
-    absent, so the reservation bounds what the provider may generate)."""
+    """Cap every completion limit the request sets at the tier's
+    ``max_tokens``, and return the budget to reserve: the largest of them,
+    since a provider may honour either one. A request that sets neither gets
+    the cap (as ``max_tokens``, or as the limit it sent as null), so the
+    reservation always bounds what the provider may generate."""
     if endpoint == "embeddings":
         return 0
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    asked = body.get(key)
-    budget = min(asked, tier.max_tokens) if isinstance(asked, int) else tier.max_tokens
-    body[key] = budget
+    asked = [key for key in _LIMITS if isinstance(body.get(key), int)]
+    for key in asked:
+        body[key] = min(body[key], tier.max_tokens)
+    if not asked:
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        body[key] = tier.max_tokens
+        asked = [key]
+    budget = max(body[key] for key in asked)
     n = body.get("n")
-    return budget * (n if isinstance(n, int) and n > 0 else 1)
+    return int(budget) * (n if isinstance(n, int) and n > 0 else 1)
 
 
 def check_model(tier: Tier, public_model: str) -> None:
