@@ -186,6 +186,12 @@ def wants_stream(body: dict[str, Any], endpoint: Endpoint) -> bool:
     return endpoint != "embeddings" and body.get("stream") is True
 
 
+def choices(body: dict[str, Any]) -> int:
+    """How many choices the answer has (``n``)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and n > 1 else 1
+
+
 def wants_usage(body: dict[str, Any]) -> bool:
     opts = body.get("stream_options")
     return isinstance(opts, dict) and opts.get("include_usage") is True

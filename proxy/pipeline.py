@@ -140,7 +140,7 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         record.attempts = done.attempts
         headers = _served_headers(request, record, done, found.headers())
         if done.stream is not None:
-            meter = StreamMeter(client_wants_usage=parse.wants_usage(body))
+            meter = StreamMeter(parse.wants_usage(body), parse.choices(body))
             resp = await relay.stream(request, done.stream, meter, headers, record, started)
             whole = record.status == 200 and not record.client_disconnected
             found.keep_stream(meter, body, endpoint, done.target.model, whole)
