@@ -17,6 +17,9 @@ model name (``fake-`` prefix removed, as in ``FakeOpenAI``).
 ``cut``               stream: the connection drops after two chunks (``FakeOpenAI``'s)
 ``truncated``         stream: two chunks, then a clean end without finish or ``[DONE]``
 ``drip``              stream: every event ``drip_s`` apart
+``no-done``           stream: the whole answer (finish, usage when asked), then a clean
+                      end without ``[DONE]``
+``usage-nul``         usage whose ``prompt_tokens_details`` has a key with a NUL in it
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from aiohttp import web
 
 from tests.fakes import FAKE_USAGE, WORDS, FakeOpenAI
 
-_STREAM_FAULTS = ("stall-first-event", "truncated", "drip")
+_STREAM_FAULTS = ("stall-first-event", "truncated", "drip", "no-done")
 
 
 @dataclass
@@ -85,6 +88,8 @@ class FaultyOpenAI(FakeOpenAI):
         for i, event in enumerate(_events(fault, body)):
             if fault == "truncated" and i == 3:
                 break  # a clean end of body, with no finish chunk and no [DONE]
+            if fault == "no-done" and event.startswith(b"data: [DONE]"):
+                break
             await resp.write(event)
             if fault == "drip":
                 await asyncio.sleep(self.drip_s)
@@ -94,7 +99,7 @@ class FaultyOpenAI(FakeOpenAI):
 
 def _completion(model: str) -> dict[str, Any]:
     message = {"role": "assistant", "content": "".join(WORDS), "refusal": None}
-    return {
+    answer: dict[str, Any] = {
         "id": "chatcmpl-faulty",
         "object": "chat.completion",
         "created": int(time.time()),
@@ -102,6 +107,9 @@ def _completion(model: str) -> dict[str, Any]:
         "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None, "message": message}],
         "usage": dict(FAKE_USAGE),
     }
+    if model == "usage-nul":
+        answer["usage"]["prompt_tokens_details"] = {"cached_tokens": 2, "odd\u0000key": 3}
+    return answer
 
 
 def _events(model: str, body: dict[str, Any]) -> list[bytes]:

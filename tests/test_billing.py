@@ -15,7 +15,7 @@ import pytest
 from proxy.core.principal import Principal
 from proxy.web.billing_setup import BillingOptions
 from proxy.web.keys import BILLING
-from tests.billing_helpers import billing_config, tenant_with_key, wait_for
+from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FAKE_USAGE, FakeOpenAI
 
@@ -371,3 +371,31 @@ async def test_billing_works_without_prepared_statement_cache(
     await wait_for(pg, EVENTS, tenant, expect=5)
     usage = await _get(gw, "/v1/usage", key["api_key"])
     assert usage["month"]["requests"]["used"] == 5
+
+
+async def test_no_combination_of_limits_passes_the_tier_cap(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    """``max_completion_tokens`` and ``max_tokens`` together: both are capped,
+    and the reservation covers the larger, whichever one the provider honours."""
+    tiers = {**TEST_TIERS, "narrow": {**TEST_TIERS["tokens"], "monthly_tokens": 60}}
+    cfg = {**billing_config(fake_openai.url), "tiers": tiers}
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    _, pro = await tenant_with_key(pg, tmp_path, "pro", set(tiers))
+    both = {"max_completion_tokens": 100, "max_tokens": 1_000_000}
+    status, _, _ = await _chat(gw, pro["api_key"], **both)
+    assert status == 200
+    sent = fake_openai.seen[-1].body
+    assert (sent["max_completion_tokens"], sent["max_tokens"]) == (100, 4096)  # pro's cap
+    # 60 tokens a month, cap 100: prompt + 1 fits, prompt + 100 (what
+    # max_tokens lets the provider generate) does not.
+    _, narrow = await tenant_with_key(pg, tmp_path, "narrow", set(tiers))
+    assert (await _chat(gw, narrow["api_key"], max_completion_tokens=1))[0] == 200
+    assert fake_openai.seen[-1].body["max_completion_tokens"] == 1
+    assert "max_tokens" not in fake_openai.seen[-1].body  # nothing added to what was asked
+    status, _, body = await _chat(gw, narrow["api_key"], max_completion_tokens=1, max_tokens=10**6)
+    assert status == 429 and "token quota" in body["error"]["message"]

@@ -55,6 +55,19 @@ async def _post(
         ('{"messages": [{"role": "user", "content": "x"}]}', "model", "Missing required"),
         ('{"model": "echo"}', "messages", "Missing required"),
         ('{"model": "echo", "messages": [{"content": "x"}]}', "messages[0].role", "role"),
+        # names that reach the ledger, logs and headers: no control characters, capped
+        ('{"model": "echo\\r\\nx", "messages": [{"role": "user"}]}', "model", "control"),
+        ('{"model": "' + "e" * 257 + '", "messages": [{"role": "user"}]}', "model", "at most 256"),
+        (
+            '{"model": "echo", "messages": [{"role": "user"}], "user": "a\\u0000"}',
+            "user",
+            "control",
+        ),
+        (
+            '{"model": "echo", "messages": [{"role": "user"}], "user": "' + "u" * 257 + '"}',
+            "user",
+            "at most 256",
+        ),
     ],
 )
 async def test_bad_requests_are_400(

@@ -9,6 +9,7 @@ import orjson
 
 from tests.conftest import StartGateway, gateway_config
 from tests.fakes import WORDS, FakeOpenAI
+from tests.fakes_faults import FaultyOpenAI
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -107,3 +108,47 @@ async def test_stalled_stream_times_out_with_error_event(
     last = orjson.loads(events[-1].removeprefix(b"data: "))
     assert last["error"]["code"] == "upstream_timeout"
     fake_openai.release.set()
+
+
+async def test_a_complete_answer_without_done_is_a_success(
+    start_gateway: StartGateway,
+) -> None:
+    """Finish reason and usage arrived, only ``[DONE]`` did not: the SDK gets
+    the whole answer and no error, the gateway adds the ``[DONE]``, the row
+    says 200. A stream cut before its finish stays an error."""
+    fake = await FaultyOpenAI().start()
+    try:
+        gw = await start_gateway(gateway_config(fake.url))
+        client = gw.sdk()
+        for usage in (True, False):
+            stream = await client.chat.completions.create(
+                model="fake-no-done",
+                messages=BODY["messages"],
+                stream=True,
+                stream_options={"include_usage": True} if usage else None,
+            )
+            chunks = [chunk async for chunk in stream]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == "".join(WORDS)
+            assert (chunks[-1].usage is not None) is usage
+            record = gw.settler.records[-1]
+            assert record.status == 200 and record.error_code is None
+            assert record.usage.source == "provider"
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(gw.base_url + "/chat/completions", json={**BODY, "model": "fake-no-done"}) as r,
+        ):
+            assert (await r.read()).endswith(b"\n\ndata: [DONE]\n\n")
+        # Two choices asked for, one finished: the answer is not whole.
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.base_url + "/chat/completions",
+                json={**BODY, "model": "fake-no-done", "n": 2},
+            ) as r,
+        ):
+            events = await _events(r)
+        assert b"upstream_stream_broken" in events[-1]
+        assert gw.settler.records[-1].status == 502
+    finally:
+        await fake.close()

@@ -13,10 +13,11 @@ from typing import Any
 import orjson
 
 from proxy.core import tokens
-from proxy.core.sse import event_data
+from proxy.core.sse import DONE, event_data
 from proxy.core.usage import Usage, usage_from_openai
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+_FINISH_MARKERS = (b'"finish_reason":"', b'"finish_reason": "')  # a string, not null
 
 
 def _choice_text(choice: dict[str, Any]) -> str:
@@ -56,15 +57,18 @@ class StreamMeter:
 
     ``observe`` returns the bytes to forward, or None to drop the event: the
     usage chunk Tollway asked for on the client's behalf is dropped when the
-    client did not ask for usage itself.
+    client did not ask for usage itself. Only events that carry usage or a
+    finish reason are decoded; the others pass as bytes.
     """
 
-    __slots__ = ("_payloads", "client_wants_usage", "done", "usage")
+    __slots__ = ("_finished", "_payloads", "choices", "client_wants_usage", "done", "usage")
 
-    def __init__(self, client_wants_usage: bool) -> None:
+    def __init__(self, client_wants_usage: bool, choices: int = 1) -> None:
         self.client_wants_usage = client_wants_usage
+        self.choices = choices  # the request's ``n``
         self.usage: Usage | None = None
         self.done = False
+        self._finished: set[object] = set()  # indexes of choices with a finish reason
         self._payloads: list[bytes] = []
 
     def observe(self, event: bytes) -> bytes | None:
@@ -74,19 +78,38 @@ class StreamMeter:
         if data == b"[DONE]":
             self.done = True
             return event
-        if _USAGE_MARKERS[0] in data or _USAGE_MARKERS[1] in data:
+        has_usage = _USAGE_MARKERS[0] in data or _USAGE_MARKERS[1] in data
+        if has_usage or _FINISH_MARKERS[0] in data or _FINISH_MARKERS[1] in data:
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
                 obj = None
             if isinstance(obj, dict):
-                found = usage_from_openai(obj.get("usage"))
+                self._note_finish(obj)
+                found = usage_from_openai(obj.get("usage")) if has_usage else None
                 if found is not None:
                     self.usage = found
-                if not self.client_wants_usage and not obj.get("choices"):
+                if has_usage and not self.client_wants_usage and not obj.get("choices"):
                     return None
         self._payloads.append(data)
         return event
+
+    def _note_finish(self, obj: dict[str, Any]) -> None:
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                self._finished.add(choice.get("index", 0))
+
+    def complete(self) -> bool:
+        """Whether the whole answer arrived, ``[DONE]`` or not: every choice
+        has its finish reason, and the usage chunk came if the client asked."""
+        return len(self._finished) >= self.choices and (
+            self.usage is not None or not self.client_wants_usage
+        )
+
+    def end(self) -> bytes:
+        """The ``[DONE]`` a provider left out of a complete answer."""
+        self.done = True
+        return DONE
 
     def observe_batch(self, events: list[bytes]) -> bytes:
         """``observe`` on each event of one upstream read, in order; the

@@ -130,7 +130,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
         record.attempts = done.attempts
         headers = _served_headers(ex, done)
         if done.stream is not None:
-            ex.meter = StreamMeter(client_wants_usage=parse.wants_usage(ex.body))
+            ex.meter = StreamMeter(parse.wants_usage(ex.body), parse.choices(ex.body))
             filters = [f for s, cfg in snapshot.hooks.stream if (f := s.on_stream(ex, cfg))]
             return await relay.stream(
                 request, done.stream, ex.meter, headers, record, started, rt.lifecycle, filters

@@ -15,6 +15,9 @@ from aiohttp import web
 from proxy.core.errors import BodyTooLarge, InvalidRequest
 from proxy.providers.base import Endpoint
 
+MAX_MODEL_CHARS = 256
+MAX_USER_CHARS = 256
+
 
 async def read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > max_bytes:
@@ -88,7 +91,26 @@ def _model(body: dict[str, Any]) -> str:
         raise _type_error("model", "a string", model)
     if not model.strip():
         raise InvalidRequest("'model' must not be empty.", param="model")
+    _plain(model, "model", MAX_MODEL_CHARS)
     return model
+
+
+def _plain(value: str, param: str, limit: int) -> None:
+    """Refuse a name the gateway stores, logs or puts in a header when it is
+    longer than ``limit`` or holds a control, format or separator character:
+    Postgres refuses NUL, a CR/LF breaks a header, and a megabyte is no name."""
+    if len(value) > limit:
+        raise InvalidRequest(
+            f"'{param}' is too long: {len(value)} characters, at most {limit}.",
+            param=param,
+            code="string_above_max_length",
+        )
+    if not value.isprintable():
+        raise InvalidRequest(
+            f"'{param}' must not contain control or invisible characters.",
+            param=param,
+            code="invalid_value",
+        )
 
 
 def _common(body: dict[str, Any]) -> None:
@@ -99,11 +121,16 @@ def _common(body: dict[str, Any]) -> None:
     _optional(body, "max_completion_tokens", int, "an integer")
     _optional(body, "temperature", (int, float), "a number")
     _optional(body, "top_p", (int, float), "a number")
-    _optional(body, "user", str, "a string")
     for param in ("max_tokens", "max_completion_tokens", "n"):
         value = body.get(param)
         if isinstance(value, int) and value < 1:
             raise InvalidRequest(f"'{param}' must be at least 1.", param=param)
+
+
+def _user(body: dict[str, Any]) -> None:
+    _optional(body, "user", str, "a string")
+    if isinstance(body.get("user"), str):
+        _plain(body["user"], "user", MAX_USER_CHARS)
 
 
 def _messages(body: dict[str, Any]) -> None:
@@ -141,6 +168,7 @@ def _prompt(body: dict[str, Any], param: str) -> None:
 def validate(body: dict[str, Any], endpoint: Endpoint) -> str:
     """Check the body for ``endpoint``; return the requested model name."""
     model = _model(body)
+    _user(body)
     if endpoint == "chat":
         _messages(body)
         _common(body)
@@ -156,6 +184,12 @@ def validate(body: dict[str, Any], endpoint: Endpoint) -> str:
 
 def wants_stream(body: dict[str, Any], endpoint: Endpoint) -> bool:
     return endpoint != "embeddings" and body.get("stream") is True
+
+
+def choices(body: dict[str, Any]) -> int:
+    """How many choices the answer has (``n``)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and n > 1 else 1
 
 
 def wants_usage(body: dict[str, Any]) -> bool:

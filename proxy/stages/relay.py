@@ -77,7 +77,11 @@ async def stream(
                 record.ttft_ms = (time.perf_counter() - started) * 1000
             await resp.write(out)
         if not meter.done:
-            raise UpstreamStreamBroken("The provider ended the stream before it was complete.")
+            # Decided by what arrived: a whole answer missing only its
+            # [DONE] is a success; anything less was cut off.
+            if not meter.complete():
+                raise UpstreamStreamBroken("The provider ended the stream before it was complete.")
+            await resp.write(meter.end())
     except GatewayError as exc:
         record.fail(exc)
         await _write_quietly(resp, redact.scrub_bytes(data_event(exc.payload())))

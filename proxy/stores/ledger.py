@@ -7,7 +7,11 @@ by period and an event id the server draws at settle time, never the client's
 counters and leases, so a retried or replayed batch never double-bills.
 
 If Postgres is unreachable the batch is appended to a local spool file
-(fsynced JSON lines) and replayed when Postgres answers again. What a hard
+(fsynced JSON lines) and replayed when Postgres answers again. A row that
+Postgres refuses for its content is a different failure: it would fail every
+retry, so it is isolated (the batch is split until the refused rows stand
+alone), kept in the dead-letter file (``proxy.stores.dead_letter``), and the rest
+of its batch is written; it never sends a batch to the spool. What a hard
 crash can lose is the in-memory batch of the last flush interval; leases of
 a worker that stops heartbeating are released by any other worker's sweep
 after ``lease_ttl_s`` (its unsettled reservations are released, not
@@ -31,6 +35,8 @@ from typing import Any
 
 import asyncpg
 import orjson
+
+from proxy.stores.dead_letter import DeadLetters, is_refusal
 
 log = logging.getLogger("tollway.ledger")
 
@@ -118,8 +124,12 @@ FROM agg WHERE ln > 0 ORDER BY tenant_id, period
 # Leases are updated after the counters, in a second statement of the same
 # transaction: counter rows are always locked before lease rows, the order
 # tollway_take_lease uses too, so the two cannot deadlock.
+# A lease never goes below zero: usage beyond what it held (a tier without a
+# token limit reserves no tokens; a provider may bill past max_tokens) is in
+# the counter already, and a negative lease would hand it back as headroom.
 _SETTLE_LEASES = """
-UPDATE quota_leases l SET requests = l.requests - d.n, tokens = l.tokens - d.t
+UPDATE quota_leases l
+SET requests = greatest(0, l.requests - d.n), tokens = greatest(0, l.tokens - d.t)
 FROM unnest($1::text[], $2::bigint[], $3::date[], $4::bigint[], $5::bigint[])
      AS d(worker_id, tenant_id, period, n, t)
 WHERE l.worker_id = d.worker_id AND l.tenant_id = d.tenant_id AND l.period = d.period
@@ -139,8 +149,12 @@ class UsageRow:
         obj = orjson.loads(line)
         v = list(obj["v"])
         v[0] = date.fromisoformat(v[0])
-        v[21] = Decimal(v[21])
+        v[_COST] = Decimal(v[_COST])
         return cls(tuple(v), bool(obj["l"]))
+
+
+_COST = COLUMNS.index("cost_usd")
+_CHUNK = 1000  # rows per transaction when replaying a spool
 
 
 def _try_lock(path: Path) -> int | None:
@@ -183,6 +197,31 @@ async def write_batch(pool: asyncpg.Pool, rows: list[UsageRow]) -> None:
                     )
                 ),
             )
+
+
+Refused = list[tuple[UsageRow, BaseException]]
+
+
+async def write_isolating(pool: asyncpg.Pool, rows: list[UsageRow], refused: Refused) -> None:
+    """``write_batch``, except that rows Postgres refuses for their content
+    are collected in ``refused`` while all the others are written.
+
+    A refusal splits the batch in halves, each written on its own, so k bad
+    rows among n cost about k * log2(n) extra transactions and nothing when
+    there are none. Any other error propagates (the caller spools): halves
+    already written are then written again on replay, which the
+    (period, event_id) key makes harmless."""
+    try:
+        await write_batch(pool, rows)
+    except Exception as exc:
+        if not is_refusal(exc):
+            raise
+        if len(rows) == 1:
+            refused.append((rows[0], exc))
+            return
+        half = len(rows) // 2
+        await write_isolating(pool, rows[:half], refused)
+        await write_isolating(pool, rows[half:], refused)
 
 
 class Spool:
@@ -256,6 +295,7 @@ class Ledger:
         self._stopping = asyncio.Event()
         self.healthy = True
         self.written = 0
+        self.dead = DeadLetters(spool.path.parent, worker_id)
         # For the metrics: rows not yet in Postgres, and since when (monotonic).
         self._spooled = spool.depth()
         self._in_flight = 0
@@ -265,6 +305,11 @@ class Ledger:
         if not self._queue:
             self._since["queue"] = time.monotonic()
         self._queue.append(row)
+
+    @property
+    def dead_lettered(self) -> int:
+        """Rows refused by Postgres and kept in the dead-letter file, so far."""
+        return self.dead.count
 
     def pending(self) -> int:
         """Usage rows waiting for Postgres: queued, being written, spooled."""
@@ -328,10 +373,9 @@ class Ledger:
         since = self._since.pop("queue", time.monotonic())
         self._since["batch"], self._in_flight = since, len(batch)
         try:
-            await write_batch(self._pool, batch)
-            self.written += len(batch)
+            await self._write(batch)
             self._set_healthy(True)
-        except Exception as exc:  # noqa: BLE001 - whatever failed, the rows go to the spool
+        except Exception as exc:  # noqa: BLE001 - the database is down or busy: spool the rows
             self._set_healthy(False, exc)
             self.spool.append(batch)
             self._spooled += len(batch)
@@ -346,18 +390,27 @@ class Ledger:
             self._since.pop("batch", None)
             self._in_flight = 0
 
+    async def _write(self, rows: list[UsageRow]) -> int:
+        """Write ``rows`` in chunks, dead-lettering the refused ones; the
+        number written. Raises when the database is down or busy: then
+        nothing is dead-lettered, and all the rows are still the caller's."""
+        refused: Refused = []
+        for i in range(0, len(rows), _CHUNK):
+            await write_isolating(self._pool, rows[i : i + _CHUNK], refused)
+        self.dead.keep(refused)
+        self.written += len(rows) - len(refused)
+        return len(rows) - len(refused)
+
     async def _replay(self) -> bool:
         rows = self.spool.read()
         try:
-            for i in range(0, len(rows), 1000):
-                await write_batch(self._pool, rows[i : i + 1000])
+            await self._write(rows)
         except Exception as exc:  # noqa: BLE001 - keep the spool, try again next flush
             self._set_healthy(False, exc)
             return False
         self.spool.clear()
         self._spooled = 0
         self._since.pop("spool", None)
-        self.written += len(rows)
         log.info("replayed %d spooled usage rows", len(rows))
         self._set_healthy(True)
         return True
@@ -398,17 +451,14 @@ class Ledger:
                 orphan = Spool(path)
             except RuntimeError:
                 continue  # its worker is alive
-            rows = orphan.read()
             try:
-                for i in range(0, len(rows), 1000):
-                    await write_batch(self._pool, rows[i : i + 1000])
+                total += await self._write(orphan.read())
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 orphan.release()
                 continue
             orphan.clear()
             path.with_suffix(".lock").unlink(missing_ok=True)
             orphan.release()
-            total += len(rows)
         if total:
             log.info("replayed %d usage rows spooled by earlier processes", total)
         return total

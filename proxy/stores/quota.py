@@ -13,6 +13,11 @@ request carries that cap). Settling refunds the unused part to the local
 lease. Token overshoot is therefore bounded by the prompt estimate's error:
 the provider may count a prompt differently from tiktoken, and a reasoning
 model may be billed beyond ``max_tokens`` by its provider.
+
+Every counted token reaches the tenant's counter, whatever the tier said
+when it was used; a lease row stops at zero when settled usage exceeds what
+it held, so usage under a tier without a token limit is not handed back as
+headroom after a change to a tier with one.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 
 from proxy.core import redact
 from proxy.core.errors import GatewayError, InvalidRequest, NotFound
-from proxy.web.keys import REQUEST_ID
+from proxy.pipeline.runtime import REQUEST_ID
 
 log = logging.getLogger("tollway.errors")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:\-]")

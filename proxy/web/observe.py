@@ -51,6 +51,8 @@ async def collect(app: web.Application) -> None:
         lag=billing.ledger.lag() if billing is not None else 0.0,
         breakers=breaker_states(dict(health)),
     )
+    if billing is not None:
+        metrics.set_dead_letters(billing.ledger.dead_lettered)
     redis = app.get(REDIS)
     if redis is not None:
         metrics.set_redis(redis.up, redis.errors, app[LIMITER].fallbacks)

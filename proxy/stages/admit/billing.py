@@ -50,17 +50,27 @@ def tier_of(config: Config, principal: Principal) -> Tier:
     return tier
 
 
+_LIMITS = ("max_completion_tokens", "max_tokens")
+
+
 def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
-    """Cap the completion budget at the tier's ``max_tokens`` (set it when
-    absent, so the reservation bounds what the provider may generate)."""
+    """Cap every completion limit the request sets at the tier's
+    ``max_tokens``, and return the budget to reserve: the largest of them,
+    since a provider may honour either one. A request that sets neither gets
+    the cap (as ``max_tokens``, or as the limit it sent as null), so the
+    reservation always bounds what the provider may generate."""
     if endpoint == "embeddings":
         return 0
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    asked = body.get(key)
-    budget = min(asked, tier.max_tokens) if isinstance(asked, int) else tier.max_tokens
-    body[key] = budget
+    asked = [key for key in _LIMITS if isinstance(body.get(key), int)]
+    for key in asked:
+        body[key] = min(body[key], tier.max_tokens)
+    if not asked:
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        body[key] = tier.max_tokens
+        asked = [key]
+    budget = max(body[key] for key in asked)
     n = body.get("n")
-    return budget * (n if isinstance(n, int) and n > 0 else 1)
+    return int(budget) * (n if isinstance(n, int) and n > 0 else 1)
 
 
 def check_model(tier: Tier, public_model: str) -> None:
@@ -184,10 +194,17 @@ class Billing:
 def _details(record: UsageRecord) -> str | None:
     """Provider-specific token counts, plus every attempt that reached a
     provider: a failed attempt may still be on the provider's invoice."""
-    details: dict[str, object] = dict(record.usage.details)
+    # The keys come from the provider's usage object: made safe for jsonb.
+    details: dict[str, object] = {_key(k): v for k, v in record.usage.details.items()}
     reached = [a for a in record.attempt_log if a.reached]
     if len(reached) > 1 or (reached and record.status >= 400):
         details["attempts"] = [
             {"provider": a.provider, "model": a.model, "status": a.status} for a in reached
         ]
     return orjson.dumps(details).decode() if details else None
+
+
+def _key(name: str) -> str:
+    """A provider-chosen name as jsonb takes it: no NUL (Postgres refuses
+    ``\\u0000`` in jsonb), no other control characters, at most 64 characters."""
+    return "".join(c if c.isprintable() else "?" for c in name[:64])

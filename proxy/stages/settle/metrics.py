@@ -97,6 +97,11 @@ class Metrics:
         self.lag = Gauge(
             "tollway_settlement_lag_seconds", "Age of the oldest unsettled usage event.", registry=r
         )
+        self.dead_letters = Counter(
+            "tollway_billing_dead_letter_total",
+            "Usage rows Postgres refused for their content, kept in dead-letter.jsonl.",
+            registry=r,
+        )
         self.redis_up = Gauge("tollway_redis_up", "1 while Redis answers, else 0.", registry=r)
         self.redis_errors = Counter(
             "tollway_redis_errors_total", "Redis commands that failed or timed out.", registry=r
@@ -251,6 +256,10 @@ class Metrics:
         self.breaker.values.clear()
         for provider, state in breakers.items():
             self.breaker.set({"provider": provider}, state)
+
+    def set_dead_letters(self, count: int) -> None:
+        """Rows the ledger dead-lettered (read from it at scrape time)."""
+        self.dead_letters.set({}, count)
 
     def set_redis(self, up: bool, errors: int, local_checks: int) -> None:
         """Redis health, read from the client and the limiter (only with Redis)."""
