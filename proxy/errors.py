@@ -17,7 +17,8 @@ event once stream headers are out.
     │   └── QuotaExceeded (429, insufficient_quota)
     ├── UpstreamError (502)           provider failure, translated at the edge
     │   ├── UpstreamUnavailable (502) connect error, reset, bad gateway
-    │   │   └── UpstreamConnectError  the request never left: nothing to bill
+    │   │   ├── UpstreamConnectError  the request never left: nothing to bill
+    │   │   └── UpstreamRedirect      a 3xx, never followed (credentials stay home)
     │   ├── UpstreamTimeout (504)
     │   ├── UpstreamStreamBroken (502) cut or malformed stream after headers
     │   └── ProviderNotConfigured (503)
@@ -137,6 +138,13 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamConnectError(UpstreamUnavailable):
     """No connection could be made, so the provider never saw the request."""
+
+
+class UpstreamRedirect(UpstreamUnavailable):
+    """The provider answered 3xx: following it would send the prompt and the
+    provider's credential to a host nobody configured."""
+
+    code = "upstream_redirect"
 
 
 class UpstreamTimeout(UpstreamError):
