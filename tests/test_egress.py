@@ -141,3 +141,87 @@ async def test_a_redirect_from_a_provider_is_not_followed(
     assert err["code"] == "upstream_redirect"
     assert f"HTTP {status}" in err["message"] and "redirect" in err["message"]
     assert "provider-credential-123" not in raw.decode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [("azure", "."), ("azure", ".."), ("gemini", "."), ("gemini", ".."), ("gemini", "models/..")],
+)
+async def test_a_model_name_cannot_walk_out_of_its_path_segment(
+    start_gateway: StartGateway,
+    hosts: Callable[[Behaviour], Awaitable[Host]],
+    kind: str,
+    name: str,
+) -> None:
+    """A glob route passes the client's model name into the URL path: "." and
+    ".." are dot segments that a URL normaliser removes, so they are refused
+    with a 400 before anything is sent."""
+    provider = await hosts(answer_ok)
+    gw = await start_gateway(one_provider(kind, provider.url))
+    code, raw = await post_chat(gw.url, name)
+    assert provider.seen == []
+    assert code == 400, raw
+    err = orjson.loads(raw)["error"]
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "model", None)
+
+
+@pytest.mark.parametrize("kind", ["azure", "gemini"])
+async def test_an_odd_model_name_is_still_one_segment(
+    start_gateway: StartGateway, hosts: Callable[[Behaviour], Awaitable[Host]], kind: str
+) -> None:
+    provider = await hosts(answer_ok)
+    gw = await start_gateway(one_provider(kind, provider.url))
+    await post_chat(gw.url, "a/../b?c#d")
+    assert len(provider.seen) == 1
+    path = provider.seen[0][0]
+    assert "/a%2F..%2Fb%3Fc%23d" in path
+    assert path.startswith("/openai/deployments/" if kind == "azure" else "/v1beta/models/")
+
+
+STREAM_SECRETS = (
+    "sk-abcdefghijklmnopqrstuvwxyz012345",
+    "AIzaSyA-1234567890abcdefghijklmnopqrstu",
+    "azure-key-value-9876",
+)
+
+
+async def test_a_provider_error_event_mid_stream_is_scrubbed_and_sent_once(
+    start_gateway: StartGateway, hosts: Callable[[Behaviour], Awaitable[Host]]
+) -> None:
+    """An OpenAI-compatible provider may end a stream with its own error
+    event, echoing what it was sent: the client gets exactly one error event,
+    with no credential in it."""
+    sk, aiza, azure = STREAM_SECRETS
+    message = (
+        f"upstream rejected Authorization: Bearer {sk} for "
+        f"https://x.example/v1?key={aiza} (api-key: {azure})"
+    )
+
+    async def error_mid_stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}],
+        }
+        error = {"error": {"message": message, "type": "server_error", "code": "boom"}}
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await resp.write(b"data: " + orjson.dumps(error) + b"\n\n")
+        return resp
+
+    provider = await hosts(error_mid_stream)
+    gw = await start_gateway(one_provider("openai", provider.url))
+    code, raw = await post_chat(gw.url, "m", stream=True)
+    assert code == 200
+    text = raw.decode()
+    for secret in STREAM_SECRETS:
+        assert secret not in text
+    events = [e for e in text.split("\n\n") if e.startswith("data: {")]
+    errors = [orjson.loads(e[6:])["error"] for e in events if '"error"' in e]
+    assert len(errors) == 1, text
+    assert "upstream rejected" in errors[0]["message"]
+    assert '"Hel"' in events[0]  # what came before the error still arrived
+    assert gw.settler.records[-1].status >= 500

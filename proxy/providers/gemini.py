@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -35,7 +35,7 @@ import orjson
 from proxy import tokens
 from proxy.config import ProviderConfig
 from proxy.errors import GatewayError, ProviderHTTPError, UpstreamStreamBroken
-from proxy.providers import http
+from proxy.providers import http, paths
 from proxy.providers.base import Call, Reply
 from proxy.providers.gemini_translate import (
     Json,
@@ -182,7 +182,7 @@ class GeminiProvider(TranslatingProvider):
         self._root = api_root(config)
 
     def url(self, call: Call) -> str:
-        model = quote(call.model.removeprefix("models/"), safe="")
+        model = paths.segment(call.model.removeprefix("models/"))
         if call.endpoint == "embeddings":
             method = "batchEmbedContents"
         else:
