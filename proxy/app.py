@@ -13,13 +13,24 @@ from proxy import admin, handlers, lifecycle, middleware, observe, redact, reloa
 from proxy.billing_setup import BillingOptions, billing_ctx
 from proxy.config import Config
 from proxy.forward import Upstreams
+from proxy.http_guard import GuardStats
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.redis_client import RedisOptions
 from proxy.redis_setup import redis_ctx
 from proxy.settle import LogSettler, Settler
 from proxy.snapshot import ConfigStore, build_snapshot
-from proxy.state import CONFIG, HTTP, LIFECYCLE, METRICS, SETTLER, TASKS, UPSTREAMS
+from proxy.state import (
+    CONFIG,
+    GUARD_STATS,
+    HTTP,
+    LIFECYCLE,
+    METRICS,
+    SERVER,
+    SETTLER,
+    TASKS,
+    UPSTREAMS,
+)
 from proxy.tasks import TaskGroup
 
 # Order matters: envelope (the request id, then error rendering) comes first,
@@ -51,6 +62,8 @@ def build_app(
     app[UPSTREAMS] = Upstreams()  # breaker state per process until Redis is wired in
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()
+    app[SERVER] = config.server
+    app[GUARD_STATS] = GuardStats()
     # cleanup_ctx runs in order at start and in reverse at shutdown: billing
     # closes (final flush, leases returned) after in-flight tasks drained.
     app.cleanup_ctx.append(_http_session)

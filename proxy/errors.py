@@ -7,7 +7,8 @@ event once stream headers are out.
 
     GatewayError
     ├── InvalidRequest (400)
-    │   └── BodyTooLarge (413)
+    │   ├── BodyTooLarge (413)
+    │   └── RequestTimeout (408)     the client sent its headers or body too slowly
     ├── InvalidApiKey (401)
     ├── ModelNotAllowed (403)
     ├── NotFound (404)
@@ -78,6 +79,11 @@ class InvalidRequest(GatewayError):
 class BodyTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
+    code = "request_timeout"
 
 
 class InvalidApiKey(GatewayError):

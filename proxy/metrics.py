@@ -24,6 +24,7 @@ from aioprometheus import histogram as hist
 
 from proxy.config import Config
 from proxy.config_reader import glob_match
+from proxy.http_guard import GuardStats
 from proxy.settle import AttemptRecord, UsageRecord
 
 ENDPOINTS = {
@@ -103,6 +104,24 @@ class Metrics:
         self.ratelimit_local = Counter(
             "tollway_ratelimit_local_checks_total",
             "Limit checks answered per process because Redis was down.",
+            registry=r,
+        )
+        self.connections = Gauge(
+            "tollway_open_connections", "Client connections open to this worker.", registry=r
+        )
+        self.refused = Counter(
+            "tollway_connections_refused_total",
+            "Connections refused over server.max_connections.",
+            registry=r,
+        )
+        self.http_refusals = Counter(
+            "tollway_http_refusals_total",
+            "Requests refused below the app (reason: header_timeout, body_timeout, malformed).",
+            registry=r,
+        )
+        self.auth_throttled = Counter(
+            "tollway_auth_failures_throttled_total",
+            "Requests refused because their address failed authentication too often.",
             registry=r,
         )
         for gauge in (self.inflight, self.streams, self.spool, self.lag):
@@ -253,6 +272,18 @@ class Metrics:
         self.redis_up.set({}, int(up))
         self.redis_errors.set({}, errors)
         self.ratelimit_local.set({}, local_checks)
+
+    def set_guard(self, stats: GuardStats, auth_throttled: int) -> None:
+        """The server's own refusals (``http_guard``) and failed-auth throttling."""
+        self.connections.set({}, stats.open)
+        self.refused.set({}, stats.refused)
+        for reason, n in (
+            ("header_timeout", stats.header_timeouts),
+            ("body_timeout", stats.body_timeouts),
+            ("malformed", stats.malformed),
+        ):
+            self.http_refusals.set({"reason": reason}, n)
+        self.auth_throttled.set({}, auth_throttled)
 
     def collectors(self) -> Iterable[Counter | Gauge | Histogram]:
         return self.registry.get_all()  # type: ignore[return-value]

@@ -26,6 +26,7 @@ from proxy.settle import Settler, UsageRecord
 from proxy.state import (
     BILLING,
     CONFIG,
+    GUARD_STATS,
     LIFECYCLE,
     LIMITER,
     METRICS,
@@ -76,6 +77,7 @@ async def collect(app: web.Application) -> None:
         lag=billing.ledger.lag() if billing is not None else 0.0,
         breakers=breaker_states(dict(health)),
     )
+    metrics.set_guard(app[GUARD_STATS], 0)
     redis = app.get(REDIS)
     if redis is not None:
         metrics.set_redis(redis.up, redis.errors, app[LIMITER].fallbacks)

@@ -9,7 +9,9 @@ from aiohttp import web
 
 from proxy.billing import Billing
 from proxy.cache import ResponseCache
+from proxy.config import ServerConfig
 from proxy.forward import Upstreams
+from proxy.http_guard import GuardStats
 from proxy.ratelimit import RateLimiter, Verdict
 from proxy.redis_client import SharedRedis
 from proxy.settle import Settler
@@ -36,6 +38,9 @@ LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")  # in-flight requests
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 METRICS_SHARE: web.AppKey[MetricsShare] = web.AppKey("metrics_share")  # several workers only
 RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
+# The server section as the process started (deadlines, caps, trusted proxies).
+SERVER = web.AppKey("server", ServerConfig)
+GUARD_STATS = web.AppKey("guard_stats", GuardStats)  # connection-level refusals
 
 # Per-request values.
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -82,7 +82,10 @@ async def hosts() -> AsyncIterator[Callable[[Behaviour], Awaitable[Host]]]:
 
 PROVIDERS: dict[str, tuple[dict[str, Any], str]] = {
     # kind -> (provider config, the header that carries its credential)
-    "openai": ({"kind": "openai", "headers": {"X-Org-Secret": "org-secret-value"}}, "Authorization"),
+    "openai": (
+        {"kind": "openai", "headers": {"X-Org-Secret": "org-secret-value"}},
+        "Authorization",
+    ),
     "azure": ({"kind": "azure"}, "api-key"),
     "anthropic": ({"kind": "anthropic"}, "x-api-key"),
     "gemini": ({"kind": "gemini"}, "x-goog-api-key"),

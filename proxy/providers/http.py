@@ -82,13 +82,13 @@ async def _post(
     url: str,
     payload: bytes,
     headers: dict[str, str],
-    timeout: aiohttp.ClientTimeout,
+    limits: aiohttp.ClientTimeout,
 ) -> aiohttp.ClientResponse:
     # Never follow a redirect: it would carry the prompt and the provider's
     # credential (api-key, x-api-key, x-goog-api-key, extra headers; aiohttp
     # drops only Authorization) to whatever host the Location names.
     return await session.post(
-        url, data=payload, headers=headers, timeout=timeout, allow_redirects=False
+        url, data=payload, headers=headers, timeout=limits, allow_redirects=False
     )
 
 

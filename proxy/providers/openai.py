@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+
 import aiohttp
 import orjson
 
