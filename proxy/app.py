@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import admin, handlers, lifecycle, middleware, observe, redact, reload, tokens, usage_api
+from proxy.auth_guard import AuthGuard
 from proxy.billing_setup import BillingOptions, billing_ctx
 from proxy.config import Config
 from proxy.forward import Upstreams
@@ -21,6 +22,7 @@ from proxy.redis_setup import redis_ctx
 from proxy.settle import LogSettler, Settler
 from proxy.snapshot import ConfigStore, build_snapshot
 from proxy.state import (
+    AUTH_GUARD,
     CONFIG,
     GUARD_STATS,
     HTTP,
@@ -64,6 +66,7 @@ def build_app(
     app[METRICS] = Metrics()
     app[SERVER] = config.server
     app[GUARD_STATS] = GuardStats()
+    app[AUTH_GUARD] = AuthGuard(config.server.trusted_proxies)
     # cleanup_ctx runs in order at start and in reverse at shutdown: billing
     # closes (final flush, leases returned) after in-flight tasks drained.
     app.cleanup_ctx.append(_http_session)

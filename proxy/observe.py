@@ -24,6 +24,7 @@ from proxy.metrics import Metrics, breaker_states, target_keys, text
 from proxy.metrics_share import PUBLISH_INTERVAL, MetricsShare
 from proxy.settle import Settler, UsageRecord
 from proxy.state import (
+    AUTH_GUARD,
     BILLING,
     CONFIG,
     GUARD_STATS,
@@ -77,7 +78,7 @@ async def collect(app: web.Application) -> None:
         lag=billing.ledger.lag() if billing is not None else 0.0,
         breakers=breaker_states(dict(health)),
     )
-    metrics.set_guard(app[GUARD_STATS], 0)
+    metrics.set_guard(app[GUARD_STATS], app[AUTH_GUARD].throttled)
     redis = app.get(REDIS)
     if redis is not None:
         metrics.set_redis(redis.up, redis.errors, app[LIMITER].fallbacks)

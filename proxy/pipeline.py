@@ -27,7 +27,17 @@ from proxy.metering import StreamMeter
 from proxy.providers.base import Call, Endpoint, Reply
 from proxy.settle import UsageRecord
 from proxy.snapshot import Snapshot
-from proxy.state import BILLING, CACHE, CONFIG, LIMITER, RATE, REQUEST_ID, SETTLER, UPSTREAMS
+from proxy.state import (
+    AUTH_GUARD,
+    BILLING,
+    CACHE,
+    CONFIG,
+    LIMITER,
+    RATE,
+    REQUEST_ID,
+    SETTLER,
+    UPSTREAMS,
+)
 
 
 async def authenticate(
@@ -38,7 +48,8 @@ async def authenticate(
     billing = request.app.get(BILLING)
     if billing is None:  # refused at start; kept as a guard
         raise InvalidApiKey("API keys are required but no key store is configured.")
-    who = await billing.auth.authenticate(request.headers.get("Authorization"))
+    app = request.app
+    who = await app[AUTH_GUARD].authenticate(request, billing.auth, app[LIMITER], snapshot.config)
     record.tenant, record.tenant_id, record.key_id = who.tenant, who.tenant_id, who.key_id
     record.key_prefix = who.key_prefix
     return who

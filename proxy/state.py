@@ -19,6 +19,7 @@ from proxy.snapshot import ConfigStore
 from proxy.tasks import TaskGroup
 
 if TYPE_CHECKING:
+    from proxy.auth_guard import AuthGuard
     from proxy.lifecycle import Lifecycle
     from proxy.metrics import Metrics
     from proxy.metrics_share import MetricsShare
@@ -41,6 +42,7 @@ RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
 # The server section as the process started (deadlines, caps, trusted proxies).
 SERVER = web.AppKey("server", ServerConfig)
 GUARD_STATS = web.AppKey("guard_stats", GuardStats)  # connection-level refusals
+AUTH_GUARD: web.AppKey[AuthGuard] = web.AppKey("auth_guard")  # failed-auth throttling
 
 # Per-request values.
 REQUEST_ID = web.RequestKey("request_id", str)

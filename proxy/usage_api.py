@@ -11,7 +11,7 @@ from proxy import key_limits
 from proxy.billing import tier_of
 from proxy.errors import InvalidRequest
 from proxy.quota import period_end, period_of
-from proxy.state import BILLING, CONFIG, LIMITER
+from proxy.state import AUTH_GUARD, BILLING, CONFIG, LIMITER
 
 
 def _counter(used: int, limit: int | None) -> dict[str, Any]:
@@ -26,8 +26,9 @@ async def usage(request: web.Request) -> web.Response:
     billing = request.app.get(BILLING)
     if billing is None:
         raise InvalidRequest("Usage is only tracked when API keys are enabled (auth: keys).")
-    who = await billing.auth.authenticate(request.headers.get("Authorization"))
     config = request.app[CONFIG].current.config
+    app = request.app
+    who = await app[AUTH_GUARD].authenticate(request, billing.auth, app[LIMITER], config)
     tier = tier_of(config, who)
     hour = await key_limits.hour_window(request.app[LIMITER], config, who.key_id, tier)
     await billing.ledger.flush()  # include this worker's just-finished requests
