@@ -7,7 +7,8 @@ that quotes the offending line (an ``Authorization`` header, key included).
 
 - a **header deadline** (``server.header_timeout_s``): from the connection's
   start, or the first byte of a next request on a kept-alive one, to the end
-  of the headers; past it the client gets a 408 and the socket is closed;
+  of the headers; past it the client gets a 408 and the socket is closed (a
+  connection that sent nothing at all is just closed);
 - a **body deadline** (``server.body_timeout_s``) from the end of the headers
   to the end of the body; past it reading the body raises ``RequestTimeout``,
   which the app renders as a 408, and the connection closes after it;
@@ -105,6 +106,7 @@ class GuardedHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
+        self._partial = False  # bytes of the awaited request's headers have arrived
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -131,7 +133,9 @@ class GuardedHandler(RequestHandler):
             if self._body.is_eof():
                 self._body_done()
         elif self._header_timer is None and self._current_request is None and data:
-            self._arm_headers()  # the first bytes of a next request on this connection
+            self._arm_headers(partial=True)  # the first bytes of a next request
+        elif data:
+            self._partial = True
 
     def handle_error(
         self,
@@ -148,7 +152,8 @@ class GuardedHandler(RequestHandler):
 
     # -------------------------------------------------------------- deadlines
 
-    def _arm_headers(self) -> None:
+    def _arm_headers(self, partial: bool = False) -> None:
+        self._partial = partial
         self._header_timer = self._loop.call_later(self._guard.header_timeout_s, self._headers_late)
 
     def _headers_done(self, payload: StreamReader) -> None:
@@ -166,10 +171,14 @@ class GuardedHandler(RequestHandler):
 
     def _headers_late(self) -> None:
         self._header_timer = None
-        if self._current_request is None and not self._messages:
-            self._stats.header_timeouts += 1
-            limit = self._guard.header_timeout_s
-            self._refuse(RequestTimeout(f"The request headers did not arrive within {limit:g}s."))
+        if self._current_request is not None or self._messages:
+            return
+        self._stats.header_timeouts += 1
+        if not self._partial:  # an idle pooled connection: close it, as for keep-alive
+            self.force_close()
+            return
+        limit = self._guard.header_timeout_s
+        self._refuse(RequestTimeout(f"The request headers did not arrive within {limit:g}s."))
 
     def _body_late(self) -> None:
         body, self._body, self._body_timer = self._body, None, None
