@@ -23,6 +23,7 @@ Counts for the metrics are kept in ``GuardStats``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from proxy.errors import GatewayError, InvalidRequest, RequestTimeout, ServiceUnavailable
+
+log = logging.getLogger("tollway.http")
 
 # Header limits a real client never reaches (browsers and SDKs send well
 # under 8 KiB in all); aiohttp's own maxima would let one field be 64 KiB.
@@ -144,8 +147,13 @@ class GuardedHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        self._stats.malformed += 1
         err = parse_error(exc, status)
+        if err.status in (400, 431):
+            # Logged without the exception: its text quotes the request line.
+            self._stats.malformed += 1
+            log.debug("refused a malformed request from %s (%s)", request.remote, err.status)
+        else:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
         resp = web.Response(status=err.status, body=err.body(), content_type="application/json")
         resp.force_close()
         return resp
