@@ -195,7 +195,9 @@ class GuardedHandler(RequestHandler):
         self._stats.body_timeouts += 1
         limit = self._guard.body_timeout_s
         body.set_exception(RequestTimeout(f"The request body did not arrive within {limit:g}s."))
-        self.close()  # the rest of the body is not read: answer, then close
+        # Answer, then close; no lingering read of a body that is not coming.
+        self._lingering_time = 0.0
+        self.close()
 
     def _refuse(self, err: GatewayError) -> None:
         if self.transport is not None:

@@ -5,6 +5,7 @@ header sizes and counts have limits, connections per worker have a cap."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -120,7 +121,9 @@ async def test_a_silent_connection_is_closed_at_the_header_deadline(quick: Gatew
     assert quick.app[GUARD_STATS].header_timeouts == 1
 
 
-async def test_a_slow_body_gets_a_408_and_a_close(quick: Gateway) -> None:
+async def test_a_slow_body_gets_a_408_and_a_close(
+    quick: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
     reader, writer = await connect(quick)
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -133,6 +136,7 @@ async def test_a_slow_body_gets_a_408_and_a_close(quick: Gateway) -> None:
     assert error_of(body)["code"] == "request_timeout"
     assert quick.app[GUARD_STATS].body_timeouts == 1
     assert quick.settler.records[-1].status == 408
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_keep_alive_requests_still_work_with_deadlines(quick: Gateway) -> None:
