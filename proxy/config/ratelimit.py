@@ -10,6 +10,7 @@ provider, or one provider model (a target, ``provider/model``), accepts::
       providers:
         openai: {rpm: 3000, tpm: 1000000, max_concurrency: 100}
         openai/gpt-4o: {rpm: 500}    # one target, on top of its provider's limits
+      auth_failures: {max_failures: 20, window_s: 60}   # per client address
 """
 
 from __future__ import annotations
@@ -29,14 +30,25 @@ class ProviderLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthFailurePolicy:
+    """Failed authentications one client address may make in a rolling window
+    before its requests get a 429 (``auth_guard``)."""
+
+    max_failures: int = 20
+    window_s: float = 60.0  # rounded to a multiple of 0.6 s (the limiter's slots)
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     # Tollway processes sharing the limits. While Redis is unreachable each
     # process admits limit // expected_instances (at least 1) on its own.
     expected_instances: int = 1
     providers: Mapping[str, ProviderLimit] = field(default_factory=dict)
+    auth_failures: AuthFailurePolicy = field(default_factory=AuthFailurePolicy)
 
 
-_KEYS = ("expected_instances", "providers")
+_KEYS = ("expected_instances", "providers", "auth_failures")
+_AUTH_KEYS = ("max_failures", "window_s")
 _PROVIDER_KEYS = tuple(ProviderLimit.__dataclass_fields__)
 
 
@@ -54,6 +66,24 @@ def _provider_limit(raw: Any, path: str) -> ProviderLimit:
             raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_PROVIDER_KEYS)})")
     return ProviderLimit(
         **{k: None if v is None else _positive(v, f"{path}.{k}") for k, v in raw.items()}
+    )
+
+
+def _auth_failures(raw: Any) -> AuthFailurePolicy:
+    path = "ratelimit.auth_failures"
+    if raw is None:
+        return AuthFailurePolicy()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of {', '.join(_AUTH_KEYS)}")
+    for key in raw:
+        if key not in _AUTH_KEYS:
+            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_AUTH_KEYS)})")
+    window = raw.get("window_s", 60)
+    if isinstance(window, bool) or not isinstance(window, int | float) or window <= 0:
+        raise ConfigError(f"{path}.window_s: must be a number > 0")
+    return AuthFailurePolicy(
+        max_failures=_positive(raw.get("max_failures", 20), f"{path}.max_failures"),
+        window_s=float(window),
     )
 
 
@@ -77,4 +107,8 @@ def parse_ratelimit(raw: Any, providers: Mapping[str, object]) -> RateLimitPolic
         if provider not in providers:
             raise ConfigError(f"{path}: unknown provider {provider!r}")
         limits[str(name)] = _provider_limit(value, path)
-    return RateLimitPolicy(expected_instances=instances, providers=limits)
+    return RateLimitPolicy(
+        expected_instances=instances,
+        providers=limits,
+        auth_failures=_auth_failures(raw.get("auth_failures")),
+    )

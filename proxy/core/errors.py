@@ -7,7 +7,9 @@ event once stream headers are out.
 
     GatewayError
     ├── InvalidRequest (400)
-    │   └── BodyTooLarge (413)
+    │   ├── BodyTooLarge (413)
+    │   ├── RequestTimeout (408)     the client sent its headers or body too slowly
+    │   ├── HeadersTooLarge (431)
     │   └── ConfigRefused (400)       an admin's config edit was refused
     ├── InvalidApiKey (401)
     ├── ModelNotAllowed (403)
@@ -17,10 +19,12 @@ event once stream headers are out.
     ├── RateLimited (429)
     │   ├── TokenRateLimited (429, type tokens)
     │   ├── QuotaExceeded (429, insufficient_quota)
+    │   ├── AuthThrottled (429)       too many failed keys from one address
     │   └── ProviderRateLimited (429) a provider's rpm/tpm limit in Tollway
     ├── UpstreamError (502)           provider failure, translated at the edge
     │   ├── UpstreamUnavailable (502) connect error, reset, bad gateway
-    │   │   └── UpstreamConnectError  the request never left: nothing to bill
+    │   │   ├── UpstreamConnectError  the request never left: nothing to bill
+    │   │   └── UpstreamRedirect      a 3xx, never followed (credentials stay home)
     │   ├── UpstreamTimeout (504)
     │   ├── UpstreamStreamBroken (502) cut or malformed stream after headers
     │   └── ProviderNotConfigured (503)
@@ -89,6 +93,16 @@ class ConfigRefused(InvalidRequest):
     code = "config_invalid"
 
 
+class RequestTimeout(InvalidRequest):
+    status = 408
+    code = "request_timeout"
+
+
+class HeadersTooLarge(InvalidRequest):
+    status = 431
+    code = "request_header_fields_too_large"
+
+
 class InvalidApiKey(GatewayError):
     status = 401
     type = "invalid_request_error"
@@ -135,6 +149,11 @@ class QuotaExceeded(RateLimited):
     reason = "requests"  # or "tokens": the monthly quota that ran out
 
 
+class AuthThrottled(RateLimited):
+    code = "auth_failures_exceeded"
+    reason = "auth_failures"
+
+
 class ProviderRateLimited(RateLimited):
     code = "provider_rate_limited"
     reason = "provider"  # a provider's rpm/tpm, not the key's
@@ -166,6 +185,13 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamConnectError(UpstreamUnavailable):
     """No connection could be made, so the provider never saw the request."""
+
+
+class UpstreamRedirect(UpstreamUnavailable):
+    """The provider answered 3xx: following it would send the prompt and the
+    provider's credential to a host nobody configured."""
+
+    code = "upstream_redirect"
 
 
 class UpstreamTimeout(UpstreamError):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -37,7 +37,7 @@ from proxy.core import tokens
 from proxy.core.errors import GatewayError, ProviderHTTPError, UpstreamStreamBroken
 from proxy.core.sse import DONE, data_event, event_data
 from proxy.core.usage import usage_from_openai
-from proxy.providers import http
+from proxy.providers import http, paths
 from proxy.providers.base import Call, Reply
 from proxy.providers.gemini_translate import (
     Json,
@@ -182,7 +182,7 @@ class GeminiProvider(TranslatingProvider):
         self._root = api_root(config)
 
     def url(self, call: Call) -> str:
-        model = quote(call.model.removeprefix("models/"), safe="")
+        model = paths.segment(call.model.removeprefix("models/"))
         if call.endpoint == "embeddings":
             method = "batchEmbedContents"
         else:

@@ -20,6 +20,7 @@ from proxy.core.errors import (
     GatewayError,
     ProviderHTTPError,
     UpstreamConnectError,
+    UpstreamRedirect,
     UpstreamStreamBroken,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -53,12 +54,9 @@ async def post(
     try:
         if t.first_byte < t.idle and t.first_byte < t.total:
             async with asyncio.timeout(t.first_byte):
-                return await session.post(
-                    url, data=payload, headers=headers, timeout=client_timeout(cfg, t)
-                )
-        return await session.post(
-            url, data=payload, headers=headers, timeout=client_timeout(cfg, t)
-        )
+                resp = await _post(session, url, payload, headers, client_timeout(cfg, t))
+        else:
+            resp = await _post(session, url, payload, headers, client_timeout(cfg, t))
     except TimeoutError:
         waited = min(t.first_byte, t.idle, t.total)
         raise UpstreamTimeout(
@@ -70,6 +68,28 @@ async def post(
         raise UpstreamUnavailable(
             f"provider '{cfg.name}' closed the connection before answering"
         ) from None
+    if 300 <= resp.status < 400:
+        resp.close()
+        raise UpstreamRedirect(
+            f"provider '{cfg.name}' answered with a redirect (HTTP {resp.status}); "
+            "redirects are not followed: set its base_url to the final address"
+        )
+    return resp
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: bytes,
+    headers: dict[str, str],
+    limits: aiohttp.ClientTimeout,
+) -> aiohttp.ClientResponse:
+    # Never follow a redirect: it would carry the prompt and the provider's
+    # credential (api-key, x-api-key, x-goog-api-key, extra headers; aiohttp
+    # drops only Authorization) to whatever host the Location names.
+    return await session.post(
+        url, data=payload, headers=headers, timeout=limits, allow_redirects=False
+    )
 
 
 async def read_body(

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import orjson
 
 from proxy.config.model import ProviderConfig, Timeouts
+from proxy.core import redact
 from proxy.core.errors import UpstreamStreamBroken, UpstreamUnavailable
-from proxy.core.sse import IncompleteEvent, iter_event_batches
+from proxy.core.sse import IncompleteEvent, event_data, iter_event_batches
 from proxy.core.usage import usage_from_openai
-from proxy.providers import http
+from proxy.providers import http, paths
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
@@ -44,7 +44,13 @@ class OpenAIStream(BatchedStream):
         try:
             body = http.iter_body(self._resp, self._cfg, self._timeouts)
             async for batch in iter_event_batches(body):
-                yield batch
+                at = _error_at(batch)
+                if at is None:
+                    yield batch
+                    continue
+                if at:
+                    yield batch[:at]
+                raise _stream_error(batch[at], self._cfg.name)
         except IncompleteEvent:
             raise UpstreamStreamBroken(
                 f"provider '{self._cfg.name}' ended the stream mid-event"
@@ -52,6 +58,38 @@ class OpenAIStream(BatchedStream):
 
     async def aclose(self) -> None:
         self._resp.close()
+
+
+def _error_at(batch: list[bytes]) -> int | None:
+    """The index of the first provider error event (``data: {"error": ...}``)."""
+    for i, event in enumerate(batch):
+        # A quoted "error" key; inside a content string the quotes are escaped.
+        if b'"error"' in event and _error_object(event) is not None:
+            return i
+    return None
+
+
+def _error_object(event: bytes) -> dict[str, Any] | None:
+    data = event_data(event)
+    try:
+        obj = orjson.loads(data) if data is not None else None
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or obj.get("choices") or "error" not in obj:
+        return None
+    err = obj["error"]
+    return err if isinstance(err, dict) else {"message": str(err)}
+
+
+def _stream_error(event: bytes, name: str) -> UpstreamStreamBroken:
+    """A provider's own error event, as the one error event the client gets
+    (the relay writes it): its message may quote the request's credentials,
+    so it is scrubbed here, where it enters the gateway."""
+    err = _error_object(event) or {}
+    message = str(err.get("message") or "no message")
+    return UpstreamStreamBroken(
+        redact.scrub(f"provider '{name}' reported an error mid-stream: {message}")
+    )
 
 
 class OpenAIProvider(Provider):
@@ -116,9 +154,9 @@ class AzureProvider(OpenAIProvider):
 
     def url(self, call: Call) -> str:
         version = self.config.api_version or "2024-10-21"
-        # A glob route passes the client's model name through: quoted, it
-        # stays one path segment and cannot add a query or climb the path.
+        # A glob route passes the client's model name through: it stays one
+        # path segment and cannot add a query or climb the path.
         return (
-            f"{self.config.base_url}/openai/deployments/{quote(call.model, safe='')}"
+            f"{self.config.base_url}/openai/deployments/{paths.segment(call.model)}"
             f"{_PATHS[call.endpoint]}?api-version={version}"
         )

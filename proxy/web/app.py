@@ -24,16 +24,21 @@ from proxy.stages.settle.metrics import Metrics
 from proxy.stages.settle.settlers import Settlers
 from proxy.stores.redis_client import RedisOptions
 from proxy.web import admin, gate, handlers, lifecycle, middleware, observe, reload, usage_api
+from proxy.web.auth_guard import AuthGuard
 from proxy.web.billing_setup import BillingOptions, billing_ctx
+from proxy.web.http_guard import GuardStats
 from proxy.web.keys import (
+    AUTH_GUARD,
     BILLING,
     CONFIG,
+    GUARD_STATS,
     HTTP,
     LIFECYCLE,
     LIMITER,
     METRICS,
     REDIS,
     RUNTIME,
+    SERVER,
     SETTLER,
     STAGES,
     TASKS,
@@ -71,6 +76,9 @@ def build_app(
     app[UPSTREAMS] = Upstreams()  # breaker state per process until Redis is wired in
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()
+    app[SERVER] = config.server
+    app[GUARD_STATS] = GuardStats()
+    app[AUTH_GUARD] = AuthGuard(config.server.trusted_proxies)
     # cleanup_ctx runs in order at start and in reverse at shutdown: billing
     # closes (final flush, leases returned) after in-flight tasks drained.
     app.cleanup_ctx.append(_http_session)

@@ -28,7 +28,7 @@ from proxy.core import redact
 from proxy.core.errors import GatewayError, InvalidApiKey, NotFound
 from proxy.core.record import UsageRecord
 from proxy.pipeline.runtime import PRINCIPAL, REQUEST_ID, Runtime
-from proxy.web.keys import RUNTIME
+from proxy.web.keys import AUTH_GUARD, RUNTIME
 
 OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
 # The pipeline's routes: a refused request there is settled like any other
@@ -51,8 +51,9 @@ async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             if rt.billing is None:  # refused at start; kept as a guard
                 raise InvalidApiKey("API keys are required but no key store is configured.")
-            request[PRINCIPAL] = await rt.billing.auth.authenticate(
-                request.headers.get("Authorization")
+            guard = request.app[AUTH_GUARD]
+            request[PRINCIPAL] = await guard.authenticate(
+                request, rt.billing.auth, rt.limiter, config
             )
         except GatewayError as exc:
             _settle_refused(rt, request, exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from proxy.config.model import ServerConfig
 from proxy.core.lifecycle import Lifecycle
 from proxy.core.record import Settler
 from proxy.core.tasks import TaskGroup
@@ -20,6 +21,8 @@ from proxy.stages.forward.attempts import Upstreams
 from proxy.stages.settle.metrics import Metrics
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.redis_client import SharedRedis
+from proxy.web.auth_guard import AuthGuard
+from proxy.web.http_guard import GuardStats
 from proxy.web.metrics_share import MetricsShare
 
 __all__ = ["REQUEST_ID"]
@@ -37,3 +40,7 @@ RUNTIME = web.AppKey("runtime", Runtime)  # what the pipeline is handed with eac
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)  # in-flight requests, draining
 METRICS = web.AppKey("metrics", Metrics)
 METRICS_SHARE = web.AppKey("metrics_share", MetricsShare)  # several workers only
+# The server section as the process started (deadlines, caps, trusted proxies).
+SERVER = web.AppKey("server", ServerConfig)
+GUARD_STATS = web.AppKey("guard_stats", GuardStats)  # connection-level refusals
+AUTH_GUARD = web.AppKey("auth_guard", AuthGuard)  # failed-auth throttling

@@ -19,8 +19,10 @@ from aiohttp import web
 
 from proxy.stages.settle.metrics import breaker_states, target_keys, text
 from proxy.web.keys import (
+    AUTH_GUARD,
     BILLING,
     CONFIG,
+    GUARD_STATS,
     LIFECYCLE,
     LIMITER,
     METRICS,
@@ -53,6 +55,13 @@ async def collect(app: web.Application) -> None:
     )
     if billing is not None:
         metrics.set_dead_letters(billing.ledger.dead_lettered)
+    guard = app[GUARD_STATS]
+    refusals = {
+        "header_timeout": guard.header_timeouts,
+        "body_timeout": guard.body_timeouts,
+        "malformed": guard.malformed,
+    }
+    metrics.set_guard(guard.open, guard.refused, refusals, app[AUTH_GUARD].throttled)
     redis = app.get(REDIS)
     if redis is not None:
         metrics.set_redis(redis.up, redis.errors, app[LIMITER].fallbacks)

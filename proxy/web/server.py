@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.web.keys import CONFIG, LIFECYCLE
+from proxy.web.http_guard import MAX_FIELD_BYTES, MAX_HEADERS, Guard, GuardedRunner
+from proxy.web.keys import CONFIG, GUARD_STATS, LIFECYCLE, SERVER
 from proxy.web.lifecycle import shutdown
 from proxy.web.reload import RELOADER
 
@@ -56,14 +57,21 @@ def _tune_gc() -> None:
 def make_runner(app: web.Application) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler, so
     # the provider request is cancelled at once instead of running on unseen.
-    # max_field_size: a 10 KB junk Authorization header must reach the auth
-    # stage (an OpenAI-shaped 401), not die in the HTTP parser as a bare 400.
-    return web.AppRunner(
+    # Header limits (http_guard): a 10 KB junk Authorization header still
+    # reaches the auth stage (an OpenAI-shaped 401); past 16 KiB a line, or
+    # 100 lines, the parser refuses it with a 431 and a close.
+    cfg = app[SERVER]
+    guard = Guard(cfg.header_timeout_s, cfg.body_timeout_s, cfg.max_connections)
+    return GuardedRunner(
         app,
+        guard,
+        app[GUARD_STATS],
         access_log=None,
         handle_signals=False,
         handler_cancellation=True,
-        max_field_size=64 * 1024,
+        max_field_size=MAX_FIELD_BYTES,
+        max_line_size=MAX_FIELD_BYTES,
+        max_headers=MAX_HEADERS,
     )
 
 

@@ -52,6 +52,7 @@ from proxy.core.errors import (
     ServiceUnavailable,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamRedirect,
     UpstreamStreamBroken,
     UpstreamTimeout,
 )
@@ -247,6 +248,8 @@ class _Run:
                 self.last_4xx = exc
             hint = retry_after(exc.headers)
         self.schedule.failed(target, time.monotonic(), hint)
+        if isinstance(exc, UpstreamRedirect):
+            self.schedule.drop(target)  # a wrong address, not a blip: other targets only
 
     async def _report(self, target: Target, exc: GatewayError | None) -> None:
         outcome = verdict(exc, target.provider.breaker)

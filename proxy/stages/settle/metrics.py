@@ -15,7 +15,7 @@ for the whole instance.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 
 from aiohttp import web
@@ -109,6 +109,24 @@ class Metrics:
         self.ratelimit_local = Counter(
             "tollway_ratelimit_local_checks_total",
             "Limit checks answered per process because Redis was down.",
+            registry=r,
+        )
+        self.connections = Gauge(
+            "tollway_open_connections", "Client connections open to this worker.", registry=r
+        )
+        self.refused = Counter(
+            "tollway_connections_refused_total",
+            "Connections refused over server.max_connections.",
+            registry=r,
+        )
+        self.http_refusals = Counter(
+            "tollway_http_refusals_total",
+            "Requests refused below the app (reason: header_timeout, body_timeout, malformed).",
+            registry=r,
+        )
+        self.auth_throttled = Counter(
+            "tollway_auth_failures_throttled_total",
+            "Requests refused because their address failed authentication too often.",
             registry=r,
         )
         for gauge in (self.inflight, self.streams, self.spool, self.lag):
@@ -266,6 +284,17 @@ class Metrics:
         self.redis_up.set({}, int(up))
         self.redis_errors.set({}, errors)
         self.ratelimit_local.set({}, local_checks)
+
+    def set_guard(
+        self, open_: int, refused: int, refusals: Mapping[str, int], auth_throttled: int
+    ) -> None:
+        """The server's own refusals (``proxy.web.http_guard``: open connections,
+        refused ones, refusals by reason) and failed-auth throttling."""
+        self.connections.set({}, open_)
+        self.refused.set({}, refused)
+        for reason, n in refusals.items():
+            self.http_refusals.set({"reason": reason}, n)
+        self.auth_throttled.set({}, auth_throttled)
 
     def collectors(self) -> Iterable[Counter | Gauge | Histogram]:
         return self.registry.get_all()  # type: ignore[return-value]
