@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from proxy import apikeys
+from proxy import apikeys, pgwait
 from proxy.errors import InvalidApiKey, ServiceUnavailable
 
 
@@ -81,8 +81,15 @@ class KeyCache:
 
 
 class Authenticator:
-    def __init__(self, pool: asyncpg.Pool, hasher: apikeys.KeyHasher, cache: KeyCache) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        hasher: apikeys.KeyHasher,
+        cache: KeyCache,
+        db_timeout: float = 2.0,
+    ) -> None:
         self.pool = pool
+        self.db_timeout = db_timeout  # the whole lookup, connection included
         self.hasher = hasher
         self.cache = cache
         self.queries = 0  # lookups that reached Postgres; tests assert on it
@@ -112,10 +119,11 @@ class Authenticator:
     async def _lookup(self, digest: bytes) -> Principal | None:
         self.queries += 1
         try:
-            row = await self.pool.fetchrow(_LOOKUP, digest)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            row = await pgwait.fetchrow(self.pool, self.db_timeout, "key lookup", _LOOKUP, digest)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             raise ServiceUnavailable(
                 "The key store is unreachable; please retry shortly.",
+                code="billing_unavailable",
                 headers={"retry-after": "2"},
             ) from None
         if row is None or row["state"] != "active":

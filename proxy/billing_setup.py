@@ -45,11 +45,15 @@ class BillingOptions:
         )
 
 
-async def open_pool(opts: BillingOptions) -> asyncpg.Pool:
+async def open_pool(opts: BillingOptions, connect_timeout: float = 2.0) -> asyncpg.Pool:
+    """The pool: every new connection within ``connect_timeout`` (asyncpg's
+    default is 60 s), every statement within 10 s (the request path bounds
+    its own waits tighter, see ``pgwait``)."""
     pool = await asyncpg.create_pool(
         opts.database_url,
         min_size=1,
         max_size=opts.pool_size,
+        timeout=connect_timeout,
         command_timeout=10,
         statement_cache_size=opts.statement_cache_size,
     )
@@ -61,7 +65,7 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG].current.config
         policy = config.billing or BillingPolicy()
-        pool = await open_pool(opts)
+        pool = await open_pool(opts, policy.db_timeout_s)
         try:
             await migrate.check(pool)
             worker = opts.worker_id or new_worker_id()
@@ -76,7 +80,7 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
                 on_leases=quota.keep_only,
             )
             billing = Billing(
-                Authenticator(pool, hasher, KeyCache(policy.key_cache_ttl_s)),
+                Authenticator(pool, hasher, KeyCache(policy.key_cache_ttl_s), policy.db_timeout_s),
                 quota,
                 ledger,
                 config.prices,

@@ -25,6 +25,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
+from proxy import pgwait
 from proxy.auth import Principal
 from proxy.errors import QuotaExceeded, ServiceUnavailable
 from proxy.tiers import BillingPolicy, Tier
@@ -127,7 +128,10 @@ class QuotaBook:
             want_t = max(short_t, self._policy.lease_tokens) if short_t else 0
             try:
                 self.lease_calls += 1
-                row = await self._pool.fetchrow(
+                row = await pgwait.fetchrow(
+                    self._pool,
+                    self._policy.db_timeout_s,
+                    "quota lease",
                     "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
                     self.worker_id,
                     who.tenant_id,
@@ -138,7 +142,7 @@ class QuotaBook:
                     tier.monthly_requests,
                     tier.monthly_tokens,
                 )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 return self._offline(who, period, need_tokens)
             assert row is not None
             lease.refilled_at = time.monotonic()
