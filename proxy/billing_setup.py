@@ -11,8 +11,10 @@ import asyncpg
 from aiohttp import web
 
 from proxy import apikeys, migrate
+from proxy import journal as journals
 from proxy.auth import Authenticator, KeyCache
 from proxy.billing import Billing, new_worker_id
+from proxy.journal import Journal
 from proxy.ledger import Ledger, Spool
 from proxy.quota import Clock, QuotaBook, utc_now
 from proxy.state import BILLING, CONFIG, SETTLER, TASKS
@@ -79,20 +81,28 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
                 policy.lease_ttl_s,
                 on_leases=quota.keep_only,
             )
+            journal = Journal(opts.data_dir / f"journal-{worker}.jsonl")
             billing = Billing(
                 Authenticator(pool, hasher, KeyCache(policy.key_cache_ttl_s), policy.db_timeout_s),
                 quota,
                 ledger,
                 config.prices,
+                journal,
             )
             await ledger.replay_orphans(opts.data_dir)
+            # After the spools: a dead worker's real rows land before its interrupted ones.
+            await journals.replay_orphans(pool, opts.data_dir, journal.path, config.prices)
             app[BILLING] = billing
             app[SETTLER] = billing
             flusher = app[TASKS].spawn(ledger.run(), name="ledger")
+            journaler = app[TASKS].spawn(journal.run(), name="journal")
             yield
             ledger.stop()
             await flusher
             await ledger.close()
+            journal.stop()
+            await journaler
+            await journal.close()
         finally:
             await pool.close()
 

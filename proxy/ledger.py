@@ -252,6 +252,8 @@ class Ledger:
         self._interval = flush_interval
         self._lease_ttl = lease_ttl
         self._queue: list[UsageRow] = []
+        # Called with each batch once it is in Postgres or the spool (the journal closes it).
+        self.on_durable: Callable[[list[UsageRow]], None] | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.healthy = True
@@ -345,6 +347,8 @@ class Ledger:
         finally:
             self._since.pop("batch", None)
             self._in_flight = 0
+        if self.on_durable is not None:
+            self.on_durable(batch)
 
     async def _replay(self) -> bool:
         rows = self.spool.read()

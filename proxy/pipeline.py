@@ -59,6 +59,7 @@ async def admit(
     record.admission = admission = await billing.admit(
         snapshot.config, who, body, endpoint, record.public_model
     )
+    billing.journal_open(record, body)
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
     verdict = await key_limits.admit(request.app[LIMITER], snapshot.config, admission)
@@ -140,7 +141,7 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         record.attempts = done.attempts
         headers = _served_headers(request, record, done, found.headers())
         if done.stream is not None:
-            meter = StreamMeter(client_wants_usage=parse.wants_usage(body))
+            record.progress = meter = StreamMeter(client_wants_usage=parse.wants_usage(body))
             resp = await relay.stream(request, done.stream, meter, headers, record, started)
             whole = record.status == 200 and not record.client_disconnected
             found.keep_stream(meter, body, endpoint, done.target.model, whole)
