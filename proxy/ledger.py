@@ -2,13 +2,14 @@
 
 Settled rows are queued in memory and flushed every ``flush_interval_ms``
 in one transaction: the events are inserted ``ON CONFLICT DO NOTHING`` (unique
-by period and an event id the server draws at settle time, never the client's
+by period and an event id the server draws at admission, never the client's
 ``x-request-id``, which a client may reuse), and only the rows actually inserted move quota
 counters and leases, so a retried or replayed batch never double-bills.
 
 If Postgres is unreachable the batch is appended to a local spool file
-(fsynced JSON lines) and replayed when Postgres answers again. What a hard
-crash can lose is the in-memory batch of the last flush interval; leases of
+(fsynced JSON lines) and replayed when Postgres answers again. The rows a
+hard crash loses from memory are billed from the request journal
+(``proxy.journal``) as interrupted; leases of
 a worker that stops heartbeating are released by any other worker's sweep
 after ``lease_ttl_s`` (its unsettled reservations are released, not
 charged; spooled usage of that worker is still charged when replayed).
