@@ -89,7 +89,7 @@ class Authenticator:
         db_timeout: float = 2.0,
     ) -> None:
         self.pool = pool
-        self.db_timeout = db_timeout  # the whole lookup, connection included
+        self.db_wait = pgwait.Budget(db_timeout)  # the whole lookup, connection included
         self.hasher = hasher
         self.cache = cache
         self.queries = 0  # lookups that reached Postgres; tests assert on it
@@ -119,7 +119,7 @@ class Authenticator:
     async def _lookup(self, digest: bytes) -> Principal | None:
         self.queries += 1
         try:
-            row = await pgwait.fetchrow(self.pool, self.db_timeout, "key lookup", _LOOKUP, digest)
+            row = await pgwait.fetchrow(self.pool, self.db_wait, "key lookup", _LOOKUP, digest)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             raise ServiceUnavailable(
                 "The key store is unreachable; please retry shortly.",

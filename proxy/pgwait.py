@@ -24,31 +24,34 @@ log = logging.getLogger("tollway.billing")
 _LOG_EVERY_S = 5.0
 
 
-class SlowLog:
-    """Logs a timed-out wait at most once per ``_LOG_EVERY_S`` per process."""
+class Budget:
+    """How long one kind of wait may take, and when it last ran out (its log line)."""
 
-    last = 0.0
+    __slots__ = ("_logged_at", "seconds")
 
-    @classmethod
-    def timed_out(cls, what: str, budget: float) -> None:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._logged_at = -_LOG_EVERY_S
+
+    def ran_out(self, what: str) -> None:
         now = time.monotonic()
-        if now - cls.last >= _LOG_EVERY_S:
-            cls.last = now
-            log.error("billing database did not answer within %gs (%s)", budget, what)
+        if now - self._logged_at >= _LOG_EVERY_S:
+            self._logged_at = now
+            log.error("billing database did not answer within %gs (%s)", self.seconds, what)
 
 
 async def fetchrow(
-    pool: asyncpg.Pool, budget: float, what: str, query: str, *args: object
+    pool: asyncpg.Pool, budget: Budget, what: str, query: str, *args: object
 ) -> asyncpg.Record | None:
-    """``pool.fetchrow`` within ``budget`` seconds in all; TimeoutError when
-    it runs out (logged: ``what`` names the wait)."""
+    """``pool.fetchrow`` within ``budget`` in all; TimeoutError when it runs
+    out (logged: ``what`` names the wait)."""
     try:
-        async with asyncio.timeout(budget), pool.acquire() as conn:
+        async with asyncio.timeout(budget.seconds), pool.acquire() as conn:
             try:
                 return await conn.fetchrow(query, *args)
             except asyncio.CancelledError:
                 conn.terminate()
                 raise
     except TimeoutError:
-        SlowLog.timed_out(what, budget)
+        budget.ran_out(what)
         raise

@@ -89,6 +89,7 @@ class QuotaBook:
         self.clock = clock
         self._leases: dict[tuple[int, date], _Lease] = {}
         self._offline_used = 0
+        self._db_wait = pgwait.Budget(policy.db_timeout_s)
         self.lease_calls = 0
 
     def _lease(self, tenant_id: int, period: date) -> _Lease:
@@ -130,7 +131,7 @@ class QuotaBook:
                 self.lease_calls += 1
                 row = await pgwait.fetchrow(
                     self._pool,
-                    self._policy.db_timeout_s,
+                    self._db_wait,
                     "quota lease",
                     "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
                     self.worker_id,
