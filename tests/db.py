@@ -24,3 +24,17 @@ def start_database(root: Path) -> tuple[str, EmbeddedPostgres | None]:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def server_pids(pgdata: Path) -> list[int]:
+    """The postmaster of the server in ``pgdata`` and all its children (backends)."""
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == postmaster:
+            pids.append(int(stat.parent.name))
+    return pids

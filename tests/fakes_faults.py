@@ -35,7 +35,7 @@ from aiohttp import web
 
 from tests.fakes import FAKE_USAGE, WORDS, FakeOpenAI
 
-_STREAM_FAULTS = ("stall-first-event", "truncated", "drip", "no-done")
+_STREAM_FAULTS = ("stall-first-event", "truncated", "drip", "no-done", "late-first-event")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class FaultyOpenAI(FakeOpenAI):
     force: str | None = None
     retry_after_ms: int = 200
     drip_s: float = 0.05
+    late_s: float = 0.8  # "late": the headers after this; "late-first-event": the first event
     counts: Counter[str] = field(default_factory=Counter)
 
     async def _record(self, request: web.Request) -> dict[str, Any]:
@@ -60,6 +61,8 @@ class FaultyOpenAI(FakeOpenAI):
             return web.json_response(body, status=429, headers=headers)
         if model == "stall-first-byte":
             await asyncio.sleep(3600)
+        if model == "late":
+            await asyncio.sleep(self.late_s)
         return await super()._special(model)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -85,6 +88,8 @@ class FaultyOpenAI(FakeOpenAI):
         await resp.prepare(request)
         if fault == "stall-first-event":
             await asyncio.sleep(3600)
+        if fault == "late-first-event":
+            await asyncio.sleep(self.late_s)
         for i, event in enumerate(_events(fault, body)):
             if fault == "truncated" and i == 3:
                 break  # a clean end of body, with no finish chunk and no [DONE]

@@ -245,6 +245,41 @@ async def test_total_timeout_bounds_a_dripping_stream(
     assert "total time" in error["message"] and len(fake_a.seen) == 1
 
 
+@pytest.mark.parametrize(
+    ("model", "stream"),
+    [("fake-late", False), ("fake-late", True), ("fake-late-first-event", True)],
+)
+async def test_first_byte_is_not_capped_by_idle(
+    start_gateway: StartGateway,
+    fake_a: FaultyOpenAI,
+    fake_b: FaultyOpenAI,
+    model: str,
+    stream: bool,
+) -> None:
+    """Each timeout means what the README says, independently: an answer
+    that starts after 0.8 s is within ``first_byte`` (1.5 s) although
+    ``idle`` (the gap between chunks) is 0.3 s; after it, idle holds."""
+    cfg = config(fake_a, fake_b, retry={**RETRY, "max_attempts": 1})
+    cfg["providers"]["a"]["timeouts"] = {**TIMEOUTS, "first_byte": 1.5, "idle": 0.3}
+    gw = await start_gateway(cfg)
+    started = time.monotonic()
+    status, _, body = await _chat(gw, model, stream=stream)
+    assert status == 200, body
+    assert 0.8 <= time.monotonic() - started < 1.5
+    if stream:
+        assert _stream_text(body) == "".join(WORDS) and body[-1] == b"[DONE]"
+    else:
+        assert body["choices"][0]["message"]["content"] == "".join(WORDS)
+    # first_byte still bounds the start, and idle the gaps after it
+    fake_a.late_s = 3.0
+    started = time.monotonic()
+    status, _, body = await _chat(gw, model, stream=stream)
+    assert status == 504 and body["error"]["code"] == "upstream_timeout"
+    assert 1.5 <= time.monotonic() - started < 2.5
+    status, _, events = await _chat(gw, "fake-held", stream=True)
+    assert status == 200 and orjson.loads(events[-1])["error"]["code"] == "upstream_timeout"
+
+
 async def test_model_timeouts_override_the_providers(
     start_gateway: StartGateway, fake_a: FaultyOpenAI, fake_b: FaultyOpenAI
 ) -> None:

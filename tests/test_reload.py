@@ -308,3 +308,36 @@ async def test_admin_config_is_off_without_an_admin_key(
     monkeypatch.delenv("TOLLWAY_ADMIN_KEY", raising=False)
     status, body = await admin(gateway, "GET", "/admin/config", "anything")
     assert status == 404 and body["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("watch", [True, False])
+async def test_restoring_the_live_file_clears_the_last_error(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    tmp_path: Path,
+    admin_key: str,
+    watch: bool,
+) -> None:
+    """The live file valid again (the very text being served) is no error any more,
+    whether the watcher or ``/admin/reload`` notices it."""
+    path = tmp_path / "tollway.yaml"
+    base = gateway_config(fake_openai.url, server={"watch_config": watch})
+    gw = await start_gateway(base, config_file=path)
+    good = path.read_text()
+    write_atomically(path, "models: [unclosed\n")
+    if not watch:
+        assert (await admin(gw, "POST", "/admin/reload", admin_key))[0] == 400
+
+    async def refused() -> bool:
+        return (await admin(gw, "GET", "/admin/config", admin_key))[1]["last_error"] is not None
+
+    await until(refused)
+    write_atomically(path, good)
+    if not watch:
+        status, body = await admin(gw, "POST", "/admin/reload", admin_key)
+        assert status == 200 and body["result"] == "unchanged"
+
+    async def cleared() -> bool:
+        return (await admin(gw, "GET", "/admin/config", admin_key))[1]["last_error"] is None
+
+    await until(cleared)

@@ -158,6 +158,9 @@ class BillingPolicy:
     flush_interval_ms: int = 20
     key_cache_ttl_s: float = 5.0
     lease_ttl_s: float = 60.0  # leases of a worker silent this long are released
+    # Each wait on Postgres a request makes (a connection, then the statement:
+    # key lookup, quota lease), and each new connection; read at start.
+    db_timeout_s: float = 2.0
 
 
 _BILLING_KEYS = tuple(BillingPolicy.__dataclass_fields__)

@@ -124,13 +124,7 @@ class StreamMeter:
         return self._payloads
 
     def delivered_text(self) -> str:
-        parts = []
-        for data in self._payloads:
-            try:
-                parts.append(_text_of(orjson.loads(data)))
-            except orjson.JSONDecodeError:
-                continue
-        return "".join(parts)
+        return text_of_payloads(self._payloads)
 
     def result(self, body: dict[str, Any], endpoint: str, model: str) -> Usage:
         if self.usage is not None and self.usage.total_tokens > 0:
@@ -140,6 +134,17 @@ class StreamMeter:
             assert self.usage is not None
             return self.usage
         return estimate(body, endpoint, model, text)
+
+
+def text_of_payloads(payloads: list[bytes]) -> str:
+    """The answer text carried by these SSE ``data:`` payloads."""
+    parts = []
+    for data in payloads:
+        try:
+            parts.append(_text_of(orjson.loads(data)))
+        except orjson.JSONDecodeError:
+            continue
+    return "".join(parts)
 
 
 def estimate(body: dict[str, Any], endpoint: str, model: str, completion_text: str) -> Usage:

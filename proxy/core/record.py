@@ -16,6 +16,7 @@ from proxy.core.usage import NO_USAGE, Usage
 if TYPE_CHECKING:
     from proxy.config.model import Config
     from proxy.core.errors import GatewayError
+    from proxy.core.metering import StreamMeter
 
 log = logging.getLogger("tollway.settle")
 
@@ -57,6 +58,7 @@ class UsageRecord:
     reason: str | None = None  # why a 429 refused it (rate-limit or quota window)
     transcript: dict[str, object] | None = None  # prompt/completion, when logging allows
     admission: object | None = None  # the billing stage's reservation, refunded at settle
+    progress: StreamMeter | None = None  # a running stream's meter (journal checkpoints)
     # Every provider attempt, in order; the last one served the answer when status < 400.
     attempt_log: list[AttemptRecord] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)

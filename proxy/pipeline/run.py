@@ -56,6 +56,7 @@ async def admit(rt: Runtime, ex: Exchange) -> None:
     ex.record.admission = admission = await rt.billing.admit(
         ex.config, ex.who, ex.body, ex.endpoint, ex.model
     )
+    rt.billing.journal_open(ex.record, ex.body)
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
     verdict = await key_limits.admit(rt.limiter, ex.config, admission)
@@ -131,6 +132,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
         headers = _served_headers(ex, done)
         if done.stream is not None:
             ex.meter = StreamMeter(parse.wants_usage(ex.body), parse.choices(ex.body))
+            record.progress = ex.meter  # the crash journal checkpoints what it delivered
             filters = [f for s, cfg in snapshot.hooks.stream if (f := s.on_stream(ex, cfg))]
             return await relay.stream(
                 request, done.stream, ex.meter, headers, record, started, rt.lifecycle, filters

@@ -8,7 +8,6 @@ body mid-stream ``UpstreamStreamBroken`` (502).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -31,8 +30,11 @@ PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
 
 
 def client_timeout(cfg: ProviderConfig, timeouts: Timeouts | None = None) -> aiohttp.ClientTimeout:
+    """The request's ClientTimeout. ``sock_read`` starts as ``first_byte``:
+    the wait for the answer; ``post`` turns it into ``idle`` once the
+    answer has begun (aiohttp has one read timer for both)."""
     t = timeouts or cfg.timeouts
-    return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.idle)
+    return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.first_byte)
 
 
 async def post(
@@ -46,19 +48,14 @@ async def post(
     """POST and wait for the response headers, within ``first_byte``.
     ``timeouts`` (a call's, see ``Call.timeouts``) replaces the provider's.
 
-    The request runs under ``client_timeout``: its ``sock_read`` (the idle
-    gap) and ``total`` bound the wait for the headers, and go on bounding the
-    body the caller reads. A timer of our own is only needed when
-    ``first_byte`` is the tightest of the three."""
+    Each timeout means one thing, independently: ``first_byte`` the wait
+    for the answer to begin, ``idle`` each gap once it has, ``total`` the
+    whole request."""
     t = timeouts or cfg.timeouts
     try:
-        if t.first_byte < t.idle and t.first_byte < t.total:
-            async with asyncio.timeout(t.first_byte):
-                resp = await _post(session, url, payload, headers, client_timeout(cfg, t))
-        else:
-            resp = await _post(session, url, payload, headers, client_timeout(cfg, t))
+        resp = await _post(session, url, payload, headers, client_timeout(cfg, t))
     except TimeoutError:
-        waited = min(t.first_byte, t.idle, t.total)
+        waited = min(t.first_byte, t.total)
         raise UpstreamTimeout(
             f"provider '{cfg.name}' did not answer within {waited:.3g}s"
         ) from None
@@ -74,6 +71,7 @@ async def post(
             f"provider '{cfg.name}' answered with a redirect (HTTP {resp.status}); "
             "redirects are not followed: set its base_url to the final address"
         )
+    _idle_from_now_on(resp, t.idle)
     return resp
 
 
@@ -92,12 +90,25 @@ async def _post(
     )
 
 
+def _idle_from_now_on(resp: aiohttp.ClientResponse, idle: float) -> None:
+    """Switch the read timer from ``first_byte`` to ``idle``. The timer
+    running since the headers keeps ``first_byte`` until the first body
+    bytes arrive (a stream's first event is still the first byte); each
+    read after that is re-armed with ``idle``."""
+    protocol = resp.connection.protocol if resp.connection is not None else None
+    if protocol is None:
+        return
+    protocol.read_timeout = idle
+    if resp.content.total_bytes:  # body bytes came with the headers: the answer has begun
+        protocol.start_timeout()
+
+
 async def read_body(
     resp: aiohttp.ClientResponse, cfg: ProviderConfig, timeouts: Timeouts | None = None
 ) -> bytes:
     """The whole body of a response ``post`` returned, then the connection
-    back to the pool. Bounded by the request's ClientTimeout: each gap by
-    ``idle`` (``sock_read``), the whole request by ``total``."""
+    back to the pool. Bounded by the request's ClientTimeout: the first
+    bytes by ``first_byte``, each gap after by ``idle``, the whole by ``total``."""
     try:
         return await resp.read()
     except TimeoutError as exc:

@@ -19,7 +19,7 @@ import asyncpg
 
 from proxy.core.errors import InvalidApiKey, ServiceUnavailable
 from proxy.core.principal import Principal
-from proxy.stores import apikeys
+from proxy.stores import apikeys, pgwait
 
 _LOOKUP = """
 SELECT k.id, k.prefix, k.state, k.expires_at, t.id AS tenant_id, t.name AS tenant,
@@ -70,8 +70,15 @@ class KeyCache:
 
 
 class Authenticator:
-    def __init__(self, pool: asyncpg.Pool, hasher: apikeys.KeyHasher, cache: KeyCache) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        hasher: apikeys.KeyHasher,
+        cache: KeyCache,
+        db_timeout: float = 2.0,
+    ) -> None:
         self.pool = pool
+        self.db_wait = pgwait.Budget(db_timeout)  # the whole lookup, connection included
         self.hasher = hasher
         self.cache = cache
         self.queries = 0  # lookups that reached Postgres; tests assert on it
@@ -101,10 +108,11 @@ class Authenticator:
     async def _lookup(self, digest: bytes) -> Principal | None:
         self.queries += 1
         try:
-            row = await self.pool.fetchrow(_LOOKUP, digest)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            row = await pgwait.fetchrow(self.pool, self.db_wait, "key lookup", _LOOKUP, digest)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             raise ServiceUnavailable(
                 "The key store is unreachable; please retry shortly.",
+                code="billing_unavailable",
                 headers={"retry-after": "2"},
             ) from None
         if row is None or row["state"] != "active":

@@ -2,7 +2,7 @@
 
 Settled rows are queued in memory and flushed every ``flush_interval_ms``
 in one transaction: the events are inserted ``ON CONFLICT DO NOTHING`` (unique
-by period and an event id the server draws at settle time, never the client's
+by period and an event id the server draws at admission, never the client's
 ``x-request-id``, which a client may reuse), and only the rows actually inserted move quota
 counters and leases, so a retried or replayed batch never double-bills.
 
@@ -11,8 +11,9 @@ If Postgres is unreachable the batch is appended to a local spool file
 Postgres refuses for its content is a different failure: it would fail every
 retry, so it is isolated (the batch is split until the refused rows stand
 alone), kept in the dead-letter file (``proxy.stores.dead_letter``), and the rest
-of its batch is written; it never sends a batch to the spool. What a hard
-crash can lose is the in-memory batch of the last flush interval; leases of
+of its batch is written; it never sends a batch to the spool. The rows a
+hard crash loses from memory are billed from the request journal
+(``proxy.stores.journal``) as interrupted; leases of
 a worker that stops heartbeating are released by any other worker's sweep
 after ``lease_ttl_s`` (its unsettled reservations are released, not
 charged; spooled usage of that worker is still charged when replayed).
@@ -291,6 +292,8 @@ class Ledger:
         self._interval = flush_interval
         self._lease_ttl = lease_ttl
         self._queue: list[UsageRow] = []
+        # Called with each batch once it is in Postgres or the spool (the journal closes it).
+        self.on_durable: Callable[[list[UsageRow]], None] | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.healthy = True
@@ -389,6 +392,8 @@ class Ledger:
         finally:
             self._since.pop("batch", None)
             self._in_flight = 0
+        if self.on_durable is not None:
+            self.on_durable(batch)
 
     async def _write(self, rows: list[UsageRow]) -> int:
         """Write ``rows`` in chunks, dead-lettering the refused ones; the

@@ -33,6 +33,7 @@ import asyncpg
 from proxy.config.tiers import BillingPolicy, Tier
 from proxy.core.errors import QuotaExceeded, ServiceUnavailable
 from proxy.core.principal import Principal
+from proxy.stores import pgwait
 
 Clock = Callable[[], datetime]
 _REFILL_TRIES = 8  # lease calls one admission may make before it gives up
@@ -93,6 +94,7 @@ class QuotaBook:
         self.clock = clock
         self._leases: dict[tuple[int, date], _Lease] = {}
         self._offline_used = 0
+        self._db_wait = pgwait.Budget(policy.db_timeout_s)
         self.lease_calls = 0
 
     def _lease(self, tenant_id: int, period: date) -> _Lease:
@@ -132,7 +134,10 @@ class QuotaBook:
             want_t = max(short_t, self._policy.lease_tokens) if short_t else 0
             try:
                 self.lease_calls += 1
-                row = await self._pool.fetchrow(
+                row = await pgwait.fetchrow(
+                    self._pool,
+                    self._db_wait,
+                    "quota lease",
                     "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
                     self.worker_id,
                     who.tenant_id,
@@ -143,7 +148,7 @@ class QuotaBook:
                     tier.monthly_requests,
                     tier.monthly_tokens,
                 )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 return self._offline(who, period, need_tokens)
             assert row is not None
             lease.refilled_at = time.monotonic()

@@ -14,6 +14,8 @@ from proxy.config.tiers import BillingPolicy
 from proxy.stages.admit.billing import Billing, new_worker_id
 from proxy.stages.auth import Authenticator, KeyCache
 from proxy.stores import apikeys, migrate
+from proxy.stores import journal as journals
+from proxy.stores.journal import Journal
 from proxy.stores.ledger import Ledger, Spool
 from proxy.stores.quota import Clock, QuotaBook, utc_now
 from proxy.web.keys import BILLING, CONFIG, TASKS
@@ -45,11 +47,15 @@ class BillingOptions:
         )
 
 
-async def open_pool(opts: BillingOptions) -> asyncpg.Pool:
+async def open_pool(opts: BillingOptions, connect_timeout: float = 2.0) -> asyncpg.Pool:
+    """The pool: every new connection within ``connect_timeout`` (asyncpg's
+    default is 60 s), every statement within 10 s (the request path bounds
+    its own waits tighter, see ``pgwait``)."""
     pool = await asyncpg.create_pool(
         opts.database_url,
         min_size=1,
         max_size=opts.pool_size,
+        timeout=connect_timeout,
         command_timeout=10,
         statement_cache_size=opts.statement_cache_size,
     )
@@ -61,7 +67,7 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG].current.config
         policy = config.billing or BillingPolicy()
-        pool = await open_pool(opts)
+        pool = await open_pool(opts, policy.db_timeout_s)
         try:
             await migrate.check(pool)
             worker = opts.worker_id or new_worker_id()
@@ -75,19 +81,27 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
                 policy.lease_ttl_s,
                 on_leases=quota.keep_only,
             )
+            journal = Journal(opts.data_dir / f"journal-{worker}.jsonl")
             billing = Billing(
-                Authenticator(pool, hasher, KeyCache(policy.key_cache_ttl_s)),
+                Authenticator(pool, hasher, KeyCache(policy.key_cache_ttl_s), policy.db_timeout_s),
                 quota,
                 ledger,
                 config.prices,
+                journal,
             )
             await ledger.replay_orphans(opts.data_dir)
+            # After the spools: a dead worker's real rows land before its interrupted ones.
+            await journals.replay_orphans(pool, opts.data_dir, journal.path, config.prices)
             app[BILLING] = billing
             flusher = app[TASKS].spawn(ledger.run(), name="ledger")
+            journaler = app[TASKS].spawn(journal.run(), name="journal")
             yield
             ledger.stop()
             await flusher
             await ledger.close()
+            journal.stop()
+            await journaler
+            await journal.close()
         finally:
             await pool.close()
 

@@ -11,7 +11,8 @@ A refused edit (bad YAML, schema error, unknown provider, unset ``${VAR}``,
 an empty or cut-off file) changes nothing: the error is logged with its key
 path (config errors never carry values, so no secret), counted in
 ``tollway_config_reload_total{result="failure"}`` and shown by
-``GET /admin/config`` until a later reload succeeds.
+``GET /admin/config`` until a later reload succeeds or the file is back to
+the text being served.
 
 The watcher polls ``os.stat`` of the path every 250 ms: device, inode,
 size, mtime and the resolved path. Polling needs no extra dependency and
@@ -109,7 +110,9 @@ class Reloader:
             text = self._read()
             digest = hashlib.sha256(text.encode()).hexdigest()[:12]
             if digest == current.version:
+                # The live file is the one being served again: valid, so no error.
                 self._refused_digest = None
+                self.last_error = self.last_error_at = None
                 same = Outcome("unchanged", current.version, current.version)
                 return self._note(reason, same) if force else same
             if not force and digest == self._refused_digest:

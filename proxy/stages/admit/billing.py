@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -25,6 +26,7 @@ from proxy.core.errors import ModelNotAllowed, QuotaExceeded
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
 from proxy.stages.auth import Authenticator
+from proxy.stores.journal import Journal
 from proxy.stores.ledger import Ledger, UsageRow
 from proxy.stores.quota import QuotaBook, Reservation, Standing, period_of
 
@@ -39,6 +41,10 @@ class Admission:
     tier: Tier
     reservation: Reservation
     tokens: int = 0  # prompt estimate + max_tokens, when a token limit needs it
+    # The usage row's idempotency key, drawn here so the journal can name the
+    # request from admission on (the row is written under the same id).
+    event_id: str = ""
+    prompt_tokens: int | None = None  # the prompt estimate, when admission needed one
 
 
 def tier_of(config: Config, principal: Principal) -> Tier:
@@ -117,12 +123,20 @@ def cost_of(record: UsageRecord, default: Mapping[str, Price] | None = None) -> 
 
 class Billing:
     def __init__(
-        self, auth: Authenticator, quota: QuotaBook, ledger: Ledger, prices: Mapping[str, Price]
+        self,
+        auth: Authenticator,
+        quota: QuotaBook,
+        ledger: Ledger,
+        prices: Mapping[str, Price],
+        journal: Journal | None = None,
     ) -> None:
         self.auth = auth
         self.quota = quota
         self.ledger = ledger
         self.prices = prices
+        self.journal = journal
+        if journal is not None:
+            ledger.on_durable = journal.closed
 
     async def admit(
         self,
@@ -135,15 +149,39 @@ class Billing:
         tier = tier_of(config, principal)
         check_model(tier, public_model)
         budget = clamp_max_tokens(body, tier, endpoint)
-        estimate = 0
+        estimate, prompt = 0, None
         if tier.monthly_tokens is not None or tier.tokens_per_minute is not None:
-            estimate = tokens.count_prompt(body, endpoint, public_model) + budget
+            prompt = tokens.count_prompt(body, endpoint, public_model)
+            estimate = prompt + budget
         try:
             reservation = await self.quota.admit(principal, tier, estimate)
         except QuotaExceeded as exc:
             exc.headers.update(ratelimit_headers(self.quota.standing(principal.tenant_id, tier)))
             raise
-        return Admission(principal, tier, reservation, estimate)
+        return Admission(principal, tier, reservation, estimate, secrets.token_hex(12), prompt)
+
+    def journal_open(self, record: UsageRecord, body: dict[str, Any]) -> None:
+        """Note the admitted request in the journal: from here on a crash
+        bills it as interrupted instead of losing it."""
+        admission = record.admission
+        if self.journal is None or not isinstance(admission, Admission):
+            return
+        r = admission.reservation
+        opened = {
+            "e": admission.event_id,
+            "p": r.period.isoformat(),
+            "r": record.request_id,
+            "t": record.tenant_id,
+            "k": record.key_id,
+            "w": self.quota.worker_id,
+            "n": record.endpoint,
+            "m": record.public_model,
+            "s": body.get("stream") is True,
+            "l": r.leased,
+            "pt": admission.prompt_tokens,
+            "at": time.time(),
+        }
+        self.journal.open(opened, record, body)
 
     def settle(self, record: UsageRecord) -> None:
         admission = record.admission
@@ -157,6 +195,7 @@ class Billing:
         self.ledger.add(self._row(record, reservation, counted))
 
     def _row(self, record: UsageRecord, reservation: Reservation | None, counted: bool) -> UsageRow:
+        admission = record.admission if isinstance(record.admission, Admission) else None
         usage = record.usage
         # Prices of the snapshot the request ran on: a reload mid-stream
         # does not reprice it. A cache hit's usage is what its policy bills.
@@ -164,7 +203,8 @@ class Billing:
         period = reservation.period if reservation else period_of(self.quota.clock())
         values = (
             period,
-            secrets.token_hex(12),  # the row's own idempotency key, fixed from here on
+            # the row's own idempotency key, fixed from admission (journal) on
+            admission.event_id if admission is not None else secrets.token_hex(12),
             record.request_id,
             record.tenant_id,
             record.key_id,

@@ -24,11 +24,12 @@ for the boundary is bounded by ``first_byte`` (stream) or ``total``
 (non-stream) and never runs past the deadline; after it each gap between
 reads is bounded by ``idle`` and the whole stream by ``total``. The stream's
 first event is bounded here, around any adapter; everything else is the
-attempt's aiohttp ``ClientTimeout`` (``sock_read`` = idle, ``total``; see
-``providers.http``), built from ``Call.timeouts``, whose ``total`` a
-non-stream attempt gets cut to the time left before the deadline. The
-adapter raises ``UpstreamTimeout`` when one fires, which ``GuardedStream``
-reports to the breaker like any other mid-stream failure.
+attempt's aiohttp ``ClientTimeout`` (``sock_read`` = first_byte until the
+answer begins, idle after it, and ``total``; see ``providers.http``), built
+from ``Call.timeouts``, whose ``total`` a non-stream attempt gets cut to
+the time left before the deadline. The adapter raises ``UpstreamTimeout``
+when one fires, which ``GuardedStream`` reports to the breaker like any
+other mid-stream failure.
 
 When the plan is exhausted the client gets the most telling error: the last
 408/409/429 a provider sent, as is (with ``retry-after``); else 504 when

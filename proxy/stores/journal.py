@@ -1,0 +1,309 @@
+"""The request journal: a crash loses at most ~1 s of a stream's usage, never a request.
+
+The ledger's rows live in memory until their batch reaches Postgres or the
+spool, and a stream's row only exists once it ends, so a ``kill -9`` would
+lose every request in flight, with chunks the provider bills already out.
+The journal closes that gap. Each worker appends to its own fsynced file
+(``journal-<worker>.jsonl`` beside its spool, flock-owned like it), one line
+per event, keyed by the event id the usage row will carry:
+
+- ``o`` (open): the request was admitted; the row's fixed columns;
+- ``c`` (checkpoint): the usage delivered so far, for requests still running
+  ``CHECKPOINT_S`` after their last note (a stream's tokens so far);
+- ``x`` (closed): its usage row reached Postgres or the spool.
+
+Nothing is written on the request path: ``open`` and ``closed`` touch a
+dict, and the flusher (``run``) writes everything of the last ``FLUSH_S``
+with one append and one fsync (group commit). A request that opens and
+closes within one interval is never written at all. With a checkpoint taken
+``CHECKPOINT_S`` (0.8 s) after the last and written within ``FLUSH_S``
+(0.2 s), what a crash can lose of a stream is about one second of it.
+
+On start, before serving, ``replay_orphans`` turns every journal of a dead
+worker (its lock free, its spool already replayed) into usage rows for the
+entries opened and never closed: ``status`` 500, ``error_code``
+``interrupted``, ``details.interrupted`` true, the tokens of the last
+checkpoint, counted against the quota. They go through the ledger's own
+idempotent insert with the request's event id, so a replay repeated, or a
+row that did reach Postgres before the crash, is never billed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from proxy.config.tiers import Price, price_for
+from proxy.core import tokens
+from proxy.core.metering import StreamMeter, text_of_payloads
+from proxy.core.record import UsageRecord
+from proxy.stores.ledger import UsageRow, _try_lock, write_batch
+
+log = logging.getLogger("tollway.journal")
+
+FLUSH_S = 0.2  # one append + fsync per worker at most this often
+CHECKPOINT_S = 0.8  # + FLUSH_S: a running request's usage on disk within ~1 s
+COMPACT_BYTES = 4 << 20  # rewrite the file with only open entries beyond this size
+INTERRUPTED_STATUS = 500
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One admitted request, until its usage row is durable."""
+
+    opened: dict[str, Any]  # the row's fixed columns, as written in its ``o`` line
+    record: UsageRecord
+    body: dict[str, Any]
+    written: bool = False  # its ``o`` line is on disk
+    noted_at: float = 0.0  # monotonic time of its last checkpoint (or of its open)
+    seen: int = 0  # meter payloads already counted
+    completion: int = 0
+    prompt: int | None = None
+
+
+class Journal:
+    """One worker's journal; ``run`` is its flusher, ``close`` its end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _try_lock(path.with_suffix(".lock"))
+        if self._lock_fd is None:
+            raise RuntimeError(f"journal {path.name} is owned by a live process")
+        self._open: dict[str, _Entry] = {}
+        self._fresh: list[str] = []  # opened since the last flush
+        self._gone: list[str] = []  # closed since the last flush, ``o`` on disk
+        self._stopping = asyncio.Event()
+        self._size = 0
+
+    def open(self, opened: dict[str, Any], record: UsageRecord, body: dict[str, Any]) -> None:
+        """Note an admitted request (in memory; on disk at the next flush)."""
+        event_id = opened["e"]
+        self._open[event_id] = _Entry(opened, record, body, noted_at=time.monotonic())
+        self._fresh.append(event_id)
+
+    def closed(self, rows: Iterable[UsageRow]) -> None:
+        """The ledger's hook: these rows are in Postgres or in the spool."""
+        for row in rows:
+            entry = self._open.pop(row.values[1], None)
+            if entry is not None and entry.written:
+                self._gone.append(row.values[1])
+
+    def open_count(self) -> int:
+        return len(self._open)
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FLUSH_S):
+                    await self._stopping.wait()
+            try:
+                await self.flush()
+            except OSError:
+                log.exception("could not write the request journal; retrying")
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def flush(self) -> None:
+        fresh = [e for e in self._fresh if e in self._open]
+        due = self._due(time.monotonic(), set(fresh))
+        gone, self._fresh, self._gone = self._gone, [], []
+        if not (fresh or due or gone):
+            return
+        opening = [self._open[e].opened for e in fresh]
+        try:
+            lines = await asyncio.to_thread(_lines, opening, due, gone)
+            await asyncio.to_thread(self._append, lines)
+        except BaseException:
+            self._fresh[:0], self._gone[:0] = fresh, gone
+            raise
+        for event_id in fresh:
+            entry = self._open.get(event_id)
+            if entry is not None:
+                entry.written = True
+            else:  # closed while being written: its close goes next time
+                self._gone.append(event_id)
+        if self._size > COMPACT_BYTES:
+            await asyncio.to_thread(self._compact, [e for e in self._open.values() if e.written])
+
+    def _due(self, now: float, fresh: set[str]) -> list[_Entry]:
+        """Running requests whose last note is ``CHECKPOINT_S`` old."""
+        due = []
+        for event_id, entry in self._open.items():
+            if (entry.written or event_id in fresh) and now - entry.noted_at >= CHECKPOINT_S:
+                entry.noted_at = now
+                due.append(entry)
+        return due
+
+    def _append(self, lines: bytes) -> None:
+        with open(self.path, "ab") as fh:
+            fh.write(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+            self._size = fh.tell()
+
+    def _compact(self, snapshot: list[_Entry]) -> None:
+        """Rewrite the file with the open entries only (atomically)."""
+        lines = b"".join(
+            orjson.dumps({"o": e.opened}) + b"\n" + orjson.dumps(_noted(e)) + b"\n"
+            for e in snapshot
+        )
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._size = len(lines)
+
+    async def close(self) -> None:
+        """Final flush; the file goes when nothing in it is still open."""
+        self.stop()
+        await self.flush()
+        if not any(e.written for e in self._open.values()):
+            self.path.unlink(missing_ok=True)
+            self.path.with_suffix(".lock").unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _lines(opening: list[dict[str, Any]], due: list[_Entry], gone: list[str]) -> bytes:
+    """In a thread: the checkpoints count tokens (only the text new since
+    the last one), which must not hold up the event loop."""
+    out = [orjson.dumps({"o": o}) for o in opening]
+    out += [orjson.dumps(_checkpoint(entry)) for entry in due]
+    out += [orjson.dumps({"x": e}) for e in gone]
+    return b"".join(line + b"\n" for line in out)
+
+
+def _checkpoint(entry: _Entry) -> dict[str, Any]:
+    record = entry.record
+    meter = record.progress
+    if isinstance(meter, StreamMeter):
+        payloads = meter.payloads
+        new = payloads[entry.seen : len(payloads)]
+        entry.seen += len(new)
+        if new:
+            model = record.provider_model or str(entry.opened.get("m") or "")
+            entry.completion += tokens.count_text(text_of_payloads(new), model)
+    if entry.prompt is None:
+        endpoint, model = record.endpoint, record.provider_model or record.public_model or ""
+        entry.prompt = tokens.count_prompt(entry.body, endpoint, model)
+    return _noted(entry)
+
+
+def _noted(entry: _Entry) -> dict[str, Any]:
+    record = entry.record
+    usage = record.usage if record.usage.total_tokens > 0 else None
+    return {
+        "c": entry.opened["e"],
+        "pt": usage.prompt_tokens if usage else entry.prompt or 0,
+        "ct": max(usage.completion_tokens, entry.completion) if usage else entry.completion,
+        "src": "provider" if usage else "estimated",
+        "pv": record.provider,
+        "pm": record.provider_model,
+        "st": record.stream,
+        "n": record.attempts,
+        "at": time.time(),
+    }
+
+
+# --- replay, at start -------------------------------------------------------
+
+
+def interrupted_rows(lines: bytes, prices: Mapping[str, Price]) -> list[UsageRow]:
+    """The rows of entries opened and never closed, at their last checkpoint."""
+    opened: dict[str, dict[str, Any]] = {}
+    noted: dict[str, dict[str, Any]] = {}
+    for line in lines.splitlines():
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a line cut by the crash: the fsync before it holds
+        if "o" in obj:
+            opened[obj["o"]["e"]] = obj["o"]
+        elif "c" in obj:
+            noted[obj["c"]] = obj
+        elif "x" in obj:
+            opened.pop(obj["x"], None)
+    return [_row(o, noted.get(e, {}), prices) for e, o in opened.items()]
+
+
+def _row(o: dict[str, Any], c: dict[str, Any], prices: Mapping[str, Price]) -> UsageRow:
+    prompt, completion = int(c.get("pt") or o.get("pt") or 0), int(c.get("ct") or 0)
+    price = price_for(prices, o.get("m"))
+    cost = price.cost(prompt, completion) if price is not None else Decimal(0)
+    latency = (c["at"] - o["at"]) * 1000 if "at" in c else 0.0
+    details = orjson.dumps({"interrupted": True}).decode()
+    values = (
+        date.fromisoformat(o["p"]),
+        o["e"],
+        o["r"],
+        o["t"],
+        o["k"],
+        o["w"],
+        o["n"],
+        o.get("m"),
+        c.get("pv"),
+        c.get("pm"),
+        prompt,
+        completion,
+        c.get("src", "estimated" if prompt else "none"),
+        True,  # admitted and possibly billed by the provider: it counts
+        False,
+        bool(c.get("st", o.get("s", False))),
+        False,
+        INTERRUPTED_STATUS,
+        "interrupted",
+        latency,
+        None,
+        int(c.get("n") or 0),
+        cost,
+        details,
+    )
+    return UsageRow(values, leased=bool(o.get("l")))
+
+
+async def replay_orphans(
+    pool: asyncpg.Pool, directory: Path, own: Path, prices: Mapping[str, Price]
+) -> int:
+    """Bill the interrupted requests of dead workers' journals, then remove
+    them. A journal whose worker's spool is still there waits for it: a row
+    in that spool is the request's real row, which must land first."""
+    total = 0
+    for path in sorted(directory.glob("journal-*.jsonl")):  # noqa: ASYNC240 - once, at start
+        worker = path.stem.removeprefix("journal-")
+        if path == own or (directory / f"spool-{worker}.jsonl").exists():
+            continue
+        lock = _try_lock(path.with_suffix(".lock"))
+        if lock is None:
+            continue  # its worker is alive
+        try:
+            rows = interrupted_rows(path.read_bytes(), prices)
+            for i in range(0, len(rows), 1000):
+                await write_batch(pool, rows[i : i + 1000])
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            log.warning("could not bill the journal %s yet; next start retries", path.name)
+            continue
+        finally:
+            os.close(lock)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".lock").unlink(missing_ok=True)
+        total += len(rows)
+    if total:
+        log.warning("billed %d requests interrupted by a crash (status 500, interrupted)", total)
+    return total

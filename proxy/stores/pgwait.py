@@ -1,0 +1,57 @@
+"""Bounded Postgres waits on the request path.
+
+A frozen Postgres (a paused VM, a stopped postmaster, a full disk) answers
+nothing and refuses nothing: without a bound a request would wait on
+asyncpg's connect default (60 s), or for as long as the freeze lasts. Every
+query a request makes goes through ``fetchrow`` here, whose whole wait (a
+pooled connection, connecting one if needed, then the statement) is bounded
+by ``billing.db_timeout_s``. A connection that timed out mid-statement is in
+an unknown state and the server may never answer its cancel request, so it
+is terminated rather than reset; the pool opens a fresh one later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+
+log = logging.getLogger("tollway.billing")
+
+# One log line per this many seconds while Postgres stays frozen, not one per request.
+_LOG_EVERY_S = 5.0
+
+
+class Budget:
+    """How long one kind of wait may take, and when it last ran out (its log line)."""
+
+    __slots__ = ("_logged_at", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._logged_at = -_LOG_EVERY_S
+
+    def ran_out(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._logged_at >= _LOG_EVERY_S:
+            self._logged_at = now
+            log.error("billing database did not answer within %gs (%s)", self.seconds, what)
+
+
+async def fetchrow(
+    pool: asyncpg.Pool, budget: Budget, what: str, query: str, *args: object
+) -> asyncpg.Record | None:
+    """``pool.fetchrow`` within ``budget`` in all; TimeoutError when it runs
+    out (logged: ``what`` names the wait)."""
+    try:
+        async with asyncio.timeout(budget.seconds), pool.acquire() as conn:
+            try:
+                return await conn.fetchrow(query, *args)
+            except asyncio.CancelledError:
+                conn.terminate()
+                raise
+    except TimeoutError:
+        budget.ran_out(what)
+        raise
