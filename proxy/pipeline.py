@@ -19,7 +19,7 @@ from aiohttp import web
 
 from proxy import access_log, cache_replay, key_limits, lifecycle, parse, relay
 from proxy.auth import Principal
-from proxy.billing import Admission, ratelimit_headers
+from proxy.billing import Admission, check_model, ratelimit_headers, tier_of
 from proxy.cache import Lookup
 from proxy.errors import GatewayError, InvalidApiKey
 from proxy.forward import Forwarded, forward
@@ -122,6 +122,9 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
             request.headers,
             tenant=who.tenant if who else None,
             tier=who.tier if who else None,
+            allowed=None
+            if who is None
+            else lambda m: check_model(tier_of(snapshot.config, who), m),
         )
         record.public_model = plan.public_model
         await admit(request, snapshot, who, body, endpoint, record)
