@@ -35,6 +35,7 @@ from proxy.state import (
     TASKS,
     UPSTREAMS,
 )
+from proxy.tiers import price_for
 
 log = logging.getLogger("tollway.observe")
 
@@ -54,9 +55,15 @@ class Observed:
             try:
                 cost = cost_of(record)
                 self._metrics.observe(record, cost)
-                self._access.observe(record, float(cost) if cost else None)
+                # null only for a model without a price; a price of 0 costs 0.0
+                self._access.observe(record, float(cost) if cost or _priced(record) else None)
             except Exception:
                 log.exception("observing request %s failed", record.request_id)
+
+
+def _priced(record: UsageRecord) -> bool:
+    prices = record.config.prices if record.config is not None else {}
+    return price_for(prices, record.public_model) is not None
 
 
 async def collect(app: web.Application) -> None:
