@@ -4,10 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
+BENCH_ARGS ?=
 
 .PHONY: run test lint fmt typecheck bench install clean
 
 $(STAMP): pyproject.toml
+	@echo "Installing Tollway and its dependencies into $(VENV)/ (the first time takes about a minute)..."
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -e '.[embedded,test]'
 	touch $(STAMP)
@@ -32,7 +34,7 @@ test: $(STAMP) lint typecheck
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tollway .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,7 @@ interleaved (each repeat walks every scenario, concurrency and target in
 turn), so a ratio between two targets means something even on a noisy shared
 machine. With ``taskset`` and two CPUs, the fake provider and the load
 generator share CPU 0 and the proxy under test has CPU 1 to itself, as in
-``../shared/bench/README.md``.
+``bench/README.md``.
 
 A target is a small descriptor: a name and how to start it on a port given
 the fake provider's address. Adding one (floor_proxy_db.py, Tollway with
@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT / ".." / "shared" / "bench"  # the yardsticks; never copied into the repo
+YARDSTICKS = ROOT / "bench"  # floor_proxy.py, floor_proxy_db.py: see bench/README.md
 PY = sys.executable
 LOADGEN = ROOT / "bench" / "loadgen.py"
 LOADGEN_CPU, PROXY_CPU = "0", "1"
@@ -74,12 +74,12 @@ class Target:
 
 
 def _floor(env: Env, port: int) -> list[str]:
-    return [PY, str(SHARED / "floor_proxy.py"), str(port), env.upstream]
+    return [PY, str(YARDSTICKS / "floor_proxy.py"), str(port), env.upstream]
 
 
 def _floor_db(billing: str) -> Callable[[Env, int], list[str]]:
     def argv(env: Env, port: int) -> list[str]:
-        script = str(SHARED / "floor_proxy_db.py")
+        script = str(YARDSTICKS / "floor_proxy_db.py")
         return [PY, script, str(port), env.upstream, env.dsn or "", "--billing", billing]
 
     return argv

@@ -1,5 +1,9 @@
 """Validate gateway output against OpenAI's published OpenAPI schema.
 
+The schemas come from ``tests/fixtures/openai/schemas.json``: the part of
+OpenAI's spec (MIT licence; version in the file) that the tests use, cut by
+``tests/fixtures/openai/make_subset.py``.
+
 The spec mixes OpenAPI 3.0's ``nullable: true`` into a 3.1 document, which
 JSON Schema validators ignore; it is rewritten to ``type: [T, "null"]`` here
 so a ``null`` where the spec allows one validates, and nothing else changes.
@@ -16,7 +20,7 @@ import jsonschema
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai" / "openapi.json"
+SPEC = Path(__file__).resolve().parent / "fixtures" / "openai" / "schemas.json"
 
 
 def _nullable(node: Any) -> Any:

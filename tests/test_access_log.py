@@ -68,6 +68,17 @@ async def test_one_json_line_per_request(
     assert all(PROMPT not in orjson.dumps(line).decode() for line in lines)
 
 
+async def test_cost_is_zero_for_a_free_model_and_null_for_an_unpriced_one(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tollway.access")
+    cfg = gateway_config(fake_openai.url, prices={"fake-model": {"prompt": 0, "completion": 0}})
+    gw = await start_gateway(cfg)
+    assert (await chat(gw))[0] == 200
+    assert (await chat(gw, model="fake-unpriced"))[0] == 200
+    assert [line["cost_usd"] for line in access_lines(caplog)] == [0.0, None]
+
+
 def test_request_ids_are_sanitised() -> None:
     assert sanitise_request_id("abc-123_X.y:z") == "abc-123_X.y:z"
     assert sanitise_request_id("a\"b'c;d{e}") == "abcde"

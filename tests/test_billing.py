@@ -292,6 +292,32 @@ async def test_model_not_allowed_by_tier_is_403(
         )
 
 
+async def test_tier_is_checked_before_the_provider_configuration(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    """A free key asking for a model of a provider with no API key: the
+    answer is about the key's tier (403), not a server variable (503)."""
+    cfg = billing_config(fake_openai.url)
+    cfg["providers"]["closed"] = {
+        "kind": "openai",
+        "base_url": fake_openai.url,
+        "api_key": "${CLOSED_API_KEY:-}",
+    }
+    cfg["models"].insert(0, {"name": "fake-closed", "targets": [{"provider": "closed"}]})
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    _, free = await tenant_with_key(pg, tmp_path, "free")
+    status, _, body = await _chat(gw, free["api_key"], "fake-closed")
+    assert (status, body["error"]["code"]) == (403, "model_not_allowed")
+    assert "CLOSED_API_KEY" not in body["error"]["message"]
+    _, pro = await tenant_with_key(pg, tmp_path, "pro")  # allowed: the provider is the reason
+    status, _, body = await _chat(gw, pro["api_key"], "fake-closed")
+    assert (status, body["error"]["code"]) == (503, "provider_not_configured")
+
+
 async def test_failures_and_disconnects_are_billed(
     start_gateway: StartGateway,
     fake_openai: FakeOpenAI,

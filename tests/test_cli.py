@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
+
+from proxy.stores import embedded as datastores
 
 ROOT = Path(__file__).parents[1]
 
@@ -149,3 +152,49 @@ async def test_serve_runs_the_demo(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+def test_an_empty_database_says_how_to_create_a_tenant(tmp_path: Path) -> None:
+    env = _env(None, tmp_path)
+    assert _tollway("migrate", env=env).returncode == 0
+    out = _tollway("tenants", "list", env=env)
+    assert out.returncode == 0
+    assert out.stdout.strip() == (
+        "no tenants yet; create one with: tollway tenants create NAME --tier free"
+    )
+
+
+def test_the_default_config_is_found_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert datastores.home() == ROOT
+    assert datastores.default_config() == ROOT / "config" / "tollway.yaml"
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert out.returncode == 0 and out.stdout.startswith("ok:"), out.stderr
+
+
+def test_a_missing_default_config_names_the_file_and_the_way_out(tmp_path: Path) -> None:
+    env = {**_env(), "TOLLWAY_CONFIG": str(tmp_path / "gone.yaml")}
+    out = _tollway("tenants", "list", env=env)
+    assert out.returncode == 2
+    assert str(tmp_path / "gone.yaml") in out.stderr and "--config PATH" in out.stderr
+
+
+def test_the_embedded_redis_has_its_own_session(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C goes to the foreground process group; Redis is not in it,
+    so it keeps serving while Tollway drains, and Tollway stops it last."""
+    redis = datastores.EmbeddedRedis(tmp_path)
+    redis.start()
+    try:
+        assert redis.proc is not None
+        assert os.getsid(redis.proc.pid) == redis.proc.pid != os.getsid(0)
+    finally:
+        redis.stop()

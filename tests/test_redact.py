@@ -15,12 +15,13 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 
 from proxy.core.redact import MASK, Redactor, install
 from proxy.stores import apikeys
 from tests.billing_helpers import billing_config
-from tests.conftest import Gateway, StartGateway
+from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
 from tests.leaks import leaks_in
 
@@ -209,3 +210,73 @@ async def test_canary_secrets_never_leave(
         for canary in canaries:
             assert canary not in text, f"a secret reached the {where}"
         assert not leaks_in(text), f"{where}: {leaks_in(text)}"
+
+
+def test_words_in_a_secrets_place_are_not_secrets() -> None:
+    """Redaction scrubs values, not the gateway's own instructions."""
+    r = Redactor()
+    for text in (
+        "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        "providers.openai.api_key: sealed value TOLLWAY_MASTER_KEY is not set",
+        "providers.openai.api_key: environment variable OPENAI_API_KEY is not set",
+    ):
+        assert r.scrub(text) == text
+    for value in ("s3cr3t-value", "Xy9kLmP2qrTz", "eyJhbGciOiJIUzI1NiJ9.e30.abc"):
+        assert r.scrub(f"Authorization: Bearer {value}") == f"Authorization: Bearer {MASK}"
+        assert r.scrub(f"api_key: {value}") == f"api_key: {MASK}"
+
+
+async def test_the_401_for_a_missing_key_reads_as_written(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, pg_url: str, tmp_path: Path
+) -> None:
+    gw = await start_gateway(
+        billing_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path
+    )
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base_url + "/chat/completions", json=body) as r:
+            missing = (r.status, (await r.json())["error"]["message"])
+        wrong = {"Authorization": "Bearer tw-" + "x" * 43}
+        async with s.post(gw.base_url + "/chat/completions", json=body, headers=wrong) as r:
+            unknown = (r.status, (await r.json())["error"]["message"])
+    assert missing == (
+        401,
+        "You didn't provide an API key. You need to provide your API key in an "
+        "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+    )
+    assert unknown[0] == 401 and "dashboard" not in unknown[1]
+
+
+@pytest.mark.parametrize(
+    ("api_key", "message"),
+    [
+        ("enc:gAAAAABnot-a-real-token", "sealed value TOLLWAY_MASTER_KEY is not set"),
+        ("${TOLLWAY_UNSET_FOR_TEST}", "environment variable TOLLWAY_UNSET_FOR_TEST is not set"),
+    ],
+)
+async def test_a_refused_reload_names_the_key_path(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    api_key: str,
+    message: str,
+) -> None:
+    """The reload error in the log and the admin API keeps its key path and reason."""
+    admin_key = f"canary-secret-{secrets.token_hex(8)}"
+    monkeypatch.setenv("TOLLWAY_ADMIN_KEY", admin_key)
+    path = tmp_path / "tollway.yaml"
+    cfg = gateway_config(fake_openai.url, server={"watch_config": False})
+    gw = await start_gateway(cfg, config_file=path)
+    cfg["providers"]["fake"]["api_key"] = api_key
+    path.write_text(yaml.safe_dump(cfg))
+    install()
+    expected = f"providers.fake.api_key: {message}"
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw.url + "/admin/reload", headers={"Authorization": f"Bearer {admin_key}"}) as r,
+    ):
+        assert r.status == 400
+        assert (await r.json())["error"]["message"].endswith(expected)
+    assert any(rec.getMessage().endswith(expected) for rec in caplog.records), caplog.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,10 @@ from proxy.stores import embedded as datastores
 from proxy.web.admin import rate_limit
 
 DEMO_TENANT = "demo"
+_NOTHING_YET = {
+    ("tenants", "list"): "no tenants yet; create one with: tollway tenants create NAME --tier free",
+    ("keys", "list"): "no keys yet; create one with: tollway keys create --tenant NAME",
+}
 
 
 def add_commands(sub: Any) -> None:
@@ -113,6 +118,9 @@ async def _dispatch(
 
 
 def _print(args: argparse.Namespace, result: Any) -> None:
+    if result == [] and not getattr(args, "json", False):
+        print(_NOTHING_YET.get((args.command, args.action), "none"))
+        return
     if getattr(args, "json", False) or not isinstance(result, dict | list):
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return
@@ -123,18 +131,27 @@ def _print(args: argparse.Namespace, result: Any) -> None:
         print("This is the only time the key is shown: store it now.")
 
 
-async def ensure_demo(dsn: str, config: Config, hasher: apikeys.KeyHasher) -> str | None:
-    """On an empty database, create the demo tenant and return one demo key."""
+@dataclass(frozen=True)
+class Demo:
+    """The demo tenant's tier (None: there is none) and its key when just made."""
+
+    tier: str | None
+    key: str | None = None
+
+
+async def ensure_demo(dsn: str, config: Config, hasher: apikeys.KeyHasher) -> Demo:
+    """On an empty database, create the demo tenant and one demo key."""
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
     assert pool is not None
     try:
         if await pool.fetchval("SELECT count(*) FROM tenants"):
-            return None
+            tier = await pool.fetchval("SELECT tier FROM tenants WHERE name = $1", DEMO_TENANT)
+            return Demo(tier)
         tier = "pro" if "pro" in config.tiers else next(iter(config.tiers))
         await accounts.create_tenant(pool, DEMO_TENANT, tier, config.tiers, "quickstart")
         row = await accounts.create_key(
             pool, hasher, DEMO_TENANT, "demo", None, None, config.tiers, "quickstart"
         )
-        return str(row["api_key"])
+        return Demo(tier, str(row["api_key"]))
     finally:
         await pool.close()

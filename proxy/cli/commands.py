@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,11 @@ DEFAULT_CONFIG = "config/tollway.yaml"
 
 
 def _config_path(arg: str | None) -> str:
-    return arg or os.environ.get("TOLLWAY_CONFIG") or DEFAULT_CONFIG
+    """--config, else $TOLLWAY_CONFIG, else the project's config/tollway.yaml
+    (found from any working directory: ``datastores.home``)."""
+    from proxy.stores import embedded as datastores
+
+    return arg or os.environ.get("TOLLWAY_CONFIG") or str(datastores.default_config())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,16 +89,25 @@ def _seal(new_key: bool) -> int:
 
 
 def _print_demo_key(dsn: str, config: Config) -> None:
-    """On an empty database: a demo tenant, and its key printed this once."""
+    """On an empty database: a demo tenant, and its key printed this once;
+    on later runs, how to get another key."""
     from proxy.stores import apikeys
     from proxy.stores import embedded as datastores
 
     hasher = apikeys.KeyHasher(apikeys.load_secret(datastores.data_dir()))
-    key = asyncio.run(cli_admin.ensure_demo(dsn, config, hasher))
-    if key:
+    demo = asyncio.run(cli_admin.ensure_demo(dsn, config, hasher))
+    tenant = cli_admin.DEMO_TENANT
+    if demo.key:
         print(
-            f"Created tenant '{cli_admin.DEMO_TENANT}' with a demo API key "
-            f"(shown only now):\n\n    {key}\n",
+            f"Created tenant '{tenant}' (tier {demo.tier}) with a demo API key "
+            f"(shown only now):\n\n    {demo.key}\n\n"
+            f"    export TOLLWAY_KEY={demo.key}\n",
+            flush=True,
+        )
+    elif demo.tier:
+        print(
+            f"Tenant '{tenant}' (tier {demo.tier}) exists; its key was shown on the first "
+            f"run. Another key: tollway keys create --tenant {tenant}",
             flush=True,
         )
 
@@ -187,8 +201,27 @@ def _setup_logging() -> None:
     access.propagate = False
 
 
+def _config_hint(args: argparse.Namespace) -> str:
+    """Which file was tried, and how to point elsewhere, when it was the default."""
+    if getattr(args, "config", None) or getattr(args, "path", None):
+        return ""
+    where = "from $TOLLWAY_CONFIG" if os.environ.get("TOLLWAY_CONFIG") else "the default"
+    return f" [config {_config_path(None)}, {where}; --config PATH picks another]"
+
+
+def _quiet_dependencies() -> None:
+    """platformdirs (through the embedded Postgres) warns when XDG_RUNTIME_DIR
+    is unset, as on most servers and containers: noise, not news."""
+    try:
+        from platformdirs.api import RuntimeDirWarning
+    except ImportError:
+        return
+    warnings.filterwarnings("ignore", category=RuntimeDirWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_dependencies()
     _setup_logging()
     try:
         if args.command == "seal":
@@ -205,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, config)
         return cli_admin.run(args, config)
     except ConfigError as exc:
-        print(f"tollway: config error: {exc}", file=sys.stderr)
+        print(f"tollway: config error: {exc}{_config_hint(args)}", file=sys.stderr)
     except sealed.SealError as exc:
         print(f"tollway: {exc}", file=sys.stderr)
     except (StartupError, DatastoreError, NotMigrated, AccountError) as exc:

@@ -5,7 +5,10 @@ Three nets, applied to every string that leaves the process that way:
 - **shapes**: Tollway API keys (``tw-`` + 43 characters; the 10-character
   display prefix is kept), ``Bearer <token>``, ``Authorization:``/``api-key:``
   style header values, ``?key=`` URL parameters, URL passwords, and common
-  provider key shapes (``sk-...``, ``sk-ant-...``, ``AIza...``);
+  provider key shapes (``sk-...``, ``sk-ant-...``, ``AIza...``); after
+  ``Bearer`` or ``api_key:`` only a value is masked, never an ordinary word
+  or placeholder, so the gateway's own instructions ("Authorization: Bearer
+  YOUR_KEY") and config errors naming a key path stay readable;
 - **known values**: every provider ``api_key`` and header value of every
   config snapshot built in this process (``remember_config``), the admin key
   (``remember``), and at install time every environment variable whose name
@@ -25,7 +28,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,25 +38,53 @@ MASK = "[REDACTED]"
 _MIN_SECRET = 8  # shorter "secrets" would redact ordinary words
 _SECRET_ENV = re.compile(r"(^|_)(KEY|API_KEY|SECRET|TOKEN|PASSWORD|PASSWD)(_|$)|SECRET|PASSWORD")
 
+# A "value" after ``Bearer`` or ``api_key:`` that is an ordinary word is the
+# gateway's own text, not a secret: "Bearer auth", "Bearer YOUR_KEY", "api_key:
+# sealed value ...", "api_key: environment variable ... is not set". A word
+# is letters in one case (capitalised at most) or an upper-case identifier,
+# without digits; random tokens of any real length have digits or both cases.
+_WORD = re.compile(r"[A-Za-z][a-z]{0,23}|[A-Z][A-Z_]{0,39}")
+_WORD_TAIL = ".:)("
+
+
+def looks_secret(value: str) -> bool:
+    """Whether a token in a secret's place is a value rather than a word or placeholder."""
+    if value.startswith(MASK[:-1]):  # already masked (the pattern stops before "]")
+        return False
+    return not _WORD.fullmatch(value.rstrip(_WORD_TAIL))
+
+
+def _mask_value(group: int) -> Callable[[re.Match[str]], str]:
+    """A replacement that masks group ``group`` (the value) only when it looks secret."""
+
+    def repl(m: re.Match[str]) -> str:
+        value = m.group(group)
+        if not looks_secret(value):
+            return m.group(0)
+        return m.group(0)[: m.start(group) - m.start(0)] + MASK
+
+    return repl
+
+
 # (substring triggers on the lowercased text, pattern, replacement): a pattern
 # runs only when one of its triggers is in the text, so a clean line costs a
 # dozen substring scans (about 3 µs for an access line), not eight regex passes.
-_SHAPES: list[tuple[tuple[str, ...], re.Pattern[str], str]] = [
+_SHAPES: list[tuple[tuple[str, ...], re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     # Tollway keys: keep the display prefix (it is stored and shown anyway).
     (
         ("tw-",),
         re.compile(r"(tw-[A-Za-z0-9_-]{7})[A-Za-z0-9_-]{36}(?![A-Za-z0-9_-])"),
         r"\1" + MASK,
     ),
-    (("bearer",), re.compile(r"(?i)\b(bearer)(\s+)[^\s\"',;}\]]+"), r"\1\2" + MASK),
+    (("bearer",), re.compile(r"(?i)\b(bearer)(\s+)([^\s\"',;}\]]+)"), _mask_value(3)),
     (("basic",), re.compile(r"(?i)\b(basic)(\s+)[A-Za-z0-9+/]{8,}={0,2}"), r"\1\2" + MASK),
     (
         ("authorization", "api-key", "api_key", "apikey"),
         re.compile(
             r"(?i)\b((?:proxy-)?authorization|x-api-key|api-key|x-goog-api-key|api_key|apikey)"
-            r"(\"?'?\s*[:=]\s*\"?'?)(?!\s*(?:bearer|basic)\b)[^\s\"',;}\]&]+"
+            r"(\"?'?\s*[:=]\s*\"?'?)(?!\s*(?:bearer|basic)\b)([^\s\"',;}\]&]+)"
         ),
-        r"\1\2" + MASK,
+        _mask_value(3),
     ),
     (
         ("key=", "token="),

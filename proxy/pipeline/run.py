@@ -29,7 +29,7 @@ from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import Call, Endpoint
 from proxy.stages import parse, relay
 from proxy.stages.admit import key_limits
-from proxy.stages.admit.billing import Admission, ratelimit_headers
+from proxy.stages.admit.billing import Admission, check_model, ratelimit_headers, tier_of
 from proxy.stages.base import Exchange
 from proxy.stages.forward.attempts import Forwarded, forward
 from proxy.stages.settle import access_log
@@ -117,6 +117,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
             request.headers,
             tenant=who.tenant if who else None,
             tier=who.tier if who else None,
+            allowed=None if who is None else lambda m: check_model(tier_of(ex.config, who), m),
         )
         record.public_model = ex.model = plan.public_model
         await admit(rt, ex)

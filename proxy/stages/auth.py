@@ -31,8 +31,8 @@ WHERE k.digest = $1
 
 def invalid_key() -> InvalidApiKey:
     return InvalidApiKey(
-        "Incorrect API key provided. You can find your API key in your Tollway dashboard "
-        "or ask your administrator for one."
+        "Incorrect API key provided. Ask the administrator of this gateway for a valid key "
+        "(they make one with `tollway keys create`)."
     )
 
 

