@@ -14,6 +14,7 @@ from proxy.billing_setup import BillingOptions, billing_ctx
 from proxy.config import Config
 from proxy.forward import Upstreams
 from proxy.lifecycle import Lifecycle
+from proxy.loop_lag import loop_lag_ctx
 from proxy.metrics import Metrics
 from proxy.redis_client import RedisOptions
 from proxy.redis_setup import redis_ctx
@@ -57,6 +58,7 @@ def build_app(
     app.cleanup_ctx.append(_config_store(config))
     app.cleanup_ctx.append(redis_ctx(redis))  # closes after the tasks that write to it
     app.cleanup_ctx.append(_tasks)
+    app.cleanup_ctx.append(loop_lag_ctx)  # off unless TOLLWAY_LOOP_LAG_MS is set
     if billing is not None:
         app.cleanup_ctx.append(billing_ctx(billing))
     # After billing: the observers wrap its settler; the reloader needs to
