@@ -67,11 +67,12 @@ def rss_bytes(pids: list[int]) -> int:
 
 class PeakRss:
     """Samples the tree's summed RSS every ``every`` seconds in a thread,
-    between ``start()`` and ``stop()``, which returns the peak in bytes."""
+    between ``start()`` and ``stop()``, which returns the peak in bytes
+    (``peak_root``: the root process's own peak)."""
 
     def __init__(self, pid: int, every: float = 0.05) -> None:
         self.pid, self.every = pid, every
-        self.peak = 0
+        self.peak = self.peak_root = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -81,6 +82,7 @@ class PeakRss:
             if n % 20 == 0:  # children may come and go; a /proc scan is ~ms
                 pids = tree(self.pid)
             self.peak = max(self.peak, rss_bytes(pids))
+            self.peak_root = max(self.peak_root, rss_bytes([self.pid]))
             n += 1
             self._done.wait(self.every)
 
