@@ -1,6 +1,7 @@
 """A fast fake OpenAI provider for benchmarks (and wire-format checks).
 
 usage: fake_provider.py PORT [--chunks N] [--chunk-delay-ms MS] [--embedding-dims D]
+                         [--long-chunks N] [--long-gap-ms MS]
 
 It answers POST /v1/chat/completions, /v1/completions and /v1/embeddings in
 OpenAI's exact wire format, with no artificial delay unless asked, so a
@@ -11,6 +12,11 @@ with ``choices: []`` when ``stream_options.include_usage`` is true (every other
 chunk then carries ``"usage": null``, as OpenAI's do), then ``data: [DONE]``.
 The answer text and token counts are deterministic, so a proxy's relayed
 bytes and billed usage can be checked exactly.
+
+A request for a model whose name starts with ``bench-long`` gets the long
+answer instead: ``--long-chunks`` content chunks ``--long-gap-ms`` apart
+(200 and 25 ms: a few seconds of tokens, like a real model's), so one fake
+serves both the short scenarios and the long-stream one in the same run.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ _ids = itertools.count(1)
 CHUNKS = web.AppKey("chunks", int)
 DELAY = web.AppKey("chunk_delay", float)
 DIMS = web.AppKey("embedding_dims", int)
+LONG = web.AppKey("long", tuple[int, float])  # (chunks, gap in seconds) for bench-long*
+LONG_MODEL = "bench-long"
 
 
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
@@ -74,6 +82,11 @@ def _usage(prompt: int, completion: int) -> dict[str, Any]:
             "rejected_prediction_tokens": 0,
         },
     }
+
+
+def _chunks(request: web.Request, body: dict[str, Any]) -> int:
+    long = body["model"].startswith(LONG_MODEL)
+    return request.app[LONG][0] if long else request.app[CHUNKS]
 
 
 def _json(obj: dict[str, Any]) -> web.Response:
@@ -129,6 +142,8 @@ async def _stream(
     )
     await resp.prepare(request)
     delay = request.app[DELAY]
+    if body["model"].startswith(LONG_MODEL):
+        delay = request.app[LONG][1]
     for ev in events:
         await resp.write(ev)  # one write per event, like a provider emitting tokens
         if delay:
@@ -141,7 +156,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     if isinstance(body, web.Response):
         return body
-    pieces = _pieces(request.app[CHUNKS])
+    pieces = _pieces(_chunks(request, body))
     if body.get("stream") is True:
         return await _stream(request, body, True, pieces)
     return _json(
@@ -219,9 +234,15 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     )
 
 
-def build_app(chunks: int = 20, chunk_delay_ms: float = 0.0, dims: int = 1536) -> web.Application:
+def build_app(
+    chunks: int = 20,
+    chunk_delay_ms: float = 0.0,
+    dims: int = 1536,
+    long: tuple[int, float] = (200, 25.0),
+) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[CHUNKS] = chunks
+    app[LONG] = (long[0], long[1] / 1000)
     app[DELAY] = chunk_delay_ms / 1000
     app[DIMS] = dims
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -237,6 +258,8 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
     p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="pause after each event")
     p.add_argument("--embedding-dims", type=int, default=1536)
+    p.add_argument("--long-chunks", type=int, default=200, help=f"chunks for {LONG_MODEL}*")
+    p.add_argument("--long-gap-ms", type=float, default=25.0, help=f"gap for {LONG_MODEL}*")
     args = p.parse_args()
     try:
         import uvloop  # same loop as the proxies under test: like compares with like
@@ -244,7 +267,9 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    app = build_app(args.chunks, args.chunk_delay_ms, args.embedding_dims)
+    app = build_app(
+        args.chunks, args.chunk_delay_ms, args.embedding_dims, (args.long_chunks, args.long_gap_ms)
+    )
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=4096)
 
 

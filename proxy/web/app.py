@@ -44,6 +44,7 @@ from proxy.web.keys import (
     TASKS,
     UPSTREAMS,
 )
+from proxy.web.loop_lag import loop_lag_ctx
 from proxy.web.redis_setup import redis_ctx
 
 # Order matters: envelope (the request id, then error rendering) comes first,
@@ -86,6 +87,7 @@ def build_app(
     app.cleanup_ctx.append(redis_ctx(redis))  # closes after the tasks that write to it
     app.cleanup_ctx.append(_tasks)
     app.cleanup_ctx.append(_stages)  # after Redis and the tasks they use
+    app.cleanup_ctx.append(loop_lag_ctx)  # off unless TOLLWAY_LOOP_LAG_MS is set
     if billing is not None:
         app.cleanup_ctx.append(billing_ctx(billing))
     app.cleanup_ctx.append(_settlers(settler))  # after billing, its first settler

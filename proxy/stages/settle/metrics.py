@@ -42,6 +42,7 @@ GAUGE_MERGE = {
     "tollway_config_version_info": max,
     "tollway_settlement_lag_seconds": max,
     "tollway_redis_up": min,  # 0 when any worker is on the fallbacks
+    "tollway_event_loop_lag_max_seconds": max,
 }
 _STREAM_FAILURES = {"upstream_timeout": "timeout", "upstream_stream_broken": "protocol"}
 _MAX_TARGETS = 1024
