@@ -21,13 +21,6 @@ from proxy.core.errors import InvalidApiKey, ServiceUnavailable
 from proxy.core.principal import Principal
 from proxy.stores import apikeys, pgwait
 
-_LOOKUP = """
-SELECT k.id, k.prefix, k.state, k.expires_at, t.id AS tenant_id, t.name AS tenant,
-       coalesce(k.tier, t.tier) AS tier
-FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
-WHERE k.digest = $1
-"""
-
 
 def invalid_key() -> InvalidApiKey:
     return InvalidApiKey(
@@ -108,8 +101,8 @@ class Authenticator:
     async def _lookup(self, digest: bytes) -> Principal | None:
         self.queries += 1
         try:
-            row = await pgwait.fetchrow(self.pool, self.db_wait, "key lookup", _LOOKUP, digest)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            row = await apikeys.lookup(self.pool, self.db_wait, digest)
+        except pgwait.DatabaseDown:
             raise ServiceUnavailable(
                 "The key store is unreachable; please retry shortly.",
                 code="billing_unavailable",

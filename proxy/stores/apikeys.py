@@ -15,6 +15,10 @@ import re
 import secrets
 from pathlib import Path
 
+import asyncpg
+
+from proxy.stores import pgwait
+
 PREFIX = "tw-"
 _SHAPE = re.compile(r"tw-[A-Za-z0-9_-]{43}")
 DISPLAY_CHARS = 10  # "tw-" + 7 characters: enough to tell keys apart, useless to guess
@@ -77,3 +81,16 @@ def _create_once(path: Path, content: str) -> None:
             pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_LOOKUP = """
+SELECT k.id, k.prefix, k.state, k.expires_at, t.id AS tenant_id, t.name AS tenant,
+       coalesce(k.tier, t.tier) AS tier
+FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+WHERE k.digest = $1
+"""
+
+
+async def lookup(pool: asyncpg.Pool, budget: pgwait.Budget, digest: bytes) -> asyncpg.Record | None:
+    """The key with this digest, its tenant and effective tier (None: unknown)."""
+    return await pgwait.fetchrow(pool, budget, "key lookup", _LOOKUP, digest)

@@ -38,6 +38,7 @@ import asyncpg
 import orjson
 
 from proxy.stores.dead_letter import DeadLetters, is_refusal
+from proxy.stores.pgwait import UNAVAILABLE
 
 log = logging.getLogger("tollway.ledger")
 
@@ -353,7 +354,7 @@ class Ledger:
                     except (OSError, asyncpg.InterfaceError):
                         if attempt == 2:
                             raise
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except UNAVAILABLE:
             pass
         return False
 
@@ -458,7 +459,7 @@ class Ledger:
                 continue  # its worker is alive
             try:
                 total += await self._write(orphan.read())
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except UNAVAILABLE:
                 orphan.release()
                 continue
             orphan.clear()
@@ -475,7 +476,7 @@ class Ledger:
             await self._pool.execute(
                 "DELETE FROM quota_leases WHERE worker_id = $1", self.worker_id
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except UNAVAILABLE:
             log.warning("could not return leases; the sweeper will release them")
         if self.spool.depth() == 0:
             self.spool.path.with_suffix(".lock").unlink(missing_ok=True)

@@ -1,4 +1,9 @@
-"""Bounded Postgres waits on the request path.
+"""Bounded Postgres waits on the request path, and the one place where
+asyncpg's and the socket's exceptions become the stores' own.
+
+Callers above the stores layer never see asyncpg: a query that cannot be
+answered raises ``DatabaseDown``; a row Postgres refuses for its content is
+the ledger's business (``proxy.stores.dead_letter.is_refusal``).
 
 A frozen Postgres (a paused VM, a stopped postmaster, a full disk) answers
 nothing and refuses nothing: without a bound a request would wait on
@@ -19,6 +24,19 @@ import time
 import asyncpg
 
 log = logging.getLogger("tollway.billing")
+
+# What "Postgres cannot answer now" looks like from asyncpg and the socket.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
+class DatabaseDown(Exception):
+    """Postgres is unreachable, frozen past its budget, or failed the query."""
+
 
 # One log line per this many seconds while Postgres stays frozen, not one per request.
 _LOG_EVERY_S = 5.0
@@ -43,8 +61,8 @@ class Budget:
 async def fetchrow(
     pool: asyncpg.Pool, budget: Budget, what: str, query: str, *args: object
 ) -> asyncpg.Record | None:
-    """``pool.fetchrow`` within ``budget`` in all; TimeoutError when it runs
-    out (logged: ``what`` names the wait)."""
+    """``pool.fetchrow`` within ``budget`` in all; ``DatabaseDown`` when it
+    runs out (logged: ``what`` names the wait) or Postgres fails it."""
     try:
         async with asyncio.timeout(budget.seconds), pool.acquire() as conn:
             try:
@@ -54,4 +72,6 @@ async def fetchrow(
                 raise
     except TimeoutError:
         budget.ran_out(what)
-        raise
+        raise DatabaseDown(f"no answer within {budget.seconds:g}s ({what})") from None
+    except UNAVAILABLE as exc:
+        raise DatabaseDown(f"{what}: {type(exc).__name__}") from None

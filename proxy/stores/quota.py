@@ -148,7 +148,7 @@ class QuotaBook:
                     tier.monthly_requests,
                     tier.monthly_tokens,
                 )
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except pgwait.DatabaseDown:
                 return self._offline(who, period, need_tokens)
             assert row is not None
             lease.refilled_at = time.monotonic()
