@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +17,7 @@ from proxy.core.tasks import TaskGroup
 from proxy.pipeline import registry
 from proxy.pipeline.runtime import Runtime
 from proxy.pipeline.snapshot import ConfigStore, build_snapshot
-from proxy.stages.base import Services
+from proxy.stages.base import Services, Stage
 from proxy.stages.forward.attempts import Upstreams
 from proxy.stages.settle.access_log import AccessLog
 from proxy.stages.settle.metrics import Metrics
@@ -63,17 +63,19 @@ def build_app(
     redis: RedisOptions | None = None,
     reloading: reload.ReloadOptions | None = None,
     metrics_dir: Path | None = None,
+    stages: Sequence[Stage] | None = None,
 ) -> web.Application:
     """``billing`` (a database) is required for ``auth: keys``; without it
     requests are settled to ``settler`` (the log by default). Without
     ``redis`` rate limits are per process and the response cache is off.
     ``reloading`` names the file to watch and reload; ``metrics_dir`` is
-    where the workers of one instance share their metrics."""
+    where the workers of one instance share their metrics. ``stages``
+    replaces the registry's (tests of the plugin model)."""
     redact.install()
     if config.auth == "keys" and billing is None:
         raise ValueError("auth: keys needs a database (billing options)")
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.server.max_body_bytes + 1)
-    app[STAGES] = registry.build_stages()
+    app[STAGES] = tuple(stages) if stages is not None else registry.build_stages()
     app[UPSTREAMS] = Upstreams()  # breaker state per process until Redis is wired in
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()
