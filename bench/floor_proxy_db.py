@@ -122,7 +122,7 @@ async def db_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = pool = await asyncpg.create_pool(app[DSN], min_size=4, max_size=10)
     await pool.execute(CREATE)
     app[QUEUE] = []
-    # A standalone script, not the proxy: proxy/tasks.py's TaskGroup is not used here.
+    # A standalone script, not the proxy: proxy/core/tasks.py's TaskGroup is not used here.
     flusher = asyncio.create_task(flush_forever(app)) if app[MODE] == "batch" else None  # noqa: TID251
     yield
     if flusher is not None:

@@ -1,6 +1,6 @@
 """Tollway's event-loop lag over one measured window, from two scrapes of /metrics.
 
-The probe (``proxy/loop_lag.py``, on when ``TOLLWAY_LOOP_LAG_MS`` is set)
+The probe (``proxy/web/loop_lag.py``, on when ``TOLLWAY_LOOP_LAG_MS`` is set)
 exports a cumulative histogram of how late a 1 ms timer woke, and the worst
 lateness of the last 5 s. The difference of two scrapes is the window's
 histogram: its p99 is interpolated inside the bucket where it falls (the

@@ -30,7 +30,7 @@ expiry, so a crashed holder frees its slot when its lease ends.
 
 When Redis is down (``RedisDown``) the same checks run on a per-process
 ``LocalLimiter`` with ``capacity // expected_instances`` (at least 1); see
-``proxy/local_limits.py`` for what that guarantees.
+``proxy/stores/local_limits.py`` for what that guarantees.
 """
 
 from __future__ import annotations
