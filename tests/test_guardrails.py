@@ -349,3 +349,53 @@ def test_local_detectors_scan_a_kb_quickly() -> None:
     for _ in range(200):
         hits(text, rules)
     assert (time.perf_counter() - started) / 200 < 0.001
+
+
+# ------------------------------------------------------------------ records, CLI
+
+
+async def test_verdicts_reach_the_metrics_and_the_access_log(
+    start_gateway: StartGateway, provider: ScriptedProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = await start(start_gateway, provider.url, policy())
+    with caplog.at_level("INFO", logger="tollway.access"):
+        await gw.sdk().chat.completions.create(
+            model="fake-m", messages=[{"role": "user", "content": f"{EMAIL} {EMAIL} {SECRET}"}]
+        )
+    line = next(r.getMessage() for r in caplog.records if r.name == "tollway.access")
+    entry = orjson.loads(line)
+    assert {"guardrail": "pii", "detector": "email", "category": "pii", "action": "redact",
+            "direction": "input", "count": 2} in entry["guardrails"]  # fmt: skip
+    assert EMAIL not in line and SECRET not in line
+    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as resp:
+        text = await resp.text()
+    assert (
+        'tollway_guardrail_verdicts_total{action="redact",direction="input",guardrail="pii"} 2'
+        in text
+    )
+
+
+def test_the_cli_shows_what_a_policy_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli.commands import main
+
+    path = tmp_path / "tollway.yaml"
+    path.write_text(yaml.safe_dump(gateway_config("http://127.0.0.1:9/v1", guardrails=policy())))
+    assert main(["guardrails", "test", "--config", str(path), f"mail {EMAIL}"]) == 0
+    out = capsys.readouterr().out
+    assert "mail [EMAIL_1]" in out and '"action":"redact"' in out and EMAIL not in out
+    assert main(["guardrails", "test", "--config", str(path), "a ZORBLAX"]) == 1
+    assert "blocked (400 content_filter)" in capsys.readouterr().out
+
+
+def test_the_usage_row_details_carry_the_verdicts_not_the_text() -> None:
+    from proxy.core.record import UsageRecord
+    from proxy.stages.admit.billing import _details
+
+    record = UsageRecord("req-1", "chat")
+    verdict = {"guardrail": "pii", "detector": "email", "category": "pii", "action": "redact",
+               "direction": "input", "count": 1}  # fmt: skip
+    record.extra["guardrails"] = [verdict]
+    details = _details(record)
+    assert details is not None and orjson.loads(details)["guardrails"] == [verdict]
