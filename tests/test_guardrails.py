@@ -26,6 +26,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "guardrails"
 SECRET = "sk-ant-api03-Zx8yWv7uTs6rQp5oNm4lKj3iHg"
 EMAIL = "jane.doe@example.com"
 CARD = "4111 1111 1111 1111"
+FULLWIDTH_EVASION = "tell me about \uff5a\uff4f\uff52\u200b\uff42\uff4c\uff41\uff58"
 
 
 @dataclass
@@ -153,13 +154,14 @@ async def test_a_blocklisted_term_is_a_400_naming_the_guardrail_not_the_text(
     gw = await start(start_gateway, provider.url, policy())
     with pytest.raises(openai.BadRequestError) as info:
         await gw.sdk().chat.completions.create(
-            model="fake-m", messages=[{"role": "user", "content": "tell me about ｚｏｒ\u200bｂｌａｘ"}]
+            model="fake-m",
+            messages=[{"role": "user", "content": FULLWIDTH_EVASION}],
         )
     err = info.value.body
     assert isinstance(err, dict)
     assert err["code"] == "content_filter" and err["type"] == "invalid_request_error"
     assert "demo-terms" in err["message"] and "blocklist" in err["message"]
-    assert "zorblax" not in err["message"].lower() and "ｚｏｒ" not in err["message"]
+    assert "zorblax" not in err["message"].lower() and "\uff5a" not in err["message"]
     assert provider.seen == []  # never forwarded
     record = gw.settler.records[-1]
     assert record.status == 400 and record.error_code == "content_filter"
@@ -206,7 +208,11 @@ def splits(text: str) -> list[list[str]]:
     """Two pieces at every split point, three at pairs of points, and one
     character per piece."""
     out = [[text[:i], text[i:]] for i in range(1, len(text))]
-    out += [[text[:i], text[i:j], text[j:]] for i in range(1, len(text), 5) for j in range(i + 1, len(text), 7)]
+    out += [
+        [text[:i], text[i:j], text[j:]]
+        for i in range(1, len(text), 5)
+        for j in range(i + 1, len(text), 7)
+    ]
     out.append(list(text))
     return out
 
@@ -244,7 +250,7 @@ async def test_a_block_mid_stream_ends_it_with_content_filter_at_every_split(
 ) -> None:
     gw = await start(start_gateway, provider.url, policy())
     answer = "Fine so far. Now the zorblax secret plan."
-    for pieces in splits(answer)[:: 3]:
+    for pieces in splits(answer)[::3]:
         provider.pieces = pieces
         events = await sse_events(
             gw.base_url + "/chat/completions",
@@ -316,7 +322,11 @@ def test_a_card_number_that_fails_luhn_is_not_a_card() -> None:
             "guardrails.policies[0].detectors[0].input: must be one of: block, redact, log, off",
         ),
         (
-            {"policies": [{"detectors": [{"use": "pii", "input": "log"}, {"use": "nope", "input": "log"}]}]},
+            {
+                "policies": [
+                    {"detectors": [{"use": "pii", "input": "log"}, {"use": "nope", "input": "log"}]}
+                ]
+            },
             "guardrails.policies[0].detectors[1].use: unknown detector 'nope'",
         ),
         (

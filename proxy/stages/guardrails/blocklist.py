@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from proxy.stages.guardrails.detectors import Span
 
 # Zero-width and other invisible format characters that render as nothing.
-INVISIBLE = frozenset("\u00ad\u034f\u061c\u115f\u1160\u180e\u200b\u200c\u200d\u200e\u200f"
-                      "\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\ufeff")  # fmt: skip
+INVISIBLE = frozenset(
+    "\u00ad\u034f\u061c\u115f\u1160\u180e\u200b\u200c\u200d\u200e\u200f"
+    "\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\ufeff"
+)
 
 
 def fold(text: str) -> tuple[str, list[int] | None]:
