@@ -131,7 +131,13 @@ SECRETS = (
         hints=("AKIA", "ASIA"),
     ),
     _d("google_api_key", "secret", "API_KEY", r"\bAIza[0-9A-Za-z_-]{35}(?![\w-])", hints=("AIza",)),
-    _d("github_token", "secret", "API_KEY", r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b", hints=("gh",)),
+    _d(
+        "github_token",
+        "secret",
+        "API_KEY",
+        r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b",
+        hints=("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
+    ),
     _d("slack_token", "secret", "API_KEY", r"\bxox[bpars]-[A-Za-z0-9-]{10,}", hints=("xox",)),
     _d(
         "private_key",
