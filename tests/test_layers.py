@@ -25,7 +25,18 @@ LAYERS: dict[str, int] = {
     "web": 5,
     "cli": 6,
 }
-STAGE_ORDER = ("base", "parse", "auth", "route", "admit", "cache", "forward", "relay", "settle")
+STAGE_ORDER = (
+    "base",
+    "parse",
+    "auth",
+    "route",
+    "admit",
+    "guardrails",
+    "cache",
+    "forward",
+    "relay",
+    "settle",
+)
 
 Graph = dict[str, set[str]]
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy.cli import admin as cli_admin
+from proxy.cli import guardrails as cli_guardrails
 from proxy.config import sealed
 from proxy.config.model import Config
 from proxy.config.reader import ConfigError
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file offline")
     check.add_argument("path", nargs="?", help="YAML config to check")
     cli_admin.add_commands(sub)
+    cli_guardrails.add_commands(sub)
     return p
 
 
@@ -236,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(_config_path(getattr(args, "config", None)))
         if args.command == "serve":
             return _serve(args, config)
+        if args.command == "guardrails":
+            return cli_guardrails.run(args, config)
         return cli_admin.run(args, config)
     except ConfigError as exc:
         print(f"tollway: config error: {exc}{_config_hint(args)}", file=sys.stderr)

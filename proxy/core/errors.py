@@ -10,6 +10,7 @@ event once stream headers are out.
     │   ├── BodyTooLarge (413)
     │   ├── RequestTimeout (408)     the client sent its headers or body too slowly
     │   ├── HeadersTooLarge (431)
+    │   ├── ContentFiltered (400)     a guardrail refused the prompt or the answer
     │   └── ConfigRefused (400)       an admin's config edit was refused
     ├── InvalidApiKey (401)
     ├── ModelNotAllowed (403)
@@ -236,3 +237,18 @@ class ProviderHTTPError(GatewayError):
         err = {"message": self.message, "type": self.type, "param": None, "code": None}
         err.update({k: v for k, v in self._error.items() if k in err})
         return {"error": err}
+
+
+class ContentFiltered(InvalidRequest):
+    """A guardrail refused the prompt or the answer. The message names the
+    guardrail and the category, never the text that matched; on a stream
+    already under way, ``stream_tail`` is what the relay writes before the
+    error event (the safe text held back, and a ``content_filter`` finish)."""
+
+    code = "content_filter"
+
+    def __init__(self, message: str, *, guardrail: str, category: str) -> None:
+        super().__init__(message)
+        self.guardrail = guardrail
+        self.category = category
+        self.stream_tail = b""

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from proxy.core import metering, redact
-from proxy.core.errors import GatewayError, UpstreamStreamBroken
+from proxy.core.errors import ContentFiltered, GatewayError, UpstreamStreamBroken
 from proxy.core.lifecycle import Lifecycle, shutting_down
 from proxy.core.metering import StreamMeter
 from proxy.core.record import UsageRecord
@@ -84,7 +84,9 @@ async def stream(
             await resp.write(meter.end())
     except GatewayError as exc:
         record.fail(exc)
-        await _write_quietly(resp, redact.scrub_bytes(data_event(exc.payload())))
+        # A guardrail's block: the safe text it held and a content_filter finish go first.
+        tail = exc.stream_tail if isinstance(exc, ContentFiltered) else b""
+        await _write_quietly(resp, tail + redact.scrub_bytes(data_event(exc.payload())))
     except ConnectionResetError:
         _client_gone(record)
     except asyncio.CancelledError:

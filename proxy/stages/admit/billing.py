@@ -233,7 +233,8 @@ class Billing:
 
 def _details(record: UsageRecord) -> str | None:
     """Provider-specific token counts, plus every attempt that reached a
-    provider: a failed attempt may still be on the provider's invoice."""
+    provider: a failed attempt may still be on the provider's invoice, plus
+    the guardrails' verdicts."""
     # The keys come from the provider's usage object: made safe for jsonb.
     details: dict[str, object] = {_key(k): v for k, v in record.usage.details.items()}
     reached = [a for a in record.attempt_log if a.reached]
@@ -241,6 +242,9 @@ def _details(record: UsageRecord) -> str | None:
         details["attempts"] = [
             {"provider": a.provider, "model": a.model, "status": a.status} for a in reached
         ]
+    guardrails = record.extra.get("guardrails")  # verdicts and counts, never the matched text
+    if guardrails:
+        details["guardrails"] = guardrails
     return orjson.dumps(details).decode() if details else None
 
 

@@ -108,6 +108,8 @@ def line(record: UsageRecord, cost: float | None) -> bytes:
         "client_disconnected": record.client_disconnected,
         "config_version": record.config.version if record.config is not None else None,
     }
+    if "guardrails" in record.extra:
+        entry["guardrails"] = record.extra["guardrails"]
     if record.transcript is not None:
         entry.update(record.transcript)
     return orjson.dumps(entry)

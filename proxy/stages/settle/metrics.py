@@ -130,6 +130,11 @@ class Metrics:
             "Requests refused because their address failed authentication too often.",
             registry=r,
         )
+        self.guardrails = Counter(
+            "tollway_guardrail_verdicts_total",
+            "Guardrail findings, by guardrail (a policy entry's name), action and direction.",
+            registry=r,
+        )
         for gauge in (self.inflight, self.streams, self.spool, self.lag):
             gauge.set({}, 0)
         for result in ("success", "failure"):
@@ -207,6 +212,14 @@ class Metrics:
             self._add(refused, (("reason", record.reason),))
         if record.attempt_log:
             self._attempts(record, model)
+        verdicts = record.extra.get("guardrails")
+        if verdicts:
+            self._guardrails(verdicts)  # type: ignore[arg-type]
+
+    def _guardrails(self, verdicts: list[dict[str, object]]) -> None:
+        for v in verdicts:
+            labels = tuple((k, str(v[k])) for k in ("action", "direction", "guardrail"))
+            self._add(self.guardrails, labels, float(v["count"]))  # type: ignore[arg-type]
 
     def _attempts(self, record: UsageRecord, model: str) -> None:
         tried: set[tuple[str, str]] = set()

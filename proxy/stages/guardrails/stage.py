@@ -1,0 +1,89 @@
+"""Guardrails as a stage: check the prompt before the cache, the answer after.
+
+``on_request`` picks the first policy matching the caller (tier, tenant)
+and the public model, blocks or redacts the prompt in ``ex.body`` (so the
+cache key, the provider and the access log only ever see the redacted
+text); ``on_reply`` and ``on_stream`` check the answer and, with
+``restore``, put the caller's own values back in place of the placeholders;
+``on_settle`` records the verdicts in ``record.extra["guardrails"]``, which
+the usage row, the metrics and the access log read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from proxy.config.model import Config
+from proxy.providers.base import Reply
+from proxy.stages.base import ChunkFilter, Exchange, Stage
+from proxy.stages.guardrails.body import rewrite_reply, rewrite_request
+from proxy.stages.guardrails.config import GuardrailSettings, Policy, parse_guardrails
+from proxy.stages.guardrails.held import Blocked, HeldText
+from proxy.stages.guardrails.scan import Scan, refusal
+from proxy.stages.guardrails.stream import GuardStream
+
+EXTRA_KEY = "guardrails"
+
+
+@dataclass(slots=True)
+class Guarded:
+    """One request's policy and its scan (placeholders, verdicts)."""
+
+    policy: Policy
+    scan: Scan
+
+
+class GuardrailsStage(Stage):
+    name = "guardrails"
+    section = "guardrails"
+
+    @classmethod
+    def configure(cls, raw: Any, config: Config) -> GuardrailSettings | None:
+        return parse_guardrails(raw)
+
+    async def on_request(
+        self, ex: Exchange, settings: GuardrailSettings
+    ) -> web.StreamResponse | None:
+        policy = settings.select(ex.who, ex.model)
+        if policy is None:
+            return None
+        guarded = ex.notes[self.name] = Guarded(policy, Scan())
+        if policy.input:
+            rewrite_request(ex.body, lambda text: guarded.scan.apply(text, policy.input, "input"))
+        return None
+
+    def on_reply(self, ex: Exchange, settings: GuardrailSettings, reply: Reply) -> Reply:
+        guarded = ex.notes.get(self.name)
+        if not isinstance(guarded, Guarded) or reply.status != 200:
+            return reply
+        policy, scan = guarded.policy, guarded.scan
+        if not policy.output and not (policy.restore and scan.originals):
+            return reply
+        body = rewrite_reply(reply.body, lambda text: _answer(scan, policy, text))
+        return reply if body is None else Reply(body, reply.usage, reply.status, reply.headers)
+
+    def on_stream(self, ex: Exchange, settings: GuardrailSettings) -> ChunkFilter | None:
+        guarded = ex.notes.get(self.name)
+        if not isinstance(guarded, Guarded):
+            return None
+        policy, scan = guarded.policy, guarded.scan
+        if not policy.output and not (policy.restore and scan.originals):
+            return None
+        return GuardStream(policy, scan)
+
+    def on_settle(self, ex: Exchange, settings: GuardrailSettings) -> None:
+        guarded = ex.notes.get(self.name)
+        if isinstance(guarded, Guarded) and guarded.scan.verdicts:
+            ex.record.extra[EXTRA_KEY] = guarded.scan.records()
+
+
+def _answer(scan: Scan, policy: Policy, text: str) -> str:
+    """A whole answer text: checked, then the caller's values restored."""
+    held = HeldText(scan, policy.output, policy.hold_back, policy.restore)
+    try:
+        return held.whole(text)
+    except Blocked as blocked:
+        raise refusal(blocked.rule, "output") from None

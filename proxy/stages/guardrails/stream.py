@@ -1,0 +1,128 @@
+"""The output guardrail of a stream: a chunk filter over whole SSE events.
+
+Each choice's text (``delta.content``, or ``text`` for legacy completions)
+goes through its own ``HeldText``; an event carries what was released, and a
+choice's finish event also carries the rest it held. A block mid-stream
+raises ``ContentFiltered`` with the safe text and a ``content_filter``
+finish as its ``stream_tail``: the relay writes that tail, then the error
+event, and closes the upstream (the provider stops generating).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.core.errors import ContentFiltered
+from proxy.core.sse import event_data
+from proxy.stages.guardrails.config import Policy
+from proxy.stages.guardrails.held import Blocked, HeldText
+from proxy.stages.guardrails.scan import Scan, refusal
+
+
+class GuardStream:
+    __slots__ = ("_held", "_last", "policy", "scan")
+
+    def __init__(self, policy: Policy, scan: Scan) -> None:
+        self.policy = policy
+        self.scan = scan
+        self._held: dict[int, HeldText] = {}
+        self._last: dict[str, Any] = {}  # the last chunk's id, model, ...: for a flush chunk
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        start = 0
+        while (end := data.find(b"\n\n", start)) >= 0:
+            event = data[start : end + 2]
+            start = end + 2
+            try:
+                out.append(self._event(event))
+            except Blocked as blocked:
+                raise self._stop(blocked, out) from None
+        if start < len(data):
+            out.append(data[start:])
+        return b"".join(out)
+
+    def _held_for(self, index: int) -> HeldText:
+        held = self._held.get(index)
+        if held is None:
+            p = self.policy
+            held = self._held[index] = HeldText(self.scan, p.output, p.hold_back, p.restore)
+        return held
+
+    def _event(self, event: bytes) -> bytes:
+        payload = event_data(event)
+        if payload is None:
+            return event
+        if payload == b"[DONE]":
+            return self._flush_all() + event
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(obj, dict) or not obj.get("choices"):
+            return event
+        self._last = obj
+        for choice in obj["choices"]:
+            if isinstance(choice, dict):
+                self._choice(choice)
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        raw_index = choice.get("index", 0)
+        index = raw_index if isinstance(raw_index, int) else 0
+        key, holder = _text_slot(choice)
+        held = self._held_for(index)
+        text = holder.get(key) if holder is not None else None
+        try:
+            released = held.push(text) if isinstance(text, str) else ""
+            if choice.get("finish_reason") is not None:
+                released += held.finish()
+                del self._held[index]
+        except Blocked as blocked:
+            blocked.index = index
+            raise
+        if holder is not None and (isinstance(text, str) or released):
+            holder[key] = released
+
+    def _flush_all(self) -> bytes:
+        """``[DONE]`` with choices still open: their held text first."""
+        parts = []
+        for index, held in sorted(self._held.items()):
+            rest = held.finish()
+            if rest:
+                parts.append(self._chunk(index, {"content": rest}, None))
+        self._held.clear()
+        return b"".join(parts)
+
+    def _chunk(self, index: int, delta: dict[str, Any], finish: str | None) -> bytes:
+        base = {k: v for k, v in self._last.items() if k in ("id", "object", "created", "model")}
+        legacy = base.get("object") == "text_completion"
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish}
+        if legacy:
+            choice["text"] = delta.get("content", "")
+        else:
+            choice["delta"] = delta
+        return b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n"
+
+    def _stop(self, blocked: Blocked, sent: list[bytes]) -> ContentFiltered:
+        index = blocked.index
+        exc = refusal(blocked.rule, "output")
+        tail = list(sent)
+        if blocked.released:
+            tail.append(self._chunk(index, {"content": blocked.released}, None))
+        tail.append(self._chunk(index, {}, "content_filter"))
+        self._held.clear()
+        exc.stream_tail = b"".join(tail)
+        return exc
+
+
+def _text_slot(choice: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """Where this choice's text is: ``delta.content``, or ``text`` (legacy)."""
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return "content", delta
+    if "text" in choice:
+        return "text", choice
+    return "content", None
