@@ -10,7 +10,8 @@ event once stream headers are out.
     │   ├── BodyTooLarge (413)
     │   ├── RequestTimeout (408)     the client sent its headers or body too slowly
     │   ├── HeadersTooLarge (431)
-    │   └── ConfigRefused (400)       an admin's config edit was refused
+    │   ├── ConfigRefused (400)       an admin's config edit was refused
+    │   └── ContextLengthExceeded (400) too long for every target's context window
     ├── InvalidApiKey (401)
     ├── ModelNotAllowed (403)
     ├── NotFound (404)
@@ -107,6 +108,12 @@ class InvalidApiKey(GatewayError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt estimate + completion budget over every target's context window."""
+
+    code = "context_length_exceeded"
 
 
 class ModelNotAllowed(GatewayError):

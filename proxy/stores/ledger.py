@@ -150,7 +150,7 @@ class UsageRow:
         obj = orjson.loads(line)
         v = list(obj["v"])
         v[0] = date.fromisoformat(v[0])
-        v[_COST] = Decimal(v[_COST])
+        v[_COST] = None if v[_COST] is None else Decimal(v[_COST])
         return cls(tuple(v), bool(obj["l"]))
 
 
