@@ -57,6 +57,9 @@ class UsageRecord:
     tenant_id: int | None = None
     key_id: str | None = None
     key_prefix: str | None = None  # the key's display prefix, for the access log
+    end_user: str | None = None  # OpenAI's ``user`` field (proxy.core.attribution)
+    tags: dict[str, object] | None = None  # ``metadata`` and ``x-tollway-tags``
+    client_ip: str | None = None  # the peer, or X-Forwarded-For from a trusted proxy
     config: Config | None = None  # the snapshot the request ran on (prices, log policy)
     cache: str = ""  # the response cache's verdict: "hit" | "miss" | "bypass" | "" (off)
     reason: str | None = None  # why a 429 refused it (rate-limit or quota window)

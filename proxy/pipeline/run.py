@@ -19,13 +19,13 @@ import time
 
 from aiohttp import web
 
-from proxy.core import tokens
+from proxy.core import attribution, tokens
 from proxy.core.errors import GatewayError, InvalidApiKey
 from proxy.core.lifecycle import shutting_down
 from proxy.core.metering import StreamMeter
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
-from proxy.pipeline.runtime import PRINCIPAL, REQUEST_ID, Runtime
+from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, Runtime
 from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import Call, Endpoint
 from proxy.stages import parse, relay
@@ -133,10 +133,13 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
     started = time.perf_counter()
     snapshot = rt.config.current  # one snapshot for the whole request
     record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
+    record.client_ip = request.get(CLIENT_IP)
     ex = Exchange(request, record, snapshot.config, endpoint, {}, started)
     try:
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
         record.public_model = parse.validate(ex.body, endpoint)
+        record.end_user = attribution.end_user(ex.body)
+        record.tags = attribution.tags(ex.body, request.headers)
         ex.who = who = authenticate(request, ex)
         plan = snapshot.router.plan(
             record.public_model,

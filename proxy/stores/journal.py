@@ -276,6 +276,9 @@ def _row(o: dict[str, Any], c: dict[str, Any], prices: Mapping[str, Price]) -> U
         int(c.get("n") or 0),
         cost,
         details,
+        None,  # end_user, tags, client_ip: not journalled
+        None,
+        None,
     )
     return UsageRow(values, leased=bool(o.get("l")))
 

@@ -208,6 +208,9 @@ class Billing:
             record.attempts,
             cost,
             _details(record),
+            record.end_user,
+            orjson.dumps(record.tags).decode() if record.tags else None,
+            record.client_ip,
         )
         return UsageRow(values, leased=bool(reservation and reservation.leased))
 
