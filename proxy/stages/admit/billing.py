@@ -64,7 +64,10 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     ``max_tokens``, and return the budget to reserve: the largest of them,
     since a provider may honour either one. A request that sets neither gets
     the cap (as ``max_tokens``, or as the limit it sent as null), so the
-    reservation always bounds what the provider may generate."""
+    reservation always bounds what the provider may generate. The name is
+    not final: each attempt's adapter sends the limit under the parameter
+    its target's model accepts (``Call.token_limit``, from the model family),
+    since one plan may mix families (``gpt-4o`` falling back to ``o3-mini``)."""
     if endpoint == "embeddings":
         return 0
     asked = [key for key in _LIMITS if isinstance(body.get(key), int)]
