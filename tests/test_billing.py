@@ -407,7 +407,8 @@ async def test_no_combination_of_limits_passes_the_tier_cap(
     tmp_path: Path,
 ) -> None:
     """``max_completion_tokens`` and ``max_tokens`` together: both are capped,
-    and the reservation covers the larger, whichever one the provider honours."""
+    the reservation covers the larger, and the provider gets the smaller under
+    the one parameter its model takes (``max_tokens`` for this one)."""
     tiers = {**TEST_TIERS, "narrow": {**TEST_TIERS["tokens"], "monthly_tokens": 60}}
     cfg = {**billing_config(fake_openai.url), "tiers": tiers}
     gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
@@ -416,12 +417,12 @@ async def test_no_combination_of_limits_passes_the_tier_cap(
     status, _, _ = await _chat(gw, pro["api_key"], **both)
     assert status == 200
     sent = fake_openai.seen[-1].body
-    assert (sent["max_completion_tokens"], sent["max_tokens"]) == (100, 4096)  # pro's cap
+    assert (sent.get("max_completion_tokens"), sent["max_tokens"]) == (None, 100)
     # 60 tokens a month, cap 100: prompt + 1 fits, prompt + 100 (what
     # max_tokens lets the provider generate) does not.
     _, narrow = await tenant_with_key(pg, tmp_path, "narrow", set(tiers))
     assert (await _chat(gw, narrow["api_key"], max_completion_tokens=1))[0] == 200
-    assert fake_openai.seen[-1].body["max_completion_tokens"] == 1
-    assert "max_tokens" not in fake_openai.seen[-1].body  # nothing added to what was asked
+    assert fake_openai.seen[-1].body["max_tokens"] == 1  # the parameter its model takes
+    assert "max_completion_tokens" not in fake_openai.seen[-1].body
     status, _, body = await _chat(gw, narrow["api_key"], max_completion_tokens=1, max_tokens=10**6)
     assert status == 429 and "token quota" in body["error"]["message"]

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config.families import DEFAULT_FAMILIES, Family, parse_families
 from proxy.config.logging import LogPolicy, parse_logging
 from proxy.config.ratelimit import RateLimitPolicy, parse_ratelimit
 from proxy.config.reader import ENV_REF, ConfigError, Node, resolve_env
@@ -100,6 +101,9 @@ class ModelConfig:
     owned_by: str = "tollway"
     strategy: str = "weighted"  # one of STRATEGIES
     fallbacks: tuple[str, ...] = ()  # public models tried after this one's targets
+    # Public models tried, after the rest of the plan, for a request too long
+    # for a target's context window (that target is left out).
+    context_window_fallbacks: tuple[str, ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeouts: Mapping[str, float] = field(default_factory=dict)  # over the providers' own
 
@@ -147,6 +151,7 @@ class Config:
     version: str  # short hash of the source text, shown by /admin/config later
     tiers: Mapping[str, Tier] = field(default_factory=dict)
     prices: Mapping[str, Price] = field(default_factory=dict)
+    families: tuple[Family, ...] = DEFAULT_FAMILIES  # the YAML's, then the shipped ones
     billing: BillingPolicy | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     ratelimit: RateLimitPolicy | None = None  # always set by parse_config
@@ -257,6 +262,7 @@ _MODEL_KEYS = (
     "owned_by",
     "strategy",
     "fallbacks",
+    "context_window_fallbacks",
     "retry",
     "timeouts",
 )
@@ -296,6 +302,11 @@ def _model(node: Node, providers: Mapping[str, ProviderConfig], retry: RetryPoli
         owned_by=m["owned_by"].string() if "owned_by" in m else "tollway",
         strategy=strategy,
         fallbacks=tuple(f.string() for f in m["fallbacks"].items()) if "fallbacks" in m else (),
+        context_window_fallbacks=(
+            tuple(f.string() for f in m["context_window_fallbacks"].items())
+            if "context_window_fallbacks" in m
+            else ()
+        ),
         retry=_retry(m["retry"], retry) if "retry" in m else retry,
         timeouts=_timeout_overrides(m["timeouts"]) if "timeouts" in m else {},
     )
@@ -305,9 +316,11 @@ def _check_fallbacks(models: list[ModelConfig]) -> None:
     """Fallbacks name existing, non-pattern models and never lead back to themselves."""
     by_name = {n: m for m in models for n in (m.name, *m.aliases)}
     for i, model in enumerate(models):
-        for j, name in enumerate(model.fallbacks):
+        named = [("fallbacks", n) for n in model.fallbacks]
+        named += [("context_window_fallbacks", n) for n in model.context_window_fallbacks]
+        for j, (key, name) in enumerate(named):
             other = by_name.get(name)
-            where = f"models[{i}].fallbacks[{j}]"
+            where = f"models[{i}].{key}[{j if key == 'fallbacks' else j - len(model.fallbacks)}]"
             if other is None:
                 raise ConfigError(f"{where}: unknown model {name!r}")
             if other.is_pattern:
@@ -421,6 +434,7 @@ _TOP = (
     "models",
     "routes",
     "retry",
+    "model_families",
     *_BILLING_SECTIONS,
     *_SHARED_SECTIONS,
     *_LATER_SECTIONS,
@@ -508,6 +522,9 @@ def parse_config(
     config = Config(
         tiers=parse_tiers(raw_of["tiers"]),
         prices=parse_prices(raw_of["prices"]),
+        families=parse_families(
+            resolved["model_families"].value if "model_families" in resolved else None
+        ),
         billing=parse_billing(raw_of["billing"]),
         server=_server(resolved["server"]) if "server" in resolved else ServerConfig(),
         auth=auth,

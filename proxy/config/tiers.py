@@ -59,11 +59,42 @@ class Tier:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    prompt: Decimal  # USD per 1M tokens
-    completion: Decimal
+    """USD per 1M tokens of each kind. Cached prompt tokens (read from the
+    provider's prompt cache) and cache writes are part of the prompt tokens,
+    reasoning tokens part of the completion tokens, as OpenAI reports them;
+    each kind without its own price costs the price of the part it is in."""
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        return (self.prompt * prompt_tokens + self.completion * completion_tokens) / 1_000_000
+    prompt: Decimal
+    completion: Decimal
+    cached_prompt: Decimal | None = None
+    cache_write: Decimal | None = None
+    reasoning: Decimal | None = None
+
+    def cost(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached: int = 0,
+        cache_write: int = 0,
+        reasoning: int = 0,
+    ) -> Decimal:
+        # A provider's details never exceed the totals they are part of; if
+        # one did, the plain prompt/completion share would go negative.
+        cached = min(cached, prompt_tokens)
+        cache_write = min(cache_write, prompt_tokens - cached)
+        reasoning = min(reasoning, completion_tokens)
+        total = (
+            self.prompt * (prompt_tokens - cached - cache_write)
+            + _or(self.cached_prompt, self.prompt) * cached
+            + _or(self.cache_write, self.prompt) * cache_write
+            + self.completion * (completion_tokens - reasoning)
+            + _or(self.reasoning, self.completion) * reasoning
+        )
+        return total / 1_000_000
+
+
+def _or(value: Decimal | None, default: Decimal) -> Decimal:
+    return default if value is None else value
 
 
 _TIER_KEYS = (
@@ -116,24 +147,33 @@ def parse_tiers(raw: Any) -> dict[str, Tier]:
     return {str(name): _tier(str(name), value) for name, value in raw.items()}
 
 
+_PRICE_KEYS = ("prompt", "completion", "cached_prompt", "cache_write", "reasoning")
+
+
+def _price(model: str, value: Any) -> Price:
+    path = f"prices.{model}"
+    if not isinstance(value, dict) or set(value) - set(_PRICE_KEYS):
+        raise ConfigError(f"{path}: must be a mapping of {', '.join(_PRICE_KEYS)} (USD per 1M)")
+    amounts: dict[str, Decimal] = {}
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ConfigError(f"{path}.{k}: must be a number >= 0")
+        amounts[k] = Decimal(str(v))
+    return Price(
+        amounts.get("prompt", Decimal(0)),
+        amounts.get("completion", Decimal(0)),
+        amounts.get("cached_prompt"),
+        amounts.get("cache_write"),
+        amounts.get("reasoning"),
+    )
+
+
 def parse_prices(raw: Any) -> dict[str, Price]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError("prices: must be a mapping of model -> {prompt, completion}")
-    out = {}
-    for model, value in raw.items():
-        path = f"prices.{model}"
-        if not isinstance(value, dict) or set(value) - {"prompt", "completion"}:
-            raise ConfigError(f"{path}: must be {{prompt: USD per 1M, completion: USD per 1M}}")
-        for k in ("prompt", "completion"):
-            v = value.get(k, 0)
-            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-                raise ConfigError(f"{path}.{k}: must be a number >= 0")
-        out[str(model)] = Price(
-            Decimal(str(value.get("prompt", 0))), Decimal(str(value.get("completion", 0)))
-        )
-    return out
+        raise ConfigError("prices: must be a mapping of model -> {prompt, completion, ...}")
+    return {str(model): _price(str(model), value) for model, value in raw.items()}
 
 
 def price_for(prices: Mapping[str, Price], model: str | None) -> Price | None:
@@ -146,6 +186,24 @@ def price_for(prices: Mapping[str, Price], model: str | None) -> Price | None:
         if glob_match(pattern, model):
             return price
     return None
+
+
+def served_price(
+    prices: Mapping[str, Price],
+    provider: str | None,
+    provider_model: str | None,
+    served_model: str | None,
+) -> Price | None:
+    """The price of the model that served: ``provider/model`` first, then the
+    provider's model name, then the public model whose target served (the
+    requested one, or the fallback that answered: never the requested
+    model's price for a fallback's tokens). Each name exact, then by glob."""
+    if provider is not None and provider_model is not None:
+        for name in (f"{provider}/{provider_model}", provider_model):
+            found = price_for(prices, name)
+            if found is not None:
+                return found
+    return price_for(prices, served_model)
 
 
 @dataclass(frozen=True, slots=True)

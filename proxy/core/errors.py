@@ -11,7 +11,8 @@ event once stream headers are out.
     │   ├── RequestTimeout (408)     the client sent its headers or body too slowly
     │   ├── HeadersTooLarge (431)
     │   ├── ContentFiltered (400)     a guardrail refused the prompt or the answer
-    │   └── ConfigRefused (400)       an admin's config edit was refused
+    │   ├── ConfigRefused (400)       an admin's config edit was refused
+    │   └── ContextLengthExceeded (400) too long for every target's context window
     ├── InvalidApiKey (401)
     ├── ModelNotAllowed (403)
     ├── NotFound (404)
@@ -108,6 +109,12 @@ class InvalidApiKey(GatewayError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt estimate + completion budget over every target's context window."""
+
+    code = "context_length_exceeded"
 
 
 class ModelNotAllowed(GatewayError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.core.usage import NO_USAGE, Usage
@@ -40,6 +41,9 @@ class UsageRecord:
     public_model: str | None = None
     provider: str | None = None
     provider_model: str | None = None
+    # The public model whose target served: the requested one, or the
+    # fallback that answered (prices and the cost metric follow it).
+    served_model: str | None = None
     stream: bool = False
     status: int = 200
     error_code: str | None = None
@@ -53,6 +57,9 @@ class UsageRecord:
     tenant_id: int | None = None
     key_id: str | None = None
     key_prefix: str | None = None  # the key's display prefix, for the access log
+    end_user: str | None = None  # OpenAI's ``user`` field (proxy.core.attribution)
+    tags: dict[str, object] | None = None  # ``metadata`` and ``x-tollway-tags``
+    client_ip: str | None = None  # the peer, or X-Forwarded-For from a trusted proxy
     config: Config | None = None  # the snapshot the request ran on (prices, log policy)
     cache: str = ""  # the response cache's verdict: "hit" | "miss" | "bypass" | "" (off)
     reason: str | None = None  # why a 429 refused it (rate-limit or quota window)
@@ -62,6 +69,9 @@ class UsageRecord:
     # Every provider attempt, in order; the last one served the answer when status < 400.
     attempt_log: list[AttemptRecord] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)
+    # Set once by ``proxy.core.pricing.cost_of`` (every settler reads it).
+    cost_usd: Decimal | None = None
+    costed: bool = False
 
     def fail(self, exc: GatewayError) -> None:
         self.status, self.error_code = exc.http_status, exc.error_code

@@ -19,19 +19,21 @@ import time
 
 from aiohttp import web
 
+from proxy.core import attribution, tokens
 from proxy.core.errors import GatewayError, InvalidApiKey
 from proxy.core.lifecycle import shutting_down
 from proxy.core.metering import StreamMeter
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
-from proxy.pipeline.runtime import PRINCIPAL, REQUEST_ID, Runtime
+from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, Runtime
 from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import Call, Endpoint
 from proxy.stages import parse, relay
 from proxy.stages.admit import key_limits
-from proxy.stages.admit.billing import Admission, check_model, ratelimit_headers, tier_of
+from proxy.stages.admit.billing import Admission, ratelimit_headers, tier_of
 from proxy.stages.base import Exchange
 from proxy.stages.forward.attempts import Forwarded, forward
+from proxy.stages.route import RoutePlan, fit
 from proxy.stages.settle import access_log
 
 log = logging.getLogger("tollway.pipeline")
@@ -64,6 +66,30 @@ async def admit(rt: Runtime, ex: Exchange) -> None:
         ex.notes["rate"] = verdict
         if not verdict.admitted:
             raise key_limits.refused(verdict, ex.who.key_prefix)
+
+
+def asked_limit(body: dict[str, object]) -> int:
+    """The completion limit the client set (the larger, when both), else 0."""
+    return max(
+        (v for k in ("max_tokens", "max_completion_tokens") if isinstance(v := body.get(k), int)),
+        default=0,
+    )
+
+
+def fit_context(ex: Exchange, plan: RoutePlan, asked: int) -> RoutePlan:
+    """Leave out the targets this request is too long for (``route.fit``):
+    the prompt estimate plus the limit the client asked for, as capped by its
+    tier. A request that set no limit asks only for its prompt to fit: the
+    tier's cap is a ceiling, not a demand."""
+    if all(t.context_window is None for t in plan.targets) or ex.endpoint == "embeddings":
+        return plan
+    admission = ex.record.admission
+    prompt = admission.prompt_tokens if isinstance(admission, Admission) else None
+    if prompt is None:
+        prompt = tokens.count_prompt(ex.body, ex.endpoint, plan.public_model)
+    if asked and isinstance(admission, Admission):
+        asked = min(asked, admission.tier.max_tokens)
+    return fit(plan, prompt + asked)
 
 
 def quota_headers(rt: Runtime, ex: Exchange) -> dict[str, str]:
@@ -107,20 +133,25 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
     started = time.perf_counter()
     snapshot = rt.config.current  # one snapshot for the whole request
     record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
+    record.client_ip = request.get(CLIENT_IP)
     ex = Exchange(request, record, snapshot.config, endpoint, {}, started)
     try:
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
         record.public_model = parse.validate(ex.body, endpoint)
+        record.end_user = attribution.end_user(ex.body)
+        record.tags = attribution.tags(ex.body, request.headers)
         ex.who = who = authenticate(request, ex)
         plan = snapshot.router.plan(
             record.public_model,
             request.headers,
             tenant=who.tenant if who else None,
             tier=who.tier if who else None,
-            allowed=None if who is None else lambda m: check_model(tier_of(ex.config, who), m),
+            allowed=None if who is None else tier_of(ex.config, who).allows,
         )
         record.public_model = ex.model = plan.public_model
+        asked = asked_limit(ex.body)
         await admit(rt, ex)
+        plan = fit_context(ex, plan, asked)
         record.stream = parse.wants_stream(ex.body, endpoint)
         ex.headers = {"x-request-id": record.request_id, **quota_headers(rt, ex)}
         answered = await run_stages(snapshot, ex)
@@ -129,6 +160,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
         call = Call(endpoint, ex.body, plan.public_model, record.stream, record.request_id)
         done = await forward(rt.upstreams, snapshot, plan, call, record)
         record.provider, record.provider_model = done.target.provider.name, done.target.model
+        record.served_model = done.target.public
         record.attempts = done.attempts
         headers = _served_headers(ex, done)
         if done.stream is not None:

@@ -35,3 +35,5 @@ class Runtime:
 REQUEST_ID = web.RequestKey("request_id", str)
 # The caller's principal, found by the web layer's gate (absent with ``auth: none``).
 PRINCIPAL = web.RequestKey("principal", Principal)
+# The client's address as the web layer's gate found it (trusted proxies honoured).
+CLIENT_IP = web.RequestKey("client_ip", str)

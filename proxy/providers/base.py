@@ -46,6 +46,10 @@ class Call:
     # adapter must apply them to its upstream request (``http.post`` does):
     # the forward stage bounds only a stream's first event itself.
     timeouts: Timeouts | None = None
+    # The completion-limit parameter the target's model accepts (its model
+    # family): an OpenAI-wire adapter sends the request's limit under this
+    # name only. None: as the client sent it.
+    token_limit: str | None = None
 
 
 @dataclass(slots=True)

@@ -3,11 +3,12 @@ OpenRouter, Together, vLLM, Ollama's /v1, LM Studio); ``kind: azure`` reuses it.
 
 Contract: the client's body goes upstream with only ``model`` rewritten (and,
 for streams, ``stream_options.include_usage`` switched on so the provider
-reports usage); unknown fields survive. Only the provider's own credentials
-and configured headers are sent: no client header is forwarded. Usage is what
-the provider reports; stream events are forwarded as the provider's bytes,
-whole events at a time. ``aclose()`` closes the upstream connection, which
-cancels the provider's work.
+reports usage; for chat, the completion limit sent under the parameter the
+target's model accepts, ``Call.token_limit``); unknown fields survive. Only
+the provider's own credentials and configured headers are sent: no client
+header is forwarded. Usage is what the provider reports; stream events are
+forwarded as the provider's bytes, whole events at a time. ``aclose()``
+closes the upstream connection, which cancels the provider's work.
 """
 
 from __future__ import annotations
@@ -92,6 +93,24 @@ def _stream_error(event: bytes, name: str) -> UpstreamStreamBroken:
     )
 
 
+_OTHER_LIMIT = {"max_tokens": "max_completion_tokens", "max_completion_tokens": "max_tokens"}
+
+
+def _token_limit(body: dict[str, Any], param: str) -> None:
+    """Send the limit as ``param`` only: o-series and GPT-5 models refuse
+    ``max_tokens`` (400 ``unsupported_parameter``), older OpenAI-compatible
+    servers may not know ``max_completion_tokens``. When the client sent
+    both, the smaller: it asked for no more than either (admission reserved
+    the larger, so the reservation still covers it)."""
+    other = _OTHER_LIMIT[param]
+    if other not in body:
+        return
+    value = body.pop(other)
+    mine = body.get(param)
+    if isinstance(value, int) and not (isinstance(mine, int) and mine <= value):
+        body[param] = value
+
+
 class OpenAIProvider(Provider):
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(config)
@@ -109,6 +128,8 @@ class OpenAIProvider(Provider):
     def payload(self, call: Call) -> bytes:
         body = {k: v for k, v in call.body.items() if k not in _GATEWAY_FIELDS}
         body["model"] = call.model
+        if call.token_limit is not None and call.endpoint == "chat":
+            _token_limit(body, call.token_limit)
         if call.stream:
             opts = body.get("stream_options")
             body["stream_options"] = {

@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+from proxy.config.families import Family, family_of
 from proxy.config.model import (
     Config,
     ModelConfig,
@@ -28,7 +29,12 @@ from proxy.config.model import (
     Timeouts,
 )
 from proxy.config.reader import Glob, compile_glob
-from proxy.core.errors import ModelNotFound, ProviderNotConfigured
+from proxy.core.errors import (
+    ContextLengthExceeded,
+    ModelNotAllowed,
+    ModelNotFound,
+    ProviderNotConfigured,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,9 @@ class Target:
     model: str  # the name sent to the provider
     weight: float = 1.0
     timeouts: Timeouts = field(default_factory=Timeouts)  # the provider's, as the model overrides
+    public: str = ""  # the public model this target belongs to (a fallback's own name)
+    token_limit: str = "max_tokens"  # the completion-limit parameter the model accepts
+    context_window: int | None = None  # None: unknown, never refused for length
     # Identifies the target to the breaker and the in-flight counts; made
     # once here, as it is read several times per request.
     key: str = field(init=False, compare=False, repr=False)
@@ -57,6 +66,8 @@ class RoutePlan:
     public_model: str
     groups: tuple[TargetGroup, ...]
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # The model's context_window_fallbacks, used by ``fit`` only.
+    overflow: tuple[TargetGroup, ...] = ()
 
     @property
     def targets(self) -> tuple[Target, ...]:
@@ -111,7 +122,9 @@ class Router:
             for alias in model.aliases:
                 self._exact[alias] = model
         self._rules = [_Rule(rule) for rule in config.routes]
+        self._families: dict[tuple[str, str], Family] = {}
         self._fallbacks = {m.name: self._fallback_groups(m) for m in config.models}
+        self._overflow = {m.name: self._overflow_groups(m) for m in config.models}
         # Only a glob's own group depends on the requested name: plan the
         # groups of every other model (and its aliases) once.
         self._static: dict[str, tuple[ModelConfig, tuple[TargetGroup, ...]]] = {}
@@ -145,8 +158,30 @@ class Router:
             if prov.disabled_reason is not None:
                 continue
             timeouts = replace(prov.timeouts, **model.timeouts) if model.timeouts else prov.timeouts
-            targets.append(Target(prov, t.model or public, t.weight, timeouts))
+            name = t.model or public
+            family = self._family(prov.name, name)
+            targets.append(
+                Target(
+                    prov,
+                    name,
+                    t.weight,
+                    timeouts,
+                    public,
+                    family.token_limit,
+                    family.context_window,
+                )
+            )
         return TargetGroup(public, model.strategy, tuple(targets))
+
+    def _family(self, provider: str, model: str) -> Family:
+        """Cached: a glob model's targets are made per request."""
+        key = (provider, model)
+        found = self._families.get(key)
+        if found is None:
+            if len(self._families) > 4096:  # client-chosen names: keep it bounded
+                self._families.clear()
+            found = self._families[key] = family_of(self._config.families, provider, model)
+        return found
 
     def _fallback_groups(self, model: ModelConfig) -> tuple[TargetGroup, ...]:
         order: list[ModelConfig] = []
@@ -160,6 +195,14 @@ class Router:
 
         visit(model)
         return tuple(self._group(m, m.name) for m in order)
+
+    def _overflow_groups(self, model: ModelConfig) -> tuple[TargetGroup, ...]:
+        """Each context-window fallback with its own fallbacks, in order."""
+        out: list[TargetGroup] = []
+        for name in model.context_window_fallbacks:
+            other = self._exact[name]
+            out += (self._group(other, other.name), *self._fallbacks[other.name])
+        return tuple(out)
 
     def _redirect(
         self, requested: str, headers: Mapping[str, str], tenant: str | None, tier: str | None
@@ -175,11 +218,13 @@ class Router:
         headers: Mapping[str, str],
         tenant: str | None = None,
         tier: str | None = None,
-        allowed: Callable[[str], object] | None = None,
+        allowed: Callable[[str], bool] | None = None,
     ) -> RoutePlan:
-        """The route plan of a request; ``allowed`` (the caller's tier check)
-        sees the public model before the providers' state is looked at, so a
-        key is told what its tier may use, not which server setting is missing."""
+        """The route plan of a request. ``allowed`` (the caller's tier: may it
+        use this public model?) is asked of the requested model before the
+        providers' state is looked at, so a key is told what its tier may use,
+        not which server setting is missing; then of every fallback, and the
+        groups it refuses are left out of the plan."""
         rule = self._redirect(requested, headers, tenant, tier) if self._rules else None
         public = rule.model if rule is not None else requested
         static = self._static.get(public)
@@ -195,8 +240,15 @@ class Router:
                 )
             model = found  # a glob, or an alias of one: its own group serves this name
             groups = _distinct((self._group(model, public), *self._fallbacks[model.name]))
+        overflow = self._overflow[model.name]
         if allowed is not None:
-            allowed(public)
+            if not allowed(public):
+                raise _not_allowed(tier, public)
+            usable = tuple(g for g in groups if allowed(g.model))
+            overflow = tuple(g for g in overflow if allowed(g.model))
+            if groups and not usable:
+                raise _not_allowed(tier, public)
+            groups = usable
         if not groups:
             providers = self._config.providers
             reasons = [providers[t.provider].disabled_reason for t in model.targets]
@@ -204,7 +256,9 @@ class Router:
                 f"The model '{requested}' is not available: {'; '.join(filter(None, reasons))}."
             )
         retry = rule.retry if rule is not None and rule.retry is not None else model.retry
-        return RoutePlan(public_model=public, groups=self._draw(groups), retry=retry)
+        return RoutePlan(
+            public_model=public, groups=self._draw(groups), retry=retry, overflow=overflow
+        )
 
     def _draw(self, groups: tuple[TargetGroup, ...]) -> tuple[TargetGroup, ...]:
         """Each group in weighted order (a group of one needs no draw)."""
@@ -216,6 +270,47 @@ class Router:
             else TargetGroup(g.model, g.strategy, _weighted_order(g.targets, self._rng))
             for g in groups
         )
+
+
+def _not_allowed(tier: str | None, model: str) -> ModelNotAllowed:
+    return ModelNotAllowed(
+        f"Your tier '{tier}' does not have access to the model '{model}'.", param="model"
+    )
+
+
+def fit(plan: RoutePlan, need: int) -> RoutePlan:
+    """The plan without the targets whose context window is smaller than
+    ``need`` (prompt estimate + completion budget), with the model's
+    ``context_window_fallbacks`` after them once a target was left out.
+    Raises 400 ``context_length_exceeded`` when no target remains."""
+    if all(t.context_window is None or t.context_window >= need for t in plan.targets):
+        return plan
+    kept = _fits(plan.groups, need)
+    seen = {t.key for g in kept for t in g.targets}
+    extra = _fits(plan.overflow, need)
+    kept += tuple(
+        replace(g, targets=fresh)
+        for g in extra
+        if (fresh := tuple(t for t in g.targets if t.key not in seen))
+    )
+    if not kept:
+        window = max(t.context_window or 0 for t in plan.targets)
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"about {need} tokens (the prompt and the completion limit). Please reduce the "
+            "length of the messages or the completion.",
+            param="messages",
+        )
+    return replace(plan, groups=kept)
+
+
+def _fits(groups: tuple[TargetGroup, ...], need: int) -> tuple[TargetGroup, ...]:
+    out = []
+    for g in groups:
+        ok = tuple(t for t in g.targets if t.context_window is None or t.context_window >= need)
+        if ok:
+            out.append(g if len(ok) == len(g.targets) else replace(g, targets=ok))
+    return tuple(out)
 
 
 def _distinct(groups: tuple[TargetGroup, ...]) -> tuple[TargetGroup, ...]:

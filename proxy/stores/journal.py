@@ -38,17 +38,18 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 
-from proxy.config.tiers import Price, price_for
+from proxy.config.tiers import Price
 from proxy.core import tokens
 from proxy.core.metering import StreamMeter, text_of_payloads
+from proxy.core.pricing import price_usage
 from proxy.core.record import UsageRecord
+from proxy.core.usage import Usage
 from proxy.stores.ledger import UsageRow, _try_lock, write_batch
 
 log = logging.getLogger("tollway.journal")
@@ -216,6 +217,7 @@ def _noted(entry: _Entry) -> dict[str, Any]:
         "src": "provider" if usage else "estimated",
         "pv": record.provider,
         "pm": record.provider_model,
+        "sm": record.served_model,
         "st": record.stream,
         "n": record.attempts,
         "at": time.time(),
@@ -245,8 +247,8 @@ def interrupted_rows(lines: bytes, prices: Mapping[str, Price]) -> list[UsageRow
 
 def _row(o: dict[str, Any], c: dict[str, Any], prices: Mapping[str, Price]) -> UsageRow:
     prompt, completion = int(c.get("pt") or o.get("pt") or 0), int(c.get("ct") or 0)
-    price = price_for(prices, o.get("m"))
-    cost = price.cost(prompt, completion) if price is not None else Decimal(0)
+    usage = Usage(prompt, completion)
+    cost = price_usage(prices, usage, c.get("pv"), c.get("pm"), c.get("sm") or o.get("m"))
     latency = (c["at"] - o["at"]) * 1000 if "at" in c else 0.0
     details = orjson.dumps({"interrupted": True}).decode()
     values = (
@@ -274,6 +276,9 @@ def _row(o: dict[str, Any], c: dict[str, Any], prices: Mapping[str, Price]) -> U
         int(c.get("n") or 0),
         cost,
         details,
+        None,  # end_user, tags, client_ip: not journalled
+        None,
+        None,
     )
     return UsageRow(values, leased=bool(o.get("l")))
 

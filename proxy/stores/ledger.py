@@ -67,6 +67,9 @@ COLUMNS = (
     "attempts",
     "cost_usd",
     "details",
+    "end_user",
+    "tags",
+    "client_ip",
 )
 _TYPES = (
     "date",
@@ -93,6 +96,9 @@ _TYPES = (
     "int",
     "numeric",
     "jsonb",
+    "text",
+    "jsonb",
+    "text",
 )
 _UNNEST = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate((*_TYPES, "bool")))
 _WRITE = f"""
@@ -123,6 +129,15 @@ WITH rows AS (
 SELECT worker_id, tenant_id, period, ln, lt, (SELECT count(*) FROM counters) AS c
 FROM agg WHERE ln > 0 ORDER BY tenant_id, period
 """
+# When each key was last used: one statement per batch, key rows locked in
+# id order (after counters and leases), so concurrent batches cannot deadlock.
+_TOUCH_KEYS = """
+WITH k AS (
+    SELECT id FROM api_keys WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE
+)
+UPDATE api_keys a SET last_used_at = greatest(a.last_used_at, now())
+FROM k WHERE a.id = k.id
+"""
 # Leases are updated after the counters, in a second statement of the same
 # transaction: counter rows are always locked before lease rows, the order
 # tollway_take_lease uses too, so the two cannot deadlock.
@@ -150,12 +165,15 @@ class UsageRow:
     def from_json(cls, line: bytes) -> UsageRow:
         obj = orjson.loads(line)
         v = list(obj["v"])
+        # A row spooled by an older version lacks the columns added since.
+        v += [None] * (len(COLUMNS) - len(v))
         v[0] = date.fromisoformat(v[0])
-        v[_COST] = Decimal(v[_COST])
+        v[_COST] = None if v[_COST] is None else Decimal(v[_COST])
         return cls(tuple(v), bool(obj["l"]))
 
 
 _COST = COLUMNS.index("cost_usd")
+_KEY = COLUMNS.index("key_id")
 _CHUNK = 1000  # rows per transaction when replaying a spool
 
 
@@ -199,6 +217,9 @@ async def write_batch(pool: asyncpg.Pool, rows: list[UsageRow]) -> None:
                     )
                 ),
             )
+        keys = sorted({row.values[_KEY] for row in rows if row.values[_KEY] is not None})
+        if keys:
+            await conn.execute(_TOUCH_KEYS, keys)
 
 
 Refused = list[tuple[UsageRow, BaseException]]

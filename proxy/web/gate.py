@@ -27,7 +27,7 @@ from aiohttp.typedefs import Handler
 from proxy.core import redact
 from proxy.core.errors import GatewayError, InvalidApiKey, NotFound
 from proxy.core.record import UsageRecord
-from proxy.pipeline.runtime import PRINCIPAL, REQUEST_ID, Runtime
+from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, Runtime
 from proxy.web.keys import AUTH_GUARD, RUNTIME
 
 OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -47,6 +47,7 @@ async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     rt = request.app[RUNTIME]
     config = rt.config.current.config
+    request[CLIENT_IP] = request.app[AUTH_GUARD].proxies.client(request)
     if config.auth == "keys":
         try:
             if rt.billing is None:  # refused at start; kept as a guard

@@ -14,15 +14,15 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from proxy.config.model import Config
-from proxy.config.tiers import Price, Tier, price_for
+from proxy.config.tiers import Price, Tier
 from proxy.core import tokens
 from proxy.core.errors import ModelNotAllowed, QuotaExceeded
+from proxy.core.pricing import cost_of
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
 from proxy.stages.auth import Authenticator
@@ -64,7 +64,10 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     ``max_tokens``, and return the budget to reserve: the largest of them,
     since a provider may honour either one. A request that sets neither gets
     the cap (as ``max_tokens``, or as the limit it sent as null), so the
-    reservation always bounds what the provider may generate."""
+    reservation always bounds what the provider may generate. The name is
+    not final: each attempt's adapter sends the limit under the parameter
+    its target's model accepts (``Call.token_limit``, from the model family),
+    since one plan may mix families (``gpt-4o`` falling back to ``o3-mini``)."""
     if endpoint == "embeddings":
         return 0
     asked = [key for key in _LIMITS if isinstance(body.get(key), int)]
@@ -77,14 +80,6 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     budget = max(body[key] for key in asked)
     n = body.get("n")
     return int(budget) * (n if isinstance(n, int) and n > 0 else 1)
-
-
-def check_model(tier: Tier, public_model: str) -> None:
-    if not tier.allows(public_model):
-        raise ModelNotAllowed(
-            f"Your tier '{tier.name}' does not have access to the model '{public_model}'.",
-            param="model",
-        )
 
 
 def ratelimit_headers(standing: Standing) -> dict[str, str]:
@@ -109,16 +104,6 @@ def reset_duration(seconds: float) -> str:
     if h:
         return f"{h}h{m}m{sec}s"
     return f"{m}m{sec}s" if m else f"{sec}s"
-
-
-def cost_of(record: UsageRecord, default: Mapping[str, Price] | None = None) -> Decimal:
-    """The request's cost at the prices of its own config snapshot."""
-    prices = record.config.prices if record.config is not None else default or {}
-    price = price_for(prices, record.public_model)
-    usage = record.usage
-    if price is None:
-        return Decimal(0)
-    return price.cost(usage.prompt_tokens, usage.completion_tokens)
 
 
 class Billing:
@@ -147,7 +132,6 @@ class Billing:
         public_model: str,
     ) -> Admission:
         tier = tier_of(config, principal)
-        check_model(tier, public_model)
         budget = clamp_max_tokens(body, tier, endpoint)
         estimate, prompt = 0, None
         if tier.monthly_tokens is not None or tier.tokens_per_minute is not None:
@@ -227,6 +211,9 @@ class Billing:
             record.attempts,
             cost,
             _details(record),
+            record.end_user,
+            orjson.dumps(record.tags).decode() if record.tags else None,
+            record.client_ip,
         )
         return UsageRow(values, leased=bool(reservation and reservation.leased))
 

@@ -171,10 +171,17 @@ class _Run:
         self.attempts += 1
         entry = AttemptRecord(provider=target.provider.name, model=target.model)
         self._note(entry)
+        self.record.served_model = target.public
         provider = self.snapshot.providers[target.provider.name]
         c = self.call  # built field by field: dataclasses.replace costs more
         call = Call(
-            c.endpoint, c.body, target.model, c.stream, c.request_id, self._timeouts(target)
+            c.endpoint,
+            c.body,
+            target.model,
+            c.stream,
+            c.request_id,
+            self._timeouts(target),
+            target.token_limit,
         )
         slot = self.ups.inflight.enter(target.key, permit.release if permit else None)
         started = time.monotonic()

@@ -22,18 +22,12 @@ from typing import Any
 
 import orjson
 
-from proxy.config.tiers import price_for
 from proxy.core.metering import StreamMeter
+from proxy.core.pricing import cost_of
 from proxy.core.record import UsageRecord
 from proxy.providers.base import Reply
-from proxy.stages.admit.billing import cost_of
 
 log = logging.getLogger("tollway.access")
-
-
-def _priced(record: UsageRecord) -> bool:
-    prices = record.config.prices if record.config is not None else {}
-    return price_for(prices, record.public_model) is not None
 
 
 def keep_bodies(
@@ -90,11 +84,14 @@ def line(record: UsageRecord, cost: float | None) -> bytes:
         "model": record.public_model,
         "provider": record.provider,
         "provider_model": record.provider_model,
+        "served_model": record.served_model,
         "stream": record.stream,
         "status": record.status,
         "error_code": record.error_code,
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.details.get("cached_tokens", 0),
+        "reasoning_tokens": usage.details.get("reasoning_tokens", 0),
         "usage_source": usage.source,
         "cost_usd": cost,
         "latency_ms": _ms(record.latency_ms),
@@ -120,8 +117,8 @@ class AccessLog:
 
     def settle(self, record: UsageRecord) -> None:
         cost = cost_of(record)
-        # null only for a model without a price; a price of 0 costs 0.0
-        self.observe(record, float(cost) if cost or _priced(record) else None)
+        # null only when tokens were used and the served model has no price
+        self.observe(record, None if cost is None else float(cost))
 
     def observe(self, record: UsageRecord, cost: float | None) -> None:
         policy = record.config.logging if record.config is not None else None

@@ -14,6 +14,7 @@ for the whole instance.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
@@ -24,8 +25,8 @@ from aioprometheus import histogram as hist
 
 from proxy.config.model import Config
 from proxy.config.reader import glob_match
+from proxy.core.pricing import cost_of
 from proxy.core.record import AttemptRecord, UsageRecord
-from proxy.stages.admit.billing import cost_of
 
 ENDPOINTS = {
     "chat": "/v1/chat/completions",
@@ -46,6 +47,8 @@ GAUGE_MERGE = {
 }
 _STREAM_FAILURES = {"upstream_timeout": "timeout", "upstream_stream_broken": "protocol"}
 _MAX_TARGETS = 1024
+_MAX_WARNED = 1024  # unpriced models warned about, per process
+log = logging.getLogger("tollway.prices")
 Labels = tuple[tuple[str, str], ...]
 
 
@@ -69,6 +72,12 @@ class Metrics:
         )
         self.tokens = Counter("tollway_tokens_total", "Tokens billed.", registry=r)
         self.cost = Counter("tollway_cost_usd_total", "Cost of billed tokens (USD).", registry=r)
+        self.unpriced = Counter(
+            "tollway_unpriced_requests_total",
+            "Requests that used tokens of a model without a price (cost NULL).",
+            registry=r,
+        )
+        self._warned: set[tuple[str, str]] = set()
         self.cache = Counter("tollway_cache_requests_total", "Response-cache look-ups.", registry=r)
         self.ratelimited = Counter(
             "tollway_ratelimit_rejections_total", "429s from rate limits.", registry=r
@@ -178,8 +187,13 @@ class Metrics:
     def settle(self, record: UsageRecord) -> None:
         self.observe(record, cost_of(record))
 
-    def observe(self, record: UsageRecord, cost: Decimal) -> None:
+    def observe(self, record: UsageRecord, cost: Decimal | None) -> None:
         model = self.model_label(record.config, record.public_model)
+        # Tokens and cost are labelled by the model that served them too:
+        # a fallback's tokens are the fallback's (its config name, bounded).
+        served = model
+        if record.served_model is not None and record.served_model != record.public_model:
+            served = self.model_label(record.config, record.served_model)
         endpoint = ENDPOINTS.get(record.endpoint, record.endpoint)
         status, provider = str(record.status), record.provider or ""
         self._add(
@@ -194,16 +208,19 @@ class Metrics:
         usage = record.usage
         if usage.source != "none":
             source = ("source", usage.source)
-            self._add(
-                self.tokens, (("model", model), ("type", "prompt"), source), usage.prompt_tokens
-            )
-            self._add(
-                self.tokens,
-                (("model", model), ("type", "completion"), source),
-                usage.completion_tokens,
-            )
-        if cost > 0:
-            self._add(self.cost, (("model", model),), float(cost))
+            for kind, n in (
+                ("prompt", usage.prompt_tokens),
+                ("completion", usage.completion_tokens),
+            ):
+                self._add(
+                    self.tokens,
+                    (("model", model), ("served_model", served), ("type", kind), source),
+                    n,
+                )
+        if cost is None:
+            self._unpriced(record, served)
+        elif cost > 0:
+            self._add(self.cost, (("model", model), ("served_model", served)), float(cost))
         cache = record.cache or ("hit" if record.cached else "")
         if cache in ("hit", "miss"):
             self._add(self.cache, (("result", cache),))
@@ -220,6 +237,19 @@ class Metrics:
         for v in verdicts:
             labels = tuple((k, str(v[k])) for k in ("action", "direction", "guardrail"))
             self._add(self.guardrails, labels, float(v["count"]))  # type: ignore[arg-type]
+
+    def _unpriced(self, record: UsageRecord, served: str) -> None:
+        self._add(self.unpriced, (("served_model", served), ("provider", record.provider or "")))
+        name = (record.provider or "", record.provider_model or record.served_model or "")
+        if name not in self._warned and len(self._warned) < _MAX_WARNED:
+            self._warned.add(name)
+            log.warning(
+                "no price for model %r (provider %r, public model %r): its usage is recorded "
+                "with cost NULL; add it to prices: in the config",
+                name[1],
+                name[0],
+                record.served_model or record.public_model,
+            )
 
     def _attempts(self, record: UsageRecord, model: str) -> None:
         tried: set[tuple[str, str]] = set()
