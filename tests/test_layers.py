@@ -195,3 +195,32 @@ def test_imports_inside_functions_and_type_checking_count(tmp_path: Path) -> Non
     )
     known = {"proxy.web.keys", "proxy.core", "proxy.core.errors", "proxy.stages.relay"}
     assert imports_of(src, known) == {"proxy.web.keys", "proxy.core.errors", "proxy.stages.relay"}
+
+
+def test_every_client_error_lives_in_the_one_error_module() -> None:
+    """One tree: each GatewayError subclass is defined in proxy/core/errors.py,
+    with its status on the class (only a provider's own error passes its
+    status through)."""
+    import importlib
+    import pkgutil
+
+    import proxy
+    from proxy.core import errors
+
+    for info in pkgutil.walk_packages(proxy.__path__, "proxy."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for s in cls.__subclasses__() for c in (s, *subclasses(s))]
+
+    found = [c for c in subclasses(errors.GatewayError) if c.__module__.startswith("proxy.")]
+    assert found, "no error classes found"
+    strays = sorted(
+        f"{c.__module__}.{c.__qualname__}" for c in found if c.__module__ != errors.__name__
+    )
+    assert strays == []
+    runtime_status = [
+        c.__name__ for c in found if "http_status" in vars(c) and c is not errors.ProviderHTTPError
+    ]
+    assert runtime_status == []
