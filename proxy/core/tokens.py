@@ -141,11 +141,12 @@ def estimate_text(text: str) -> int:
     (``tests/test_token_estimate.py``), and at most ~2x above it on natural
     prose (English, Russian; 2.3x on the bench's list of long common words):
     the quota reservation's excess is refunded at settle, but tokens per
-    minute count the estimate as it is, as OpenAI's limiter counts its own. Crafted text can be denser (long digit runs, random base64), but
-    a token is at least one byte, so the estimate (UTF-8 bytes / 2.5) is
-    never below 40% of the true count: an undercount is at most 1.5x the
-    estimate. Cost: O(1) for ASCII text (``len``), one UTF-8 encode (a
-    memory copy, ~1 us per KB) otherwise.
+    minute count the estimate as it is, as OpenAI's limiter counts its own.
+    Crafted text can be denser (long digit runs, random base64), but a token
+    is at least one byte, so the estimate (UTF-8 bytes / 2.5) is never below
+    40% of the true count: an undercount is at most 1.5x the estimate.
+    Cost: O(1) for ASCII text (``len``), one UTF-8 encode (a memory copy,
+    ~1 us per KB) otherwise.
     """
     if not text:
         return 0

@@ -12,6 +12,9 @@ Prompts and completions are left out unless the YAML names the tenant::
         max_chars: 4000           # each text cut to this length
 
 Every line passes the redaction layer (``proxy.core.redact``) like any log record.
+``tollway serve`` writes the lines through a ``LineWriter`` (batched, off the
+``logging`` machinery); without one (an app built in a test) they go to the
+``tollway.access`` logger.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any
 import orjson
 
 from proxy.config.tiers import price_for
+from proxy.core import redact
 from proxy.core.metering import StreamMeter
 from proxy.core.record import UsageRecord
 from proxy.providers.base import Reply
 from proxy.stages.admit.billing import cost_of
+from proxy.stages.settle.line_writer import LineWriter
 
 log = logging.getLogger("tollway.access")
 
@@ -116,6 +121,9 @@ def line(record: UsageRecord, cost: float | None) -> bytes:
 class AccessLog:
     """The observer: ``observe(record, cost)`` writes the line if enabled."""
 
+    def __init__(self, writer: LineWriter | None = None) -> None:
+        self.writer = writer
+
     def settle(self, record: UsageRecord) -> None:
         cost = cost_of(record)
         # null only for a model without a price; a price of 0 costs 0.0
@@ -125,5 +133,7 @@ class AccessLog:
         policy = record.config.logging if record.config is not None else None
         if policy is not None and not policy.access_log:
             return
-        if log.isEnabledFor(logging.INFO):
+        if self.writer is not None:
+            self.writer.add(redact.scrub_bytes(line(record, cost)))
+        elif log.isEnabledFor(logging.INFO):
             log.info(line(record, cost).decode())
