@@ -59,7 +59,7 @@ async def admit(rt: Runtime, ex: Exchange) -> None:
     rt.billing.journal_open(ex.record, ex.body)
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
-    verdict = await key_limits.admit(rt.limiter, ex.config, admission)
+    verdict = await key_limits.admit(rt.permits or rt.limiter, ex.config, admission)
     if verdict is not None:
         ex.notes["rate"] = verdict
         if not verdict.admitted:

@@ -23,6 +23,7 @@ from proxy.stages.settle.access_log import AccessLog
 from proxy.stages.settle.line_writer import LineWriter
 from proxy.stages.settle.metrics import Metrics
 from proxy.stages.settle.settlers import Settlers
+from proxy.stores.permits import PermitLeases
 from proxy.stores.redis_client import RedisOptions
 from proxy.web import admin, gate, handlers, lifecycle, middleware, observe, reload, usage_api
 from proxy.web.auth_guard import AuthGuard
@@ -176,6 +177,12 @@ def _settlers(
 
 async def _runtime(app: web.Application) -> AsyncIterator[None]:
     app[RUNTIME] = Runtime(
-        app[CONFIG], app[UPSTREAMS], app[LIMITER], app[SETTLER], app[LIFECYCLE], app.get(BILLING)
+        app[CONFIG],
+        app[UPSTREAMS],
+        app[LIMITER],
+        app[SETTLER],
+        app[LIFECYCLE],
+        app.get(BILLING),
+        PermitLeases(app[LIMITER]),
     )
     yield
