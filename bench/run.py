@@ -80,6 +80,7 @@ class Env:
     # API keys by target name, made by a target's command before it starts.
     api_keys: dict[str, str] = field(default_factory=dict)
     loop_lag_ms: float = 1.0  # Tollway's lag probe interval; 0: off
+    base_src: Path | None = None  # --base-rev's export, for the *_base targets
 
     @property
     def upstream(self) -> str:
@@ -143,11 +144,12 @@ prices:
 
 
 def _tollway_serve(
-    name: str, extra_yaml: str = "", billing: bool = False
+    name: str, extra_yaml: str = "", billing: bool = False, base: bool = False
 ) -> Callable[[Env, int], list[str]]:
     """``tollway serve`` with TOLLWAY_YAML plus ``extra_yaml``, files named after
     the target. ``billing``: ``BILLING_YAML`` on the run's Postgres and Redis,
-    with a tenant and key made first through the CLI."""
+    with a tenant and key made first through the CLI. ``base``: the code of
+    ``--base-rev`` (before/after in one run)."""
 
     def argv(env: Env, port: int) -> list[str]:
         config = env.workdir / f"{name}.yaml"
@@ -162,9 +164,10 @@ def _tollway_serve(
         environ = {"TOLLWAY_DATA_DIR": str(env.workdir / f"{name}-data")}
         if env.loop_lag_ms:
             environ["TOLLWAY_LOOP_LAG_MS"] = f"{env.loop_lag_ms:g}"
-        if env.tollway_src is not None:
+        src = env.base_src if base else env.tollway_src
+        if src is not None:
             # PYTHONPATH comes before the editable install's finder: this runs the export.
-            environ["PYTHONPATH"] = str(env.tollway_src)
+            environ["PYTHONPATH"] = str(src)
         if billing:
             assert env.dsn is not None and env.redis_url is not None
             environ |= {"DATABASE_URL": env.dsn, "REDIS_URL": env.redis_url}
@@ -214,7 +217,7 @@ class Datastores:
         self.redis_url: str | None = None
         self._servers: list[Any] = []
         wanted = set(args.targets.split(","))
-        if not wanted & {"floor_db_batch", "tollway_billing"}:
+        if not wanted & {"floor_db_batch", "tollway_billing", "tollway_billing_base"}:
             return
         from proxy.stores.embedded import EmbeddedPostgres, EmbeddedRedis
 
@@ -273,6 +276,14 @@ def _needs_dsn(env: Env) -> str | None:
     return None if env.dsn else "no Postgres"
 
 
+def _needs_base(env: Env) -> str | None:
+    return None if env.base_src else "no --base-rev"
+
+
+def _needs_base_dsn(env: Env) -> str | None:
+    return _needs_base(env) or _needs_dsn(env)
+
+
 TARGETS = [
     Target("direct", None),
     Target("floor_proxy", _floor),
@@ -282,6 +293,13 @@ TARGETS = [
         "tollway_billing",
         _tollway_serve("tollway_billing", billing=True),
         _needs_dsn,
+        tollway=True,
+    ),
+    Target("tollway_base", _tollway_serve("tollway_base", base=True), _needs_base, tollway=True),
+    Target(
+        "tollway_billing_base",
+        _tollway_serve("tollway_billing_base", billing=True, base=True),
+        _needs_base_dsn,
         tollway=True,
     ),
     Target("tollway_cache", _tollway_serve("tollway_cache", CACHE_YAML), tollway=True),
@@ -694,6 +712,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dsn", help="Postgres for floor_db_batch and tollway_billing (default: embedded)"
     )
     p.add_argument("--tollway-rev", help="measure proxy/ at this git revision (default: tree)")
+    p.add_argument(
+        "--base-rev",
+        help="targets tollway_base and tollway_billing_base run proxy/ at this git revision",
+    )
     p.add_argument("--json", type=Path, help="write results here (default: bench/out/...)")
     p.add_argument("--no-json", action="store_true")
     p.add_argument(
@@ -722,6 +744,7 @@ def _meta(args: argparse.Namespace, pin: bool) -> dict[str, str]:
         "command": " ".join(sys.argv),
         "machine": machine_notes(pin),
         "tollway": tollway_version(args.tollway_rev),
+        "base": tollway_version(args.base_rev) if args.base_rev else "",
         "method": f"{args.duration:g} s per point after {args.warmup:g} s warm-up, medians of "
         f"{args.repeats} repeat(s), targets interleaved; prompts {args.prompt_kb} KB; "
         f"streams: {args.chunks} content chunks; long streams: waves of {args.long_streams} "
@@ -747,11 +770,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tollway-bench-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         src = export_revision(args.tollway_rev, workdir / "src") if args.tollway_rev else None
+        base = export_revision(args.base_rev, workdir / "base") if args.base_rev else None
         procs = Processes(pin, workdir)
         stores = Datastores(workdir, args)
         try:
             lag_ms = 0.0 if args.no_loop_lag else 1.0
-            env = Env(_free_port(), workdir, stores.dsn, src, stores.redis_url, loop_lag_ms=lag_ms)
+            env = Env(
+                _free_port(),
+                workdir,
+                stores.dsn,
+                src,
+                stores.redis_url,
+                loop_lag_ms=lag_ms,
+                base_src=base,
+            )
             fake = [PY, str(BENCH / "fake_provider.py"), str(env.provider_port)]
             fake += [f"--chunks={args.chunks}", f"--long-chunks={args.long_chunks}"]
             fake.append(f"--long-gap-ms={args.long_gap_ms}")

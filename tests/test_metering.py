@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import orjson
 
-from proxy.core.metering import StreamMeter, reply_usage
+from proxy.core.metering import StreamMeter, reply_usage, settled_usage
 from proxy.core.sse import DONE, data_event
 from proxy.core.usage import Usage
 
@@ -147,3 +149,36 @@ def test_a_batch_is_metered_event_by_event_and_sent_as_one() -> None:
     assert meter.done and meter.usage is not None and meter.usage.total_tokens == 15
     assert meter.observe_batch([_chunk(usage=usage)]) == b""  # nothing left to send
     assert meter.payloads == [events[0][6:-2], events[2][6:-2]]
+
+
+async def test_counting_at_settle_does_not_stall_the_event_loop() -> None:
+    """A stream without provider usage is counted with tiktoken at settle:
+    in a thread, so the other requests on the worker keep moving."""
+    words = " ".join(f"word{i % 977} lorem ipsum" for i in range(200_000))
+    meter, _ = _run([_chunk(words), DONE])
+    t0 = time.perf_counter()
+    inline = meter.result(BODY, "chat", "gpt-4o-mini")
+    took = time.perf_counter() - t0
+    assert took > 0.05, "the text is too small to show a stall"
+
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async def settle() -> Usage:
+        await asyncio.sleep(0.01)
+        try:
+            return await settled_usage(meter, BODY, "chat", "gpt-4o-mini")
+        finally:
+            done.set()
+
+    _, usage = await asyncio.gather(ticker(), settle())
+    assert usage == inline and usage.source == "estimated"
+    assert max(gaps) < took / 2, f"loop stalled {max(gaps):.3f}s of a {took:.3f}s count"

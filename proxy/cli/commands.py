@@ -161,7 +161,9 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         redis=redis,
         reloading=ReloadOptions(Path(path)),
         metrics_dir=Path(metrics_dir) if metrics_dir else None,
+        access_fd=sys.stdout.fileno(),  # batched access lines, not one logging call each
     )
+    sys.stdout.flush()  # what print() buffered goes out before the first access line
     asyncio.run(
         serve(
             app,

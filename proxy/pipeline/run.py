@@ -22,7 +22,7 @@ from aiohttp import web
 from proxy.core import attribution, tokens
 from proxy.core.errors import GatewayError, InvalidApiKey
 from proxy.core.lifecycle import shutting_down
-from proxy.core.metering import StreamMeter
+from proxy.core.metering import StreamMeter, settled_usage
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
 from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, Runtime
@@ -61,7 +61,7 @@ async def admit(rt: Runtime, ex: Exchange) -> None:
     rt.billing.journal_open(ex.record, ex.body)
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
-    verdict = await key_limits.admit(rt.limiter, ex.config, admission)
+    verdict = await key_limits.admit(rt.permits or rt.limiter, ex.config, admission)
     if verdict is not None:
         ex.notes["rate"] = verdict
         if not verdict.admitted:
@@ -175,7 +175,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
         for stage, settings in snapshot.hooks.reply:
             reply = stage.on_reply(ex, settings, reply)
         ex.reply = reply
-        return relay.reply(reply, headers, record, ex.body, done.target.model)
+        return await relay.reply(reply, headers, record, ex.body, done.target.model)
     except GatewayError as exc:
         record.fail(exc)
         exc.headers.update(quota_headers(rt, ex))
@@ -188,7 +188,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
         raise
     finally:
         if ex.meter is not None and record.provider_model is not None:
-            record.usage = ex.meter.result(ex.body, endpoint, record.provider_model)
+            record.usage = await settled_usage(ex.meter, ex.body, endpoint, record.provider_model)
         access_log.keep_bodies(record, ex.body, ex.meter, ex.reply)
         record.latency_ms = (time.perf_counter() - started) * 1000
         settle_stages(snapshot, ex)

@@ -17,6 +17,7 @@ from proxy.core.record import Settler
 from proxy.pipeline.snapshot import ConfigStore
 from proxy.stages.admit.billing import Billing
 from proxy.stages.forward.attempts import Upstreams
+from proxy.stores.permits import PermitLeases
 from proxy.stores.ratelimit import RateLimiter
 
 
@@ -28,6 +29,7 @@ class Runtime:
     settler: Settler  # every settler, in order (proxy.web.settlers)
     lifecycle: Lifecycle  # streams open, shutdown in progress
     billing: Billing | None = None  # None without a database (auth: none)
+    permits: PermitLeases | None = None  # leases of ``limiter``'s windows for key limits
 
 
 # Drawn (or sanitised from the client's x-request-id) by the web layer's

@@ -29,25 +29,31 @@ from proxy.core.lifecycle import Lifecycle, shutting_down
 from proxy.core.metering import StreamMeter
 from proxy.core.record import UsageRecord
 from proxy.core.sse import SSE_HEADERS, data_event
+from proxy.core.usage import Usage
 from proxy.providers.base import Reply, UpstreamStream
 from proxy.stages.base import ChunkFilter
 
 
-def reply(
+async def reply(
     result: Reply, headers: dict[str, str], record: UsageRecord, body: dict[str, Any], model: str
 ) -> web.Response:
     usage = result.usage
     if usage is None or usage.total_tokens == 0:
-        try:
-            parsed = orjson.loads(result.body)
-        except orjson.JSONDecodeError:
-            parsed = None
-        usage = metering.reply_usage(usage, parsed, body, record.endpoint, model)
+        # Counting is proportional to the answer: off the event loop.
+        usage = await metering.off_loop(_reply_usage, result, body, record.endpoint, model)
     record.usage = usage
     record.status = result.status
     return web.Response(
         body=result.body, status=result.status, headers=headers, content_type="application/json"
     )
+
+
+def _reply_usage(result: Reply, body: dict[str, Any], endpoint: str, model: str) -> Usage:
+    try:
+        parsed = orjson.loads(result.body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    return metering.reply_usage(result.usage, parsed, body, endpoint, model)
 
 
 async def stream(

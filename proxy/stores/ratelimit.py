@@ -28,6 +28,11 @@ pruned as its slots age (amortised O(1) per request) and has a TTL of one
 window. A concurrency limit is a sorted set of holders scored by lease
 expiry, so a crashed holder frees its slot when its lease ends.
 
+A window check may also lease units to the worker (``permits.py``): they
+are committed with the request, in the same slot, and unused ones are given
+back to that slot by a later call, so the bound above holds for leased
+units as for single ones.
+
 When Redis is down (``RedisDown``) the same checks run on a per-process
 ``LocalLimiter`` with ``capacity // expected_instances`` (at least 1); see
 ``proxy/stores/local_limits.py`` for what that guarantees.
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 
 from redis.asyncio import Redis
@@ -98,15 +104,32 @@ local function window(key, cap, slot, cost)
   return {0, sum, reset, retry}
 end
 
-local function take_window(key, slot, cost, r)
-  if cost <= 0 then return end
+-- A lease: up to `extra` more units, counted now in the current slot, at
+-- most 1/16 of what is left beyond this request (single units near the cap).
+local function take_window(key, cap, slot, cost, extra, r)
+  local grant = 0
+  if extra > 0 then grant = math.max(0, math.min(extra, math.floor((cap - r[2] - cost) / 16))) end
+  local units = cost + grant
+  r[5] = grant
+  if units <= 0 then return end
   local cur = math.floor(now / slot)
-  redis.call('HINCRBY', key, cur, cost)
-  redis.call('HINCRBY', key, 'sum', cost)
+  redis.call('HINCRBY', key, cur, units)
+  redis.call('HINCRBY', key, 'sum', units)
   redis.call('HSETNX', key, 'low', cur)
   redis.call('PEXPIRE', key, (SLOTS + 2) * slot)
   if r[2] == 0 then r[3] = (cur + SLOTS + 1) * slot - now end
-  r[2] = r[2] + cost
+  r[2] = r[2] + units
+end
+
+-- The unused part of a lease, back into the slot it was counted in (if that
+-- slot is still in the window: once pruned, it no longer counts anyway).
+local function give_back(key, slot, n)
+  if n <= 0 then return end
+  local v = tonumber(redis.call('HGET', key, slot))
+  if not v then return end
+  n = math.min(n, v)
+  if v == n then redis.call('HDEL', key, slot) else redis.call('HINCRBY', key, slot, -n) end
+  redis.call('HINCRBY', key, 'sum', -n)
 end
 
 local function slots(key, cap)
@@ -127,50 +150,73 @@ local commit = ARGV[1] == 'commit'
 local admitted = 1
 local results = {}
 for i = 1, #KEYS do
-  local a = i * 4 - 2
+  local a = i * 7 - 5
   local r
   if ARGV[a] == 'w' then
+    give_back(KEYS[i], ARGV[a + 5], tonumber(ARGV[a + 6]))
     r = window(KEYS[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]))
   else
     r = slots(KEYS[i], tonumber(ARGV[a + 1]))
   end
+  r[5] = 0
   if r[1] == 0 then admitted = 0 end
   results[i] = r
 end
 local out = {now, admitted}
 for i = 1, #KEYS do
-  local a = i * 4 - 2
+  local a = i * 7 - 5
   local r = results[i]
   if admitted == 1 and commit then
     if ARGV[a] == 'w' then
-      take_window(KEYS[i], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), r)
+      local cap, slot = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+      take_window(KEYS[i], cap, slot, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), r)
     else
       take_slot(KEYS[i], tonumber(ARGV[a + 2]), ARGV[a + 3], r)
     end
   end
-  for j = 1, 4 do out[#out + 1] = r[j] end
+  for j = 1, 5 do out[#out + 1] = r[j] end
 end
 return out
 """
 
 
-def check_args(limits: Sequence[Limit], commit: bool) -> list[str | int]:
+@dataclass(frozen=True, slots=True)
+class LeaseAsk:
+    """What a window limit's check also asks for: ``extra`` units leased
+    beyond the request's cost, and ``back`` unused units returned to
+    ``slot`` (the slot they were leased in)."""
+
+    extra: int = 0
+    slot: int = 0
+    back: int = 0
+
+
+_NO_LEASE = LeaseAsk()
+
+
+def check_args(
+    limits: Sequence[Limit], commit: bool, asks: Sequence[LeaseAsk] = ()
+) -> list[str | int]:
     args: list[str | int] = ["commit" if commit else "peek"]
-    for lim in limits:
+    for i, lim in enumerate(limits):
         if lim.concurrency:
-            args += ["c", lim.capacity, lim.lease_ms, lim.member]
+            args += ["c", lim.capacity, lim.lease_ms, lim.member, 0, 0, 0]
         else:
             assert lim.window_ms % SLOTS == 0, "a window must be a multiple of 600 ms"
+            ask = asks[i] if asks else _NO_LEASE
             args += ["w", lim.capacity, lim.window_ms // SLOTS, lim.cost]
+            args += [ask.extra, ask.slot, ask.back]
     return args
 
 
-def parse_reply(limits: Sequence[Limit], reply: Sequence[int]) -> Verdict:
-    windows = []
+def parse_reply(limits: Sequence[Limit], reply: Sequence[int]) -> tuple[Verdict, list[int]]:
+    """The verdict, and the units leased beyond each limit's cost."""
+    windows, grants = [], []
     for i, lim in enumerate(limits):
-        fits, used, reset, retry = reply[2 + 4 * i : 6 + 4 * i]
+        fits, used, reset, retry, grant = reply[2 + 5 * i : 7 + 5 * i]
         windows.append(Window(lim, lim.capacity, bool(fits), used, reset, retry))
-    return Verdict(bool(reply[1]), tuple(windows), int(reply[0]), shared=True)
+        grants.append(int(grant))
+    return Verdict(bool(reply[1]), tuple(windows), int(reply[0]), shared=True), grants
 
 
 class RateLimiter:
@@ -187,25 +233,37 @@ class RateLimiter:
         self, limits: Sequence[Limit], instances: int = 1, *, commit: bool = True
     ) -> Verdict:
         """``commit=False`` only reports (for ``GET /v1/usage``)."""
-        verdict = None
+        return (await self.check_leasing(limits, instances, (), commit=commit))[0]
+
+    async def check_leasing(
+        self,
+        limits: Sequence[Limit],
+        instances: int,
+        asks: Sequence[LeaseAsk],
+        *,
+        commit: bool = True,
+    ) -> tuple[Verdict, list[int]]:
+        """``check``, asking each window for a lease (``permits.py``): also
+        the units granted beyond the cost (all 0 in the fallback)."""
+        found = None
         if self.redis is not None and self._script is not None:
             script, keys, args = (
                 self._script,
                 [lim.key for lim in limits],
-                check_args(limits, commit),
+                check_args(limits, commit, asks),
             )
             try:
                 reply = await self.redis.call(lambda r: script(keys=keys, args=args, client=r))
-                verdict = parse_reply(limits, reply)
+                found = parse_reply(limits, reply)
             except RedisDown:
                 pass
-        if verdict is None:
+        if found is None:
             self.fallbacks += 1
-            verdict = self.local.check(limits, instances, commit=commit)
-        blocking = verdict.blocking
+            found = self.local.check(limits, instances, commit=commit), [0] * len(limits)
+        blocking = found[0].blocking
         if commit and blocking is not None:
             self.rejections[blocking.limit.name] += 1
-        return verdict
+        return found
 
     def release(self, verdict: Verdict) -> None:
         """Give back the concurrency slots an admitted request holds."""

@@ -20,8 +20,10 @@ from proxy.pipeline.snapshot import ConfigStore, build_snapshot
 from proxy.stages.base import Services, Stage
 from proxy.stages.forward.attempts import Upstreams
 from proxy.stages.settle.access_log import AccessLog
+from proxy.stages.settle.line_writer import LineWriter
 from proxy.stages.settle.metrics import Metrics
 from proxy.stages.settle.settlers import Settlers
+from proxy.stores.permits import PermitLeases
 from proxy.stores.redis_client import RedisOptions
 from proxy.web import admin, gate, handlers, lifecycle, middleware, observe, reload, usage_api
 from proxy.web.auth_guard import AuthGuard
@@ -64,13 +66,15 @@ def build_app(
     reloading: reload.ReloadOptions | None = None,
     metrics_dir: Path | None = None,
     stages: Sequence[Stage] | None = None,
+    access_fd: int | None = None,
 ) -> web.Application:
     """``billing`` (a database) is required for ``auth: keys``; without it
     requests are settled to ``settler`` (the log by default). Without
     ``redis`` rate limits are per process and the response cache is off.
     ``reloading`` names the file to watch and reload; ``metrics_dir`` is
-    where the workers of one instance share their metrics. ``stages``
-    replaces the registry's (tests of the plugin model)."""
+    where the workers of one instance share their metrics; ``access_fd``
+    where the access lines are written in batches (else the logger).
+    ``stages`` replaces the registry's (tests of the plugin model)."""
     redact.install()
     if config.auth == "keys" and billing is None:
         raise ValueError("auth: keys needs a database (billing options)")
@@ -92,7 +96,7 @@ def build_app(
     app.cleanup_ctx.append(loop_lag_ctx)  # off unless TOLLWAY_LOOP_LAG_MS is set
     if billing is not None:
         app.cleanup_ctx.append(billing_ctx(billing))
-    app.cleanup_ctx.append(_settlers(settler))  # after billing, its first settler
+    app.cleanup_ctx.append(_settlers(settler, access_fd))  # after billing, its first settler
     app.cleanup_ctx.append(observe.observe_ctx(metrics_dir))
     # The reloader needs to know whether a database is there.
     app.cleanup_ctx.append(reload.reload_ctx(reloading or reload.ReloadOptions(None)))
@@ -156,20 +160,31 @@ async def _stages(app: web.Application) -> AsyncIterator[None]:
         await stage.close()
 
 
-def _settlers(extra: Settler | None) -> Callable[[web.Application], AsyncIterator[None]]:
+def _settlers(
+    extra: Settler | None, access_fd: int | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
     """The one tuple of settlers: billing (the ledger), a caller's own (tests),
     then the observers. Without either of the first two, the debug log."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         first = [s for s in (app.get(BILLING), extra) if s is not None] or [LogSettler()]
-        app[SETTLER] = Settlers((*first, app[METRICS], AccessLog()))
+        writer = LineWriter(access_fd) if access_fd is not None else None
+        app[SETTLER] = Settlers((*first, app[METRICS], AccessLog(writer)))
         yield
+        if writer is not None:
+            writer.close()  # what is left now; a later line goes out at once
 
     return ctx
 
 
 async def _runtime(app: web.Application) -> AsyncIterator[None]:
     app[RUNTIME] = Runtime(
-        app[CONFIG], app[UPSTREAMS], app[LIMITER], app[SETTLER], app[LIFECYCLE], app.get(BILLING)
+        app[CONFIG],
+        app[UPSTREAMS],
+        app[LIMITER],
+        app[SETTLER],
+        app[LIFECYCLE],
+        app.get(BILLING),
+        PermitLeases(app[LIMITER]),
     )
     yield

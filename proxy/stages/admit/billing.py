@@ -135,7 +135,7 @@ class Billing:
         budget = clamp_max_tokens(body, tier, endpoint)
         estimate, prompt = 0, None
         if tier.monthly_tokens is not None or tier.tokens_per_minute is not None:
-            prompt = tokens.count_prompt(body, endpoint, public_model)
+            prompt = tokens.estimate_prompt(body, endpoint)
             estimate = prompt + budget
         try:
             reservation = await self.quota.admit(principal, tier, estimate)

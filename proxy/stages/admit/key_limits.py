@@ -1,5 +1,7 @@
 """The admit stage's per-key rate limit: the tier's requests per hour and
-tokens per minute, checked together in one script call (``ratelimit.py``).
+tokens per minute, checked together in one script call (``ratelimit.py``),
+or from the worker's lease of both windows' permits without one
+(``permits.py``).
 
 It runs after the monthly quota has reserved the request, so a request the
 rate limit refuses settles as a 429 and gets its reservation back: no limit
@@ -24,6 +26,7 @@ from proxy.config.model import Config
 from proxy.config.tiers import Tier
 from proxy.core.errors import RateLimited, TokenRateLimited
 from proxy.stages.admit.billing import Admission, reset_duration
+from proxy.stores.permits import PermitLeases
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.windows import HOUR_MS, MINUTE_MS, Limit, Verdict, Window
 
@@ -49,8 +52,12 @@ def limits_for(tier: Tier, key_id: str, tokens: int) -> list[Limit]:
     return out
 
 
-async def admit(limiter: RateLimiter, config: Config, admission: Admission) -> Verdict | None:
-    """Count the request against its key's windows, or raise the 429."""
+async def admit(
+    limiter: RateLimiter | PermitLeases, config: Config, admission: Admission
+) -> Verdict | None:
+    """Count the request against its key's windows, or raise the 429. With
+    ``PermitLeases`` most requests are admitted from the worker's lease,
+    without a Redis round trip (the bound is the same: ``permits.py``)."""
     who = admission.principal
     limits = limits_for(admission.tier, who.key_id, admission.tokens)
     if not limits:

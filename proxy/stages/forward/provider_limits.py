@@ -69,7 +69,7 @@ class ProviderGate:
                 out.append(Limit(f"{key}:rpm", "rpm", spec.rpm, MINUTE_MS))
             if spec.tpm is not None:
                 if cost is None:
-                    cost = tokens.count_prompt(call.body, call.endpoint, target.model) + _budget(
+                    cost = tokens.estimate_prompt(call.body, call.endpoint) + _budget(
                         call.body, target.provider.default_max_tokens
                     )
                 out.append(Limit(f"{key}:tpm", "tpm", spec.tpm, MINUTE_MS, cost))

@@ -12,6 +12,9 @@ Prompts and completions are left out unless the YAML names the tenant::
         max_chars: 4000           # each text cut to this length
 
 Every line passes the redaction layer (``proxy.core.redact``) like any log record.
+``tollway serve`` writes the lines through a ``LineWriter`` (batched, off the
+``logging`` machinery); without one (an app built in a test) they go to the
+``tollway.access`` logger.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from typing import Any
 
 import orjson
 
+from proxy.core import redact
 from proxy.core.metering import StreamMeter
 from proxy.core.pricing import cost_of
 from proxy.core.record import UsageRecord
 from proxy.providers.base import Reply
+from proxy.stages.settle.line_writer import LineWriter
 
 log = logging.getLogger("tollway.access")
 
@@ -115,6 +120,9 @@ def line(record: UsageRecord, cost: float | None) -> bytes:
 class AccessLog:
     """The observer: ``observe(record, cost)`` writes the line if enabled."""
 
+    def __init__(self, writer: LineWriter | None = None) -> None:
+        self.writer = writer
+
     def settle(self, record: UsageRecord) -> None:
         cost = cost_of(record)
         # null only when tokens were used and the served model has no price
@@ -124,5 +132,7 @@ class AccessLog:
         policy = record.config.logging if record.config is not None else None
         if policy is not None and not policy.access_log:
             return
-        if log.isEnabledFor(logging.INFO):
+        if self.writer is not None:
+            self.writer.add(redact.scrub_bytes(line(record, cost)))
+        elif log.isEnabledFor(logging.INFO):
             log.info(line(record, cost).decode())

@@ -1,0 +1,143 @@
+"""Leases of rate-limit permits: the key's windows without a Redis round
+trip per request, as quota leases come from Postgres.
+
+When a request needs Redis anyway, the script (``ratelimit.py``) also leases
+up to ``size`` more units of each window to this worker: they are **counted
+in the window when leased**, in the current slot, and at most 1/16 of what
+is left beyond the request, so near the limit leases shrink to nothing and
+every request is a single permit checked in Redis. The worker then admits
+from its lease without Redis, but **only while that slot is current** (by
+Redis's clock: a lease ends at the local instant it was asked for plus the
+slot's remaining time at Redis, never later than the slot itself). Each
+request so admitted happened inside the slot it is counted in, which is
+all the sliding log's proof needs: **no rolling window holds more than its
+capacity**, across workers and instances, as without leases.
+
+Unused permits go back to their slot with the next script call for that key
+(they are counted until then, which can only refuse, never over-admit); a
+worker that stops using a key leaves at most the unused part of its last
+lease counted until that slot leaves the window (≤ 1/16 of what was left),
+as does a lease replaced across a slot boundary by concurrent refills
+(refills within one slot merge).
+The lease size doubles while leases run out within their slot (up to
+``MAX_SIZE`` requests, or that many requests' worth of tokens) and halves
+when they do not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from proxy.stores.ratelimit import LeaseAsk, RateLimiter
+from proxy.stores.windows import SLOTS, Limit, Verdict, Window
+
+MAX_SIZE = 64
+
+
+@dataclass(slots=True)
+class _Lease:
+    slot: int  # Redis slot index the units are counted in
+    ends: float  # local monotonic time after which the slot may have passed
+    left: int
+    used: int  # the window's units after the lease was taken (it included)
+    reset_ms: int  # at lease time
+    redis_ms: int  # Redis's clock at lease time
+    taken_at: float  # local monotonic time the lease was asked for
+    size: int  # requests' worth asked for the next lease
+
+    def covers(self, cost: int, now: float) -> bool:
+        return now < self.ends and self.left >= cost
+
+
+class PermitLeases:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 100_000,
+    ) -> None:
+        self.limiter = limiter
+        self._clock = clock
+        self._leases: OrderedDict[str, _Lease] = OrderedDict()
+        self._max = max_keys
+        self.local_admits = 0  # requests admitted from a lease, without Redis
+
+    async def check(self, limits: Sequence[Limit], instances: int) -> Verdict:
+        """``RateLimiter.check`` with commit, from the leases when they cover
+        every limit of the request, else in Redis (taking new leases)."""
+        now = self._clock()
+        leased = {
+            lim.key: lease
+            for lim in limits
+            if (lease := self._leases.get(lim.key)) is not None and lease.covers(lim.cost, now)
+        }
+        if len(leased) == len(limits):
+            self.local_admits += 1
+            return self._local(limits, leased, now)
+        remote = [lim for lim in limits if lim.key not in leased]
+        asks = [self._ask(lim, now) for lim in remote]
+        verdict, grants = await self.limiter.check_leasing(remote, instances, asks)
+        windows = dict(zip((lim.key for lim in remote), verdict.windows, strict=True))
+        if verdict.admitted:
+            for lim in limits:
+                if lim.key in leased:
+                    leased[lim.key].left -= lim.cost
+            if verdict.shared:
+                for lim, w, grant in zip(remote, verdict.windows, grants, strict=True):
+                    if lease := self._keep(lim, w, grant, verdict.now_ms, now):
+                        leased[lim.key] = lease  # its window: without the unused units
+        for lim in limits:
+            if lim.key in leased:
+                windows[lim.key] = _window(lim, leased[lim.key], self._clock())
+        ordered = tuple(windows[lim.key] for lim in limits)
+        return Verdict(verdict.admitted, ordered, verdict.now_ms, verdict.shared)
+
+    def _ask(self, lim: Limit, now: float) -> LeaseAsk:
+        """The lease to ask for, and the unused rest of the last one to give back."""
+        if lim.concurrency:
+            return LeaseAsk()
+        old = self._leases.get(lim.key)
+        if old is None:
+            return LeaseAsk(extra=lim.cost)
+        ran_out = now < old.ends  # used up within its slot: a bigger one next
+        old.size = min(MAX_SIZE, old.size * 2) if ran_out else max(1, old.size // 2)
+        back, old.left = old.left, 0
+        return LeaseAsk(extra=old.size * lim.cost, slot=old.slot, back=back)
+
+    def _keep(self, lim: Limit, w: Window, grant: int, now_ms: int, asked: float) -> _Lease | None:
+        if lim.concurrency or grant <= 0:
+            return None
+        slot_ms = lim.window_ms // SLOTS
+        slot = now_ms // slot_ms
+        # Redis ran the script after ``asked``: the slot ends no later than this.
+        ends = asked + ((slot + 1) * slot_ms - now_ms) / 1000
+        old = self._leases.get(lim.key)
+        if old is not None and old.slot == slot and self._clock() < old.ends:
+            old.left += grant  # a concurrent refill in the same slot
+            old.used = max(old.used, w.used)
+            return old
+        size = old.size if old is not None else 1
+        lease = _Lease(slot, ends, grant, w.used, w.reset_ms, now_ms, asked, size)
+        self._leases[lim.key] = lease
+        self._leases.move_to_end(lim.key)
+        if len(self._leases) > self._max:
+            self._leases.popitem(last=False)  # its unused units stay counted: safe
+        return lease
+
+    def _local(self, limits: Sequence[Limit], leased: dict[str, _Lease], now: float) -> Verdict:
+        for lim in limits:
+            leased[lim.key].left -= lim.cost
+        windows = tuple(_window(lim, leased[lim.key], now) for lim in limits)
+        first = leased[limits[0].key]
+        return Verdict(True, windows, first.redis_ms + int((now - first.taken_at) * 1000), True)
+
+
+def _window(lim: Limit, lease: _Lease, now: float) -> Window:
+    """The window as this worker knows it: the units counted at lease time,
+    less what it has not used of its lease."""
+    elapsed_ms = int((now - lease.taken_at) * 1000)
+    reset = max(1, lease.reset_ms - elapsed_ms) if lease.reset_ms else 0
+    return Window(lim, lim.capacity, True, lease.used - lease.left, reset, 0)
