@@ -409,3 +409,28 @@ def test_the_usage_row_details_carry_the_verdicts_not_the_text() -> None:
     record.extra["guardrails"] = [verdict]
     details = _details(record)
     assert details is not None and orjson.loads(details)["guardrails"] == [verdict]
+
+
+# ------------------------------------------------------------------ with the response cache
+
+
+async def test_a_cached_answer_never_carries_another_callers_restored_values(
+    start_gateway: StartGateway, provider: ScriptedProvider, redis_url: str
+) -> None:
+    """Two callers whose prompts differ only in a redacted value send the
+    provider the same text; the cache must not give the second the first's
+    answer (with the first's e-mail restored into it) nor skip output checks."""
+    config = gateway_config(provider.url, guardrails=policy(), cache={"enabled": True, "ttl_s": 60})
+    gw = await start_gateway(config, redis_url=redis_url)
+    tag = f"cache-{time.monotonic_ns()}"  # the session Redis is shared
+    answers = []
+    for email in ("ann@example.com", "bob@example.org"):
+        raw = await gw.sdk().chat.completions.with_raw_response.create(
+            model="fake-m",
+            messages=[{"role": "user", "content": f"{tag} mail {email}"}],
+            temperature=0,
+        )
+        assert raw.headers["x-tollway-cache"] == "bypass"
+        answers.append(raw.parse().choices[0].message.content)
+    assert answers == [f"{tag} mail ann@example.com", f"{tag} mail bob@example.org"]
+    assert len(provider.seen) == 2

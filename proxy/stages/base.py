@@ -70,6 +70,9 @@ class Exchange:
     meter: StreamMeter | None = None  # set when a stream starts
     reply: Reply | None = None  # a non-stream answer, once it arrived
     notes: dict[str, object] = field(default_factory=dict)  # per stage, by stage name
+    # False: a stage must see this request's own answer (guardrails' output
+    # checks and restore), so no cache may answer it or keep its answer.
+    cacheable: bool = True
 
     @property
     def scope(self) -> str:

@@ -37,6 +37,11 @@ class ResponseCacheStage(Stage):
         self.store = ResponseCache(services.redis)
 
     async def on_request(self, ex: Exchange, settings: CachePolicy) -> web.StreamResponse | None:
+        if not ex.cacheable:  # an earlier stage needs this request's own answer
+            self.store.lookups["bypass"] += 1
+            ex.record.cache = "bypass"
+            ex.headers.update(Lookup("bypass").headers())
+            return None
         found = await self.store.lookup(
             settings, ex.request.headers, ex.body, ex.endpoint, ex.model, ex.scope
         )

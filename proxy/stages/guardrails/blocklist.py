@@ -1,41 +1,29 @@
 """Blocklists: terms and regexes an admin names, matched on folded text.
 
-Text is folded before matching (Unicode NFKC, case folding, and the removal
-of invisible characters), so full-width letters, ligatures, odd case and
-zero-width joiners inside a word do not slip a term past the list. Matches
-are mapped back to the original text, so redaction replaces what was sent.
+Text is folded before matching (``view.fold``: Unicode NFKC, case folding,
+and the removal of invisible characters), so full-width letters, ligatures,
+odd case and zero-width joiners inside a word do not slip a term past the
+list. Matches are mapped back to the original text, so redaction replaces
+what was sent.
+
+A term's pattern starts with a look-behind (whole words only), which
+Python's ``re`` would try at every position; so each term is looked for
+with ``str.find`` on its first word (C speed) and its pattern is run only
+where that word is.
 """
 
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from proxy.stages.guardrails.detectors import Span
+from proxy.stages.guardrails.view import Span, View, fold
 
-# Zero-width and other invisible format characters that render as nothing.
-INVISIBLE = frozenset(
-    "\u00ad\u034f\u061c\u115f\u1160\u180e\u200b\u200c\u200d\u200e\u200f"
-    "\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\ufeff"
-)
-
-
-def fold(text: str) -> tuple[str, list[int] | None]:
-    """The folded text and, per folded character, its index in ``text``
-    (None when they are the same: ASCII text folds to its lower case)."""
-    if text.isascii():
-        return text.lower(), None
-    out: list[str] = []
-    where: list[int] = []
-    for i, ch in enumerate(text):
-        if ch in INVISIBLE:
-            continue
-        folded = unicodedata.normalize("NFKC", ch).casefold() if not ch.isascii() else ch.lower()
-        out.append(folded)
-        where.extend([i] * len(folded))
-    return "".join(out), where
+Term = tuple[str, re.Pattern[str]]  # its first word (folded), its whole-word pattern
+# Above this many terms, one combined pattern (one pass, ~14 µs/KB whatever
+# the count) beats a ``str.find`` per term (~0.5 µs/KB each).
+MANY_TERMS = 24
 
 
 def fold_term(term: str) -> str:
@@ -47,31 +35,47 @@ class Blocklist:
     """Matches any of its terms (whole words) or regexes in folded text."""
 
     name: str
-    pattern: re.Pattern[str]
+    terms: tuple[Term, ...]
+    regex: re.Pattern[str] | None
     longest: int  # characters of the longest term, for the stream hold-back
     category: str = "blocklist"
     label: str = "BLOCKED"
 
-    def find(self, text: str) -> Iterator[Span]:
-        folded, where = fold(text)
-        for m in self.pattern.finditer(folded):
-            start, end = m.span()
-            if start == end:
-                continue
-            if where is None:
-                yield start, end
-            else:
-                yield where[start], where[end - 1] + 1
+    def find(self, text: str, view: View | None = None) -> list[Span]:
+        folded, where = (view or View(text)).folded()
+        if where is None:
+            return list(self._spans(folded))
+        return [(where[start], where[end - 1] + 1) for start, end in self._spans(folded)]
+
+    def _spans(self, folded: str) -> Iterator[Span]:
+        for word, pattern in self.terms:
+            pos = 0
+            while (i := folded.find(word, pos)) >= 0:
+                m = pattern.match(folded, i)
+                if m is None:
+                    pos = i + 1
+                else:
+                    pos = m.end()
+                    yield m.span()
+        if self.regex is not None:
+            for m in self.regex.finditer(folded):
+                if m.start() != m.end():
+                    yield m.span()
 
 
 def build(name: str, terms: Sequence[str], regexes: Sequence[str]) -> Blocklist:
     """``terms`` match as whole words (spaces inside a term match any run of
     whitespace); ``regexes`` are Python regexes run on the folded text."""
-    parts = [
-        r"(?<!\w)" + r"\s+".join(re.escape(w) for w in fold_term(t).split()) + r"(?!\w)"
-        for t in terms
-        if t.strip()
-    ]
-    parts.extend(f"(?:{r})" for r in regexes)
+    compiled: list[Term] = []
+    for term in terms:
+        words = fold_term(term).split()
+        if words:
+            body = r"\s+".join(re.escape(w) for w in words)
+            compiled.append((words[0], re.compile(rf"(?<!\w){body}(?!\w)")))
+    parts = [f"(?:{r})" for r in regexes]
+    if len(compiled) > MANY_TERMS:
+        parts[:0] = [p.pattern for _, p in compiled]
+        compiled = []
+    regex = re.compile("|".join(parts)) if parts else None
     longest = max((len(t) for t in (*terms, *regexes)), default=0)
-    return Blocklist(name, re.compile("|".join(parts) or r"(?!)"), longest)
+    return Blocklist(name, tuple(compiled), regex, longest)

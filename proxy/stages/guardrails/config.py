@@ -25,6 +25,7 @@ is relative to the working directory.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +33,8 @@ from typing import Any, Protocol
 from proxy.config.reader import ConfigError, Glob, Node, compile_glob
 from proxy.core.principal import Principal
 from proxy.stages.guardrails import blocklist
-from proxy.stages.guardrails.detectors import BUILTIN, GROUPS, Span
+from proxy.stages.guardrails.detectors import BUILTIN, GROUPS
+from proxy.stages.guardrails.view import Span, View
 
 ACTIONS = ("block", "redact", "log", "off")
 _TOP = ("enabled", "policies")
@@ -49,7 +51,7 @@ class Finder(Protocol):
     def category(self) -> str: ...
     @property
     def label(self) -> str: ...
-    def find(self, text: str) -> Any: ...  # Iterator[Span]
+    def find(self, text: str, view: View | None = None) -> Any: ...  # Iterator[Span]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,26 @@ class Rule:
     action: str
 
 
+class Rules(tuple[Rule, ...]):
+    """One direction's rules, grouped by their detectors' ``gate`` (a
+    substring every match holds; "" for none) once at load, so a text
+    without ``@`` or ``-`` skips whole groups without a call per detector."""
+
+    groups: tuple[tuple[str, tuple[tuple[int, Rule], ...]], ...]
+
+    def __new__(cls, rules: Iterable[Rule]) -> Rules:
+        self = super().__new__(cls, tuple(rules))
+        self.groups = gate_groups(self)
+        return self
+
+
+def gate_groups(rules: tuple[Rule, ...]) -> tuple[tuple[str, tuple[tuple[int, Rule], ...]], ...]:
+    by_gate: dict[str, list[tuple[int, Rule]]] = {}
+    for i, rule in enumerate(rules):
+        by_gate.setdefault(getattr(rule.finder, "gate", ""), []).append((i, rule))
+    return tuple((gate, tuple(members)) for gate, members in by_gate.items())
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     name: str
@@ -68,8 +90,8 @@ class Policy:
     tenants: tuple[Glob, ...]
     models: tuple[Glob, ...]
     restore: bool
-    input: tuple[Rule, ...]
-    output: tuple[Rule, ...]
+    input: Rules
+    output: Rules
     hold_back: int  # characters a stream keeps back so a split match is still whole
 
     def applies(self, who: Principal | None, model: str) -> bool:
@@ -121,8 +143,8 @@ def _policy(node: Node) -> Policy:
     if "detectors" not in m:
         raise node.fail("detectors: missing (a list of detectors and their actions)")
     entries = [_entry(n) for n in m["detectors"].items()]
-    rules_in = tuple(r for rules, _ in entries for r in rules if r.action != "off")
-    rules_out = tuple(r for _, rules in entries for r in rules if r.action != "off")
+    rules_in = Rules(r for rules, _ in entries for r in rules if r.action != "off")
+    rules_out = Rules(r for _, rules in entries for r in rules if r.action != "off")
     longest = max((getattr(r.finder, "longest", 0) for r in rules_out), default=0)
     return Policy(
         name=name,
@@ -195,4 +217,4 @@ def _blocklist(node: Node, name: str) -> blocklist.Blocklist:
     return blocklist.build(name, terms, regexes)
 
 
-__all__ = ["ACTIONS", "GuardrailSettings", "Policy", "Rule", "Span", "parse_guardrails"]
+__all__ = ["ACTIONS", "GuardrailSettings", "Policy", "Rule", "Rules", "Span", "parse_guardrails"]

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 
 from proxy.core.errors import ContentFiltered
-from proxy.stages.guardrails.config import Rule
+from proxy.stages.guardrails.config import Rule, Rules, gate_groups
+from proxy.stages.guardrails.view import DIGIT, View
 
 PLACEHOLDER = re.compile(r"\[[A-Z][A-Z_]*_\d+\]")
 Hit = tuple[int, int, Rule]
@@ -21,14 +22,21 @@ VerdictKey = tuple[str, str, str, str, str]  # guardrail, detector, category, ac
 
 def hits(text: str, rules: tuple[Rule, ...]) -> list[Hit]:
     """Every rule's matches, overlaps resolved: the earliest, then the longest wins."""
-    found = [(a, b, rule) for rule in rules for a, b in rule.finder.find(text)]
+    view = View(text)  # what several detectors look at, computed once
+    groups = rules.groups if isinstance(rules, Rules) else gate_groups(rules)
+    found: list[tuple[int, int, int, Rule]] = []
+    for gate, members in groups:
+        if gate and not (view.has_digit() if gate == DIGIT else gate in text):
+            continue
+        for i, rule in members:
+            found.extend((a, b, i, rule) for a, b in rule.finder.find(text, view))
     if len(found) < 2:
-        return found
-    found.sort(key=lambda h: (h[0], -h[1]))
+        return [(a, b, rule) for a, b, _, rule in found]
+    found.sort(key=lambda h: (h[0], -h[1], h[2]))  # a tie goes to the rule listed first
     kept: list[Hit] = []
-    for hit in found:
-        if not kept or hit[0] >= kept[-1][1]:
-            kept.append(hit)
+    for a, b, _, rule in found:
+        if not kept or a >= kept[-1][1]:
+            kept.append((a, b, rule))
     return kept
 
 

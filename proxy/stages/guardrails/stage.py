@@ -53,6 +53,11 @@ class GuardrailsStage(Stage):
         guarded = ex.notes[self.name] = Guarded(policy, Scan())
         if policy.input:
             rewrite_request(ex.body, lambda text: guarded.scan.apply(text, policy.input, "input"))
+        if policy.output or (policy.restore and guarded.scan.originals):
+            # A cached answer would skip the output checks, and one kept with
+            # restored values would hand them to the next caller whose prompt
+            # redacts to the same text.
+            ex.cacheable = False
         return None
 
     def on_reply(self, ex: Exchange, settings: GuardrailSettings, reply: Reply) -> Reply:
