@@ -72,6 +72,11 @@ class Gateway:
         return self.url + "/v1"
 
     def sdk(self, **kw: Any) -> openai.AsyncOpenAI:
+        """The SDK without retries. Its default 5 s connect timeout is measured on
+        the event loop the gateway shares with the test: a loaded machine that
+        starves this process for 5 s turned a 400 into ``APITimeoutError``. 60 s
+        still ends a hang well before pytest's own timeout."""
+        kw.setdefault("timeout", 60.0)
         return openai.AsyncOpenAI(
             base_url=self.base_url, api_key=kw.pop("api_key", "sk-test"), max_retries=0, **kw
         )
