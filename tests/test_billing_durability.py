@@ -23,6 +23,7 @@ from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, w
 from tests.conftest import Gateway, StartGateway
 from tests.db import unique
 from tests.fakes import FAKE_USAGE, FakeOpenAI
+from tests.waiting import until
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -71,13 +72,14 @@ async def test_outage_spools_usage_and_reconciles(
     await pool.close()
     statuses = [await _chat(gw, key["api_key"]) for _ in range(5)]  # leases 8 requests
     server.stop()  # the database goes away mid-run
-    await asyncio.sleep(0.6)  # past the key cache TTL: auth must use its stale entry
+    # Time itself is the condition: past the key cache TTL (0.5 s), auth must
+    # use its stale entry (a sleep lasts at least this long, however loaded).
+    await asyncio.sleep(0.6)
     statuses += [await _chat(gw, key["api_key"]) for _ in range(6)]
     assert statuses == [200] * 8 + [503] * 3  # the local lease serves 3 more, then fail closed
     assert await _ready(gw) == (503, "unready", "unreachable")  # load balancers: look elsewhere
     ledger = gw.app[BILLING].ledger
-    await asyncio.sleep(0.1)
-    assert ledger.spool.depth() > 0 and not ledger.healthy
+    await until(lambda: ledger.spool.depth() > 0 and not ledger.healthy)
     server.start()  # the database comes back; the spool is replayed
     pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
     assert pool is not None
@@ -180,7 +182,7 @@ async def test_a_flush_cancelled_mid_write_loses_no_row(pg: asyncpg.Pool, tmp_pa
     async with pg.acquire() as blocker, blocker.transaction():
         await blocker.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
         flushing = asyncio.ensure_future(ledger.flush())  # noqa: TID251 - awaited below
-        await asyncio.sleep(0.2)  # the INSERT is now waiting on the lock
+        await until(lambda: _waits_on_lock(pg), what="the INSERT waiting on the lock")
         assert ledger.pending() == 3 and not flushing.done()
         flushing.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -190,6 +192,14 @@ async def test_a_flush_cancelled_mid_write_loses_no_row(pg: asyncpg.Pool, tmp_pa
     count = "SELECT count(*) FROM usage_events WHERE request_id LIKE $1"
     assert await pg.fetchval(count, marker + "-%") == 3
     assert ledger.spool.depth() == 0
+
+
+async def _waits_on_lock(pool: asyncpg.Pool) -> bool:
+    """Whether a session waits for a lock on ``usage_events`` (the flush's INSERT)."""
+    query = (
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'usage_events'::regclass"
+    )
+    return bool(await pool.fetchval(query))
 
 
 def _row(request_id: str) -> UsageRow:

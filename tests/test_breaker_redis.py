@@ -18,6 +18,7 @@ from tests.fakes_faults import FaultyOpenAI
 from tests.redis_server import OwnRedis
 from tests.test_breaker import Clock, clock
 from tests.test_forward import _chat, config, fake_a, fake_b, started
+from tests.waiting import until
 
 __all__ = ["clock", "fake_a", "fake_b"]  # fixtures, imported for pytest
 POLICY = BreakerPolicy(failures=3, cooldown_s=10, max_cooldown_s=60)
@@ -106,12 +107,9 @@ async def test_redis_down_breaks_per_process_then_rejoins(
         await one.record(key, POLICY, "failure")
     assert (await one.health([key]))[key] == "open"
     own_redis.restart()  # empty: it was killed, not saved
-    for _ in range(100):
-        await asyncio.sleep(0.05)
-        store = one.store
-        assert isinstance(store, RedisBreakerStore)
-        if store.redis.up:
-            break
+    store = one.store
+    assert isinstance(store, RedisBreakerStore)
+    await until(lambda: store.redis.up, interval=0.05)
     for _ in range(3):
         await two.record(key, POLICY, "failure")
     assert await _synced_health(one, key) == "open"  # the fleet's state, through Redis
@@ -135,10 +133,11 @@ async def test_two_gateways_share_an_ejection(
         assert status == 200 and headers["x-tollway-provider"] == "b"
     assert len(fake_a.seen) == 2
     breakers = second.app[UPSTREAMS].breakers
-    for _ in range(60):  # the second instance's mirror syncs every 0.5 s
-        if (await breakers.health(["a/plain"]))["a/plain"] == "open":
-            break
-        await asyncio.sleep(0.05)
+
+    async def mirrored() -> bool:  # the second instance's mirror syncs every 0.5 s
+        return (await breakers.health(["a/plain"]))["a/plain"] == "open"
+
+    await until(mirrored, interval=0.05)
     for _ in range(3):  # the second instance never tried a itself
         status, headers, _ = await _chat(second, "pair")
         assert status == 200 and headers["x-tollway-attempts"] == "1"

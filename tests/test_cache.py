@@ -24,6 +24,7 @@ from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.db import unique
 from tests.fakes import WORDS, FakeOpenAI
+from tests.waiting import until
 
 CACHE: dict[str, Any] = {"enabled": True, "ttl_s": 60}
 
@@ -53,20 +54,16 @@ async def _open(
 
 
 async def _settled(gw: Gateway, n: int) -> None:
-    async with asyncio.timeout(2):
-        for _ in range(1000):
-            if len(gw.settler.records) >= n:
-                return
-            await asyncio.sleep(0.01)
+    await until(lambda: len(gw.settler.records) >= n, interval=0.01)
 
 
-async def _stored(gw: Gateway, body: dict[str, Any], limit: float = 2.0) -> None:
+async def _stored(gw: Gateway, body: dict[str, Any], limit: float = 5.0) -> None:
     """Wait for the background write of a miss (a hit proves it)."""
-    async with asyncio.timeout(limit):
-        for _ in range(1000):
-            if (await _post(gw, body))[1]["x-tollway-cache"] == "hit":
-                return
-            await asyncio.sleep(0.01)
+
+    async def hit() -> bool:
+        return (await _post(gw, body))[1]["x-tollway-cache"] == "hit"
+
+    await until(hit, limit, interval=0.01)
 
 
 async def test_second_identical_request_is_a_hit(
@@ -222,20 +219,21 @@ async def test_entries_expire_after_their_ttl(
     body = {"model": "fake-model", "messages": _msg(), "temperature": 0}
     await _post(gw, body)
     await _stored(gw, body)
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.35)  # time is the condition: past the entry's TTL
     assert (await _post(gw, body))[1]["x-tollway-cache"] == "miss"
 
 
 async def test_hot_entries_are_served_from_the_process_for_local_ttl_s(
     start_gateway: StartGateway, fake_openai: FakeOpenAI, redis_url: str
 ) -> None:
-    gw = await _open(start_gateway, fake_openai, redis_url, local_ttl_s=0.3)
+    # long enough that the checks below fit in it on a loaded machine
+    gw = await _open(start_gateway, fake_openai, redis_url, local_ttl_s=1.0)
     body = {"model": "fake-model", "messages": _msg(), "temperature": 0}
     await _post(gw, body)
     await _stored(gw, body)
     await gw.app[REDIS].client.delete(f"tw:cache:{{gw}}:{fingerprint('chat', 'fake-model', body)}")
     assert (await _post(gw, body))[1]["x-tollway-cache"] == "hit"  # from this process
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.05)  # time is the condition: past local_ttl_s
     assert (await _post(gw, body))[1]["x-tollway-cache"] == "miss"
 
 

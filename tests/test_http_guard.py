@@ -17,6 +17,7 @@ from proxy.stores import apikeys
 from proxy.web.keys import GUARD_STATS
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
+from tests.waiting import until
 
 CHAT = b'{"model":"echo","messages":[{"role":"user","content":"hi"}]}'
 
@@ -179,9 +180,7 @@ async def raw_request_after_release(
     _, w = held.pop()
     w.close()
     stats = gw.app[GUARD_STATS]
-    deadline = time.monotonic() + 5
-    while stats.open >= 20 and time.monotonic() < deadline:  # noqa: ASYNC110 - a bounded poll
-        await asyncio.sleep(0.01)
+    await until(lambda: stats.open < 20, interval=0.01)
     status, _, body = await raw_request(
         gw, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from aiohttp import web
 from proxy.core.tasks import TaskGroup
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.test_supervisor import Tollway, tollway  # noqa: F401 - the fixture
+from tests.waiting import until
 
 MSG = [{"role": "user", "content": "hi"}]
 STREAMS = 20
@@ -66,7 +67,7 @@ class Trickle:
             }
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
             self.sent[rid] += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the behaviour: a provider trickling tokens
         return resp
 
 
@@ -75,14 +76,6 @@ async def trickle() -> AsyncIterator[Trickle]:
     fake = await Trickle().start()
     yield fake
     await fake.close()
-
-
-async def _until(check: Callable[[], bool], limit: float) -> None:
-    for _ in range(int(limit / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not true within {limit}s")
 
 
 async def _read_until_killed(resp: aiohttp.ClientResponse, got: list[int]) -> None:
@@ -118,7 +111,7 @@ async def test_sigkill_with_streams_in_flight_bills_every_request_as_interrupted
             tasks.spawn(_read_until_killed(r, g)) for r, g in zip(responses, got, strict=True)
         ]
         # every stream well past its first checkpoint (each second)
-        await _until(lambda: min(len(g) for g in got) >= 40, 20)
+        await until(lambda: min(len(g) for g in got) >= 40, 20, interval=0.05)
         t.proc.send_signal(signal.SIGKILL)
         await asyncio.wait_for(asyncio.gather(*readers), 10)
     await t.proc.wait()

@@ -17,8 +17,10 @@ from proxy.web.lifecycle import shutdown
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import StartGateway
 from tests.fakes import FakeOpenAI
+from tests.waiting import until
 
 MSG = [{"role": "user", "content": "tell me"}]
+GRACE = 2.0
 ROWS = """
 SELECT e.status, e.prompt_tokens, e.completion_tokens, e.usage_source, e.counted
 FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1
@@ -79,11 +81,14 @@ async def test_shutdown_drains_then_aborts_and_bills_everything(
         waiting = asyncio.ensure_future(  # noqa: TID251 - awaited below
             s.post(url, json={"model": "silent", "messages": MSG}, headers=auth)
         )
-        await asyncio.sleep(0.1)
-        assert gw.app[LIFECYCLE].requests == 3 and gw.app[LIFECYCLE].streams == 2
+        lifecycle = gw.app[LIFECYCLE]
+        # in flight: all three in the gateway, the waiting one at its provider
+        await until(lambda: lifecycle.requests == 3 and len(stuck_openai.seen) == 2)
+        assert lifecycle.streams == 2
 
-        stopping = asyncio.ensure_future(shutdown(gw.runner, grace=1.0))  # noqa: TID251
-        await asyncio.sleep(0.1)
+        # the grace is long enough for the steps below on a loaded machine
+        stopping = asyncio.ensure_future(shutdown(gw.runner, grace=GRACE))  # noqa: TID251
+        await until(lambda: lifecycle.draining and not gw.runner.sites)
         async with idle.get(gw.url + "/readyz") as r:  # draining: not ready, and goodbye
             assert r.status == 503 and (await r.json())["status"] == "draining"
             assert r.headers.get("Connection", "").lower() == "close"
@@ -92,6 +97,7 @@ async def test_shutdown_drains_then_aborts_and_bills_everything(
                 pass
         fake_openai.release.set()  # this stream ends within the grace period
         finished = await finishing.read()
+        assert not lifecycle.aborting, "the finishing stream needed more than the grace"
         cut = await stuck.read()  # ended by the gateway after the grace period, cleanly
         refused = await waiting
         await stopping

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -20,6 +21,7 @@ from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway
 from tests.db import server_pids
 from tests.fakes import FakeOpenAI
+from tests.waiting import until
 
 BUDGET = 1.0  # billing.db_timeout_s in this test
 MSG = [{"role": "user", "content": "hi"}]
@@ -85,11 +87,9 @@ async def test_a_frozen_postgres_gets_a_503_within_the_budget_and_service_recove
             assert status == 503 and body["error"]["code"] == "billing_unavailable", body
             assert took < BUDGET + 1.5, took
     assert any("did not answer within" in r.getMessage() for r in caplog.records)
-    async with asyncio.timeout(15):  # thawed: both keys are served again
-        for key in (unseen, known):
-            for _ in range(100):
-                if (await _chat(gw, key["api_key"]))[0] == 200:
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("not served again after the thaw")
+
+    async def served(key: dict[str, Any]) -> bool:
+        return (await _chat(gw, key["api_key"]))[0] == 200
+
+    for key in (unseen, known):  # thawed: both keys are served again
+        await until(functools.partial(served, key), 15, interval=0.1, what="served after the thaw")

@@ -3,7 +3,6 @@ target is tried; with none left, a 429/503 with retry-after."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -13,6 +12,7 @@ from proxy.web.keys import REDIS
 from tests.conftest import Gateway, StartGateway
 from tests.db import unique
 from tests.fakes import FakeOpenAI
+from tests.waiting import until
 
 
 def _config(fake: FakeOpenAI, limits: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -89,9 +89,9 @@ async def test_max_concurrency_holds_until_the_stream_closes(
         assert (await _chat(gw, "spilled"))[1]["x-tollway-provider"] != main
         fake_openai.release.set()
         await r.read()
-    async with asyncio.timeout(2):
-        for _ in range(200):
-            if (await _chat(gw, "limited"))[0] == 200:
-                break
-            await asyncio.sleep(0.01)
+
+    async def served() -> bool:  # the slot is given back once the stream closed
+        return (await _chat(gw, "limited"))[0] == 200
+
+    await until(served, 5, interval=0.01)
     assert gw.app[REDIS].up

@@ -21,6 +21,7 @@ from proxy.providers.translated import translate_stream
 from tests.conftest import Gateway, StartGateway
 from tests.fakes_providers import FakeAnthropic, decoded, fixture, golden, translate_pieces
 from tests.schema import validate
+from tests.waiting import until
 
 CREATED = 1_700_000_000
 STREAMS = ["text", "tools", "cache"]
@@ -664,9 +665,6 @@ async def test_e2e_client_disconnect_cancels_upstream(gw: Gateway, fake: FakeAnt
         resp.close()
     async with asyncio.timeout(5):
         await fake.disconnected.wait()
-        for _ in range(250):
-            if gw.settler.records:
-                break
-            await asyncio.sleep(0.02)
+    await until(lambda: gw.settler.records)
     assert gw.settler.records[-1].client_disconnected
     fake.release.set()

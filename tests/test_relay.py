@@ -10,6 +10,7 @@ import orjson
 from tests.conftest import StartGateway, gateway_config
 from tests.fakes import WORDS, FakeOpenAI
 from tests.fakes_faults import FaultyOpenAI
+from tests.waiting import until
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -64,10 +65,7 @@ async def test_client_disconnect_cancels_upstream_and_still_settles(
         resp.close()  # the client walks away while the provider is mid-answer
     async with asyncio.timeout(5):
         await fake_openai.disconnected.wait()  # upstream request was cancelled
-        for _ in range(250):
-            if gw.settler.records:
-                break
-            await asyncio.sleep(0.02)
+    await until(lambda: gw.settler.records)
     record = gw.settler.records[-1]
     assert record.client_disconnected
     assert record.usage.source == "estimated"  # the usage chunk never came

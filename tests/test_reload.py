@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import yaml
 from proxy.pipeline.registry import parse_config
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
+from tests.waiting import until
 
 MSG = [{"role": "user", "content": "hello there"}]
 
@@ -41,16 +41,6 @@ def with_model(base: dict[str, Any], name: str, **extra: Any) -> dict[str, Any]:
 async def listed(gw: Gateway) -> set[str]:
     async with aiohttp.ClientSession() as s, s.get(gw.base_url + "/models") as r:
         return {m["id"] for m in (await r.json())["data"]}
-
-
-async def until(check: Any, limit: float = 2.0) -> float:
-    """Seconds until the async ``check()`` is true; fails after ``limit``."""
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        if await check():
-            return time.monotonic() - started
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not true within {limit}s")
 
 
 async def admin(gw: Gateway, method: str, path: str, key: str) -> tuple[int, Any]:
@@ -92,10 +82,11 @@ async def test_reload_applies_within_2s_under_load_with_zero_failures(
     async with asyncio.TaskGroup() as load:
         for i in range(8):
             load.create_task(client(i))
-        await asyncio.sleep(0.4)
+        await until(lambda: len(statuses) >= 25)  # the load is flowing
         text = write_atomically(path, with_model(base, "new-model"))
-        took = await until(lambda: _has(gw, "new-model"), limit=2.0)
-        await asyncio.sleep(0.3)
+        took = await until(lambda: _has(gw, "new-model"), 2.0)
+        served = len(statuses)
+        await until(lambda: len(statuses) >= served + 25)  # and flows on the new config
         stop.set()
     assert took < 2.0
     assert len(statuses) > 50 and set(statuses) == {200}, set(statuses)
@@ -128,7 +119,7 @@ async def test_stream_finishes_on_the_snapshot_it_started_with(
         first = await r.content.readline()
         assert first.startswith(b"data: ")
         write_atomically(path, moved)
-        await until(lambda: _version_changed(gw, old_version))
+        await until(lambda: _version_changed(gw, old_version), 2.0)
         fake_openai.release.set()
         rest = await r.read()
     assert rest.rstrip().endswith(b"data: [DONE]")
@@ -201,7 +192,7 @@ async def test_invalid_edit_is_refused_and_the_old_config_keeps_serving(
     async def refused() -> bool:
         return (await admin(gw, "GET", "/admin/config", admin_key))[1]["last_error"] is not None
 
-    await until(refused)
+    await until(refused, 2.0)
     status = (await admin(gw, "GET", "/admin/config", admin_key))[1]
     assert status["version"] == before["version"] and status["loaded_at"] == before["loaded_at"]
     message = status["last_error"]["message"]
@@ -221,7 +212,7 @@ async def test_invalid_edit_is_refused_and_the_old_config_keeps_serving(
     assert f'tollway_config_version_info{{version="{before["version"]}"}} 1' in metrics
     # the file fixed: it applies and the error clears
     write_atomically(path, with_model(base, "fixed"))
-    await until(lambda: _has(gw, "fixed"))
+    await until(lambda: _has(gw, "fixed"), 2.0)
     assert (await admin(gw, "GET", "/admin/config", admin_key))[1]["last_error"] is None
 
 
@@ -244,7 +235,7 @@ async def test_configmap_symlink_swap_is_picked_up(
     os.replace(mount / "..data_tmp", mount / "..data")
     (mount / "..2024_01_01" / "tollway.yaml").unlink()
     (mount / "..2024_01_01").rmdir()
-    took = await until(lambda: _has(gw, "from-configmap"))
+    took = await until(lambda: _has(gw, "from-configmap"), 2.0)
     assert took < 2.0
 
 
@@ -261,8 +252,10 @@ async def test_a_burst_of_writes_is_one_reload(
             fh.truncate()
             fh.write(final[: len(final) * (i + 1) // 10])
             fh.flush()
-            await asyncio.sleep(0.03)
-    await until(lambda: _has(gw, "burst-9"))
+            await asyncio.sleep(0.03)  # the behaviour: an editor's writes, 30 ms apart
+    await until(lambda: _has(gw, "burst-9"), 2.0)
+    # a window in which nothing may happen: a second reload would come within
+    # the watcher's poll and settle time (0.5 s)
     await asyncio.sleep(0.6)
     async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
         metrics = await r.text()
@@ -280,6 +273,8 @@ async def test_admin_reload_and_config(
     assert status == 200 and body["watching"] is False and body["last_error"] is None
     assert body["version"] == parse_config(path.read_text(), {}).version and body["loaded_at"]
     text = write_atomically(path, with_model(base, "by-admin"))
+    # a window in which nothing may happen: longer than a watcher's poll and
+    # settle time (0.5 s), so a watcher that ran anyway would have reloaded
     await asyncio.sleep(0.8)
     assert "by-admin" not in await listed(gw)  # not watching: only an explicit reload
     status, body = await admin(gw, "POST", "/admin/reload", "wrong")
@@ -331,7 +326,7 @@ async def test_restoring_the_live_file_clears_the_last_error(
     async def refused() -> bool:
         return (await admin(gw, "GET", "/admin/config", admin_key))[1]["last_error"] is not None
 
-    await until(refused)
+    await until(refused, 2.0)
     write_atomically(path, good)
     if not watch:
         status, body = await admin(gw, "POST", "/admin/reload", admin_key)
@@ -340,4 +335,4 @@ async def test_restoring_the_live_file_clears_the_last_error(
     async def cleared() -> bool:
         return (await admin(gw, "GET", "/admin/config", admin_key))[1]["last_error"] is None
 
-    await until(cleared)
+    await until(cleared, 2.0)

@@ -12,7 +12,6 @@ import secrets
 import signal
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from tests.conftest import gateway_config
 from tests.fakes import FakeOpenAI
 from tests.leaks import leaks_in
 from tests.test_metrics import parse, value
+from tests.waiting import until
 
 ROOT = Path(__file__).parents[1]
 MSG = [{"role": "user", "content": "hi"}]
@@ -124,15 +124,6 @@ async def _rest(t: Tollway) -> str:
     return "".join(t.output)
 
 
-async def _until(check: Any, limit: float) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        if await check():
-            return time.monotonic() - started
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not true within {limit}s")
-
-
 def _edit(path: Path, cfg: dict[str, Any]) -> str:
     text = yaml.safe_dump(cfg)
     tmp = path.with_suffix(".new")
@@ -172,7 +163,7 @@ async def test_workers_share_the_port_metrics_reload_and_restart(
                 return False
         return True
 
-    await _until(all_counted, limit=3.0)
+    await until(all_counted, 3.0, interval=0.05)
     _, text = await t.get("/metrics")
     types, series = parse(text)
     assert types["tollway_inflight_requests"] == "gauge"
@@ -181,15 +172,15 @@ async def test_workers_share_the_port_metrics_reload_and_restart(
 
     # SIGHUP to the supervisor reaches every worker (the file is not watched yet)
     v2 = _edit(t.config, _with_model(cfg, "two", watch=True))
+    # a window in which nothing may happen: longer than a watcher's poll and
+    # settle time (0.5 s), so a worker that watched anyway would have reloaded
     await asyncio.sleep(0.8)
     assert set((await t.versions()).values()) == {first[pids[0]]}
     t.proc.send_signal(signal.SIGHUP)
-    took = await _until(lambda: _all_on(t, v2), limit=2.0)
-    assert took < 2.0
+    await until(lambda: _all_on(t, v2), 2.0, interval=0.05)
     # now watching: a plain edit converges on every worker within 2 s
     v3 = _edit(t.config, _with_model(cfg, "three", watch=True))
-    took = await _until(lambda: _all_on(t, v3), limit=2.0)
-    assert took < 2.0
+    await until(lambda: _all_on(t, v3), 2.0, interval=0.05)
 
     # a crashed worker is replaced; the instance's counters do not go back
     os.kill(pids[0], signal.SIGKILL)
@@ -198,7 +189,7 @@ async def test_workers_share_the_port_metrics_reload_and_restart(
         now = await t.versions(12)
         return pids[0] not in now and len(now) == 2
 
-    await _until(replaced, limit=10.0)
+    await until(replaced, 10.0, interval=0.05)
     _, text = await t.get("/metrics")
     assert value(parse(text)[1], "tollway_requests_total", model="echo", status="200") >= 40
 
@@ -207,6 +198,17 @@ async def test_workers_share_the_port_metrics_reload_and_restart(
     out = await _rest(t)
     assert "exited with status -9" in out
     assert t.admin_key not in out and not leaks_in(out)
+
+
+async def _refused(url: str) -> bool:
+    """Whether a new connection to the instance is refused."""
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
 
 
 async def _all_on(t: Tollway, version: str) -> bool:
@@ -230,7 +232,7 @@ async def test_sigterm_drains_streams_and_bills_them(
     tmp_path: Path,
 ) -> None:
     cfg = billing_config(fake_openai.url, flush_interval_ms=1000)
-    cfg["server"] = {"shutdown_grace_s": 1.5}
+    cfg["server"] = {"shutdown_grace_s": 3}  # room for the finishing stream on a loaded machine
     cfg["providers"]["stuck"] = {
         "kind": "openai",
         "base_url": stuck_openai.url,
@@ -251,7 +253,8 @@ async def test_sigterm_drains_streams_and_bills_them(
         assert (await done.content.readline()).startswith(b"data: ")
         assert (await cut.content.readline()).startswith(b"data: ")
         t.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)
+        # both workers draining (their listeners closed), both streams still open
+        await until(lambda: _refused(t.url), what="the workers stopped listening")
         fake_openai.release.set()
         finished, aborted = await done.read(), await cut.read()
     assert await asyncio.wait_for(t.proc.wait(), 30) == 0
