@@ -69,7 +69,7 @@ async def test_room_for_ten_two_hundred_concurrent_on_two_workers_exactly_ten_pa
     statuses = [status for status, _, _ in results]
     assert statuses.count(200) == 10, statuses
     assert statuses.count(429) == 190
-    status, headers, body = next(r for r in results if r[0] == 429)
+    _, headers, body = next(r for r in results if r[0] == 429)
     assert body["error"]["code"] == "insufficient_quota"
     assert body["error"]["type"] == "insufficient_quota"
     assert f"tenant '{tenant}' monthly budget ($0.000600)" in body["error"]["message"]
