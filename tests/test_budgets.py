@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
+import pytest
+from aiohttp import web
 
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
@@ -94,3 +103,80 @@ async def test_settling_refunds_what_a_request_did_not_spend(
     statuses = [(await _chat(gw, key["api_key"], 50))[0] for _ in range(12)]
     assert statuses == [200] * 9 + [429] * 3
     await wait_for(pg, SPENT, tenant, expect=540)
+
+
+SECRET_KEY = bytes(range(32))
+SECRET = "whsec_" + base64.b64encode(SECRET_KEY).decode()
+
+
+@dataclass
+class Receiver:
+    """A webhook endpoint that checks Standard Webhooks signatures itself."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    forged: int = 0
+    url: str = ""
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        msg_id = request.headers["webhook-id"]
+        ts = request.headers["webhook-timestamp"]
+        mac = hmac.new(SECRET_KEY, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+        expected = "v1," + base64.b64encode(mac).decode()
+        fresh = abs(time.time() - int(ts)) < 300
+        if not fresh or not any(
+            hmac.compare_digest(expected, sig)
+            for sig in request.headers["webhook-signature"].split()
+        ):
+            self.forged += 1
+            return web.Response(status=401)
+        async with self.changed:
+            self.events.append(orjson.loads(body))
+            self.changed.notify_all()
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    rec.url = f"http://127.0.0.1:{port}/hook"
+    yield rec
+    await runner.cleanup()
+
+
+async def test_crossing_50_80_100_percent_sends_one_signed_webhook_each(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    receiver: Receiver,
+) -> None:
+    cfg = {
+        **billing_config(fake_openai.url),
+        "tiers": TIERS,
+        "prices": PRICES,
+        "budget_alerts": {"webhook": {"url": receiver.url, "secret": SECRET}},
+    }
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    tenant, key = await tenant_with_key(pg, tmp_path, "usd", set(TIERS))  # $0.0006: 10 requests
+    for n in range(1, 11):
+        assert (await _chat(gw, key["api_key"], 6))[0] == 200
+        await wait_for(pg, SPENT, tenant, expect=60 * n)
+    assert (await _chat(gw, key["api_key"], 6))[0] == 429
+    async with asyncio.timeout(10), receiver.changed:
+        await receiver.changed.wait_for(lambda: len(receiver.events) >= 3)
+    assert receiver.forged == 0
+    data = [e["data"] for e in receiver.events]
+    assert [d["threshold_percent"] for d in data] == [50, 80, 100]
+    assert {(d["scope"], d["tenant"], d["span"]) for d in data} == {("tenant", tenant, "month")}
+    assert [d["used_usd"] for d in data] == ["0.000300", "0.000480", "0.000600"]
+    assert all(e["type"] == "budget.threshold_crossed" for e in receiver.events)

@@ -337,13 +337,17 @@ async def write_batch(
         if keys:
             await conn.execute(_TOUCH_KEYS, keys)
     if alerts is not None:
-        alerts.extend(_crossing(r) for r in crossed)
+        alerts.extend(c for r in crossed for c in _crossings(r))
 
 
-def _crossing(r: asyncpg.Record) -> Crossing:
-    used, limit = r["a"], r["b"]
-    level = next(p for p in (100, 80, 50) if used * 100 >= limit * p)
-    return Crossing(r["subject"], r["span"], r["period"], used, limit, level)
+def _crossings(r: asyncpg.Record) -> list[Crossing]:
+    """Every threshold passed since the last one announced (a batch may pass two)."""
+    used, limit, alerted = r["a"], r["b"], r["c"]
+    return [
+        Crossing(r["subject"], r["span"], r["period"], used, limit, p)
+        for p in (50, 80, 100)
+        if alerted < p and used * 100 >= limit * p
+    ]
 
 
 Refused = list[tuple[UsageRow, BaseException]]
