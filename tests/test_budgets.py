@@ -103,6 +103,23 @@ async def test_settling_refunds_what_a_request_did_not_spend(
     statuses = [(await _chat(gw, key["api_key"], 50))[0] for _ in range(12)]
     assert statuses == [200] * 9 + [429] * 3
     await wait_for(pg, SPENT, tenant, expect=540)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(gw.base_url + "/usage", headers={"Authorization": f"Bearer {key['api_key']}"}) as r,
+    ):
+        budgets = (await r.json())["budgets"]
+    assert budgets == [
+        {
+            "budget": f"tenant '{tenant}' monthly budget",
+            "scope": "tenant",
+            "span": "month",
+            "period": budgets[0]["period"],
+            "spent_usd": "0.000540",
+            "limit_usd": "0.001000",
+            "remaining_usd": "0.000460",
+            "resets_at": budgets[0]["resets_at"],
+        }
+    ]
 
 
 SECRET_KEY = bytes(range(32))
