@@ -143,6 +143,12 @@ def _usage(reader: Reader, out: str, ex: Example) -> None:
     assert usage["tier"] == "pro", usage  # the demo tenant's tier, as the README says
 
 
+def _demo_spend(reader: Reader, out: str, ex: Example) -> None:
+    """The demo's requests so far, priced (echo has a pretend price)."""
+    echo = {row["model"]: row for row in json.loads(out)}["echo"]
+    assert echo["requests"] >= 2 and float(echo["cost_usd"]) > 0, echo
+
+
 def _ok(reader: Reader, out: str, ex: Example) -> None:
     pass
 
@@ -184,7 +190,18 @@ CHECKS: dict[str, Check] = {
         body='{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}',
     ): _json_equals_readme,
 }
+CHECKS |= {
+    "tollway usage": _contains("cost_usd"),
+    "tollway usage --tenant demo --group-by model --json": _demo_spend,
+    "tollway usage --from 2025-06-01 --to 2025-06-30 --group-by key --csv": _contains(
+        "key,requests,errors"
+    ),
+}
 NOT_RUN = {
+    'curl -s -H "Authorization: Bearer $TOLLWAY_ADMIN_KEY" "http://127.0.0.1:8080/admin/usage?'
+    'tenant=demo&group_by=model&from=2025-06-01&to=2025-06-30"': (
+        "the admin API is off in this run; tests/test_usage_rollups.py calls /admin/usage"
+    ),
     "tollway seal --new-key": "tests/test_sealed.py runs the seal commands",
     "export TOLLWAY_MASTER_KEY=...": "tests/test_sealed.py runs the seal commands",
     "printf '%s\\n' \"$OPENAI_API_KEY\" | tollway seal": "tests/test_sealed.py",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from proxy.cli import admin as cli_admin
 from proxy.cli import guardrails as cli_guardrails
+from proxy.cli import usage as cli_usage
 from proxy.config import sealed
 from proxy.config.model import Config
 from proxy.config.reader import ConfigError
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file offline")
     check.add_argument("path", nargs="?", help="YAML config to check")
     cli_admin.add_commands(sub)
+    cli_usage.add_command(sub)
     cli_guardrails.add_commands(sub)
     return p
 
@@ -242,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, config)
         if args.command == "guardrails":
             return cli_guardrails.run(args, config)
+        if args.command == "usage":
+            return cli_usage.run(args)
         return cli_admin.run(args, config)
     except ConfigError as exc:
         print(f"tollway: config error: {exc}{_config_hint(args)}", file=sys.stderr)

@@ -9,10 +9,12 @@ request that does not say ``max_tokens`` itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from proxy.config.budgets import TIER_KEYS as BUDGET_KEYS
+from proxy.config.budgets import Budgets, tier_budgets
 from proxy.config.reader import ConfigError, glob_match
 
 DEFAULT_TIERS: dict[str, dict[str, Any]] = {
@@ -52,6 +54,9 @@ class Tier:
     monthly_tokens: int | None
     max_tokens: int
     models: tuple[str, ...] = ("*",)
+    budgets: Budgets = field(
+        default_factory=Budgets
+    )  # USD budgets, micro-dollars (proxy.config.budgets)
 
     def allows(self, model: str) -> bool:
         return any(glob_match(p, model) for p in self.models)
@@ -104,6 +109,7 @@ _TIER_KEYS = (
     "monthly_tokens",
     "max_tokens",
     "models",
+    *BUDGET_KEYS,
 )
 
 
@@ -136,6 +142,7 @@ def _tier(name: str, raw: Any) -> Tier:
         monthly_tokens=_limit(raw.get("monthly_tokens"), f"{path}.monthly_tokens"),
         max_tokens=max_tokens,
         models=tuple(models),
+        budgets=tier_budgets(raw, path),
     )
 
 
@@ -212,6 +219,7 @@ class BillingPolicy:
 
     lease_requests: int = 64  # largest block of requests one worker leases at once
     lease_tokens: int = 256_000  # largest block of tokens
+    lease_budget_usd: float = 1.0  # largest block of a USD budget
     offline_allowance: int = 0  # requests per worker admitted while Postgres is down
     flush_interval_ms: int = 20
     key_cache_ttl_s: float = 5.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from proxy.config.budgets import Overrides
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -14,3 +16,4 @@ class Principal:
     tenant: str
     tier: str
     expires_at: datetime | None
+    budgets: Overrides = ()  # the tenant's and key's own USD budgets, over the tier's

@@ -29,7 +29,7 @@ from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, Runtime
 from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import Call, Endpoint
 from proxy.stages import parse, relay
-from proxy.stages.admit import key_limits
+from proxy.stages.admit import budget, key_limits
 from proxy.stages.admit.billing import Admission, ratelimit_headers, tier_of
 from proxy.stages.base import Exchange
 from proxy.stages.forward.attempts import Forwarded, forward
@@ -52,13 +52,25 @@ def authenticate(request: web.Request, ex: Exchange) -> Principal | None:
     return who
 
 
-async def admit(rt: Runtime, ex: Exchange) -> None:
+async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
     if ex.who is None or rt.billing is None:
         return
     ex.record.admission = admission = await rt.billing.admit(
         ex.config, ex.who, ex.body, ex.endpoint, ex.model
     )
     rt.billing.journal_open(ex.record, ex.body)
+    if rt.billing.budgets is not None:
+        admission.budget = await budget.reserve(
+            rt.billing.budgets,
+            ex.who,
+            admission.tier,
+            plan,
+            ex.config.prices,
+            ex.body,
+            ex.endpoint,
+            admission.prompt_tokens,
+            rt.billing.quota.clock(),
+        )
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
     verdict = await key_limits.admit(rt.permits or rt.limiter, ex.config, admission)
@@ -150,7 +162,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
         )
         record.public_model = ex.model = plan.public_model
         asked = asked_limit(ex.body)
-        await admit(rt, ex)
+        await admit(rt, ex, plan)
         plan = fit_context(ex, plan, asked)
         record.stream = parse.wants_stream(ex.body, endpoint)
         ex.headers = {"x-request-id": record.request_id, **quota_headers(rt, ex)}

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 
+from proxy.config.budgets import Overrides, overrides_of, parse_overrides
 from proxy.core.errors import InvalidApiKey, ServiceUnavailable
 from proxy.core.principal import Principal
 from proxy.stores import apikeys, pgwait
@@ -117,4 +119,15 @@ class Authenticator:
             tenant=row["tenant"],
             tier=row["tier"],
             expires_at=row["expires_at"],
+            budgets=budget_overrides(row["tenant_budgets"], row["key_budgets"]),
         )
+
+
+def budget_overrides(tenant: str | None, key: str | None) -> Overrides:
+    """The ``budgets`` jsonb columns (written validated by the admin code)."""
+    if tenant is None and key is None:
+        return ()
+    return overrides_of(
+        parse_overrides(orjson.loads(tenant) if tenant else None, "tenant.budgets"),
+        parse_overrides(orjson.loads(key) if key else None, "key.budgets"),
+    )

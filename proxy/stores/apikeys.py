@@ -85,7 +85,7 @@ def _create_once(path: Path, content: str) -> None:
 
 _LOOKUP = """
 SELECT k.id, k.prefix, k.state, k.expires_at, t.id AS tenant_id, t.name AS tenant,
-       coalesce(k.tier, t.tier) AS tier
+       coalesce(k.tier, t.tier) AS tier, t.budgets AS tenant_budgets, k.budgets AS key_budgets
 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
 WHERE k.digest = $1
 """

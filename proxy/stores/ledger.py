@@ -100,10 +100,33 @@ _TYPES = (
     "jsonb",
     "text",
 )
-_UNNEST = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate((*_TYPES, "bool")))
+_UNNEST = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate((*_TYPES, "bool", "date", "bool")))
+# Cached and reasoning token counts, as the provider reported them (details).
+_DETAIL = (
+    "CASE WHEN jsonb_typeof(r.details -> '{0}') = 'number'"
+    " THEN (r.details ->> '{0}')::numeric::bigint ELSE 0 END"
+)
+_ROLLUP_SUMS = (
+    "requests",
+    "errors",
+    "cache_hits",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "unpriced",
+)
+# One statement per batch. Only the rows it inserts (``ins``) move anything:
+# the quota counters, the budget counters (spend of every tenant and key, per
+# month and per UTC day, in micro-dollars rounded up per row) and the daily
+# rollups (by the day the row is written, the day of its created_at).
+# It returns what the statements after it need: ``q`` rows (quota leases to
+# shrink), ``b`` rows (budget leases to shrink), ``a`` rows (budgets that
+# crossed an alert threshold in this batch).
 _WRITE = f"""
 WITH rows AS (
-    SELECT * FROM unnest({_UNNEST}) AS r({", ".join(COLUMNS)}, leased)
+    SELECT * FROM unnest({_UNNEST}) AS r({", ".join(COLUMNS)}, leased, bday, bleased)
 ), ins AS (
     INSERT INTO usage_events ({", ".join(COLUMNS)})
     SELECT {", ".join(COLUMNS)} FROM rows
@@ -125,9 +148,50 @@ WITH rows AS (
     SET requests_used = q.requests_used + excluded.requests_used,
         tokens_used = q.tokens_used + excluded.tokens_used
     RETURNING 1
+), spend AS (
+    SELECT x.subject, x.span, x.at AS period, r.worker_id, r.bleased,
+           ceil(r.cost_usd * 1000000)::bigint AS micros
+    FROM rows r JOIN ins USING (period, event_id)
+    CROSS JOIN LATERAL (VALUES
+        ('t:' || r.tenant_id, 'month', r.period),
+        ('t:' || r.tenant_id, 'day', coalesce(r.bday, (now() AT TIME ZONE 'UTC')::date)),
+        ('k:' || r.key_id, 'month', r.period),
+        ('k:' || r.key_id, 'day', coalesce(r.bday, (now() AT TIME ZONE 'UTC')::date))
+    ) AS x(subject, span, at)
+    WHERE r.counted AND r.cost_usd > 0 AND r.tenant_id IS NOT NULL AND x.subject IS NOT NULL
+), spent AS (
+    INSERT INTO budget_counters AS b (subject, span, period, used_micros)
+    SELECT subject, span, period, sum(micros) FROM spend
+    GROUP BY subject, span, period ORDER BY subject, span, period
+    ON CONFLICT (subject, span, period) DO UPDATE
+    SET used_micros = b.used_micros + excluded.used_micros
+    RETURNING subject, span, period, used_micros, limit_micros, alerted
+), rolled AS (
+    INSERT INTO usage_daily AS u (day, tenant_id, key_id, public_model, provider, served_model,
+                                  {", ".join(_ROLLUP_SUMS)})
+    SELECT (now() AT TIME ZONE 'UTC')::date, r.tenant_id, coalesce(r.key_id, ''),
+           coalesce(r.public_model, ''), coalesce(r.provider, ''),
+           coalesce(r.provider_model, r.public_model, ''),
+           count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
+           sum(r.prompt_tokens), sum(r.completion_tokens),
+           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
+           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)
+    FROM rows r JOIN ins USING (period, event_id)
+    WHERE r.tenant_id IS NOT NULL
+    GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (day, tenant_id, key_id, public_model, provider, served_model) DO UPDATE
+    SET {", ".join(f"{c} = u.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
+    RETURNING 1
 )
-SELECT worker_id, tenant_id, period, ln, lt, (SELECT count(*) FROM counters) AS c
-FROM agg WHERE ln > 0 ORDER BY tenant_id, period
+SELECT 'q' AS kind, worker_id, tenant_id, NULL::text AS subject, NULL::text AS span, period,
+       ln AS a, lt AS b, (SELECT count(*) FROM counters) + (SELECT count(*) FROM rolled) AS c
+FROM agg WHERE ln > 0
+UNION ALL
+SELECT 'b', worker_id, NULL, subject, span, period, sum(micros), 0, 0
+FROM spend WHERE bleased GROUP BY worker_id, subject, span, period
+UNION ALL
+SELECT 'a', NULL, NULL, subject, span, period, used_micros, limit_micros, alerted
+FROM spent WHERE tollway_budget_level(used_micros, limit_micros) > alerted
 """
 # When each key was last used: one statement per batch, key rows locked in
 # id order (after counters and leases), so concurrent batches cannot deadlock.
@@ -151,15 +215,37 @@ FROM unnest($1::text[], $2::bigint[], $3::date[], $4::bigint[], $5::bigint[])
      AS d(worker_id, tenant_id, period, n, t)
 WHERE l.worker_id = d.worker_id AND l.tenant_id = d.tenant_id AND l.period = d.period
 """
+# The same for budget leases, after the budget counters (the lock order of
+# tollway_take_budget_lease too).
+_SETTLE_BUDGET_LEASES = """
+UPDATE budget_leases l SET micros = greatest(0, l.micros - d.m)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::bigint[])
+     AS d(worker_id, subject, span, period, m)
+WHERE l.worker_id = d.worker_id AND l.subject = d.subject AND l.span = d.span
+  AND l.period = d.period
+"""
+# Each threshold is announced once: the row is locked by this transaction.
+_ALERTED = """
+UPDATE budget_counters b SET alerted = tollway_budget_level(b.used_micros, b.limit_micros)
+FROM unnest($1::text[], $2::text[], $3::date[]) AS d(subject, span, period)
+WHERE b.subject = d.subject AND b.span = d.span AND b.period = d.period
+"""
 
 
 @dataclass(slots=True)
 class UsageRow:
     values: tuple[Any, ...]  # in COLUMNS order
     leased: bool
+    # The UTC day its USD budgets were reserved on (None: now), and whether
+    # this worker's budget leases hold its reservation.
+    budget_day: date | None = None
+    budget_leased: bool = False
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"v": [_jsonable(v) for v in self.values], "l": self.leased})
+        obj: dict[str, Any] = {"v": [_jsonable(v) for v in self.values], "l": self.leased}
+        if self.budget_day is not None:
+            obj["bd"], obj["bl"] = self.budget_day.isoformat(), self.budget_leased
+        return orjson.dumps(obj)
 
     @classmethod
     def from_json(cls, line: bytes) -> UsageRow:
@@ -169,7 +255,20 @@ class UsageRow:
         v += [None] * (len(COLUMNS) - len(v))
         v[0] = date.fromisoformat(v[0])
         v[_COST] = None if v[_COST] is None else Decimal(v[_COST])
-        return cls(tuple(v), bool(obj["l"]))
+        day = date.fromisoformat(obj["bd"]) if obj.get("bd") else None
+        return cls(tuple(v), bool(obj["l"]), day, bool(obj.get("bl")))
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    """A budget that reached an alert threshold (50, 80 or 100 percent)."""
+
+    subject: str  # 't:<tenant id>' or 'k:<key id>'
+    span: str  # 'month' or 'day'
+    period: date
+    used_micros: int
+    limit_micros: int
+    level: int
 
 
 _COST = COLUMNS.index("cost_usd")
@@ -195,37 +294,71 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-async def write_batch(pool: asyncpg.Pool, rows: list[UsageRow]) -> None:
-    columns: list[list[Any]] = [[] for _ in range(len(COLUMNS) + 1)]
+async def write_batch(
+    pool: asyncpg.Pool, rows: list[UsageRow], alerts: list[Crossing] | None = None
+) -> None:
+    """One transaction: the rows, counters, rollups and leases. Budgets that
+    crossed a threshold are appended to ``alerts`` (once committed)."""
+    columns: list[list[Any]] = [[] for _ in range(len(COLUMNS) + 3)]
     for row in rows:
         for i, value in enumerate(row.values):
             columns[i].append(value)
-        columns[-1].append(row.leased)
+        columns[-3].append(row.leased)
+        columns[-2].append(row.budget_day)
+        columns[-1].append(row.budget_leased)
     async with pool.acquire() as conn, conn.transaction():
-        leases = await conn.fetch(_WRITE, *columns)
-        if leases:
+        out = await conn.fetch(_WRITE, *columns)
+        quota = [
+            (r["worker_id"], r["tenant_id"], r["period"], r["a"], r["b"])
+            for r in out
+            if r["kind"] == "q"
+        ]
+        if quota:
+            await conn.execute(_SETTLE_LEASES, *(list(x) for x in zip(*quota, strict=True)))
+        spent = [
+            (r["worker_id"], r["subject"], r["span"], r["period"], r["a"])
+            for r in out
+            if r["kind"] == "b"
+        ]
+        if spent:
+            await conn.execute(_SETTLE_BUDGET_LEASES, *(list(x) for x in zip(*spent, strict=True)))
+        crossed = [r for r in out if r["kind"] == "a"]
+        if crossed:
             await conn.execute(
-                _SETTLE_LEASES,
+                _ALERTED,
                 *(
                     list(x)
                     for x in zip(
-                        *[
-                            (r["worker_id"], r["tenant_id"], r["period"], r["ln"], r["lt"])
-                            for r in leases
-                        ],
-                        strict=True,
+                        *[(r["subject"], r["span"], r["period"]) for r in crossed], strict=True
                     )
                 ),
             )
         keys = sorted({row.values[_KEY] for row in rows if row.values[_KEY] is not None})
         if keys:
             await conn.execute(_TOUCH_KEYS, keys)
+    if alerts is not None:
+        alerts.extend(c for r in crossed for c in _crossings(r))
+
+
+def _crossings(r: asyncpg.Record) -> list[Crossing]:
+    """Every threshold passed since the last one announced (a batch may pass two)."""
+    used, limit, alerted = r["a"], r["b"], r["c"]
+    return [
+        Crossing(r["subject"], r["span"], r["period"], used, limit, p)
+        for p in (50, 80, 100)
+        if alerted < p and used * 100 >= limit * p
+    ]
 
 
 Refused = list[tuple[UsageRow, BaseException]]
 
 
-async def write_isolating(pool: asyncpg.Pool, rows: list[UsageRow], refused: Refused) -> None:
+async def write_isolating(
+    pool: asyncpg.Pool,
+    rows: list[UsageRow],
+    refused: Refused,
+    alerts: list[Crossing] | None = None,
+) -> None:
     """``write_batch``, except that rows Postgres refuses for their content
     are collected in ``refused`` while all the others are written.
 
@@ -235,7 +368,7 @@ async def write_isolating(pool: asyncpg.Pool, rows: list[UsageRow], refused: Ref
     already written are then written again on replay, which the
     (period, event_id) key makes harmless."""
     try:
-        await write_batch(pool, rows)
+        await write_batch(pool, rows, alerts)
     except Exception as exc:
         if not is_refusal(exc):
             raise
@@ -243,8 +376,8 @@ async def write_isolating(pool: asyncpg.Pool, rows: list[UsageRow], refused: Ref
             refused.append((rows[0], exc))
             return
         half = len(rows) // 2
-        await write_isolating(pool, rows[:half], refused)
-        await write_isolating(pool, rows[half:], refused)
+        await write_isolating(pool, rows[:half], refused, alerts)
+        await write_isolating(pool, rows[half:], refused, alerts)
 
 
 class Spool:
@@ -316,6 +449,9 @@ class Ledger:
         self._queue: list[UsageRow] = []
         # Called with each batch once it is in Postgres or the spool (the journal closes it).
         self.on_durable: Callable[[list[UsageRow]], None] | None = None
+        # Called with the budgets that crossed an alert threshold, once committed.
+        self.on_alerts: Callable[[list[Crossing]], None] | None = None
+        self.on_budget_leases: Callable[[set[tuple[str, str, date]], float], None] | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.healthy = True
@@ -422,8 +558,13 @@ class Ledger:
         number written. Raises when the database is down or busy: then
         nothing is dead-lettered, and all the rows are still the caller's."""
         refused: Refused = []
-        for i in range(0, len(rows), _CHUNK):
-            await write_isolating(self._pool, rows[i : i + _CHUNK], refused)
+        alerts: list[Crossing] = []
+        try:
+            for i in range(0, len(rows), _CHUNK):
+                await write_isolating(self._pool, rows[i : i + _CHUNK], refused, alerts)
+        finally:
+            if alerts and self.on_alerts is not None:
+                self.on_alerts(alerts)
         self.dead.keep(refused)
         self.written += len(rows) - len(refused)
         return len(rows) - len(refused)
@@ -465,6 +606,19 @@ class Ledger:
                 "DELETE FROM quota_leases WHERE heartbeat_at < now() - make_interval(secs => $1)",
                 self._lease_ttl,
             )
+            held = await self._pool.fetch(
+                "UPDATE budget_leases SET heartbeat_at = now() WHERE worker_id = $1"
+                " RETURNING subject, span, period",
+                self.worker_id,
+            )
+            if self.on_budget_leases is not None:
+                self.on_budget_leases(
+                    {(r["subject"], r["span"], r["period"]) for r in held}, checked_at
+                )
+            await self._pool.execute(
+                "DELETE FROM budget_leases WHERE heartbeat_at < now() - make_interval(secs => $1)",
+                self._lease_ttl,
+            )
         except Exception:  # noqa: BLE001 - a missed heartbeat is retried next round
             pass
 
@@ -496,6 +650,9 @@ class Ledger:
         try:
             await self._pool.execute(
                 "DELETE FROM quota_leases WHERE worker_id = $1", self.worker_id
+            )
+            await self._pool.execute(
+                "DELETE FROM budget_leases WHERE worker_id = $1", self.worker_id
             )
         except UNAVAILABLE:
             log.warning("could not return leases; the sweeper will release them")

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from proxy.config.tiers import Tier
 from proxy.core.errors import Conflict, GatewayError, InvalidRequest, NotFound
-from proxy.stores import accounts
+from proxy.stores import accounts, analytics
 from proxy.web.keys import BILLING, CONFIG
 
 ACTOR = "admin-api"
@@ -151,6 +151,27 @@ async def rotate_key(request: web.Request) -> web.Response:
     return _json(row, 201)
 
 
+async def usage(request: web.Request) -> web.Response:
+    """Spend and usage from the daily rollups (``proxy.stores.analytics``)."""
+    billing = request.app[BILLING]
+    params = {k: request.query.get(k) for k in ("tenant", "key", "model", "from", "to", "group_by")}
+    try:
+        query = analytics.query_from(params, billing.quota.clock().date())
+    except analytics.BadQuery as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+    await billing.ledger.flush()  # include this worker's just-finished requests
+    rows = await analytics.report(billing.auth.pool, query)
+    return _json(
+        {
+            "object": "list",
+            "group_by": query.group_by,
+            "from": query.start.isoformat(),
+            "to": query.end.isoformat(),
+            "data": rows,
+        }
+    )
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/admin/tenants", _guard(create_tenant))
@@ -160,3 +181,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/keys", _guard(list_keys))
     r.add_post("/admin/keys/{key_id}/revoke", _guard(revoke_key))
     r.add_post("/admin/keys/{key_id}/rotate", _guard(rotate_key))
+    r.add_get("/admin/usage", _guard(usage))

@@ -20,6 +20,7 @@ from proxy.pipeline.snapshot import ConfigStore, build_snapshot
 from proxy.stages.base import Services, Stage
 from proxy.stages.forward.attempts import Upstreams
 from proxy.stages.settle.access_log import AccessLog
+from proxy.stages.settle.budget_alerts import BudgetAlertsStage
 from proxy.stages.settle.line_writer import LineWriter
 from proxy.stages.settle.metrics import Metrics
 from proxy.stages.settle.settlers import Settlers
@@ -177,7 +178,22 @@ def _settlers(
     return ctx
 
 
+def _budget_alerts(app: web.Application) -> None:
+    """The ledger's budget crossings go to the alerts stage (log, metric, webhook)."""
+    billing = app.get(BILLING)
+    stage = next((s for s in app[STAGES] if isinstance(s, BudgetAlertsStage)), None)
+    if billing is None or stage is None:
+        return
+    billing.ledger.on_alerts = lambda crossings: stage.notify(
+        crossings,
+        app[CONFIG].current.config.section(BudgetAlertsStage.name),
+        billing.auth.pool,
+        app[METRICS].budget_alert,
+    )
+
+
 async def _runtime(app: web.Application) -> AsyncIterator[None]:
+    _budget_alerts(app)
     app[RUNTIME] = Runtime(
         app[CONFIG],
         app[UPSTREAMS],

@@ -10,11 +10,13 @@ from pathlib import Path
 import asyncpg
 from aiohttp import web
 
+from proxy.config.budgets import MICROS
 from proxy.config.tiers import BillingPolicy
 from proxy.stages.admit.billing import Billing, new_worker_id
 from proxy.stages.auth import Authenticator, KeyCache
 from proxy.stores import apikeys, migrate
 from proxy.stores import journal as journals
+from proxy.stores.budgets import BudgetBook
 from proxy.stores.journal import Journal
 from proxy.stores.ledger import Ledger, Spool
 from proxy.stores.quota import Clock, QuotaBook, utc_now
@@ -81,6 +83,10 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
                 policy.lease_ttl_s,
                 on_leases=quota.keep_only,
             )
+            budgets = BudgetBook(
+                pool, worker, int(policy.lease_budget_usd * MICROS), policy.db_timeout_s
+            )
+            ledger.on_budget_leases = budgets.keep_only
             journal = Journal(opts.data_dir / f"journal-{worker}.jsonl")
             billing = Billing(
                 Authenticator(pool, hasher, KeyCache(policy.key_cache_ttl_s), policy.db_timeout_s),
@@ -88,6 +94,7 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
                 ledger,
                 config.prices,
                 journal,
+                budgets,
             )
             await ledger.replay_orphans(opts.data_dir)
             # After the spools: a dead worker's real rows land before its interrupted ones.

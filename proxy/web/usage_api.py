@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from proxy.config.budgets import usd
+from proxy.config.tiers import Tier
 from proxy.core.errors import InvalidRequest
+from proxy.core.principal import Principal
 from proxy.pipeline.runtime import PRINCIPAL
 from proxy.stages.admit import key_limits
-from proxy.stages.admit.billing import tier_of
+from proxy.stages.admit.billing import Billing, tier_of
+from proxy.stages.admit.budget import limits_for
+from proxy.stores.budgets import resets_at
 from proxy.stores.quota import period_end, period_of
 from proxy.web.keys import BILLING, CONFIG, LIMITER
 
@@ -21,6 +27,30 @@ def _counter(used: int, limit: int | None) -> dict[str, Any]:
         "limit": limit,
         "remaining": None if limit is None else max(0, limit - used),
     }
+
+
+async def _budgets(
+    billing: Billing, who: Principal, tier: Tier, now: datetime
+) -> list[dict[str, Any]]:
+    """The caller's USD budgets: settled spend against each limit."""
+    if billing.budgets is None:
+        return []
+    out = []
+    for limit in limits_for(who, tier, now):
+        spent = await billing.budgets.spent(limit.subject, limit.span, limit.period)
+        out.append(
+            {
+                "budget": limit.label,
+                "scope": "tenant" if limit.subject.startswith("t:") else "key",
+                "span": limit.span,
+                "period": limit.period.isoformat(),
+                "spent_usd": usd(spent),
+                "limit_usd": usd(limit.micros),
+                "remaining_usd": usd(max(0, limit.micros - spent)),
+                "resets_at": resets_at(limit).isoformat().replace("+00:00", "Z"),
+            }
+        )
+    return out
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -49,5 +79,6 @@ async def usage(request: web.Request) -> web.Response:
             "tokens": _counter(used_t, tier.monthly_tokens),
             "resets_at": period_end(period).isoformat().replace("+00:00", "Z"),
         },
+        "budgets": await _budgets(billing, who, tier, now),
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from proxy.config.budgets import to_micros
 from proxy.config.model import Config
 from proxy.config.tiers import Price, Tier
 from proxy.core import tokens
@@ -26,6 +27,7 @@ from proxy.core.pricing import cost_of
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
 from proxy.stages.auth import Authenticator
+from proxy.stores.budgets import BudgetBook, Hold
 from proxy.stores.journal import Journal
 from proxy.stores.ledger import Ledger, UsageRow
 from proxy.stores.quota import QuotaBook, Reservation, Standing, period_of
@@ -45,6 +47,7 @@ class Admission:
     # request from admission on (the row is written under the same id).
     event_id: str = ""
     prompt_tokens: int | None = None  # the prompt estimate, when admission needed one
+    budget: Hold | None = None  # the maximum cost reserved from USD budgets (admit.budget)
 
 
 def tier_of(config: Config, principal: Principal) -> Tier:
@@ -114,8 +117,10 @@ class Billing:
         ledger: Ledger,
         prices: Mapping[str, Price],
         journal: Journal | None = None,
+        budgets: BudgetBook | None = None,
     ) -> None:
         self.auth = auth
+        self.budgets = budgets
         self.quota = quota
         self.ledger = ledger
         self.prices = prices
@@ -174,9 +179,16 @@ class Billing:
         counted = reservation is not None and (usage.total_tokens > 0 or record.status < 400)
         if reservation is not None:
             self.quota.release(reservation, counted, usage.total_tokens)
+        hold = admission.budget if isinstance(admission, Admission) else None
+        if hold is not None and self.budgets is not None:
+            cost = cost_of(record, self.prices) if counted else None
+            self.budgets.release(hold, to_micros(cost) if cost else 0)
         if record.tenant_id is None and reservation is None:
             return  # unauthenticated: nothing to bill
-        self.ledger.add(self._row(record, reservation, counted))
+        row = self._row(record, reservation, counted)
+        if hold is not None:
+            row.budget_day, row.budget_leased = hold.day, bool(hold.limits)
+        self.ledger.add(row)
 
     def _row(self, record: UsageRecord, reservation: Reservation | None, counted: bool) -> UsageRow:
         admission = record.admission if isinstance(record.admission, Admission) else None

@@ -88,6 +88,9 @@ class Metrics:
         self.upstream_errors = Counter(
             "tollway_upstream_errors_total", "Failed provider calls.", registry=r
         )
+        self.budget_alerts = Counter(
+            "tollway_budget_alerts_total", "USD budgets crossing 50/80/100%.", registry=r
+        )
         self.retries = Counter("tollway_retries_total", "Retries of a provider call.", registry=r)
         self.fallbacks = Counter(
             "tollway_fallbacks_total", "Requests served by a fallback target.", registry=r
@@ -160,6 +163,10 @@ class Metrics:
         self._waiting = 0
 
     # ------------------------------------------------------------ settle side
+
+    def budget_alert(self, scope: str, span: str, threshold: int) -> None:
+        labels = (("scope", scope), ("span", span), ("threshold", str(threshold)))
+        self._add(self.budget_alerts, labels)
 
     def _add(self, counter: Counter, labels: Labels, n: float = 1) -> None:
         key = (counter.name, labels)

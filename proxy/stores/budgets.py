@@ -1,0 +1,191 @@
+"""USD budgets, enforced as exactly as the token quota, in micro-dollars.
+
+The same lease scheme as ``proxy.stores.quota``: each worker leases blocks of
+a budget from Postgres (``tollway_take_budget_lease``, one atomic statement
+under the budget's counter row lock; a block is at most 1/8 of what is left
+and at least one request's maximum cost) and admits from its local lease
+without a query. A request reserves its maximum cost from every budget that
+applies to it (tenant month/day, key month/day); if one of them has no room
+the others get their part back and the request is refused. Settling refunds
+the difference between the reservation and the real cost to the local
+leases; the ledger moves the counters and shrinks the Postgres leases by the
+real cost in the transaction that inserts the usage row
+(``proxy.stores.ledger``), so ``limit - used - leases`` is never negative.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+
+from proxy.config.budgets import usd
+from proxy.core.errors import QuotaExceeded, ServiceUnavailable
+from proxy.stores import pgwait
+
+_REFILL_TRIES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One budget a request must fit: whose, which span, how much."""
+
+    subject: str  # 't:<tenant id>' or 'k:<key id>'
+    span: str  # 'month' or 'day'
+    period: date  # first day of the month, or the day (UTC)
+    micros: int
+    label: str  # how the 429 names it: "tenant 'acme' monthly budget"
+
+
+@dataclass(slots=True)
+class Hold:
+    """What a request reserved: ``micros`` from each of ``limits``."""
+
+    limits: tuple[Limit, ...]
+    micros: int
+    day: date
+
+
+@dataclass(slots=True)
+class _Lease:
+    micros: int = 0
+    left: int | None = None  # headroom in Postgres at the last lease call
+    exhausted_until: float = 0.0
+    refilled_at: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+_Key = tuple[str, str, date]
+
+
+class BudgetBook:
+    def __init__(self, pool: asyncpg.Pool, worker_id: str, block_micros: int, db_timeout: float):
+        self._pool = pool
+        self.worker_id = worker_id
+        self._block = max(1, block_micros)
+        self._db_wait = pgwait.Budget(db_timeout)
+        self._leases: dict[_Key, _Lease] = {}
+        self.lease_calls = 0
+
+    def _lease(self, limit: Limit) -> _Lease:
+        key = (limit.subject, limit.span, limit.period)
+        lease = self._leases.get(key)
+        if lease is None:
+            lease = self._leases[key] = _Lease()
+        return lease
+
+    async def admit(self, limits: tuple[Limit, ...], micros: int, day: date) -> Hold:
+        """Reserve ``micros`` from every budget in ``limits``, or none of them."""
+        taken: list[Limit] = []
+        try:
+            for limit in limits:
+                await self._take(limit, micros)
+                taken.append(limit)
+        except BaseException:
+            for limit in taken:
+                self._lease(limit).micros += micros
+            raise
+        return Hold(tuple(taken), micros, day)
+
+    async def _take(self, limit: Limit, micros: int) -> None:
+        lease = self._lease(limit)
+        if lease.micros < micros:
+            async with lease.lock:
+                if lease.micros < micros:
+                    await self._refill(limit, lease, micros)
+        lease.micros -= micros
+
+    async def _refill(self, limit: Limit, lease: _Lease, micros: int) -> None:
+        if lease.exhausted_until > time.monotonic():
+            raise over_budget(limit, micros)
+        for _ in range(_REFILL_TRIES):
+            short = micros - lease.micros
+            try:
+                self.lease_calls += 1
+                row = await pgwait.fetchrow(
+                    self._pool,
+                    self._db_wait,
+                    "budget lease",
+                    "SELECT * FROM tollway_take_budget_lease($1, $2, $3, $4, $5, $6, $7)",
+                    self.worker_id,
+                    limit.subject,
+                    limit.span,
+                    limit.period,
+                    max(short, self._block),
+                    short,
+                    limit.micros,
+                )
+            except pgwait.DatabaseDown:
+                raise ServiceUnavailable(
+                    "Budgets cannot be checked right now (billing database unreachable);"
+                    " retry shortly.",
+                    code="billing_unavailable",
+                    headers={"retry-after": "5"},
+                ) from None
+            assert row is not None
+            lease.refilled_at = time.monotonic()
+            lease.micros += row["got"]
+            lease.left = row["left_micros"]
+            if lease.micros >= micros:
+                return
+            if not row["got"]:
+                break
+        lease.exhausted_until = time.monotonic() + 0.25
+        raise over_budget(limit, micros)
+
+    def release(self, hold: Hold, spent: int) -> None:
+        """Give back what the request reserved and did not spend."""
+        for limit in hold.limits:
+            lease = self._lease(limit)
+            lease.micros += hold.micros - spent
+            lease.exhausted_until = 0.0
+
+    def remaining(self, limit: Limit) -> int | None:
+        """Headroom as this worker last saw it (Postgres' plus its own lease)."""
+        lease = self._leases.get((limit.subject, limit.span, limit.period))
+        if lease is None or lease.left is None:
+            return None
+        return max(0, lease.left + max(0, lease.micros))
+
+    def keep_only(self, alive: set[_Key], checked_at: float) -> None:
+        """Drop local leases whose Postgres rows were gone at ``checked_at``
+        (swept while this worker was cut off): they are no longer ours."""
+        for key in [k for k in self._leases if k not in alive]:
+            lease = self._leases[key]
+            if lease.refilled_at < checked_at and not lease.lock.locked():
+                del self._leases[key]
+
+    async def spent(self, subject: str, span: str, period: date) -> int:
+        """Settled micro-dollars of one budget (0 when nothing was spent)."""
+        value = await self._pool.fetchval(
+            "SELECT used_micros FROM budget_counters"
+            " WHERE subject = $1 AND span = $2 AND period = $3",
+            subject,
+            span,
+            period,
+        )
+        return int(value or 0)
+
+
+def resets_at(limit: Limit) -> datetime:
+    """The first instant of the next month or day (UTC): when the budget resets."""
+    p = limit.period
+    if limit.span == "day":
+        return datetime(p.year, p.month, p.day, tzinfo=UTC) + timedelta(days=1)
+    year, month = (p.year + 1, 1) if p.month == 12 else (p.year, p.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC)
+
+
+def over_budget(limit: Limit, micros: int) -> QuotaExceeded:
+    resets = "next month (UTC)" if limit.span == "month" else "tomorrow (UTC)"
+    retry = int((resets_at(limit) - datetime.now(UTC)).total_seconds()) + 1
+    exc = QuotaExceeded(
+        f"You exceeded your {limit.label} (${usd(limit.micros)}): this request may cost up"
+        f" to ${usd(micros)} and the budget has less left. It resets {resets}.",
+        headers={"retry-after": str(max(1, retry)), "x-should-retry": "false"},
+    )
+    exc.reason = "budget"
+    return exc

@@ -1,0 +1,158 @@
+"""Daily rollups agree with the usage rows; /admin/usage and `tollway usage` read them."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.billing_helpers import billing_config, tenant_with_key, wait_for
+from tests.conftest import Gateway, StartGateway
+from tests.fakes import FakeOpenAI
+
+ADMIN = "admin-usage-5b1f"
+MSG = [{"role": "user", "content": "hi"}]
+PRICES = {
+    "upstream-model": {"prompt": 1.0, "completion": 2.0},
+    "fake-cut": {"prompt": 1.0, "completion": 2.0},
+}
+EVENTS = (
+    "SELECT count(*) FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1"
+)
+# The rows summed the way the rollups sum them, by day x key x public model x served model.
+FROM_ROWS = """
+SELECT (e.created_at AT TIME ZONE 'UTC')::date AS day, coalesce(e.key_id, '') AS key_id,
+       coalesce(e.public_model, '') AS public_model, coalesce(e.provider, '') AS provider,
+       coalesce(e.provider_model, e.public_model, '') AS served_model,
+       count(*) AS requests, count(*) FILTER (WHERE e.status >= 400) AS errors,
+       count(*) FILTER (WHERE e.cached) AS cache_hits,
+       sum(e.prompt_tokens) AS prompt_tokens, sum(e.completion_tokens) AS completion_tokens,
+       coalesce(sum(e.cost_usd), 0) AS cost_usd,
+       count(*) FILTER (WHERE e.cost_usd IS NULL) AS unpriced
+FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1
+GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+"""
+FROM_ROLLUPS = """
+SELECT u.day, u.key_id, u.public_model, u.provider, u.served_model, u.requests, u.errors,
+       u.cache_hits, u.prompt_tokens, u.completion_tokens, u.cost_usd, u.unpriced
+FROM usage_daily u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1
+ORDER BY 1, 2, 3, 4, 5
+"""
+
+
+def _config(fake: FakeOpenAI) -> dict[str, Any]:
+    cfg = billing_config(fake.url)
+    cfg["prices"] = PRICES
+    cfg["models"] = [
+        *cfg["models"],
+        {
+            "name": "fb",
+            "targets": [{"provider": "fake", "model": "error-503"}],
+            "fallbacks": ["fake-model"],
+        },
+    ]
+    return cfg
+
+
+async def _post(gw: Gateway, key: str, body: dict[str, Any]) -> int:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            gw.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as r,
+    ):
+        await r.read()
+        return r.status
+
+
+async def _walk_away(gw: Gateway, key: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(
+            gw.base_url + "/chat/completions",
+            json={"model": "fake-held", "messages": MSG, "stream": True},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        await resp.content.readany()
+        resp.close()
+
+
+async def _mixed_run(gw: Gateway, key: str) -> int:
+    """Successes, streams, a fallback, provider failures, a cut stream and a
+    client that walks away; returns how many requests were sent."""
+    bodies = [
+        {"model": "fake-model", "messages": MSG},
+        {"model": "fake-model", "messages": MSG, "stream": True},
+        {"model": "fb", "messages": MSG},  # served by fake-model's target
+        {"model": "fake-error-500", "messages": MSG},
+        {"model": "fake-cut", "messages": MSG, "stream": True},
+        {"model": "fake-usage-none", "messages": MSG},  # unpriced served model
+    ]
+    statuses = await asyncio.gather(*(_post(gw, key, b) for b in bodies * 3))
+    assert 200 in statuses and any(s >= 500 for s in statuses)
+    await _walk_away(gw, key)
+    return len(bodies) * 3 + 1
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+async def test_rollups_equal_the_rows_after_a_mixed_run(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TOLLWAY_ADMIN_KEY", ADMIN)
+    gw = await start_gateway(_config(fake_openai), database_url=pg_url, data_dir=tmp_path)
+    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    sent = await _mixed_run(gw, key["api_key"])
+    fake_openai.release.set()
+    await wait_for(pg, EVENTS, tenant, expect=sent)
+    rows = [dict(r) for r in await pg.fetch(FROM_ROWS, tenant)]
+    rollups = [dict(r) for r in await pg.fetch(FROM_ROLLUPS, tenant)]
+    assert rollups == rows
+    served = {r["served_model"] for r in rollups}
+    assert {"upstream-model", "fake-error-500", "fake-cut", "fake-held"} <= served
+    fallback = [r for r in rollups if r["public_model"] == "fb"]
+    assert fallback and {r["served_model"] for r in fallback} == {"upstream-model"}
+    # A replayed batch moves nothing: the ledger writes only new rows.
+    assert sum(r["requests"] for r in rollups) == sent
+
+    async with aiohttp.ClientSession() as s:
+        url = f"{gw.url}/admin/usage?tenant={tenant}&group_by=model"
+        async with s.get(url, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+            assert r.status == 200
+            report = await r.json()
+        async with s.get(
+            f"{gw.url}/admin/usage?group_by=week", headers={"Authorization": f"Bearer {ADMIN}"}
+        ) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["param"] == "group_by"
+    by_model = {row["model"]: row for row in report["data"]}
+    assert by_model["upstream-model"]["requests"] == sum(
+        r["requests"] for r in rollups if r["served_model"] == "upstream-model"
+    )
+    assert sum(row["requests"] for row in report["data"]) == sent
+
+    cli = [sys.executable, "-m", "proxy", "usage", "--tenant", tenant, "--group-by", "model"]
+    env = {**os.environ, "DATABASE_URL": pg_url}
+    out = await asyncio.to_thread(_run, [*cli, "--csv"], env)
+    assert out.returncode == 0, out.stderr
+    parsed = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert {r["model"]: int(r["requests"]) for r in parsed} == {
+        m: row["requests"] for m, row in by_model.items()
+    }
+    table = await asyncio.to_thread(_run, cli, env)
+    assert table.returncode == 0 and "upstream-model" in table.stdout
