@@ -16,11 +16,13 @@ from proxy.config.model import Config, Section
 from proxy.stages.base import Stage
 from proxy.stages.cache.stage import ResponseCacheStage
 from proxy.stages.guardrails.stage import GuardrailsStage
+from proxy.stages.semcache.stage import SemanticCacheStage
 
 # Order is the order of ``on_request`` (and of every other hook). Input
 # checks that may refuse a request (guardrails) go before the cache, so a
-# cache hit can never skip them; the cache comes last, right before forward.
-STAGES: tuple[type[Stage], ...] = (GuardrailsStage, ResponseCacheStage)
+# cache hit can never skip them; the caches come last, right before forward:
+# the exact one first (cheaper), then the semantic one.
+STAGES: tuple[type[Stage], ...] = (GuardrailsStage, ResponseCacheStage, SemanticCacheStage)
 
 SECTIONS: tuple[Section, ...] = tuple(
     Section(cls.section, cls.configure) for cls in STAGES if cls.section is not None
