@@ -25,6 +25,7 @@ from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI
 from tests.schema import validate
+from tests.test_cli import _env, _tollway
 
 Q1 = "What is the capital of France?"
 Q2 = "Whats the capital of France?"  # a paraphrase: cosine ~0.89 with the echo vectors
@@ -317,3 +318,48 @@ def test_config_errors_name_the_key() -> None:
     ]:
         with pytest.raises(ConfigError, match=rf"^{where.replace('*', '[*]')}:"):
             parse_config(yaml.safe_dump({**base, "semantic_cache": bad}), {})
+
+
+async def test_purge_by_admin_route_and_cli(
+    setup: Any, pg: asyncpg.Pool, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOLLWAY_ADMIN_KEY", "tw-admin-semantic-test")
+    gw, key, scope = await setup()
+    await _post(gw, key, _chat(Q1))
+    await _rows(pg, scope, 1)
+    tenant = await pg.fetchval("SELECT name FROM tenants WHERE 't' || id = $1", scope)
+    headers = {"Authorization": "Bearer tw-admin-semantic-test"}
+    async with aiohttp.ClientSession() as s:
+        body = {"tenant": tenant, "model": "other-model"}
+        async with s.post(gw.url + "/admin/cache/purge", json=body, headers=headers) as r:
+            assert (r.status, (await r.json())["deleted"]) == (200, 0)
+        async with s.post(
+            gw.url + "/admin/cache/purge", json={"tenant": tenant}, headers=headers
+        ) as r:
+            assert (r.status, (await r.json())["deleted"]) == (200, 1)
+        async with s.post(
+            gw.url + "/admin/cache/purge", json={"tenant": "nobody-x"}, headers=headers
+        ) as r:
+            assert r.status == 404
+    assert (await _post(gw, key, _chat(Q2)))[1]["x-tollway-cache"] == "miss"
+    await _rows(pg, scope, 1)  # Q2's answer, stored
+    out = _tollway(
+        "cache", "purge", "--tenant", tenant, "--model", "echo", env=_env(pg_url, tmp_path)
+    )
+    assert out.returncode == 0, out.stderr
+    assert "deleted=1" in out.stdout
+    await _rows(pg, scope, 0)
+
+
+async def test_metrics_count_hits_misses_and_bypasses(setup: Any, pg: asyncpg.Pool) -> None:
+    gw, key, scope = await setup()
+    await _post(gw, key, _chat(Q1))
+    await _rows(pg, scope, 1)
+    await _post(gw, key, _chat(Q2))
+    await _post(gw, key, _chat(Q2, n=2))
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
+        text = await r.text()
+    for result in ("hit", "miss", "bypass"):
+        assert f'tollway_semantic_cache_requests_total{{result="{result}"}} 1' in text
+    assert "tollway_semantic_cache_similarity_count 1" in text  # Q1's miss found no neighbour
+    assert "tollway_semantic_cache_embedding_seconds_count 2" in text

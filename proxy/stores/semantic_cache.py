@@ -26,6 +26,7 @@ import asyncpg
 from pgvector.asyncpg import register_vector
 
 from proxy.core.usage import Usage
+from proxy.stores.accounts import AccountError
 
 POOL_SIZE = 4
 
@@ -170,9 +171,20 @@ class SemanticStore:
         return _count(await self.pool.execute(_PURGE, scope, model))
 
 
-async def purge(conn: asyncpg.Pool | asyncpg.Connection, scope: str, model: str | None) -> int:
-    """For the admin route and the CLI (no vector codec needed)."""
-    return _count(await conn.execute(_PURGE, scope, model))
+async def purge_tenant(
+    accounts_db: asyncpg.Pool | asyncpg.Connection,
+    cache_db: asyncpg.Pool | asyncpg.Connection,
+    tenant: str,
+    model: str | None = None,
+) -> dict[str, object]:
+    """``tollway cache purge`` and ``POST /admin/cache/purge``: delete a
+    tenant's entries (of one public model, if given). ``cache_db`` is the
+    billing database unless ``SEMANTIC_CACHE_DATABASE_URL`` names another."""
+    tenant_id = await accounts_db.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    if tenant_id is None:
+        raise AccountError(f"no tenant named {tenant!r}", 404)
+    deleted = _count(await cache_db.execute(_PURGE, f"t{tenant_id}", model))
+    return {"tenant": tenant, "model": model, "deleted": deleted}
 
 
 def _count(status: str) -> int:
