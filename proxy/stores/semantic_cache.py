@@ -99,7 +99,8 @@ class SemanticStore:
         if not exists:
             await self.pool.execute(
                 f"CREATE INDEX IF NOT EXISTS {name} ON semantic_cache USING hnsw "
-                f"((embedding::vector({dims})) vector_cosine_ops) WHERE dims = {dims}"
+                f"((embedding::vector({dims})) vector_cosine_ops) WHERE dims = {dims}",
+                timeout=600,  # normally instant (no rows of that size yet), never cut short
             )
         self._indexed.add(dims)
 
