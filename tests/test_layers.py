@@ -33,6 +33,7 @@ STAGE_ORDER = (
     "admit",
     "guardrails",
     "cache",
+    "semcache",
     "forward",
     "relay",
     "settle",

@@ -205,6 +205,15 @@ NOT_RUN = {
     "tollway seal --new-key": "tests/test_sealed.py runs the seal commands",
     "export TOLLWAY_MASTER_KEY=...": "tests/test_sealed.py runs the seal commands",
     "printf '%s\\n' \"$OPENAI_API_KEY\" | tollway seal": "tests/test_sealed.py",
+    "curl -s -D - -o /dev/null http://127.0.0.1:8080/v1/chat/completions "
+    '-H "Authorization: Bearer $TOLLWAY_KEY" -H "Content-Type: application/json" '
+    '-d \'{"model": "echo", "messages": [{"role": "user", "content": '
+    '"What is the capital of France?"}]}\'': "tests/test_semantic_cache.py (paraphrase hit)",
+    "tollway cache purge --tenant demo --model echo": "tests/test_semantic_cache.py (purge)",
+    "curl -s -X POST http://127.0.0.1:8080/admin/cache/purge "
+    '-H "Authorization: Bearer $TOLLWAY_ADMIN_KEY" -d \'{"tenant": "demo"}\'': (
+        "tests/test_semantic_cache.py (purge)"
+    ),
 }
 
 

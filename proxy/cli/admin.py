@@ -1,4 +1,4 @@
-"""``tollway migrate | tenants … | keys …`` — admin commands on the database.
+"""``tollway migrate | tenants … | keys … | cache purge`` — admin commands on the database.
 
 They use the same operations as the ``/admin/`` API (``proxy.stores.accounts``),
 audited with the actor ``cli:<user>``.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import asyncpg
 import orjson
 
 from proxy.config.model import Config
-from proxy.stores import accounts, apikeys, migrate
+from proxy.stores import accounts, apikeys, migrate, semantic_cache
 from proxy.stores import embedded as datastores
 from proxy.web.admin import rate_limit
 
@@ -52,7 +53,14 @@ def add_commands(sub: Any) -> None:
     kl.add_argument("--tenant")
     for action in ("revoke", "rotate"):
         keys.add_parser(action, help=f"{action} a key").add_argument("key_id")
+    cache = sub.add_parser("cache", help="manage the semantic cache").add_subparsers(
+        dest="action", required=True
+    )
+    cp = cache.add_parser("purge", help="delete a tenant's semantic-cache entries")
+    cp.add_argument("--tenant", required=True)
+    cp.add_argument("--model", help="only this public model's entries")
     for p in (
+        cp,
         c,
         st,
         tenants.choices["list"],
@@ -114,7 +122,21 @@ async def _dispatch(
             return await accounts.revoke_key(pool, args.key_id, who)
         case ("keys", "rotate"):
             return await accounts.rotate_key(pool, hasher, args.key_id, who)
+        case ("cache", "purge"):
+            return await _purge(pool, args.tenant, args.model)
     raise AssertionError(args)
+
+
+async def _purge(pool: asyncpg.Pool, tenant: str, model: str | None) -> Any:
+    """The entries live in ``SEMANTIC_CACHE_DATABASE_URL`` when set, else here."""
+    own = os.environ.get("SEMANTIC_CACHE_DATABASE_URL")
+    if not own:
+        return await semantic_cache.purge_tenant(pool, pool, tenant, model)
+    conn = await asyncpg.connect(own, timeout=5)
+    try:
+        return await semantic_cache.purge_tenant(pool, conn, tenant, model)
+    finally:
+        await conn.close()
 
 
 def _print(args: argparse.Namespace, result: Any) -> None:

@@ -16,13 +16,20 @@ from proxy.config.model import Config, Section
 from proxy.stages.base import Stage
 from proxy.stages.cache.stage import ResponseCacheStage
 from proxy.stages.guardrails.stage import GuardrailsStage
+from proxy.stages.semcache.stage import SemanticCacheStage
 from proxy.stages.settle.budget_alerts import BudgetAlertsStage
 
 # Order is the order of ``on_request`` (and of every other hook). Input
 # checks that may refuse a request (guardrails) go before the cache, so a
-# cache hit can never skip them; the cache comes last, right before forward.
-# BudgetAlertsStage has no request hooks (it owns ``budget_alerts:``).
-STAGES: tuple[type[Stage], ...] = (GuardrailsStage, ResponseCacheStage, BudgetAlertsStage)
+# cache hit can never skip them; the caches come last, right before forward:
+# the exact one first (cheaper), then the semantic one. BudgetAlertsStage has
+# no request hooks (it owns ``budget_alerts:``).
+STAGES: tuple[type[Stage], ...] = (
+    GuardrailsStage,
+    ResponseCacheStage,
+    SemanticCacheStage,
+    BudgetAlertsStage,
+)
 
 SECTIONS: tuple[Section, ...] = tuple(
     Section(cls.section, cls.configure) for cls in STAGES if cls.section is not None

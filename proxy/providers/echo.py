@@ -1,7 +1,7 @@
 """``kind: echo`` — a built-in local provider so the demo runs with no keys.
 
 It answers with the last user message (chat), the prompt (completions) or a
-deterministic unit vector (embeddings), in OpenAI's exact shapes. Streams
+hashed character-trigram vector (embeddings), in OpenAI's exact shapes. Streams
 are split at tiktoken token boundaries, a few tokens per chunk, like a real
 model, and end with a usage chunk. Usage is exact tiktoken counts of the
 prompt and the answer, reported as the provider's.
@@ -10,10 +10,10 @@ prompt and the answer, reported as the provider's.
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
 import struct
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +25,7 @@ from proxy.core.usage import Usage
 from proxy.providers.base import Call, Provider, Reply, UpstreamStream
 
 _TOKENS_PER_CHUNK = 3
+DEFAULT_DIMENSIONS = 256
 
 
 def _last_user_text(messages: list[Any]) -> str:
@@ -42,9 +43,21 @@ def _answer(call: Call) -> str:
 
 
 def _vector(text: str, dims: int) -> list[float]:
-    seed = hashlib.sha256(text.encode()).digest()
-    raw = [(seed[i % 32] ^ (i * 131 % 251)) - 127.5 for i in range(dims)]
-    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    """A hashed bag of character trigrams (signed feature hashing), unit
+    length: texts that differ by a few edits share most trigrams and land
+    close by cosine similarity, unrelated ones near 0 (case, punctuation and
+    spacing are ignored). It stands in for a
+    real embedding model in the demo's semantic cache; stable across
+    processes (crc32, not ``hash``)."""
+    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+    norm_text = " " + " ".join(words) + " "
+    raw = [0.0] * dims
+    for i in range(len(norm_text) - 2):
+        h = zlib.crc32(norm_text[i : i + 3].encode())
+        raw[h % dims] += 1.0 if h & 0x80000000 else -1.0
+    norm = math.sqrt(sum(x * x for x in raw))
+    if not norm:  # empty input: any fixed unit vector
+        return [1.0] + [0.0] * (dims - 1)
     return [x / norm for x in raw]
 
 
@@ -158,7 +171,7 @@ class EchoProvider(Provider):
             if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
             else list(raw or [])
         )
-        dims = call.body.get("dimensions") or 16
+        dims = call.body.get("dimensions") or DEFAULT_DIMENSIONS
         as_b64 = call.body.get("encoding_format") == "base64"
         data = []
         for i, item in enumerate(inputs):

@@ -50,6 +50,22 @@ class Services:
     http: aiohttp.ClientSession
     tasks: TaskGroup
     redis: SharedRedis | None = None  # None: no Redis configured
+    # The semantic cache's: the gateway's Postgres (``SEMANTIC_CACHE_DATABASE_URL``
+    # or the billing database; None without one), and embeddings through the
+    # gateway's own routing (``proxy.pipeline.embed``).
+    database_url: str | None = None
+    embedder: Embedder | None = None
+
+
+class Embedder(Protocol):
+    async def embed(
+        self, model: str, text: str, parent: UsageRecord, bill_tenant: bool, timeout_s: float
+    ) -> list[float]:
+        """``text``'s vector from the public ``model``, as one internal
+        embeddings request settled as its own usage row (named after
+        ``parent``'s tenant when ``bill_tenant``). Raises on any failure,
+        including ``timeout_s`` running out."""
+        ...
 
 
 @dataclass(slots=True)

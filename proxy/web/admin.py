@@ -6,15 +6,17 @@ actor ``admin-api``. Without ``TOLLWAY_ADMIN_KEY`` the admin API is off (404).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 
 from proxy.config.tiers import Tier
 from proxy.core.errors import Conflict, GatewayError, InvalidRequest, NotFound
-from proxy.stores import accounts, analytics
+from proxy.stores import accounts, analytics, semantic_cache
 from proxy.web.keys import BILLING, CONFIG
 
 ACTOR = "admin-api"
@@ -182,3 +184,19 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/admin/keys/{key_id}/revoke", _guard(revoke_key))
     r.add_post("/admin/keys/{key_id}/rotate", _guard(rotate_key))
     r.add_get("/admin/usage", _guard(usage))
+    r.add_post("/admin/cache/purge", _guard(purge_semantic_cache))
+
+
+async def purge_semantic_cache(request: web.Request) -> web.Response:
+    """``{"tenant": NAME, "model": optional}``: the tenant's semantic-cache entries go."""
+    body = await _body(request)
+    pool = request.app[BILLING].auth.pool
+    tenant, model = _str(body, "tenant") or "", _str(body, "model", required=False)
+    own = os.environ.get("SEMANTIC_CACHE_DATABASE_URL")
+    if not own:
+        return _json(await semantic_cache.purge_tenant(pool, pool, tenant, model))
+    conn = await asyncpg.connect(own, timeout=5)
+    try:
+        return _json(await semantic_cache.purge_tenant(pool, conn, tenant, model))
+    finally:
+        await conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from proxy.core.lifecycle import Lifecycle
 from proxy.core.record import LogSettler, Settler
 from proxy.core.tasks import TaskGroup
 from proxy.pipeline import registry
+from proxy.pipeline.embed import InternalEmbedder
 from proxy.pipeline.runtime import Runtime
 from proxy.pipeline.snapshot import ConfigStore, build_snapshot
 from proxy.stages.base import Services, Stage
@@ -93,11 +95,13 @@ def build_app(
     app.cleanup_ctx.append(_config_store(config))
     app.cleanup_ctx.append(redis_ctx(redis))  # closes after the tasks that write to it
     app.cleanup_ctx.append(_tasks)
-    app.cleanup_ctx.append(_stages)  # after Redis and the tasks they use
     app.cleanup_ctx.append(loop_lag_ctx)  # off unless TOLLWAY_LOOP_LAG_MS is set
     if billing is not None:
         app.cleanup_ctx.append(billing_ctx(billing))
     app.cleanup_ctx.append(_settlers(settler, access_fd))  # after billing, its first settler
+    # After Redis, the tasks and the settlers they use (the semantic cache's
+    # embedding calls are settled); closed before billing and the tasks.
+    app.cleanup_ctx.append(_stages(_stage_database(billing)))
     app.cleanup_ctx.append(observe.observe_ctx(metrics_dir))
     # The reloader needs to know whether a database is there.
     app.cleanup_ctx.append(reload.reload_ctx(reloading or reload.ReloadOptions(None)))
@@ -152,13 +156,23 @@ def _config_store(config: Config) -> Callable[[web.Application], AsyncIterator[N
     return ctx
 
 
-async def _stages(app: web.Application) -> AsyncIterator[None]:
-    services = Services(app[HTTP], app[TASKS], app.get(REDIS))
-    for stage in app[STAGES]:
-        await stage.open(services)
-    yield
-    for stage in app[STAGES][::-1]:
-        await stage.close()
+def _stage_database(billing: BillingOptions | None) -> str | None:
+    """The semantic cache's Postgres: its own, or the billing database."""
+    own = os.environ.get("SEMANTIC_CACHE_DATABASE_URL")
+    return own or (billing.database_url if billing is not None else None)
+
+
+def _stages(database_url: str | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        embedder = InternalEmbedder(app[CONFIG], app[UPSTREAMS], app[SETTLER])
+        services = Services(app[HTTP], app[TASKS], app.get(REDIS), database_url, embedder)
+        for stage in app[STAGES]:
+            await stage.open(services)
+        yield
+        for stage in app[STAGES][::-1]:
+            await stage.close()
+
+    return ctx
 
 
 def _settlers(

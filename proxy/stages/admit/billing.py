@@ -233,7 +233,7 @@ class Billing:
 def _details(record: UsageRecord) -> str | None:
     """Provider-specific token counts, plus every attempt that reached a
     provider: a failed attempt may still be on the provider's invoice, plus
-    the guardrails' verdicts."""
+    the guardrails' verdicts, a semantic cache hit's similarity."""
     # The keys come from the provider's usage object: made safe for jsonb.
     details: dict[str, object] = {_key(k): v for k, v in record.usage.details.items()}
     reached = [a for a in record.attempt_log if a.reached]
@@ -244,6 +244,9 @@ def _details(record: UsageRecord) -> str | None:
     guardrails = record.extra.get("guardrails")  # verdicts and counts, never the matched text
     if guardrails:
         details["guardrails"] = guardrails
+    semantic = record.extra.get("semantic_cache")  # a semantic hit: how similar its match was
+    if isinstance(semantic, dict) and semantic.get("result") == "hit":
+        details["cache"], details["similarity"] = "semantic", semantic.get("similarity")
     return orjson.dumps(details).decode() if details else None
 
 

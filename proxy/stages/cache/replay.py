@@ -176,13 +176,29 @@ async def serve_hit(
     """Answer from the cache: no provider, settled as ``cached``."""
     entry = found.entry
     assert entry is not None
+    usage = usage_of(entry, found.policy)
+    headers = {**headers, HEADER: "hit"}
+    return await serve_answer(request, entry.body, usage, record, headers, include_usage, started)
+
+
+async def serve_answer(
+    request: web.Request,
+    body: bytes,
+    usage: Usage,
+    record: UsageRecord,
+    headers: dict[str, str],
+    include_usage: bool,
+    started: float,
+) -> web.StreamResponse:
+    """A stored answer (the non-stream response JSON) as JSON, or replayed
+    as SSE for a stream; ``usage`` is what the hit bills. Shared with the
+    semantic cache."""
     record.cached = True
     record.status = 200
-    record.usage = usage_of(entry, found.policy)
-    headers = {**headers, HEADER: "hit"}
+    record.usage = usage
     if not record.stream:
-        return web.Response(body=entry.body, headers=headers, content_type="application/json")
-    payload = replay_events(entry.body, record.endpoint, include_usage)
+        return web.Response(body=body, headers=headers, content_type="application/json")
+    payload = replay_events(body, record.endpoint, include_usage)
     resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
     await resp.prepare(request)
     record.ttft_ms = (time.perf_counter() - started) * 1000

@@ -266,6 +266,10 @@ def _rule(
 
 def usage_of(entry: Entry, policy: CachePolicy | None) -> Usage:
     """What a hit bills: no tokens (``hit_billing: request``), or the original's."""
-    if policy is not None and policy.hit_billing == "tokens":
-        return entry.usage
-    return Usage()
+    return hit_usage(entry.usage, policy.hit_billing if policy is not None else "request")
+
+
+def hit_usage(original: Usage, hit_billing: str) -> Usage:
+    """``tokens``: the original answer's usage; ``request``: none (one request).
+    Shared with the semantic cache."""
+    return original if hit_billing == "tokens" else Usage()

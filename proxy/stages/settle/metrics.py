@@ -36,6 +36,8 @@ ENDPOINTS = {
 INF = math.inf
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, INF)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, INF)
+SIMILARITY_BUCKETS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0, INF)
+EMBEDDING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, INF)
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 # How the workers' gauges combine into the instance's (counters always add up).
 GAUGE_MERGE = {
@@ -147,6 +149,28 @@ class Metrics:
             "Guardrail findings, by guardrail (a policy entry's name), action and direction.",
             registry=r,
         )
+        self.semantic = Counter(
+            "tollway_semantic_cache_requests_total",
+            "Semantic-cache look-ups (result: hit, miss, bypass).",
+            registry=r,
+        )
+        self.similarity = Histogram(
+            "tollway_semantic_cache_similarity",
+            "Cosine similarity of the nearest stored question (hits and misses that found one).",
+            registry=r,
+            buckets=SIMILARITY_BUCKETS,
+        )
+        self.embedding = Histogram(
+            "tollway_semantic_cache_embedding_seconds",
+            "The semantic cache's embedding call, failures and timeouts included.",
+            registry=r,
+            buckets=EMBEDDING_BUCKETS,
+        )
+        self.saved = Counter(
+            "tollway_semantic_cache_saved_usd_total",
+            "What semantic hits saved: the price of the answers they served again.",
+            registry=r,
+        )
         for gauge in (self.inflight, self.streams, self.spool, self.lag):
             gauge.set({}, 0)
         for result in ("success", "failure"):
@@ -239,6 +263,20 @@ class Metrics:
         verdicts = record.extra.get("guardrails")
         if verdicts:
             self._guardrails(verdicts)  # type: ignore[arg-type]
+        semantic = record.extra.get("semantic_cache")
+        if isinstance(semantic, dict):
+            self._semantic(semantic)
+
+    def _semantic(self, facts: dict[str, object]) -> None:
+        """What the semantic-cache stage left on the record (``proxy.stages.semcache``)."""
+        self._add(self.semantic, (("result", str(facts.get("result"))),))
+        for histogram, key in ((self.similarity, "similarity"), (self.embedding, "embed_s")):
+            value = facts.get(key)
+            if isinstance(value, int | float):
+                self._observe(histogram, (), float(value))
+        saved = facts.get("saved_usd")
+        if isinstance(saved, int | float) and saved > 0:
+            self._add(self.saved, (), float(saved))
 
     def _guardrails(self, verdicts: list[dict[str, object]]) -> None:
         for v in verdicts:
