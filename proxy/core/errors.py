@@ -1,7 +1,7 @@
 """One error tree for everything a client can see.
 
 The HTTP status and OpenAI error ``type``/``code`` belong to the class, so a
-raise site only says *what* went wrong; ``middleware.envelope`` renders every
+raise site only says *what* went wrong; ``middleware.front`` renders every
 ``GatewayError`` in OpenAI's shape, and ``relay`` turns one into an SSE error
 event once stream headers are out.
 

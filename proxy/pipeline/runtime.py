@@ -33,7 +33,7 @@ class Runtime:
 
 
 # Drawn (or sanitised from the client's x-request-id) by the web layer's
-# envelope middleware before the pipeline runs.
+# front middleware before the pipeline runs.
 REQUEST_ID = web.RequestKey("request_id", str)
 # The caller's principal, found by the web layer's gate (absent with ``auth: none``).
 PRINCIPAL = web.RequestKey("principal", Principal)

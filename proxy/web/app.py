@@ -28,7 +28,7 @@ from proxy.stages.settle.metrics import Metrics
 from proxy.stages.settle.settlers import Settlers
 from proxy.stores.permits import PermitLeases
 from proxy.stores.redis_client import RedisOptions
-from proxy.web import admin, gate, handlers, lifecycle, middleware, observe, reload, usage_api
+from proxy.web import admin, handlers, middleware, observe, reload, usage_api
 from proxy.web.auth_guard import AuthGuard
 from proxy.web.billing_setup import BillingOptions, billing_ctx
 from proxy.web.http_guard import GuardStats
@@ -52,12 +52,7 @@ from proxy.web.keys import (
 from proxy.web.loop_lag import loop_lag_ctx
 from proxy.web.redis_setup import redis_ctx
 
-# Order matters: envelope (the request id, then error rendering) comes first,
-# so the id exists before an error is rendered and the renderer wraps
-# everything that can raise, including the 503 that lifecycle.track answers
-# for a request aborted at shutdown. The gate (deny by default) comes after
-# track, so a request waiting on the key store is in flight for the drain.
-MIDDLEWARES = [middleware.envelope, lifecycle.track, gate.gate]
+MIDDLEWARES = [middleware.front]  # request id, drain register, gate, error shape
 
 
 def build_app(

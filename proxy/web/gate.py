@@ -1,4 +1,4 @@
-"""Deny by default: one middleware decides who may reach every route.
+"""Deny by default: one check, run by the front middleware, decides who may reach every route.
 
 Open without a key, and why:
 
@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Awaitable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
+from proxy.config.model import Config
 from proxy.core import redact
 from proxy.core.errors import GatewayError, InvalidApiKey, NotFound
 from proxy.core.record import UsageRecord
@@ -37,29 +38,34 @@ _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 _ENDPOINTS["/v1/embeddings"] = "embeddings"
 
 
-@web.middleware
-async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+def admit(request: web.Request) -> Awaitable[None] | None:
+    """Let the request through or raise; the key check, when this path
+    needs one, is returned to be awaited (None: nothing to wait for, which
+    spares ``auth: none`` a coroutine per request). Called by the one front
+    middleware (``proxy.web.middleware.front``) before any handler."""
     path = request.path
     if path in OPEN:
-        return await handler(request)
+        return None
     if path == "/admin" or path.startswith("/admin/"):
         check_admin(request)
-        return await handler(request)
+        return None
     rt = request.app[RUNTIME]
     config = rt.config.current.config
     request[CLIENT_IP] = request.app[AUTH_GUARD].proxies.client(request)
     if config.auth == "keys":
-        try:
-            if rt.billing is None:  # refused at start; kept as a guard
-                raise InvalidApiKey("API keys are required but no key store is configured.")
-            guard = request.app[AUTH_GUARD]
-            request[PRINCIPAL] = await guard.authenticate(
-                request, rt.billing.auth, rt.limiter, config
-            )
-        except GatewayError as exc:
-            _settle_refused(rt, request, exc)
-            raise
-    return await handler(request)
+        return _authenticate(request, rt, config)
+    return None
+
+
+async def _authenticate(request: web.Request, rt: Runtime, config: Config) -> None:
+    try:
+        if rt.billing is None:  # refused at start; kept as a guard
+            raise InvalidApiKey("API keys are required but no key store is configured.")
+        guard = request.app[AUTH_GUARD]
+        request[PRINCIPAL] = await guard.authenticate(request, rt.billing.auth, rt.limiter, config)
+    except GatewayError as exc:
+        _settle_refused(rt, request, exc)
+        raise
 
 
 def check_admin(request: web.Request) -> None:

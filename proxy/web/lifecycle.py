@@ -1,8 +1,8 @@
 """In-flight requests, draining and graceful shutdown.
 
-``track`` (a middleware) registers every ``/v1/`` request's handler task
-while it runs; the relay counts the SSE streams open to clients. On SIGTERM
-``shutdown``:
+The front middleware (``proxy.web.middleware.front``) registers every
+``/v1/`` request's handler task while it runs; the relay counts the SSE
+streams open to clients. On SIGTERM ``shutdown``:
 
 1. marks the instance draining: ``/readyz`` answers 503, and every response
    still sent on an open keep-alive connection carries ``Connection: close``;
@@ -19,45 +19,22 @@ A second SIGTERM skips what is left of the grace period.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from proxy.core.lifecycle import Lifecycle, shutting_down
+from proxy.core.lifecycle import Lifecycle
 from proxy.web.keys import LIFECYCLE
 
 log = logging.getLogger("tollway.lifecycle")
 
-__all__ = ["Lifecycle", "shutdown", "track", "was_aborted"]
+__all__ = ["Lifecycle", "shutdown", "was_aborted"]
 
 
 def was_aborted(request: web.Request) -> bool:
     """Whether a cancellation of this request's handler is the shutdown's."""
     lifecycle = request.app.get(LIFECYCLE)
     return lifecycle is not None and lifecycle.aborting
-
-
-@web.middleware
-async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
-    lifecycle = request.app[LIFECYCLE]
-    task = asyncio.current_task() if request.path.startswith("/v1/") else None
-    if task is not None:
-        lifecycle.enter(task)
-    try:
-        resp = await handler(request)
-    except asyncio.CancelledError:
-        if task is None or not lifecycle.aborting:
-            raise
-        task.uncancel()  # the shutdown's cancel, answered with a 503
-        raise shutting_down() from None
-    finally:
-        if task is not None:
-            lifecycle.leave(task)
-    if lifecycle.draining and not resp.prepared:
-        resp.force_close()  # keep-alive clients move to another instance
-    return resp
 
 
 async def shutdown(runner: web.AppRunner, grace: float) -> None:

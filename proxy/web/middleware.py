@@ -1,13 +1,16 @@
-"""The front middleware, first in ``app.py``'s list.
+"""The one middleware of the app (``front``).
 
-``envelope`` does two jobs that must both wrap everything else, merged into
-one middleware because each layer costs every request a call: it gives the
-request its id, so every response, errors included, carries an
-``x-request-id``; and it renders every failure in OpenAI's shape.
+It gives the request its id, so every response, errors included, carries
+an ``x-request-id``; registers ``/v1/`` requests as in flight for the drain
+(``proxy.web.lifecycle``); runs the gate (``proxy.web.gate``: deny by
+default); and renders every failure, the 503 of a request aborted at
+shutdown included, in OpenAI's shape. These were three middlewares; merged
+because each layer costs every request a call and a coroutine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from random import getrandbits
@@ -17,7 +20,10 @@ from aiohttp.typedefs import Handler
 
 from proxy.core import redact
 from proxy.core.errors import GatewayError, InvalidRequest, NotFound
+from proxy.core.lifecycle import shutting_down
 from proxy.pipeline.runtime import REQUEST_ID
+from proxy.web import gate
+from proxy.web.keys import LIFECYCLE
 
 log = logging.getLogger("tollway.errors")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:\-]")
@@ -40,10 +46,28 @@ def sanitise_request_id(given: str | None) -> str:
 
 
 @web.middleware
-async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The only middleware: the request id, the in-flight register for the
+    drain, the gate (deny by default), and OpenAI-shaped errors for all that
+    can raise. One layer, because aiohttp charges every request a call and a
+    coroutine per middleware; the order inside is what three layers had."""
     rid = request[REQUEST_ID] = sanitise_request_id(request.headers.get("x-request-id"))
+    lifecycle = request.app[LIFECYCLE]
+    # Registered before the gate: a request waiting on the key store is in
+    # flight for the drain.
+    task = asyncio.current_task() if request.path.startswith("/v1/") else None
+    if task is not None:
+        lifecycle.enter(task)
     try:
+        checking = gate.admit(request)
+        if checking is not None:
+            await checking
         resp = await handler(request)
+    except asyncio.CancelledError:
+        if task is None or not lifecycle.aborting:
+            raise
+        task.uncancel()  # the shutdown's cancel, answered with a 503
+        return render(shutting_down(), request)
     except GatewayError as exc:
         return render(exc, request)
     except web.HTTPException as exc:
@@ -52,7 +76,12 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         log.exception("unhandled error on %s %s", request.method, request.path)
         err = GatewayError("The server had an error while processing your request.")
         return render(err, request)
+    finally:
+        if task is not None:
+            lifecycle.leave(task)
     if not resp.prepared:
+        if lifecycle.draining:
+            resp.force_close()  # keep-alive clients move to another instance
         resp.headers["x-request-id"] = rid
     return resp
 
