@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 
 from proxy.core.trace import NO_TRACER
 from proxy.stages.trace.stage import TracingStage
 from proxy.web.keys import CONFIG, STAGES
+from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway
-from tests.fakes import FAKE_USAGE
+from tests.fakes import FAKE_USAGE, FakeOpenAI
 from tests.fakes_faults import FaultyOpenAI
 from tests.otlp_receiver import Got, OtlpReceiver
 from tests.waiting import until
@@ -205,10 +208,9 @@ async def test_stream_has_first_token_event_and_new_trace(
     status, headers, _ = await chat(gw, "backup", stream=True)
     assert status == 200
     trace_id, root_id = trace_of(headers["traceparent"])  # a new trace, sampled
-    assert root_id != CLIENT_PARENT
     assert trace_id != CLIENT_TRACE and sampled(headers["traceparent"])
     root = await root_of(receiver, trace_id)
-    assert root.parent_id == ""
+    assert root.parent_id == "" and root.span_id == root_id
     (name, attrs), *_ = root.events
     assert name == "gen_ai.first_token" and 0 < attrs["gen_ai.server.time_to_first_token"] < 5
     assert "traceparent" not in fake_b.seen[-1].headers  # propagate: false
@@ -267,3 +269,32 @@ async def test_off_means_no_tracer_no_header_no_spans(
         stage = next(s for s in gw.app[STAGES] if isinstance(s, TracingStage))
         assert stage._tracers == {}  # no SDK provider, no exporter was built
     assert receiver.posts == 0
+
+
+async def test_keys_get_an_auth_span_and_a_refusal_is_traced(
+    receiver: OtlpReceiver,
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg: asyncpg.Pool,
+    pg_url: str,
+    tmp_path: Path,
+) -> None:
+    cfg = {**billing_config(fake_openai.url), "tracing": tracing(receiver)}
+    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    status, headers, _ = await chat(gw, "fake-model", {"Authorization": f"Bearer {key['api_key']}"})
+    assert status == 200
+    trace_id, root_id = trace_of(headers["traceparent"])
+    root = await root_of(receiver, trace_id)
+    assert root.attributes["tollway.tenant"] == tenant
+    await until(lambda: len(receiver.trace(trace_id)) >= 4, what="auth, admission, attempt, settle")
+    names = {s.name for s in receiver.trace(trace_id) if s.parent_id == root_id}
+    assert {"auth", "admission", "chat upstream-model", "settle"} <= names
+
+    status, headers, _ = await chat(gw, "fake-model", {"Authorization": "Bearer sk-wrong"})
+    assert status == 401
+    refused = await root_of(receiver, trace_of(headers["traceparent"])[0])
+    assert refused.attributes["http.response.status_code"] == 401
+    (auth,) = [s for s in receiver.trace(refused.trace_id) if s.name == "auth"]
+    assert auth.error and auth.attributes["error.type"] == "InvalidApiKey"
+    assert key["api_key"] not in repr(receiver.spans) and "sk-wrong" not in repr(receiver.spans)
