@@ -8,6 +8,7 @@ exporter's protobuf with ``opentelemetry-proto``.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,15 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
+import yaml
 
+from proxy.config.reader import ConfigError
 from proxy.core.trace import NO_TRACER
+from proxy.pipeline.registry import parse_config
 from proxy.stages.trace.stage import TracingStage
 from proxy.web.keys import CONFIG, STAGES
 from tests.billing_helpers import billing_config, tenant_with_key
-from tests.conftest import Gateway, StartGateway
+from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FAKE_USAGE, FakeOpenAI
 from tests.fakes_faults import FaultyOpenAI
 from tests.otlp_receiver import Got, OtlpReceiver
@@ -298,3 +302,18 @@ async def test_keys_get_an_auth_span_and_a_refusal_is_traced(
     (auth,) = [s for s in receiver.trace(refused.trace_id) if s.name == "auth"]
     assert auth.error and auth.attributes["error.type"] == "InvalidApiKey"
     assert key["api_key"] not in repr(receiver.spans) and "sk-wrong" not in repr(receiver.spans)
+
+
+@pytest.mark.parametrize(
+    ("section", "error"),
+    [
+        ({"enabled": True, "sample_ratio": 1.5}, "tracing.sample_ratio: must be between 0 and 1"),
+        ({"enabled": True, "endpoint": "grpc://x:4317"}, "tracing.endpoint: must be an http"),
+        ({"enabled": True, "sampling": 1}, "tracing.sampling: unknown key"),
+        ({"enabled": "yes"}, "tracing.enabled: must be true or false"),
+    ],
+)
+def test_tracing_section_is_strict(section: dict[str, Any], error: str) -> None:
+    text = yaml.safe_dump({**gateway_config("http://127.0.0.1:9"), "tracing": section})
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        parse_config(text, {})
