@@ -37,6 +37,7 @@ STAGE_ORDER = (
     "forward",
     "relay",
     "settle",
+    "trace",
 )
 
 Graph = dict[str, set[str]]

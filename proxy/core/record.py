@@ -63,6 +63,7 @@ class UsageRecord:
     config: Config | None = None  # the snapshot the request ran on (prices, log policy)
     cache: str = ""  # the response cache's verdict: "hit" | "miss" | "bypass" | "" (off)
     reason: str | None = None  # why a 429 refused it (rate-limit or quota window)
+    trace_id: str | None = None  # its trace's, when traced (the access log line names it)
     transcript: dict[str, object] | None = None  # prompt/completion, when logging allows
     admission: object | None = None  # the billing stage's reservation, refunded at settle
     progress: StreamMeter | None = None  # a running stream's meter (journal checkpoints)

@@ -18,17 +18,20 @@ from proxy.stages.cache.stage import ResponseCacheStage
 from proxy.stages.guardrails.stage import GuardrailsStage
 from proxy.stages.semcache.stage import SemanticCacheStage
 from proxy.stages.settle.budget_alerts import BudgetAlertsStage
+from proxy.stages.trace.stage import TracingStage
 
 # Order is the order of ``on_request`` (and of every other hook). Input
 # checks that may refuse a request (guardrails) go before the cache, so a
 # cache hit can never skip them; the caches come last, right before forward:
 # the exact one first (cheaper), then the semantic one. BudgetAlertsStage has
-# no request hooks (it owns ``budget_alerts:``).
+# no request hooks (it owns ``budget_alerts:``); nor has TracingStage (it owns
+# ``tracing:`` and lends each snapshot its tracer).
 STAGES: tuple[type[Stage], ...] = (
     GuardrailsStage,
     ResponseCacheStage,
     SemanticCacheStage,
     BudgetAlertsStage,
+    TracingStage,
 )
 
 SECTIONS: tuple[Section, ...] = tuple(

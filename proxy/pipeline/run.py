@@ -25,7 +25,8 @@ from proxy.core.lifecycle import shutting_down
 from proxy.core.metering import StreamMeter, settled_usage
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
-from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, Runtime
+from proxy.core.trace import NO_SPAN
+from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, TRACE, Runtime
 from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import Call, Endpoint
 from proxy.stages import parse, relay
@@ -127,7 +128,8 @@ def _served_headers(ex: Exchange, done: Forwarded) -> dict[str, str]:
 
 async def run_stages(snapshot: Snapshot, ex: Exchange) -> web.StreamResponse | None:
     for stage, settings in snapshot.hooks.request:
-        answer = await stage.on_request(ex, settings)
+        with ex.trace.child(stage.name):  # a cache hit's span holds its replay
+            answer = await stage.on_request(ex, settings)
         if answer is not None:
             return answer
     return None
@@ -147,6 +149,8 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
     record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
     record.client_ip = request.get(CLIENT_IP)
     ex = Exchange(request, record, snapshot.config, endpoint, {}, started)
+    ex.trace = trace = request.get(TRACE, NO_SPAN)
+    record.trace_id = trace.trace_id
     try:
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
         record.public_model = parse.validate(ex.body, endpoint)
@@ -162,15 +166,17 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
         )
         record.public_model = ex.model = plan.public_model
         asked = asked_limit(ex.body)
-        await admit(rt, ex, plan)
+        with trace.child("admission"):
+            await admit(rt, ex, plan)
         plan = fit_context(ex, plan, asked)
         record.stream = parse.wants_stream(ex.body, endpoint)
         ex.headers = {"x-request-id": record.request_id, **quota_headers(rt, ex)}
+        trace.stamp(ex.headers)
         answered = await run_stages(snapshot, ex)
         if answered is not None:
             return answered
         call = Call(endpoint, ex.body, plan.public_model, record.stream, record.request_id)
-        done = await forward(rt.upstreams, snapshot, plan, call, record)
+        done = await forward(rt.upstreams, snapshot, plan, call, record, trace)
         record.provider, record.provider_model = done.target.provider.name, done.target.model
         record.served_model = done.target.public
         record.attempts = done.attempts
@@ -191,6 +197,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
     except GatewayError as exc:
         record.fail(exc)
         exc.headers.update(quota_headers(rt, ex))
+        trace.stamp(exc.headers)
         raise
     except asyncio.CancelledError:  # the client left, or the shutdown aborted the request
         if rt.lifecycle.aborting:
@@ -199,9 +206,12 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
             record.status, record.client_disconnected = 499, True
         raise
     finally:
-        if ex.meter is not None and record.provider_model is not None:
-            record.usage = await settled_usage(ex.meter, ex.body, endpoint, record.provider_model)
-        access_log.keep_bodies(record, ex.body, ex.meter, ex.reply)
-        record.latency_ms = (time.perf_counter() - started) * 1000
-        settle_stages(snapshot, ex)
-        rt.settler.settle(record)
+        with trace.child("settle"):
+            if ex.meter is not None and record.provider_model is not None:
+                usage = await settled_usage(ex.meter, ex.body, endpoint, record.provider_model)
+                record.usage = usage
+            access_log.keep_bodies(record, ex.body, ex.meter, ex.reply)
+            record.latency_ms = (time.perf_counter() - started) * 1000
+            settle_stages(snapshot, ex)
+            rt.settler.settle(record)
+        trace.finish(record)

@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.core.lifecycle import Lifecycle
 from proxy.core.principal import Principal
 from proxy.core.record import Settler
+from proxy.core.trace import Span
 from proxy.pipeline.snapshot import ConfigStore
 from proxy.stages.admit.billing import Billing
 from proxy.stages.forward.attempts import Upstreams
@@ -39,3 +40,6 @@ REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
 # The client's address as the web layer's gate found it (trusted proxies honoured).
 CLIENT_IP = web.RequestKey("client_ip", str)
+# The request's root span, started by the web layer's gate around the key
+# check (absent on a route the pipeline does not serve).
+TRACE = web.RequestKey("trace", Span)  # type: ignore[type-abstract]

@@ -17,6 +17,7 @@ import aiohttp
 
 from proxy.config.model import Config
 from proxy.core import redact
+from proxy.core.trace import NO_TRACER, Tracer
 from proxy.providers import Provider, build_provider
 from proxy.stages.base import Stage, overrides
 from proxy.stages.route import Router
@@ -54,6 +55,7 @@ class Snapshot:
     router: Router
     providers: Mapping[str, Provider]
     hooks: Hooks = field(default_factory=Hooks)
+    tracer: Tracer = NO_TRACER  # the tracing stage's when ``tracing:`` is on
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -62,7 +64,17 @@ def build_snapshot(
 ) -> Snapshot:
     redact.remember_config(config)  # its provider keys are scrubbed from every log line
     providers = {name: build_provider(cfg, session) for name, cfg in config.providers.items()}
-    return Snapshot(config, Router(config), providers, hooks_for(config, stages))
+    hooks = hooks_for(config, stages)
+    return Snapshot(config, Router(config), providers, hooks, tracer_for(config, stages))
+
+
+def tracer_for(config: Config, stages: Sequence[Stage]) -> Tracer:
+    """The first enabled stage's tracer, else the no-op one."""
+    for stage in stages:
+        settings = config.section(stage.section) if stage.section else None
+        if settings is not None and (found := stage.tracer(settings)) is not None:
+            return found
+    return NO_TRACER
 
 
 class ConfigStore:

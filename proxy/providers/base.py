@@ -50,6 +50,9 @@ class Call:
     # family): an OpenAI-wire adapter sends the request's limit under this
     # name only. None: as the client sent it.
     token_limit: str | None = None
+    # Sent to the provider with this attempt (its W3C traceparent, when
+    # tracing propagates); None: nothing more.
+    trace_headers: dict[str, str] | None = None
 
 
 @dataclass(slots=True)

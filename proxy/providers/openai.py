@@ -140,6 +140,8 @@ class OpenAIProvider(Provider):
 
     async def _send(self, call: Call) -> aiohttp.ClientResponse:
         headers = {**self._headers, "X-Request-Id": call.request_id}
+        if call.trace_headers is not None:  # the attempt's traceparent
+            headers.update(call.trace_headers)
         resp = await http.post(
             self._session, self.config, self.url(call), self.payload(call), headers, call.timeouts
         )

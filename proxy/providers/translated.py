@@ -158,6 +158,8 @@ class TranslatingProvider(Provider):
     async def send(self, call: Call) -> aiohttp.ClientResponse:
         payload = self.payload(call)
         headers = {**self._headers, "X-Request-Id": call.request_id}
+        if call.trace_headers is not None:  # the attempt's traceparent
+            headers.update(call.trace_headers)
         resp = await http.post(
             self._session, self.config, self.url(call), payload, headers, call.timeouts
         )

@@ -22,6 +22,10 @@ The hooks, in the order the pipeline calls them:
   and ``ex.record`` holds its final status and usage; called before the
   settlers, never raises into the request.
 
+Not per request: ``tracer(settings)``, asked once per config snapshot, lends
+the pipeline a ``proxy.core.trace.Tracer`` (the tracing stage's); the first
+enabled stage that returns one traces every request of that snapshot.
+
 Settlers (billing, metrics, the access log) are not stages: they are one
 tuple built in ``proxy.web.settlers``, told of every request once it ends.
 """
@@ -39,6 +43,7 @@ from proxy.core.metering import StreamMeter
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
 from proxy.core.tasks import TaskGroup
+from proxy.core.trace import NO_SPAN, Span, Tracer
 from proxy.providers.base import Endpoint, Reply
 from proxy.stores.redis_client import SharedRedis
 
@@ -89,6 +94,7 @@ class Exchange:
     # False: a stage must see this request's own answer (guardrails' output
     # checks and restore), so no cache may answer it or keep its answer.
     cacheable: bool = True
+    trace: Span = NO_SPAN  # the request's root span (the no-op one when not traced)
 
     @property
     def scope(self) -> str:
@@ -130,6 +136,9 @@ class Stage:
         return None
 
     def on_settle(self, ex: Exchange, settings: Any) -> None:
+        return None
+
+    def tracer(self, settings: Any) -> Tracer | None:
         return None
 
 

@@ -28,7 +28,8 @@ from proxy.config.model import Config
 from proxy.core import redact
 from proxy.core.errors import GatewayError, InvalidApiKey, NotFound
 from proxy.core.record import UsageRecord
-from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, Runtime
+from proxy.core.trace import NO_SPAN, Span
+from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, TRACE, Runtime
 from proxy.web.keys import AUTH_GUARD, RUNTIME
 
 OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -50,21 +51,30 @@ def admit(request: web.Request) -> Awaitable[None] | None:
         check_admin(request)
         return None
     rt = request.app[RUNTIME]
-    config = rt.config.current.config
+    snapshot = rt.config.current
+    config = snapshot.config
     request[CLIENT_IP] = request.app[AUTH_GUARD].proxies.client(request)
+    endpoint = _ENDPOINTS.get(path)
+    # The trace starts here so that it holds the key check: a pipeline
+    # request's root span (the no-op one unless ``tracing:`` is on).
+    trace = NO_SPAN if endpoint is None else snapshot.tracer.request(endpoint, request.headers)
+    request[TRACE] = trace
     if config.auth == "keys":
-        return _authenticate(request, rt, config)
+        return _authenticate(request, rt, config, trace)
     return None
 
 
-async def _authenticate(request: web.Request, rt: Runtime, config: Config) -> None:
+async def _authenticate(request: web.Request, rt: Runtime, config: Config, trace: Span) -> None:
     try:
-        if rt.billing is None:  # refused at start; kept as a guard
-            raise InvalidApiKey("API keys are required but no key store is configured.")
-        guard = request.app[AUTH_GUARD]
-        request[PRINCIPAL] = await guard.authenticate(request, rt.billing.auth, rt.limiter, config)
+        with trace.child("auth"):
+            if rt.billing is None:  # refused at start; kept as a guard
+                raise InvalidApiKey("API keys are required but no key store is configured.")
+            guard = request.app[AUTH_GUARD]
+            request[PRINCIPAL] = await guard.authenticate(
+                request, rt.billing.auth, rt.limiter, config
+            )
     except GatewayError as exc:
-        _settle_refused(rt, request, exc)
+        _settle_refused(rt, request, exc, trace)
         raise
 
 
@@ -78,10 +88,13 @@ def check_admin(request: web.Request) -> None:
         raise InvalidApiKey("Invalid admin key.")
 
 
-def _settle_refused(rt: Runtime, request: web.Request, exc: GatewayError) -> None:
+def _settle_refused(rt: Runtime, request: web.Request, exc: GatewayError, trace: Span) -> None:
     endpoint = _ENDPOINTS.get(request.path)
     if endpoint is None:
         return
     record = UsageRecord(request[REQUEST_ID], endpoint, config=rt.config.current.config)
     record.fail(exc)
+    record.trace_id = trace.trace_id
+    trace.stamp(exc.headers)
+    trace.finish(record)
     rt.settler.settle(record)

@@ -58,6 +58,7 @@ from proxy.core.errors import (
     UpstreamTimeout,
 )
 from proxy.core.record import AttemptRecord, UsageRecord
+from proxy.core.trace import NO_SPAN, Span
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
 from proxy.stages.forward.balance import InFlight, Slot, arrange
 from proxy.stages.forward.breaker import Breakers, Health, MemoryBreakerStore, verdict
@@ -100,11 +101,13 @@ async def forward(
     plan: RoutePlan,
     call: Call,
     record: UsageRecord,
+    trace: Span = NO_SPAN,
 ) -> Forwarded:
     """``call`` is the request as the client made it; each attempt rewrites
-    its model and timeouts for the target. ``record`` gets every attempt."""
+    its model and timeouts for the target. ``record`` gets every attempt,
+    ``trace`` (the request's span) a child span per attempt."""
     health = await upstreams.breakers.health([t.key for t in plan.targets])
-    return await _Run(upstreams, snapshot, plan, call, record, health).walk()
+    return await _Run(upstreams, snapshot, plan, call, record, health, trace).walk()
 
 
 class _Run:
@@ -118,9 +121,11 @@ class _Run:
         call: Call,
         record: UsageRecord,
         health: dict[str, Health],
+        trace: Span,
     ) -> None:
         self.ups, self.snapshot, self.plan = ups, snapshot, plan
         self.call, self.record, self.health = call, record, health
+        self.trace = trace
         self.deadline = time.monotonic() + plan.retry.deadline_s
         order = arrange(plan, health, ups.inflight)
         self.schedule = Schedule(order, plan.retry, self.deadline, ups.rng)
@@ -173,6 +178,8 @@ class _Run:
         self._note(entry)
         self.record.served_model = target.public
         provider = self.snapshot.providers[target.provider.name]
+        breaker = self.health.get(target.key, "closed")
+        span = self.trace.attempt(entry, target.provider.kind, self.attempts - 1, breaker)
         c = self.call  # built field by field: dataclasses.replace costs more
         call = Call(
             c.endpoint,
@@ -182,6 +189,7 @@ class _Run:
             c.request_id,
             self._timeouts(target),
             target.token_limit,
+            span.carrier(),
         )
         slot = self.ups.inflight.enter(target.key, permit.release if permit else None)
         started = time.monotonic()
@@ -199,6 +207,7 @@ class _Run:
             raise
         finally:
             entry.latency_ms = (time.monotonic() - started) * 1000
+            span.end()  # at the boundary: a stream's relay is the request span's
             if not (call.stream and entry.status == 200):
                 slot.release()  # an open stream keeps its slot until the relay closes it
         await self._report(target, None)

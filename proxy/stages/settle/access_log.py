@@ -110,6 +110,8 @@ def line(record: UsageRecord, cost: float | None) -> bytes:
         "client_disconnected": record.client_disconnected,
         "config_version": record.config.version if record.config is not None else None,
     }
+    if record.trace_id is not None:
+        entry["trace_id"] = record.trace_id
     if "guardrails" in record.extra:
         entry["guardrails"] = record.extra["guardrails"]
     if record.transcript is not None:

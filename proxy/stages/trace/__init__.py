@@ -1,0 +1,1 @@
+"""Traces: the ``tracing:`` section and its OpenTelemetry spans (off by default)."""

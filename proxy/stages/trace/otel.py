@@ -1,0 +1,189 @@
+"""``proxy.core.trace`` on the OpenTelemetry SDK, exported over OTLP/HTTP.
+
+Each ``OtelTracer`` owns its own ``TracerProvider`` (never the process-wide
+global one: a test or an embedding app keeps its own) with a ratio sampler
+that follows the client's sampling decision when a ``traceparent`` came in,
+and a batch processor whose thread sends protobuf to the collector, so the
+event loop never waits on the export.
+
+The attributes are OpenTelemetry's GenAI semantic conventions where one
+exists (``gen_ai.*``), HTTP's for statuses, and ``tollway.*`` for the rest.
+They come from the usage and attempt records only: names, statuses, token
+counts; never a prompt, a completion or a key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, MutableMapping
+from types import TracebackType
+
+from opentelemetry import trace as otel
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from proxy.core.record import AttemptRecord, UsageRecord
+from proxy.stages.trace.config import TraceSettings
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+# GenAI's gen_ai.operation.name per endpoint.
+_OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+
+
+class OtelTracer:
+    def __init__(self, settings: TraceSettings) -> None:
+        self.settings = settings
+        self.provider = TracerProvider(
+            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+            resource=Resource.create({"service.name": settings.service_name}),
+        )
+        exporter = OTLPSpanExporter(
+            endpoint=settings.endpoint, headers=dict(settings.headers), timeout=10
+        )
+        delay_ms = settings.flush_interval_s * 1000
+        self.provider.add_span_processor(
+            BatchSpanProcessor(exporter, schedule_delay_millis=delay_ms)
+        )
+        self.tracer = self.provider.get_tracer("tollway")
+
+    def request(self, endpoint: str, headers: Mapping[str, str]) -> OtelSpan:
+        operation = _OPERATIONS.get(endpoint, endpoint)
+        span = self.tracer.start_span(
+            operation,
+            context=_PROPAGATOR.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes={"gen_ai.operation.name": operation},
+        )
+        return OtelSpan(self, span)
+
+    def shutdown(self) -> None:
+        """Send what is left and stop the export thread."""
+        self.provider.shutdown()
+
+
+class OtelSpan:
+    __slots__ = ("_entry", "_span", "_tracer")
+
+    def __init__(
+        self, tracer: OtelTracer, span: otel.Span, entry: AttemptRecord | None = None
+    ) -> None:
+        self._tracer, self._span, self._entry = tracer, span, entry
+
+    @property
+    def trace_id(self) -> str:
+        return format(self._span.get_span_context().trace_id, "032x")
+
+    def child(self, name: str) -> OtelSpan:
+        return OtelSpan(self._tracer, self._start(name, SpanKind.INTERNAL))
+
+    def attempt(self, entry: AttemptRecord, system: str, retry: int, breaker: str) -> OtelSpan:
+        span = self._start(f"{_operation(self._span)} {entry.model}", SpanKind.CLIENT)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "gen_ai.system": system,
+                    "gen_ai.request.model": entry.model,
+                    "tollway.provider": entry.provider,
+                    "tollway.retry": retry,
+                    "tollway.breaker": breaker,
+                }
+            )
+        return OtelSpan(self._tracer, span, entry)
+
+    def _start(self, name: str, kind: SpanKind) -> otel.Span:
+        context = otel.set_span_in_context(self._span)
+        return self._tracer.tracer.start_span(name, context=context, kind=kind)
+
+    def carrier(self) -> dict[str, str] | None:
+        if not self._tracer.settings.propagate:
+            return None
+        return {"traceparent": self.traceparent()}
+
+    def traceparent(self) -> str:
+        ctx = self._span.get_span_context()
+        return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+    def stamp(self, headers: MutableMapping[str, str]) -> None:
+        headers["traceparent"] = self.traceparent()
+
+    def finish(self, record: UsageRecord) -> None:
+        span = self._span
+        if span.is_recording():
+            span.set_attributes(_request_attributes(record))
+            if record.ttft_ms is not None:
+                # ttft and latency are both from the pipeline's start: the
+                # first token came (latency - ttft) before now.
+                ago_ns = int((record.latency_ms - record.ttft_ms) * 1e6)
+                span.add_event(
+                    "gen_ai.first_token",
+                    {"gen_ai.server.time_to_first_token": record.ttft_ms / 1000},
+                    timestamp=time.time_ns() - max(ago_ns, 0),
+                )
+            if record.status >= 500:
+                span.set_status(Status(StatusCode.ERROR, record.error_code or str(record.status)))
+        span.end()
+
+    def end(self) -> None:
+        entry = self._entry
+        if entry is not None and self._span.is_recording():
+            self._span.set_attribute("http.response.status_code", entry.status)
+            if entry.error_code is not None:
+                self._span.set_attribute("error.type", entry.error_code)
+            if entry.status != 200:
+                self._span.set_status(Status(StatusCode.ERROR, str(entry.status)))
+        self._span.end()
+
+    def __enter__(self) -> OtelSpan:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is not None and self._span.is_recording():
+            # The type only: an exception's message may quote what a provider sent.
+            self._span.set_attribute("error.type", kind.__name__)
+            self._span.set_status(Status(StatusCode.ERROR, kind.__name__))
+        self.end()
+
+
+def _operation(span: otel.Span) -> str:
+    return str(getattr(span, "name", "chat")).split(" ")[0]
+
+
+def _request_attributes(record: UsageRecord) -> dict[str, str | int | bool]:
+    attrs: dict[str, str | int | bool] = {
+        "http.response.status_code": record.status,
+        "tollway.request_id": record.request_id,
+        "tollway.attempts": record.attempts,
+        "tollway.stream": record.stream,
+    }
+    optional = {
+        "gen_ai.request.model": record.public_model,
+        "gen_ai.response.model": record.provider_model,
+        "gen_ai.system": _system(record),
+        "tollway.provider": record.provider,
+        "tollway.tenant": record.tenant,
+        "tollway.cache": record.cache or None,
+        "error.type": record.error_code,
+    }
+    attrs.update({k: v for k, v in optional.items() if v is not None})
+    if record.usage.source != "none":
+        attrs["gen_ai.usage.input_tokens"] = record.usage.prompt_tokens
+        attrs["gen_ai.usage.output_tokens"] = record.usage.completion_tokens
+    return attrs
+
+
+def _system(record: UsageRecord) -> str | None:
+    """The provider's kind (openai, anthropic, gemini...) as GenAI names systems."""
+    if record.provider is None or record.config is None:
+        return None
+    provider = record.config.providers.get(record.provider)
+    return provider.kind if provider is not None else None
