@@ -84,8 +84,9 @@ async def load(
     rows and the seconds each step took."""
     kept: list[tuple[bytes, list[float]]] = []
     async with pool.acquire() as conn:
-        await conn.execute(f"DROP INDEX IF EXISTS semantic_cache_hnsw_{DIMS}")
-        await conn.execute("TRUNCATE semantic_cache")
+        # may wait for autovacuum of the previous layout's rows: no 5 s limit
+        await conn.execute(f"DROP INDEX IF EXISTS semantic_cache_hnsw_{DIMS}", timeout=600)
+        await conn.execute("TRUNCATE semantic_cache", timeout=600)
         t = time.perf_counter()
         await conn.copy_records_to_table(
             "semantic_cache", records=rows(n, per_namespace, kept), columns=COLUMNS, timeout=3600
