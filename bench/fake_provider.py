@@ -17,6 +17,10 @@ A request for a model whose name starts with ``bench-long`` gets the long
 answer instead: ``--long-chunks`` content chunks ``--long-gap-ms`` apart
 (200 and 25 ms: a few seconds of tokens, like a real model's), so one fake
 serves both the short scenarios and the long-stream one in the same run.
+
+A request for an embedding model whose name starts with ``bench-fresh`` gets
+a new random vector of 384 dimensions each time (the others get a fixed one),
+so a semantic cache in front of it misses on every request.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import asyncio
 import base64
 import itertools
+import random
 import struct
 import time
 from typing import Any
@@ -41,6 +46,7 @@ DELAY = web.AppKey("chunk_delay", float)
 DIMS = web.AppKey("embedding_dims", int)
 LONG = web.AppKey("long", tuple[int, float])  # (chunks, gap in seconds) for bench-long*
 LONG_MODEL = "bench-long"
+FRESH_MODEL, FRESH_DIMS = "bench-fresh", 384
 
 
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
@@ -205,8 +211,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _embedding(index: int, dims: int, b64: bool) -> dict[str, Any]:
-    vec = [((index + i) % 17 - 8) / 16 for i in range(dims)]
+def _embedding(index: int, dims: int, b64: bool, fresh: bool = False) -> dict[str, Any]:
+    if fresh:
+        vec = [random.random() - 0.5 for _ in range(FRESH_DIMS)]
+        dims = FRESH_DIMS
+    else:
+        vec = [((index + i) % 17 - 8) / 16 for i in range(dims)]
     value: Any = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if b64 else vec
     return {"object": "embedding", "index": index, "embedding": value}
 
@@ -224,10 +234,11 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else None
     b64 = body.get("encoding_format") == "base64"
     prompt = _prompt_tokens(body)
+    fresh = str(body["model"]).startswith(FRESH_MODEL)
     return _json(
         {
             "object": "list",
-            "data": [_embedding(i, dims or request.app[DIMS], b64) for i in range(count)],
+            "data": [_embedding(i, dims or request.app[DIMS], b64, fresh) for i in range(count)],
             "model": body["model"],
             "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
         }

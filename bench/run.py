@@ -130,6 +130,25 @@ CACHE_YAML = "cache: {enabled: true, unset_temperature: true, ttl_s: 3600}\n"
 CACHE_REDIS_YAML = "cache: {enabled: true, unset_temperature: true, local_ttl_s: 0}\n"
 
 
+# The semantic cache alone (no exact cache in front of it), on the run's
+# Postgres: every request but the first of each scenario is a semantic hit
+# (the fake provider's embedding of bench-embed is always the same vector)...
+SEMCACHE_YAML = """\
+  - name: bench-embed
+    targets: [{provider: fake}]
+  - name: bench-fresh
+    targets: [{provider: fake}]
+semantic_cache:
+  enabled: true
+  embedding_model: %s
+  embedding_timeout_s: 2
+"""
+# ... and with bench-fresh (a new random vector each call) every request is a
+# miss: embedding round trip, lookup, the provider's answer, the row stored.
+SEMCACHE_MISS_YAML = SEMCACHE_YAML % "bench-fresh"
+SEMCACHE_YAML %= "bench-embed"
+
+
 # The full path: API keys, tier admission against monthly quotas leased from
 # Postgres, the key's hourly window in Redis, one usage row per request.
 BILLING_YAML = """\
@@ -144,12 +163,17 @@ prices:
 
 
 def _tollway_serve(
-    name: str, extra_yaml: str = "", billing: bool = False, base: bool = False
+    name: str,
+    extra_yaml: str = "",
+    billing: bool = False,
+    base: bool = False,
+    semcache: bool = False,
 ) -> Callable[[Env, int], list[str]]:
     """``tollway serve`` with TOLLWAY_YAML plus ``extra_yaml``, files named after
     the target. ``billing``: ``BILLING_YAML`` on the run's Postgres and Redis,
     with a tenant and key made first through the CLI. ``base``: the code of
-    ``--base-rev`` (before/after in one run)."""
+    ``--base-rev`` (before/after in one run). ``semcache``: the semantic
+    cache's table in the run's Postgres (``SEMANTIC_CACHE_DATABASE_URL``)."""
 
     def argv(env: Env, port: int) -> list[str]:
         config = env.workdir / f"{name}.yaml"
@@ -172,6 +196,11 @@ def _tollway_serve(
             assert env.dsn is not None and env.redis_url is not None
             environ |= {"DATABASE_URL": env.dsn, "REDIS_URL": env.redis_url}
             env.api_keys[name] = _bench_key(tollway, name, config, environ)
+        if semcache:
+            assert env.dsn is not None
+            environ["SEMANTIC_CACHE_DATABASE_URL"] = env.dsn
+            migrate = {**os.environ, **environ, "DATABASE_URL": env.dsn}
+            subprocess.run([tollway, "migrate"], env=migrate, check=True, timeout=120)
         return [
             *("env", *(f"{k}={v}" for k, v in environ.items())),
             *(tollway, "serve", "--migrate", "--config", str(config)),
@@ -217,7 +246,8 @@ class Datastores:
         self.redis_url: str | None = None
         self._servers: list[Any] = []
         wanted = set(args.targets.split(","))
-        if not wanted & {"floor_db_batch", "tollway_billing", "tollway_billing_base"}:
+        uses_db = {"floor_db_batch", "tollway_billing", "tollway_billing_base"}
+        if not wanted & (uses_db | {"tollway_semcache", "tollway_semcache_miss"}):
             return
         from proxy.stores.embedded import EmbeddedPostgres, EmbeddedRedis
 
@@ -306,6 +336,18 @@ TARGETS = [
     Target(
         "tollway_cache_redis",
         _tollway_serve("tollway_cache_redis", CACHE_REDIS_YAML),
+        tollway=True,
+    ),
+    Target(
+        "tollway_semcache",
+        _tollway_serve("tollway_semcache", SEMCACHE_YAML, semcache=True),
+        _needs_dsn,
+        tollway=True,
+    ),
+    Target(
+        "tollway_semcache_miss",
+        _tollway_serve("tollway_semcache_miss", SEMCACHE_MISS_YAML, semcache=True),
+        _needs_dsn,
         tollway=True,
     ),
 ]

@@ -26,6 +26,7 @@ from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI
 from tests.schema import validate
 from tests.test_cli import _env, _tollway
+from tests.test_reload import write_atomically
 
 Q1 = "What is the capital of France?"
 Q2 = "Whats the capital of France?"  # a paraphrase: cosine ~0.89 with the echo vectors
@@ -224,6 +225,30 @@ async def test_the_cap_evicts_the_least_recently_used(setup: Any, pg: asyncpg.Po
     await _rows(pg, scope, 2)
     assert (await _post(gw, key, _chat("How do I bake bread")))[1]["x-tollway-cache"] == "miss"
     assert (await _post(gw, key, _chat(Q2)))[1]["x-tollway-cache"] == "semantic-hit"
+
+
+async def test_the_sweeper_follows_the_reloaded_cap_and_interval(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    """No request after the reload: the sweeper reads the live config itself."""
+    config_file = tmp_path / "tollway.yaml"
+    hourly = _config(fake_openai.url, sweep_interval_s=3600, max_entries_per_tenant=1)
+    gw = await start_gateway(
+        hourly, database_url=pg_url, data_dir=tmp_path, config_file=config_file
+    )
+    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    scope = f"t{await pg.fetchval('SELECT id FROM tenants WHERE name = $1', tenant)}"
+    for i, q in enumerate(["How do I bake bread?", Q1]):
+        await _post(gw, key["api_key"], _chat(q))
+        await _rows(pg, scope, i + 1)  # over the cap of 1: no sweep for an hour
+    often = _config(fake_openai.url, sweep_interval_s=0.2, max_entries_per_tenant=1)
+    write_atomically(config_file, often)
+    query = "SELECT count(*) FROM semantic_cache WHERE scope = $1"
+    await wait_for(pg, query, scope, expect=1, limit=15)  # the reload, then a sweep
 
 
 class SlowEmbeddings:

@@ -32,6 +32,7 @@ tuple built in ``proxy.web.settlers``, told of every request once it ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -60,6 +61,9 @@ class Services:
     # gateway's own routing (``proxy.pipeline.embed``).
     database_url: str | None = None
     embedder: Embedder | None = None
+    # A stage section's settings in the live config snapshot (what ``configure``
+    # returned, None when the section is off), for work outside any request.
+    live_settings: Callable[[str], object | None] = lambda section: None
 
 
 class Embedder(Protocol):

@@ -157,10 +157,19 @@ def _stage_database(billing: BillingOptions | None) -> str | None:
     return own or (billing.database_url if billing is not None else None)
 
 
+def _live_settings(app: web.Application) -> Callable[[str], object | None]:
+    def settings(section: str) -> object | None:
+        return app[CONFIG].current.config.section(section)
+
+    return settings
+
+
 def _stages(database_url: str | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         embedder = InternalEmbedder(app[CONFIG], app[UPSTREAMS], app[SETTLER])
-        services = Services(app[HTTP], app[TASKS], app.get(REDIS), database_url, embedder)
+        services = Services(
+            app[HTTP], app[TASKS], app.get(REDIS), database_url, embedder, _live_settings(app)
+        )
         for stage in app[STAGES]:
             await stage.open(services)
         yield

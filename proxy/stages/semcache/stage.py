@@ -11,7 +11,8 @@ Postgres slow or down) makes the request a miss, never an error.
 ``on_settle``: a miss's whole answer (a 200 reply, or a stream that reached
 ``[DONE]`` with its client) is stored in the background with the vector
 already computed. A background sweeper deletes expired rows and each
-tenant's least recently used rows past ``max_entries_per_tenant``.
+tenant's least recently used rows past ``max_entries_per_tenant``, with the
+cap and interval of the live config (a reload applies within a second).
 
 What each request did is left in ``record.extra["semantic_cache"]`` for the
 metrics and the usage row: result, similarity, embedding seconds, saved USD.
@@ -23,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,7 @@ log = logging.getLogger("tollway.semantic_cache")
 SIMILARITY_HEADER = "x-tollway-cache-similarity"
 EXTRA = "semantic_cache"
 LOOKUP_TIMEOUT_S = 0.5  # a Postgres slower than this: a miss
+SWEEP_TICK_S = 1.0  # how often the sweeper rereads the live interval
 
 
 @dataclass(slots=True)
@@ -67,7 +70,7 @@ class SemanticCacheStage(Stage):
         self.embedder: Embedder | None = None
         self.tasks = TaskGroup()
         self.store: SemanticStore | None = None
-        self.policy = SemanticPolicy()  # the latest seen (the sweeper's cap and interval)
+        self.live_settings: Callable[[str], object | None] = lambda section: None
         self.results: Counter[str] = Counter()
         self._opening = asyncio.Lock()
         self._down_until = 0.0  # after a failed connect, do not retry before this
@@ -81,6 +84,7 @@ class SemanticCacheStage(Stage):
     async def open(self, services: Services) -> None:
         self.database_url, self.embedder = services.database_url, services.embedder
         self.tasks = services.tasks
+        self.live_settings = services.live_settings
 
     async def close(self) -> None:
         if self._sweeping is not None:
@@ -112,7 +116,6 @@ class SemanticCacheStage(Stage):
         return self.store
 
     async def on_request(self, ex: Exchange, settings: SemanticPolicy) -> web.StreamResponse | None:
-        self.policy = settings
         rule = settings.for_model(ex.model)
         if not rule.enabled or ex.endpoint != "chat":
             return None
@@ -231,13 +234,23 @@ class SemanticCacheStage(Stage):
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("semantic cache: answer not stored (%r)", exc)
 
+    def _policy(self) -> SemanticPolicy:
+        """The live config's settings; the defaults once the cache is turned
+        off (its rows still expire)."""
+        live = self.live_settings(self.section or "")
+        return live if isinstance(live, SemanticPolicy) else SemanticPolicy()
+
     async def _sweeper(self, store: SemanticStore) -> None:
+        last = time.monotonic()
         while self.store is store:
-            await asyncio.sleep(self.policy.sweep_interval_s)
-            if self.store is not store:
-                return
+            policy = self._policy()
+            due = last + policy.sweep_interval_s - time.monotonic()
+            if due > 0:
+                await asyncio.sleep(min(due, SWEEP_TICK_S))
+                continue
+            last = time.monotonic()
             try:
-                expired, evicted = await store.sweep(self.policy.max_entries_per_tenant)
+                expired, evicted = await store.sweep(policy.max_entries_per_tenant)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("semantic cache sweep failed (%r)", exc)
                 continue
