@@ -57,6 +57,11 @@ import run
 SERVE_TIMEOUT_S = 600.0  # python + aiohttp + asyncpg imports under valgrind, on a busy machine
 STOP_TIMEOUT_S = 120.0
 CLI_TIMEOUT_S = 180.0
+# The usage flusher wakes every flush_interval_ms (20 by default) whatever the
+# traffic; under valgrind a request takes ~50x longer, so at 20 ms its idle
+# wake-ups would be counted ~50x as often per request as in a native run, and
+# vary with how busy the machine is. 1 s under valgrind is ~20 ms natively.
+SLOW_TIMERS_YAML = "billing: {flush_interval_ms: 1000}\n"
 
 
 @dataclass(frozen=True)
@@ -109,14 +114,25 @@ class Revision:
 
 @dataclass
 class Sample:
+    """One scenario on one gateway: the window's Ir, its wall time and the
+    gateway's idle Ir per second (its timers: config poll, usage flusher)."""
+
     rev: str
     case: str
     instructions: int
     requests: int
+    window_s: float
+    idle_per_s: float = 0.0
+
+    @property
+    def raw(self) -> float:
+        return self.instructions / self.requests
 
     @property
     def per_request(self) -> float:
-        return self.instructions / self.requests
+        """Without the timers' share: their wake-ups follow the wall clock, and a
+        request under valgrind on a busy machine takes a varying ~50x its time."""
+        return (self.instructions - self.idle_per_s * self.window_s) / self.requests
 
 
 def _git(*args: str) -> str:
@@ -129,7 +145,7 @@ def _git(*args: str) -> str:
 def write_config(path: Path, port: int, provider_port: int, billing: bool) -> Path:
     """``run.py``'s YAML for its ``tollway`` or ``tollway_billing`` target: only
     keys every measured revision accepts (``check_config`` proves it)."""
-    yaml = run.TOLLWAY_YAML.format(port=port, provider_port=provider_port)
+    yaml = run.TOLLWAY_YAML.format(port=port, provider_port=provider_port) + SLOW_TIMERS_YAML
     path.write_text(yaml + (run.BILLING_YAML if billing else "auth: none\n"))
     return path
 
@@ -224,13 +240,17 @@ class Gateway:
                 time.sleep(0.2)
         raise RuntimeError(f"gateway did not listen on {self.port} within {SERVE_TIMEOUT_S:.0f} s")
 
-    def control(self, *args: str) -> None:
+    def control(self, *args: str) -> float:
+        """Send a callgrind command; when it took effect, as the midpoint of
+        the exchange (monotonic seconds)."""
+        sent = time.monotonic()
         subprocess.run(
             ["callgrind_control", *args, str(self.proc.pid)],
             check=True,
             capture_output=True,
             timeout=120,
         )
+        return (sent + time.monotonic()) / 2
 
     def dump(self) -> int:
         """Dump the counters (which zeroes them) and return the dump's total Ir."""
@@ -288,13 +308,22 @@ def send(port: int, case: Case, count: int, api_key: str, per_request_s: float) 
         )
 
 
-def measure(gateway: Gateway, case: Case, args: argparse.Namespace, api_key: str) -> int:
+def measure(gateway: Gateway, case: Case, args: argparse.Namespace, api_key: str) -> Sample:
     send(gateway.port, case, args.warmup, api_key, args.per_request_s)
     gateway.control("-z")
-    gateway.control("-i", "on")
+    on = gateway.control("-i", "on")
     send(gateway.port, case, args.requests, api_key, args.per_request_s)
-    gateway.control("-i", "off")
-    return gateway.dump()
+    off = gateway.control("-i", "off")
+    return Sample("", case.name, gateway.dump(), args.requests, off - on)
+
+
+def idle_rate(gateway: Gateway, seconds: float) -> float:
+    """Instructions per second of the gateway with no request in flight."""
+    gateway.control("-z")
+    on = gateway.control("-i", "on")
+    time.sleep(seconds)
+    off = gateway.control("-i", "off")
+    return gateway.dump() / (off - on)
 
 
 def run_repeat(
@@ -316,16 +345,19 @@ def run_repeat(
         gateway = Gateway(revision, config, port, workdir)
         try:
             key = revision.api_key if billing else "sk-bench"
-            for case in mine:
-                total = measure(gateway, case, args, key)
-                samples.append(Sample(revision.rev, case.name, total, args.requests))
-                print(
-                    f"  {revision.rev:<10} {case.name:<15} "
-                    f"{total / args.requests:>12,.0f} instructions/request",
-                    file=sys.stderr,
-                )
+            mine_samples = [measure(gateway, case, args, key) for case in mine]
+            idle = idle_rate(gateway, args.idle_s)
         finally:
             gateway.stop()
+        for sample in mine_samples:
+            sample.rev, sample.idle_per_s = revision.rev, idle
+            print(
+                f"  {revision.rev:<10} {sample.case:<15} {sample.per_request:>12,.0f} "
+                f"instructions/request ({sample.raw:,.0f} raw, {sample.window_s:.1f} s, "
+                f"idle {idle:,.0f}/s)",
+                file=sys.stderr,
+            )
+        samples += mine_samples
     return samples
 
 
@@ -334,6 +366,8 @@ class Row:
     rev: str
     case: str
     values: list[float] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    idle: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -348,24 +382,32 @@ class Row:
 def rows(samples: list[Sample]) -> list[Row]:
     by_key: dict[tuple[str, str], Row] = {}
     for s in samples:
-        by_key.setdefault((s.rev, s.case), Row(s.rev, s.case)).values.append(s.per_request)
+        row = by_key.setdefault((s.rev, s.case), Row(s.rev, s.case))
+        row.values.append(s.per_request)
+        row.raw.append(s.raw)
+        row.idle.append(s.idle_per_s)
     return list(by_key.values())
+
+
+def _millions(values: list[float]) -> str:
+    return " / ".join(f"{v / 1e6:.3f}M" for v in values)
 
 
 def table(result: list[Row], revisions: list[Revision]) -> str:
     first = revisions[0].rev
     base = {r.case: r.mean for r in result if r.rev == first}
     lines = [
-        f"| rev | scenario | instructions/request | repeats | spread | vs {first} |",
-        "|---|---|---:|---|---:|---:|",
+        f"| rev | scenario | instructions/request | repeats | spread | vs {first} "
+        "| raw (timers included) | idle instructions/s |",
+        "|---|---|---:|---|---:|---:|---|---|",
     ]
     label = {r.rev: f"{r.rev} ({r.commit})" if r.rev != r.commit else r.rev for r in revisions}
     for r in result:
-        repeats = " / ".join(f"{v / 1e6:.3f}M" for v in r.values)
+        repeats = _millions(r.values)
         ratio = r.mean / base[r.case] if r.case in base else float("nan")
         lines.append(
             f"| {label[r.rev]} | {r.case} | {r.mean:,.0f} | {repeats} "
-            f"| {r.spread:.2%} | {ratio:.3f} |"
+            f"| {r.spread:.2%} | {ratio:.3f} | {_millions(r.raw)} | {_millions(r.idle)} |"
         )
     return "\n".join(lines)
 
@@ -377,6 +419,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=1000, help="measured requests per scenario")
     p.add_argument("--warmup", type=int, default=200, help="unmeasured requests first")
     p.add_argument("--repeats", type=int, default=2, help="fresh gateways per revision")
+    p.add_argument(
+        "--idle-s", type=float, default=10.0, help="idle window per gateway for its timers' rate"
+    )
     p.add_argument("--prompt-kb", type=float, default=0.5, help="chat history size")
     p.add_argument("--chunks", type=int, default=20, help="content chunks per fake stream")
     p.add_argument(
@@ -434,11 +479,16 @@ def main(argv: list[str] | None = None) -> int:
         f"\n- started: {started}\n- command: {' '.join(sys.argv)}\n"
         f"- method: {args.requests} requests per scenario after {args.warmup} unmeasured, "
         f"one at a time, {args.prompt_kb:g} KB chat history, {args.repeats} fresh gateway(s) "
-        f"per revision; instructions of the gateway process (callgrind Ir)\n"
+        f"per revision; instructions of the gateway process (callgrind Ir), less its idle "
+        f"rate (over {args.idle_s:g} s) times the window\n"
     )
     print(table(rows(samples), revisions))
     if args.json:
-        doc = {"started": started, "command": sys.argv, "samples": [s.__dict__ for s in samples]}
+        doc = {
+            "started": started,
+            "command": sys.argv,
+            "samples": [s.__dict__ | {"per_request": s.per_request} for s in samples],
+        }
         args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     return 0
 
