@@ -207,10 +207,13 @@ class Gateway:
         self.port = port
         self.outdir = outdir
         self.log = outdir / f"serve-{port}.log"
+        # valgrind's control FIFOs in the temporary directory too, not in /tmp.
+        self.vgdb_prefix = f"--vgdb-prefix={outdir}/vgdb-pipe"
         argv = [
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
+            self.vgdb_prefix,
             f"--callgrind-out-file={outdir}/callgrind.out.%p",
             *(run.PY, "-m", "proxy", "serve", "--config", str(config)),
             *("--host", "127.0.0.1", "--port", str(port)),
@@ -223,7 +226,11 @@ class Gateway:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self._wait_listening()
+        try:
+            self._wait_listening()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_listening(self) -> None:
         import socket
@@ -245,7 +252,7 @@ class Gateway:
         the exchange (monotonic seconds)."""
         sent = time.monotonic()
         subprocess.run(
-            ["callgrind_control", *args, str(self.proc.pid)],
+            ["callgrind_control", self.vgdb_prefix, *args, str(self.proc.pid)],
             check=True,
             capture_output=True,
             timeout=120,
