@@ -1,0 +1,504 @@
+"""Instructions per request of the gateway at git revisions, counted by callgrind.
+
+    .venv/bin/python bench/instructions.py --revs 65583d5,858e4ca,HEAD
+    .venv/bin/python bench/instructions.py --revs HEAD --requests 20 --warmup 5   # smoke run
+
+Why: on a shared 2-core machine ``run.py``'s CPU µs/req moves by 20-40%
+between repeats of the same code, too much to check a ±5% budget between
+two commits, and ``perf stat`` has no hardware counters in this VM. Valgrind's
+callgrind counts the instructions a process executes (``Ir``), which does not
+depend on what else the machine is doing: the same requests on the same code
+give the same count within a fraction of a percent.
+
+For each revision, ``proxy/`` and ``sql/`` are exported with ``git archive``
+(``run.export_revision``) and served with ``python -m proxy serve`` on that
+export (PYTHONPATH; not the venv's ``tollway`` script, whose entry point moved
+between revisions), one worker, PYTHONHASHSEED=0, under ``valgrind
+--tool=callgrind --instr-atstart=no``, with ``run.py``'s YAML for its
+``tollway`` (``auth: none``) and ``tollway_billing`` (keys, tiers, prices on
+Postgres and Redis) targets and the loop-lag probe off. The fake provider and
+the client run natively. Per scenario: ``--warmup`` requests uninstrumented,
+then ``callgrind_control -z`` and ``-i on``, exactly ``--requests`` requests
+one after another on one keep-alive connection (``loadgen.run_point``,
+concurrency 1), ``-i off`` and ``-d``; the dump's ``totals:`` divided by the
+request count is the figure. Only the gateway's own process is counted: the
+fake provider, Postgres and Redis are not (their work per request is the same
+whichever revision asks).
+
+Each revision gets its own Postgres database (migrated by its own ``migrate``)
+and Redis database number, and its own tenant and key made through its own
+CLI, so an old revision never meets a newer schema. Gateways are started
+afresh for every repeat, revisions interleaved, and every process started here
+is stopped by PID; valgrind's files live in a temporary directory removed at
+the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+# bench/'s own modules (the script's directory is on sys.path).
+import loadgen
+import orjson
+import run
+
+SERVE_TIMEOUT_S = 600.0  # python + aiohttp + asyncpg imports under valgrind, on a busy machine
+STOP_TIMEOUT_S = 120.0
+CLI_TIMEOUT_S = 180.0
+# The usage flusher wakes every flush_interval_ms (20 by default) whatever the
+# traffic; under valgrind a request takes ~50x longer, so at 20 ms its idle
+# wake-ups would be counted ~50x as often per request as in a native run, and
+# vary with how busy the machine is. 1 s under valgrind is ~20 ms natively.
+SLOW_TIMERS_YAML = "billing: {flush_interval_ms: 1000}\n"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured scenario: a request body on a pass-through or billing gateway."""
+
+    name: str
+    scenario: run.Scenario
+    billing: bool
+
+
+def cases(prompt_kb: float) -> list[Case]:
+    chat, stream = (run.sized(s, prompt_kb) for s in run.SCENARIOS)
+    return [
+        Case("chat", chat, billing=False),
+        Case("chat-stream", stream, billing=False),
+        Case("billing-chat", chat, billing=True),
+        Case("billing-stream", stream, billing=True),
+    ]
+
+
+DEFAULT_CASES = "chat,chat-stream,billing-chat"
+
+
+@dataclass
+class Revision:
+    """An exported revision and the per-revision stores, data dir and key."""
+
+    rev: str
+    commit: str
+    src: Path
+    data_dir: Path
+    dsn: str
+    redis_url: str
+    api_key: str = ""
+
+    def environ(self) -> dict[str, str]:
+        """The gateway's and its CLI's environment: this export first on the path,
+        its own stores; nothing inherited that changes the request path."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+        env.pop("PYTHONPATH", None)
+        return env | {
+            "PYTHONPATH": str(self.src),
+            "PYTHONHASHSEED": "0",
+            "TOLLWAY_DATA_DIR": str(self.data_dir),
+            "DATABASE_URL": self.dsn,
+            "REDIS_URL": self.redis_url,
+        }
+
+
+@dataclass
+class Sample:
+    """One scenario on one gateway: the window's Ir, its wall time and the
+    gateway's idle Ir per second (its timers: config poll, usage flusher)."""
+
+    rev: str
+    case: str
+    instructions: int
+    requests: int
+    window_s: float
+    idle_per_s: float = 0.0
+
+    @property
+    def raw(self) -> float:
+        return self.instructions / self.requests
+
+    @property
+    def per_request(self) -> float:
+        """Without the timers' share: their wake-ups follow the wall clock, and a
+        request under valgrind on a busy machine takes a varying ~50x its time."""
+        return (self.instructions - self.idle_per_s * self.window_s) / self.requests
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(run.ROOT), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"instructions: git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def write_config(path: Path, port: int, provider_port: int, billing: bool) -> Path:
+    """``run.py``'s YAML for its ``tollway`` or ``tollway_billing`` target: only
+    keys every measured revision accepts (``check_config`` proves it)."""
+    yaml = run.TOLLWAY_YAML.format(port=port, provider_port=provider_port) + SLOW_TIMERS_YAML
+    path.write_text(yaml + (run.BILLING_YAML if billing else "auth: none\n"))
+    return path
+
+
+def _cli(revision: Revision, config: Path, *args: str) -> str:
+    """``python -m proxy ARGS`` of the export (``migrate`` takes no --config:
+    every command reads $TOLLWAY_CONFIG)."""
+    done = subprocess.run(
+        [run.PY, "-m", "proxy", *args],
+        env=revision.environ() | {"TOLLWAY_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    if done.returncode:
+        raise RuntimeError(
+            f"{revision.rev}: proxy {' '.join(args)} failed: {done.stderr.strip()[-2000:]}"
+        )
+    return done.stdout
+
+
+async def _create_database(dsn: str, name: str) -> str:
+    """A fresh database next to ``dsn``'s, and its DSN."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def prepare(rev: str, index: int, workdir: Path, stores: run.Datastores) -> Revision:
+    """Export ``rev``, give it its own database and Redis db, migrate with its
+    own code, and make a tenant and key through its own CLI."""
+    assert stores.dsn is not None and stores.redis_url is not None
+    commit = _git("rev-parse", "--short", rev)
+    src = run.export_revision(rev, workdir / f"src-{index}")
+    dsn = asyncio.run(_create_database(stores.dsn, f"bench_instr_{index}"))
+    redis_url = re.sub(r"/\d*$", f"/{index + 1}", stores.redis_url)
+    revision = Revision(rev, commit, src, workdir / f"data-{index}", dsn, redis_url)
+    config = write_config(workdir / f"check-{index}.yaml", 8080, 8081, billing=True)
+    _cli(revision, config, "check-config", str(config))
+    _cli(revision, config, "migrate")
+    tenant = f"bench-instr-{index}"
+    _cli(revision, config, "tenants", "create", tenant, "--tier", "bench")
+    made = _cli(revision, config, "keys", "create", "--tenant", tenant, "--json")
+    revision.api_key = orjson.loads(made)["api_key"]
+    return revision
+
+
+class Gateway:
+    """One ``python -m proxy serve`` under callgrind, with instrumentation off."""
+
+    def __init__(self, revision: Revision, config: Path, port: int, outdir: Path) -> None:
+        self.port = port
+        self.outdir = outdir
+        self.log = outdir / f"serve-{port}.log"
+        # valgrind's control FIFOs in the temporary directory too, not in /tmp.
+        self.vgdb_prefix = f"--vgdb-prefix={outdir}/vgdb-pipe"
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            self.vgdb_prefix,
+            f"--callgrind-out-file={outdir}/callgrind.out.%p",
+            *(run.PY, "-m", "proxy", "serve", "--config", str(config)),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                env=revision.environ(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            self._wait_listening()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_listening(self) -> None:
+        import socket
+
+        deadline = time.monotonic() + SERVE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"gateway exited with status {self.proc.returncode}:\n{tail}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"gateway did not listen on {self.port} within {SERVE_TIMEOUT_S:.0f} s")
+
+    def control(self, *args: str) -> float:
+        """Send a callgrind command; when it took effect, as the midpoint of
+        the exchange (monotonic seconds)."""
+        sent = time.monotonic()
+        subprocess.run(
+            ["callgrind_control", self.vgdb_prefix, *args, str(self.proc.pid)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        return (sent + time.monotonic()) / 2
+
+    def dump(self) -> int:
+        """Dump the counters (which zeroes them) and return the dump's total Ir."""
+        before = set(self.outdir.glob(f"callgrind.out.{self.proc.pid}.*"))
+        self.control("-d")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for path in set(self.outdir.glob(f"callgrind.out.{self.proc.pid}.*")) - before:
+                total = total_ir(path.read_text(errors="replace"))
+                if total is not None:
+                    return total
+            time.sleep(0.1)
+        raise RuntimeError(f"callgrind wrote no complete dump for pid {self.proc.pid} in 60 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def total_ir(dump: str) -> int | None:
+    """The dump's total instruction count (its ``totals:`` line, or ``summary:``
+    in older formats); None while the file is still being written."""
+    for key in ("totals:", "summary:"):
+        match = re.search(rf"^{key}\s+(\d+)", dump, re.MULTILINE)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def send(port: int, case: Case, count: int, api_key: str, per_request_s: float) -> None:
+    """Exactly ``count`` requests, one at a time; any failure aborts the run."""
+    body = orjson.dumps(case.scenario.body)
+    url = f"http://127.0.0.1:{port}{case.scenario.path}"
+    result = asyncio.run(
+        loadgen.run_point(
+            url,
+            body,
+            concurrency=1,
+            duration=30 + count * per_request_s,
+            warmup=0,
+            max_requests=count,
+            stream=case.scenario.stream,
+            api_key=api_key,
+        )
+    )
+    if result["errors"] or result["ok"] != count:
+        raise RuntimeError(
+            f"{case.name}: {result['ok']} of {count} requests answered, "
+            f"{result['errors']} errors: {result['first_error']}"
+        )
+
+
+def measure(gateway: Gateway, case: Case, args: argparse.Namespace, api_key: str) -> Sample:
+    send(gateway.port, case, args.warmup, api_key, args.per_request_s)
+    gateway.control("-z")
+    on = gateway.control("-i", "on")
+    send(gateway.port, case, args.requests, api_key, args.per_request_s)
+    off = gateway.control("-i", "off")
+    return Sample("", case.name, gateway.dump(), args.requests, off - on)
+
+
+def idle_rate(gateway: Gateway, seconds: float) -> float:
+    """Instructions per second of the gateway with no request in flight."""
+    gateway.control("-z")
+    on = gateway.control("-i", "on")
+    time.sleep(seconds)
+    off = gateway.control("-i", "off")
+    return gateway.dump() / (off - on)
+
+
+def run_repeat(
+    revision: Revision,
+    wanted: list[Case],
+    args: argparse.Namespace,
+    provider_port: int,
+    workdir: Path,
+) -> list[Sample]:
+    """Every wanted case on fresh gateways of one revision (one per auth mode)."""
+    samples = []
+    for billing in (False, True):
+        mine = [c for c in wanted if c.billing == billing]
+        if not mine:
+            continue
+        port = run._free_port()
+        name = f"{'billing' if billing else 'pass'}-{revision.commit}.yaml"
+        config = write_config(workdir / name, port, provider_port, billing)
+        gateway = Gateway(revision, config, port, workdir)
+        try:
+            key = revision.api_key if billing else "sk-bench"
+            mine_samples = [measure(gateway, case, args, key) for case in mine]
+            idle = idle_rate(gateway, args.idle_s)
+        finally:
+            gateway.stop()
+        for sample in mine_samples:
+            sample.rev, sample.idle_per_s = revision.rev, idle
+            print(
+                f"  {revision.rev:<10} {sample.case:<15} {sample.per_request:>12,.0f} "
+                f"instructions/request ({sample.raw:,.0f} raw, {sample.window_s:.1f} s, "
+                f"idle {idle:,.0f}/s)",
+                file=sys.stderr,
+            )
+        samples += mine_samples
+    return samples
+
+
+@dataclass
+class Row:
+    rev: str
+    case: str
+    values: list[float] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    idle: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / mean: how far apart the repeats are."""
+        return (max(self.values) - min(self.values)) / self.mean
+
+
+def rows(samples: list[Sample]) -> list[Row]:
+    by_key: dict[tuple[str, str], Row] = {}
+    for s in samples:
+        row = by_key.setdefault((s.rev, s.case), Row(s.rev, s.case))
+        row.values.append(s.per_request)
+        row.raw.append(s.raw)
+        row.idle.append(s.idle_per_s)
+    return list(by_key.values())
+
+
+def _millions(values: list[float]) -> str:
+    return " / ".join(f"{v / 1e6:.3f}M" for v in values)
+
+
+def table(result: list[Row], revisions: list[Revision]) -> str:
+    first = revisions[0].rev
+    base = {r.case: r.mean for r in result if r.rev == first}
+    lines = [
+        f"| rev | scenario | instructions/request | repeats | spread | vs {first} "
+        "| raw (timers included) | idle instructions/s |",
+        "|---|---|---:|---|---:|---:|---|---|",
+    ]
+    label = {r.rev: f"{r.rev} ({r.commit})" if r.rev != r.commit else r.rev for r in revisions}
+    for r in result:
+        repeats = _millions(r.values)
+        ratio = r.mean / base[r.case] if r.case in base else float("nan")
+        lines.append(
+            f"| {label[r.rev]} | {r.case} | {r.mean:,.0f} | {repeats} "
+            f"| {r.spread:.2%} | {ratio:.3f} | {_millions(r.raw)} | {_millions(r.idle)} |"
+        )
+    return "\n".join(lines)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--revs", default="HEAD", help="comma-separated git revisions")
+    p.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated scenarios")
+    p.add_argument("--requests", type=int, default=1000, help="measured requests per scenario")
+    p.add_argument("--warmup", type=int, default=200, help="unmeasured requests first")
+    p.add_argument("--repeats", type=int, default=2, help="fresh gateways per revision")
+    p.add_argument(
+        "--idle-s", type=float, default=10.0, help="idle window per gateway for its timers' rate"
+    )
+    p.add_argument("--prompt-kb", type=float, default=0.5, help="chat history size")
+    p.add_argument("--chunks", type=int, default=20, help="content chunks per fake stream")
+    p.add_argument(
+        "--per-request-s",
+        type=float,
+        default=1.0,
+        help="time allowed per request under valgrind before the run fails",
+    )
+    p.add_argument("--json", type=Path, help="also write the samples here")
+    args = p.parse_args(argv)
+    if args.requests < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("--requests and --repeats must be positive, --warmup not negative")
+    return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    for tool in ("valgrind", "callgrind_control"):
+        if subprocess.run(["which", tool], capture_output=True).returncode:
+            raise SystemExit(f"instructions: {tool} is not installed")
+    revs = [r.strip() for r in args.revs.split(",") if r.strip()]
+    if not 1 <= len(revs) <= 8:
+        raise SystemExit("instructions: give 1 to 8 revisions")
+    known = {c.name: c for c in cases(args.prompt_kb)}
+    wanted = [known[n] for n in args.cases.split(",") if n in known]
+    if not wanted or len(wanted) != len(args.cases.split(",")):
+        raise SystemExit(f"instructions: scenarios are {', '.join(known)}")
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with tempfile.TemporaryDirectory(prefix="tollway-instr-", ignore_cleanup_errors=True) as tmp:
+        workdir = Path(tmp)
+        procs = run.Processes(False, workdir)
+        stores = run.Datastores(workdir, argparse.Namespace(dsn=None, targets="tollway_billing"))
+        samples: list[Sample] = []
+        try:
+            provider_port = run._free_port()
+            fake = [run.PY, str(run.BENCH / "fake_provider.py"), str(provider_port)]
+            procs.start("fake_provider", [*fake, f"--chunks={args.chunks}"], "", provider_port)
+            revisions = [prepare(rev, i, workdir, stores) for i, rev in enumerate(revs)]
+            for rep in range(args.repeats):
+                print(f"repeat {rep + 1}/{args.repeats}", file=sys.stderr)
+                for revision in revisions:
+                    samples += run_repeat(revision, wanted, args, provider_port, workdir)
+        except KeyboardInterrupt:
+            print("instructions: interrupted; stopping children", file=sys.stderr)
+            return 130
+        finally:
+            procs.stop_all()
+            stores.stop()
+    print(
+        f"\n- started: {started}\n- command: {' '.join(sys.argv)}\n"
+        f"- method: {args.requests} requests per scenario after {args.warmup} unmeasured, "
+        f"one at a time, {args.prompt_kb:g} KB chat history, {args.repeats} fresh gateway(s) "
+        f"per revision; instructions of the gateway process (callgrind Ir), less its idle "
+        f"rate (over {args.idle_s:g} s) times the window\n"
+    )
+    print(table(rows(samples), revisions))
+    if args.json:
+        doc = {
+            "started": started,
+            "command": sys.argv,
+            "samples": [s.__dict__ | {"per_request": s.per_request} for s in samples],
+        }
+        args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""``bench/instructions.py``: the gateway at HEAD runs under callgrind and a
+handful of requests are counted (a smoke test; the numbers are not checked)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("callgrind_control") is None,
+    reason="valgrind (callgrind) is not installed",
+)
+@pytest.mark.timeout(900)
+def test_counts_instructions_per_request_at_head(tmp_path: Path) -> None:
+    out = tmp_path / "instructions.json"
+    argv = [sys.executable, str(ROOT / "bench" / "instructions.py"), "--revs", "HEAD"]
+    argv += ["--cases", "chat", "--requests", "5", "--warmup", "2", "--repeats", "1"]
+    argv += ["--idle-s", "1", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=840)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [sample] = orjson.loads(out.read_bytes())["samples"]
+    assert sample["case"] == "chat" and sample["requests"] == 5
+    # A chat request through aiohttp is hundreds of thousands of instructions at least.
+    assert sample["instructions"] > 5 * 100_000
+    assert sample["per_request"] > 0
+    assert "| HEAD (" in done.stdout and "| chat |" in done.stdout
