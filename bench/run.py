@@ -131,12 +131,16 @@ CACHE_REDIS_YAML = "cache: {enabled: true, unset_temperature: true, local_ttl_s:
 
 
 # The full path: API keys, tier admission against monthly quotas leased from
-# Postgres, the key's hourly window in Redis, one usage row per request.
+# Postgres, the key's hourly window in Redis, one usage row per request, and
+# (BUDGETS_YAML, in the tree measured; a --base-rev older than budgets would
+# refuse the keys) a tenant's monthly and a key's daily USD budget, each
+# request reserving its maximum cost from leases of both.
+BUDGETS_YAML = ",\n          monthly_budget_usd: 1000000000, key_daily_budget_usd: 1000000000"
 BILLING_YAML = """\
 auth: keys
 tiers:
   bench: {requests_per_hour: 1000000000, monthly_requests: 1000000000,
-          monthly_tokens: 1000000000000, max_tokens: 4096}
+          monthly_tokens: 1000000000000, max_tokens: 4096<budgets>}
 prices:
   bench-model: {prompt: 1.0, completion: 2.0}
   bench-long: {prompt: 1.0, completion: 2.0}
@@ -154,7 +158,8 @@ def _tollway_serve(
     def argv(env: Env, port: int) -> list[str]:
         config = env.workdir / f"{name}.yaml"
         yaml = TOLLWAY_YAML.format(port=port, provider_port=env.provider_port) + extra_yaml
-        config.write_text(yaml + (BILLING_YAML if billing else "auth: none\n"))
+        billing_yaml = BILLING_YAML.replace("<budgets>", "" if base else BUDGETS_YAML)
+        config.write_text(yaml + (billing_yaml if billing else "auth: none\n"))
         tollway = str(Path(PY).parent / "tollway")
         # A private data dir: the embedded Postgres (and Redis) that serve starts
         # must not be the ones colleagues' instances use in ./.tollway/. auth: none
