@@ -148,17 +148,24 @@ prices:
 
 
 def _tollway_serve(
-    name: str, extra_yaml: str = "", billing: bool = False, base: bool = False
+    name: str,
+    extra_yaml: str = "",
+    billing: bool = False,
+    base: bool = False,
+    budgets: bool = True,
 ) -> Callable[[Env, int], list[str]]:
     """``tollway serve`` with TOLLWAY_YAML plus ``extra_yaml``, files named after
     the target. ``billing``: ``BILLING_YAML`` on the run's Postgres and Redis,
     with a tenant and key made first through the CLI. ``base``: the code of
-    ``--base-rev`` (before/after in one run)."""
+    ``--base-rev`` (before/after in one run). ``budgets``: the billing tier
+    has USD budgets (never for ``base``, whose config may predate them)."""
 
     def argv(env: Env, port: int) -> list[str]:
         config = env.workdir / f"{name}.yaml"
         yaml = TOLLWAY_YAML.format(port=port, provider_port=env.provider_port) + extra_yaml
-        billing_yaml = BILLING_YAML.replace("<budgets>", "" if base else BUDGETS_YAML)
+        billing_yaml = BILLING_YAML.replace(
+            "<budgets>", BUDGETS_YAML if budgets and not base else ""
+        )
         config.write_text(yaml + (billing_yaml if billing else "auth: none\n"))
         tollway = str(Path(PY).parent / "tollway")
         # A private data dir: the embedded Postgres (and Redis) that serve starts
@@ -201,7 +208,9 @@ def _bench_key(tollway: str, name: str, config: Path, environ: dict[str, str]) -
             raise RuntimeError(f"tollway {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
 
-    subprocess.run([tollway, "migrate"], env={**os.environ, **environ}, check=True, timeout=120)
+    # TOLLWAY_CONFIG: migrate reads a config too, and a --base-rev's must be its own YAML.
+    migrate_env = {**os.environ, **environ, "TOLLWAY_CONFIG": str(config)}
+    subprocess.run([tollway, "migrate"], env=migrate_env, check=True, timeout=120)
     tenant = f"{name}-{os.getpid()}-{int(time.time())}"
     cli("tenants", "create", tenant, "--tier", "bench")
     key: str = orjson.loads(cli("keys", "create", "--tenant", tenant, "--json"))["api_key"]
@@ -297,6 +306,13 @@ TARGETS = [
     Target(
         "tollway_billing",
         _tollway_serve("tollway_billing", billing=True),
+        _needs_dsn,
+        tollway=True,
+    ),
+    # The same tree without USD budgets: what budgets themselves cost.
+    Target(
+        "tollway_billing_nobudget",
+        _tollway_serve("tollway_billing_nobudget", billing=True, budgets=False),
         _needs_dsn,
         tollway=True,
     ),
