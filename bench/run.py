@@ -150,12 +150,16 @@ SEMCACHE_YAML %= "bench-embed"
 
 
 # The full path: API keys, tier admission against monthly quotas leased from
-# Postgres, the key's hourly window in Redis, one usage row per request.
+# Postgres, the key's hourly window in Redis, one usage row per request, and
+# (BUDGETS_YAML, in the tree measured; a --base-rev older than budgets would
+# refuse the keys) a tenant's monthly and a key's daily USD budget, each
+# request reserving its maximum cost from leases of both.
+BUDGETS_YAML = ",\n          monthly_budget_usd: 1000000000, key_daily_budget_usd: 1000000000"
 BILLING_YAML = """\
 auth: keys
 tiers:
   bench: {requests_per_hour: 1000000000, monthly_requests: 1000000000,
-          monthly_tokens: 1000000000000, max_tokens: 4096}
+          monthly_tokens: 1000000000000, max_tokens: 4096<budgets>}
 prices:
   bench-model: {prompt: 1.0, completion: 2.0}
   bench-long: {prompt: 1.0, completion: 2.0}
@@ -168,17 +172,23 @@ def _tollway_serve(
     billing: bool = False,
     base: bool = False,
     semcache: bool = False,
+    budgets: bool = True,
 ) -> Callable[[Env, int], list[str]]:
     """``tollway serve`` with TOLLWAY_YAML plus ``extra_yaml``, files named after
     the target. ``billing``: ``BILLING_YAML`` on the run's Postgres and Redis,
     with a tenant and key made first through the CLI. ``base``: the code of
     ``--base-rev`` (before/after in one run). ``semcache``: the semantic
-    cache's table in the run's Postgres (``SEMANTIC_CACHE_DATABASE_URL``)."""
+    cache's table in the run's Postgres (``SEMANTIC_CACHE_DATABASE_URL``).
+    ``budgets``: the billing tier has USD budgets (never for ``base``,
+    whose config may predate them)."""
 
     def argv(env: Env, port: int) -> list[str]:
         config = env.workdir / f"{name}.yaml"
         yaml = TOLLWAY_YAML.format(port=port, provider_port=env.provider_port) + extra_yaml
-        config.write_text(yaml + (BILLING_YAML if billing else "auth: none\n"))
+        billing_yaml = BILLING_YAML.replace(
+            "<budgets>", BUDGETS_YAML if budgets and not base else ""
+        )
+        config.write_text(yaml + (billing_yaml if billing else "auth: none\n"))
         tollway = str(Path(PY).parent / "tollway")
         # A private data dir: the embedded Postgres (and Redis) that serve starts
         # must not be the ones colleagues' instances use in ./.tollway/. auth: none
@@ -225,7 +235,9 @@ def _bench_key(tollway: str, name: str, config: Path, environ: dict[str, str]) -
             raise RuntimeError(f"tollway {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
 
-    subprocess.run([tollway, "migrate"], env={**os.environ, **environ}, check=True, timeout=120)
+    # TOLLWAY_CONFIG: migrate reads a config too, and a --base-rev's must be its own YAML.
+    migrate_env = {**os.environ, **environ, "TOLLWAY_CONFIG": str(config)}
+    subprocess.run([tollway, "migrate"], env=migrate_env, check=True, timeout=120)
     tenant = f"{name}-{os.getpid()}-{int(time.time())}"
     cli("tenants", "create", tenant, "--tier", "bench")
     key: str = orjson.loads(cli("keys", "create", "--tenant", tenant, "--json"))["api_key"]
@@ -247,6 +259,7 @@ class Datastores:
         self._servers: list[Any] = []
         wanted = set(args.targets.split(","))
         uses_db = {"floor_db_batch", "tollway_billing", "tollway_billing_base"}
+        uses_db |= {"tollway_billing_nobudget"}
         if not wanted & (uses_db | {"tollway_semcache", "tollway_semcache_miss"}):
             return
         from proxy.stores.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -322,6 +335,13 @@ TARGETS = [
     Target(
         "tollway_billing",
         _tollway_serve("tollway_billing", billing=True),
+        _needs_dsn,
+        tollway=True,
+    ),
+    # The same tree without USD budgets: what budgets themselves cost.
+    Target(
+        "tollway_billing_nobudget",
+        _tollway_serve("tollway_billing_nobudget", billing=True, budgets=False),
         _needs_dsn,
         tollway=True,
     ),

@@ -192,6 +192,14 @@ CHECKS: dict[str, Check] = {
 }
 CHECKS |= {
     "tollway usage": _contains("cost_usd"),
+    "tollway tenants set-budget acme --monthly-usd 50 --daily-usd 5": _contains(
+        "'monthly_usd': 50.0", "'daily_usd': 5.0"
+    ),
+    "tollway tenants set-budget acme --daily-usd none": _contains(
+        "'daily_usd': None", "'monthly_usd': 50.0"
+    ),
+    "tollway keys set-budget KEY_ID --daily-usd 1": _contains("budgets={'daily_usd': 1.0}"),
+    "tollway tenants set-budget acme --clear": _contains("name=acme"),
     "tollway usage --tenant demo --group-by model --json": _demo_spend,
     "tollway usage --from 2025-06-01 --to 2025-06-30 --group-by key --csv": _contains(
         "key,requests,errors"
@@ -201,6 +209,10 @@ NOT_RUN = {
     'curl -s -H "Authorization: Bearer $TOLLWAY_ADMIN_KEY" "http://127.0.0.1:8080/admin/usage?'
     'tenant=demo&group_by=model&from=2025-06-01&to=2025-06-30"': (
         "the admin API is off in this run; tests/test_usage_rollups.py calls /admin/usage"
+    ),
+    "curl -s -X PATCH http://127.0.0.1:8080/admin/tenants/acme "
+    '-H "Authorization: Bearer $TOLLWAY_ADMIN_KEY" -d \'{"budgets": {"monthly_usd": 50}}\'': (
+        "the admin API is off in this run; tests/test_budget_overrides.py calls it"
     ),
     "tollway seal --new-key": "tests/test_sealed.py runs the seal commands",
     "export TOLLWAY_MASTER_KEY=...": "tests/test_sealed.py runs the seal commands",

@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from proxy.stores import analytics
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI
@@ -156,3 +158,26 @@ async def test_rollups_equal_the_rows_after_a_mixed_run(
     }
     table = await asyncio.to_thread(_run, cli, env)
     assert table.returncode == 0 and "upstream-model" in table.stdout
+
+
+async def test_a_request_admitted_last_month_and_written_this_month_is_in_the_raw_reports(
+    pg: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Rows are partitioned by the month they were admitted in, reported by the
+    day they were written: a stream that crosses midnight at a month's end
+    is in the next month's ``user`` report, as it is in its rollups."""
+    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    tenant_id = await pg.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    month = datetime.now(UTC).date().replace(day=1)  # migrate made its and the last partition
+    last = (month - timedelta(days=1)).replace(day=1)
+    await pg.execute(
+        "INSERT INTO usage_events (period, event_id, request_id, created_at, tenant_id, key_id,"
+        " endpoint, counted, status, end_user)"
+        " VALUES ($1, 'ev-midnight', 'req-midnight', $2, $3, $4, 'chat', true, 200, 'u1')",
+        last,
+        datetime(month.year, month.month, 1, 0, 0, 1, tzinfo=UTC),
+        tenant_id,
+        key["key_id"],
+    )
+    q = analytics.UsageQuery(month, month, "user", tenant)
+    assert [(r["user"], r["requests"]) for r in await analytics.report(pg, q)] == [("u1", 1)]

@@ -40,6 +40,9 @@ def add_commands(sub: Any) -> None:
     st.add_argument("name")
     st.add_argument("tier")
     tenants.add_parser("list", help="list tenants")
+    sb = tenants.add_parser("set-budget", help="set or clear a tenant's own USD budgets")
+    sb.add_argument("name")
+    _budget_options(sb)
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="action", required=True
     )
@@ -53,6 +56,9 @@ def add_commands(sub: Any) -> None:
     kl.add_argument("--tenant")
     for action in ("revoke", "rotate"):
         keys.add_parser(action, help=f"{action} a key").add_argument("key_id")
+    kb = keys.add_parser("set-budget", help="set or clear a key's own USD budgets")
+    kb.add_argument("key_id")
+    _budget_options(kb)
     cache = sub.add_parser("cache", help="manage the semantic cache").add_subparsers(
         dest="action", required=True
     )
@@ -68,8 +74,40 @@ def add_commands(sub: Any) -> None:
         kl,
         keys.choices["revoke"],
         keys.choices["rotate"],
+        sb,
+        kb,
     ):
         p.add_argument("--config", help="YAML config (for tier names)")
+
+
+def _budget_options(parser: argparse.ArgumentParser) -> None:
+    for span in ("monthly", "daily"):
+        parser.add_argument(
+            f"--{span}-usd",
+            metavar="USD",
+            help=f"{span} budget in USD, or 'none' for no budget (other budgets stay)",
+        )
+    parser.add_argument(
+        "--clear", action="store_true", help="drop every override: the tier's budgets apply"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def budget_changes(args: argparse.Namespace) -> dict[str, float | None] | None:
+    """The options as the admin API's ``budgets`` value (validated there)."""
+    given = {
+        name: value
+        for name, value in (("monthly_usd", args.monthly_usd), ("daily_usd", args.daily_usd))
+        if value is not None
+    }
+    if args.clear:
+        if given:
+            raise accounts.AccountError("--clear cannot be combined with --monthly-usd/--daily-usd")
+        return None
+    if not given:
+        raise accounts.AccountError("give --monthly-usd and/or --daily-usd, or --clear")
+    raw = {k: None if v.strip().lower() == "none" else v for k, v in given.items()}
+    return accounts.budget_changes(raw)
 
 
 def actor() -> str:
@@ -111,6 +149,8 @@ async def _dispatch(
             return await accounts.set_tier(pool, args.name, args.tier, tiers, who)
         case ("tenants", "list"):
             return await accounts.list_tenants(pool)
+        case ("tenants", "set-budget"):
+            return await accounts.set_tenant_budgets(pool, args.name, budget_changes(args), who)
         case ("keys", "create"):
             row = await accounts.create_key(
                 pool, hasher, args.tenant, args.name, args.expires_in_days, args.tier, tiers, who
@@ -122,6 +162,8 @@ async def _dispatch(
             return await accounts.revoke_key(pool, args.key_id, who)
         case ("keys", "rotate"):
             return await accounts.rotate_key(pool, hasher, args.key_id, who)
+        case ("keys", "set-budget"):
+            return await accounts.set_key_budgets(pool, args.key_id, budget_changes(args), who)
         case ("cache", "purge"):
             return await _purge(pool, args.tenant, args.model)
     raise AssertionError(args)

@@ -14,6 +14,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from proxy.config.budgets import MICROS, OVERRIDE_KEYS, parse_overrides
+from proxy.config.reader import ConfigError
 from proxy.stores import apikeys
 
 
@@ -27,14 +29,22 @@ class AccountError(ValueError):
 
 _KEY_FIELDS = (
     "k.id, k.name, k.prefix, k.tier, k.state, k.created_at, k.expires_at, "
-    "k.revoked_at, t.name AS tenant, coalesce(k.tier, t.tier) AS effective_tier"
+    "k.revoked_at, t.name AS tenant, coalesce(k.tier, t.tier) AS effective_tier, k.budgets"
 )
 
 
 def _jsonable(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in dict(row).items()}
+    return {k: _plain(k, v) for k, v in dict(row).items()}
+
+
+def _plain(name: str, value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if name == "budgets" and isinstance(value, str):  # asyncpg hands jsonb over as text
+        return orjson.loads(value)
+    return value
 
 
 async def _audit(
@@ -97,7 +107,7 @@ async def set_tier(
 
 
 async def list_tenants(pool: asyncpg.Pool) -> list[dict[str, Any]]:
-    rows = await pool.fetch("SELECT id, name, tier, created_at FROM tenants ORDER BY name")
+    rows = await pool.fetch("SELECT id, name, tier, budgets, created_at FROM tenants ORDER BY name")
     return [r for r in map(_jsonable, rows) if r is not None]
 
 
@@ -214,3 +224,68 @@ async def rotate_key(
         row = await _key_row(conn, new_id)
         await _audit(conn, actor, "key.rotate", key_id, before, {"replaced_by": new_id})
     return {"api_key": key, "key_id": new_id, "replaces": key_id, **_public(row)}
+
+
+def budget_changes(raw: Any) -> dict[str, float | None] | None:
+    """Validated overrides as they are stored (USD numbers; None: "no budget").
+
+    ``None`` (JSON null) clears every override, so the tier's budgets apply
+    again; an object changes only the names it has (``monthly_usd``,
+    ``daily_usd``), each a number of USD >= 0 or null for "no budget".
+    """
+    if raw is None:
+        return None
+    try:
+        parsed = parse_overrides(raw, "budgets")
+    except ConfigError as exc:
+        raise AccountError(str(exc)) from None
+    if not parsed:
+        raise AccountError(f"budgets: name at least one of {', '.join(OVERRIDE_KEYS)}, or null")
+    return {k: None if v is None else v / MICROS for k, v in parsed.items()}
+
+
+def _merged(old: str | None, changes: dict[str, float | None] | None) -> str | None:
+    if changes is None:
+        return None
+    merged = {**(orjson.loads(old) if old else {}), **changes}
+    return orjson.dumps({k: merged[k] for k in OVERRIDE_KEYS if k in merged}).decode()
+
+
+async def set_tenant_budgets(
+    pool: asyncpg.Pool, name: str, changes: dict[str, float | None] | None, actor: str
+) -> dict[str, Any]:
+    """Change a tenant's own budgets (``budget_changes``); workers read them
+    with the key, so they apply within ``key_cache_ttl_s``."""
+    async with pool.acquire() as conn, conn.transaction():
+        before = await conn.fetchrow(
+            "SELECT id, name, tier, budgets FROM tenants WHERE name = $1 FOR UPDATE", name
+        )
+        if before is None:
+            raise AccountError(f"no tenant named '{name}'", 404)
+        after = await conn.fetchrow(
+            "UPDATE tenants SET budgets = $2::jsonb, updated_at = now() WHERE name = $1"
+            " RETURNING id, name, tier, budgets",
+            name,
+            _merged(before["budgets"], changes),
+        )
+        await _audit(conn, actor, "tenant.set_budgets", name, before, after)
+    return _jsonable(after) or {}
+
+
+async def set_key_budgets(
+    pool: asyncpg.Pool, key_id: str, changes: dict[str, float | None] | None, actor: str
+) -> dict[str, Any]:
+    """Change a key's own budgets, as ``set_tenant_budgets`` does a tenant's."""
+    async with pool.acquire() as conn, conn.transaction():
+        old = await conn.fetchval("SELECT budgets FROM api_keys WHERE id = $1 FOR UPDATE", key_id)
+        before = await _key_row(conn, key_id)
+        if before is None:
+            raise AccountError(f"no key with id '{key_id}'", 404)
+        await conn.execute(
+            "UPDATE api_keys SET budgets = $2::jsonb WHERE id = $1",
+            key_id,
+            _merged(old, changes),
+        )
+        after = await _key_row(conn, key_id)
+        await _audit(conn, actor, "key.set_budgets", key_id, before, after)
+    return {"key_id": key_id, **_public(after)}

@@ -6,7 +6,11 @@ ledger in the transaction that inserts the usage rows), so it costs one
 index range scan over at most a row per day x key x model, and keeps
 working after raw partitions are dropped. ``user`` and ``tag`` are not in
 the rollups (unbounded cardinality): those read the raw ``usage_events``
-rows of the range, so they cover only what retention has kept.
+rows of the range, so they cover only what retention has kept. Raw rows
+are partitioned by the month a request was admitted in but reported, like
+the rollups, by the day it was written: a request in flight across the
+midnight that starts the range is in its previous month's partition, so
+that partition is read too (requests never run for a day).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ _RAW_GROUP = {
 _RAW = """
 SELECT {group} AS grp, {sums}
 FROM usage_events e JOIN tenants t ON t.id = e.tenant_id{join}
-WHERE e.period BETWEEN date_trunc('month', $4::date)::date AND $5
+WHERE e.period BETWEEN date_trunc('month', $4::date - 1)::date AND $5
   AND (e.created_at AT TIME ZONE 'UTC')::date BETWEEN $4 AND $5
   AND ($1::text IS NULL OR t.name = $1)
   AND ($2::text IS NULL OR e.key_id = $2)

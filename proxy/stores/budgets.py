@@ -54,6 +54,7 @@ class _Lease:
     micros: int = 0
     left: int | None = None  # headroom in Postgres at the last lease call
     exhausted_until: float = 0.0
+    exhausted_at: int = 0  # the limit it was exhausted under: a changed budget asks again
     refilled_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -99,7 +100,7 @@ class BudgetBook:
         lease.micros -= micros
 
     async def _refill(self, limit: Limit, lease: _Lease, micros: int) -> None:
-        if lease.exhausted_until > time.monotonic():
+        if lease.exhausted_until > time.monotonic() and lease.exhausted_at == limit.micros:
             raise over_budget(limit, micros)
         for _ in range(_REFILL_TRIES):
             short = micros - lease.micros
@@ -134,6 +135,7 @@ class BudgetBook:
             if not row["got"]:
                 break
         lease.exhausted_until = time.monotonic() + 0.25
+        lease.exhausted_at = limit.micros
         raise over_budget(limit, micros)
 
     def release(self, hold: Hold, spent: int) -> None:

@@ -99,15 +99,38 @@ async def list_tenants(request: web.Request) -> web.Response:
     return _json({"data": await accounts.list_tenants(request.app[BILLING].auth.pool)})
 
 
-async def set_tier(request: web.Request) -> web.Response:
+def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown field '{unknown[0]}' (allowed: {', '.join(allowed)}).", param=unknown[0]
+        )
+    if not body:
+        raise InvalidRequest(f"Give at least one of: {', '.join(allowed)}.")
+
+
+async def update_tenant(request: web.Request) -> web.Response:
+    """``{"tier": ..., "budgets": {...} | null}``: either or both, each audited."""
     body = await _body(request)
-    tiers = request.app[CONFIG].current.config.tiers
-    row = await accounts.set_tier(
-        request.app[BILLING].auth.pool,
-        request.match_info["name"],
-        _str(body, "tier") or "",
-        tiers,
-        ACTOR,
+    _only(body, ("tier", "budgets"))
+    pool, name = request.app[BILLING].auth.pool, request.match_info["name"]
+    changes = accounts.budget_changes(body["budgets"]) if "budgets" in body else None
+    row: dict[str, Any] = {}
+    if "tier" in body:
+        tiers = request.app[CONFIG].current.config.tiers
+        row = await accounts.set_tier(pool, name, _str(body, "tier") or "", tiers, ACTOR)
+    if "budgets" in body:
+        row = await accounts.set_tenant_budgets(pool, name, changes, ACTOR)
+    return _json(row)
+
+
+async def update_key(request: web.Request) -> web.Response:
+    """``{"budgets": {...} | null}``: the key's own budgets, audited."""
+    body = await _body(request)
+    _only(body, ("budgets",))
+    changes = accounts.budget_changes(body["budgets"])
+    row = await accounts.set_key_budgets(
+        request.app[BILLING].auth.pool, request.match_info["key_id"], changes, ACTOR
     )
     return _json(row)
 
@@ -178,9 +201,10 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/admin/tenants", _guard(create_tenant))
     r.add_get("/admin/tenants", _guard(list_tenants))
-    r.add_patch("/admin/tenants/{name}", _guard(set_tier))
+    r.add_patch("/admin/tenants/{name}", _guard(update_tenant))
     r.add_post("/admin/keys", _guard(create_key))
     r.add_get("/admin/keys", _guard(list_keys))
+    r.add_patch("/admin/keys/{key_id}", _guard(update_key))
     r.add_post("/admin/keys/{key_id}/revoke", _guard(revoke_key))
     r.add_post("/admin/keys/{key_id}/rotate", _guard(rotate_key))
     r.add_get("/admin/usage", _guard(usage))

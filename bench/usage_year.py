@@ -1,0 +1,148 @@
+"""A year of spend reports: ``GET /admin/usage``'s query over a year of rollups.
+
+Fills ``usage_daily`` (with COPY) for one large tenant — a row per day x key
+x served model, 365 x 50 x 10 by default — and for smaller neighbours that
+share the table, then times ``proxy.stores.analytics.report`` (what the
+endpoint and ``tollway usage`` run, through an asyncpg pool, so prepared
+statements and their plan cache behave as in the gateway) for a year of the
+large tenant, grouped each way the rollups answer, and filtered by a key and
+by a model.
+
+    .venv/bin/python bench/usage_year.py [--dsn URL] [--keys 50 --models 10 --repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+
+from proxy.stores import analytics, migrate
+from proxy.stores.embedded import EmbeddedPostgres
+
+START = date(2025, 1, 1)
+DAYS = 365
+COLUMNS = (
+    "day",
+    "tenant_id",
+    "key_id",
+    "public_model",
+    "provider",
+    "served_model",
+    "requests",
+    "errors",
+    "cache_hits",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "unpriced",
+)
+
+
+def rows(tenant_id: int, keys: int, models: int) -> Iterator[tuple[object, ...]]:
+    for d in range(DAYS):
+        day = START + timedelta(days=d)
+        for k in range(keys):
+            for m in range(models):
+                n = 1 + (d * 7 + k * 3 + m) % 400
+                yield (
+                    day,
+                    tenant_id,
+                    f"key_{tenant_id}_{k:03d}",
+                    f"model-{m}",
+                    "openai",
+                    f"model-{m}-2025",
+                    n,
+                    n // 50,
+                    n // 10,
+                    n * 900,
+                    n * 250,
+                    n * 100,
+                    0,
+                    Decimal(n) * Decimal("0.0031"),
+                    0,
+                )
+
+
+async def fill(pool: asyncpg.Pool, name: str, keys: int, models: int) -> int:
+    tenant_id: int = await pool.fetchval(
+        "INSERT INTO tenants (name, tier) VALUES ($1, 'pro') RETURNING id", name
+    )
+    async with pool.acquire() as conn:
+        await conn.copy_records_to_table(
+            "usage_daily", records=rows(tenant_id, keys, models), columns=COLUMNS
+        )
+    return tenant_id
+
+
+async def timed(
+    pool: asyncpg.Pool, q: analytics.UsageQuery, repeats: int
+) -> tuple[float, float, int]:
+    found = await analytics.report(pool, q)  # warm
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        found = await analytics.report(pool, q)
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return statistics.median(times), times[-1], len(found)
+
+
+async def bench(url: str, args: argparse.Namespace) -> None:
+    await migrate.migrate(url)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        t = time.perf_counter()
+        await fill(pool, "acme", args.keys, args.models)
+        for i in range(args.neighbours):
+            await fill(pool, f"neighbour-{i}", 10, 5)
+        await pool.execute("ANALYZE usage_daily")
+        total = await pool.fetchval("SELECT count(*) FROM usage_daily")
+        print(f"usage_daily rows={total} fill_s={time.perf_counter() - t:.1f}", flush=True)
+        end = START + timedelta(days=DAYS - 1)
+        cases = [(g, analytics.UsageQuery(START, end, g, "acme")) for g in ("day", "model", "key")]
+        cases += [
+            ("tenant (all)", analytics.UsageQuery(START, end, "tenant")),
+            ("day, one key", analytics.UsageQuery(START, end, "day", "acme", key="key_1_007")),
+            ("day, one model", analytics.UsageQuery(START, end, "day", "acme", model="model-3")),
+        ]
+        for label, q in cases:
+            p50, worst, n = await timed(pool, q, args.repeats)
+            print(f"group_by={label:<15} rows_out={n:<4} p50_ms={p50:.1f} max_ms={worst:.1f}")
+    finally:
+        await pool.close()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsn", help="an empty, migratable Postgres (default: embedded)")
+    ap.add_argument("--keys", type=int, default=50)
+    ap.add_argument("--models", type=int, default=10)
+    ap.add_argument("--neighbours", type=int, default=9, help="tenants of 10 keys x 5 models")
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    if args.dsn:
+        await bench(args.dsn, args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedPostgres(Path(tmp) / "pg", cleanup="delete")
+        url = server.start()
+        try:
+            await bench(url, args)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
