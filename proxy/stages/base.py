@@ -28,6 +28,7 @@ tuple built in ``proxy.web.settlers``, told of every request once it ends.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -35,6 +36,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config.model import Config
+from proxy.core.errors import GatewayError
 from proxy.core.metering import StreamMeter
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
@@ -55,6 +57,9 @@ class Services:
     # gateway's own routing (``proxy.pipeline.embed``).
     database_url: str | None = None
     embedder: Embedder | None = None
+    # The guardrails' moderation through the gateway's own routing
+    # (``proxy.pipeline.moderate``).
+    moderator: Moderator | None = None
 
 
 class Embedder(Protocol):
@@ -65,6 +70,16 @@ class Embedder(Protocol):
         embeddings request settled as its own usage row (named after
         ``parent``'s tenant when ``bill_tenant``). Raises on any failure,
         including ``timeout_s`` running out."""
+        ...
+
+
+class Moderator(Protocol):
+    async def moderate(
+        self, model: str, texts: list[str], parent: UsageRecord, bill_tenant: bool, timeout_s: float
+    ) -> list[dict[str, Any]]:
+        """One ``/v1/moderations`` result per text from the public ``model``,
+        as one internal request settled as its own usage row. Raises on any
+        failure, including ``timeout_s`` running out."""
         ...
 
 
@@ -89,6 +104,11 @@ class Exchange:
     # False: a stage must see this request's own answer (guardrails' output
     # checks and restore), so no cache may answer it or keep its answer.
     cacheable: bool = True
+    # Checks running beside forward (a guardrail's ``parallel`` moderation),
+    # each ending with None (pass) or the error that refuses the request: the
+    # answer's first byte waits for them, and a refusal cancels the upstream
+    # (``proxy.pipeline.hold``).
+    checks: list[asyncio.Future[GatewayError | None]] = field(default_factory=list)
 
     @property
     def scope(self) -> str:
