@@ -193,14 +193,14 @@ async def test_fail_open_lets_the_request_through_when_moderation_cannot_answer(
 
 
 @pytest.mark.parametrize(
-    ("model", "timeout", "why"),
+    ("model", "limit", "why"),
     [("fake-mod-slow", 0.5, "timed out"), ("fake-mod-fail", 10, "failed (")],
 )
 async def test_fail_closed_refuses_the_request_with_a_clear_503(
-    start_gateway: StartGateway, provider: ModerationProvider, model: str, timeout: float, why: str
+    start_gateway: StartGateway, provider: ModerationProvider, model: str, limit: float, why: str
 ) -> None:
     """The failing model's 500s are retried as any provider's are, within the timeout."""
-    guard = moderation(model, fail="closed", timeout_s=timeout)
+    guard = moderation(model, fail="closed", timeout_s=limit)
     gw = await start(start_gateway, provider.url, guard)
     with pytest.raises(openai.InternalServerError) as info:
         await ask(gw, CLEAN)

@@ -26,7 +26,7 @@ from proxy.config.model import Config
 from proxy.core.tasks import TaskGroup
 from proxy.providers.base import Reply
 from proxy.stages.base import ChunkFilter, Exchange, Moderator, Services, Stage
-from proxy.stages.guardrails import moderation
+from proxy.stages.guardrails import moderation, verdict
 from proxy.stages.guardrails.body import rewrite_reply, rewrite_request
 from proxy.stages.guardrails.config import GuardrailSettings, Policy, parse_guardrails
 from proxy.stages.guardrails.held import Blocked, HeldText
@@ -85,14 +85,14 @@ class GuardrailsStage(Stage):
             return text
 
         rewrite_request(ex.body, keep)
-        verdict = moderation.verdict(check, self.moderator, texts, ex.record, scan)
+        pending = verdict.verdict(check, self.moderator, texts, ex.record, scan)
         if check.mode == "before" or self.tasks is None:
-            refusal = await verdict
+            refusal = await pending
             if refusal is not None:
                 raise refusal
             return
         ex.cacheable = False
-        ex.checks.append(self.tasks.spawn(verdict, name=f"moderation {ex.record.request_id}"))
+        ex.checks.append(self.tasks.spawn(pending, name=f"moderation {ex.record.request_id}"))
 
     def on_reply(self, ex: Exchange, settings: GuardrailSettings, reply: Reply) -> Reply:
         guarded = ex.notes.get(self.name)
