@@ -165,8 +165,10 @@ async def _ratio(rounds: int, streams: int) -> None:
                 await asyncio.sleep(0.1)
         plain, guarded = [], []
         for i in range(rounds):
-            plain.append(await _wave(provider_port, False, streams))
-            guarded.append(await _wave(provider_port, True, streams))
+            # Alternate which goes first, so a drift in the machine's load
+            # over a round does not favour one side.
+            for guard in (False, True) if i % 2 == 0 else (True, False):
+                (guarded if guard else plain).append(await _wave(provider_port, guard, streams))
             print(f"round {i + 1}: {plain[-1]:.1f} vs {guarded[-1]:.1f} µs CPU per event")
         ratios = [g / p for p, g in zip(plain, guarded, strict=True)]
         print(
