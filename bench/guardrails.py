@@ -8,7 +8,7 @@ cost per KB of prompt, and what the output filter adds per stream event.
 the gateway's) in front of ``bench/fake_provider.py`` and drives it with
 ``bench/longstream.py`` (both child processes): waves of long streams (200
 events 25 ms apart, as a model's tokens come), alternately without and with
-an output guardrail policy, and prints the gateway's CPU per relayed event
+an output guardrail policy, and prints the gateway's CPU per upstream event
 for each and their ratio (the median of the rounds).
 
 Prompts come from ``bench/prompts.py`` (prose-like chat turns); the stream is
@@ -123,8 +123,11 @@ def _config(provider_port: int, guarded: bool) -> dict[str, Any]:
     return cfg
 
 
-async def _wave(provider_port: int, guarded: bool, streams: int) -> float:
-    """The gateway's CPU µs per relayed event over one wave of ``streams``."""
+async def _wave(provider_port: int, guarded: bool, streams: int) -> tuple[float, int]:
+    """The gateway's CPU µs over one wave of ``streams``, and the events the
+    client got. The guarded gateway sends fewer events (none whose text is
+    all held back) for the same upstream events, so CPU is compared per
+    upstream event: the unguarded count."""
     app = build_app(parse_config(yaml.safe_dump(_config(provider_port, guarded)), {}))
     runner = make_runner(app)
     await runner.setup()
@@ -148,7 +151,7 @@ async def _wave(provider_port: int, guarded: bool, streams: int) -> float:
         await runner.cleanup()
     result = orjson.loads(out)
     assert result["errors"] == 0 and result["events"] > 0, result
-    return cpu / int(result["events"]) * 1e6
+    return cpu * 1e6, int(result["events"])
 
 
 async def _ratio(rounds: int, streams: int) -> None:
@@ -163,18 +166,25 @@ async def _ratio(rounds: int, streams: int) -> None:
                 break
             except OSError:
                 await asyncio.sleep(0.1)
-        plain, guarded = [], []
+        plain: list[tuple[float, int]] = []
+        guarded: list[tuple[float, int]] = []
         for i in range(rounds):
             # Alternate which goes first, so a drift in the machine's load
             # over a round does not favour one side.
             for guard in (False, True) if i % 2 == 0 else (True, False):
                 (guarded if guard else plain).append(await _wave(provider_port, guard, streams))
-            print(f"round {i + 1}: {plain[-1]:.1f} vs {guarded[-1]:.1f} µs CPU per event")
-        ratios = [g / p for p, g in zip(plain, guarded, strict=True)]
+            events = plain[-1][1]
+            print(
+                f"round {i + 1}: {plain[-1][0] / events:.1f} vs {guarded[-1][0] / events:.1f} "
+                f"µs CPU per upstream event ({events} vs {guarded[-1][1]} events sent)"
+            )
+        ratios = [g / p for (p, _), (g, _) in zip(plain, guarded, strict=True)]
+        per_plain = [c / n for c, n in plain]
+        per_guarded = [c / n for (c, _), (_, n) in zip(guarded, plain, strict=True)]
         print(
-            f"gateway CPU per event, median of {rounds}: without guardrails "
-            f"{statistics.median(plain):.1f} µs, with output guardrails "
-            f"{statistics.median(guarded):.1f} µs, ratio {statistics.median(ratios):.2f} "
+            f"gateway CPU per upstream event, median of {rounds}: without guardrails "
+            f"{statistics.median(per_plain):.1f} µs, with output guardrails "
+            f"{statistics.median(per_guarded):.1f} µs, ratio {statistics.median(ratios):.2f} "
             f"(rounds {min(ratios):.2f}-{max(ratios):.2f})"
         )
     finally:
