@@ -20,6 +20,7 @@ from aiohttp import web
 from proxy.config.reader import ConfigError
 from proxy.pipeline.registry import parse_config
 from proxy.providers.moderation import CATEGORIES, result
+from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import StartGateway, gateway_config
 from tests.schema import validate
 
@@ -308,3 +309,39 @@ def test_the_moderation_section_is_strict(entry: dict[str, Any], error: str) -> 
     section = {"policies": [{"name": "p", "detectors": [entry]}]}
     with pytest.raises(ConfigError, match=re.escape(error)):
         parse_config(yaml.safe_dump(gateway_config("http://127.0.0.1:9", guardrails=section)))
+
+
+# ------------------------------------------------------------------ billing (Postgres)
+
+
+async def test_moderation_rows_are_billed_to_the_tenant_in_postgres(
+    start_gateway: StartGateway,
+    provider: ModerationProvider,
+    pg_url: str,
+    pg: Any,
+    tmp_path: Any,
+) -> None:
+    """Both the client's ``/v1/moderations`` request and the guardrail's own
+    moderation call land in ``usage_events`` under the caller's tenant."""
+    cfg = {**billing_config(provider.url), "guardrails": moderation()}
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    client = gw.sdk(api_key=key["api_key"])
+    answer = await client.moderations.create(model="fake-mod", input="kaboom")
+    assert answer.results[0].flagged
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(
+            model="fake-m", messages=[{"role": "user", "content": FLAGGED}]
+        )
+    query = (
+        "SELECT count(*) FROM usage_events e JOIN tenants t ON t.id = e.tenant_id"
+        " WHERE t.name = $1 AND e.endpoint = 'moderations' AND e.status = 200"
+        " AND e.prompt_tokens > 0"
+    )
+    await wait_for(pg, query, tenant, expect=2)
+    tagged = await pg.fetchval(
+        "SELECT count(*) FROM usage_events e JOIN tenants t ON t.id = e.tenant_id"
+        " WHERE t.name = $1 AND e.tags->>'tollway' = 'guardrails'",
+        tenant,
+    )
+    assert tagged == 1

@@ -73,7 +73,8 @@ class GuardrailsStage(Stage):
             # restored values would hand them to the next caller whose prompt
             # redacts to the same text.
             ex.cacheable = False
-        if policy.moderation is not None:
+        # A /v1/moderations request asks that very question: not asked twice.
+        if policy.moderation is not None and ex.endpoint != "moderations":
             await self._moderate(ex, policy.moderation, guarded.scan)
         return None
 
