@@ -32,6 +32,7 @@ event once stream headers are out.
     │   └── ProviderNotConfigured (503)
     ├── ServiceUnavailable (503)
     │   ├── ProviderBusy (503)        a provider's concurrency limit in Tollway
+    │   ├── GuardrailUnavailable (503) a fail-closed moderation check could not answer
     │   └── ShuttingDown (503)
     └── ProviderHTTPError (status passed on from the provider: the one status
                           not fixed by the class, as it is the provider's)
@@ -179,6 +180,14 @@ class ProviderBusy(ServiceUnavailable):
 
 class ShuttingDown(ServiceUnavailable):
     code = "server_shutting_down"
+
+
+class GuardrailUnavailable(ServiceUnavailable):
+    """A guardrail whose policy is ``fail: closed`` could not give a verdict
+    (its moderation model failed or timed out), so the request was refused
+    unchecked rather than let through unchecked."""
+
+    code = "guardrail_unavailable"
 
 
 class UpstreamError(GatewayError):

@@ -26,9 +26,10 @@ from proxy.core.metering import StreamMeter, settled_usage
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
 from proxy.core.trace import NO_SPAN
+from proxy.pipeline.hold import held
 from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, TRACE, Runtime
 from proxy.pipeline.snapshot import Snapshot
-from proxy.providers.base import Call, Endpoint
+from proxy.providers.base import GENERATIVE, Call, Endpoint
 from proxy.stages import parse, relay
 from proxy.stages.admit import budget, key_limits
 from proxy.stages.admit.billing import Admission, ratelimit_headers, tier_of
@@ -94,7 +95,7 @@ def fit_context(ex: Exchange, plan: RoutePlan, asked: int) -> RoutePlan:
     the prompt estimate plus the limit the client asked for, as capped by its
     tier. A request that set no limit asks only for its prompt to fit: the
     tier's cap is a ceiling, not a demand."""
-    if all(t.context_window is None for t in plan.targets) or ex.endpoint == "embeddings":
+    if all(t.context_window is None for t in plan.targets) or ex.endpoint not in GENERATIVE:
         return plan
     admission = ex.record.admission
     prompt = admission.prompt_tokens if isinstance(admission, Admission) else None
@@ -176,7 +177,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
         if answered is not None:
             return answered
         call = Call(endpoint, ex.body, plan.public_model, record.stream, record.request_id)
-        done = await forward(rt.upstreams, snapshot, plan, call, record, trace)
+        done = await held(ex, forward(rt.upstreams, snapshot, plan, call, record, trace))
         record.provider, record.provider_model = done.target.provider.name, done.target.model
         record.served_model = done.target.public
         record.attempts = done.attempts

@@ -6,7 +6,7 @@ the provider's ``default_max_tokens``. Auth is the ``x-api-key`` header and
 ``anthropic-version`` is the provider's ``api_version`` (default
 ``2023-06-01``); no client header is forwarded. Legacy ``/v1/completions``
 sends the prompt as one user message and answers in ``text_completion``
-shape; embeddings are a 400 (Anthropic has none).
+shape; embeddings and moderations are a 400 (Anthropic has neither).
 
 Usage is exactly what Anthropic reports — ``input_tokens`` plus cache reads
 and writes as prompt tokens, ``output_tokens`` as completion tokens, the cache
@@ -223,12 +223,12 @@ class AnthropicProvider(TranslatingProvider):
         return self._url
 
     def payload(self, call: Call) -> bytes:
-        if call.endpoint == "embeddings":
+        if call.endpoint in ("embeddings", "moderations"):
             raise InvalidRequest(
-                f"Provider '{self.name}' (Anthropic) has no embeddings API; "
-                "route embedding models to another provider.",
+                f"Provider '{self.name}' (Anthropic) has no {call.endpoint} API; "
+                f"route {call.endpoint} models to another provider.",
                 param="model",
-                code="embeddings_not_supported",
+                code=f"{call.endpoint}_not_supported",
             )
         cfg = self.config
         body = to_anthropic(

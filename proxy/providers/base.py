@@ -31,7 +31,10 @@ from typing import Any, Literal
 from proxy.config.model import ProviderConfig, Timeouts
 from proxy.core.usage import Usage
 
-Endpoint = Literal["chat", "completions", "embeddings"]
+Endpoint = Literal["chat", "completions", "embeddings", "moderations"]
+# The endpoints whose answer is generated text: they take a completion limit
+# and may stream. Embeddings and moderations only read their input.
+GENERATIVE: frozenset[str] = frozenset({"chat", "completions"})
 
 
 @dataclass(slots=True)

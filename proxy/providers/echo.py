@@ -1,7 +1,9 @@
 """``kind: echo`` — a built-in local provider so the demo runs with no keys.
 
-It answers with the last user message (chat), the prompt (completions) or a
-hashed character-trigram vector (embeddings), in OpenAI's exact shapes. Streams
+It answers with the last user message (chat), the prompt (completions), a
+hashed character-trigram vector (embeddings) or a moderation verdict that
+flags ``violence`` in any text holding the demo word ``kaboom`` and nothing
+else (moderations), in OpenAI's exact shapes. Streams
 are split at tiktoken token boundaries, a few tokens per chunk, like a real
 model, and end with a usage chunk. Usage is exact tiktoken counts of the
 prompt and the answer, reported as the provider's.
@@ -22,10 +24,12 @@ import orjson
 from proxy.core import tokens
 from proxy.core.sse import DONE, data_event
 from proxy.core.usage import Usage
+from proxy.providers import moderation
 from proxy.providers.base import Call, Provider, Reply, UpstreamStream
 
 _TOKENS_PER_CHUNK = 3
 DEFAULT_DIMENSIONS = 256
+DEMO_FLAGGED = "kaboom"  # the word echo's moderation flags, for the demo and tests
 
 
 def _last_user_text(messages: list[Any]) -> str:
@@ -133,6 +137,8 @@ class EchoProvider(Provider):
     async def complete(self, call: Call) -> Reply:
         if call.endpoint == "embeddings":
             return self._embed(call)
+        if call.endpoint == "moderations":
+            return self._moderate(call)
         answer = _answer(call)
         usage = _usage(call, answer)
         now = int(time.time())
@@ -189,6 +195,14 @@ class EchoProvider(Provider):
             "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
         }
         return Reply(body=orjson.dumps(body), usage=usage)
+
+    def _moderate(self, call: Call) -> Reply:
+        results = [
+            moderation.result({"violence": 0.97} if DEMO_FLAGGED in text.lower() else {})
+            for text in moderation.inputs(call.body)
+        ]
+        body = {"id": "modr-" + call.request_id, "model": call.model, "results": results}
+        return Reply(body=orjson.dumps(body), usage=None)
 
     async def stream(self, call: Call) -> UpstreamStream:
         return EchoStream(call)

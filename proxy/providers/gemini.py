@@ -34,7 +34,12 @@ import orjson
 
 from proxy.config.model import ProviderConfig
 from proxy.core import tokens
-from proxy.core.errors import GatewayError, ProviderHTTPError, UpstreamStreamBroken
+from proxy.core.errors import (
+    GatewayError,
+    InvalidRequest,
+    ProviderHTTPError,
+    UpstreamStreamBroken,
+)
 from proxy.core.sse import DONE, data_event, event_data
 from proxy.core.usage import usage_from_openai
 from proxy.providers import http, paths
@@ -190,6 +195,13 @@ class GeminiProvider(TranslatingProvider):
         return f"{self._root}/models/{model}:{method}"
 
     def payload(self, call: Call) -> bytes:
+        if call.endpoint == "moderations":
+            raise InvalidRequest(
+                f"Provider '{self.name}' (Gemini) has no moderations API; "
+                "route moderation models to another provider.",
+                param="model",
+                code="moderations_not_supported",
+            )
         if call.endpoint == "embeddings":
             return orjson.dumps(to_gemini_embed(call.body, call.model.removeprefix("models/")))
         return orjson.dumps(to_gemini(call.body, call.endpoint))

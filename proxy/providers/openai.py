@@ -27,7 +27,12 @@ from proxy.core.usage import usage_from_openai
 from proxy.providers import http, paths
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
 
-_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+_PATHS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+    "moderations": "/moderations",
+}
 # Fields that would let a client steer the gateway itself; never forwarded.
 _GATEWAY_FIELDS = ("api_base", "base_url", "api_key")
 

@@ -32,6 +32,7 @@ tuple built in ``proxy.web.settlers``, told of every request once it ends.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -40,6 +41,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config.model import Config
+from proxy.core.errors import GatewayError
 from proxy.core.metering import StreamMeter
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
@@ -64,6 +66,9 @@ class Services:
     # A stage section's settings in the live config snapshot (what ``configure``
     # returned, None when the section is off), for work outside any request.
     live_settings: Callable[[str], object | None] = lambda section: None
+    # The guardrails' moderation through the gateway's own routing
+    # (``proxy.pipeline.moderate``).
+    moderator: Moderator | None = None
 
 
 class Embedder(Protocol):
@@ -74,6 +79,16 @@ class Embedder(Protocol):
         embeddings request settled as its own usage row (named after
         ``parent``'s tenant when ``bill_tenant``). Raises on any failure,
         including ``timeout_s`` running out."""
+        ...
+
+
+class Moderator(Protocol):
+    async def moderate(
+        self, model: str, texts: list[str], parent: UsageRecord, bill_tenant: bool, timeout_s: float
+    ) -> list[dict[str, Any]]:
+        """One ``/v1/moderations`` result per text from the public ``model``,
+        as one internal request settled as its own usage row. Raises on any
+        failure, including ``timeout_s`` running out."""
         ...
 
 
@@ -99,6 +114,11 @@ class Exchange:
     # checks and restore), so no cache may answer it or keep its answer.
     cacheable: bool = True
     trace: Span = NO_SPAN  # the request's root span (the no-op one when not traced)
+    # Checks running beside forward (a guardrail's ``parallel`` moderation),
+    # each ending with None (pass) or the error that refuses the request: the
+    # answer's first byte waits for them, and a refusal cancels the upstream
+    # (``proxy.pipeline.hold``).
+    checks: list[asyncio.Future[GatewayError | None]] = field(default_factory=list)
 
     @property
     def scope(self) -> str:

@@ -13,7 +13,8 @@ import orjson
 from aiohttp import web
 
 from proxy.core.errors import BodyTooLarge, InvalidRequest
-from proxy.providers.base import Endpoint
+from proxy.providers.base import GENERATIVE, Endpoint
+from proxy.providers.moderation import DEFAULT_MODEL
 
 MAX_MODEL_CHARS = 256
 MAX_USER_CHARS = 256
@@ -165,8 +166,23 @@ def _prompt(body: dict[str, Any], param: str) -> None:
     raise _type_error(param, "a string or an array of strings or token arrays", value)
 
 
+def _moderation_input(body: dict[str, Any]) -> None:
+    """A string, or a non-empty array of strings or of ``{"type": ...}`` parts."""
+    value = _require(body, "input")
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return
+        if all(isinstance(v, dict) and isinstance(v.get("type"), str) for v in value):
+            return
+    raise _type_error("input", "a string or an array of strings or of input parts", value)
+
+
 def validate(body: dict[str, Any], endpoint: Endpoint) -> str:
     """Check the body for ``endpoint``; return the requested model name."""
+    if endpoint == "moderations" and body.get("model") is None:
+        body["model"] = DEFAULT_MODEL  # optional there, as on OpenAI
     model = _model(body)
     _user(body)
     if endpoint == "chat":
@@ -175,6 +191,8 @@ def validate(body: dict[str, Any], endpoint: Endpoint) -> str:
     elif endpoint == "completions":
         _prompt(body, "prompt")
         _common(body)
+    elif endpoint == "moderations":
+        _moderation_input(body)
     else:
         _prompt(body, "input")
         _optional(body, "dimensions", int, "an integer")
@@ -183,7 +201,7 @@ def validate(body: dict[str, Any], endpoint: Endpoint) -> str:
 
 
 def wants_stream(body: dict[str, Any], endpoint: Endpoint) -> bool:
-    return endpoint != "embeddings" and body.get("stream") is True
+    return endpoint in GENERATIVE and body.get("stream") is True
 
 
 def choices(body: dict[str, Any]) -> int:

@@ -17,6 +17,7 @@ from proxy.core.record import LogSettler, Settler
 from proxy.core.tasks import TaskGroup
 from proxy.pipeline import registry
 from proxy.pipeline.embed import InternalEmbedder
+from proxy.pipeline.moderate import InternalModerator
 from proxy.pipeline.runtime import Runtime
 from proxy.pipeline.snapshot import ConfigStore, build_snapshot
 from proxy.stages.base import Services, Stage
@@ -111,6 +112,7 @@ def _routes(app: web.Application) -> None:
     r.add_post("/v1/chat/completions", handlers.chat_completions)
     r.add_post("/v1/completions", handlers.completions)
     r.add_post("/v1/embeddings", handlers.embeddings)
+    r.add_post("/v1/moderations", handlers.moderations)
     r.add_get("/v1/models", handlers.list_models)
     r.add_get("/v1/models/{model:.+}", handlers.get_model)
     r.add_get("/v1/usage", usage_api.usage)
@@ -167,8 +169,15 @@ def _live_settings(app: web.Application) -> Callable[[str], object | None]:
 def _stages(database_url: str | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         embedder = InternalEmbedder(app[CONFIG], app[UPSTREAMS], app[SETTLER])
+        moderator = InternalModerator(app[CONFIG], app[UPSTREAMS], app[SETTLER])
         services = Services(
-            app[HTTP], app[TASKS], app.get(REDIS), database_url, embedder, _live_settings(app)
+            app[HTTP],
+            app[TASKS],
+            app.get(REDIS),
+            database_url,
+            embedder,
+            _live_settings(app),
+            moderator,
         )
         for stage in app[STAGES]:
             await stage.open(services)

@@ -37,6 +37,7 @@ OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
 # (the metrics and the access log count it), under its endpoint's name.
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 _ENDPOINTS["/v1/embeddings"] = "embeddings"
+_ENDPOINTS["/v1/moderations"] = "moderations"
 
 
 def admit(request: web.Request) -> Awaitable[None] | None:

@@ -27,6 +27,10 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await pipeline.handle(request, "embeddings", request.app[RUNTIME])
 
 
+async def moderations(request: web.Request) -> web.StreamResponse:
+    return await pipeline.handle(request, "moderations", request.app[RUNTIME])
+
+
 def _model_object(name: str, model: ModelConfig, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": model.owned_by}
 

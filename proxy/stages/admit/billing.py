@@ -26,6 +26,7 @@ from proxy.core.errors import ModelNotAllowed, QuotaExceeded
 from proxy.core.pricing import cost_of
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
+from proxy.providers.base import GENERATIVE
 from proxy.stages.auth import Authenticator
 from proxy.stores.budgets import BudgetBook, Hold
 from proxy.stores.journal import Journal
@@ -71,7 +72,7 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     not final: each attempt's adapter sends the limit under the parameter
     its target's model accepts (``Call.token_limit``, from the model family),
     since one plan may mix families (``gpt-4o`` falling back to ``o3-mini``)."""
-    if endpoint == "embeddings":
+    if endpoint not in GENERATIVE:
         return 0
     asked = [key for key in _LIMITS if isinstance(body.get(key), int)]
     for key in asked:

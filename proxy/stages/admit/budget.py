@@ -22,6 +22,7 @@ from proxy.config.budgets import Budgets, effective, to_micros
 from proxy.config.tiers import Price, Tier, price_for, served_price
 from proxy.core import tokens
 from proxy.core.principal import Principal
+from proxy.providers.base import GENERATIVE
 from proxy.stages.route import RoutePlan, Target
 from proxy.stores.budgets import BudgetBook, Hold, Limit
 
@@ -51,7 +52,7 @@ def limits_for(who: Principal, tier: Tier, now: datetime) -> tuple[Limit, ...]:
 
 def completion_budget(body: Mapping[str, Any], endpoint: str) -> int:
     """The completion limit the request goes out with (admission capped it)."""
-    if endpoint == "embeddings":
+    if endpoint not in GENERATIVE:
         return 0
     limit = max((v for k in _LIMITS if isinstance(v := body.get(k), int)), default=0)
     n = body.get("n")

@@ -43,6 +43,7 @@ import orjson
 from proxy.core.errors import InvalidRequest
 from proxy.core.metering import StreamMeter
 from proxy.core.usage import Usage
+from proxy.providers.base import GENERATIVE
 from proxy.stages.cache.config import CachePolicy, ModelCache
 from proxy.stores.redis_client import RedisDown, SharedRedis
 
@@ -122,7 +123,7 @@ def fingerprint(endpoint: str, model: str, body: Mapping[str, Any]) -> str:
 
 
 def deterministic(body: Mapping[str, Any], endpoint: str, policy: CachePolicy) -> bool:
-    if endpoint == "embeddings":
+    if endpoint not in GENERATIVE:
         return True
     if body.get("n") not in (None, 1):
         return False

@@ -15,6 +15,9 @@
               blocklist: {terms: [zorblax], regexes: ["forbidden\\\\s+word"], file: terms.txt}
               input: block
               output: block
+            - name: moderation                              # a moderation model
+              moderation: {model: omni-moderation-latest, mode: parallel, fail: closed}
+              input: block                                  # see ``moderation``
 
 Actions per direction (``input``: the prompt, ``output``: the answer):
 ``block``, ``redact``, ``log``, ``off`` (the default). A blocklist file has
@@ -32,7 +35,7 @@ from typing import Any, Protocol
 
 from proxy.config.reader import ConfigError, Glob, Node, compile_glob
 from proxy.core.principal import Principal
-from proxy.stages.guardrails import blocklist
+from proxy.stages.guardrails import blocklist, moderation
 from proxy.stages.guardrails.detectors import BUILTIN, GROUPS
 from proxy.stages.guardrails.view import Span, View
 
@@ -40,7 +43,7 @@ ACTIONS = ("block", "redact", "log", "off")
 _TOP = ("enabled", "policies")
 _POLICY = ("name", "when", "restore", "detectors")
 _WHEN = ("tiers", "tenants", "models")
-_ENTRY = ("use", "blocklist", "name", "input", "output")
+_ENTRY = ("use", "blocklist", "moderation", "name", "input", "output")
 _LIST = ("terms", "regexes", "file")
 
 
@@ -93,6 +96,7 @@ class Policy:
     input: Rules
     output: Rules
     hold_back: int  # characters a stream keeps back so a split match is still whole
+    moderation: moderation.ModerationCheck | None = None  # at most one per policy
 
     def applies(self, who: Principal | None, model: str) -> bool:
         return (
@@ -142,7 +146,10 @@ def _policy(node: Node) -> Policy:
     when = m["when"].mapping(_WHEN) if "when" in m else {}
     if "detectors" not in m:
         raise node.fail("detectors: missing (a list of detectors and their actions)")
-    entries = [_entry(n) for n in m["detectors"].items()]
+    checks = [_moderation(n) for n in m["detectors"].items() if _is_moderation(n)]
+    if len(checks) > 1:
+        raise m["detectors"].fail("at most one moderation check per policy")
+    entries = [_entry(n) for n in m["detectors"].items() if not _is_moderation(n)]
     rules_in = Rules(r for rules, _ in entries for r in rules if r.action != "off")
     rules_out = Rules(r for _, rules in entries for r in rules if r.action != "off")
     longest = max((getattr(r.finder, "longest", 0) for r in rules_out), default=0)
@@ -155,7 +162,20 @@ def _policy(node: Node) -> Policy:
         input=rules_in,
         output=rules_out,
         hold_back=max(128, 2 * longest),
+        moderation=next((c for c in checks if c.action != "off"), None),
     )
+
+
+def _is_moderation(node: Node) -> bool:
+    return isinstance(node.value, dict) and "moderation" in node.value
+
+
+def _moderation(node: Node) -> moderation.ModerationCheck:
+    m = node.mapping(_ENTRY)
+    if "use" in m or "blocklist" in m:
+        raise node.fail("give exactly one of 'use', 'blocklist' or 'moderation'")
+    name = m["name"].string() if "name" in m else "moderation"
+    return moderation.parse(node, name, m)
 
 
 def _action(m: dict[str, Node], key: str) -> str:

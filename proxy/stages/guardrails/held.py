@@ -17,6 +17,10 @@ from proxy.stages.guardrails.scan import Hit, Scan, hits, refusal
 
 MAX_RUN = 4096
 MAX_MATCH = 32768
+# Text is released in steps of at least this many characters beyond the
+# hold-back: each release scans the whole held text, so releasing every
+# few-character token would scan each character ~hold_back/token times.
+STEP = 32
 
 
 class Blocked(Exception):
@@ -55,6 +59,8 @@ class HeldText:
 
     def _release(self, final: bool) -> str:
         p = self._pending
+        if not final and len(p) - self.hold_back < STEP:
+            return ""  # too little to release yet: no scan (see ``STEP``)
         found = hits(p, self.rules) if self.rules else []
         for start, _, rule in found:
             if rule.action == "block":

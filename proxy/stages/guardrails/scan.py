@@ -49,7 +49,9 @@ class Scan:
 
     def count(self, rule: Rule, direction: str, n: int = 1) -> None:
         f = rule.finder
-        key = (rule.guardrail, f.name, f.category, rule.action, direction)
+        self.tally((rule.guardrail, f.name, f.category, rule.action, direction), n)
+
+    def tally(self, key: VerdictKey, n: int = 1) -> None:
         self.verdicts[key] = self.verdicts.get(key, 0) + n
 
     def placeholder(self, label: str, value: str, *, restorable: bool = True) -> str:

@@ -7,6 +7,12 @@ text); ``on_reply`` and ``on_stream`` check the answer and, with
 ``restore``, put the caller's own values back in place of the placeholders;
 ``on_settle`` records the verdicts in ``record.extra["guardrails"]``, which
 the usage row, the metrics and the access log read.
+
+A policy's moderation check (``moderation``) reads the prompt after its
+redactions: ``before`` awaits the verdict in ``on_request``; ``parallel``
+starts it there as one of ``ex.checks``, which the pipeline awaits beside
+forward (``proxy.pipeline.hold``). A parallel request skips the caches: a
+cached answer would be sent before its verdict.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config.model import Config
+from proxy.core.tasks import TaskGroup
 from proxy.providers.base import Reply
-from proxy.stages.base import ChunkFilter, Exchange, Stage
+from proxy.stages.base import ChunkFilter, Exchange, Moderator, Services, Stage
+from proxy.stages.guardrails import moderation, verdict
 from proxy.stages.guardrails.body import rewrite_reply, rewrite_request
 from proxy.stages.guardrails.config import GuardrailSettings, Policy, parse_guardrails
 from proxy.stages.guardrails.held import Blocked, HeldText
@@ -40,9 +48,16 @@ class GuardrailsStage(Stage):
     name = "guardrails"
     section = "guardrails"
 
+    def __init__(self) -> None:
+        self.moderator: Moderator | None = None
+        self.tasks: TaskGroup | None = None
+
     @classmethod
     def configure(cls, raw: Any, config: Config) -> GuardrailSettings | None:
         return parse_guardrails(raw)
+
+    async def open(self, services: Services) -> None:
+        self.moderator, self.tasks = services.moderator, services.tasks
 
     async def on_request(
         self, ex: Exchange, settings: GuardrailSettings
@@ -58,7 +73,27 @@ class GuardrailsStage(Stage):
             # restored values would hand them to the next caller whose prompt
             # redacts to the same text.
             ex.cacheable = False
+        # A /v1/moderations request asks that very question: not asked twice.
+        if policy.moderation is not None and ex.endpoint != "moderations":
+            await self._moderate(ex, policy.moderation, guarded.scan)
         return None
+
+    async def _moderate(self, ex: Exchange, check: moderation.ModerationCheck, scan: Scan) -> None:
+        texts: list[str] = []
+
+        def keep(text: str) -> str:
+            texts.append(text)
+            return text
+
+        rewrite_request(ex.body, keep)
+        pending = verdict.verdict(check, self.moderator, texts, ex.record, scan)
+        if check.mode == "before" or self.tasks is None:
+            refusal = await pending
+            if refusal is not None:
+                raise refusal
+            return
+        ex.cacheable = False
+        ex.checks.append(self.tasks.spawn(pending, name=f"moderation {ex.record.request_id}"))
 
     def on_reply(self, ex: Exchange, settings: GuardrailSettings, reply: Reply) -> Reply:
         guarded = ex.notes.get(self.name)
@@ -80,6 +115,8 @@ class GuardrailsStage(Stage):
         return GuardStream(policy, scan)
 
     def on_settle(self, ex: Exchange, settings: GuardrailSettings) -> None:
+        for check in ex.checks:  # the request ended before its verdict (the client left)
+            check.cancel()
         guarded = ex.notes.get(self.name)
         if isinstance(guarded, Guarded) and guarded.scan.verdicts:
             ex.record.extra[EXTRA_KEY] = guarded.scan.records()

@@ -2,7 +2,10 @@
 
 Each choice's text (``delta.content``, or ``text`` for legacy completions)
 goes through its own ``HeldText``; an event carries what was released, and a
-choice's finish event also carries the rest it held. A block mid-stream
+choice's finish event also carries the rest it held. An event left with
+nothing to say (its text all held back, no finish, no other delta field, no
+usage) is not sent: the client gets the same text in fewer events, and the
+gateway saves a write per held event. A block mid-stream
 raises ``ContentFiltered`` with the safe text and a ``content_filter``
 finish as its ``stream_tail``: the relay writes that tail, then the error
 event, and closes the upstream (the provider stops generating).
@@ -64,12 +67,17 @@ class GuardStream:
         if not isinstance(obj, dict) or not obj.get("choices"):
             return event
         self._last = obj
+        empty = True
         for choice in obj["choices"]:
             if isinstance(choice, dict):
-                self._choice(choice)
+                empty = self._choice(choice) and empty
+        if empty and obj.get("usage") is None:
+            return b""  # all its text is held back: an event that says nothing is not sent
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
-    def _choice(self, choice: dict[str, Any]) -> None:
+    def _choice(self, choice: dict[str, Any]) -> bool:
+        """Filter one choice's text in place; True when nothing is left in it
+        (no text released, no finish, nothing but the text in its delta)."""
         raw_index = choice.get("index", 0)
         index = raw_index if isinstance(raw_index, int) else 0
         key, holder = _text_slot(choice)
@@ -85,6 +93,12 @@ class GuardStream:
             raise
         if holder is not None and (isinstance(text, str) or released):
             holder[key] = released
+        return (
+            not released
+            and choice.get("finish_reason") is None
+            and choice.get("logprobs") is None
+            and (holder is None or holder is choice or len(holder) == 1)
+        )
 
     def _flush_all(self) -> bytes:
         """``[DONE]`` with choices still open: their held text first."""
