@@ -172,8 +172,12 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         redis_url: str | None = None,
         config_file: Path | None = None,
         statement_cache_size: int = 100,
+        redis_timeout_s: float = 1.0,
     ) -> Gateway:
-        """``config_file``: the config is written there and hot-reloaded from it."""
+        """``config_file``: the config is written there and hot-reloaded from it.
+        ``redis_timeout_s``: 1 s by default, not the production 50 ms, so that a
+        loaded CI core stalling one reply does not switch the gateway to its
+        per-process fallback mid-test; tests of Redis faults pass 0.05."""
         settler = RecordingSettler()
         billing = None
         if database_url is not None:
@@ -183,7 +187,11 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
                 clock=clock,
                 statement_cache_size=statement_cache_size,
             )
-        redis = RedisOptions(redis_url, probe_interval_s=0.1) if redis_url else None
+        redis = (
+            RedisOptions(redis_url, timeout_s=redis_timeout_s, probe_interval_s=0.1)
+            if redis_url
+            else None
+        )
         text = yaml.safe_dump(config)
         if config_file is not None:
             config_file.write_text(text)  # noqa: ASYNC240 - once, before the app starts

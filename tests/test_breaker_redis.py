@@ -33,7 +33,11 @@ async def two_instances(clock: Clock) -> AsyncIterator[Instances]:
     def make(url: str) -> tuple[Breakers, Breakers]:
         pair = []
         for _ in range(2):
-            redis = SharedRedis(RedisOptions(url, probe_interval_s=0.05))
+            # 2 s, not the production 50 ms: a loaded CI core can stall one reply
+            # past 50 ms, which would switch an instance to its per-process
+            # fallback; these tests are about sharing, and a killed Redis still
+            # fails at once (connection refused).
+            redis = SharedRedis(RedisOptions(url, timeout_s=2.0, probe_interval_s=0.05))
             clients.append(redis)
             pair.append(Breakers(RedisBreakerStore(redis, refresh_s=0.0), clock=clock))
         return pair[0], pair[1]

@@ -52,7 +52,11 @@ async def _setup(
     tmp_path: Path,
 ) -> tuple[Gateway, str, str]:
     gw = await start_gateway(
-        _config(fake), database_url=pg_url, data_dir=tmp_path, redis_url=redis.url
+        _config(fake),
+        database_url=pg_url,
+        data_dir=tmp_path,
+        redis_url=redis.url,
+        redis_timeout_s=0.05,  # the production timeout: these tests are about Redis faults
     )
     tenant, key = await tenant_with_key(pg, tmp_path, "four", set(TIERS))
     return gw, tenant, key["api_key"]
