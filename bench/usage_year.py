@@ -2,7 +2,8 @@
 
 Fills ``usage_daily`` (with COPY) for one large tenant — a row per day x key
 x served model, 365 x 50 x 10 by default — and for smaller neighbours that
-share the table, then times ``proxy.stores.analytics.report`` (what the
+share the table, and ``usage_monthly`` from it (as migration 0006 backfills
+it; the ledger keeps both in one statement), then times ``proxy.stores.analytics.report`` (what the
 endpoint and ``tollway usage`` run, through an asyncpg pool, so prepared
 statements and their plan cache behave as in the gateway) for a year of the
 large tenant, grouped each way the rollups answer, and filtered by a key and
@@ -47,6 +48,17 @@ COLUMNS = (
     "cost_usd",
     "unpriced",
 )
+
+
+# Migration 0006's backfill: the monthly rollups of the daily ones.
+MONTHLY = """
+INSERT INTO usage_monthly
+SELECT date_trunc('month', d.day)::date, d.tenant_id, d.key_id, d.public_model, d.provider,
+       d.served_model, sum(d.requests), sum(d.errors), sum(d.cache_hits), sum(d.prompt_tokens),
+       sum(d.completion_tokens), sum(d.cached_tokens), sum(d.reasoning_tokens),
+       sum(d.cost_usd), sum(d.unpriced)
+FROM usage_daily d GROUP BY 1, 2, 3, 4, 5, 6
+"""
 
 
 def rows(tenant_id: int, keys: int, models: int) -> Iterator[tuple[object, ...]]:
@@ -107,9 +119,16 @@ async def bench(url: str, args: argparse.Namespace) -> None:
         await fill(pool, "acme", args.keys, args.models)
         for i in range(args.neighbours):
             await fill(pool, f"neighbour-{i}", 10, 5)
+        await pool.execute(MONTHLY)
         await pool.execute("ANALYZE usage_daily")
+        await pool.execute("ANALYZE usage_monthly")
         total = await pool.fetchval("SELECT count(*) FROM usage_daily")
-        print(f"usage_daily rows={total} fill_s={time.perf_counter() - t:.1f}", flush=True)
+        months = await pool.fetchval("SELECT count(*) FROM usage_monthly")
+        print(
+            f"usage_daily rows={total} usage_monthly rows={months}"
+            f" fill_s={time.perf_counter() - t:.1f}",
+            flush=True,
+        )
         end = START + timedelta(days=DAYS - 1)
         cases = [(g, analytics.UsageQuery(START, end, g, "acme")) for g in ("day", "model", "key")]
         cases += [
