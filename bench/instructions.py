@@ -146,7 +146,9 @@ def write_config(path: Path, port: int, provider_port: int, billing: bool) -> Pa
     """``run.py``'s YAML for its ``tollway`` or ``tollway_billing`` target: only
     keys every measured revision accepts (``check_config`` proves it)."""
     yaml = run.TOLLWAY_YAML.format(port=port, provider_port=provider_port) + SLOW_TIMERS_YAML
-    path.write_text(yaml + (run.BILLING_YAML if billing else "auth: none\n"))
+    path.write_text(
+        yaml + (run.BILLING_YAML.replace("<budgets>", "") if billing else "auth: none\n")
+    )
     return path
 
 
