@@ -1,4 +1,5 @@
-"""Daily rollups agree with the usage rows; /admin/usage and `tollway usage` read them."""
+"""Daily and monthly rollups agree with the usage rows; /admin/usage and
+`tollway usage` read them (monthly for whole months, daily for the edges)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import io
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,26 @@ SELECT u.day, u.key_id, u.public_model, u.provider, u.served_model, u.requests, 
        u.cache_hits, u.prompt_tokens, u.completion_tokens, u.cost_usd, u.unpriced
 FROM usage_daily u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1
 ORDER BY 1, 2, 3, 4, 5
+"""
+
+# The daily rollups summed by month, and the monthly rollups, for a tenant.
+_MONTH_COLS = "key_id, public_model, provider, served_model"
+_MONTH_SUMS = ", ".join(f"sum(u.{f}) AS {f}" for f in analytics.FIELDS)
+DAILY_BY_MONTH = f"""
+SELECT date_trunc('month', u.day)::date AS month, {_MONTH_COLS}, {_MONTH_SUMS}
+FROM usage_daily u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1
+GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+"""
+FROM_MONTHLY = f"""
+SELECT u.month, {_MONTH_COLS}, {_MONTH_SUMS}
+FROM usage_monthly u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1
+GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+"""
+# Migration 0006's backfill, for one tenant's synthetic daily rows.
+BACKFILL = f"""
+INSERT INTO usage_monthly
+SELECT date_trunc('month', u.day)::date, u.tenant_id, {_MONTH_COLS}, {_MONTH_SUMS}
+FROM usage_daily u WHERE u.tenant_id = $1 GROUP BY 1, 2, 3, 4, 5, 6
 """
 
 
@@ -125,6 +148,8 @@ async def test_rollups_equal_the_rows_after_a_mixed_run(
     rows = [dict(r) for r in await pg.fetch(FROM_ROWS, tenant)]
     rollups = [dict(r) for r in await pg.fetch(FROM_ROLLUPS, tenant)]
     assert rollups == rows
+    monthly = [dict(r) for r in await pg.fetch(FROM_MONTHLY, tenant)]
+    assert monthly and monthly == [dict(r) for r in await pg.fetch(DAILY_BY_MONTH, tenant)]
     served = {r["served_model"] for r in rollups}
     assert {"upstream-model", "fake-error-500", "fake-cut", "fake-held"} <= served
     fallback = [r for r in rollups if r["public_model"] == "fb"]
@@ -181,3 +206,98 @@ async def test_a_request_admitted_last_month_and_written_this_month_is_in_the_ra
     )
     q = analytics.UsageQuery(month, month, "user", tenant)
     assert [(r["user"], r["requests"]) for r in await analytics.report(pg, q)] == [("u1", 1)]
+
+
+async def _synthetic_months(pg: asyncpg.Pool, tmp_path: Path) -> tuple[str, str]:
+    """A tenant with daily rollups from 2025-01-03 to 2025-05-27 (two keys,
+    three models, a different count each day) and the monthly rollups of them."""
+    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    tenant_id = await pg.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    rows = []
+    day = date(2025, 1, 3)
+    while day <= date(2025, 5, 27):
+        for k, key_id in enumerate((key["key_id"], "other-key")):
+            for m in range(3):
+                n = 1 + (day.toordinal() * 7 + k * 3 + m) % 40
+                rows.append(
+                    (
+                        day,
+                        tenant_id,
+                        key_id,
+                        f"pub-{m}",
+                        "p",
+                        f"served-{m % 2}",
+                        n,
+                        n // 7,
+                        n // 5,
+                        n * 9,
+                        n * 4,
+                        n,
+                        n // 3,
+                        Decimal(n) * Decimal("0.00000123"),
+                        n % 2,
+                    )
+                )
+        day += timedelta(days=1)
+    cols = (
+        "day",
+        "tenant_id",
+        "key_id",
+        "public_model",
+        "provider",
+        "served_model",
+        *analytics.FIELDS,
+    )
+    async with pg.acquire() as conn:
+        await conn.copy_records_to_table("usage_daily", records=rows, columns=cols)
+    await pg.execute(BACKFILL, tenant_id)
+    return tenant, key["key_id"]
+
+
+async def _from_daily_alone(pg: asyncpg.Pool, q: analytics.UsageQuery) -> list[dict[str, Any]]:
+    """The report summed in Python from the tenant's daily rollups only."""
+    rows = await pg.fetch(
+        "SELECT u.*, t.name FROM usage_daily u JOIN tenants t ON t.id = u.tenant_id"
+        " WHERE t.name = $1 AND u.day BETWEEN $2 AND $3",
+        q.tenant,
+        q.start,
+        q.end,
+    )
+    column = {"day": "day", "model": "served_model", "key": "key_id", "tenant": "name"}
+    sums: dict[str, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(analytics.FIELDS, 0))
+    for r in rows:
+        if q.key is not None and r["key_id"] != q.key:
+            continue
+        if q.model is not None and q.model not in (r["public_model"], r["served_model"]):
+            continue
+        group = str(r[column[q.group_by]])
+        for f in analytics.FIELDS:
+            sums[group][f] += r[f]
+    return [
+        {q.group_by: g, **{f: f"{v:.8f}" if f == "cost_usd" else v for f, v in sums[g].items()}}
+        for g in sorted(sums)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        (date(2025, 1, 15), date(2025, 5, 10)),  # partial, three whole months, partial
+        (date(2025, 2, 1), date(2025, 4, 30)),  # whole months only
+        (date(2025, 1, 1), date(2025, 3, 31)),  # whole months, the first one half empty
+        (date(2025, 3, 5), date(2025, 3, 25)),  # inside one month
+        (date(2025, 2, 20), date(2025, 3, 10)),  # two partial months, no whole one
+        (date(2024, 12, 1), date(2025, 12, 31)),  # beyond the data at both ends
+    ],
+)
+async def test_a_report_over_whole_and_partial_months_equals_the_daily_rollups_alone(
+    pg: asyncpg.Pool, tmp_path: Path, start: date, end: date
+) -> None:
+    tenant, key = await _synthetic_months(pg, tmp_path)
+    filters: list[dict[str, str]] = [{}, {"key": key}, {"model": "served-1"}, {"model": "pub-2"}]
+    for group_by in ("day", "model", "key", "tenant"):
+        for f in filters:
+            q = analytics.UsageQuery(start, end, group_by, tenant, **f)
+            got = await analytics.report(pg, q)
+            assert got == await _from_daily_alone(pg, q), (group_by, f)
+            assert got, (group_by, f)  # every range holds some of the data

@@ -1,10 +1,10 @@
 """Spend and usage reports (``GET /admin/usage``, ``tollway usage``).
 
 Grouped by ``day``, ``model`` (the model that served), ``key`` or
-``tenant``, a report reads the daily rollups (``usage_daily``, kept by the
-ledger in the transaction that inserts the usage rows), so it costs one
-index range scan over at most a row per day x key x model, and keeps
-working after raw partitions are dropped. ``user`` and ``tag`` are not in
+``tenant``, a report reads the rollups (``proxy.stores.rollups``: monthly
+for the whole months of the range, daily for the rest, kept by the ledger
+in the transaction that inserts the usage rows), so it keeps working after
+raw partitions are dropped. ``user`` and ``tag`` are not in
 the rollups (unbounded cardinality): those read the raw ``usage_events``
 rows of the range, so they cover only what retention has kept. Raw rows
 are partitioned by the month a request was admitted in but reported, like
@@ -22,33 +22,10 @@ from typing import Any
 
 import asyncpg
 
+from proxy.stores import rollups
+
 GROUPS = ("day", "model", "key", "tenant", "user", "tag")
-FIELDS = (
-    "requests",
-    "errors",
-    "cache_hits",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-    "unpriced",
-)
-_ROLLUP_GROUP = {
-    "day": "u.day::text",
-    "model": "u.served_model",
-    "key": "u.key_id",
-    "tenant": "t.name",
-}
-_ROLLUP = """
-SELECT {group} AS grp, {sums}
-FROM usage_daily u JOIN tenants t ON t.id = u.tenant_id
-WHERE u.day BETWEEN $4 AND $5
-  AND ($1::text IS NULL OR t.name = $1)
-  AND ($2::text IS NULL OR u.key_id = $2)
-  AND ($3::text IS NULL OR u.public_model = $3 OR u.served_model = $3)
-GROUP BY 1 ORDER BY 1
-"""
+FIELDS = rollups.FIELDS
 _DETAIL = (
     "CASE WHEN jsonb_typeof(e.details -> '{0}') = 'number'"
     " THEN (e.details ->> '{0}')::numeric::bigint ELSE 0 END"
@@ -94,13 +71,13 @@ class UsageQuery:
 
 
 async def report(pool: asyncpg.Pool, q: UsageQuery) -> list[dict[str, Any]]:
-    if q.group_by in _ROLLUP_GROUP:
-        sums = ", ".join(f"sum(u.{f})" for f in FIELDS)
-        sql = _ROLLUP.format(group=_ROLLUP_GROUP[q.group_by], sums=sums)
+    if q.group_by in rollups.GROUPS:
+        sql, args = rollups.query(q.group_by, q.start, q.end, q.tenant, q.key, q.model)
+        rows = await pool.fetch(sql, *args)
     else:
         group, join = _RAW_GROUP[q.group_by]
         sql = _RAW.format(group=group, sums=_RAW_SUMS, join=join)
-    rows = await pool.fetch(sql, q.tenant, q.key, q.model, q.start, q.end)
+        rows = await pool.fetch(sql, q.tenant, q.key, q.model, q.start, q.end)
     return [_row(q.group_by, r) for r in rows]
 
 

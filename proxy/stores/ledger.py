@@ -117,10 +117,34 @@ _ROLLUP_SUMS = (
     "cost_usd",
     "unpriced",
 )
+
+
+def _rollup(table: str, at: str, when: str) -> str:
+    """The upsert of one rollup table (daily or monthly) from the rows ``ins``
+    inserted, keyed by ``at`` = ``when`` (the UTC day or month they are written)."""
+    return f"""
+    INSERT INTO {table} AS u ({at}, tenant_id, key_id, public_model, provider, served_model,
+                              {", ".join(_ROLLUP_SUMS)})
+    SELECT {when}, r.tenant_id, coalesce(r.key_id, ''),
+           coalesce(r.public_model, ''), coalesce(r.provider, ''),
+           coalesce(r.provider_model, r.public_model, ''),
+           count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
+           sum(r.prompt_tokens), sum(r.completion_tokens),
+           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
+           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)
+    FROM rows r JOIN ins USING (period, event_id)
+    WHERE r.tenant_id IS NOT NULL
+    GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT ({at}, tenant_id, key_id, public_model, provider, served_model) DO UPDATE
+    SET {", ".join(f"{c} = u.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
+    RETURNING 1"""
+
+
 # One statement per batch. Only the rows it inserts (``ins``) move anything:
 # the quota counters, the budget counters (spend of every tenant and key, per
 # month and per UTC day, in micro-dollars rounded up per row) and the daily
-# rollups (by the day the row is written, the day of its created_at).
+# and monthly rollups (by the day and month the row is written, those of its
+# created_at).
 # It returns what the statements after it need: ``q`` rows (quota leases to
 # shrink), ``b`` rows (budget leases to shrink), ``a`` rows (budgets that
 # crossed an alert threshold in this batch).
@@ -166,25 +190,14 @@ WITH rows AS (
     ON CONFLICT (subject, span, period) DO UPDATE
     SET used_micros = b.used_micros + excluded.used_micros
     RETURNING subject, span, period, used_micros, limit_micros, alerted
-), rolled AS (
-    INSERT INTO usage_daily AS u (day, tenant_id, key_id, public_model, provider, served_model,
-                                  {", ".join(_ROLLUP_SUMS)})
-    SELECT (now() AT TIME ZONE 'UTC')::date, r.tenant_id, coalesce(r.key_id, ''),
-           coalesce(r.public_model, ''), coalesce(r.provider, ''),
-           coalesce(r.provider_model, r.public_model, ''),
-           count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
-           sum(r.prompt_tokens), sum(r.completion_tokens),
-           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
-           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)
-    FROM rows r JOIN ins USING (period, event_id)
-    WHERE r.tenant_id IS NOT NULL
-    GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
-    ON CONFLICT (day, tenant_id, key_id, public_model, provider, served_model) DO UPDATE
-    SET {", ".join(f"{c} = u.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
-    RETURNING 1
+), rolled AS ({_rollup("usage_daily", "day", "(now() AT TIME ZONE 'UTC')::date")}
+), rolled_monthly AS ({
+    _rollup("usage_monthly", "month", "date_trunc('month', now() AT TIME ZONE 'UTC')::date")
+}
 )
 SELECT 'q' AS kind, worker_id, tenant_id, NULL::text AS subject, NULL::text AS span, period,
-       ln AS a, lt AS b, (SELECT count(*) FROM counters) + (SELECT count(*) FROM rolled) AS c
+       ln AS a, lt AS b, (SELECT count(*) FROM counters) + (SELECT count(*) FROM rolled)
+       + (SELECT count(*) FROM rolled_monthly) AS c
 FROM agg WHERE ln > 0
 UNION ALL
 SELECT 'b', worker_id, NULL, subject, span, period, sum(micros), 0, 0
