@@ -12,11 +12,17 @@ give the same count within a fraction of a percent.
 
 For each revision, ``proxy/`` and ``sql/`` are exported with ``git archive``
 (``run.export_revision``) and served with ``python -m proxy serve`` on that
-export (PYTHONPATH; not the venv's ``tollway`` script, whose entry point moved
+export (PYTHONPATH, run from the export's directory, checked at start: the
+venv's editable install or a current directory holding ``proxy/`` would
+otherwise win; not the venv's ``tollway`` script, whose entry point moved
 between revisions), one worker, PYTHONHASHSEED=0, under ``valgrind
 --tool=callgrind --instr-atstart=no``, with ``run.py``'s YAML for its
 ``tollway`` (``auth: none``) and ``tollway_billing`` (keys, tiers, prices on
-Postgres and Redis) targets and the loop-lag probe off. The fake provider and
+Postgres and Redis; with ``--budgets auto``, the default, the tier's USD
+budgets of ``run.BUDGETS_YAML`` for the revisions whose config accepts them)
+targets and the loop-lag probe off. Clock-driven work is slowed by about the
+factor valgrind slows a request (``SLOW_TIMERS_YAML``, ``STRETCHED``) so that
+its share per request stays near a native run's. The fake provider and
 the client run natively. Per scenario: ``--warmup`` requests uninstrumented,
 then ``callgrind_control -z`` and ``-i on``, exactly ``--requests`` requests
 one after another on one keep-alive connection (``loadgen.run_point``,
@@ -61,7 +67,32 @@ CLI_TIMEOUT_S = 180.0
 # traffic; under valgrind a request takes ~50x longer, so at 20 ms its idle
 # wake-ups would be counted ~50x as often per request as in a native run, and
 # vary with how busy the machine is. 1 s under valgrind is ~20 ms natively.
-SLOW_TIMERS_YAML = "billing: {flush_interval_ms: 1000}\n"
+# The key cache's TTL (5 s: natively thousands of requests, here ~50) and the
+# lease heartbeat (every lease_ttl_s / 4) are clock-driven too: an hour each
+# keeps them out of the window. Every measured revision accepts these keys.
+SLOW_TIMERS_YAML = "billing: {flush_interval_ms: 1000, key_cache_ttl_s: 3600, lease_ttl_s: 3600}\n"
+# Clock-driven constants without a config key, stretched by the same ~50x for
+# the revisions that have them: the crash journal's group commit (0.2 s) and
+# its checkpoint of a request still open 0.8 s after its last note (natively
+# a finished request's row is durable long before; under valgrind, with a
+# 1 s usage flush, it would be checkpointed, its tokens counted again).
+STRETCHED = {"proxy.stores.journal": {"FLUSH_S": 10.0, "CHECKPOINT_S": 40.0}}
+# ``python -c SERVE_SHIM serve ...``: ``python -m proxy`` with STRETCHED applied first.
+SERVE_SHIM = f"""\
+import importlib, os, runpy
+import proxy
+# The export, not the working tree (an editable install, or the current directory).
+assert proxy.__file__.startswith(os.environ["PYTHONPATH"]), proxy.__file__
+for name, values in {STRETCHED!r}.items():
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        continue
+    for attr, value in values.items():
+        assert hasattr(module, attr), (name, attr)
+        setattr(module, attr, value)
+runpy.run_module("proxy", run_name="__main__", alter_sys=True)
+"""
 
 
 @dataclass(frozen=True)
@@ -97,6 +128,7 @@ class Revision:
     dsn: str
     redis_url: str
     api_key: str = ""
+    budgets: bool = False  # its billing tier has USD budgets
 
     def environ(self) -> dict[str, str]:
         """The gateway's and its CLI's environment: this export first on the path,
@@ -142,12 +174,15 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def write_config(path: Path, port: int, provider_port: int, billing: bool) -> Path:
-    """``run.py``'s YAML for its ``tollway`` or ``tollway_billing`` target: only
-    keys every measured revision accepts (``check_config`` proves it)."""
+def write_config(
+    path: Path, port: int, provider_port: int, billing: bool, budgets: bool = False
+) -> Path:
+    """``run.py``'s YAML for its ``tollway`` or ``tollway_billing`` target, the
+    billing tier with ``run.BUDGETS_YAML`` (USD budgets) when ``budgets``: only
+    keys the revision accepts (``prepare``'s ``check-config`` proves it)."""
     yaml = run.TOLLWAY_YAML.format(port=port, provider_port=provider_port) + SLOW_TIMERS_YAML
-    billing_yaml = run.BILLING_YAML.replace("<budgets>", "")  # without USD budgets
-    path.write_text(yaml + (billing_yaml if billing else "auth: none\n"))
+    tier = run.BILLING_YAML.replace("<budgets>", run.BUDGETS_YAML if budgets else "")
+    path.write_text(yaml + (tier if billing else "auth: none\n"))
     return path
 
 
@@ -157,6 +192,7 @@ def _cli(revision: Revision, config: Path, *args: str) -> str:
     done = subprocess.run(
         [run.PY, "-m", "proxy", *args],
         env=revision.environ() | {"TOLLWAY_CONFIG": str(config)},
+        cwd=revision.src,  # ``-m`` puts the current directory first on sys.path
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT_S,
@@ -182,17 +218,29 @@ async def _create_database(dsn: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-def prepare(rev: str, index: int, workdir: Path, stores: run.Datastores) -> Revision:
+def prepare(
+    rev: str, index: int, workdir: Path, stores: run.Datastores, budgets: str = "auto"
+) -> Revision:
     """Export ``rev``, give it its own database and Redis db, migrate with its
-    own code, and make a tenant and key through its own CLI."""
+    own code, and make a tenant and key through its own CLI. ``budgets``
+    ``auto``: USD budgets on the billing tier if the revision's config accepts
+    them (older ones refuse the keys), ``off``: never, ``on``: required."""
     assert stores.dsn is not None and stores.redis_url is not None
     commit = _git("rev-parse", "--short", rev)
     src = run.export_revision(rev, workdir / f"src-{index}")
     dsn = asyncio.run(_create_database(stores.dsn, f"bench_instr_{index}"))
     redis_url = re.sub(r"/\d*$", f"/{index + 1}", stores.redis_url)
     revision = Revision(rev, commit, src, workdir / f"data-{index}", dsn, redis_url)
-    config = write_config(workdir / f"check-{index}.yaml", 8080, 8081, billing=True)
-    _cli(revision, config, "check-config", str(config))
+    revision.budgets = budgets != "off"
+    config = write_config(workdir / f"check-{index}.yaml", 8080, 8081, True, revision.budgets)
+    try:
+        _cli(revision, config, "check-config", str(config))
+    except RuntimeError:
+        if budgets != "auto":
+            raise
+        revision.budgets = False
+        config = write_config(workdir / f"check-{index}.yaml", 8080, 8081, True, False)
+        _cli(revision, config, "check-config", str(config))
     _cli(revision, config, "migrate")
     tenant = f"bench-instr-{index}"
     _cli(revision, config, "tenants", "create", tenant, "--tier", "bench")
@@ -216,13 +264,14 @@ class Gateway:
             "--instr-atstart=no",
             self.vgdb_prefix,
             f"--callgrind-out-file={outdir}/callgrind.out.%p",
-            *(run.PY, "-m", "proxy", "serve", "--config", str(config)),
+            *(run.PY, "-c", SERVE_SHIM, "serve", "--config", str(config)),
             *("--host", "127.0.0.1", "--port", str(port)),
         ]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 argv,
                 env=revision.environ(),
+                cwd=revision.src,  # ``-c`` puts the current directory first on sys.path
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -349,7 +398,7 @@ def run_repeat(
             continue
         port = run._free_port()
         name = f"{'billing' if billing else 'pass'}-{revision.commit}.yaml"
-        config = write_config(workdir / name, port, provider_port, billing)
+        config = write_config(workdir / name, port, provider_port, billing, revision.budgets)
         gateway = Gateway(revision, config, port, workdir)
         try:
             key = revision.api_key if billing else "sk-bench"
@@ -410,6 +459,7 @@ def table(result: list[Row], revisions: list[Revision]) -> str:
         "|---|---|---:|---|---:|---:|---|---|",
     ]
     label = {r.rev: f"{r.rev} ({r.commit})" if r.rev != r.commit else r.rev for r in revisions}
+    label |= {r.rev: f"{label[r.rev]}, budgets" for r in revisions if r.budgets}
     for r in result:
         repeats = _millions(r.values)
         ratio = r.mean / base[r.case] if r.case in base else float("nan")
@@ -437,6 +487,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="time allowed per request under valgrind before the run fails",
+    )
+    p.add_argument(
+        "--budgets",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="USD budgets on the billing tier: where the revision accepts them, always, never",
     )
     p.add_argument("--json", type=Path, help="also write the samples here")
     args = p.parse_args(argv)
@@ -472,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
             provider_port = run._free_port()
             fake = [run.PY, str(run.BENCH / "fake_provider.py"), str(provider_port)]
             procs.start("fake_provider", [*fake, f"--chunks={args.chunks}"], "", provider_port)
-            revisions = [prepare(rev, i, workdir, stores) for i, rev in enumerate(revs)]
+            revisions = [
+                prepare(rev, i, workdir, stores, args.budgets) for i, rev in enumerate(revs)
+            ]
             for rep in range(args.repeats):
                 print(f"repeat {rep + 1}/{args.repeats}", file=sys.stderr)
                 for revision in revisions:
@@ -495,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "started": started,
             "command": sys.argv,
+            "budgets": {r.rev: r.budgets for r in revisions},
             "samples": [s.__dict__ | {"per_request": s.per_request} for s in samples],
         }
         args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))

@@ -33,3 +33,23 @@ def test_counts_instructions_per_request_at_head(tmp_path: Path) -> None:
     assert sample["instructions"] > 5 * 100_000
     assert sample["per_request"] > 0
     assert "| HEAD (" in done.stdout and "| chat |" in done.stdout
+
+
+def test_billing_config_has_budgets_only_when_asked(tmp_path: Path) -> None:
+    """The billing YAML parses with and without ``run.py``'s USD budgets (its
+    ``<budgets>`` placeholder never reaches a gateway), and budgets are there
+    only when asked for."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import instructions
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from proxy.pipeline.registry import load_config
+
+    for budgets in (False, True):
+        path = instructions.write_config(tmp_path / f"{budgets}.yaml", 8080, 8081, True, budgets)
+        tier = load_config(path).tiers["bench"]
+        assert "<budgets>" not in path.read_text()
+        assert tier.budgets.any() is budgets
+        if budgets:
+            assert tier.budgets.tenant_month and tier.budgets.key_day
