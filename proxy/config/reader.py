@@ -33,6 +33,26 @@ def compile_glob(pattern: str) -> Glob:
     return re.compile(fnmatch.translate(pattern)).match
 
 
+def boolean(value: Any, path: str) -> bool:
+    """Plain-value checks for sections read key by key (the stages' own);
+    ``Node`` offers the same on a path-carrying wrapper."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: must be true or false")
+    return value
+
+
+def positive_number(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{path}: must be a number > 0")
+    return float(value)
+
+
+def one_of(value: Any, path: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{path}: must be one of: {', '.join(allowed)}")
+    return str(value)
+
+
 class Node:
     """A YAML value plus its key path, with strict typed accessors."""
 

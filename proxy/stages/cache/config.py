@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config.reader import ConfigError, glob_match
+from proxy.config.reader import ConfigError, boolean, glob_match, one_of, positive_number
 
 SCOPES = ("tenant", "shared")
 HIT_BILLING = ("request", "tokens")
@@ -81,24 +81,6 @@ _KEYS = tuple(f for f in CachePolicy.__dataclass_fields__)
 _RULE_KEYS = ("enabled", "ttl_s", "scope")
 
 
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}: must be true or false")
-    return value
-
-
-def _seconds(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{path}: must be a number > 0")
-    return float(value)
-
-
-def _choice(value: Any, path: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{path}: must be one of: {', '.join(allowed)}")
-    return str(value)
-
-
 def _rule(pattern: str, raw: Any) -> _Rule:
     path = f"cache.models.{pattern}"
     if not isinstance(raw, dict):
@@ -108,9 +90,9 @@ def _rule(pattern: str, raw: Any) -> _Rule:
             raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_RULE_KEYS)})")
     return _Rule(
         pattern,
-        _bool(raw["enabled"], f"{path}.enabled") if "enabled" in raw else None,
-        _seconds(raw["ttl_s"], f"{path}.ttl_s") if "ttl_s" in raw else None,
-        _choice(raw["scope"], f"{path}.scope", SCOPES) if "scope" in raw else None,
+        boolean(raw["enabled"], f"{path}.enabled") if "enabled" in raw else None,
+        positive_number(raw["ttl_s"], f"{path}.ttl_s") if "ttl_s" in raw else None,
+        one_of(raw["scope"], f"{path}.scope", SCOPES) if "scope" in raw else None,
     )
 
 
@@ -125,9 +107,9 @@ def parse_cache(raw: Any) -> CachePolicy:
         if key not in _KEYS:
             raise ConfigError(f"{path}: unknown key (allowed: {', '.join(_KEYS)})")
         if key in ("enabled", "deterministic_only", "unset_temperature"):
-            values[key] = _bool(value, path)
+            values[key] = boolean(value, path)
         elif key == "ttl_s":
-            values[key] = _seconds(value, path)
+            values[key] = positive_number(value, path)
         elif key == "local_ttl_s":
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"{path}: must be a number >= 0")
@@ -137,9 +119,9 @@ def parse_cache(raw: Any) -> CachePolicy:
                 raise ConfigError(f"{path}: must be a positive integer")
             values[key] = value
         elif key == "scope":
-            values[key] = _choice(value, path, SCOPES)
+            values[key] = one_of(value, path, SCOPES)
         elif key == "hit_billing":
-            values[key] = _choice(value, path, HIT_BILLING)
+            values[key] = one_of(value, path, HIT_BILLING)
         else:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: must be a mapping of model (glob) -> settings")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.config.model import Config
-from proxy.config.reader import ConfigError, glob_match
+from proxy.config.reader import ConfigError, boolean, glob_match, one_of, positive_number
 
 BILL_TO = ("gateway", "tenant")
 HIT_BILLING = ("request", "tokens")
@@ -76,28 +76,10 @@ _KEYS = tuple(SemanticPolicy.__dataclass_fields__)
 _RULE_KEYS = ("enabled", "threshold", "ttl_s")
 
 
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}: must be true or false")
-    return value
-
-
-def _positive(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{path}: must be a number > 0")
-    return float(value)
-
-
 def _threshold(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise ConfigError(f"{path}: must be a cosine similarity in (0, 1]")
     return float(value)
-
-
-def _choice(value: Any, path: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{path}: must be one of: {', '.join(allowed)}")
-    return str(value)
 
 
 def _rule(pattern: str, raw: Any) -> ModelRule:
@@ -109,18 +91,18 @@ def _rule(pattern: str, raw: Any) -> ModelRule:
             raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_RULE_KEYS)})")
     return ModelRule(
         pattern,
-        _bool(raw["enabled"], f"{path}.enabled") if "enabled" in raw else None,
+        boolean(raw["enabled"], f"{path}.enabled") if "enabled" in raw else None,
         _threshold(raw["threshold"], f"{path}.threshold") if "threshold" in raw else None,
-        _positive(raw["ttl_s"], f"{path}.ttl_s") if "ttl_s" in raw else None,
+        positive_number(raw["ttl_s"], f"{path}.ttl_s") if "ttl_s" in raw else None,
     )
 
 
 def _value(key: str, value: Any, config: Config) -> Any:
     path = f"semantic_cache.{key}"
     if key in ("enabled", "any_temperature"):
-        return _bool(value, path)
+        return boolean(value, path)
     if key in ("ttl_s", "embedding_timeout_s", "sweep_interval_s"):
-        return _positive(value, path)
+        return positive_number(value, path)
     if key == "threshold":
         return _threshold(value, path)
     if key == "max_entries_per_tenant":
@@ -128,9 +110,9 @@ def _value(key: str, value: Any, config: Config) -> Any:
             raise ConfigError(f"{path}: must be a positive integer")
         return value
     if key == "embedding_billing":
-        return _choice(value, path, BILL_TO)
+        return one_of(value, path, BILL_TO)
     if key == "hit_billing":
-        return _choice(value, path, HIT_BILLING)
+        return one_of(value, path, HIT_BILLING)
     if key == "embedding_model":
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{path}: must be the name of a model of this config")

@@ -37,10 +37,7 @@ def parse_tracing(raw: Any) -> TraceSettings | None:
     if raw is None:
         return None
     section = Node(raw, "tracing").mapping(_KEYS)
-    enabled = section.get("enabled")
-    if enabled is not None and not isinstance(enabled.value, bool):
-        raise enabled.fail("must be true or false")
-    if enabled is None or not enabled.value:
+    if "enabled" not in section or not section["enabled"].boolean():
         return None
     values: dict[str, Any] = {}
     for key, node in section.items():
@@ -52,9 +49,7 @@ def parse_tracing(raw: Any) -> TraceSettings | None:
                 raise node.fail("must be between 0 and 1")
             values[key] = ratio
         elif key == "propagate":
-            if not isinstance(node.value, bool):
-                raise node.fail("must be true or false")
-            values[key] = node.value
+            values[key] = node.boolean()
         elif key == "flush_interval_s":
             values[key] = node.number(positive=True)
         elif key == "headers":
