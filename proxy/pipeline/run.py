@@ -176,25 +176,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
         answered = await run_stages(snapshot, ex)
         if answered is not None:
             return answered
-        call = Call(endpoint, ex.body, plan.public_model, record.stream, record.request_id)
-        done = await held(ex, forward(rt.upstreams, snapshot, plan, call, record, trace))
-        record.provider, record.provider_model = done.target.provider.name, done.target.model
-        record.served_model = done.target.public
-        record.attempts = done.attempts
-        headers = _served_headers(ex, done)
-        if done.stream is not None:
-            ex.meter = StreamMeter(parse.wants_usage(ex.body), parse.choices(ex.body))
-            record.progress = ex.meter  # the crash journal checkpoints what it delivered
-            filters = [f for s, cfg in snapshot.hooks.stream if (f := s.on_stream(ex, cfg))]
-            return await relay.stream(
-                request, done.stream, ex.meter, headers, record, started, rt.lifecycle, filters
-            )
-        assert done.reply is not None
-        reply = done.reply
-        for stage, settings in snapshot.hooks.reply:
-            reply = stage.on_reply(ex, settings, reply)
-        ex.reply = reply
-        return await relay.reply(reply, headers, record, ex.body, done.target.model)
+        return await forward_and_relay(rt, snapshot, ex, plan)
     except GatewayError as exc:
         record.fail(exc)
         exc.headers.update(quota_headers(rt, ex))
@@ -207,12 +189,45 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
             record.status, record.client_disconnected = 499, True
         raise
     finally:
-        with trace.child("settle"):
-            if ex.meter is not None and record.provider_model is not None:
-                usage = await settled_usage(ex.meter, ex.body, endpoint, record.provider_model)
-                record.usage = usage
-            access_log.keep_bodies(record, ex.body, ex.meter, ex.reply)
-            record.latency_ms = (time.perf_counter() - started) * 1000
-            settle_stages(snapshot, ex)
-            rt.settler.settle(record)
-        trace.finish(record)
+        await settle(rt, snapshot, ex)
+
+
+async def forward_and_relay(
+    rt: Runtime, snapshot: Snapshot, ex: Exchange, plan: RoutePlan
+) -> web.StreamResponse:
+    """forward → relay: the provider's answer, streamed or whole, to the client."""
+    record, trace = ex.record, ex.trace
+    call = Call(ex.endpoint, ex.body, plan.public_model, record.stream, record.request_id)
+    done = await held(ex, forward(rt.upstreams, snapshot, plan, call, record, trace))
+    record.provider, record.provider_model = done.target.provider.name, done.target.model
+    record.served_model = done.target.public
+    record.attempts = done.attempts
+    headers = _served_headers(ex, done)
+    if done.stream is not None:
+        ex.meter = StreamMeter(parse.wants_usage(ex.body), parse.choices(ex.body))
+        record.progress = ex.meter  # the crash journal checkpoints what it delivered
+        filters = [f for s, cfg in snapshot.hooks.stream if (f := s.on_stream(ex, cfg))]
+        return await relay.stream(
+            ex.request, done.stream, ex.meter, headers, record, ex.started, rt.lifecycle, filters
+        )
+    assert done.reply is not None
+    reply = done.reply
+    for stage, settings in snapshot.hooks.reply:
+        reply = stage.on_reply(ex, settings, reply)
+    ex.reply = reply
+    return await relay.reply(reply, headers, record, ex.body, done.target.model)
+
+
+async def settle(rt: Runtime, snapshot: Snapshot, ex: Exchange) -> None:
+    """Every request ends here once, however it ended: usage, stages, settlers."""
+    record, trace = ex.record, ex.trace
+    with trace.child("settle"):
+        if ex.meter is not None and record.provider_model is not None:
+            record.usage = await settled_usage(
+                ex.meter, ex.body, ex.endpoint, record.provider_model
+            )
+        access_log.keep_bodies(record, ex.body, ex.meter, ex.reply)
+        record.latency_ms = (time.perf_counter() - ex.started) * 1000
+        settle_stages(snapshot, ex)
+        rt.settler.settle(record)
+    trace.finish(record)
