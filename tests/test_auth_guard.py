@@ -83,6 +83,21 @@ async def test_two_authorization_headers_are_refused(
     assert (await chat(gw, bearer(key["api_key"])))[0] == 200
 
 
+async def test_a_key_in_x_api_key_authenticates_like_a_bearer(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    """Anthropic's SDK sends its key as ``x-api-key``; a bad one is a 401 as usual."""
+    gw = await start(start_gateway, fake_openai, pg_url, tmp_path)
+    _, key = await tenant_with_key(pg, tmp_path, "pro")
+    assert (await chat(gw, {"x-api-key": key["api_key"]}))[0] == 200
+    status, _, body = await chat(gw, {"x-api-key": "tw-not-a-key"})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
 async def test_failed_authentications_are_throttled_per_address(
     start_gateway: StartGateway,
     fake_openai: FakeOpenAI,

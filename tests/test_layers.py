@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "providers": 2,
     "stages": 3,
     "pipeline": 4,
+    "doors": 4,
     "web": 5,
     "cli": 6,
 }

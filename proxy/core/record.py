@@ -37,7 +37,7 @@ class AttemptRecord:
 @dataclass(slots=True)
 class UsageRecord:
     request_id: str
-    endpoint: str
+    endpoint: str  # the pipeline's endpoint ("chat" for every front door's request)
     public_model: str | None = None
     provider: str | None = None
     provider_model: str | None = None
@@ -73,6 +73,14 @@ class UsageRecord:
     # Set once by ``proxy.core.pricing.cost_of`` (every settler reads it).
     cost_usd: Decimal | None = None
     costed: bool = False
+    # The front door the client came through when it is not the endpoint's
+    # own API ("responses", "messages"; ``proxy.doors``); None: it is.
+    door: str | None = None
+
+    @property
+    def api(self) -> str:
+        """The API the client called, as rows, metrics and the access log name it."""
+        return self.door or self.endpoint
 
     def fail(self, exc: GatewayError) -> None:
         self.status, self.error_code = exc.http_status, exc.error_code

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -33,7 +34,7 @@ from proxy.providers.base import GENERATIVE, Call, Endpoint
 from proxy.stages import parse, relay
 from proxy.stages.admit import budget, key_limits
 from proxy.stages.admit.billing import Admission, ratelimit_headers, tier_of
-from proxy.stages.base import Exchange
+from proxy.stages.base import Door, Exchange
 from proxy.stages.forward.attempts import Forwarded, forward
 from proxy.stages.route import RoutePlan, fit
 from proxy.stages.settle import access_log
@@ -144,7 +145,14 @@ def settle_stages(snapshot: Snapshot, ex: Exchange) -> None:
             log.exception("stage %s failed to settle request %s", stage.name, ex.record.request_id)
 
 
-async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.StreamResponse:
+async def handle(
+    request: web.Request,
+    endpoint: Endpoint,
+    rt: Runtime,
+    door: Callable[[str], Door] | None = None,
+) -> web.StreamResponse:
+    """``door``: opens the front door the client came through (given the
+    request id), for an API other than ``endpoint``'s own."""
     started = time.perf_counter()
     snapshot = rt.config.current  # one snapshot for the whole request
     record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
@@ -152,8 +160,13 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
     ex = Exchange(request, record, snapshot.config, endpoint, {}, started)
     ex.trace = trace = request.get(TRACE, NO_SPAN)
     record.trace_id = trace.trace_id
+    if door is not None:
+        ex.door = door(record.request_id)
+        record.door = ex.door.name
     try:
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
+        if ex.door is not None:
+            ex.body = ex.door.to_chat(ex.body)
         record.public_model = parse.validate(ex.body, endpoint)
         record.end_user = attribution.end_user(ex.body)
         record.tags = attribution.tags(ex.body, request.headers)
@@ -207,15 +220,24 @@ async def forward_and_relay(
         ex.meter = StreamMeter(parse.wants_usage(ex.body), parse.choices(ex.body))
         record.progress = ex.meter  # the crash journal checkpoints what it delivered
         filters = [f for s, cfg in snapshot.hooks.stream if (f := s.on_stream(ex, cfg))]
+        translate = ex.door.stream() if ex.door is not None else None
         return await relay.stream(
-            ex.request, done.stream, ex.meter, headers, record, ex.started, rt.lifecycle, filters
+            ex.request,
+            done.stream,
+            ex.meter,
+            headers,
+            record,
+            ex.started,
+            rt.lifecycle,
+            filters,
+            translate,
         )
     assert done.reply is not None
     reply = done.reply
     for stage, settings in snapshot.hooks.reply:
         reply = stage.on_reply(ex, settings, reply)
     ex.reply = reply
-    return await relay.reply(reply, headers, record, ex.body, done.target.model)
+    return await relay.reply(reply, headers, record, ex.body, done.target.model, ex.door)
 
 
 async def settle(rt: Runtime, snapshot: Snapshot, ex: Exchange) -> None:

@@ -119,11 +119,47 @@ class Exchange:
     # answer's first byte waits for them, and a refusal cancels the upstream
     # (``proxy.pipeline.hold``).
     checks: list[asyncio.Future[GatewayError | None]] = field(default_factory=list)
+    # The front door the client came through (``proxy.doors``), None for the
+    # endpoint's own API: whatever answers the request (the relay, a cache
+    # hit) hands its chat-shaped answer to it to translate.
+    door: Door | None = None
 
     @property
     def scope(self) -> str:
         """Whose data this is: ``t<tenant id>``, or ``gw`` without API keys."""
         return f"t{self.who.tenant_id}" if self.who is not None else "gw"
+
+
+class DoorStream(Protocol):
+    """One streamed answer through a front door."""
+
+    def feed(self, data: bytes) -> bytes:
+        """Whole chat-completion SSE events (``data: [DONE]`` included, when
+        it comes) in; the door's own events out."""
+        ...
+
+    def fail(self, exc: GatewayError) -> bytes:
+        """The stream broke after its headers went out: the door's error events."""
+        ...
+
+
+class Door(Protocol):
+    """A client API other than the endpoint's own (OpenAI's Responses,
+    Anthropic's Messages), translated at the edges: the pipeline runs the
+    request as the chat completion ``to_chat`` makes of it, and the door
+    turns the answer back into its own shape. One per request."""
+
+    name: str  # the API's name in rows, metrics and the access log
+
+    def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The client's body as a chat completions body; a GatewayError when it is invalid."""
+        ...
+
+    def reply(self, body: bytes) -> bytes:
+        """A non-stream chat completion (JSON) as the door's answer."""
+        ...
+
+    def stream(self) -> DoorStream: ...
 
 
 class ChunkFilter(Protocol):

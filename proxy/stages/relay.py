@@ -31,11 +31,16 @@ from proxy.core.record import UsageRecord
 from proxy.core.sse import SSE_HEADERS, data_event
 from proxy.core.usage import Usage
 from proxy.providers.base import Reply, UpstreamStream
-from proxy.stages.base import ChunkFilter
+from proxy.stages.base import ChunkFilter, Door, DoorStream
 
 
 async def reply(
-    result: Reply, headers: dict[str, str], record: UsageRecord, body: dict[str, Any], model: str
+    result: Reply,
+    headers: dict[str, str],
+    record: UsageRecord,
+    body: dict[str, Any],
+    model: str,
+    door: Door | None = None,
 ) -> web.Response:
     usage = result.usage
     if usage is None or usage.total_tokens == 0:
@@ -43,8 +48,9 @@ async def reply(
         usage = await metering.off_loop(_reply_usage, result, body, record.endpoint, model)
     record.usage = usage
     record.status = result.status
+    answer = result.body if door is None or result.status >= 400 else door.reply(result.body)
     return web.Response(
-        body=result.body, status=result.status, headers=headers, content_type="application/json"
+        body=answer, status=result.status, headers=headers, content_type="application/json"
     )
 
 
@@ -65,8 +71,10 @@ async def stream(
     started: float,
     lifecycle: Lifecycle,
     filters: Sequence[ChunkFilter] = (),
+    door: DoorStream | None = None,
 ) -> web.StreamResponse:
-    """``filters``: the stages' chunk filters, in order (usually none)."""
+    """``filters``: the stages' chunk filters, in order (usually none);
+    ``door``: the front door's translation, after them (None: chat as it is)."""
     resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
     lifecycle.streams += 1
     try:
@@ -77,6 +85,8 @@ async def stream(
             out = meter.observe_batch(batch)
             for chunk_filter in filters:
                 out = chunk_filter.feed(out) if out else out
+            if door is not None and out:
+                out = door.feed(out)
             if not out:
                 continue
             if record.ttft_ms is None:
@@ -87,12 +97,16 @@ async def stream(
             # [DONE] is a success; anything less was cut off.
             if not meter.complete():
                 raise UpstreamStreamBroken("The provider ended the stream before it was complete.")
-            await resp.write(meter.end())
+            tail = meter.end()
+            await resp.write(tail if door is None else door.feed(tail))
     except GatewayError as exc:
         record.fail(exc)
         # A guardrail's block: the safe text it held and a content_filter finish go first.
         tail = exc.stream_tail if isinstance(exc, ContentFiltered) else b""
-        await _write_quietly(resp, tail + redact.scrub_bytes(data_event(exc.payload())))
+        if door is not None:
+            tail = door.feed(tail) if tail else b""
+        error = data_event(exc.payload()) if door is None else door.fail(exc)
+        await _write_quietly(resp, tail + redact.scrub_bytes(error))
     except ConnectionResetError:
         _client_gone(record)
     except asyncio.CancelledError:
@@ -109,7 +123,7 @@ async def stream(
         gone = shutting_down()
         record.fail(gone)
         if resp.prepared:
-            await _write_quietly(resp, data_event(gone.payload()))
+            await _write_quietly(resp, door.fail(gone) if door else data_event(gone.payload()))
     finally:
         lifecycle.streams -= 1
         await upstream.aclose()

@@ -15,6 +15,7 @@ from proxy.core import redact, tokens
 from proxy.core.lifecycle import Lifecycle
 from proxy.core.record import LogSettler, Settler
 from proxy.core.tasks import TaskGroup
+from proxy.doors.registry import DOORS
 from proxy.pipeline import registry
 from proxy.pipeline.embed import InternalEmbedder
 from proxy.pipeline.moderate import InternalModerator
@@ -113,6 +114,8 @@ def _routes(app: web.Application) -> None:
     r.add_post("/v1/completions", handlers.completions)
     r.add_post("/v1/embeddings", handlers.embeddings)
     r.add_post("/v1/moderations", handlers.moderations)
+    for door in DOORS:
+        r.add_post(door.path, handlers.front_door(door))
     r.add_get("/v1/models", handlers.list_models)
     r.add_get("/v1/models/{model:.+}", handlers.get_model)
     r.add_get("/v1/usage", usage_api.usage)

@@ -41,13 +41,18 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def credential(headers: CIMultiDictProxy[str]) -> str | None:
-    """The one ``Authorization`` header, or a 400 when a credential header repeats."""
+    """The one ``Authorization`` header, or a 400 when a credential header
+    repeats. Anthropic's clients send the key as ``x-api-key``: taken as the
+    bearer when no ``Authorization`` header came."""
     for name in ("Authorization", "x-api-key"):
         if len(headers.getall(name, ())) > 1:
             raise InvalidRequest(
                 f"The request has more than one {name} header; send exactly one credential."
             )
-    return headers.get("Authorization")
+    given = headers.get("Authorization")
+    if given is None and (key := headers.get("x-api-key")):
+        return f"Bearer {key}"
+    return given
 
 
 class TrustedProxies:

@@ -29,6 +29,7 @@ from proxy.core import redact
 from proxy.core.errors import GatewayError, InvalidApiKey, NotFound
 from proxy.core.record import UsageRecord
 from proxy.core.trace import NO_SPAN, Span
+from proxy.doors.registry import DOORS
 from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, TRACE, Runtime
 from proxy.web.keys import AUTH_GUARD, RUNTIME
 
@@ -38,6 +39,7 @@ OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 _ENDPOINTS["/v1/embeddings"] = "embeddings"
 _ENDPOINTS["/v1/moderations"] = "moderations"
+_ENDPOINTS.update((door.path, door.name) for door in DOORS)
 
 
 def admit(request: web.Request) -> Awaitable[None] | None:

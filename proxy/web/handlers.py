@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -10,9 +10,12 @@ from aiohttp import web
 
 from proxy.config.model import Config, ModelConfig
 from proxy.core.errors import ModelNotFound
+from proxy.doors.base import FrontDoor
 from proxy.pipeline import run as pipeline
 from proxy.pipeline.runtime import PRINCIPAL
 from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS, RUNTIME
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -29,6 +32,15 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def moderations(request: web.Request) -> web.StreamResponse:
     return await pipeline.handle(request, "moderations", request.app[RUNTIME])
+
+
+def front_door(door: type[FrontDoor]) -> Handler:
+    """A front door's route: the chat pipeline, translated at its edges."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await pipeline.handle(request, "chat", request.app[RUNTIME], door)
+
+    return handler
 
 
 def _model_object(name: str, model: ModelConfig, created: int) -> dict[str, Any]:

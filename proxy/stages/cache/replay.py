@@ -20,6 +20,7 @@ from aiohttp import web
 from proxy.core.record import UsageRecord
 from proxy.core.sse import DONE, SSE_HEADERS, data_event
 from proxy.core.usage import Usage
+from proxy.stages.base import Door
 from proxy.stages.cache.store import HEADER, Lookup, usage_of
 
 
@@ -172,13 +173,16 @@ async def serve_hit(
     headers: dict[str, str],
     include_usage: bool,
     started: float,
+    door: Door | None = None,
 ) -> web.StreamResponse:
     """Answer from the cache: no provider, settled as ``cached``."""
     entry = found.entry
     assert entry is not None
     usage = usage_of(entry, found.policy)
     headers = {**headers, HEADER: "hit"}
-    return await serve_answer(request, entry.body, usage, record, headers, include_usage, started)
+    return await serve_answer(
+        request, entry.body, usage, record, headers, include_usage, started, door
+    )
 
 
 async def serve_answer(
@@ -189,16 +193,20 @@ async def serve_answer(
     headers: dict[str, str],
     include_usage: bool,
     started: float,
+    door: Door | None = None,
 ) -> web.StreamResponse:
     """A stored answer (the non-stream response JSON) as JSON, or replayed
     as SSE for a stream; ``usage`` is what the hit bills. Shared with the
-    semantic cache."""
+    semantic cache. Through a front door, in the door's shape."""
     record.cached = True
     record.status = 200
     record.usage = usage
     if not record.stream:
-        return web.Response(body=body, headers=headers, content_type="application/json")
+        answer = body if door is None else door.reply(body)
+        return web.Response(body=answer, headers=headers, content_type="application/json")
     payload = replay_events(body, record.endpoint, include_usage)
+    if door is not None:
+        payload = door.stream().feed(payload)
     resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
     await resp.prepare(request)
     record.ttft_ms = (time.perf_counter() - started) * 1000

@@ -51,7 +51,9 @@ class ResponseCacheStage(Stage):
             ex.notes[self.name] = found
             return None
         usage_chunk = parse.wants_usage(ex.body)
-        return await serve_hit(ex.request, found, ex.record, ex.headers, usage_chunk, ex.started)
+        return await serve_hit(
+            ex.request, found, ex.record, ex.headers, usage_chunk, ex.started, ex.door
+        )
 
     def on_settle(self, ex: Exchange, settings: CachePolicy) -> None:
         found = ex.notes.get(self.name)

@@ -187,7 +187,7 @@ class SemanticCacheStage(Stage):
         usage = hit_usage(found.usage, settings.hit_billing)
         include_usage = parse.wants_usage(ex.body)
         return await serve_answer(
-            ex.request, found.body, usage, ex.record, headers, include_usage, ex.started
+            ex.request, found.body, usage, ex.record, headers, include_usage, ex.started, ex.door
         )
 
     def _result(self, ex: Exchange, result: str, **facts: float | None) -> None:

@@ -85,7 +85,7 @@ def line(record: UsageRecord, cost: float | None) -> bytes:
         "request_id": record.request_id,
         "tenant": record.tenant,
         "key_prefix": record.key_prefix,
-        "endpoint": record.endpoint,
+        "endpoint": record.api,
         "model": record.public_model,
         "provider": record.provider,
         "provider_model": record.provider_model,

@@ -33,6 +33,8 @@ ENDPOINTS = {
     "completions": "/v1/completions",
     "embeddings": "/v1/embeddings",
     "moderations": "/v1/moderations",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
 }
 INF = math.inf
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, INF)
@@ -226,7 +228,7 @@ class Metrics:
         served = model
         if record.served_model is not None and record.served_model != record.public_model:
             served = self.model_label(record.config, record.served_model)
-        endpoint = ENDPOINTS.get(record.endpoint, record.endpoint)
+        endpoint = ENDPOINTS.get(record.api, record.api)
         status, provider = str(record.status), record.provider or ""
         self._add(
             self.requests,
