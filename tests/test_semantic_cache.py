@@ -129,6 +129,18 @@ async def test_a_paraphrase_is_a_semantic_hit_billed_as_a_request(
     )
 
 
+async def test_hits_are_counted_on_the_row(setup: Any, pg: asyncpg.Pool) -> None:
+    """Counted in memory and written by the sweeper's tick: the eviction's
+    least-recently-used order reads them."""
+    gw, key, scope = await setup()
+    await _post(gw, key, _chat(Q1))
+    await _rows(pg, scope, 1)
+    for _ in range(3):
+        assert (await _post(gw, key, _chat(Q2)))[1]["x-tollway-cache"] == "semantic-hit"
+    query = "SELECT hits FROM semantic_cache WHERE scope = $1 AND last_hit_at IS NOT NULL"
+    assert await wait_for(pg, query, scope, expect=3, limit=15) == 3
+
+
 async def test_hit_billing_tokens_bills_the_original_tokens(setup: Any, pg: asyncpg.Pool) -> None:
     gw, key, scope = await setup(hit_billing="tokens")
     await _post(gw, key, _chat(Q1))

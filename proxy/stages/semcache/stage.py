@@ -91,8 +91,16 @@ class SemanticCacheStage(Stage):
             self._sweeping.cancel()
             await asyncio.gather(self._sweeping, return_exceptions=True)
         if self.store is not None:
-            pool, self.store = self.store.pool, None
-            await pool.close()
+            store, self.store = self.store, None
+            await self._flush_hits(store)
+            await store.pool.close()
+
+    @staticmethod
+    async def _flush_hits(store: SemanticStore) -> None:
+        try:
+            await store.flush_hits()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("semantic cache: hit counts not written yet (%r)", exc)
 
     async def _store(self) -> SemanticStore | None:
         """The pool, opened at the first request that needs it (a gateway with
@@ -169,7 +177,7 @@ class SemanticCacheStage(Stage):
         found: Found,
         embed_s: float,
     ) -> web.StreamResponse:
-        self.tasks.spawn(store.touch(found.id), name="semantic-cache-touch")
+        store.note_hit(found.id)
         saved = price_usage(ex.config.prices, found.usage, None, None, ex.model)
         self._result(
             ex,
@@ -247,6 +255,7 @@ class SemanticCacheStage(Stage):
             due = last + policy.sweep_interval_s - time.monotonic()
             if due > 0:
                 await asyncio.sleep(min(due, SWEEP_TICK_S))
+                await self._flush_hits(store)
                 continue
             last = time.monotonic()
             try:
