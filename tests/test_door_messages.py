@@ -5,6 +5,9 @@ Gemini servers; the stream translator alone; Anthropic-shaped errors."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ PNG = (  # a 1x1 image
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
 _EVENT = TypeAdapter(RawMessageStreamEvent)
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def check_event(data: dict[str, Any]) -> None:
@@ -569,6 +573,27 @@ async def test_count_tokens_is_what_the_prompt_is_billed(gw: Gateway) -> None:
     assert with_tools.input_tokens > without.input_tokens
     with pytest.raises(anthropic.BadRequestError):
         await c.messages.count_tokens(model="echo", messages=[])
+
+
+async def test_the_readme_sdk_snippet_runs(gw: Gateway) -> None:
+    """The README's Anthropic SDK snippet, pasted into python (the README's
+    curl example runs in tests/test_readme.py against ``make run``'s demo)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
+    (snippet,) = [b for b in blocks if "from anthropic import" in b]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        snippet.replace("http://127.0.0.1:8080", gw.url),
+        env={**os.environ, "TOLLWAY_KEY": "tw-demo"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("Hello, Tollway! Usage(") and "output_tokens=5" in lines[0]
+    assert lines[1] == "stream me" + str(int(lines[1].removeprefix("stream me")))
+    assert int(lines[1].removeprefix("stream me")) > 0
 
 
 # -- keys, usage rows, disconnects ------------------------------------------------------

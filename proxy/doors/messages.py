@@ -50,8 +50,6 @@ STOP_REASONS = {
 }
 # Anthropic tool_choice type -> chat tool_choice
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
-# Dropped on the way to chat: chat has no such parameter (see the module docstring).
-_DROPPED = ("top_k", "thinking", "service_tier", "container", "mcp_servers")
 
 
 def _invalid(message: str, param: str | None = None) -> InvalidRequest:
