@@ -111,6 +111,13 @@ def _stream_echo(reader: Reader, out: str, ex: Example) -> None:
     assert text == "Hello"
 
 
+def _messages_echo(reader: Reader, out: str, ex: Example) -> None:
+    answer = json.loads(out)
+    assert answer["type"] == "message" and answer["stop_reason"] == "end_turn"
+    assert answer["content"] == [{"type": "text", "text": "Hello, Claude SDK!"}]
+    assert answer["usage"]["input_tokens"] > 0
+
+
 def _paste_key_id(name: str) -> Check:
     def check(reader: Reader, out: str, ex: Example) -> None:
         reader.pasted[name] = json.loads(out)["key_id"]
@@ -172,6 +179,11 @@ CHECKS: dict[str, Check] = {
         key="$TOLLWAY_KEY",
         body='{"model": "llama-9", "messages": [{"role": "user", "content": "Hi"}]}',
     ): _json_equals_readme,
+    "curl -s http://127.0.0.1:8080/v1/messages "
+    '-H "x-api-key: $TOLLWAY_KEY" -H "anthropic-version: 2023-06-01" '
+    '-H "Content-Type: application/json" '
+    '-d \'{"model": "echo", "max_tokens": 100, "messages": '
+    '[{"role": "user", "content": "Hello, Claude SDK!"}]}\'': _messages_echo,
     "tollway migrate": _contains("database is up to date"),
     "tollway tenants list": _contains("name=demo", "tier=pro"),
     "tollway tenants create acme --tier pro": _contains("name=acme"),

@@ -149,7 +149,10 @@ class Door(Protocol):
     request as the chat completion ``to_chat`` makes of it, and the door
     turns the answer back into its own shape. One per request."""
 
-    name: str  # the API's name in rows, metrics and the access log
+    @property
+    def name(self) -> str:
+        """The API's name in rows, metrics and the access log."""
+        ...
 
     def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """The client's body as a chat completions body; a GatewayError when it is invalid."""

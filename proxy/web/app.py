@@ -116,6 +116,7 @@ def _routes(app: web.Application) -> None:
     r.add_post("/v1/moderations", handlers.moderations)
     for door in DOORS:
         r.add_post(door.path, handlers.front_door(door))
+    r.add_post("/v1/messages/count_tokens", handlers.count_message_tokens)
     r.add_get("/v1/models", handlers.list_models)
     r.add_get("/v1/models/{model:.+}", handlers.get_model)
     r.add_get("/v1/usage", usage_api.usage)

@@ -10,9 +10,12 @@ from aiohttp import web
 
 from proxy.config.model import Config, ModelConfig
 from proxy.core.errors import ModelNotFound
+from proxy.core.metering import off_loop
+from proxy.doors import messages
 from proxy.doors.base import FrontDoor
 from proxy.pipeline import run as pipeline
 from proxy.pipeline.runtime import PRINCIPAL
+from proxy.stages import parse
 from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS, RUNTIME
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -41,6 +44,15 @@ def front_door(door: type[FrontDoor]) -> Handler:
         return await pipeline.handle(request, "chat", request.app[RUNTIME], door)
 
     return handler
+
+
+async def count_message_tokens(request: web.Request) -> web.Response:
+    """Anthropic's ``/v1/messages/count_tokens``: counted here, nothing
+    forwarded or billed (the key check still applies, as on every route)."""
+    limit = request.app[RUNTIME].config.current.config.server.max_body_bytes
+    body = await parse.read_json(request, limit)
+    counted = await off_loop(messages.count_tokens, body)
+    return _json(counted)
 
 
 def _model_object(name: str, model: ModelConfig, created: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from aiohttp.typedefs import Handler
 from proxy.core import redact
 from proxy.core.errors import GatewayError, InvalidRequest, NotFound
 from proxy.core.lifecycle import shutting_down
-from proxy.doors.registry import BY_PATH
+from proxy.doors.registry import door_for
 from proxy.pipeline.runtime import REQUEST_ID
 from proxy.web import gate
 from proxy.web.keys import LIFECYCLE
@@ -89,7 +89,7 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def render(exc: GatewayError, request: web.Request) -> web.Response:
     headers = {**exc.headers, "x-request-id": request.get(REQUEST_ID, "")}
-    door = BY_PATH.get(request.path)
+    door = door_for(request.path)
     status, body = (exc.http_status, exc.body()) if door is None else door.error(exc)
     # A provider's error may quote what it was sent; no key leaves in a body.
     return web.Response(
