@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from proxy.doors.base import FrontDoor
+from proxy.doors.responses import ResponsesDoor
 
-DOORS: tuple[type[FrontDoor], ...] = ()
+DOORS: tuple[type[FrontDoor], ...] = (ResponsesDoor,)
 BY_PATH: dict[str, type[FrontDoor]] = {door.path: door for door in DOORS}

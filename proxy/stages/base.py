@@ -149,10 +149,18 @@ class Door(Protocol):
     request as the chat completion ``to_chat`` makes of it, and the door
     turns the answer back into its own shape. One per request."""
 
-    name: str  # the API's name in rows, metrics and the access log
+    @property
+    def name(self) -> str:
+        """The API's name in rows, metrics and the access log."""
+        ...
 
     def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """The client's body as a chat completions body; a GatewayError when it is invalid."""
+        ...
+
+    async def prepare(self, ex: Exchange) -> None:
+        """Once the caller is known, before routing: complete ``ex.body`` from
+        state the door's API keeps for the caller (a stored conversation)."""
         ...
 
     def reply(self, body: bytes) -> bytes:
@@ -160,6 +168,11 @@ class Door(Protocol):
         ...
 
     def stream(self) -> DoorStream: ...
+
+    async def finish(self, ex: Exchange) -> None:
+        """At settle, awaited before the client sees the answer end: keep
+        what the door's API keeps (a stored response). Never raises."""
+        ...
 
 
 class ChunkFilter(Protocol):

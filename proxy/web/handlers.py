@@ -14,6 +14,7 @@ from proxy.doors.base import FrontDoor
 from proxy.pipeline import run as pipeline
 from proxy.pipeline.runtime import PRINCIPAL
 from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS, RUNTIME
+from proxy.web.responses_api import DOOR_SERVICES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -38,7 +39,10 @@ def front_door(door: type[FrontDoor]) -> Handler:
     """A front door's route: the chat pipeline, translated at its edges."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await pipeline.handle(request, "chat", request.app[RUNTIME], door)
+        services = request.app.get(DOOR_SERVICES)
+        return await pipeline.handle(
+            request, "chat", request.app[RUNTIME], lambda rid: door(rid, services)
+        )
 
     return handler
 
