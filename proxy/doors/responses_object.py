@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -25,9 +26,15 @@ class Ids:
     """A response's id and its items' ids (one random stem, numbered), so a
     stream translated twice from the same ids gives the same events."""
 
-    def __init__(self, stem: str | None = None, created_at: int | None = None) -> None:
+    def __init__(
+        self,
+        stem: str | None = None,
+        created_at: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.stem = stem or secrets.token_hex(16)
-        self.created_at = created_at if created_at is not None else int(time.time())
+        self.clock = clock
+        self.created_at = created_at if created_at is not None else int(clock())
         self._n = 0
 
     @property
@@ -57,7 +64,7 @@ def response(
         "object": "response",
         "created_at": ids.created_at,
         "status": status,
-        "completed_at": int(time.time()) if status == "completed" else None,
+        "completed_at": int(ids.clock()) if status == "completed" else None,
         "error": error,
         "incomplete_details": {"reason": reason} if status == "incomplete" else None,
         "instructions": ask.instructions,
