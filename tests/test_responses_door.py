@@ -52,7 +52,9 @@ CHAT_STREAM = b"".join(
 
 def translator() -> ResponsesStream:
     ask = asked({"model": "m", "input": "hi"})
-    return ResponsesStream(obj.Ids("fixed", created_at=1, clock=lambda: 2.0), ask, lambda final: None)
+    return ResponsesStream(
+        obj.Ids("fixed", created_at=1, clock=lambda: 2.0), ask, lambda final: None
+    )
 
 
 def whole() -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ nothing, another tenant's id is not found, usage rows name the endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -156,3 +157,30 @@ async def test_usage_rows_name_the_endpoint_with_exact_tokens(
     assert gone["client_disconnected"]
     assert gone["prompt_tokens"] > 0 and gone["completion_tokens"] >= 1
     fake_openai.release.set()
+
+
+def _readme_snippet() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## OpenAI Responses API") :]
+    return section[section.index("```python\n") + 10 : section.index("```\n", 20)]
+
+
+async def test_readme_snippet_runs(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's Responses snippet, as written, against a gateway with a
+    database and the echo model (the port is the test gateway's)."""
+    snippet = _readme_snippet()
+    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
+    _, key = await tenant_with_key(pg, tmp_path, "pro")
+    monkeypatch.setenv("TOLLWAY_KEY", key["api_key"])
+    code = snippet.replace("http://127.0.0.1:8080", gw.url)
+    await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("My name is Ada.") and "Who am I?\nstream me" in out
