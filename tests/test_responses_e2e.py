@@ -229,7 +229,9 @@ async def test_stream_raw_events_against_the_spec(gw: Gateway) -> None:
     ):
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
         events = parse_events(await r.read())
-    check_events(events)
+    check_events(events)  # each against its own event schema, and:
+    for event in events:
+        validate(event, "ResponseStreamEvent")
     assert events[-1]["response"]["usage"]["total_tokens"] == FAKE_USAGE["total_tokens"]
 
 
