@@ -2,8 +2,9 @@
 
 A door is made per request (it may keep state for its stream: ids, sequence
 numbers, open blocks) and satisfies ``proxy.stages.base.Door``: the pipeline
-calls ``to_chat`` on the client's body, runs the chat request, and hands the
-answer to ``reply`` (JSON) or to the ``stream()`` translation (SSE).
+calls ``to_chat`` on the client's body, ``prepare`` once the caller is
+known, runs the chat request, hands the answer to ``reply`` (JSON) or to the
+``stream()`` translation (SSE), and calls ``finish`` when it settles.
 
 Errors: the front middleware renders every ``GatewayError`` on a door's path
 with the door's ``error`` (Anthropic's clients expect Anthropic's error shape
@@ -13,27 +14,51 @@ and statuses, from the key check on).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from proxy.core.errors import GatewayError
-from proxy.stages.base import DoorStream
+from proxy.stages.base import DoorStream, Exchange
+from proxy.stores.responses import ResponseStore
+
+
+@dataclass(frozen=True, slots=True)
+class DoorServices:
+    """What the web layer opened that a door may need (each None when absent)."""
+
+    responses: ResponseStore | None = None  # stored responses (needs the database)
+
+
+NO_SERVICES = DoorServices()
 
 
 class FrontDoor(ABC):
     name: ClassVar[str]  # the API's name in usage rows, metrics and the access log
     path: ClassVar[str]  # the POST route it answers
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, services: DoorServices | None = None) -> None:
         self.request_id = request_id
+        self.services = services or NO_SERVICES
 
     @abstractmethod
     def to_chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def prepare(self, ex: Exchange) -> None:
+        """After authentication, before routing and admission: a door whose
+        API keeps state (a stored conversation) completes ``ex.body`` for
+        the caller here, so the token estimate and the cache see it all."""
+        return None
 
     @abstractmethod
     def reply(self, body: bytes) -> bytes: ...
 
     @abstractmethod
     def stream(self) -> DoorStream: ...
+
+    async def finish(self, ex: Exchange) -> None:
+        """At settle, before the usage is written; awaited, so what it keeps
+        exists before the client sees the end of the answer. Must not raise."""
+        return None
 
     @classmethod
     def error(cls, exc: GatewayError) -> tuple[int, bytes]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from proxy.doors.base import FrontDoor
 from proxy.doors.messages import MessagesDoor
+from proxy.doors.responses import ResponsesDoor
 
-DOORS: tuple[type[FrontDoor], ...] = (MessagesDoor,)
+DOORS: tuple[type[FrontDoor], ...] = (MessagesDoor, ResponsesDoor)
 BY_PATH: dict[str, type[FrontDoor]] = {door.path: door for door in DOORS}
 
 

@@ -171,6 +171,8 @@ async def handle(
         record.end_user = attribution.end_user(ex.body)
         record.tags = attribution.tags(ex.body, request.headers)
         ex.who = who = authenticate(request, ex)
+        if ex.door is not None:
+            await ex.door.prepare(ex)
         plan = snapshot.router.plan(
             record.public_model,
             request.headers,
@@ -248,6 +250,11 @@ async def settle(rt: Runtime, snapshot: Snapshot, ex: Exchange) -> None:
             record.usage = await settled_usage(
                 ex.meter, ex.body, ex.endpoint, record.provider_model
             )
+        if ex.door is not None:
+            try:
+                await ex.door.finish(ex)
+            except Exception:
+                log.exception("door %s failed to finish request %s", record.door, record.request_id)
         access_log.keep_bodies(record, ex.body, ex.meter, ex.reply)
         record.latency_ms = (time.perf_counter() - ex.started) * 1000
         settle_stages(snapshot, ex)

@@ -158,11 +158,21 @@ class Door(Protocol):
         """The client's body as a chat completions body; a GatewayError when it is invalid."""
         ...
 
+    async def prepare(self, ex: Exchange) -> None:
+        """Once the caller is known, before routing: complete ``ex.body`` from
+        state the door's API keeps for the caller (a stored conversation)."""
+        ...
+
     def reply(self, body: bytes) -> bytes:
         """A non-stream chat completion (JSON) as the door's answer."""
         ...
 
     def stream(self) -> DoorStream: ...
+
+    async def finish(self, ex: Exchange) -> None:
+        """At settle, awaited before the client sees the answer end: keep
+        what the door's API keeps (a stored response). Never raises."""
+        ...
 
 
 class ChunkFilter(Protocol):

@@ -30,7 +30,7 @@ from proxy.stages.settle.metrics import Metrics
 from proxy.stages.settle.settlers import Settlers
 from proxy.stores.permits import PermitLeases
 from proxy.stores.redis_client import RedisOptions
-from proxy.web import admin, handlers, middleware, observe, reload, usage_api
+from proxy.web import admin, handlers, middleware, observe, reload, responses_api, usage_api
 from proxy.web.auth_guard import AuthGuard
 from proxy.web.billing_setup import BillingOptions, billing_ctx
 from proxy.web.http_guard import GuardStats
@@ -95,6 +95,7 @@ def build_app(
     app.cleanup_ctx.append(loop_lag_ctx)  # off unless TOLLWAY_LOOP_LAG_MS is set
     if billing is not None:
         app.cleanup_ctx.append(billing_ctx(billing))
+    app.cleanup_ctx.append(responses_api.services_ctx)  # after billing: its pool
     app.cleanup_ctx.append(_settlers(settler, access_fd))  # after billing, its first settler
     # After Redis, the tasks and the settlers they use (the semantic cache's
     # embedding calls are settled); closed before billing and the tasks.
@@ -117,6 +118,8 @@ def _routes(app: web.Application) -> None:
     for door in DOORS:
         r.add_post(door.path, handlers.front_door(door))
     r.add_post("/v1/messages/count_tokens", handlers.count_message_tokens)
+    r.add_get("/v1/responses/{id}", responses_api.get_response)
+    r.add_delete("/v1/responses/{id}", responses_api.delete_response)
     r.add_get("/v1/models", handlers.list_models)
     r.add_get("/v1/models/{model:.+}", handlers.get_model)
     r.add_get("/v1/usage", usage_api.usage)

@@ -17,6 +17,7 @@ from proxy.pipeline import run as pipeline
 from proxy.pipeline.runtime import PRINCIPAL
 from proxy.stages import parse
 from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS, RUNTIME
+from proxy.web.responses_api import DOOR_SERVICES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,7 +42,10 @@ def front_door(door: type[FrontDoor]) -> Handler:
     """A front door's route: the chat pipeline, translated at its edges."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await pipeline.handle(request, "chat", request.app[RUNTIME], door)
+        services = request.app.get(DOOR_SERVICES)
+        return await pipeline.handle(
+            request, "chat", request.app[RUNTIME], lambda rid: door(rid, services)
+        )
 
     return handler
 

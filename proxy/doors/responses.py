@@ -1,0 +1,89 @@
+"""OpenAI's Responses API (``POST /v1/responses``) as a front door.
+
+The request becomes a chat completion (``responses_request``); the answer
+comes back as a Response object (``responses_object``) or, streamed, as the
+Responses event sequence (``responses_stream``). Stored responses
+(``store``, OpenAI's default: on) are kept per owner in Postgres when the
+gateway has one: ``previous_response_id`` continues such a conversation (its
+input and output go before the new input as chat history), and
+``GET /v1/responses/{id}`` returns it (``proxy.web.responses_api``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from proxy.core.errors import NotFound, ServiceUnavailable
+from proxy.doors import responses_object as obj
+from proxy.doors import responses_request as request
+from proxy.doors.base import DoorServices, FrontDoor
+from proxy.doors.responses_stream import ResponsesStream
+from proxy.stages.base import DoorStream, Exchange
+from proxy.stores.pgwait import DatabaseDown
+
+log = logging.getLogger("tollway.doors")
+
+Json = dict[str, Any]
+
+
+class ResponsesDoor(FrontDoor):
+    name = "responses"
+    path = "/v1/responses"
+
+    def __init__(self, request_id: str, services: DoorServices | None = None) -> None:
+        super().__init__(request_id, services)
+        self.ids = obj.Ids()
+        self.ask = request.Asked("")
+        self.inputs: list[Json] = []  # this request's input, as chat messages
+        self.history: list[Json] = []  # the stored conversation it continues
+        self.final: Json | None = None  # the Response the client got, once finished
+
+    def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.ask = request.asked(body)
+        chat = request.to_chat(body, self.ask)
+        self.inputs = chat["messages"][len(request.system(self.ask)) :]
+        return chat
+
+    async def prepare(self, ex: Exchange) -> None:
+        previous = self.ask.previous_response_id
+        if previous is None:
+            return
+        store = self.services.responses
+        try:
+            found = None if store is None else await store.get(ex.scope, previous)
+        except DatabaseDown:
+            raise ServiceUnavailable("Stored responses cannot be read right now.") from None
+        if found is None:
+            raise NotFound(
+                f"Previous response with id '{previous}' not found.",
+                param="previous_response_id",
+            )
+        self.history = orjson.loads(found.history)
+        ex.body["messages"] = request.system(self.ask) + self.history + self.inputs
+
+    def reply(self, body: bytes) -> bytes:
+        self.final = obj.from_chat(body, self.ids, self.ask)
+        return orjson.dumps(self.final)
+
+    def stream(self) -> DoorStream:
+        return ResponsesStream(self.ids, self.ask, self._finished)
+
+    def _finished(self, final: Json) -> None:
+        self.final = final
+
+    async def finish(self, ex: Exchange) -> None:
+        store = self.services.responses
+        if store is None or not self.ask.store or self.final is None:
+            return
+        if ex.record.status != 200 or ex.record.client_disconnected:
+            return
+        history = [*self.history, *self.inputs, obj.as_chat_turn(self.final["output"])]
+        try:
+            await store.put(
+                ex.scope, self.final["id"], orjson.dumps(self.final), orjson.dumps(history)
+            )
+        except DatabaseDown as exc:
+            log.warning("response %s was not stored: %s", self.final["id"], exc)
