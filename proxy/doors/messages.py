@@ -35,7 +35,7 @@ import orjson
 from proxy.core import tokens
 from proxy.core.errors import GatewayError, InvalidRequest
 from proxy.core.sse import event_data
-from proxy.doors.base import FrontDoor
+from proxy.doors.base import DoorServices, FrontDoor
 from proxy.providers.translated import positive_int
 
 Json = dict[str, Any]
@@ -493,8 +493,8 @@ class MessagesDoor(FrontDoor):
     name: ClassVar[str] = "messages"
     path: ClassVar[str] = "/v1/messages"
 
-    def __init__(self, request_id: str) -> None:
-        super().__init__(request_id)
+    def __init__(self, request_id: str, services: DoorServices | None = None) -> None:
+        super().__init__(request_id, services)
         self.message_id = "msg_" + request_id.removeprefix("req_")
 
     def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
