@@ -287,6 +287,7 @@ async def _stop(serve: Process) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # two starts of the embedded servers and every example, on a busy CI core
 async def test_the_readme_examples_answer_as_written(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"  # not the checkout: the commands work from anywhere
     elsewhere.mkdir()
