@@ -29,6 +29,7 @@ from proxy.web.server import make_runner
 from tests.db import start_database
 from tests.fakes import FakeOpenAI
 from tests.leaks import LeakWatch
+from tests.redis_cluster import LocalCluster
 from tests.redis_server import OwnRedis, start_redis
 
 
@@ -142,6 +143,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url
     if server is not None:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+async def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalCluster]:
+    """A real 3-master Redis Cluster, started once for the session (about 2 s)
+    by the first test that asks for it. Tests isolate themselves by their own
+    keys; one that kills nodes starts its own ``LocalCluster``."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield await cluster.start()
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

