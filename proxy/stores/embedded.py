@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from proxy.stores.redis_url import RedisUrlError, cluster_url
+
 DEFAULT_DATA_DIR = ".tollway"
 DEFAULT_CONFIG = Path("config") / "tollway.yaml"
 
@@ -56,8 +58,14 @@ def database_url() -> str:
 
 
 def redis_url() -> str:
+    """``REDIS_URL`` (one server, or a Redis Cluster: ``redis_url.py``),
+    refused at start when it cannot be read."""
     url = os.environ.get("REDIS_URL")
     if url:
+        try:
+            cluster_url(url)
+        except RedisUrlError as exc:
+            raise DatastoreError(str(exc)) from None
         return url
     return EmbeddedRedis(data_dir() / "redis").start()
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.core.tasks import TaskGroup
+from proxy.stores.embedded import DatastoreError
 from proxy.stores.redis_url import cluster_url
 
 log = logging.getLogger("tollway.redis")
@@ -59,6 +61,23 @@ class RedisOptions:
     url: str
     timeout_s: float = 0.05  # per socket operation: connect, write, read
     probe_interval_s: float = 0.5
+
+    @classmethod
+    def from_env(cls, url: str) -> RedisOptions:
+        """``TOLLWAY_REDIS_TIMEOUT_MS``: the per-operation timeout (50 ms), for
+        a Redis farther away than the same rack or zone."""
+        raw = os.environ.get("TOLLWAY_REDIS_TIMEOUT_MS")
+        if not raw:
+            return cls(url)
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = 0.0
+        if not 0 < ms <= 60_000:
+            raise DatastoreError(
+                f"TOLLWAY_REDIS_TIMEOUT_MS must be a number of ms in (0, 60000], not {raw!r}"
+            )
+        return cls(url, timeout_s=ms / 1000)
 
 
 class SharedRedis:
