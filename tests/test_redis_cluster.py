@@ -20,6 +20,7 @@ import orjson
 import pytest
 from redis.crc import key_slot
 
+from proxy.stores.permits import PermitLeases
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.redis_client import RedisDown, RedisOptions, SharedRedis, open_client
 from proxy.stores.redis_url import ClusterUrl, RedisUrlError, cluster_url
@@ -27,6 +28,7 @@ from proxy.stores.windows import Limit
 from proxy.web.keys import LIMITER, REDIS
 from tests import test_breaker_redis as breaker_tests
 from tests import test_cache as cache_tests
+from tests import test_permits as permits_tests
 from tests import test_ratelimit as ratelimit_tests
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway
@@ -183,6 +185,21 @@ async def test_the_limiter_bound_is_exact_on_the_cluster(redis_cluster: LocalClu
         assert redis.errors == 0 and limiter.fallbacks == 0
     finally:
         await redis.close()
+
+
+async def test_a_burst_on_fresh_cluster_clients_is_all_shared(redis_cluster: LocalCluster) -> None:
+    """test_permits' two workers (12 concurrent clients, leases) on new cluster
+    clients: no check may fall back. (Commands sent before the client knew
+    the slot map went to random primaries, and the burst of MOVED replies
+    made redis-py drop in-flight connections.)"""
+    shared = [SharedRedis(RedisOptions(redis_cluster.url, timeout_s=2.0)) for _ in range(2)]
+    try:
+        workers = [PermitLeases(RateLimiter(r)) for r in shared]
+        await permits_tests.test_two_workers_admit_exactly_the_limit(workers, redis_cluster.url)
+        assert [r.errors for r in shared] == [0, 0]
+    finally:
+        for r in shared:
+            await r.close()
 
 
 async def test_a_script_call_across_two_slots_would_be_caught(

@@ -101,6 +101,8 @@ class SharedRedis:
         if not self.up:
             raise RedisDown
         try:
+            if self.cluster:
+                await self._discover()
             return await fn(self.client)
         except _FAULTS as exc:
             self._fault(exc)
@@ -117,8 +119,17 @@ class SharedRedis:
         if pending:
             await asyncio.wait(pending, timeout=limit)
 
+    async def _discover(self) -> None:
+        """The slot map, before the first command (and again after a fault):
+        redis-py routes a command sent before it has one to a random primary,
+        and the MOVED replies of a burst of those make it drop every
+        connection, in-flight ones included. A no-op once discovered."""
+        assert isinstance(self.client, RedisCluster)
+        await self.client.initialize()
+
     async def _ping(self) -> None:
         if isinstance(self.client, RedisCluster):
+            await self._discover()
             await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
         else:
             await self.client.ping()
