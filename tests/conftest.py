@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -138,7 +139,15 @@ async def pg_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_url(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """The session's Redis; ``TOLLWAY_TEST_REDIS=cluster`` makes it the
+    session's Redis Cluster, to run every shared-Redis test against one."""
+    if os.environ.get("TOLLWAY_TEST_REDIS") == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        yield cluster.url
+        return
     url, server = start_redis(tmp_path_factory.mktemp("redis"))
     yield url
     if server is not None:
