@@ -6,7 +6,8 @@ for TLS) or by a ``redis://`` URL listing several nodes, comma-separated:
 only where discovery starts — the client asks one of them for the slot map
 and finds the others — so two or three are enough for a cluster of any size.
 The user and password (if any) apply to every node; a cluster has one
-database, so a ``/db`` other than 0 is refused.
+database, so a ``/db`` other than 0 is refused. Query options
+(``?ssl_cert_reqs=…``) are read only for a single server.
 """
 
 from __future__ import annotations
