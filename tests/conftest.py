@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,6 +30,7 @@ from proxy.web.server import make_runner
 from tests.db import start_database
 from tests.fakes import FakeOpenAI
 from tests.leaks import LeakWatch
+from tests.redis_cluster import LocalCluster
 from tests.redis_server import OwnRedis, start_redis
 
 
@@ -137,11 +139,31 @@ async def pg_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_url(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """The session's Redis; ``TOLLWAY_TEST_REDIS=cluster`` makes it the
+    session's Redis Cluster, to run every shared-Redis test against one."""
+    if os.environ.get("TOLLWAY_TEST_REDIS") == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        yield cluster.url
+        return
     url, server = start_redis(tmp_path_factory.mktemp("redis"))
     yield url
     if server is not None:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+async def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalCluster]:
+    """A real 3-master Redis Cluster, started once for the session (about 2 s)
+    by the first test that asks for it. Tests isolate themselves by their own
+    keys; one that kills nodes starts its own ``LocalCluster``."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield await cluster.start()
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

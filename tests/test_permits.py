@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from proxy.stores.permits import PermitLeases
 from proxy.stores.ratelimit import RateLimiter
-from proxy.stores.redis_client import RedisOptions, SharedRedis
+from proxy.stores.redis_client import RedisOptions, SharedRedis, open_client
 from proxy.stores.windows import HOUR_MS, MINUTE_MS, Limit
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key
 from tests.conftest import StartGateway
@@ -68,7 +68,7 @@ async def test_two_workers_admit_exactly_the_limit(
     assert [w.limiter.fallbacks for w in workers] == [0, 0]  # Redis decided every check
     assert results.count(True) == cap  # never cap + 1, and the leases' rest is not lost
     assert sum(w.local_admits for w in workers) > cap // 2  # most without Redis
-    r = aioredis.from_url(redis_url)
+    r = open_client(RedisOptions(redis_url, timeout_s=2.0))  # a cluster URL too
     try:
         assert int(await r.hget(lim.key, "sum") or 0) == cap
     finally:

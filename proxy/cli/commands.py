@@ -132,7 +132,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     path = _config_path(args.config)
     dsn = datastores.database_url()
     redis_url = datastores.redis_url()  # embedded without REDIS_URL; stopped at exit
-    redis = RedisOptions(redis_url)
+    redis = RedisOptions.from_env(redis_url)
     if args.migrate:
         asyncio.run(migrate.migrate(dsn))
     if args.demo:

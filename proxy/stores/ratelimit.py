@@ -45,10 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from redis.asyncio import Redis
-
 from proxy.stores.local_limits import LocalLimiter
-from proxy.stores.redis_client import RedisDown, SharedRedis
+from proxy.stores.redis_client import Client, RedisDown, SharedRedis
 from proxy.stores.windows import SLOTS, Limit, Verdict, Window
 
 _LUA = """
@@ -282,5 +280,5 @@ class RateLimiter:
         redis.spawn(release(), name="release-slots")
 
 
-async def _zrem(key: str, member: str, client: Redis) -> None:
+async def _zrem(key: str, member: str, client: Client) -> None:
     await client.zrem(key, member)

@@ -10,6 +10,14 @@ it every ``probe_interval_s`` until it answers, so Redis coming back is
 picked up without a restart. Each transition is one log line; ``errors``,
 ``outages`` and ``up`` are the numbers a metrics exporter reads.
 
+With a Redis Cluster URL (``redis_url.py``) the client is redis-py's
+``RedisCluster``: every key Tollway writes carries a ``{hash tag}``, so each
+Lua script and transaction touches one slot. One node failing marks the
+whole client down (the same fallback as a standalone Redis going away), and
+the probe then pings every primary: Redis counts as back once the cluster
+answers on all its slots again — after the failed primary's replica took
+over, or the primary returned.
+
 This is the only module that sees redis-py exceptions; everything else sees
 ``RedisDown``.
 """
@@ -18,22 +26,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.core.tasks import TaskGroup
+from proxy.stores.embedded import DatastoreError
+from proxy.stores.redis_url import cluster_url
 
 log = logging.getLogger("tollway.redis")
 T = TypeVar("T")
-_FAULTS = (RedisError, OSError, TimeoutError)
+# RedisClusterException is not a RedisError: it is what the cluster client
+# raises when no node answers at discovery.
+_FAULTS = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+Client = Redis | RedisCluster
 
 
 class RedisDown(Exception):
@@ -46,17 +62,29 @@ class RedisOptions:
     timeout_s: float = 0.05  # per socket operation: connect, write, read
     probe_interval_s: float = 0.5
 
+    @classmethod
+    def from_env(cls, url: str) -> RedisOptions:
+        """``TOLLWAY_REDIS_TIMEOUT_MS``: the per-operation timeout (50 ms), for
+        a Redis farther away than the same rack or zone."""
+        raw = os.environ.get("TOLLWAY_REDIS_TIMEOUT_MS")
+        if not raw:
+            return cls(url)
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = 0.0
+        if not 0 < ms <= 60_000:
+            raise DatastoreError(
+                f"TOLLWAY_REDIS_TIMEOUT_MS must be a number of ms in (0, 60000], not {raw!r}"
+            )
+        return cls(url, timeout_s=ms / 1000)
+
 
 class SharedRedis:
     def __init__(self, opts: RedisOptions) -> None:
         self.opts = opts
-        self.client = Redis.from_url(
-            opts.url,
-            socket_timeout=opts.timeout_s,
-            socket_connect_timeout=opts.timeout_s,
-            retry=Retry(NoBackoff(), 0),  # a retry would make a request wait on Redis
-            health_check_interval=0,
-        )
+        self.client: Client = open_client(opts)
+        self.cluster = isinstance(self.client, RedisCluster)
         self.up = True
         self.errors = 0  # commands that failed or timed out
         self.outages = 0  # times Redis was marked down
@@ -69,10 +97,12 @@ class SharedRedis:
         flushed (redis-py's ``AsyncScript`` handles NOSCRIPT)."""
         return self.client.register_script(lua)
 
-    async def call(self, fn: Callable[[Redis], Awaitable[T]]) -> T:
+    async def call(self, fn: Callable[[Client], Awaitable[T]]) -> T:
         if not self.up:
             raise RedisDown
         try:
+            if self.cluster:
+                await self._discover()
             return await fn(self.client)
         except _FAULTS as exc:
             self._fault(exc)
@@ -89,9 +119,24 @@ class SharedRedis:
         if pending:
             await asyncio.wait(pending, timeout=limit)
 
+    async def _discover(self) -> None:
+        """The slot map, before the first command (and again after a fault):
+        redis-py routes a command sent before it has one to a random primary,
+        and the MOVED replies of a burst of those make it drop every
+        connection, in-flight ones included. A no-op once discovered."""
+        assert isinstance(self.client, RedisCluster)
+        await self.client.initialize()
+
+    async def _ping(self) -> None:
+        if isinstance(self.client, RedisCluster):
+            await self._discover()
+            await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await self.client.ping()
+
     async def ping(self) -> bool:
         try:
-            await self.client.ping()
+            await self._ping()
         except _FAULTS as exc:
             self._fault(exc)
             return False
@@ -114,7 +159,7 @@ class SharedRedis:
         while True:
             await asyncio.sleep(self.opts.probe_interval_s)
             try:
-                await self.client.ping()
+                await self._ping()
             except _FAULTS:
                 self.errors += 1
                 continue
@@ -132,6 +177,27 @@ class SharedRedis:
             # Closing is best effort: on a loaded machine a socket may not
             # close within the 50 ms timeout, which must not fail a shutdown.
             log.debug("closing the Redis client: %s", exc)
+
+
+def open_client(opts: RedisOptions) -> Client:
+    """No retries anywhere (a retry would make a request wait on Redis), no
+    health checks: a fault surfaces at once and the probe takes over."""
+    common: dict[str, Any] = {
+        "socket_timeout": opts.timeout_s,
+        "socket_connect_timeout": opts.timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    cluster = cluster_url(opts.url)
+    if cluster is None:
+        return Redis.from_url(opts.url, **common)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+        username=cluster.username,
+        password=cluster.password,
+        ssl=cluster.tls,
+        **common,
+    )
 
 
 async def _quiet(coro: Coroutine[Any, Any, Any]) -> None:

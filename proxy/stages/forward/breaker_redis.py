@@ -6,9 +6,11 @@ background sync refreshes from Redis at most every ``refresh_s`` seconds
 one instance reaches the others within ``refresh_s`` (0.5 s by default) plus
 a round trip.
 
-Writes that change a state go to Redis as an optimistic transaction
-(``WATCH``/``MULTI``) on the provider's hash ``tw:br:{provider}`` (one Redis
-Cluster slot per provider), so the transition is applied to the fleet's
+Writes that change a state go to Redis as an optimistic transaction on the
+provider's hash ``tw:br:{provider}`` (one Redis Cluster slot per provider):
+read the target's field, apply the transition, and write it back with a
+compare-and-set script that fails if the field changed in between (then
+read again). So the transition is applied to the fleet's
 current state, not to this process's possibly stale copy: failures counted
 by several instances add up, and only one instance wins a half-open probe.
 A transition that changes nothing in the local mirror (a success on a
@@ -29,17 +31,30 @@ import time
 from collections.abc import Sequence
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import WatchError
 
 from proxy.stages.forward.breaker import CLEAN, BreakerState, MemoryBreakerStore, Transition
-from proxy.stores.redis_client import RedisDown, SharedRedis
+from proxy.stores.redis_client import Client, RedisDown, SharedRedis
 
-_WATCH_TRIES = 5  # concurrent writers to one hash: each loser reads again
+_CAS_TRIES = 5  # concurrent writers to one target: each loser reads again
+
+# The field as it was read ('' when absent) is still there: write the new
+# state ('' deletes it) and refresh the hash's TTL. A script, not
+# WATCH/MULTI, so it runs the same on a Redis Cluster (one key, one slot).
+_CAS_LUA = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if (cur or '') ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 
 
 class _Contended(Exception):
-    """Lost every WATCH race: not a Redis fault, so Redis is not marked down."""
+    """Lost every compare-and-set race: not a Redis fault, so Redis is not marked down."""
 
 
 @functools.lru_cache(maxsize=4096)  # asked for every target of every request
@@ -73,6 +88,7 @@ class RedisBreakerStore:
         self._synced = 0.0
         self._syncing = False
         self._ttl = 60  # seconds a hash lives after its last write; grows with policies
+        self._cas = redis.script(_CAS_LUA)
 
     async def get(self, keys: Sequence[str]) -> list[BreakerState]:
         for key in keys:
@@ -87,7 +103,7 @@ class RedisBreakerStore:
         try:
             names = sorted(self._hashes)
 
-            async def fetch(client: Redis) -> list[dict[bytes, bytes]]:
+            async def fetch(client: Client) -> list[dict[bytes, bytes]]:
                 async with client.pipeline(transaction=False) as pipe:
                     for name in names:
                         pipe.hgetall(name)
@@ -118,27 +134,19 @@ class RedisBreakerStore:
         return new[1]
 
     async def _transact(
-        self, client: Redis, key: str, fn: Transition
+        self, client: Client, key: str, fn: Transition
     ) -> tuple[BreakerState, BreakerState | None]:
         """``fn`` applied to the fleet's state; (state now, new or None)."""
         name = _hash(key)
-        async with client.pipeline(transaction=True) as pipe:
-            for attempt in range(_WATCH_TRIES):
-                try:
-                    await pipe.watch(name)
-                    current = _decode(await pipe.hget(name, key))
-                    new = fn(current)
-                    if new is None:
-                        await pipe.unwatch()
-                        return current, None
-                    pipe.multi()
-                    if new == CLEAN:
-                        pipe.hdel(name, key)
-                    else:
-                        pipe.hset(name, key, _encode(new))
-                    pipe.expire(name, self._ttl)
-                    await pipe.execute()
-                    return new, new
-                except WatchError:
-                    await asyncio.sleep(0.001 * attempt)
+        for attempt in range(_CAS_TRIES):
+            raw = await client.hget(name, key)
+            current = _decode(raw)
+            new = fn(current)
+            if new is None:
+                return current, None
+            value = b"" if new == CLEAN else _encode(new)
+            args = [key, raw or b"", value, self._ttl]
+            if await self._cas(keys=[name], args=args, client=client):
+                return new, new
+            await asyncio.sleep(0.001 * attempt)
         raise _Contended
