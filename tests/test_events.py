@@ -24,6 +24,7 @@ import openai
 import pytest
 import standardwebhooks
 from aiohttp import WSMsgType, web
+from openai.types.webhooks import BatchCompletedWebhookEvent
 
 from proxy.stores import webhooks
 from proxy.stores.events import EventLog
@@ -145,7 +146,7 @@ async def test_webhook_is_signed_in_openais_shape_and_verifies_independently(
     assert payload["id"].startswith("evt_") and headers["webhook-id"] == payload["id"]
     # ...and so does OpenAI's own SDK, which parses it as its batch event.
     event = openai.OpenAI(api_key="unused").webhooks.unwrap(body, headers, secret=secret)
-    assert type(event).__name__ == "BatchCompletedWebhookEvent"
+    assert isinstance(event, BatchCompletedWebhookEvent)
     assert event.data.id == "batch_abc" and event.type == "batch.completed"
     # A tampered body or another secret is refused.
     with pytest.raises(standardwebhooks.WebhookVerificationError):
@@ -266,7 +267,7 @@ def _ws_url(gw: Gateway, after: int | None = None) -> str:
 
 
 async def _receive(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     async with asyncio.timeout(10):
         while len(out) < n:
             msg = await ws.receive()
@@ -437,7 +438,7 @@ async def test_a_client_that_falls_behind_is_closed_with_4008_and_resumes(
                 while msg.type == WSMsgType.TEXT:
                     msg = await ws.receive()
             assert msg.type == WSMsgType.CLOSE and ws.close_code == 4008
-            assert "resume with ?after=" in msg.extra
+            assert "resume with ?after=" in str(msg.extra)
         async with s.ws_connect(_ws_url(gw, 0), headers=auth) as ws:
             got = await _receive(ws, 5)
             assert [m["data"]["id"] for m in got] == [f"batch_{i}" for i in range(5)]
@@ -477,7 +478,7 @@ async def test_shutdown_closes_streams_with_going_away(
         async with asyncio.timeout(20):
             _, msg = await asyncio.gather(gw.runner.cleanup(), ws.receive())
         assert msg.type == WSMsgType.CLOSE and msg.data == 1001
-        assert "resume with ?after=" in msg.extra
+        assert "resume with ?after=" in str(msg.extra)
 
 
 # -- retention and management -------------------------------------------------
@@ -576,5 +577,4 @@ async def test_cli_adds_lists_and_removes_webhooks(
     bad = await asyncio.to_thread(run, "webhooks", "add", "--tenant", t.name, "--url", "ftp://x")
     assert bad.returncode != 0 and "http(s) URL" in bad.stderr
     assert (await asyncio.to_thread(run, "webhooks", "remove", row["id"])).returncode == 0
-    gone = await asyncio.to_thread(run, "webhooks", "list", "--tenant", t.name)
-    assert "no webhooks yet" in gone.stdout
+    assert not await pg.fetchval("SELECT count(*) FROM webhook_endpoints WHERE id = $1", row["id"])
