@@ -157,7 +157,9 @@ class EventLog:
         body = orjson.dumps(data).decode()
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "SELECT pg_advisory_xact_lock($1, ($2 % 2147483647)::int)", _LOCK_CLASS, tenant_id
+                "SELECT pg_advisory_xact_lock($1, ($2::bigint % 2147483647)::int)",
+                _LOCK_CLASS,
+                tenant_id,
             )
             row = await conn.fetchrow(
                 "INSERT INTO tenant_events (tenant_id, event_id, type, data)"
