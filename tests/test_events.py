@@ -407,6 +407,32 @@ async def test_events_from_another_process_arrive_live(
         assert got[0]["data"] == {"id": "batch_elsewhere"}
 
 
+async def test_a_dropped_listen_connection_loses_no_event(
+    gw: Gateway, pg: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Postgres drops the worker's LISTEN connection (a restart, a failover, an
+    idle-killer): what is published meanwhile still reaches the stream, read
+    from the log once the worker listens again."""
+    t = await _tenant(pg, tmp_path)
+    log = _log(gw)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.ws_connect(_ws_url(gw), headers={"Authorization": f"Bearer {t.key}"}) as ws,
+    ):
+        await _subscribed(gw, t.id)
+        await until(log.listening.is_set, what="listening")
+        assert log._listener is not None
+        pid = log._listener.get_server_pid()
+        await pg.execute("SELECT pg_terminate_backend($1)", pid)
+        await until(lambda: not log.listening.is_set(), what="the drop noticed")
+        # Published before the worker listens again (it waits 1 s to reconnect):
+        # its notification goes nowhere; the catch-up read finds the event.
+        await EventLog(pg, "unused").publish(t.id, "batch.completed", {"id": "batch_gap"})
+        got = await _receive(ws, 1)
+        assert got[0]["data"] == {"id": "batch_gap"}
+        assert log._listener.get_server_pid() != pid
+
+
 async def test_a_client_that_falls_behind_is_closed_with_4008_and_resumes(
     start_gateway: StartGateway,
     fake_openai: FakeOpenAI,
