@@ -288,6 +288,7 @@ async def test_stream_sends_progress_and_completion_then_resumes_from_its_cursor
     auth = {"Authorization": f"Bearer {t.key}"}
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(_ws_url(gw), headers=auth) as ws:
+            assert ws._response.headers["x-request-id"].startswith("req_")
             await _subscribed(gw, t.id)
             await log.publish(t.id, "batch.in_progress", _batch("batch_1", "in_progress"))
             await log.publish(t.id, "batch.progress", _batch("batch_1", "in_progress", 2))

@@ -27,7 +27,7 @@ from aiohttp import WSCloseCode, web
 
 from proxy.core.errors import InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from proxy.core.tasks import TaskGroup
-from proxy.pipeline.runtime import PRINCIPAL
+from proxy.pipeline.runtime import PRINCIPAL, REQUEST_ID
 from proxy.stores.events import Event, EventLog, Subscription
 from proxy.stores.pgwait import DatabaseDown
 from proxy.web.events_setup import event_settings
@@ -72,6 +72,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         sub = await events.subscribe(who.tenant_id, settings.send_queue)
     except DatabaseDown:
         raise ServiceUnavailable("The event log is unreachable; retry shortly.") from None
+    ws.headers["x-request-id"] = request[REQUEST_ID]  # as on every other response
     try:
         await ws.prepare(request)
         # A stream is resumable and may stay open for days: the drain does
