@@ -160,6 +160,17 @@ def _ok(reader: Reader, out: str, ex: Example) -> None:
     pass
 
 
+def _webhook_added(reader: Reader, out: str, ex: Example) -> None:
+    fields = dict(word.split("=", 1) for word in out.split() if "=" in word)
+    assert fields["tenant"] == "acme" and fields["secret"].startswith("whsec_"), out
+    assert "only time the webhook secret is shown" in out
+    reader.pasted["WEBHOOK_ID"] = fields["id"]
+
+
+def _webhook_listed(reader: Reader, out: str, ex: Example) -> None:
+    assert reader.pasted["WEBHOOK_ID"] in out and "whsec_" not in out, out
+
+
 CHAT = (
     'curl -s http://127.0.0.1:8080/v1/chat/completions -H "Authorization: Bearer {key}" '
     "-H \"Content-Type: application/json\" -d '{body}'"
@@ -216,6 +227,11 @@ CHECKS |= {
     "tollway usage --from 2025-06-01 --to 2025-06-30 --group-by key --csv": _contains(
         "key,requests,errors"
     ),
+}
+CHECKS |= {
+    "tollway webhooks add --tenant acme --url https://hooks.example.com/tollway "
+    "--events batch.completed,batch.failed": _webhook_added,
+    "tollway webhooks list --tenant acme": _webhook_listed,
 }
 NOT_RUN = {
     'curl -s -H "Authorization: Bearer $TOLLWAY_ADMIN_KEY" "http://127.0.0.1:8080/admin/usage?'

@@ -1,4 +1,4 @@
-"""``tollway migrate | tenants … | keys … | cache purge`` — admin commands on the database.
+"""``tollway migrate | tenants | keys | webhooks | cache purge``: admin commands on the database.
 
 They use the same operations as the ``/admin/`` API (``proxy.stores.accounts``),
 audited with the actor ``cli:<user>``.
@@ -17,14 +17,20 @@ import asyncpg
 import orjson
 
 from proxy.config.model import Config
-from proxy.stores import accounts, apikeys, migrate, semantic_cache
+from proxy.stores import accounts, apikeys, migrate, semantic_cache, webhooks
 from proxy.stores import embedded as datastores
+from proxy.stores.events import WEBHOOK_TYPES
 from proxy.web.admin import rate_limit
 
 DEMO_TENANT = "demo"
 _NOTHING_YET = {
     ("tenants", "list"): "no tenants yet; create one with: tollway tenants create NAME --tier free",
     ("keys", "list"): "no keys yet; create one with: tollway keys create --tenant NAME",
+    (
+        "webhooks",
+        "list",
+    ): "no webhooks yet; add one with: tollway webhooks add --tenant NAME --url URL",
+    ("webhooks", "deliveries"): "no deliveries yet",
 }
 
 
@@ -65,6 +71,27 @@ def add_commands(sub: Any) -> None:
     cp = cache.add_parser("purge", help="delete a tenant's semantic-cache entries")
     cp.add_argument("--tenant", required=True)
     cp.add_argument("--model", help="only this public model's entries")
+    hooks = sub.add_parser("webhooks", help="manage a tenant's event webhooks").add_subparsers(
+        dest="action", required=True
+    )
+    wa = hooks.add_parser("add", help="add an endpoint (its secret is shown only once)")
+    wa.add_argument("--tenant", required=True)
+    wa.add_argument("--url", required=True)
+    wa.add_argument(
+        "--events",
+        help=f"comma-separated event types (default: all of {', '.join(WEBHOOK_TYPES)})",
+    )
+    wa.add_argument("--secret", help="whsec_<base64> to use (default: a new random one)")
+    wa.add_argument("--json", action="store_true", help="print JSON")
+    wl = hooks.add_parser("list", help="list a tenant's endpoints")
+    wl.add_argument("--tenant", required=True)
+    wl.add_argument("--json", action="store_true", help="print JSON")
+    wr = hooks.add_parser("remove", help="remove an endpoint (its pending deliveries go too)")
+    wr.add_argument("endpoint_id")
+    wd = hooks.add_parser("deliveries", help="an endpoint's latest deliveries and attempts")
+    wd.add_argument("endpoint_id")
+    for p in (wa, wl, wr, wd):
+        p.add_argument("--config", help="YAML config")
     for p in (
         cp,
         c,
@@ -164,6 +191,17 @@ async def _dispatch(
             return await accounts.rotate_key(pool, hasher, args.key_id, who)
         case ("keys", "set-budget"):
             return await accounts.set_key_budgets(pool, args.key_id, budget_changes(args), who)
+        case ("webhooks", "add"):
+            types = (
+                [t.strip() for t in args.events.split(",") if t.strip()] if args.events else None
+            )
+            return await webhooks.add_endpoint(pool, args.tenant, args.url, types, args.secret, who)
+        case ("webhooks", "list"):
+            return await webhooks.list_endpoints(pool, args.tenant)
+        case ("webhooks", "remove"):
+            return await webhooks.remove_endpoint(pool, args.endpoint_id, who)
+        case ("webhooks", "deliveries"):
+            return await webhooks.deliveries(pool, args.endpoint_id)
         case ("cache", "purge"):
             return await _purge(pool, args.tenant, args.model)
     raise AssertionError(args)
@@ -193,6 +231,8 @@ def _print(args: argparse.Namespace, result: Any) -> None:
         print("  ".join(f"{k}={v}" for k, v in row.items() if v is not None))
     if isinstance(result, dict) and "api_key" in result:
         print("This is the only time the key is shown: store it now.")
+    if isinstance(result, dict) and "secret" in result:
+        print("This is the only time the webhook secret is shown: store it now.")
 
 
 @dataclass(frozen=True)

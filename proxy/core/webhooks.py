@@ -32,8 +32,12 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def headers(key: bytes, body: bytes, now: float | None = None) -> dict[str, str]:
-    msg_id = f"msg_{secrets.token_hex(12)}"
+def headers(
+    key: bytes, body: bytes, now: float | None = None, msg_id: str | None = None
+) -> dict[str, str]:
+    """``msg_id``: the same for every retry of one message, so a receiver
+    can drop a repeat (Standard Webhooks); a fresh one when not given."""
+    msg_id = msg_id or f"msg_{secrets.token_hex(12)}"
     ts = int(time.time() if now is None else now)
     return {
         "content-type": "application/json",

@@ -18,6 +18,7 @@ from proxy.stages.cache.stage import ResponseCacheStage
 from proxy.stages.guardrails.stage import GuardrailsStage
 from proxy.stages.semcache.stage import SemanticCacheStage
 from proxy.stages.settle.budget_alerts import BudgetAlertsStage
+from proxy.stages.settle.events import EventsStage
 from proxy.stages.trace.stage import TracingStage
 
 # Order is the order of ``on_request`` (and of every other hook). Input
@@ -25,12 +26,14 @@ from proxy.stages.trace.stage import TracingStage
 # cache hit can never skip them; the caches come last, right before forward:
 # the exact one first (cheaper), then the semantic one. BudgetAlertsStage has
 # no request hooks (it owns ``budget_alerts:``); nor has TracingStage (it owns
-# ``tracing:`` and lends each snapshot its tracer).
+# ``tracing:`` and lends each snapshot its tracer); nor has EventsStage (it
+# owns ``events:``, the tenant event log's settings).
 STAGES: tuple[type[Stage], ...] = (
     GuardrailsStage,
     ResponseCacheStage,
     SemanticCacheStage,
     BudgetAlertsStage,
+    EventsStage,
     TracingStage,
 )
 

@@ -42,6 +42,7 @@ from aiohttp import web
 
 from proxy.config.model import Config
 from proxy.core.errors import GatewayError
+from proxy.core.events import EventSink, NoEvents
 from proxy.core.metering import StreamMeter
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
@@ -69,6 +70,9 @@ class Services:
     # The guardrails' moderation through the gateway's own routing
     # (``proxy.pipeline.moderate``).
     moderator: Moderator | None = None
+    # The tenant event sink (``proxy.core.events``): the durable event log
+    # with its webhooks and stream when there is a database, else a no-op.
+    events: EventSink = field(default_factory=NoEvents)
 
 
 class Embedder(Protocol):

@@ -30,14 +30,26 @@ from proxy.stages.settle.metrics import Metrics
 from proxy.stages.settle.settlers import Settlers
 from proxy.stores.permits import PermitLeases
 from proxy.stores.redis_client import RedisOptions
-from proxy.web import admin, handlers, middleware, observe, reload, responses_api, usage_api
+from proxy.web import (
+    admin,
+    admin_webhooks,
+    events_stream,
+    handlers,
+    middleware,
+    observe,
+    reload,
+    responses_api,
+    usage_api,
+)
 from proxy.web.auth_guard import AuthGuard
 from proxy.web.billing_setup import BillingOptions, billing_ctx
+from proxy.web.events_setup import end_streams, events_ctx
 from proxy.web.http_guard import GuardStats
 from proxy.web.keys import (
     AUTH_GUARD,
     BILLING,
     CONFIG,
+    EVENTS,
     GUARD_STATS,
     HTTP,
     LIFECYCLE,
@@ -97,6 +109,10 @@ def build_app(
         app.cleanup_ctx.append(billing_ctx(billing))
     app.cleanup_ctx.append(responses_api.services_ctx)  # after billing: its pool
     app.cleanup_ctx.append(_settlers(settler, access_fd))  # after billing, its first settler
+    # The tenant event log (app[EVENTS], the job workers' sink): after the
+    # tasks, the HTTP session and billing (which checked the migrations).
+    app.cleanup_ctx.append(events_ctx(billing.database_url if billing is not None else None))
+    app.on_shutdown.append(end_streams)  # open event streams close with 1001
     # After Redis, the tasks and the settlers they use (the semantic cache's
     # embedding calls are settled); closed before billing and the tasks.
     app.cleanup_ctx.append(_stages(_stage_database(billing)))
@@ -123,12 +139,14 @@ def _routes(app: web.Application) -> None:
     r.add_get("/v1/models", handlers.list_models)
     r.add_get("/v1/models/{model:.+}", handlers.get_model)
     r.add_get("/v1/usage", usage_api.usage)
+    r.add_get("/v1/events", events_stream.stream)  # a WebSocket
     r.add_get("/healthz", handlers.healthz)
     r.add_get("/readyz", handlers.readyz)
     r.add_get("/metrics", observe.metrics_handler)
     r.add_get("/admin/config", admin.guard(reload.get_config, needs_db=False))
     r.add_post("/admin/reload", admin.guard(reload.post_reload, needs_db=False))
     admin.add_routes(app)
+    admin_webhooks.add_routes(app)
 
 
 async def _warm_tokens(app: web.Application) -> None:
@@ -185,6 +203,7 @@ def _stages(database_url: str | None) -> Callable[[web.Application], AsyncIterat
             embedder,
             _live_settings(app),
             moderator,
+            app[EVENTS],
         )
         for stage in app[STAGES]:
             await stage.open(services)

@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config.model import ServerConfig
+from proxy.core.events import EventSink
 from proxy.core.lifecycle import Lifecycle
 from proxy.core.record import Settler
 from proxy.core.tasks import TaskGroup
@@ -19,6 +20,7 @@ from proxy.stages.admit.billing import Billing
 from proxy.stages.base import Stage
 from proxy.stages.forward.attempts import Upstreams
 from proxy.stages.settle.metrics import Metrics
+from proxy.stages.settle.webhook_delivery import Deliverer
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.redis_client import SharedRedis
 from proxy.web.auth_guard import AuthGuard
@@ -44,3 +46,7 @@ METRICS_SHARE = web.AppKey("metrics_share", MetricsShare)  # several workers onl
 SERVER = web.AppKey("server", ServerConfig)
 GUARD_STATS = web.AppKey("guard_stats", GuardStats)  # connection-level refusals
 AUTH_GUARD = web.AppKey("auth_guard", AuthGuard)  # failed-auth throttling
+# The tenant event sink (proxy.web.events_setup): an EventLog with a database,
+# NoEvents without; job workers publish to it.
+EVENTS = web.AppKey("events", EventSink)  # type: ignore[type-abstract]
+DELIVERER = web.AppKey("webhook_deliverer", Deliverer)  # with a database only
