@@ -94,7 +94,8 @@ async def test_outage_spools_usage_and_reconciles(
         assert tokens == served * FAKE_USAGE["total_tokens"]  # what the provider reported
         counter = await pool.fetchrow("SELECT requests_used, tokens_used FROM quota_counters")
         assert (counter["requests_used"], counter["tokens_used"]) == (served, tokens)
-        assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE status = 503") == 3
+        # The refused requests' rows come out of the same spool, in their own batch.
+        await wait_for(pool, "SELECT count(*) FROM usage_events WHERE status = 503", expect=3)
         await wait_for(pool, "SELECT 1", expect=1)
         assert ledger.spool.depth() == 0 and ledger.healthy
         assert await _ready(gw) == (200, "ready", "up")
