@@ -10,10 +10,12 @@ to another provider, or a stage that must see the answer, is translated."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anthropic
+import asyncpg
 import orjson
 import pytest
 
@@ -21,6 +23,7 @@ from proxy.core import tokens
 from proxy.doors.messages import MessagesDoor
 from proxy.doors.responses import ResponsesDoor
 from proxy.pipeline.registry import parse_config
+from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import WORDS, FakeOpenAI
 from tests.fakes_providers import FakeAnthropic
@@ -34,8 +37,10 @@ THINKING = {"type": "enabled", "budget_tokens": 1024}
 CACHE = {"cached_tokens": 1000, "cache_write_tokens": 200}
 
 
-def config(openai_url: str, anthropic_url: str, **extra: Any) -> dict[str, Any]:
-    cfg = gateway_config(openai_url, **extra)
+def config(
+    openai_url: str, anthropic_url: str, base: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    cfg = base or gateway_config(openai_url, **extra)
     cfg["retry"] = {"max_attempts": 3, "backoff_base_ms": 5, "backoff_max_ms": 20, "deadline_s": 5}
     timeouts = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
     cfg["providers"]["anthropic"] = {
@@ -95,7 +100,7 @@ def asked(model: str, **more: Any) -> dict[str, Any]:
     }
 
 
-def sdk(model: str) -> dict[str, Any]:
+def sdk_args(model: str) -> dict[str, Any]:
     """``asked`` as the SDK's arguments (its ``create`` no longer names ``top_k``)."""
     args = asked(model)
     return {**{k: v for k, v in args.items() if k != "top_k"}, "extra_body": {"top_k": 5}}
@@ -107,7 +112,7 @@ def sdk(model: str) -> dict[str, Any]:
 async def test_messages_go_to_anthropic_as_sent_and_thinking_comes_back(
     gw: Gateway, ant: FakeAnthropic
 ) -> None:
-    msg = await claude(gw).messages.create(**sdk("claude-thinking"))
+    msg = await claude(gw).messages.create(**sdk_args("claude-thinking"))
     seen = ant.seen[-1]
     assert seen.path == "/v1/messages"
     assert seen.body == asked("claude-thinking")  # untouched: thinking and top_k included
@@ -127,7 +132,7 @@ async def test_messages_go_to_anthropic_as_sent_and_thinking_comes_back(
 async def test_a_stream_passes_through_with_its_thinking_block(
     gw: Gateway, ant: FakeAnthropic
 ) -> None:
-    async with claude(gw).messages.stream(**sdk("claude-thinking")) as stream:
+    async with claude(gw).messages.stream(**sdk_args("claude-thinking")) as stream:
         kinds = [event.type async for event in stream]
         msg = await stream.get_final_message()
     assert ant.seen[-1].body == {**asked("claude-thinking"), "stream": True}
@@ -166,7 +171,7 @@ async def test_a_client_that_leaves_mid_stream_is_billed_what_it_was_sent(
 async def test_a_failed_native_attempt_falls_back_to_a_translated_one(
     gw: Gateway, ant: FakeAnthropic, fake_openai: FakeOpenAI
 ) -> None:
-    msg = await claude(gw).messages.create(**sdk("native-first"))
+    msg = await claude(gw).messages.create(**sdk_args("native-first"))
     assert ant.seen[-1].body == asked("claude-fail")  # the first attempt: passed through
     assert fake_openai.seen[-1].path == "/v1/chat/completions"  # the fallback: translated
     assert fake_openai.seen[-1].body["model"] == "upstream-model"
@@ -185,7 +190,7 @@ async def test_output_guardrails_make_the_request_go_translated(
         "policies": [{"name": "default", "detectors": [{"use": "secrets", "output": "redact"}]}]
     }
     gw = await start_gateway(config(fake_openai.url, ant.url, guardrails=guardrails))
-    msg = await claude(gw).messages.create(**sdk("claude-thinking"))
+    msg = await claude(gw).messages.create(**sdk_args("claude-thinking"))
     sent = ant.seen[-1].body
     assert "top_k" not in sent and "thinking" not in sent  # chat, translated to Anthropic's
     assert [b.type for b in msg.content] == ["text"]  # the thinking block does not survive chat
@@ -260,6 +265,48 @@ async def test_responses_to_a_server_without_the_api_are_translated(
     assert fake_openai.seen[-1].path == "/v1/chat/completions"
     assert [item.type for item in resp.output] == ["message"]
     assert resp.output_text == "".join(WORDS)
+
+
+# -- with keys, tiers and the database ------------------------------------------------
+
+OF_TENANT = "FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1"
+ROWS = f"SELECT e.endpoint, e.prompt_tokens, e.completion_tokens, e.details {OF_TENANT}"
+
+
+async def test_the_tier_cap_applies_and_usage_rows_and_stored_responses_are_kept(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    ant: FakeAnthropic,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    base = billing_config(fake_openai.url)
+    cfg = config(fake_openai.url, ant.url, base)
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    tenant, key = await tenant_with_key(pg, tmp_path, "pro")  # max_tokens 4096
+    sdk = claude(gw)
+    sdk.api_key = key["api_key"]
+    await sdk.messages.create(**{**sdk_args("claude-thinking"), "max_tokens": 8000})
+    assert ant.seen[-1].body["max_tokens"] == 4096  # the tier's cap, in Messages' own name
+    openai_sdk = gw.sdk(api_key=key["api_key"])
+    resp = await openai_sdk.responses.create(model="gpt-native", input="Say hello")
+    assert fake_openai.seen[-1].body["max_output_tokens"] == 4096  # none asked: the cap
+    kept = await openai_sdk.responses.retrieve(resp.id)  # stored here, not upstream
+    assert kept.output_text == resp.output_text and kept.output[0].type == "reasoning"
+    await wait_for(pg, f"SELECT count(*) {OF_TENANT}", tenant, expect=2)
+    rows = [dict(r) for r in await pg.fetch(ROWS + " ORDER BY e.endpoint", tenant)]
+    for row in rows:
+        row["details"] = orjson.loads(row["details"])
+    assert rows == [
+        {"endpoint": "messages", "prompt_tokens": 1240, "completion_tokens": 25, "details": CACHE},
+        {
+            "endpoint": "responses",
+            "prompt_tokens": 1200,
+            "completion_tokens": 30,
+            "details": {"cached_tokens": 1024, "reasoning_tokens": 12},
+        },
+    ]
 
 
 # -- the pieces ----------------------------------------------------------------------
