@@ -18,6 +18,8 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from tests import fakes_responses
+
 WORDS = ["Hello", " from", " the", " fake", " provider", "."]
 FAKE_USAGE = {"prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17}
 
@@ -51,6 +53,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses)
         self._runner = web.AppRunner(app, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -183,6 +186,12 @@ class FakeOpenAI:
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnected.set()
             raise
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API (``tests.fakes_responses``)."""
+        body = await self._record(request)
+        special = await self._special(body["model"])
+        return special if special is not None else await fakes_responses.serve(request, body)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)

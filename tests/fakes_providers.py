@@ -96,8 +96,10 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 class FakeAnthropic(FakeServer):
     """``POST /v1/messages``. Models: ``claude-<fixture>`` serves the fixture;
-    ``claude-overloaded`` answers 529; ``claude-held`` streams ``text.sse``
-    but stops after the first event until ``release`` is set."""
+    ``claude-overloaded`` answers 529, ``claude-fail`` 500 ``api_error``;
+    ``claude-held`` streams ``text.sse`` but stops after the first event
+    until ``release`` is set; ``claude-heldtext`` streams ``thinking.sse``
+    and stops after its first text delta."""
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
@@ -111,7 +113,14 @@ class FakeAnthropic(FakeServer):
         if name == "badrequest":
             err = {"type": "invalid_request_error", "message": "messages: field required"}
             return _json({"type": "error", "error": err}, status=400)
+        if name == "fail":
+            err = {"type": "api_error", "message": "Internal server error"}
+            return _json({"type": "error", "error": err}, status=500)
         if body.get("stream"):
+            if name == "heldtext":
+                raw = fixture("anthropic", "thinking.sse")
+                at = raw.index(b"\n\n", raw.index(b"text_delta")) + 1
+                return await self.send_sse(request, raw, at)
             if name == "held":
                 raw = fixture("anthropic", "text.sse")
                 return await self.send_sse(request, raw, raw.index(b"\n\n") + 2)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -84,6 +85,11 @@ class ProviderConfig:
     # Why a provider is unusable (e.g. its key's env var is empty), else None.
     disabled_reason: str | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    # ``kind: openai`` only: whether the upstream serves OpenAI's Responses
+    # API (``POST /responses``), so the Responses door may pass requests
+    # through to it. Default: only for OpenAI itself (api.openai.com);
+    # OpenAI-compatible servers mostly lack it, so they opt in.
+    responses: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +223,7 @@ def _provider(name: str, node: Node, raw: Any) -> ProviderConfig:
             "api_version",
             "default_max_tokens",
             "breaker",
+            "responses",
         )
     )
     if "kind" not in m:
@@ -252,7 +259,16 @@ def _provider(name: str, node: Node, raw: Any) -> ProviderConfig:
         ),
         disabled_reason=disabled,
         breaker=_breaker(m["breaker"]) if "breaker" in m else BreakerPolicy(),
+        responses=_responses(kind, base_url, m),
     )
+
+
+def _responses(kind: str, base_url: str, m: Mapping[str, Node]) -> bool:
+    if "responses" not in m:
+        return kind == "openai" and urlsplit(base_url).hostname == "api.openai.com"
+    if kind != "openai":
+        raise m["responses"].fail("is only for providers of kind 'openai'")
+    return m["responses"].boolean()
 
 
 _MODEL_KEYS = (

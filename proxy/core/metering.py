@@ -128,7 +128,11 @@ class StreamMeter:
         return self._payloads
 
     def delivered_text(self) -> str:
-        return text_of_payloads(self._payloads)
+        return self.text_of(self._payloads)
+
+    def text_of(self, payloads: list[bytes]) -> str:
+        """The answer text these ``payloads`` (some of ``payloads``) carry."""
+        return text_of_payloads(payloads)
 
     def reported(self) -> Usage | None:
         """The provider's usage when it can be trusted without counting

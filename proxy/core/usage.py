@@ -52,3 +52,19 @@ def usage_from_openai(obj: Any) -> Usage | None:
         source="provider",
         details=details,
     )
+
+
+def usage_from_responses(obj: Any) -> Usage | None:
+    """Read an OpenAI Responses API ``usage`` object (``input_tokens``,
+    ``output_tokens`` and their details; cached tokens are part of the
+    input, as chat's prompt tokens include them); None when absent."""
+    if not isinstance(obj, dict):
+        return None
+    return usage_from_openai(
+        {
+            "prompt_tokens": obj.get("input_tokens"),
+            "completion_tokens": obj.get("output_tokens"),
+            "prompt_tokens_details": obj.get("input_tokens_details"),
+            "completion_tokens_details": obj.get("output_tokens_details"),
+        }
+    )

@@ -6,6 +6,12 @@ calls ``to_chat`` on the client's body, ``prepare`` once the caller is
 known, runs the chat request, hands the answer to ``reply`` (JSON) or to the
 ``stream()`` translation (SSE), and calls ``finish`` when it settles.
 
+Passed through: an attempt whose provider speaks the door's API (its
+``name``; ``Provider.speaks``) sends ``native_body`` instead, the client's
+own body, and the answer goes back as the provider sent it
+(``native_reply``; ``native_stream``, metered by ``native_meter``); see
+``proxy.doors.native``. ``original`` keeps the body ``to_chat`` was given.
+
 Errors: the front middleware renders every ``GatewayError`` on a door's path
 with the door's ``error`` (Anthropic's clients expect Anthropic's error shape
 and statuses, from the key check on).
@@ -18,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from proxy.core.errors import GatewayError
+from proxy.core.metering import StreamMeter
+from proxy.doors.native import PassThrough
 from proxy.stages.base import DoorStream, Exchange
 from proxy.stores.responses import ResponseStore
 
@@ -39,6 +47,7 @@ class FrontDoor(ABC):
     def __init__(self, request_id: str, services: DoorServices | None = None) -> None:
         self.request_id = request_id
         self.services = services or NO_SERVICES
+        self.original: dict[str, Any] = {}  # the client's body, as ``to_chat`` got it
 
     @abstractmethod
     def to_chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
@@ -59,6 +68,22 @@ class FrontDoor(ABC):
         """At settle, before the usage is written; awaited, so what it keeps
         exists before the client sees the end of the answer. Must not raise."""
         return None
+
+    @abstractmethod
+    def native_body(self, model: str, limit: int | None) -> dict[str, Any]: ...
+
+    def native_reply(self, body: bytes) -> bytes:
+        return body
+
+    @abstractmethod
+    def native_meter(self) -> StreamMeter: ...
+
+    def native_stream(self) -> DoorStream:
+        return PassThrough(self.native_error)
+
+    @abstractmethod
+    def native_error(self, exc: GatewayError, sent: int) -> bytes:
+        """The API's error event for ``exc`` after ``sent`` events."""
 
     @classmethod
     def error(cls, exc: GatewayError) -> tuple[int, bytes]:

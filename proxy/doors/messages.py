@@ -9,13 +9,12 @@ the one every version since 2023-06-01 reads).
 
 What chat cannot carry, and so is lost on the way to a non-Anthropic
 provider: ``top_k``, ``thinking`` (and thinking blocks in the history),
-server tools, documents, images inside a ``tool_result``. To an Anthropic
-target the original body goes upstream as it came (``native``; see
-``proxy.providers.anthropic``), so nothing of the request is lost there. On
-the way back every answer passes through chat (the cache, the guardrails and
-the meter read chat): thinking blocks, citations and which stop sequence
-matched (``stop_sequence`` is always null; ``stop_reason`` is ``end_turn``)
-do not survive it.
+server tools, documents, images inside a ``tool_result``; on the way back,
+thinking blocks, citations and which stop sequence matched. An attempt to
+an Anthropic provider passes the request through instead (``native_body``:
+the client's body, model and capped ``max_tokens`` rewritten) and the
+client gets Anthropic's answer as it was sent, unless a stage changed the
+request or needs the answer in chat (``Exchange.passthrough``).
 
 Usage: chat's ``prompt_tokens`` includes cached tokens, Anthropic's
 ``input_tokens`` excludes them; the split in ``prompt_tokens_details``
@@ -34,8 +33,11 @@ import orjson
 
 from proxy.core import tokens
 from proxy.core.errors import GatewayError, InvalidRequest
+from proxy.core.metering import StreamMeter
 from proxy.core.sse import event_data
 from proxy.doors.base import DoorServices, FrontDoor
+from proxy.doors.native import NativeMeter
+from proxy.providers.anthropic import native_usage
 from proxy.providers.translated import positive_int
 
 Json = dict[str, Any]
@@ -489,6 +491,45 @@ def anthropic_status(status: int) -> tuple[int, str]:
     return status, _ERROR_TYPES.get(status, "invalid_request_error")
 
 
+class MessagesMeter(NativeMeter):
+    """Anthropic's own events: usage from ``message_start`` (the input, the
+    cache reads and writes) and ``message_delta`` (cumulative: replaces);
+    the answer ends at ``message_stop``; text, thinking and tool input
+    deltas are the delivered text."""
+
+    MARKERS = (b'"usage"', b'"message_stop"')
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._raw: Json = {}
+
+    def read(self, obj: Json) -> None:
+        kind = obj.get("type")
+        if kind == "message_stop":
+            self.done = True
+            return
+        if kind == "message_start":
+            msg = obj.get("message")
+            found = msg.get("usage") if isinstance(msg, dict) else None
+        else:
+            found = obj.get("usage")
+        if isinstance(found, dict):
+            self._raw.update({k: v for k, v in found.items() if isinstance(v, int)})
+            self.usage = native_usage(self._raw)
+
+    def text(self, obj: Json) -> str:
+        if obj.get("type") != "content_block_delta":
+            return ""
+        delta = obj.get("delta")
+        if not isinstance(delta, dict):
+            return ""
+        for key in ("text", "thinking", "partial_json"):
+            value = delta.get(key)
+            if isinstance(value, str):
+                return value
+        return ""
+
+
 class MessagesDoor(FrontDoor):
     name: ClassVar[str] = "messages"
     path: ClassVar[str] = "/v1/messages"
@@ -498,7 +539,21 @@ class MessagesDoor(FrontDoor):
         self.message_id = "msg_" + request_id.removeprefix("req_")
 
     def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.original = body
         return to_chat(body)
+
+    def native_body(self, model: str, limit: int | None) -> dict[str, Any]:
+        body = {**self.original, "model": model}
+        if limit is not None:
+            body["max_tokens"] = limit
+        return body
+
+    def native_meter(self) -> StreamMeter:
+        return MessagesMeter()
+
+    def native_error(self, exc: GatewayError, sent: int) -> bytes:
+        _, body = self.error(exc)
+        return b"event: error\ndata: " + body + b"\n\n"
 
     def reply(self, body: bytes) -> bytes:
         chat = orjson.loads(body)

@@ -30,12 +30,12 @@ from proxy.core.trace import NO_SPAN
 from proxy.pipeline.hold import held
 from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, TRACE, Runtime
 from proxy.pipeline.snapshot import Snapshot
-from proxy.providers.base import GENERATIVE, Call, Endpoint
+from proxy.providers.base import GENERATIVE, Call, Endpoint, Reply
 from proxy.stages import parse, relay
 from proxy.stages.admit import budget, key_limits
 from proxy.stages.admit.billing import Admission, ratelimit_headers, tier_of
 from proxy.stages.base import Door, Exchange
-from proxy.stages.forward.attempts import Forwarded, forward
+from proxy.stages.forward.attempts import Forwarded, Native, forward
 from proxy.stages.route import RoutePlan, fit
 from proxy.stages.settle import access_log
 
@@ -207,17 +207,34 @@ async def handle(
         await settle(rt, snapshot, ex)
 
 
+def native(ex: Exchange) -> Native | None:
+    """The request as the door's client sent it, for attempts to a provider
+    that speaks the door's API: unless a stage changed it or must see the
+    answer in chat (``Exchange.passthrough``). Its completion limit is the
+    chat body's as admission capped it."""
+    door = ex.door
+    if door is None or not ex.passthrough:
+        return None
+    limits = [
+        v for k in ("max_tokens", "max_completion_tokens") if isinstance(v := ex.body.get(k), int)
+    ]
+    limit = min(limits) if limits else None
+    return Native(door.name, lambda model: door.native_body(model, limit))
+
+
 async def forward_and_relay(
     rt: Runtime, snapshot: Snapshot, ex: Exchange, plan: RoutePlan
 ) -> web.StreamResponse:
     """forward → relay: the provider's answer, streamed or whole, to the client."""
     record, trace = ex.record, ex.trace
     call = Call(ex.endpoint, ex.body, plan.public_model, record.stream, record.request_id)
-    done = await held(ex, forward(rt.upstreams, snapshot, plan, call, record, trace))
+    done = await held(ex, forward(rt.upstreams, snapshot, plan, call, record, trace, native(ex)))
     record.provider, record.provider_model = done.target.provider.name, done.target.model
     record.served_model = done.target.public
     record.attempts = done.attempts
     headers = _served_headers(ex, done)
+    if done.native and ex.door is not None:
+        return await _relay_native(rt, ex, ex.door, done, headers)
     if done.stream is not None:
         ex.meter = StreamMeter(parse.wants_usage(ex.body), parse.choices(ex.body))
         record.progress = ex.meter  # the crash journal checkpoints what it delivered
@@ -240,6 +257,32 @@ async def forward_and_relay(
         reply = stage.on_reply(ex, settings, reply)
     ex.reply = reply
     return await relay.reply(reply, headers, record, ex.body, done.target.model, ex.door)
+
+
+async def _relay_native(
+    rt: Runtime, ex: Exchange, door: Door, done: Forwarded, headers: dict[str, str]
+) -> web.StreamResponse:
+    """The answer in the door's own API, as the provider sent it: no stage
+    hook sees it (``passthrough`` said none needs to), the door's meter
+    bills it."""
+    record = ex.record
+    if done.stream is not None:
+        ex.meter = record.progress = door.native_meter()
+        return await relay.stream(
+            ex.request,
+            done.stream,
+            ex.meter,
+            headers,
+            record,
+            ex.started,
+            rt.lifecycle,
+            (),
+            door.native_stream(),
+        )
+    assert done.reply is not None
+    got = done.reply
+    ex.reply = reply = Reply(door.native_reply(got.body), got.usage, got.status, got.headers)
+    return await relay.reply(reply, headers, record, ex.body, done.target.model)
 
 
 async def settle(rt: Runtime, snapshot: Snapshot, ex: Exchange) -> None:

@@ -37,8 +37,8 @@ from proxy.core.errors import (
     UpstreamStreamBroken,
 )
 from proxy.core.sse import DONE, data_event, event_data
-from proxy.core.usage import usage_from_openai
-from proxy.providers import http
+from proxy.core.usage import Usage, usage_from_openai
+from proxy.providers import http, native
 from proxy.providers.anthropic_translate import (
     Json,
     finish_reason,
@@ -46,7 +46,7 @@ from proxy.providers.anthropic_translate import (
     to_anthropic,
     usage_json,
 )
-from proxy.providers.base import Call, Reply
+from proxy.providers.base import Call, Reply, UpstreamStream
 from proxy.providers.translated import (
     TranslatingProvider,
     chat_id,
@@ -206,6 +206,12 @@ def anthropic_error(
     )
 
 
+def native_usage(usage: Any) -> Usage | None:
+    """An Anthropic ``usage`` object as the gateway's (cache reads and writes
+    are prompt tokens, split out in the details)."""
+    return usage_from_openai(usage_json(usage))
+
+
 def messages_url(base_url: str) -> str:
     # Both "https://api.anthropic.com" and ".../v1" are common in configs.
     return base_url + ("/messages" if base_url.endswith("/v1") else "/v1/messages")
@@ -248,3 +254,20 @@ class AnthropicProvider(TranslatingProvider):
             endpoint=call.endpoint,
         )
         return Reply(body=orjson.dumps(out), usage=usage_from_openai(out.get("usage")))
+
+    # The Messages front door, passed through (``proxy.providers.native``).
+
+    def speaks(self, api: str) -> bool:
+        return api == "messages"
+
+    async def native_complete(self, call: Call) -> Reply:
+        resp = await native.send(
+            self._session, self.config, self._url, self._headers, call, self.error
+        )
+        return await native.reply(resp, self.config, call, native_usage)
+
+    async def native_stream(self, call: Call) -> UpstreamStream:
+        resp = await native.send(
+            self._session, self.config, self._url, self._headers, call, self.error
+        )
+        return native.NativeStream(resp, self.config, call.timeouts)

@@ -56,6 +56,10 @@ class Call:
     # Sent to the provider with this attempt (its W3C traceparent, when
     # tracing propagates); None: nothing more.
     trace_headers: dict[str, str] | None = None
+    # A front door's API (``messages``, ``responses``) when ``body`` is the
+    # client's own body in that API, for a provider that ``speaks`` it
+    # (``native_complete`` / ``native_stream``); None: OpenAI's shapes.
+    api: str | None = None
 
 
 @dataclass(slots=True)
@@ -109,3 +113,19 @@ class Provider(ABC):
 
     @abstractmethod
     async def stream(self, call: Call) -> UpstreamStream: ...
+
+    def speaks(self, api: str) -> bool:
+        """Whether the provider serves the front-door API ``api`` itself, so
+        a request made in it can go upstream as the client sent it."""
+        return False
+
+    async def native_complete(self, call: Call) -> Reply:
+        """``call.body`` (in ``call.api``) to the provider's own endpoint
+        for it; the reply's body is the provider's, as it answered."""
+        raise NotImplementedError(f"provider '{self.name}' does not speak {call.api}")
+
+    async def native_stream(self, call: Call) -> UpstreamStream:
+        """As ``native_complete``, streamed: whole SSE events of the API's
+        own, as the provider sent them; an ``error`` event raises
+        ``UpstreamStreamBroken`` (before it, the events are yielded)."""
+        raise NotImplementedError(f"provider '{self.name}' does not speak {call.api}")

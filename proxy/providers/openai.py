@@ -21,10 +21,10 @@ import orjson
 
 from proxy.config.model import ProviderConfig, Timeouts
 from proxy.core import redact
-from proxy.core.errors import UpstreamStreamBroken, UpstreamUnavailable
+from proxy.core.errors import GatewayError, UpstreamStreamBroken, UpstreamUnavailable
 from proxy.core.sse import IncompleteEvent, event_data, iter_event_batches
-from proxy.core.usage import usage_from_openai
-from proxy.providers import http, paths
+from proxy.core.usage import usage_from_openai, usage_from_responses
+from proxy.providers import http, native, paths
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
 
 _PATHS = {
@@ -171,6 +171,38 @@ class OpenAIProvider(Provider):
 
     async def stream(self, call: Call) -> UpstreamStream:
         return OpenAIStream(await self._send(call), self.config, call.timeouts)
+
+    # The Responses front door, passed through (``proxy.providers.native``)
+    # to an upstream configured as serving it (``responses``).
+
+    def speaks(self, api: str) -> bool:
+        return api == "responses" and self.config.responses
+
+    async def _send_native(self, call: Call) -> aiohttp.ClientResponse:
+        body = {k: v for k, v in call.body.items() if k not in _GATEWAY_FIELDS}
+        call = Call(
+            call.endpoint,
+            body,
+            call.model,
+            call.stream,
+            call.request_id,
+            call.timeouts,
+            call.token_limit,
+            call.trace_headers,
+            call.api,
+        )
+        url = self.config.base_url + "/responses"
+        return await native.send(self._session, self.config, url, self._headers, call, self._error)
+
+    def _error(self, status: int, body: bytes, headers: Any) -> GatewayError:
+        return http.openai_error(status, body, headers, self.config)
+
+    async def native_complete(self, call: Call) -> Reply:
+        resp = await self._send_native(call)
+        return await native.reply(resp, self.config, call, usage_from_responses)
+
+    async def native_stream(self, call: Call) -> UpstreamStream:
+        return native.NativeStream(await self._send_native(call), self.config, call.timeouts)
 
 
 class AzureProvider(OpenAIProvider):

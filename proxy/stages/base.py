@@ -127,6 +127,11 @@ class Exchange:
     # endpoint's own API: whatever answers the request (the relay, a cache
     # hit) hands its chat-shaped answer to it to translate.
     door: Door | None = None
+    # False: a stage changed the request (guardrails' input rewrite, a
+    # stored conversation) or must see the answer in chat shape (output
+    # checks, a cache keeping it), so a front door's request may not go as
+    # the client sent it to a provider that speaks the door's API.
+    passthrough: bool = True
 
     @property
     def scope(self) -> str:
@@ -176,6 +181,29 @@ class Door(Protocol):
     async def finish(self, ex: Exchange) -> None:
         """At settle, awaited before the client sees the answer end: keep
         what the door's API keeps (a stored response). Never raises."""
+        ...
+
+    # Passed through, to a provider that speaks the door's API (its ``name``):
+
+    def native_body(self, model: str, limit: int | None) -> dict[str, Any]:
+        """The client's own body for such a provider: ``model`` the
+        provider's, ``limit`` (the completion limit as the gateway capped
+        it; None: as sent) under the API's own parameter name."""
+        ...
+
+    def native_reply(self, body: bytes) -> bytes:
+        """Such a provider's non-stream answer, as the client gets it
+        (unchanged; the door may keep what it needs of it)."""
+        ...
+
+    def native_meter(self) -> StreamMeter:
+        """The meter of such a provider's stream, in the API's own events:
+        their usage, and the text delivered when the stream is cut."""
+        ...
+
+    def native_stream(self) -> DoorStream:
+        """Such a provider's events to the client, unchanged; its ``fail``
+        is the API's own error event."""
         ...
 
 

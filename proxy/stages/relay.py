@@ -98,7 +98,8 @@ async def stream(
             if not meter.complete():
                 raise UpstreamStreamBroken("The provider ended the stream before it was complete.")
             tail = meter.end()
-            await resp.write(tail if door is None else door.feed(tail))
+            if tail:
+                await resp.write(tail if door is None else door.feed(tail))
     except GatewayError as exc:
         record.fail(exc)
         # A guardrail's block: the safe text it held and a content_filter finish go first.

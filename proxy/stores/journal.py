@@ -46,7 +46,7 @@ import orjson
 
 from proxy.config.tiers import Price
 from proxy.core import tokens
-from proxy.core.metering import StreamMeter, text_of_payloads
+from proxy.core.metering import StreamMeter
 from proxy.core.pricing import price_usage
 from proxy.core.record import UsageRecord
 from proxy.core.usage import Usage
@@ -200,7 +200,7 @@ def _checkpoint(entry: _Entry) -> dict[str, Any]:
         entry.seen += len(new)
         if new:
             model = record.provider_model or str(entry.opened.get("m") or "")
-            entry.completion += tokens.count_text(text_of_payloads(new), model)
+            entry.completion += tokens.count_text(meter.text_of(new), model)
     if entry.prompt is None:
         endpoint, model = record.endpoint, record.provider_model or record.public_model or ""
         entry.prompt = tokens.count_prompt(entry.body, endpoint, model)

@@ -49,6 +49,8 @@ class ResponseCacheStage(Stage):
         ex.headers.update(found.headers())
         if found.entry is None:
             ex.notes[self.name] = found
+            if found.key is not None:  # the answer is to be kept, in chat
+                ex.passthrough = False
             return None
         usage_chunk = parse.wants_usage(ex.body)
         return await serve_hit(

@@ -44,7 +44,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.config.model import Config, Timeouts
 from proxy.core.errors import (
@@ -87,12 +87,23 @@ class Upstreams:
     gate: ProviderGate | None = None  # provider limits (rpm, tpm, concurrency), set at start
 
 
+@dataclass(frozen=True, slots=True)
+class Native:
+    """The client's own request in a front door's API (``api``: the door's
+    name), for each attempt whose provider speaks that API; ``body`` makes
+    it for the target's provider model."""
+
+    api: str
+    body: Callable[[str], dict[str, Any]]
+
+
 @dataclass(slots=True)
 class Forwarded:
     target: Target
     attempts: int
     reply: Reply | None = None
     stream: UpstreamStream | None = None
+    native: bool = False  # the answer is in the door's API, as the provider sent it
 
 
 async def forward(
@@ -102,12 +113,16 @@ async def forward(
     call: Call,
     record: UsageRecord,
     trace: Span = NO_SPAN,
+    native: Native | None = None,
 ) -> Forwarded:
     """``call`` is the request as the client made it; each attempt rewrites
     its model and timeouts for the target. ``record`` gets every attempt,
-    ``trace`` (the request's span) a child span per attempt."""
+    ``trace`` (the request's span) a child span per attempt. ``native``: the
+    request as a front door's client sent it, which an attempt whose
+    provider speaks that API sends instead of ``call``'s chat body (the
+    decision is per attempt: a fallback to another provider is translated)."""
     health = await upstreams.breakers.health([t.key for t in plan.targets])
-    return await _Run(upstreams, snapshot, plan, call, record, health, trace).walk()
+    return await _Run(upstreams, snapshot, plan, call, record, health, trace, native).walk()
 
 
 class _Run:
@@ -122,6 +137,7 @@ class _Run:
         record: UsageRecord,
         health: dict[str, Health],
         trace: Span,
+        native: Native | None,
     ) -> None:
         self.ups, self.snapshot, self.plan = ups, snapshot, plan
         self.call, self.record, self.health = call, record, health
@@ -134,6 +150,7 @@ class _Run:
         self.last_4xx: ProviderHTTPError | None = None
         self.refused: GatewayError | None = None  # a provider limit said no
         self.out_of_time = False
+        self.native = native
 
     async def walk(self) -> Forwarded:
         while self.attempts < self.plan.retry.max_attempts:
@@ -181,15 +198,17 @@ class _Run:
         breaker = self.health.get(target.key, "closed")
         span = self.trace.attempt(entry, target.provider.kind, self.attempts - 1, breaker)
         c = self.call  # built field by field: dataclasses.replace costs more
+        native = self.native if self.native and provider.speaks(self.native.api) else None
         call = Call(
             c.endpoint,
-            c.body,
+            c.body if native is None else native.body(target.model),
             target.model,
             c.stream,
             c.request_id,
             self._timeouts(target),
             target.token_limit,
             span.carrier(),
+            None if native is None else native.api,
         )
         slot = self.ups.inflight.enter(target.key, permit.release if permit else None)
         started = time.monotonic()
@@ -234,9 +253,12 @@ class _Run:
 
     async def _complete(self, provider: Provider, call: Call, target: Target) -> Forwarded:
         # Bounded by the attempt's ClientTimeout (``_timeouts``), no timer of our own.
-        reply = await provider.complete(call)
+        if call.api is None:
+            reply = await provider.complete(call)
+        else:
+            reply = await provider.native_complete(call)
         self.record.attempt_log[-1].status = reply.status
-        return Forwarded(target, self.attempts, reply=reply)
+        return Forwarded(target, self.attempts, reply=reply, native=call.api is not None)
 
     async def _open_stream(
         self, provider: Provider, call: Call, target: Target, slot: Slot
@@ -244,7 +266,10 @@ class _Run:
         budget = min(target.timeouts.first_byte, self.deadline - time.monotonic())
         try:
             async with asyncio.timeout(budget):
-                upstream = await provider.stream(call)
+                if call.api is None:
+                    upstream = await provider.stream(call)
+                else:
+                    upstream = await provider.native_stream(call)
                 batches, first = await _first_batch(upstream, target.provider.name)
         except TimeoutError:
             raise UpstreamTimeout(
@@ -252,7 +277,7 @@ class _Run:
             ) from None
         self.record.attempt_log[-1].status = 200
         guarded = GuardedStream(upstream, batches, first, slot, lambda e: self._report(target, e))
-        return Forwarded(target, self.attempts, stream=guarded)
+        return Forwarded(target, self.attempts, stream=guarded, native=call.api is not None)
 
     async def _failed(self, target: Target, exc: GatewayError) -> None:
         await self._report(target, exc)

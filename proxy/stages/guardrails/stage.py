@@ -66,6 +66,8 @@ class GuardrailsStage(Stage):
         if policy is None:
             return None
         guarded = ex.notes[self.name] = Guarded(policy, Scan())
+        if policy.input or policy.output:
+            ex.passthrough = False  # the request as checked, the answer checked: in chat
         if policy.input:
             rewrite_request(ex.body, lambda text: guarded.scan.apply(text, policy.input, "input"))
         if policy.output or (policy.restore and guarded.scan.originals):

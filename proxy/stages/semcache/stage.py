@@ -154,6 +154,7 @@ class SemanticCacheStage(Stage):
         found = await self._lookup(store, ex.scope, asked.namespace, vector)
         if found is None or found.similarity < rule.threshold:
             ex.notes[self.name] = Pending(ex.scope, asked.namespace, vector, rule.ttl_s)
+            ex.passthrough = False  # the answer is to be kept, in chat
             similarity = None if found is None else found.similarity
             self._result(ex, "miss", embed_s=embed_s, similarity=similarity)
             return None
