@@ -132,3 +132,33 @@ async def test_spool_is_replayed_through_pgbouncer(
     await wait_for(pg, EVENTS, tenant, expect=6, limit=15)
     await until(lambda: ledger.spool.depth() == 0 and ledger.healthy, limit=10)
     assert await pg.fetchval(EVENTS + " AND e.counted", tenant) == 6
+
+
+async def test_the_setting_is_what_makes_asyncpg_work_through_pgbouncer(
+    bouncer: PgBouncer,
+) -> None:
+    """Why the README asks for it: a statement prepared in one transaction
+    is used in a later one that PgBouncer runs on another backend (the first
+    is busy in another client's transaction). With asyncpg's statement cache
+    that backend has never seen it; with ``statement_cache_size=0`` on the
+    URL it works."""
+
+    async def round_trip(url: str) -> None:
+        first = await asyncpg.connect(**pgdsn.options(url))
+        second = await asyncpg.connect(**pgdsn.options(url))
+        try:
+            assert await first.fetchval("SELECT $1::int + 1", 1) == 2  # on backend X
+            busy = second.transaction()
+            await busy.start()  # second now holds X
+            await second.fetchval("SELECT 1")
+            try:
+                assert await first.fetchval("SELECT $1::int + 1", 2) == 3  # on backend Y
+            finally:
+                await busy.rollback()
+        finally:
+            await first.close()
+            await second.close()
+
+    with pytest.raises(asyncpg.PostgresError, match="prepared statement"):
+        await round_trip(bouncer.url.replace("?statement_cache_size=0", ""))
+    await round_trip(bouncer.url)
