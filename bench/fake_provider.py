@@ -245,6 +245,14 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def otlp_sink(request: web.Request) -> web.Response:
+    """An OTLP/HTTP trace receiver that accepts and discards (the tracing
+    targets of run.py and instructions.py export here): an empty body is an
+    ``ExportTraceServiceResponse`` with nothing rejected."""
+    await request.read()
+    return web.Response(body=b"", content_type="application/x-protobuf")
+
+
 def build_app(
     chunks: int = 20,
     chunk_delay_ms: float = 0.0,
@@ -259,6 +267,7 @@ def build_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/traces", otlp_sink)
     return app
 
 

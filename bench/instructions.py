@@ -175,12 +175,21 @@ def _git(*args: str) -> str:
 
 
 def write_config(
-    path: Path, port: int, provider_port: int, billing: bool, budgets: bool = False
+    path: Path,
+    port: int,
+    provider_port: int,
+    billing: bool,
+    budgets: bool = False,
+    trace_ratio: float | None = None,
 ) -> Path:
     """``run.py``'s YAML for its ``tollway`` or ``tollway_billing`` target, the
     billing tier with ``run.BUDGETS_YAML`` (USD budgets) when ``budgets``: only
-    keys the revision accepts (``prepare``'s ``check-config`` proves it)."""
+    keys the revision accepts (``prepare``'s ``check-config`` proves it).
+    ``trace_ratio``: ``run.TRACE_YAML``, traces sampled at that ratio and
+    exported to the fake provider's OTLP sink."""
     yaml = run.TOLLWAY_YAML.format(port=port, provider_port=provider_port) + SLOW_TIMERS_YAML
+    if trace_ratio is not None:
+        yaml += run.TRACE_YAML.format(provider_port=provider_port, ratio=trace_ratio)
     tier = run.BILLING_YAML.replace("<budgets>", run.BUDGETS_YAML if budgets else "")
     path.write_text(yaml + (tier if billing else "auth: none\n"))
     return path
@@ -398,7 +407,9 @@ def run_repeat(
             continue
         port = run._free_port()
         name = f"{'billing' if billing else 'pass'}-{revision.commit}.yaml"
-        config = write_config(workdir / name, port, provider_port, billing, revision.budgets)
+        config = write_config(
+            workdir / name, port, provider_port, billing, revision.budgets, args.tracing
+        )
         gateway = Gateway(revision, config, port, workdir)
         try:
             key = revision.api_key if billing else "sk-bench"
@@ -494,6 +505,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="USD budgets on the billing tier: where the revision accepts them, always, never",
     )
+    p.add_argument(
+        "--tracing",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="traces on, sampled at RATIO (0..1), exported to the fake provider's OTLP sink",
+    )
     p.add_argument("--json", type=Path, help="also write the samples here")
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.repeats < 1:
@@ -546,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- method: {args.requests} requests per scenario after {args.warmup} unmeasured, "
         f"one at a time, {args.prompt_kb:g} KB chat history, {args.repeats} fresh gateway(s) "
         f"per revision; instructions of the gateway process (callgrind Ir), less its idle "
-        f"rate (over {args.idle_s:g} s) times the window\n"
+        f"rate (over {args.idle_s:g} s) times the window; tracing: "
+        f"{'off' if args.tracing is None else f'on, sample ratio {args.tracing:g}'}\n"
     )
     print(table(rows(samples), revisions))
     if args.json:

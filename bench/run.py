@@ -166,6 +166,16 @@ prices:
 """
 
 
+# Traces at a sample ratio, exported to the fake provider's OTLP sink
+# (accepts and discards, on loopback): what tracing costs a request.
+TRACE_YAML = """\
+tracing:
+  enabled: true
+  endpoint: http://127.0.0.1:{provider_port}/v1/traces
+  sample_ratio: {ratio}
+"""
+
+
 def _tollway_serve(
     name: str,
     extra_yaml: str = "",
@@ -173,6 +183,7 @@ def _tollway_serve(
     base: bool = False,
     semcache: bool = False,
     budgets: bool = True,
+    trace_ratio: float | None = None,
 ) -> Callable[[Env, int], list[str]]:
     """``tollway serve`` with TOLLWAY_YAML plus ``extra_yaml``, files named after
     the target. ``billing``: ``BILLING_YAML`` on the run's Postgres and Redis,
@@ -180,11 +191,14 @@ def _tollway_serve(
     ``--base-rev`` (before/after in one run). ``semcache``: the semantic
     cache's table in the run's Postgres (``SEMANTIC_CACHE_DATABASE_URL``).
     ``budgets``: the billing tier has USD budgets (never for ``base``,
-    whose config may predate them)."""
+    whose config may predate them). ``trace_ratio``: ``TRACE_YAML`` at
+    that sample ratio."""
 
     def argv(env: Env, port: int) -> list[str]:
         config = env.workdir / f"{name}.yaml"
         yaml = TOLLWAY_YAML.format(port=port, provider_port=env.provider_port) + extra_yaml
+        if trace_ratio is not None:
+            yaml += TRACE_YAML.format(provider_port=env.provider_port, ratio=trace_ratio)
         billing_yaml = BILLING_YAML.replace(
             "<budgets>", BUDGETS_YAML if budgets and not base else ""
         )
@@ -350,6 +364,18 @@ TARGETS = [
         "tollway_billing_base",
         _tollway_serve("tollway_billing_base", billing=True, base=True),
         _needs_base_dsn,
+        tollway=True,
+    ),
+    # Traces sampled at 1% and at 100% (TRACE_YAML): against ``tollway``, the
+    # cost of tracing per request.
+    Target(
+        "tollway_trace_1pct",
+        _tollway_serve("tollway_trace_1pct", trace_ratio=0.01),
+        tollway=True,
+    ),
+    Target(
+        "tollway_trace_100pct",
+        _tollway_serve("tollway_trace_100pct", trace_ratio=1.0),
         tollway=True,
     ),
     Target("tollway_cache", _tollway_serve("tollway_cache", CACHE_YAML), tollway=True),

@@ -317,3 +317,28 @@ def test_tracing_section_is_strict(section: dict[str, Any], error: str) -> None:
     text = yaml.safe_dump({**gateway_config("http://127.0.0.1:9"), "tracing": section})
     with pytest.raises(ConfigError, match=re.escape(error)):
         parse_config(text, {})
+
+
+async def test_a_malformed_traceparent_starts_a_new_trace_at_the_ratio(
+    receiver: OtlpReceiver,
+    start_gateway: StartGateway,
+    fake_a: FaultyOpenAI,
+    fake_b: FaultyOpenAI,
+) -> None:
+    """Sampling is decided before the SDK (``UnsampledSpan`` for the rest):
+    a traceparent that does not parse is no decision, so the ratio decides,
+    with 1.0 a recorded new trace, with 0 an unsampled one whose attempts
+    still get their own span ids."""
+    bad = {"traceparent": "00-not-a-trace-01"}
+    gw = await start_gateway(config(fake_a, fake_b, tracing=tracing(receiver, sample_ratio=1.0)))
+    status, headers, _ = await chat(gw, "backup", bad)
+    assert status == 200 and sampled(headers["traceparent"])
+    await root_of(receiver, trace_of(headers["traceparent"])[0])
+
+    quiet = await start_gateway(config(fake_a, fake_b, tracing=tracing(receiver, sample_ratio=0)))
+    status, headers, _ = await chat(quiet, "backup", bad)
+    assert status == 200 and not sampled(headers["traceparent"])
+    trace_id, span_id = trace_of(headers["traceparent"])
+    upstream = fake_b.seen[-1].headers["traceparent"]
+    assert trace_of(upstream)[0] == trace_id and trace_of(upstream)[1] != span_id
+    assert not sampled(upstream)

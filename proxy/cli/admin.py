@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 
 from proxy.config.model import Config
-from proxy.stores import accounts, apikeys, migrate, semantic_cache, webhooks
+from proxy.stores import accounts, apikeys, migrate, pgdsn, semantic_cache, webhooks
 from proxy.stores import embedded as datastores
 from proxy.stores.events import WEBHOOK_TYPES
 from proxy.web.admin import rate_limit
@@ -145,7 +145,9 @@ def actor() -> str:
 
 
 async def _with_pool(fn: Any) -> Any:
-    pool = await asyncpg.create_pool(datastores.database_url(), min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(
+        **pgdsn.options(datastores.database_url()), min_size=1, max_size=2
+    )
     assert pool is not None
     try:
         await migrate.check(pool)
@@ -212,7 +214,7 @@ async def _purge(pool: asyncpg.Pool, tenant: str, model: str | None) -> Any:
     own = os.environ.get("SEMANTIC_CACHE_DATABASE_URL")
     if not own:
         return await semantic_cache.purge_tenant(pool, pool, tenant, model)
-    conn = await asyncpg.connect(own, timeout=5)
+    conn = await asyncpg.connect(**pgdsn.options(own), timeout=5)
     try:
         return await semantic_cache.purge_tenant(pool, conn, tenant, model)
     finally:
@@ -245,7 +247,7 @@ class Demo:
 
 async def ensure_demo(dsn: str, config: Config, hasher: apikeys.KeyHasher) -> Demo:
     """On an empty database, create the demo tenant and one demo key."""
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    pool = await asyncpg.create_pool(**pgdsn.options(dsn), min_size=1, max_size=1)
     assert pool is not None
     try:
         if await pool.fetchval("SELECT count(*) FROM tenants"):

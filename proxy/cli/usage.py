@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from proxy.stores import analytics, migrate
+from proxy.stores import analytics, migrate, pgdsn
 from proxy.stores import embedded as datastores
 
 
@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _report(query: analytics.UsageQuery) -> list[dict[str, Any]]:
-    pool = await asyncpg.create_pool(datastores.database_url(), min_size=1, max_size=1)
+    pool = await asyncpg.create_pool(
+        **pgdsn.options(datastores.database_url()), min_size=1, max_size=1
+    )
     assert pool is not None
     try:
         await migrate.check(pool)

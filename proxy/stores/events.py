@@ -41,6 +41,7 @@ import asyncpg
 import orjson
 
 from proxy.core.tasks import TaskGroup
+from proxy.stores import pgdsn
 from proxy.stores.pgwait import UNAVAILABLE, DatabaseDown
 
 log = logging.getLogger("tollway.events")
@@ -271,7 +272,7 @@ class EventLog:
         whatever was announced while the connection was down."""
         while not self._closed:
             try:
-                conn = await asyncpg.connect(self._dsn, timeout=5)
+                conn = await asyncpg.connect(**pgdsn.options(self._dsn), timeout=5)
             except UNAVAILABLE as exc:
                 log.warning("events: cannot open the LISTEN connection (%s); retrying", exc)
                 await asyncio.sleep(_RECONNECT_S)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import asyncpg
 
+from proxy.stores import pgdsn
+
 _LOCK_ID = 0x70_11_3A_7  # advisory lock key: "tollway migrate"
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -51,7 +53,7 @@ async def _applied(conn: asyncpg.Connection) -> set[int]:
 
 async def migrate(dsn: str) -> list[str]:
     """Apply pending migrations; return the names applied."""
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(**pgdsn.options(dsn))
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
         try:

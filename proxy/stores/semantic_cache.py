@@ -27,6 +27,7 @@ import asyncpg
 from pgvector.asyncpg import register_vector
 
 from proxy.core.usage import Usage
+from proxy.stores import pgdsn
 from proxy.stores.accounts import AccountError
 
 POOL_SIZE = 4
@@ -47,7 +48,7 @@ async def _init(conn: asyncpg.Connection) -> None:
 async def open_pool(dsn: str, connect_timeout: float = 2.0) -> asyncpg.Pool:
     """Its own pool: the vector codec on each connection, short statements."""
     pool = await asyncpg.create_pool(
-        dsn,
+        **pgdsn.options(dsn),
         min_size=1,
         max_size=POOL_SIZE,
         timeout=connect_timeout,

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from proxy.config.tiers import Tier
 from proxy.core.errors import Conflict, GatewayError, InvalidRequest, NotFound
-from proxy.stores import accounts, analytics, semantic_cache
+from proxy.stores import accounts, analytics, pgdsn, semantic_cache
 from proxy.web.keys import BILLING, CONFIG
 
 ACTOR = "admin-api"
@@ -219,7 +219,7 @@ async def purge_semantic_cache(request: web.Request) -> web.Response:
     own = os.environ.get("SEMANTIC_CACHE_DATABASE_URL")
     if not own:
         return _json(await semantic_cache.purge_tenant(pool, pool, tenant, model))
-    conn = await asyncpg.connect(own, timeout=5)
+    conn = await asyncpg.connect(**pgdsn.options(own), timeout=5)
     try:
         return _json(await semantic_cache.purge_tenant(pool, conn, tenant, model))
     finally:

@@ -14,7 +14,7 @@ from proxy.config.budgets import MICROS
 from proxy.config.tiers import BillingPolicy
 from proxy.stages.admit.billing import Billing, new_worker_id
 from proxy.stages.auth import Authenticator, KeyCache
-from proxy.stores import apikeys, migrate
+from proxy.stores import apikeys, migrate, pgdsn
 from proxy.stores import journal as journals
 from proxy.stores.budgets import BudgetBook
 from proxy.stores.journal import Journal
@@ -35,6 +35,7 @@ class BillingOptions:
     pool_size: int = POOL_SIZE  # Postgres connections per worker, at most
     # asyncpg's prepared-statement cache; 0 behind PgBouncer in transaction
     # pooling mode (before 1.21), where a statement may meet another backend.
+    # A ``statement_cache_size`` on the URL wins (``proxy.stores.pgdsn``).
     statement_cache_size: int = STATEMENT_CACHE
 
     @classmethod
@@ -53,13 +54,14 @@ async def open_pool(opts: BillingOptions, connect_timeout: float = 2.0) -> async
     """The pool: every new connection within ``connect_timeout`` (asyncpg's
     default is 60 s), every statement within 10 s (the request path bounds
     its own waits tighter, see ``pgwait``)."""
+    dsn, on_url = pgdsn.split(opts.database_url)
     pool = await asyncpg.create_pool(
-        opts.database_url,
+        dsn,
         min_size=1,
         max_size=opts.pool_size,
         timeout=connect_timeout,
         command_timeout=10,
-        statement_cache_size=opts.statement_cache_size,
+        statement_cache_size=opts.statement_cache_size if on_url is None else on_url,
     )
     assert pool is not None
     return pool

@@ -21,6 +21,7 @@ from aiohttp import web
 from proxy.core.events import NoEvents
 from proxy.stages.settle.events import EventSettings, EventsStage
 from proxy.stages.settle.webhook_delivery import Deliverer
+from proxy.stores import pgdsn
 from proxy.stores.events import EventLog
 from proxy.stores.pgwait import UNAVAILABLE
 from proxy.web.keys import CONFIG, DELIVERER, EVENTS, HTTP, TASKS
@@ -43,7 +44,11 @@ def events_ctx(database_url: str | None) -> Callable[[web.Application], AsyncIte
             yield
             return
         pool = await asyncpg.create_pool(
-            database_url, min_size=1, max_size=POOL_SIZE, timeout=5, command_timeout=10
+            **pgdsn.options(database_url),
+            min_size=1,
+            max_size=POOL_SIZE,
+            timeout=5,
+            command_timeout=10,
         )
         assert pool is not None
         events = EventLog(pool, database_url)

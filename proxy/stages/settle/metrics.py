@@ -42,6 +42,7 @@ TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, INF)
 SIMILARITY_BUCKETS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0, INF)
 EMBEDDING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, INF)
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
+BUDGET_THRESHOLDS = (50, 80, 100)  # the levels sql/0005_budgets.sql announces
 # How the workers' gauges combine into the instance's (counters always add up).
 GAUGE_MERGE = {
     "tollway_breaker_state": max,
@@ -178,6 +179,14 @@ class Metrics:
             gauge.set({}, 0)
         for result in ("success", "failure"):
             self.reloads.set({"result": result}, 0)
+        # Every budget-alert series exists from the start at 0: Prometheus's
+        # increase() cannot see a first crossing that creates its series at 1,
+        # so an alert rule on it (deploy/prometheus/alerts.yml) would never fire.
+        for scope in ("tenant", "key"):
+            for span in ("month", "day"):
+                for threshold in BUDGET_THRESHOLDS:
+                    labels = {"scope": scope, "span": span, "threshold": str(threshold)}
+                    self.budget_alerts.set(labels, 0)
         self._models: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {}
         self.targets: dict[str, None] = {}  # target keys seen, for the breaker gauge
         # The request path only adds to these dicts (about 1 µs, against some

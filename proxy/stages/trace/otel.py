@@ -1,10 +1,16 @@
 """``proxy.core.trace`` on the OpenTelemetry SDK, exported over OTLP/HTTP.
 
 Each ``OtelTracer`` owns its own ``TracerProvider`` (never the process-wide
-global one: a test or an embedding app keeps its own) with a ratio sampler
-that follows the client's sampling decision when a ``traceparent`` came in,
-and a batch processor whose thread sends protobuf to the collector, so the
-event loop never waits on the export.
+global one: a test or an embedding app keeps its own) and a batch processor
+whose thread sends protobuf to the collector, so the event loop never waits
+on the export.
+
+Sampling is decided before the SDK is asked: a new trace is sampled at
+``sample_ratio``, and a client's ``traceparent`` keeps its own decision. A
+request not sampled gets an ``UnsampledSpan``: its trace id and span ids for
+the ``traceparent`` headers, and no SDK span at all. Non-recording SDK spans
+for each step cost about a quarter of a pass-through request's instructions
+(bench/RESULTS.md, "Tracing"), far more than the 1% that is recorded.
 
 The attributes are OpenTelemetry's GenAI semantic conventions where one
 exists (``gen_ai.*``), HTTP's for statuses, and ``tollway.*`` for the rest.
@@ -14,6 +20,7 @@ counts; never a prompt, a completion or a key.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Mapping, MutableMapping
 from types import TracebackType
@@ -23,7 +30,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -38,8 +45,10 @@ _OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "
 class OtelTracer:
     def __init__(self, settings: TraceSettings) -> None:
         self.settings = settings
+        # What reaches the SDK is sampled (``request`` decided); a sampled
+        # client parent stays sampled through ParentBased's defaults.
         self.provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+            sampler=ParentBased(ALWAYS_ON),
             resource=Resource.create({"service.name": settings.service_name}),
         )
         exporter = OTLPSpanExporter(
@@ -51,11 +60,19 @@ class OtelTracer:
         )
         self.tracer = self.provider.get_tracer("tollway")
 
-    def request(self, endpoint: str, headers: Mapping[str, str]) -> OtelSpan:
+    def request(self, endpoint: str, headers: Mapping[str, str]) -> OtelSpan | UnsampledSpan:
+        context = _PROPAGATOR.extract(headers) if "traceparent" in headers else None
+        parent = None if context is None else otel.get_current_span(context).get_span_context()
+        if parent is None or not parent.is_valid:  # a new trace
+            if random.random() >= self.settings.sample_ratio:
+                return UnsampledSpan(self.settings.propagate, _new_id(128), _new_id(64))
+            context = None
+        elif not parent.trace_flags.sampled:  # the client's decision
+            return UnsampledSpan(self.settings.propagate, parent.trace_id, _new_id(64))
         operation = _OPERATIONS.get(endpoint, endpoint)
         span = self.tracer.start_span(
             operation,
-            context=_PROPAGATOR.extract(headers),
+            context=context,
             kind=SpanKind.SERVER,
             attributes={"gen_ai.operation.name": operation},
         )
@@ -152,6 +169,58 @@ class OtelSpan:
             self._span.set_attribute("error.type", kind.__name__)
             self._span.set_status(Status(StatusCode.ERROR, kind.__name__))
         self.end()
+
+
+def _new_id(bits: int) -> int:
+    """A random trace (128 bits) or span (64 bits) id; never 0, which W3C forbids."""
+    return random.getrandbits(bits) or 1
+
+
+class UnsampledSpan:
+    """A request that is not recorded: ids for its ``traceparent`` headers
+    (flags 00, so providers and the client see it was not sampled), nothing
+    else. Its steps are itself; each upstream attempt gets its own span id."""
+
+    __slots__ = ("_propagate", "_span", "_trace")
+
+    def __init__(self, propagate: bool, trace: int, span: int) -> None:
+        self._propagate, self._trace, self._span = propagate, trace, span
+
+    @property
+    def trace_id(self) -> str:
+        return format(self._trace, "032x")
+
+    def child(self, name: str) -> UnsampledSpan:
+        return self
+
+    def attempt(self, entry: AttemptRecord, system: str, retry: int, breaker: str) -> UnsampledSpan:
+        return UnsampledSpan(self._propagate, self._trace, _new_id(64))
+
+    def carrier(self) -> dict[str, str] | None:
+        return {"traceparent": self.traceparent()} if self._propagate else None
+
+    def traceparent(self) -> str:
+        return f"00-{self._trace:032x}-{self._span:016x}-00"
+
+    def stamp(self, headers: MutableMapping[str, str]) -> None:
+        headers["traceparent"] = self.traceparent()
+
+    def finish(self, record: UsageRecord) -> None:
+        return None
+
+    def end(self) -> None:
+        return None
+
+    def __enter__(self) -> UnsampledSpan:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
 
 
 def _operation(span: otel.Span) -> str:
