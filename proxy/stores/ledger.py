@@ -140,11 +140,29 @@ def _rollup(table: str, at: str, when: str) -> str:
     RETURNING 1"""
 
 
+def _tenant_rollup() -> str:
+    """The upsert of ``usage_tenant_daily``: the daily sums per tenant alone
+    (what an unfiltered ``group_by=day`` report reads), from the same rows."""
+    return f"""
+    INSERT INTO usage_tenant_daily AS u (day, tenant_id, {", ".join(_ROLLUP_SUMS)})
+    SELECT (now() AT TIME ZONE 'UTC')::date, r.tenant_id,
+           count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
+           sum(r.prompt_tokens), sum(r.completion_tokens),
+           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
+           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)
+    FROM rows r JOIN ins USING (period, event_id)
+    WHERE r.tenant_id IS NOT NULL
+    GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (tenant_id, day) DO UPDATE
+    SET {", ".join(f"{c} = u.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
+    RETURNING 1"""
+
+
 # One statement per batch. Only the rows it inserts (``ins``) move anything:
 # the quota counters, the budget counters (spend of every tenant and key, per
-# month and per UTC day, in micro-dollars rounded up per row) and the daily
-# and monthly rollups (by the day and month the row is written, those of its
-# created_at).
+# month and per UTC day, in micro-dollars rounded up per row) and the daily,
+# monthly and per-tenant daily rollups (by the day and month the row is
+# written, those of its created_at).
 # It returns what the statements after it need: ``q`` rows (quota leases to
 # shrink), ``b`` rows (budget leases to shrink), ``a`` rows (budgets that
 # crossed an alert threshold in this batch).
@@ -194,10 +212,11 @@ WITH rows AS (
 ), rolled_monthly AS ({
     _rollup("usage_monthly", "month", "date_trunc('month', now() AT TIME ZONE 'UTC')::date")
 }
+), rolled_tenant AS ({_tenant_rollup()}
 )
 SELECT 'q' AS kind, worker_id, tenant_id, NULL::text AS subject, NULL::text AS span, period,
        ln AS a, lt AS b, (SELECT count(*) FROM counters) + (SELECT count(*) FROM rolled)
-       + (SELECT count(*) FROM rolled_monthly) AS c
+       + (SELECT count(*) FROM rolled_monthly) + (SELECT count(*) FROM rolled_tenant) AS c
 FROM agg WHERE ln > 0
 UNION ALL
 SELECT 'b', worker_id, NULL, subject, span, period, sum(micros), 0, 0
