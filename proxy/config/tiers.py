@@ -54,6 +54,9 @@ class Tier:
     monthly_tokens: int | None
     max_tokens: int
     models: tuple[str, ...] = ("*",)
+    # Per end user (OpenAI's ``user`` field) of each key, in the key's windows.
+    user_requests_per_hour: int | None = None
+    user_tokens_per_minute: int | None = None
     budgets: Budgets = field(
         default_factory=Budgets
     )  # USD budgets, micro-dollars (proxy.config.budgets)
@@ -126,6 +129,8 @@ _TIER_KEYS = (
     "monthly_tokens",
     "max_tokens",
     "models",
+    "user_requests_per_hour",
+    "user_tokens_per_minute",
     *BUDGET_KEYS,
 )
 
@@ -159,6 +164,12 @@ def _tier(name: str, raw: Any) -> Tier:
         monthly_tokens=_limit(raw.get("monthly_tokens"), f"{path}.monthly_tokens"),
         max_tokens=max_tokens,
         models=tuple(models),
+        user_requests_per_hour=_limit(
+            raw.get("user_requests_per_hour"), f"{path}.user_requests_per_hour"
+        ),
+        user_tokens_per_minute=_limit(
+            raw.get("user_tokens_per_minute"), f"{path}.user_tokens_per_minute"
+        ),
         budgets=tier_budgets(raw, path),
     )
 

@@ -75,11 +75,12 @@ async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
         )
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
-    verdict = await key_limits.admit(rt.permits or rt.limiter, ex.config, admission)
+    limiter = rt.permits or rt.limiter
+    verdict = await key_limits.admit(limiter, ex.config, admission, ex.record.end_user)
     if verdict is not None:
         ex.notes["rate"] = verdict
         if not verdict.admitted:
-            raise key_limits.refused(verdict, ex.who.key_prefix)
+            raise key_limits.refused(verdict, ex.who.key_prefix, ex.record.end_user)
 
 
 def asked_limit(body: dict[str, object]) -> int:
