@@ -256,6 +256,18 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::bigint[])
 WHERE l.worker_id = d.worker_id AND l.subject = d.subject AND l.span = d.span
   AND l.period = d.period
 """
+# Both in one round trip when a batch moved both kinds of lease (a tier with
+# quotas and USD budgets: most batches), so budgets add no statement per
+# flush. Both come after all the counters; no transaction locks a lease row
+# before a counter row, so the order between the two tables cannot deadlock.
+_SETTLE_BOTH_LEASES = f"""
+WITH quota AS ({_SETTLE_LEASES.strip()} RETURNING 1)
+UPDATE budget_leases l SET micros = greatest(0, l.micros - d.m)
+FROM unnest($6::text[], $7::text[], $8::text[], $9::date[], $10::bigint[])
+     AS d(worker_id, subject, span, period, m)
+WHERE l.worker_id = d.worker_id AND l.subject = d.subject AND l.span = d.span
+  AND l.period = d.period
+"""
 # Each threshold is announced once: the row is locked by this transaction.
 _ALERTED = """
 UPDATE budget_counters b SET alerted = tollway_budget_level(b.used_micros, b.limit_micros)
@@ -345,15 +357,19 @@ async def write_batch(
             for r in out
             if r["kind"] == "q"
         ]
-        if quota:
-            await conn.execute(_SETTLE_LEASES, *(list(x) for x in zip(*quota, strict=True)))
         spent = [
             (r["worker_id"], r["subject"], r["span"], r["period"], r["a"])
             for r in out
             if r["kind"] == "b"
         ]
-        if spent:
-            await conn.execute(_SETTLE_BUDGET_LEASES, *(list(x) for x in zip(*spent, strict=True)))
+        q_args = [list(x) for x in zip(*quota, strict=True)]
+        b_args = [list(x) for x in zip(*spent, strict=True)]
+        if quota and spent:
+            await conn.execute(_SETTLE_BOTH_LEASES, *q_args, *b_args)
+        elif quota:
+            await conn.execute(_SETTLE_LEASES, *q_args)
+        elif spent:
+            await conn.execute(_SETTLE_BUDGET_LEASES, *b_args)
         crossed = [r for r in out if r["kind"] == "a"]
         if crossed:
             await conn.execute(
