@@ -37,7 +37,7 @@ from proxy.config.reader import ConfigError, Glob, Node, compile_glob
 from proxy.core.principal import Principal
 from proxy.stages.guardrails import blocklist, moderation
 from proxy.stages.guardrails.detectors import BUILTIN, GROUPS
-from proxy.stages.guardrails.view import Span, View
+from proxy.stages.guardrails.view import DIGIT, RUNS, Span, View
 
 ACTIONS = ("block", "redact", "log", "off")
 _TOP = ("enabled", "policies")
@@ -66,12 +66,18 @@ class Rule:
     action: str
 
 
+Gate = tuple[str, ...]  # a text may hold a match only if it holds one of these
+
+
 class Rules(tuple[Rule, ...]):
     """One direction's rules, grouped by their detectors' ``gate`` (a
     substring every match holds; "" for none) once at load, so a text
-    without ``@`` or ``-`` skips whole groups without a call per detector."""
+    without ``@`` or ``-`` skips whole groups without a call per detector.
+    A group whose members all have ``hints`` is gated by their hints instead
+    (``sk-``, ``tw-``, ``xox`` rather than any ``-``): prose is full of
+    hyphens and capital A's, rarely of key prefixes."""
 
-    groups: tuple[tuple[str, tuple[tuple[int, Rule], ...]], ...]
+    groups: tuple[tuple[Gate, tuple[tuple[int, Rule], ...]], ...]
 
     def __new__(cls, rules: Iterable[Rule]) -> Rules:
         self = super().__new__(cls, tuple(rules))
@@ -79,11 +85,18 @@ class Rules(tuple[Rule, ...]):
         return self
 
 
-def gate_groups(rules: tuple[Rule, ...]) -> tuple[tuple[str, tuple[tuple[int, Rule], ...]], ...]:
+def gate_groups(rules: tuple[Rule, ...]) -> tuple[tuple[Gate, tuple[tuple[int, Rule], ...]], ...]:
     by_gate: dict[str, list[tuple[int, Rule]]] = {}
     for i, rule in enumerate(rules):
         by_gate.setdefault(getattr(rule.finder, "gate", ""), []).append((i, rule))
-    return tuple((gate, tuple(members)) for gate, members in by_gate.items())
+    out = []
+    for gate, members in by_gate.items():
+        needles: Gate = (gate,)
+        hints = [getattr(rule.finder, "hints", ()) for _, rule in members]
+        if gate not in ("", DIGIT, RUNS) and all(hints):
+            needles = tuple(dict.fromkeys(h for group in hints for h in group))
+        out.append((needles, tuple(members)))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from proxy.stages.guardrails import validators
-from proxy.stages.guardrails.view import DIGIT, Span, View
+from proxy.stages.guardrails.view import DIGIT, RUNS, Span, View
 
 EMAIL_LOCAL = 64  # characters of an address's local part, at most
 
@@ -30,7 +30,9 @@ class Detector:
     validator: Callable[[str], bool] | None = None
     hints: tuple[str, ...] = ()  # a match contains one of these (empty: always run)
     where: str = "anywhere"  # or "digits", "iban", "at", "hint" (a match starts with one)
-    gate: str = ""  # a substring in every match (view.DIGIT: a digit), checked once per text
+    # A substring in every match, checked once per text (view.DIGIT: a digit;
+    # view.RUNS: a run of digits).
+    gate: str = ""
 
     def find(self, text: str, view: View | None = None) -> list[Span]:
         # Called for every text and detector: plain loops, no generators,
@@ -119,7 +121,9 @@ def _d(
     where: str = "anywhere",
     gate: str = "",
 ) -> Detector:
-    gate = gate or (DIGIT if where in ("digits", "iban") else hints[0] if len(hints) == 1 else "")
+    if not gate:
+        gate = RUNS if where == "digits" else DIGIT if where == "iban" else ""
+        gate = gate or (hints[0] if len(hints) == 1 else "")
     return Detector(name, category, label, re.compile(pattern), validator, hints, where, gate)
 
 

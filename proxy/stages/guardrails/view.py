@@ -28,6 +28,7 @@ _SHAPE = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"0" * 10 + b"
 
 Window = tuple[int, int]
 DIGIT = "0-9"  # the gate of detectors whose every match holds a digit (any digit)
+RUNS = "0000"  # the gate of detectors that match only inside a run of digits (``runs``)
 
 # Zero-width and other invisible format characters that render as nothing.
 INVISIBLE = frozenset(
