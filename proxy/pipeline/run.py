@@ -213,6 +213,8 @@ async def forward_and_relay(
         )
     assert done.reply is not None
     reply = done.reply
+    for stage, settings in snapshot.hooks.answer:
+        reply = await stage.on_answer(ex, settings, reply)
     for stage, settings in snapshot.hooks.reply:
         reply = stage.on_reply(ex, settings, reply)
     ex.reply = reply

@@ -18,6 +18,7 @@
             - name: moderation                              # a moderation model
               moderation: {model: omni-moderation-latest, mode: parallel, fail: closed}
               input: block                                  # see ``moderation``
+              output: block                                 # the answer too
 
 Actions per direction (``input``: the prompt, ``output``: the answer):
 ``block``, ``redact``, ``log``, ``off`` (the default). A blocklist file has
@@ -175,7 +176,7 @@ def _policy(node: Node) -> Policy:
         input=rules_in,
         output=rules_out,
         hold_back=max(128, 2 * longest),
-        moderation=next((c for c in checks if c.action != "off"), None),
+        moderation=checks[0] if checks else None,
     )
 
 
