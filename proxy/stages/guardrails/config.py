@@ -67,16 +67,16 @@ class Rule:
     action: str
 
 
-Gate = tuple[str, ...]  # a text may hold a match only if it holds one of these
+# A group's gate: a substring every match holds ("": none; view.DIGIT,
+# view.RUNS: digits), then, when every member has hints, those hints (a
+# match holds one of them): ``-`` in prose is common, ``sk-`` or ``tw-`` rare.
+Gate = tuple[str, tuple[str, ...]]
 
 
 class Rules(tuple[Rule, ...]):
-    """One direction's rules, grouped by their detectors' ``gate`` (a
-    substring every match holds; "" for none) once at load, so a text
-    without ``@`` or ``-`` skips whole groups without a call per detector.
-    A group whose members all have ``hints`` is gated by their hints instead
-    (``sk-``, ``tw-``, ``xox`` rather than any ``-``): prose is full of
-    hyphens and capital A's, rarely of key prefixes."""
+    """One direction's rules, grouped by their detectors' ``gate`` once at
+    load, so a text without ``@`` or ``-`` (or without any of the group's
+    key prefixes) skips whole groups without a call per detector."""
 
     groups: tuple[tuple[Gate, tuple[tuple[int, Rule], ...]], ...]
 
@@ -92,11 +92,13 @@ def gate_groups(rules: tuple[Rule, ...]) -> tuple[tuple[Gate, tuple[tuple[int, R
         by_gate.setdefault(getattr(rule.finder, "gate", ""), []).append((i, rule))
     out = []
     for gate, members in by_gate.items():
-        needles: Gate = (gate,)
         hints = [getattr(rule.finder, "hints", ()) for _, rule in members]
+        needles: tuple[str, ...] = ()
         if gate not in ("", DIGIT, RUNS) and all(hints):
             needles = tuple(dict.fromkeys(h for group in hints for h in group))
-        out.append((needles, tuple(members)))
+            if needles == (gate,):
+                needles = ()
+        out.append(((gate, needles), tuple(members)))
     return tuple(out)
 
 

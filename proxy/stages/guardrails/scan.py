@@ -27,20 +27,22 @@ def hits(text: str, rules: tuple[Rule, ...]) -> list[Hit]:
     view = View(text)  # what several detectors look at, computed once
     groups = rules.groups if isinstance(rules, Rules) else gate_groups(rules)
     found: list[tuple[int, int, int, Rule]] | None = None
-    for gate, members in groups:
-        first = gate[0]
-        if first == RUNS:
-            if not view.runs():
+    for (gate, needles), members in groups:
+        if gate:
+            if gate == RUNS:
+                if not view.runs():
+                    continue
+            elif gate == DIGIT:
+                if not view.has_digit():
+                    continue
+            elif gate not in text:
                 continue
-        elif first == DIGIT:
-            if not view.has_digit():
-                continue
-        elif first:
-            for needle in gate:
-                if needle in text:
-                    break
-            else:
-                continue
+            elif needles:
+                for needle in needles:
+                    if needle in text:
+                        break
+                else:
+                    continue
         for i, rule in members:
             spans = rule.finder.find(text, view)
             if spans:
