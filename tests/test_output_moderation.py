@@ -123,6 +123,9 @@ async def test_a_flagged_whole_answer_is_a_400_and_a_clean_one_passes(
     assert "model's answer" in err["message"] and "'safety'" in err["message"]
     assert "violence" in err["message"] and "kaboom" not in err["message"]
     assert provider.moderated[-1] == [FLAGGED]
+    chat_rows = [r for r in gw.settler.records if r.endpoint == "chat"]
+    # The provider answered (and bills it): the refused answer is billed too.
+    assert chat_rows[-1].usage.completion_tokens == 5
     verdicts = gw.settler.records[-1].extra["guardrails"]
     assert {"guardrail": "safety", "detector": "moderation", "category": "violence",
             "action": "block", "direction": "output", "count": 1} in verdicts  # fmt: skip

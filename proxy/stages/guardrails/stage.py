@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config.model import Config
+from proxy.core.errors import ContentFiltered
 from proxy.core.tasks import TaskGroup
 from proxy.providers.base import Reply
 from proxy.stages.base import ChunkFilter, Exchange, Moderator, Services, Stage
@@ -123,6 +124,7 @@ class GuardrailsStage(Stage):
             check, self.moderator, joined, ex.record, guarded.scan, "output"
         )
         if refused is not None:
+            _bill_refused(ex, reply)
             raise refused
         return reply
 
@@ -133,7 +135,11 @@ class GuardrailsStage(Stage):
         policy, scan = guarded.policy, guarded.scan
         if not policy.output and not (policy.restore and scan.originals):
             return reply
-        body = rewrite_reply(reply.body, lambda text: _answer(scan, policy, text))
+        try:
+            body = rewrite_reply(reply.body, lambda text: _answer(scan, policy, text))
+        except ContentFiltered:
+            _bill_refused(ex, reply)
+            raise
         return reply if body is None else Reply(body, reply.usage, reply.status, reply.headers)
 
     def on_stream(self, ex: Exchange, settings: GuardrailSettings) -> ChunkFilter | None:
@@ -164,6 +170,13 @@ def _output_check(guarded: object, ex: Exchange) -> moderation.ModerationCheck |
         return None
     check = guarded.policy.moderation
     return check if check is not None and check.output != "off" else None
+
+
+def _bill_refused(ex: Exchange, reply: Reply) -> None:
+    """A refused answer was still generated (and billed by the provider): its
+    usage stays on the record, as for an answer a parallel check refused."""
+    if reply.usage is not None:
+        ex.record.usage = reply.usage
 
 
 def _answer(scan: Scan, policy: Policy, text: str) -> str:
