@@ -14,6 +14,7 @@ import yaml
 
 from proxy.config.model import ConfigError
 from proxy.pipeline.registry import parse_config
+from proxy.web.admin import rate_limit
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI
@@ -111,6 +112,13 @@ async def test_end_user_tokens_per_minute_refuse_as_tokens(
         assert "tokens per min (TPM) per end user: Limit 300" in body["error"]["message"]
         assert 0 < int(headers["retry-after"]) <= 61
         assert (await _chat(s, gw, key["api_key"], user="u-2"))[0] == 200
+
+
+def test_a_keys_rate_limit_shows_the_end_user_limits() -> None:
+    cfg = {**billing_config("http://127.0.0.1:9/v1"), "tiers": TIERS}
+    tiers = parse_config(yaml.safe_dump(cfg), {}).tiers
+    shown = rate_limit(tiers["per-user"])  # what `keys create` and the admin API print
+    assert shown["user_requests_per_hour"] == 3 and shown["user_tokens_per_minute"] is None
 
 
 @pytest.mark.parametrize("name", ["user_requests_per_hour", "user_tokens_per_minute"])
