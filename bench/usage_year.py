@@ -2,8 +2,9 @@
 
 Fills ``usage_daily`` (with COPY) for one large tenant — a row per day x key
 x served model, 365 x 50 x 10 by default — and for smaller neighbours that
-share the table, and ``usage_monthly`` from it (as migration 0006 backfills
-it; the ledger keeps both in one statement), then times ``proxy.stores.analytics.report`` (what the
+share the table, and ``usage_monthly`` and ``usage_tenant_daily`` from it (as
+migrations 0006 and 0010 backfill them; the ledger keeps all three in one
+statement), then times ``proxy.stores.analytics.report`` (what the
 endpoint and ``tollway usage`` run, through an asyncpg pool, so prepared
 statements and their plan cache behave as in the gateway) for a year of the
 large tenant, grouped each way the rollups answer, and filtered by a key and
@@ -59,6 +60,14 @@ SELECT date_trunc('month', d.day)::date, d.tenant_id, d.key_id, d.public_model, 
        sum(d.completion_tokens), sum(d.cached_tokens), sum(d.reasoning_tokens),
        sum(d.cost_usd), sum(d.unpriced)
 FROM usage_daily d GROUP BY 1, 2, 3, 4, 5, 6
+"""
+# Migration 0010's backfill: the per-tenant daily rollups of the daily ones.
+TENANT_DAILY = """
+INSERT INTO usage_tenant_daily
+SELECT d.day, d.tenant_id, sum(d.requests), sum(d.errors), sum(d.cache_hits),
+       sum(d.prompt_tokens), sum(d.completion_tokens), sum(d.cached_tokens),
+       sum(d.reasoning_tokens), sum(d.cost_usd), sum(d.unpriced)
+FROM usage_daily d GROUP BY 1, 2
 """
 
 
@@ -122,10 +131,12 @@ async def bench(url: str, args: argparse.Namespace) -> None:
         for i in range(args.neighbours):
             await fill(pool, f"neighbour-{i}", 10, 5)
         await pool.execute(MONTHLY)
+        await pool.execute(TENANT_DAILY)
         # Settled days are vacuumed (autovacuum's insert threshold), so the
         # tenant's covering index answers with an index-only scan.
         await pool.execute("VACUUM ANALYZE usage_daily")
         await pool.execute("VACUUM ANALYZE usage_monthly")
+        await pool.execute("VACUUM ANALYZE usage_tenant_daily")
         total = await pool.fetchval("SELECT count(*) FROM usage_daily")
         months = await pool.fetchval("SELECT count(*) FROM usage_monthly")
         print(

@@ -202,6 +202,8 @@ async def test_a_secret_in_a_reply_is_redacted_and_a_blocked_reply_is_a_400(
             model="fake-m", messages=[{"role": "user", "content": "hi"}]
         )
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "content_filter"
+    # The provider generated (and bills) the refused answer: so is the caller.
+    assert gw.settler.records[-1].usage.completion_tokens == 5
 
 
 def splits(text: str) -> list[list[str]]:

@@ -297,12 +297,13 @@ async def test_the_moderations_endpoint_checks_its_input(start_gateway: StartGat
 @pytest.mark.parametrize(
     ("entry", "error"),
     [
-        ({"moderation": {}, "output": "block"}, "detectors[0].output: moderation reads prompts"),
+        ({"moderation": {}, "output": "redact"}, "detectors[0].output: moderation's action must"),
+        ({"moderation": {}}, "detectors[0]: input/output: give moderation an action"),
         ({"moderation": {"thresholds": {"violense": 0.5}}, "input": "block"}, "violense"),
         ({"moderation": {"thresholds": {"hate": 2}}, "input": "block"}, "between 0 and 1"),
         ({"moderation": {"mode": "after"}, "input": "block"}, "mode: must be one of"),
         ({"moderation": {"fail": "maybe"}, "input": "log"}, "fail: must be 'open' or 'closed'"),
-        ({"moderation": {}, "input": "redact"}, "'block' or 'log'"),
+        ({"moderation": {}, "input": "redact"}, "'block', 'log' or 'off'"),
     ],
 )
 def test_the_moderation_section_is_strict(entry: dict[str, Any], error: str) -> None:

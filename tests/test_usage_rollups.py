@@ -72,6 +72,24 @@ INSERT INTO usage_monthly
 SELECT date_trunc('month', u.day)::date, u.tenant_id, {_MONTH_COLS}, {_MONTH_SUMS}
 FROM usage_daily u WHERE u.tenant_id = $1 GROUP BY 1, 2, 3, 4, 5, 6
 """
+# The daily rollups summed per day (every key and model), and the per-tenant
+# daily rollups; migration 0010's backfill of the latter.
+_DAY_SUMS = ", ".join(f"sum(u.{f}) AS {f}" for f in analytics.FIELDS)
+DAILY_BY_DAY = f"""
+SELECT u.day, {_DAY_SUMS}
+FROM usage_daily u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1
+GROUP BY 1 ORDER BY 1
+"""
+FROM_TENANT_DAILY = f"""
+SELECT u.day, {", ".join(f"u.{f}" for f in analytics.FIELDS)}
+FROM usage_tenant_daily u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1
+ORDER BY 1
+"""
+BACKFILL_TENANT = f"""
+INSERT INTO usage_tenant_daily
+SELECT u.day, u.tenant_id, {_DAY_SUMS}
+FROM usage_daily u WHERE u.tenant_id = $1 GROUP BY 1, 2
+"""
 
 
 def _config(fake: FakeOpenAI) -> dict[str, Any]:
@@ -150,6 +168,8 @@ async def test_rollups_equal_the_rows_after_a_mixed_run(
     assert rollups == rows
     monthly = [dict(r) for r in await pg.fetch(FROM_MONTHLY, tenant)]
     assert monthly and monthly == [dict(r) for r in await pg.fetch(DAILY_BY_MONTH, tenant)]
+    per_day = [dict(r) for r in await pg.fetch(FROM_TENANT_DAILY, tenant)]
+    assert per_day and per_day == [dict(r) for r in await pg.fetch(DAILY_BY_DAY, tenant)]
     served = {r["served_model"] for r in rollups}
     assert {"upstream-model", "fake-error-500", "fake-cut", "fake-held"} <= served
     fallback = [r for r in rollups if r["public_model"] == "fb"]
@@ -251,6 +271,7 @@ async def _synthetic_months(pg: asyncpg.Pool, tmp_path: Path) -> tuple[str, str]
     async with pg.acquire() as conn:
         await conn.copy_records_to_table("usage_daily", records=rows, columns=cols)
     await pg.execute(BACKFILL, tenant_id)
+    await pg.execute(BACKFILL_TENANT, tenant_id)
     return tenant, key["key_id"]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from proxy.config.budgets import TIER_KEYS as BUDGET_KEYS
@@ -54,6 +54,9 @@ class Tier:
     monthly_tokens: int | None
     max_tokens: int
     models: tuple[str, ...] = ("*",)
+    # Per end user (OpenAI's ``user`` field) of each key, in the key's windows.
+    user_requests_per_hour: int | None = None
+    user_tokens_per_minute: int | None = None
     budgets: Budgets = field(
         default_factory=Budgets
     )  # USD budgets, micro-dollars (proxy.config.budgets)
@@ -74,6 +77,15 @@ class Price:
     cached_prompt: Decimal | None = None
     cache_write: Decimal | None = None
     reasoning: Decimal | None = None
+    # The most one prompt / completion token may cost, in millionths of a
+    # micro-dollar (rounded up): a budget reservation's bound in integer
+    # arithmetic, made once per price instead of in Decimal per request.
+    bound_rates: tuple[int, int] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        prompt = max(self.prompt, _or(self.cache_write, self.prompt))
+        completion = max(self.completion, _or(self.reasoning, self.completion))
+        object.__setattr__(self, "bound_rates", (_pico(prompt), _pico(completion)))
 
     def cost(
         self,
@@ -102,6 +114,14 @@ def _or(value: Decimal | None, default: Decimal) -> Decimal:
     return default if value is None else value
 
 
+RATE_SCALE = 1_000_000  # bound_rates are micro-dollars per token x RATE_SCALE
+
+
+def _pico(usd_per_million: Decimal) -> int:
+    """USD per 1M tokens is micro-dollars per token; x RATE_SCALE, rounded up."""
+    return int((usd_per_million * RATE_SCALE).to_integral_value(rounding=ROUND_CEILING))
+
+
 _TIER_KEYS = (
     "requests_per_hour",
     "tokens_per_minute",
@@ -109,6 +129,8 @@ _TIER_KEYS = (
     "monthly_tokens",
     "max_tokens",
     "models",
+    "user_requests_per_hour",
+    "user_tokens_per_minute",
     *BUDGET_KEYS,
 )
 
@@ -142,6 +164,12 @@ def _tier(name: str, raw: Any) -> Tier:
         monthly_tokens=_limit(raw.get("monthly_tokens"), f"{path}.monthly_tokens"),
         max_tokens=max_tokens,
         models=tuple(models),
+        user_requests_per_hour=_limit(
+            raw.get("user_requests_per_hour"), f"{path}.user_requests_per_hour"
+        ),
+        user_tokens_per_minute=_limit(
+            raw.get("user_tokens_per_minute"), f"{path}.user_tokens_per_minute"
+        ),
         budgets=tier_budgets(raw, path),
     )
 
@@ -175,12 +203,28 @@ def _price(model: str, value: Any) -> Price:
     )
 
 
-def parse_prices(raw: Any) -> dict[str, Price]:
+class Prices(dict[str, Price]):
+    """The ``prices:`` table of one config snapshot (never changed after it
+    is read), remembering which price each model name resolved to: a name
+    that is no key is matched against every glob, which per request (admit's
+    budget bound, settle's cost) costs more than the rest of the pricing."""
+
+    __slots__ = ("found",)
+
+    def __init__(self, items: Mapping[str, Price] | None = None) -> None:
+        super().__init__(items or {})
+        self.found: dict[str, Price | None] = {}
+
+
+_FOUND_MAX = 4096  # names remembered per snapshot; providers may report any model name
+
+
+def parse_prices(raw: Any) -> Prices:
     if raw is None:
-        return {}
+        return Prices()
     if not isinstance(raw, dict):
         raise ConfigError("prices: must be a mapping of model -> {prompt, completion, ...}")
-    return {str(model): _price(str(model), value) for model, value in raw.items()}
+    return Prices({str(model): _price(str(model), value) for model, value in raw.items()})
 
 
 def price_for(prices: Mapping[str, Price], model: str | None) -> Price | None:
@@ -189,10 +233,13 @@ def price_for(prices: Mapping[str, Price], model: str | None) -> Price | None:
     found = prices.get(model)
     if found is not None:
         return found
-    for pattern, price in prices.items():
-        if glob_match(pattern, model):
-            return price
-    return None
+    memo = prices.found if isinstance(prices, Prices) else None
+    if memo is not None and model in memo:
+        return memo[model]
+    found = next((p for pattern, p in prices.items() if glob_match(pattern, model)), None)
+    if memo is not None and len(memo) < _FOUND_MAX:
+        memo[model] = found
+    return found
 
 
 def served_price(

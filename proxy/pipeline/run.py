@@ -76,11 +76,12 @@ async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
         )
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
-    verdict = await key_limits.admit(rt.permits or rt.limiter, ex.config, admission)
+    limiter = rt.permits or rt.limiter
+    verdict = await key_limits.admit(limiter, ex.config, admission, ex.record.end_user)
     if verdict is not None:
         ex.notes["rate"] = verdict
         if not verdict.admitted:
-            raise key_limits.refused(verdict, ex.who.key_prefix)
+            raise key_limits.refused(verdict, ex.who.key_prefix, ex.record.end_user)
 
 
 def asked_limit(body: dict[str, object]) -> int:
@@ -253,6 +254,8 @@ async def forward_and_relay(
         )
     assert done.reply is not None
     reply = done.reply
+    for stage, settings in snapshot.hooks.answer:
+        reply = await stage.on_answer(ex, settings, reply)
     for stage, settings in snapshot.hooks.reply:
         reply = stage.on_reply(ex, settings, reply)
     ex.reply = reply

@@ -31,6 +31,7 @@ class Hooks:
     pipeline loops over these, so an absent feature costs nothing."""
 
     request: Enabled = ()
+    answer: Enabled = ()
     reply: Enabled = ()
     stream: Enabled = ()
     settle: Enabled = ()
@@ -46,7 +47,13 @@ def hooks_for(config: Config, stages: Sequence[Stage]) -> Hooks:
     def having(hook: str) -> Enabled:
         return tuple((stage, settings) for stage, settings in on if overrides(stage, hook))
 
-    return Hooks(having("on_request"), having("on_reply"), having("on_stream"), having("on_settle"))
+    return Hooks(
+        request=having("on_request"),
+        answer=having("on_answer"),
+        reply=having("on_reply"),
+        stream=having("on_stream"),
+        settle=having("on_settle"),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,9 @@ The hooks, in the order the pipeline calls them:
   (Redis, the task group) and let it go at shutdown.
 - ``on_request(ex, settings)``: after admission, before forward. Return a
   response to answer the request without a provider.
+- ``on_answer(ex, settings, reply)`` (async): a non-stream answer as the
+  provider gave it, for checks that must await (output moderation); return
+  the reply or raise. Runs before ``on_reply``.
 - ``on_reply(ex, settings, reply)``: a non-stream answer, before the client
   has it; return the reply (changed or not).
 - ``on_stream(ex, settings)``: a stream is starting; return a
@@ -214,6 +217,20 @@ class ChunkFilter(Protocol):
         ...
 
 
+class AsyncChunkFilter:
+    """A chunk filter that must await (a moderation verdict) before it can
+    say what the client gets; the relay awaits ``feed_async`` instead of
+    calling ``feed``. A base class, not a protocol: the relay tells them
+    apart with one ``isinstance`` per read."""
+
+    async def feed_async(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> bytes:
+        """Never called by the relay; here so that it is a ``ChunkFilter`` too."""
+        raise TypeError("an AsyncChunkFilter is fed with feed_async")
+
+
 class Stage:
     """Base class: every hook is optional; only overridden ones are called."""
 
@@ -234,6 +251,9 @@ class Stage:
     async def on_request(self, ex: Exchange, settings: Any) -> web.StreamResponse | None:
         return None
 
+    async def on_answer(self, ex: Exchange, settings: Any, reply: Reply) -> Reply:
+        return reply
+
     def on_reply(self, ex: Exchange, settings: Any, reply: Reply) -> Reply:
         return reply
 
@@ -247,7 +267,7 @@ class Stage:
         return None
 
 
-HOOKS = ("on_request", "on_reply", "on_stream", "on_settle")
+HOOKS = ("on_request", "on_answer", "on_reply", "on_stream", "on_settle")
 
 
 def overrides(stage: Stage, hook: str) -> bool:

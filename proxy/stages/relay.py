@@ -31,7 +31,7 @@ from proxy.core.record import UsageRecord
 from proxy.core.sse import SSE_HEADERS, data_event
 from proxy.core.usage import Usage
 from proxy.providers.base import Reply, UpstreamStream
-from proxy.stages.base import ChunkFilter, Door, DoorStream
+from proxy.stages.base import AsyncChunkFilter, ChunkFilter, Door, DoorStream
 
 
 async def reply(
@@ -84,7 +84,11 @@ async def stream(
         async for batch in upstream.batches():
             out = meter.observe_batch(batch)
             for chunk_filter in filters:
-                out = chunk_filter.feed(out) if out else out
+                if out:
+                    if isinstance(chunk_filter, AsyncChunkFilter):
+                        out = await chunk_filter.feed_async(out)
+                    else:
+                        out = chunk_filter.feed(out)
             if door is not None and out:
                 out = door.feed(out)
             if not out:

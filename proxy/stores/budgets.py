@@ -38,6 +38,10 @@ class Limit:
     period: date  # first day of the month, or the day (UTC)
     micros: int
     label: str  # how the 429 names it: "tenant 'acme' monthly budget"
+    key: tuple[str, str, date] = field(init=False, compare=False, repr=False)  # its lease's
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.subject, self.span, self.period))
 
 
 @dataclass(slots=True)
@@ -72,11 +76,23 @@ class BudgetBook:
         self.lease_calls = 0
 
     def _lease(self, limit: Limit) -> _Lease:
-        key = (limit.subject, limit.span, limit.period)
-        lease = self._leases.get(key)
+        lease = self._leases.get(limit.key)
         if lease is None:
-            lease = self._leases[key] = _Lease()
+            lease = self._leases[limit.key] = _Lease()
         return lease
+
+    def take(self, limits: tuple[Limit, ...], micros: int, day: date) -> Hold | None:
+        """Reserve ``micros`` from the local leases alone, when every one of
+        them has room (the common case: no await, no query); None: ``admit``
+        must refill one, or refuse."""
+        leases = self._leases
+        for limit in limits:
+            lease = leases.get(limit.key)
+            if lease is None or lease.micros < micros:
+                return None
+        for limit in limits:
+            leases[limit.key].micros -= micros
+        return Hold(limits, micros, day)
 
     async def admit(self, limits: tuple[Limit, ...], micros: int, day: date) -> Hold:
         """Reserve ``micros`` from every budget in ``limits``, or none of them."""
@@ -147,7 +163,7 @@ class BudgetBook:
 
     def remaining(self, limit: Limit) -> int | None:
         """Headroom as this worker last saw it (Postgres' plus its own lease)."""
-        lease = self._leases.get((limit.subject, limit.span, limit.period))
+        lease = self._leases.get(limit.key)
         if lease is None or lease.left is None:
             return None
         return max(0, lease.left + max(0, lease.micros))

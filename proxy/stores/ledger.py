@@ -140,11 +140,29 @@ def _rollup(table: str, at: str, when: str) -> str:
     RETURNING 1"""
 
 
+def _tenant_rollup() -> str:
+    """The upsert of ``usage_tenant_daily``: the daily sums per tenant alone
+    (what an unfiltered ``group_by=day`` report reads), from the same rows."""
+    return f"""
+    INSERT INTO usage_tenant_daily AS u (day, tenant_id, {", ".join(_ROLLUP_SUMS)})
+    SELECT (now() AT TIME ZONE 'UTC')::date, r.tenant_id,
+           count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
+           sum(r.prompt_tokens), sum(r.completion_tokens),
+           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
+           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)
+    FROM rows r JOIN ins USING (period, event_id)
+    WHERE r.tenant_id IS NOT NULL
+    GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (tenant_id, day) DO UPDATE
+    SET {", ".join(f"{c} = u.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
+    RETURNING 1"""
+
+
 # One statement per batch. Only the rows it inserts (``ins``) move anything:
 # the quota counters, the budget counters (spend of every tenant and key, per
-# month and per UTC day, in micro-dollars rounded up per row) and the daily
-# and monthly rollups (by the day and month the row is written, those of its
-# created_at).
+# month and per UTC day, in micro-dollars rounded up per row) and the daily,
+# monthly and per-tenant daily rollups (by the day and month the row is
+# written, those of its created_at).
 # It returns what the statements after it need: ``q`` rows (quota leases to
 # shrink), ``b`` rows (budget leases to shrink), ``a`` rows (budgets that
 # crossed an alert threshold in this batch).
@@ -194,10 +212,11 @@ WITH rows AS (
 ), rolled_monthly AS ({
     _rollup("usage_monthly", "month", "date_trunc('month', now() AT TIME ZONE 'UTC')::date")
 }
+), rolled_tenant AS ({_tenant_rollup()}
 )
 SELECT 'q' AS kind, worker_id, tenant_id, NULL::text AS subject, NULL::text AS span, period,
        ln AS a, lt AS b, (SELECT count(*) FROM counters) + (SELECT count(*) FROM rolled)
-       + (SELECT count(*) FROM rolled_monthly) AS c
+       + (SELECT count(*) FROM rolled_monthly) + (SELECT count(*) FROM rolled_tenant) AS c
 FROM agg WHERE ln > 0
 UNION ALL
 SELECT 'b', worker_id, NULL, subject, span, period, sum(micros), 0, 0
@@ -233,6 +252,18 @@ WHERE l.worker_id = d.worker_id AND l.tenant_id = d.tenant_id AND l.period = d.p
 _SETTLE_BUDGET_LEASES = """
 UPDATE budget_leases l SET micros = greatest(0, l.micros - d.m)
 FROM unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::bigint[])
+     AS d(worker_id, subject, span, period, m)
+WHERE l.worker_id = d.worker_id AND l.subject = d.subject AND l.span = d.span
+  AND l.period = d.period
+"""
+# Both in one round trip when a batch moved both kinds of lease (a tier with
+# quotas and USD budgets: most batches), so budgets add no statement per
+# flush. Both come after all the counters; no transaction locks a lease row
+# before a counter row, so the order between the two tables cannot deadlock.
+_SETTLE_BOTH_LEASES = f"""
+WITH quota AS ({_SETTLE_LEASES.strip()} RETURNING 1)
+UPDATE budget_leases l SET micros = greatest(0, l.micros - d.m)
+FROM unnest($6::text[], $7::text[], $8::text[], $9::date[], $10::bigint[])
      AS d(worker_id, subject, span, period, m)
 WHERE l.worker_id = d.worker_id AND l.subject = d.subject AND l.span = d.span
   AND l.period = d.period
@@ -326,15 +357,19 @@ async def write_batch(
             for r in out
             if r["kind"] == "q"
         ]
-        if quota:
-            await conn.execute(_SETTLE_LEASES, *(list(x) for x in zip(*quota, strict=True)))
         spent = [
             (r["worker_id"], r["subject"], r["span"], r["period"], r["a"])
             for r in out
             if r["kind"] == "b"
         ]
-        if spent:
-            await conn.execute(_SETTLE_BUDGET_LEASES, *(list(x) for x in zip(*spent, strict=True)))
+        q_args = [list(x) for x in zip(*quota, strict=True)]
+        b_args = [list(x) for x in zip(*spent, strict=True)]
+        if quota and spent:
+            await conn.execute(_SETTLE_BOTH_LEASES, *q_args, *b_args)
+        elif quota:
+            await conn.execute(_SETTLE_LEASES, *q_args)
+        elif spent:
+            await conn.execute(_SETTLE_BUDGET_LEASES, *b_args)
         crossed = [r for r in out if r["kind"] == "a"]
         if crossed:
             await conn.execute(

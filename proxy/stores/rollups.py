@@ -3,7 +3,8 @@
 The whole calendar months inside the range are read from ``usage_monthly``
 and only the partial months at its ends from ``usage_daily`` (a year is then
 at most 12 + 60 rows per key x model instead of 365); ``group_by=day`` needs
-the days, so it reads ``usage_daily`` alone. Each branch is summed in SQL and
+the days, so it reads ``usage_daily`` alone, or, when no key or model is
+asked for, ``usage_tenant_daily`` (one row per tenant and day). Each branch is summed in SQL and
 the branches summed again, and the query names only the filters that are
 set, so each shape gets a plan that uses the tenant's (or key's) index.
 """
@@ -81,7 +82,8 @@ def query(
         days, months = split(start, end)
     g, shown = GROUPS[group_by]
     sums = ", ".join(f"sum(u.{f}) AS {f}" for f in FIELDS)
-    spans = [("usage_daily", "day", lo, hi) for lo, hi in days]
+    daily = "usage_tenant_daily" if group_by == "day" and key is None and model is None else None
+    spans = [(daily or "usage_daily", "day", lo, hi) for lo, hi in days]
     if months is not None:
         spans.append(("usage_monthly", "month", *months))
     branches = [

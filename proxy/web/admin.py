@@ -32,6 +32,8 @@ def rate_limit(tier: Tier | None) -> dict[str, Any]:
         "monthly_requests": tier.monthly_requests,
         "monthly_tokens": tier.monthly_tokens,
         "max_tokens": tier.max_tokens,
+        "user_requests_per_hour": tier.user_requests_per_hour,
+        "user_tokens_per_minute": tier.user_tokens_per_minute,
     }
 
 

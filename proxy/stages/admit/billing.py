@@ -140,7 +140,11 @@ class Billing:
         tier = tier_of(config, principal)
         budget = clamp_max_tokens(body, tier, endpoint)
         estimate, prompt = 0, None
-        if tier.monthly_tokens is not None or tier.tokens_per_minute is not None:
+        if (
+            tier.monthly_tokens is not None
+            or tier.tokens_per_minute is not None
+            or tier.user_tokens_per_minute is not None
+        ):
             prompt = tokens.estimate_prompt(body, endpoint)
             estimate = prompt + budget
         try:

@@ -13,29 +13,42 @@ so a budget that is used up refuses every request.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import date, datetime
-from decimal import Decimal
 from typing import Any
 
-from proxy.config.budgets import Budgets, effective, to_micros
-from proxy.config.tiers import Price, Tier, price_for, served_price
+from proxy.config.budgets import Budgets, effective
+from proxy.config.tiers import RATE_SCALE, Price, Tier, price_for, served_price
 from proxy.core import tokens
 from proxy.core.principal import Principal
 from proxy.providers.base import GENERATIVE
-from proxy.stages.route import RoutePlan, Target
+from proxy.stages.route import RoutePlan
 from proxy.stores.budgets import BudgetBook, Hold, Limit
 
-ZERO = Decimal(0)
 _LIMITS = ("max_tokens", "max_completion_tokens")
+# limits_for's answers: the same caller, tier budgets and day get the same
+# Limits (their labels formatted once), so a request does not rebuild them.
+_limits: dict[tuple[Principal, Budgets, date], tuple[Limit, ...]] = {}
+_LIMITS_MAX = 10_000  # callers remembered before the memo starts over
 
 
 def limits_for(who: Principal, tier: Tier, now: datetime) -> tuple[Limit, ...]:
     """Every budget that applies to the caller right now (none: empty)."""
-    budgets: Budgets = effective(tier.budgets, who.budgets)
+    day = now.date()
+    memo = (who, tier.budgets, day)
+    found = _limits.get(memo)
+    if found is None:
+        if len(_limits) >= _LIMITS_MAX:
+            _limits.clear()
+        found = _limits[memo] = _build_limits(who, tier.budgets, day)
+    return found
+
+
+def _build_limits(who: Principal, tier: Budgets, day: date) -> tuple[Limit, ...]:
+    budgets = effective(tier, who.budgets)
     if not budgets.any():
         return ()
-    month, day = date(now.year, now.month, 1), now.date()
+    month = date(day.year, day.month, 1)
     tenant, key = f"t:{who.tenant_id}", f"k:{who.key_id}"
     slots = (
         (budgets.tenant_month, tenant, "month", month, f"tenant '{who.tenant}' monthly budget"),
@@ -59,24 +72,22 @@ def completion_budget(body: Mapping[str, Any], endpoint: str) -> int:
     return limit * (n if isinstance(n, int) and n > 0 else 1)
 
 
-def _targets(plan: RoutePlan) -> Iterable[Target]:
-    yield from plan.targets
-    for group in plan.overflow:
-        yield from group.targets
-
-
-def _bound(price: Price, prompt: int, completion: int) -> Decimal:
-    per_prompt = max(price.prompt, price.cache_write or ZERO)
-    per_completion = max(price.completion, price.reasoning or ZERO)
-    return (per_prompt * prompt + per_completion * completion) / 1_000_000
-
-
 def max_cost(plan: RoutePlan, prices: Mapping[str, Price], prompt: int, completion: int) -> int:
-    """The most the request may cost, in micro-dollars (at least 1)."""
-    found = [served_price(prices, t.provider.name, t.model, t.public) for t in _targets(plan)]
-    found.append(price_for(prices, plan.public_model))
-    bounds = [_bound(p, prompt, completion) for p in found if p is not None]
-    return max(1, to_micros(max(bounds))) if bounds else 1
+    """The most the request may cost, in micro-dollars (at least 1), in
+    integer arithmetic on each price's ``bound_rates`` (rounded up)."""
+    most = -1
+    price = price_for(prices, plan.public_model)
+    if price is not None:
+        per_prompt, per_completion = price.bound_rates
+        most = per_prompt * prompt + per_completion * completion
+    for groups in (plan.groups, plan.overflow):
+        for group in groups:
+            for t in group.targets:
+                price = served_price(prices, t.provider.name, t.model, t.public)
+                if price is not None:
+                    per_prompt, per_completion = price.bound_rates
+                    most = max(most, per_prompt * prompt + per_completion * completion)
+    return max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
 
 
 async def reserve(
@@ -95,6 +106,12 @@ async def reserve(
     if not limits:
         return None
     if prompt is None:
-        prompt = tokens.count_prompt(body, endpoint, plan.public_model)
+        # A bound from sizes (never below tiktoken's count on real text):
+        # the excess is refunded at settle, and it costs no tokenizer pass.
+        prompt = tokens.estimate_prompt(body, endpoint)
     micros = max_cost(plan, prices, prompt, completion_budget(body, endpoint))
-    return await book.admit(limits, micros, now.date())
+    day = now.date()
+    hold = book.take(limits, micros, day)
+    if hold is None:
+        hold = await book.admit(limits, micros, day)
+    return hold

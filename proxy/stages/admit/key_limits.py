@@ -14,10 +14,19 @@ Headers: the ``x-ratelimit-*-requests`` trio reports the hourly window;
 ``tokens_per_minute`` (else the monthly tokens, see ``billing.py``). With a
 sliding window there is no single reset instant: ``reset`` is when the
 oldest counted unit leaves the window, i.e. when ``remaining`` next grows.
+
+Per end user: a tier's ``user_requests_per_hour`` / ``user_tokens_per_minute``
+limit each value of OpenAI's ``user`` field, per key (the key's application
+names its users), in the same script call as the key's own windows (same
+hash tag, so the check stays atomic on Redis Cluster; the user is hashed into
+the Redis key, so its length and characters do not matter). A request without
+``user`` is limited by the key's windows only. The ``x-ratelimit-*`` headers
+keep reporting the key's windows; a 429 from a user's window names the user.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import UTC, datetime
 from typing import Any
@@ -33,15 +42,18 @@ from proxy.stores.windows import HOUR_MS, MINUTE_MS, Limit, Verdict, Window
 _WHAT = {
     "requests_per_hour": ("requests per hour (RPH)", "requests"),
     "tokens_per_minute": ("tokens per min (TPM)", "tokens"),
+    "user_requests_per_hour": ("requests per hour (RPH) per end user", "requests"),
+    "user_tokens_per_minute": ("tokens per min (TPM) per end user", "tokens"),
 }
+_PER_USER = ("user_requests_per_hour", "user_tokens_per_minute")
 
 
 def instances(config: Config) -> int:
     return config.ratelimit.expected_instances if config.ratelimit else 1
 
 
-def limits_for(tier: Tier, key_id: str, tokens: int) -> list[Limit]:
-    tag = f"tw:rl:{{{key_id}}}"  # one Cluster slot per key: the script touches both
+def limits_for(tier: Tier, key_id: str, tokens: int, user: str | None = None) -> list[Limit]:
+    tag = f"tw:rl:{{{key_id}}}"  # one Cluster slot per key: the script touches all
     out = []
     if tier.requests_per_hour is not None:
         out.append(Limit(f"{tag}:rph", "requests_per_hour", tier.requests_per_hour, HOUR_MS))
@@ -49,28 +61,43 @@ def limits_for(tier: Tier, key_id: str, tokens: int) -> list[Limit]:
         out.append(
             Limit(f"{tag}:tpm", "tokens_per_minute", tier.tokens_per_minute, MINUTE_MS, tokens)
         )
+    if user is not None and (tier.user_requests_per_hour or tier.user_tokens_per_minute):
+        u = f"{tag}:u:{hashlib.blake2b(user.encode(), digest_size=12).hexdigest()}"
+        if tier.user_requests_per_hour is not None:
+            out.append(
+                Limit(f"{u}:rph", "user_requests_per_hour", tier.user_requests_per_hour, HOUR_MS)
+            )
+        if tier.user_tokens_per_minute is not None:
+            capacity = tier.user_tokens_per_minute
+            out.append(Limit(f"{u}:tpm", "user_tokens_per_minute", capacity, MINUTE_MS, tokens))
     return out
 
 
 async def admit(
-    limiter: RateLimiter | PermitLeases, config: Config, admission: Admission
+    limiter: RateLimiter | PermitLeases,
+    config: Config,
+    admission: Admission,
+    user: str | None = None,
 ) -> Verdict | None:
-    """Count the request against its key's windows, or raise the 429. With
-    ``PermitLeases`` most requests are admitted from the worker's lease,
-    without a Redis round trip (the bound is the same: ``permits.py``)."""
+    """Count the request against its key's windows (and its end user's), or
+    raise the 429. With ``PermitLeases`` most requests are admitted from the
+    worker's lease, without a Redis round trip (the bound is the same:
+    ``permits.py``)."""
     who = admission.principal
-    limits = limits_for(admission.tier, who.key_id, admission.tokens)
+    limits = limits_for(admission.tier, who.key_id, admission.tokens, user)
     if not limits:
         return None
     verdict = await limiter.check(limits, instances(config))
     if not verdict.admitted:
-        raise refused(verdict, who.key_prefix)
+        raise refused(verdict, who.key_prefix, user)
     return verdict
 
 
 def headers(verdict: Verdict | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for w in verdict.windows if verdict is not None else ():
+        if w.limit.name in _PER_USER:
+            continue  # the headers describe the key's windows
         suffix = _WHAT[w.limit.name][1]
         out[f"x-ratelimit-limit-{suffix}"] = str(w.capacity)
         out[f"x-ratelimit-remaining-{suffix}"] = str(w.remaining)
@@ -78,22 +105,27 @@ def headers(verdict: Verdict | None) -> dict[str, str]:
     return out
 
 
-def refused(verdict: Verdict, key_prefix: str) -> RateLimited:
+def refused(verdict: Verdict, key_prefix: str, user: str | None = None) -> RateLimited:
     w = verdict.blocking
     assert w is not None
     what = _WHAT[w.limit.name][0]
-    cls = TokenRateLimited if w.limit.name == "tokens_per_minute" else RateLimited
+    tokens = w.limit.name in ("tokens_per_minute", "user_tokens_per_minute")
+    cls = TokenRateLimited if tokens else RateLimited
+    whose = f"key {key_prefix}..."
+    if w.limit.name in _PER_USER and user is not None:
+        shown = user if len(user) <= 64 else f"{user[:64]}…"
+        whose = f"end user {shown!r} of key {key_prefix}..."
     extra: dict[str, str]
     if w.retry_ms < 0:
         message = (
-            f"Request too large for {what} on key {key_prefix}...: Limit {w.capacity}, "
+            f"Request too large for {what} on {whose}: Limit {w.capacity}, "
             f"Requested {w.limit.cost}. Lower max_tokens or the prompt size."
         )
         extra = {"x-should-retry": "false"}
     else:
         wait = math.ceil(w.retry_ms / 1000)
         message = (
-            f"Rate limit reached for key {key_prefix}... on {what}: Limit {w.capacity}, "
+            f"Rate limit reached for {whose} on {what}: Limit {w.capacity}, "
             f"Used {w.used}, Requested {w.limit.cost}. "
             f"Please try again in {reset_duration(w.retry_ms / 1000)}."
         )

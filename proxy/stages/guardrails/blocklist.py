@@ -43,6 +43,13 @@ class Blocklist:
 
     def find(self, text: str, view: View | None = None) -> list[Span]:
         folded, where = (view or View(text)).folded()
+        if self.regex is None:
+            # Terms only (the common case): no generator unless a first word is there.
+            for word, _ in self.terms:
+                if word in folded:
+                    break
+            else:
+                return []
         if where is None:
             return list(self._spans(folded))
         return [(where[start], where[end - 1] + 1) for start, end in self._spans(folded)]

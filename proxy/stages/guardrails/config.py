@@ -18,6 +18,7 @@
             - name: moderation                              # a moderation model
               moderation: {model: omni-moderation-latest, mode: parallel, fail: closed}
               input: block                                  # see ``moderation``
+              output: block                                 # the answer too
 
 Actions per direction (``input``: the prompt, ``output``: the answer):
 ``block``, ``redact``, ``log``, ``off`` (the default). A blocklist file has
@@ -37,7 +38,7 @@ from proxy.config.reader import ConfigError, Glob, Node, compile_glob
 from proxy.core.principal import Principal
 from proxy.stages.guardrails import blocklist, moderation
 from proxy.stages.guardrails.detectors import BUILTIN, GROUPS
-from proxy.stages.guardrails.view import Span, View
+from proxy.stages.guardrails.view import DIGIT, RUNS, Span, View
 
 ACTIONS = ("block", "redact", "log", "off")
 _TOP = ("enabled", "policies")
@@ -66,12 +67,18 @@ class Rule:
     action: str
 
 
-class Rules(tuple[Rule, ...]):
-    """One direction's rules, grouped by their detectors' ``gate`` (a
-    substring every match holds; "" for none) once at load, so a text
-    without ``@`` or ``-`` skips whole groups without a call per detector."""
+# A group's gate: a substring every match holds ("": none; view.DIGIT,
+# view.RUNS: digits), then, when every member has hints, those hints (a
+# match holds one of them): ``-`` in prose is common, ``sk-`` or ``tw-`` rare.
+Gate = tuple[str, tuple[str, ...]]
 
-    groups: tuple[tuple[str, tuple[tuple[int, Rule], ...]], ...]
+
+class Rules(tuple[Rule, ...]):
+    """One direction's rules, grouped by their detectors' ``gate`` once at
+    load, so a text without ``@`` or ``-`` (or without any of the group's
+    key prefixes) skips whole groups without a call per detector."""
+
+    groups: tuple[tuple[Gate, tuple[tuple[int, Rule], ...]], ...]
 
     def __new__(cls, rules: Iterable[Rule]) -> Rules:
         self = super().__new__(cls, tuple(rules))
@@ -79,11 +86,20 @@ class Rules(tuple[Rule, ...]):
         return self
 
 
-def gate_groups(rules: tuple[Rule, ...]) -> tuple[tuple[str, tuple[tuple[int, Rule], ...]], ...]:
+def gate_groups(rules: tuple[Rule, ...]) -> tuple[tuple[Gate, tuple[tuple[int, Rule], ...]], ...]:
     by_gate: dict[str, list[tuple[int, Rule]]] = {}
     for i, rule in enumerate(rules):
         by_gate.setdefault(getattr(rule.finder, "gate", ""), []).append((i, rule))
-    return tuple((gate, tuple(members)) for gate, members in by_gate.items())
+    out = []
+    for gate, members in by_gate.items():
+        hints = [getattr(rule.finder, "hints", ()) for _, rule in members]
+        needles: tuple[str, ...] = ()
+        if gate not in ("", DIGIT, RUNS) and all(hints):
+            needles = tuple(dict.fromkeys(h for group in hints for h in group))
+            if needles == (gate,):
+                needles = ()
+        out.append(((gate, needles), tuple(members)))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +178,7 @@ def _policy(node: Node) -> Policy:
         input=rules_in,
         output=rules_out,
         hold_back=max(128, 2 * longest),
-        moderation=next((c for c in checks if c.action != "off"), None),
+        moderation=checks[0] if checks else None,
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from proxy.stages.guardrails import validators
-from proxy.stages.guardrails.view import DIGIT, Span, View
+from proxy.stages.guardrails.view import DIGIT, RUNS, Span, View
 
 EMAIL_LOCAL = 64  # characters of an address's local part, at most
 
@@ -30,7 +30,10 @@ class Detector:
     validator: Callable[[str], bool] | None = None
     hints: tuple[str, ...] = ()  # a match contains one of these (empty: always run)
     where: str = "anywhere"  # or "digits", "iban", "at", "hint" (a match starts with one)
-    gate: str = ""  # a substring in every match (view.DIGIT: a digit), checked once per text
+    # A substring in every match, checked once per text (view.DIGIT: a digit;
+    # view.RUNS: a run of digits).
+    gate: str = ""
+    min_digits: int = 0  # "digits": the fewest digits a match it accepts holds
 
     def find(self, text: str, view: View | None = None) -> list[Span]:
         # Called for every text and detector: plain loops, no generators,
@@ -45,11 +48,19 @@ class Detector:
             matches: Iterable[re.Match[str]] = self.pattern.finditer(text)
         elif self.where == "digits":
             view = view or View(text)
-            if not view.runs():
-                return []
+            least = self.min_digits
+            for run in view.runs():
+                if run[2] >= least:
+                    break
+            else:
+                return []  # no run long enough: no generator, no pattern
             matches = self._in_runs(text, view)
         elif self.where == "iban":
-            matches = self._at_shape(text, view or View(text), b"AA00")
+            view = view or View(text)
+            shape = view.shape()
+            if shape is not None and b"AA00" not in shape:
+                return []
+            matches = self._at_shape(text, view, b"AA00")
         elif self.where == "hint":
             matches = self._at_hints(text)
         else:
@@ -61,8 +72,9 @@ class Detector:
         """Matches in each run of digits: one leading ``+`` or ``(`` before
         it, two characters after it for the look-ahead."""
         n = len(text)
-        for start, end in view.runs():
-            yield from self.pattern.finditer(text, max(0, start - 1), min(n, end + 2))
+        for start, end, digits in view.runs():
+            if digits >= self.min_digits:
+                yield from self.pattern.finditer(text, max(0, start - 1), min(n, end + 2))
 
     def _at_shape(self, text: str, view: View, start: bytes) -> Iterator[re.Match[str]]:
         """Matches starting where the text's shape is ``start`` (what
@@ -118,9 +130,14 @@ def _d(
     hints: tuple[str, ...] = (),
     where: str = "anywhere",
     gate: str = "",
+    min_digits: int = 0,
 ) -> Detector:
-    gate = gate or (DIGIT if where in ("digits", "iban") else hints[0] if len(hints) == 1 else "")
-    return Detector(name, category, label, re.compile(pattern), validator, hints, where, gate)
+    if not gate:
+        gate = RUNS if where == "digits" else DIGIT if where == "iban" else ""
+        gate = gate or (hints[0] if len(hints) == 1 else "")
+    return Detector(
+        name, category, label, re.compile(pattern), validator, hints, where, gate, min_digits
+    )
 
 
 PII = (
@@ -139,6 +156,7 @@ PII = (
         r"(?<![\w-])\d{4}(?:[ -]?\d{4}){2}[ -]?\d{1,7}(?![\w-])",
         validators.luhn,
         where="digits",
+        min_digits=13,  # luhn: 13-19 digits
     ),
     _d(
         "iban",
@@ -156,6 +174,7 @@ PII = (
         validators.ssn,
         ("-",),
         "digits",
+        min_digits=9,
     ),
     _d(
         "phone",
@@ -171,6 +190,7 @@ PII = (
         r")(?![\w./-])",
         validators.phone,
         where="digits",
+        min_digits=7,  # validators.phone: 7-15 digits
     ),
     _d(
         "ipv4",
@@ -180,6 +200,7 @@ PII = (
         validators.ipv4,
         (".",),
         "digits",
+        min_digits=4,
     ),
     _d(
         "ipv6",

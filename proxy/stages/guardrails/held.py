@@ -31,6 +31,7 @@ class Blocked(Exception):
         self.rule = rule
         self.released = released
         self.index = 0  # the choice it happened in
+        self.tool: int | None = None  # the tool call whose arguments it was in, if one
 
 
 class HeldText:

@@ -11,13 +11,27 @@ providers (``/v1/moderations``, ``omni-moderation-latest`` categories).
         fail: closed                    # closed: refuse unchecked (503); open: let through
         thresholds: {violence: 0.4, default: 0.8}
         bill: tenant                    # tenant | gateway: whose usage row the call is
-      input: block                      # block | log
+      input: block                      # block | log | off: the prompt
+      output: block                     # block | log | off: the model's answer
 
 A category is flagged when its score reaches its threshold; a category
 without one (and no ``default``) is flagged when the model's own boolean
-says so. ``before`` answers first, then forwards; ``parallel`` forwards at
-once and holds the answer's first byte until the verdict (a block cancels
-the upstream). Moderation reads prompts only (``output`` is refused).
+says so. On the prompt, ``before`` answers first, then forwards;
+``parallel`` forwards at once and holds the answer's first byte until the
+verdict (a block cancels the upstream).
+
+On the answer (``output``), the model's own text is moderated, before the
+policy's redactions and ``restore`` (the moderation provider never sees
+the caller's restored values), including tool-call arguments. A whole
+(non-stream) answer is moderated before its first byte is sent, in either
+mode. A stream is moderated in segments of ``SEGMENT`` characters (and its
+rest at the end): ``before`` holds each segment's events until its verdict
+(the client gets the text a segment at a time; nothing unmoderated is
+sent); ``parallel`` sends the text at once and moderates beside it, holding
+only the end of the stream (the finish and ``[DONE]``) until every verdict
+is in. A block ends the stream with ``finish_reason: "content_filter"``
+and an SSE error event; in ``parallel`` mode the text sent before the
+verdict has been seen by the client.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ from proxy.core.errors import ContentFiltered, GuardrailUnavailable
 from proxy.providers.moderation import CATEGORIES, DEFAULT_MODEL
 
 MODES = ("before", "parallel")
+SEGMENT = 1000  # characters of a streamed answer moderated per call
 _KEYS = ("model", "mode", "timeout_s", "fail", "thresholds", "bill")
 DETECTOR = "moderation"
 
@@ -38,7 +53,7 @@ DETECTOR = "moderation"
 @dataclass(frozen=True, slots=True)
 class ModerationCheck:
     guardrail: str
-    action: str  # block | log
+    action: str  # on the prompt: block | log | off
     model: str
     mode: str
     timeout_s: float
@@ -46,6 +61,10 @@ class ModerationCheck:
     thresholds: Mapping[str, float]
     default: float | None
     bill_tenant: bool
+    output: str = "off"  # on the answer: block | log | off
+
+    def action_on(self, direction: str) -> str:
+        return self.action if direction == "input" else self.output
 
     def flagged(self, result: Mapping[str, Any]) -> list[str]:
         """The categories of one result that reach their thresholds."""
@@ -62,17 +81,19 @@ class ModerationCheck:
                 out.append(str(category))
         return out
 
-    def refusal(self, category: str) -> ContentFiltered:
+    def refusal(self, category: str, direction: str = "input") -> ContentFiltered:
+        what = "request" if direction == "input" else "model's answer"
         return ContentFiltered(
-            f"The request was blocked by guardrail '{self.guardrail}' "
+            f"The {what} was blocked by guardrail '{self.guardrail}' "
             f"(category: {category}, detector: {DETECTOR}).",
             guardrail=self.guardrail,
             category=category,
         )
 
-    def unavailable(self, why: str) -> GuardrailUnavailable:
+    def unavailable(self, why: str, direction: str = "input") -> GuardrailUnavailable:
+        what = "request" if direction == "input" else "model's answer"
         return GuardrailUnavailable(
-            f"The request could not be checked by guardrail '{self.guardrail}': "
+            f"The {what} could not be checked by guardrail '{self.guardrail}': "
             f"its moderation model '{self.model}' {why}, and the policy is fail-closed. "
             "Try again later."
         )
@@ -80,11 +101,14 @@ class ModerationCheck:
 
 def parse(node: Node, guardrail: str, m: dict[str, Node]) -> ModerationCheck:
     """The ``moderation:`` mapping of a detector entry ``m`` (its actions included)."""
-    if "output" in m:
-        raise m["output"].fail("moderation reads prompts only: give 'input' alone")
-    action = m["input"].value if "input" in m else "off"
-    if action not in ("block", "log"):
-        raise node.fail("input: moderation's action must be 'block' or 'log'")
+    actions = {}
+    for direction in ("input", "output"):
+        value = m[direction].value if direction in m else "off"
+        if value not in ("block", "log", "off"):
+            raise m[direction].fail("moderation's action must be 'block', 'log' or 'off'")
+        actions[direction] = str(value)
+    if actions["input"] == actions["output"] == "off":
+        raise node.fail("input/output: give moderation an action ('block' or 'log')")
     cfg = m["moderation"].mapping(_KEYS)
     mode = cfg["mode"].string() if "mode" in cfg else "before"
     if mode not in MODES:
@@ -99,7 +123,8 @@ def parse(node: Node, guardrail: str, m: dict[str, Node]) -> ModerationCheck:
     thresholds = _thresholds(cfg["thresholds"]) if "thresholds" in cfg else {}
     return ModerationCheck(
         guardrail=guardrail,
-        action=str(action),
+        action=actions["input"],
+        output=actions["output"],
         model=cfg["model"].string() if "model" in cfg else DEFAULT_MODEL,
         mode=mode,
         timeout_s=timeout,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from proxy.core.errors import ContentFiltered
 from proxy.stages.guardrails.config import Rule, Rules, gate_groups
-from proxy.stages.guardrails.view import DIGIT, View
+from proxy.stages.guardrails.view import DIGIT, RUNS, View
 
 PLACEHOLDER = re.compile(r"\[[A-Z][A-Z_]*_\d+\]")
 Hit = tuple[int, int, Rule]
@@ -22,14 +22,36 @@ VerdictKey = tuple[str, str, str, str, str]  # guardrail, detector, category, ac
 
 def hits(text: str, rules: tuple[Rule, ...]) -> list[Hit]:
     """Every rule's matches, overlaps resolved: the earliest, then the longest wins."""
+    # Called for every text of every request: plain loops, no generator or
+    # list per rule until one finds something (most texts hold nothing).
     view = View(text)  # what several detectors look at, computed once
     groups = rules.groups if isinstance(rules, Rules) else gate_groups(rules)
-    found: list[tuple[int, int, int, Rule]] = []
-    for gate, members in groups:
-        if gate and not (view.has_digit() if gate == DIGIT else gate in text):
-            continue
+    found: list[tuple[int, int, int, Rule]] | None = None
+    for (gate, needles), members in groups:
+        if gate:
+            if gate == RUNS:
+                if not view.runs():
+                    continue
+            elif gate == DIGIT:
+                if not view.has_digit():
+                    continue
+            elif gate not in text:
+                continue
+            elif needles:
+                for needle in needles:
+                    if needle in text:
+                        break
+                else:
+                    continue
         for i, rule in members:
-            found.extend((a, b, i, rule) for a, b in rule.finder.find(text, view))
+            spans = rule.finder.find(text, view)
+            if spans:
+                if found is None:
+                    found = []
+                for a, b in spans:
+                    found.append((a, b, i, rule))
+    if found is None:
+        return _NONE
     if len(found) < 2:
         return [(a, b, rule) for a, b, _, rule in found]
     found.sort(key=lambda h: (h[0], -h[1], h[2]))  # a tie goes to the rule listed first
@@ -38,6 +60,9 @@ def hits(text: str, rules: tuple[Rule, ...]) -> list[Hit]:
         if not kept or a >= kept[-1][1]:
             kept.append((a, b, rule))
     return kept
+
+
+_NONE: list[Hit] = []  # never appended to: callers only read a text's hits
 
 
 @dataclass(slots=True)

@@ -5,8 +5,11 @@ and the public model, blocks or redacts the prompt in ``ex.body`` (so the
 cache key, the provider and the access log only ever see the redacted
 text); ``on_reply`` and ``on_stream`` check the answer and, with
 ``restore``, put the caller's own values back in place of the placeholders;
-``on_settle`` records the verdicts in ``record.extra["guardrails"]``, which
-the usage row, the metrics and the access log read.
+``on_answer`` and the stream's ``ModeratedStream`` moderate the answer when
+the policy's moderation check has an ``output`` action (the model's own
+text, before the local checks and ``restore``); ``on_settle`` records the
+verdicts in ``record.extra["guardrails"]``, which the usage row, the
+metrics and the access log read.
 
 A policy's moderation check (``moderation``) reads the prompt after its
 redactions: ``before`` awaits the verdict in ``on_request``; ``parallel``
@@ -23,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config.model import Config
+from proxy.core.errors import ContentFiltered
 from proxy.core.tasks import TaskGroup
 from proxy.providers.base import Reply
 from proxy.stages.base import ChunkFilter, Exchange, Moderator, Services, Stage
@@ -30,6 +34,7 @@ from proxy.stages.guardrails import moderation, verdict
 from proxy.stages.guardrails.body import rewrite_reply, rewrite_request
 from proxy.stages.guardrails.config import GuardrailSettings, Policy, parse_guardrails
 from proxy.stages.guardrails.held import Blocked, HeldText
+from proxy.stages.guardrails.moderated import ModeratedStream
 from proxy.stages.guardrails.scan import Scan, refusal
 from proxy.stages.guardrails.stream import GuardStream
 
@@ -70,14 +75,19 @@ class GuardrailsStage(Stage):
             ex.passthrough = False  # the request as checked, the answer checked: in chat
         if policy.input:
             rewrite_request(ex.body, lambda text: guarded.scan.apply(text, policy.input, "input"))
-        if policy.output or (policy.restore and guarded.scan.originals):
+        check = policy.moderation
+        if (
+            policy.output
+            or (policy.restore and guarded.scan.originals)
+            or (check is not None and check.output != "off")
+        ):
             # A cached answer would skip the output checks, and one kept with
             # restored values would hand them to the next caller whose prompt
             # redacts to the same text.
             ex.cacheable = False
         # A /v1/moderations request asks that very question: not asked twice.
-        if policy.moderation is not None and ex.endpoint != "moderations":
-            await self._moderate(ex, policy.moderation, guarded.scan)
+        if check is not None and check.action != "off" and ex.endpoint != "moderations":
+            await self._moderate(ex, check, guarded.scan)
         return None
 
     async def _moderate(self, ex: Exchange, check: moderation.ModerationCheck, scan: Scan) -> None:
@@ -97,6 +107,29 @@ class GuardrailsStage(Stage):
         ex.cacheable = False
         ex.checks.append(self.tasks.spawn(pending, name=f"moderation {ex.record.request_id}"))
 
+    async def on_answer(self, ex: Exchange, settings: GuardrailSettings, reply: Reply) -> Reply:
+        """The whole answer moderated before its first byte (either mode)."""
+        guarded = ex.notes.get(self.name)
+        check = _output_check(guarded, ex)
+        if check is None or not isinstance(guarded, Guarded) or reply.status != 200:
+            return reply
+        texts: list[str] = []
+
+        def keep(text: str) -> str:
+            if text:
+                texts.append(text)
+            return text
+
+        rewrite_reply(reply.body, keep)
+        joined = ["\n".join(texts)] if texts else []
+        refused = await verdict.verdict(
+            check, self.moderator, joined, ex.record, guarded.scan, "output"
+        )
+        if refused is not None:
+            _bill_refused(ex, reply)
+            raise refused
+        return reply
+
     def on_reply(self, ex: Exchange, settings: GuardrailSettings, reply: Reply) -> Reply:
         guarded = ex.notes.get(self.name)
         if not isinstance(guarded, Guarded) or reply.status != 200:
@@ -104,7 +137,11 @@ class GuardrailsStage(Stage):
         policy, scan = guarded.policy, guarded.scan
         if not policy.output and not (policy.restore and scan.originals):
             return reply
-        body = rewrite_reply(reply.body, lambda text: _answer(scan, policy, text))
+        try:
+            body = rewrite_reply(reply.body, lambda text: _answer(scan, policy, text))
+        except ContentFiltered:
+            _bill_refused(ex, reply)
+            raise
         return reply if body is None else Reply(body, reply.usage, reply.status, reply.headers)
 
     def on_stream(self, ex: Exchange, settings: GuardrailSettings) -> ChunkFilter | None:
@@ -112,9 +149,13 @@ class GuardrailsStage(Stage):
         if not isinstance(guarded, Guarded):
             return None
         policy, scan = guarded.policy, guarded.scan
-        if not policy.output and not (policy.restore and scan.originals):
-            return None
-        return GuardStream(policy, scan)
+        local = None
+        if policy.output or (policy.restore and scan.originals):
+            local = GuardStream(policy, scan)
+        check = _output_check(guarded, ex)
+        if check is None:
+            return local
+        return ModeratedStream(check, self.moderator, self.tasks, ex, scan, local)
 
     def on_settle(self, ex: Exchange, settings: GuardrailSettings) -> None:
         for check in ex.checks:  # the request ended before its verdict (the client left)
@@ -122,6 +163,22 @@ class GuardrailsStage(Stage):
         guarded = ex.notes.get(self.name)
         if isinstance(guarded, Guarded) and guarded.scan.verdicts:
             ex.record.extra[EXTRA_KEY] = guarded.scan.records()
+
+
+def _output_check(guarded: object, ex: Exchange) -> moderation.ModerationCheck | None:
+    """The policy's moderation check, when it moderates answers (not the
+    answer of ``/v1/moderations`` itself, nor an embedding's vectors)."""
+    if not isinstance(guarded, Guarded) or ex.endpoint in ("moderations", "embeddings"):
+        return None
+    check = guarded.policy.moderation
+    return check if check is not None and check.output != "off" else None
+
+
+def _bill_refused(ex: Exchange, reply: Reply) -> None:
+    """A refused answer was still generated (and billed by the provider): its
+    usage stays on the record, as for an answer a parallel check refused."""
+    if reply.usage is not None:
+        ex.record.usage = reply.usage
 
 
 def _answer(scan: Scan, policy: Policy, text: str) -> str:

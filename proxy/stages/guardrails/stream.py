@@ -1,7 +1,9 @@
 """The output guardrail of a stream: a chunk filter over whole SSE events.
 
 Each choice's text (``delta.content``, or ``text`` for legacy completions)
-goes through its own ``HeldText``; an event carries what was released, and a
+and each of its tool calls' ``function.arguments`` go through their own
+``HeldText`` (a key split across argument deltas is caught like one split
+across content deltas); an event carries what was released, and a
 choice's finish event also carries the rest it held. An event left with
 nothing to say (its text all held back, no finish, no other delta field, no
 usage) is not sent: the client gets the same text in fewer events, and the
@@ -30,7 +32,8 @@ class GuardStream:
     def __init__(self, policy: Policy, scan: Scan) -> None:
         self.policy = policy
         self.scan = scan
-        self._held: dict[int, HeldText] = {}
+        # Per choice index; per (choice index, tool call index) for arguments.
+        self._held: dict[int | tuple[int, int], HeldText] = {}
         self._last: dict[str, Any] = {}  # the last chunk's id, model, ...: for a flush chunk
 
     def feed(self, data: bytes) -> bytes:
@@ -47,7 +50,7 @@ class GuardStream:
             out.append(data[start:])
         return b"".join(out)
 
-    def _held_for(self, index: int) -> HeldText:
+    def _held_for(self, index: int | tuple[int, int]) -> HeldText:
         held = self._held.get(index)
         if held is None:
             p = self.policy
@@ -83,11 +86,21 @@ class GuardStream:
         key, holder = _text_slot(choice)
         held = self._held_for(index)
         text = holder.get(key) if holder is not None else None
+        finished = choice.get("finish_reason") is not None
         try:
             released = held.push(text) if isinstance(text, str) else ""
-            if choice.get("finish_reason") is not None:
+            calls = holder.get("tool_calls") if holder is not None and key == "content" else None
+            if isinstance(calls, list):
+                for call in calls:
+                    self._arguments(index, call)
+            if finished:
                 released += held.finish()
                 del self._held[index]
+                rest = self._finish_tools(index)
+                if rest:
+                    delta = choice.setdefault("delta", {})
+                    if isinstance(delta, dict):
+                        delta.setdefault("tool_calls", []).extend(rest)
         except Blocked as blocked:
             blocked.index = index
             raise
@@ -95,18 +108,50 @@ class GuardStream:
             holder[key] = released
         return (
             not released
-            and choice.get("finish_reason") is None
+            and not finished
             and choice.get("logprobs") is None
-            and (holder is None or holder is choice or len(holder) == 1)
+            and (holder is None or holder is choice or all(k == "content" for k in holder))
         )
+
+    def _arguments(self, index: int, call: Any) -> None:
+        """One tool call's ``function.arguments`` delta, through its own hold."""
+        func = call.get("function") if isinstance(call, dict) else None
+        args = func.get("arguments") if isinstance(func, dict) else None
+        tool = call.get("index", 0) if isinstance(call, dict) else 0
+        if not isinstance(args, str) or not isinstance(tool, int) or func is None:
+            return
+        try:
+            func["arguments"] = self._held_for((index, tool)).push(args)
+        except Blocked as blocked:
+            blocked.tool = tool
+            raise
+
+    def _finish_tools(self, index: int) -> list[dict[str, Any]]:
+        """The choice ended: the arguments its tool calls still held, checked."""
+        out = []
+        for slot in sorted(k for k in self._held if isinstance(k, tuple) and k[0] == index):
+            held = self._held.pop(slot)
+            try:
+                rest = held.finish()
+            except Blocked as blocked:
+                blocked.tool = slot[1]
+                raise
+            if rest:
+                out.append({"index": slot[1], "function": {"arguments": rest}})
+        return out
 
     def _flush_all(self) -> bytes:
         """``[DONE]`` with choices still open: their held text first."""
         parts = []
-        for index, held in sorted(self._held.items()):
-            rest = held.finish()
-            if rest:
-                parts.append(self._chunk(index, {"content": rest}, None))
+        for index in sorted({k if isinstance(k, int) else k[0] for k in self._held}):
+            held = self._held.pop(index, None)
+            rest = held.finish() if held is not None else ""
+            delta: dict[str, Any] = {"content": rest} if rest else {}
+            tools = self._finish_tools(index)
+            if tools:
+                delta["tool_calls"] = tools
+            if delta:
+                parts.append(self._chunk(index, delta, None))
         self._held.clear()
         return b"".join(parts)
 
@@ -124,7 +169,10 @@ class GuardStream:
         index = blocked.index
         exc = refusal(blocked.rule, "output")
         tail = list(sent)
-        if blocked.released:
+        if blocked.released and blocked.tool is not None:
+            call = {"index": blocked.tool, "function": {"arguments": blocked.released}}
+            tail.append(self._chunk(index, {"tool_calls": [call]}, None))
+        elif blocked.released:
             tail.append(self._chunk(index, {"content": blocked.released}, None))
         tail.append(self._chunk(index, {}, "content_filter"))
         self._held.clear()

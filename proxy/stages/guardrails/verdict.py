@@ -1,4 +1,4 @@
-"""A moderation check's verdict on a prompt: one internal moderation call
+"""A moderation check's verdict on a prompt or an answer: one internal moderation call
 (``Moderator``), its results weighed against the check's thresholds, and
 the policy's fail mode when no verdict comes."""
 
@@ -21,6 +21,7 @@ async def verdict(
     texts: list[str],
     parent: UsageRecord,
     scan: Scan,
+    direction: str = "input",
 ) -> GatewayError | None:
     """The verdict on ``texts``: None (pass, or a ``log`` action), else the
     error refusing the request: ``ContentFiltered`` (a block) or
@@ -37,20 +38,23 @@ async def verdict(
             check.model, texts, parent, check.bill_tenant, check.timeout_s
         )
     except Exception as exc:  # noqa: BLE001 - any failure: the policy's fail mode decides
-        return _failed(check, scan, exc)
+        return _failed(check, scan, exc, direction)
     flagged = sorted({c for r in results for c in check.flagged(r)})
+    action = check.action_on(direction)
     for category in flagged:
-        scan.tally((check.guardrail, DETECTOR, category, check.action, "input"))
-    if flagged and check.action == "block":
-        return check.refusal(flagged[0])
+        scan.tally((check.guardrail, DETECTOR, category, action, direction))
+    if flagged and action == "block":
+        return check.refusal(flagged[0], direction)
     return None
 
 
-def _failed(check: ModerationCheck, scan: Scan, exc: Exception) -> GatewayError | None:
+def _failed(
+    check: ModerationCheck, scan: Scan, exc: Exception, direction: str
+) -> GatewayError | None:
     why = "timed out" if isinstance(exc, TimeoutError) else "failed"
     if isinstance(exc, GatewayError):
         why = f"failed ({exc.code})"
     action = "fail_closed" if check.fail_closed else "fail_open"
-    scan.tally((check.guardrail, DETECTOR, "unavailable", action, "input"))
-    log.warning("guardrail %s: moderation %s (%s)", check.guardrail, why, action)
-    return check.unavailable(why) if check.fail_closed else None
+    scan.tally((check.guardrail, DETECTOR, "unavailable", action, direction))
+    log.warning("guardrail %s: %s moderation %s (%s)", check.guardrail, direction, why, action)
+    return check.unavailable(why, direction) if check.fail_closed else None

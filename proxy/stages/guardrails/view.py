@@ -26,8 +26,9 @@ LONG_RUN = re.compile(r"\d(?:[ ()./+-]{0,2}\d){3,}")
 MIN_DIGITS = 4  # the fewest digits any number detector accepts (1.2.3.4)
 _SHAPE = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"0" * 10 + b"A" * 26)
 
-Window = tuple[int, int]
+Window = tuple[int, int, int]  # a run of digits: start, end, how many digits it holds
 DIGIT = "0-9"  # the gate of detectors whose every match holds a digit (any digit)
+RUNS = "0000"  # the gate of detectors that match only inside a run of digits (``runs``)
 
 # Zero-width and other invisible format characters that render as nothing.
 INVISIBLE = frozenset(
@@ -88,7 +89,9 @@ class View:
         return self._shape
 
     def runs(self) -> list[Window]:
-        """The maximal runs of digits (``RUN``) holding at least ``MIN_DIGITS`` digits."""
+        """The maximal runs of digits (``RUN``) holding at least ``MIN_DIGITS``
+        digits, each with its count of digits (a detector skips the runs too
+        short for any match it would accept)."""
         if self._runs is None:
             self._runs = self._find_runs()
         return self._runs
@@ -96,15 +99,18 @@ class View:
     def _find_runs(self) -> list[Window]:
         text, shape = self.text, self.shape()
         if shape is None:
-            return [m.span() for m in LONG_RUN.finditer(text)]
+            return [
+                (m.start(), m.end(), sum(c.isdigit() for c in m.group()))
+                for m in LONG_RUN.finditer(text)
+            ]
         out: list[Window] = []
         pos = 0
         while (i := shape.find(b"0", pos)) >= 0:
             m = RUN.match(text, i)
             assert m is not None  # text[i] is a digit
             pos = m.end()
-            if pos - i >= MIN_DIGITS and shape.count(b"0", i, pos) >= MIN_DIGITS:
-                out.append((i, pos))
+            if pos - i >= MIN_DIGITS and (n := shape.count(b"0", i, pos)) >= MIN_DIGITS:
+                out.append((i, pos, n))
         return out
 
     def folded(self) -> tuple[str, list[int] | None]:
