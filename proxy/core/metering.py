@@ -17,11 +17,14 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy.core import tokens
-from proxy.core.sse import DONE, event_data
+from proxy.core.sse import DONE, event_data, split_events
 from proxy.core.usage import Usage, usage_from_openai
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _FINISH_MARKERS = (b'"finish_reason":"', b'"finish_reason": "')  # a string, not null
+# What makes a read worth looking at event by event; any other read is
+# forwarded and kept as it came.
+_MARKERS = (*_USAGE_MARKERS, *_FINISH_MARKERS, b"[DONE]")
 
 
 def _choice_text(choice: dict[str, Any]) -> str:
@@ -65,7 +68,7 @@ class StreamMeter:
     finish reason are decoded; the others pass as bytes.
     """
 
-    __slots__ = ("_finished", "_payloads", "choices", "client_wants_usage", "done", "usage")
+    __slots__ = ("_finished", "_kept", "choices", "client_wants_usage", "done", "usage")
 
     def __init__(self, client_wants_usage: bool, choices: int = 1) -> None:
         self.client_wants_usage = client_wants_usage
@@ -73,7 +76,9 @@ class StreamMeter:
         self.usage: Usage | None = None
         self.done = False
         self._finished: set[object] = set()  # indexes of choices with a finish reason
-        self._payloads: list[bytes] = []
+        # The forwarded events, as they were forwarded (whole reads mostly):
+        # their payloads are taken out only when someone asks (``payloads``).
+        self._kept: list[bytes] = []
 
     def observe(self, event: bytes) -> bytes | None:
         data = event_data(event)
@@ -95,7 +100,7 @@ class StreamMeter:
                     self.usage = found
                 if has_usage and not self.client_wants_usage and not obj.get("choices"):
                     return None
-        self._payloads.append(data)
+        self._kept.append(event if event.endswith(b"\n\n") else event + b"\n\n")
         return event
 
     def _note_finish(self, obj: dict[str, Any]) -> None:
@@ -122,13 +127,34 @@ class StreamMeter:
             return self.observe(events[0]) or b""
         return b"".join([out for event in events if (out := self.observe(event)) is not None])
 
+    def observe_read(self, events: bytes) -> bytes:
+        """``observe_batch`` on the whole events of one upstream read, given
+        as one bytes (``sse.EventSplitter``). A read without usage, a finish
+        reason or ``[DONE]`` is forwarded as is without being split: the
+        usual case on a stream, a plain substring scan."""
+        for marker in _MARKERS:
+            if marker in events:
+                return self.observe_batch(split_events(events))
+        self._kept.append(events)
+        return events
+
     @property
     def payloads(self) -> list[bytes]:
-        """The ``data:`` payloads forwarded so far, in order (not ``[DONE]``)."""
-        return self._payloads
+        """The ``data:`` payloads forwarded so far, in order (not ``[DONE]``).
+        Computed on each call (a thread may ask while the loop appends)."""
+        out = []
+        for kept in self._kept:
+            if kept.startswith(b"data: ") and kept.find(b"\n") == len(kept) - 2:
+                out.append(kept[6:-2])  # one event of one data line: the usual case
+                continue
+            for event in split_events(kept):
+                data = event_data(event)
+                if data is not None and data != b"[DONE]":
+                    out.append(data)
+        return out
 
     def delivered_text(self) -> str:
-        return text_of_payloads(self._payloads)
+        return text_of_payloads(self.payloads)
 
     def reported(self) -> Usage | None:
         """The provider's usage when it can be trusted without counting
