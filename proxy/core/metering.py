@@ -129,14 +129,24 @@ class StreamMeter:
 
     def observe_read(self, events: bytes) -> bytes:
         """``observe_batch`` on the whole events of one upstream read, given
-        as one bytes (``sse.EventSplitter``). A read without usage, a finish
-        reason or ``[DONE]`` is forwarded as is without being split: the
-        usual case on a stream, a plain substring scan."""
+        as one bytes (``sse.EventSplitter``). Only the events from the first
+        that may carry usage, a finish reason or ``[DONE]`` on are looked at
+        one by one; those before it are forwarded and kept as they came
+        (a substring scan: on a stream, usually the whole read)."""
+        first = -1
         for marker in _MARKERS:
-            if marker in events:
-                return self.observe_batch(split_events(events))
-        self._kept.append(events)
-        return events
+            at = events.find(marker)
+            if at >= 0 and (first < 0 or at < first):
+                first = at
+        if first < 0:
+            self._kept.append(events)
+            return events
+        start = events.rfind(b"\n\n", 0, first) + 2  # after the event before it (1: none)
+        if start < 2:
+            return self.observe_batch(split_events(events))
+        head = events[:start]
+        self._kept.append(head)
+        return head + self.observe_batch(split_events(events[start:]))
 
     @property
     def payloads(self) -> list[bytes]:

@@ -94,7 +94,9 @@ async def reserve(
     limits = limits_for(who, tier, now)
     if not limits:
         return None
-    if prompt is None:
-        prompt = tokens.count_prompt(body, endpoint, plan.public_model)
+    if prompt is None:  # a tier without token limits: no estimate made yet
+        # The size-based estimate (never below tiktoken's count), not tiktoken
+        # itself: nothing proportional to the prompt runs on the event loop.
+        prompt = tokens.estimate_prompt(body, endpoint)
     micros = max_cost(plan, prices, prompt, completion_budget(body, endpoint))
     return await book.admit(limits, micros, now.date())
