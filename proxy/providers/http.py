@@ -9,6 +9,7 @@ body mid-stream ``UpstreamStreamBroken`` (502).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -35,7 +36,13 @@ def client_timeout(cfg: ProviderConfig, timeouts: Timeouts | None = None) -> aio
     """The request's ClientTimeout. ``sock_read`` starts as ``first_byte``:
     the wait for the answer; ``post`` turns it into ``idle`` once the
     answer has begun (aiohttp has one read timer for both)."""
-    t = timeouts or cfg.timeouts
+    return _client_timeout(timeouts or cfg.timeouts)
+
+
+@functools.lru_cache(maxsize=512)
+def _client_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
+    # Immutable both: one per distinct Timeouts, not one per request (a
+    # non-stream total cut to the retry deadline is a new one each time).
     return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.first_byte)
 
 
