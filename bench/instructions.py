@@ -106,12 +106,23 @@ class Case:
 
 def cases(prompt_kb: float) -> list[Case]:
     chat, stream = (run.sized(s, prompt_kb) for s in run.SCENARIOS)
+    # The long-stream shape: one event per upstream read (the fake's
+    # bench-long model, DRIP_CHUNKS events DRIP_GAP_MS apart), where
+    # chat-stream's events arrive all at once and are read in a few reads.
+    drip = run.Scenario(
+        "drip-stream", stream.path, {**stream.body, "model": run.LONG_MODEL}, True, prompt_kb
+    )
     return [
         Case("chat", chat, billing=False),
         Case("chat-stream", stream, billing=False),
         Case("billing-chat", chat, billing=True),
         Case("billing-stream", stream, billing=True),
+        Case("drip-stream", drip, billing=False),
     ]
+
+
+DRIP_CHUNKS = 20
+DRIP_GAP_MS = 10.0  # under valgrind, well above the gateway's time per event: one event per read
 
 
 DEFAULT_CASES = "chat,chat-stream,billing-chat"
@@ -545,7 +556,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             provider_port = run._free_port()
             fake = [run.PY, str(run.BENCH / "fake_provider.py"), str(provider_port)]
-            procs.start("fake_provider", [*fake, f"--chunks={args.chunks}"], "", provider_port)
+            drip = [f"--long-chunks={DRIP_CHUNKS}", f"--long-gap-ms={DRIP_GAP_MS:g}"]
+            procs.start(
+                "fake_provider", [*fake, f"--chunks={args.chunks}", *drip], "", provider_port
+            )
             revisions = [
                 prepare(rev, i, workdir, stores, args.budgets) for i, rev in enumerate(revs)
             ]

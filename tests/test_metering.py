@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
@@ -182,3 +183,80 @@ async def test_counting_at_settle_does_not_stall_the_event_loop() -> None:
     _, usage = await asyncio.gather(ticker(), settle())
     assert usage == inline and usage.source == "estimated"
     assert max(gaps) < took / 2, f"loop stalled {max(gaps):.3f}s of a {took:.3f}s count"
+
+
+def _reads(wire: bytes, rng: random.Random) -> list[bytes]:
+    """``wire`` cut into 1 to 5 reads at random places."""
+    cuts = sorted(rng.sample(range(1, len(wire)), min(len(wire) - 1, rng.randint(0, 4))))
+    return [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+
+
+async def test_the_relay_splitter_finds_the_events_iter_event_batches_finds() -> None:
+    """``EventSplitter`` (the relay's, one bytes per read) against the
+    event-list splitter on random wires and cuts: CRLF, blank events,
+    comments, multi-line events, a cut last event."""
+    from proxy.core.sse import EventSplitter, IncompleteEvent, iter_event_batches, split_events
+
+    rng = random.Random(7)
+    parts = [b"data: x", b"\n", b"\r", b" ", b"\n\n", DONE, b": ping", b"event: e\ndata: y"]
+    for _ in range(3000):
+        wire = b"".join(rng.choice(parts) for _ in range(rng.randint(1, 12)))
+        reads = _reads(wire, rng)
+
+        async def pieces(reads: list[bytes] = reads) -> Any:
+            for piece in reads:
+                yield piece
+
+        want: list[bytes] = []
+        tail = b""
+        try:
+            async for batch in iter_event_batches(pieces()):
+                want.append(b"".join(batch))
+        except IncompleteEvent as exc:
+            tail = exc.tail
+        splitter = EventSplitter()
+        got = [events for piece in reads if (events := splitter.feed(piece))]
+        assert (got, splitter.tail()) == (want, tail), reads
+        assert all(b"".join(split_events(events)) == events for events in got)
+
+
+def test_a_read_is_metered_as_its_events_one_by_one() -> None:
+    """``observe_read`` on random reads of a stream forwards the same bytes
+    and finds the same usage, finish and payloads as ``observe`` on each
+    event (the usage chunk dropped when the client did not ask for it)."""
+    from proxy.core.sse import EventSplitter, event_data
+
+    rng = random.Random(11)
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    for i in range(1500):
+        envelope = {"id": "chatcmpl-1", "object": "chat.completion.chunk"} if i % 2 else {}
+        events = [
+            data_event({**envelope, "choices": [{"index": 0, "delta": {"content": text}}]})
+            for text in rng.choices(["a", "[DONE]", '"usage":{', "b c"], k=rng.randint(0, 6))
+        ]
+        if i % 3 == 0:
+            events.insert(rng.randint(0, len(events)), b": ping\n\n")
+        if i % 5 == 0:
+            events.insert(rng.randint(0, len(events)), b"data: {}\n\n")
+        events.append(data_event({**envelope, "choices": [{"index": 0, "finish_reason": "stop"}]}))
+        if rng.random() < 0.7:
+            events.append(data_event({**envelope, "choices": [], "usage": usage}))
+        events.append(DONE)
+        wants = rng.random() < 0.5
+        one_by_one = StreamMeter(wants)
+        sent = b"".join(out for e in events if (out := one_by_one.observe(e)) is not None)
+        meter, splitter = StreamMeter(wants), EventSplitter()
+        relayed = b"".join(
+            meter.observe_read(read)
+            for piece in _reads(b"".join(events), rng)
+            if (read := splitter.feed(piece))
+        )
+        assert relayed == sent
+        forwarded = [e for e in events if e != DONE and (wants or b'"usage":{"' not in e)]
+        payloads = [d for e in forwarded if (d := event_data(e)) is not None]
+        assert meter.payloads == one_by_one.payloads == payloads
+        assert (meter.usage, meter.done, meter.complete()) == (
+            one_by_one.usage,
+            one_by_one.done,
+            one_by_one.complete(),
+        )

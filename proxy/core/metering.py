@@ -17,11 +17,14 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy.core import tokens
-from proxy.core.sse import DONE, event_data
+from proxy.core.sse import DONE, event_data, split_events
 from proxy.core.usage import Usage, usage_from_openai
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _FINISH_MARKERS = (b'"finish_reason":"', b'"finish_reason": "')  # a string, not null
+# What makes a read worth looking at event by event; any other read is
+# forwarded and kept as it came.
+_MARKERS = (*_USAGE_MARKERS, *_FINISH_MARKERS, b"[DONE]")
 
 
 def _choice_text(choice: dict[str, Any]) -> str:
@@ -65,7 +68,15 @@ class StreamMeter:
     finish reason are decoded; the others pass as bytes.
     """
 
-    __slots__ = ("_finished", "_payloads", "choices", "client_wants_usage", "done", "usage")
+    __slots__ = (
+        "_envelope",
+        "_finished",
+        "_kept",
+        "choices",
+        "client_wants_usage",
+        "done",
+        "usage",
+    )
 
     def __init__(self, client_wants_usage: bool, choices: int = 1) -> None:
         self.client_wants_usage = client_wants_usage
@@ -73,7 +84,16 @@ class StreamMeter:
         self.usage: Usage | None = None
         self.done = False
         self._finished: set[object] = set()  # indexes of choices with a finish reason
-        self._payloads: list[bytes] = []
+        # The forwarded events, as they were forwarded (whole reads mostly):
+        # their payloads are taken out only when someone asks (``payloads``).
+        # Kept for the whole stream (an estimate, the cache and the journal
+        # may need the text), so kept small: a read that begins with the
+        # envelope every chunk of this stream repeats (``data: {"id": ...,
+        # "model": ..., `` up to ``"choices"``, learnt from the first) is kept
+        # without it, which is then the only kind of entry that begins with
+        # a quote; about half of a typical chunk's bytes.
+        self._kept: list[bytes] = []
+        self._envelope: bytes | None = None
 
     def observe(self, event: bytes) -> bytes | None:
         data = event_data(event)
@@ -95,8 +115,24 @@ class StreamMeter:
                     self.usage = found
                 if has_usage and not self.client_wants_usage and not obj.get("choices"):
                     return None
-        self._payloads.append(data)
+        self._keep(event if event.endswith(b"\n\n") else event + b"\n\n")
         return event
+
+    def _keep(self, events: bytes) -> None:
+        envelope = self._envelope
+        if envelope is None and events.startswith(b"data: {"):
+            at = events.find(b'"choices"')
+            envelope = self._envelope = events[:at] if 0 < at < events.find(b"\n") else b"data: {"
+        if (
+            envelope is not None
+            and events.startswith(envelope)
+            and events.startswith(b'"', len(envelope))
+        ):
+            self._kept.append(events[len(envelope) :])  # begins with a quote
+        elif events.startswith(b'"'):  # not SSE a client could use; kept apart from the above
+            self._kept.append(b"\n" + events)
+        else:
+            self._kept.append(events)
 
     def _note_finish(self, obj: dict[str, Any]) -> None:
         for choice in obj.get("choices") or ():
@@ -122,13 +158,47 @@ class StreamMeter:
             return self.observe(events[0]) or b""
         return b"".join([out for event in events if (out := self.observe(event)) is not None])
 
+    def observe_read(self, events: bytes) -> bytes:
+        """``observe_batch`` on the whole events of one upstream read, given
+        as one bytes (``sse.EventSplitter``). Only the events from the first
+        that may carry usage, a finish reason or ``[DONE]`` on are looked at
+        one by one; those before it are forwarded and kept as they came
+        (a substring scan: on a stream, usually the whole read)."""
+        first = -1
+        for marker in _MARKERS:
+            at = events.find(marker)
+            if at >= 0 and (first < 0 or at < first):
+                first = at
+        if first < 0:
+            self._keep(events)
+            return events
+        start = events.rfind(b"\n\n", 0, first) + 2  # after the event before it (1: none)
+        if start < 2:
+            return self.observe_batch(split_events(events))
+        head = events[:start]
+        self._keep(head)
+        return head + self.observe_batch(split_events(events[start:]))
+
     @property
     def payloads(self) -> list[bytes]:
-        """The ``data:`` payloads forwarded so far, in order (not ``[DONE]``)."""
-        return self._payloads
+        """The ``data:`` payloads forwarded so far, in order (not ``[DONE]``).
+        Computed on each call (a thread may ask while the loop appends)."""
+        out = []
+        envelope = self._envelope or b""
+        for kept in self._kept:
+            if kept.startswith(b'"'):
+                kept = envelope + kept
+            if kept.startswith(b"data: ") and kept.find(b"\n") == len(kept) - 2:
+                out.append(kept[6:-2])  # one event of one data line: the usual case
+                continue
+            for event in split_events(kept):
+                data = event_data(event)
+                if data is not None and data != b"[DONE]":
+                    out.append(data)
+        return out
 
     def delivered_text(self) -> str:
-        return self.text_of(self._payloads)
+        return self.text_of(self.payloads)
 
     def text_of(self, payloads: list[bytes]) -> str:
         """The answer text these ``payloads`` (some of ``payloads``) carry."""

@@ -53,6 +53,48 @@ async def iter_event_batches(chunks: AsyncIterable[bytes]) -> AsyncIterator[list
         raise IncompleteEvent(buf)
 
 
+class EventSplitter:
+    """Whole events out of arbitrary reads, as one bytes per read: the relay
+    writes them in one piece and meters them without splitting them first."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole events this chunk completed (b"": none yet),
+        LF-normalised, blank ones left out."""
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:  # see iter_event_batches: a CRLF may straddle two reads
+            buf = buf.replace(b"\r\n", b"\n")
+        first = buf.find(b"\n\n")
+        if first < 0:
+            self._buf = buf
+            return b""
+        if first == len(buf) - 2:  # exactly one event and nothing after it: the usual read
+            self._buf = b""
+            return b"" if buf.isspace() else buf
+        # Separators found left to right without overlap, as iter_event_batches does.
+        parts = buf.split(b"\n\n")
+        rest = self._buf = parts.pop()
+        kept = [p for p in parts if p and not p.isspace()]
+        if len(kept) == len(parts):
+            return buf[: len(buf) - len(rest)] if rest else buf
+        return b"\n\n".join(kept) + b"\n\n" if kept else b""
+
+    def tail(self) -> bytes:
+        """What is left unfinished (a cut stream's last, partial event)."""
+        return self._buf if self._buf.strip() else b""
+
+
+def split_events(region: bytes) -> list[bytes]:
+    """The events of a region ``EventSplitter.feed`` returned, one by one."""
+    parts = region.split(b"\n\n")
+    parts.pop()
+    return [p + b"\n\n" for p in parts]
+
+
 class IncompleteEvent(Exception):
     def __init__(self, tail: bytes) -> None:
         super().__init__("stream ended inside an event")

@@ -22,7 +22,7 @@ import orjson
 from proxy.core import tokens
 from proxy.core.errors import GatewayError
 from proxy.core.metering import StreamMeter
-from proxy.core.sse import event_data
+from proxy.core.sse import event_data, split_events
 from proxy.core.usage import Usage
 
 Json = dict[str, Any]
@@ -34,11 +34,16 @@ class NativeMeter(StreamMeter):
     def __init__(self) -> None:
         super().__init__(client_wants_usage=True)
 
+    def observe_read(self, events: bytes) -> bytes:
+        """Every event looked at: which ones end the answer is the API's own
+        (``MARKERS``), not chat's."""
+        return self.observe_batch(split_events(events))
+
     def observe(self, event: bytes) -> bytes | None:
         data = event_data(event)
         if data is None:
             return event  # a comment
-        self._payloads.append(data)
+        self._keep(event if event.endswith(b"\n\n") else event + b"\n\n")
         if any(marker in data for marker in self.MARKERS):
             try:
                 obj = orjson.loads(data)

@@ -101,8 +101,8 @@ def fit_context(ex: Exchange, plan: RoutePlan, asked: int) -> RoutePlan:
         return plan
     admission = ex.record.admission
     prompt = admission.prompt_tokens if isinstance(admission, Admission) else None
-    if prompt is None:
-        prompt = tokens.count_prompt(ex.body, ex.endpoint, plan.public_model)
+    if prompt is None:  # no admission estimate (auth: none, or a tier without token limits)
+        prompt = tokens.estimate_prompt(ex.body, ex.endpoint)  # not tiktoken: O(1) per text
     if asked and isinstance(admission, Admission):
         asked = min(asked, admission.tier.max_tokens)
     return fit(plan, prompt + asked)

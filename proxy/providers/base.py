@@ -83,6 +83,19 @@ class UpstreamStream(ABC):
         async for event in self:
             yield [event]
 
+    _grouped: AsyncIterator[list[bytes]] | None = None
+
+    async def read(self) -> bytes:
+        """The next group of ``batches()`` as one bytes, b"" at the end: what
+        the relay reads. An adapter reading SSE from the wire overrides it
+        with its read loop (``http.EventBody``), one call per upstream read."""
+        if self._grouped is None:
+            self._grouped = self.batches()
+        while (batch := await anext(self._grouped, None)) is not None:
+            if events := b"".join(batch):
+                return events
+        return b""
+
     @abstractmethod
     async def aclose(self) -> None: ...
 

@@ -8,7 +8,9 @@ body mid-stream ``UpstreamStreamBroken`` (502).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -24,6 +26,7 @@ from proxy.core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.core.sse import EventSplitter
 
 # Response headers worth passing to the client from a provider's error.
 PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
@@ -33,7 +36,13 @@ def client_timeout(cfg: ProviderConfig, timeouts: Timeouts | None = None) -> aio
     """The request's ClientTimeout. ``sock_read`` starts as ``first_byte``:
     the wait for the answer; ``post`` turns it into ``idle`` once the
     answer has begun (aiohttp has one read timer for both)."""
-    t = timeouts or cfg.timeouts
+    return _client_timeout(timeouts or cfg.timeouts)
+
+
+@functools.lru_cache(maxsize=512)
+def _client_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
+    # Immutable both: one per distinct Timeouts, not one per request (a
+    # non-stream total cut to the retry deadline is a new one each time).
     return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.first_byte)
 
 
@@ -132,6 +141,115 @@ async def iter_body(
         raise _timed_out(exc, cfg, timeouts or cfg.timeouts, "mid-stream") from None
     except (aiohttp.ClientError, OSError):
         raise UpstreamStreamBroken(f"provider '{cfg.name}' broke off the stream") from None
+
+
+class EventBody:
+    """An SSE response body read as whole events, one upstream read at a
+    time: the one loop a stream's bytes go through (no generator layers).
+
+    The idle bound is kept here, not by aiohttp: its ``sock_read`` re-arms a
+    timer on every read the socket makes; this keeps one timer per stream
+    that, when it fires, looks at when the last bytes were read and either
+    fires the timeout or re-arms for the rest of the gap. Same bound: the
+    provider silent for ``idle`` once the answer has begun. Bytes already
+    received but not yet read (the client is slow to take them) are not a
+    provider's silence, as with aiohttp, which stops its timer when it stops
+    reading. ``first_byte`` stays aiohttp's (the timer running since the
+    headers), and ``total`` too (one timer per request).
+    """
+
+    __slots__ = (
+        "_cfg",
+        "_check",
+        "_content",
+        "_got",
+        "_handle",
+        "_idle",
+        "_loop",
+        "_split",
+        "_timeouts",
+        "last",
+        "pending",
+    )
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        cfg: ProviderConfig,
+        timeouts: Timeouts | None,
+        check: Callable[[bytes], bytes] | None = None,
+    ) -> None:
+        """``check``: given each read's whole events, returns what to pass
+        on, or raises a gateway error (a provider's error event)."""
+        self._content = resp.content
+        self._cfg, self._timeouts, self._check = cfg, timeouts, check
+        self._split = EventSplitter()
+        self._loop = asyncio.get_running_loop()
+        self.last = self._loop.time()  # when bytes were last read
+        self._got = 0  # bytes read so far
+        self._handle: asyncio.TimerHandle | None = None
+        self.pending: GatewayError | None = None  # raised by the next read (``check`` sets it)
+        self._idle = (timeouts or cfg.timeouts).idle
+        protocol = resp.connection.protocol if resp.connection is not None else None
+        if protocol is not None and self._idle:
+            protocol.read_timeout = None  # from the next read on, ours
+            if resp.content.total_bytes:  # the answer has begun: first_byte is over
+                protocol.start_timeout()  # (drops the timer running since the headers)
+            self._handle = self._loop.call_at(self.last + self._idle, self._expire)
+
+    def _expire(self) -> None:
+        content = self._content
+        now = self._loop.time()
+        if content.exception() is not None or content.is_eof():
+            self._handle = None
+            return
+        if not content.total_bytes or content.total_bytes > self._got:
+            # Not begun (first_byte's to bound), or bytes wait for us: not silence.
+            due = now + self._idle
+        elif now - self.last >= self._idle:
+            self._handle = None
+            content.set_exception(aiohttp.ServerTimeoutError("Timeout on reading data from socket"))
+            return
+        else:
+            due = self.last + self._idle
+        self._handle = self._loop.call_at(due, self._expire)
+
+    async def read(self) -> bytes:
+        """The whole events of the next upstream read(s), as one bytes;
+        b"" at the end of the stream."""
+        if self.pending is not None:
+            raise self.pending
+        content, split = self._content, self._split
+        while True:
+            try:
+                chunk = await content.readany()
+            except TimeoutError as exc:
+                self.close()
+                raise _timed_out(
+                    exc, self._cfg, self._timeouts or self._cfg.timeouts, "mid-stream"
+                ) from None
+            except (aiohttp.ClientError, OSError):
+                self.close()
+                raise UpstreamStreamBroken(
+                    f"provider '{self._cfg.name}' broke off the stream"
+                ) from None
+            if not chunk:
+                self.close()
+                if split.tail():
+                    raise UpstreamStreamBroken(
+                        f"provider '{self._cfg.name}' ended the stream mid-event"
+                    )
+                return b""
+            self.last = self._loop.time()
+            self._got += len(chunk)
+            events = split.feed(chunk)
+            if events:
+                return self._check(events) if self._check is not None else events
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _timed_out(exc: TimeoutError, cfg: ProviderConfig, t: Timeouts, what: str) -> UpstreamTimeout:

@@ -22,7 +22,7 @@ import orjson
 from proxy.config.model import ProviderConfig, Timeouts
 from proxy.core import redact
 from proxy.core.errors import GatewayError, UpstreamStreamBroken, UpstreamUnavailable
-from proxy.core.sse import IncompleteEvent, event_data, iter_event_batches
+from proxy.core.sse import event_data, split_events
 from proxy.core.usage import usage_from_openai, usage_from_responses
 from proxy.providers import http, native, paths
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
@@ -43,26 +43,32 @@ class OpenAIStream(BatchedStream):
     ) -> None:
         self._resp = resp
         self._cfg = cfg
-        self._timeouts = timeouts
         self.headers = {}
+        self._body = http.EventBody(resp, cfg, timeouts, self._check)
+        self.read = self._body.read  # type: ignore[method-assign]  # no frame of our own per read
+
+    def _check(self, events: bytes) -> bytes:
+        """A provider's error event ends the stream: the events before it
+        go on, the error is raised (by the next read, if any went on)."""
+        if b'"error"' not in events:
+            return events
+        batch = split_events(events)
+        at = _error_at(batch)
+        if at is None:
+            return events
+        error = _stream_error(batch[at], self._cfg.name)
+        if not at:
+            self._body.close()
+            raise error
+        self._body.pending = error
+        return b"".join(batch[:at])
 
     async def batches(self) -> AsyncIterator[list[bytes]]:
-        try:
-            body = http.iter_body(self._resp, self._cfg, self._timeouts)
-            async for batch in iter_event_batches(body):
-                at = _error_at(batch)
-                if at is None:
-                    yield batch
-                    continue
-                if at:
-                    yield batch[:at]
-                raise _stream_error(batch[at], self._cfg.name)
-        except IncompleteEvent:
-            raise UpstreamStreamBroken(
-                f"provider '{self._cfg.name}' ended the stream mid-event"
-            ) from None
+        while events := await self.read():
+            yield split_events(events)
 
     async def aclose(self) -> None:
+        self._body.close()
         self._resp.close()
 
 

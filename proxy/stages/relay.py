@@ -80,9 +80,11 @@ async def stream(
     try:
         await resp.prepare(request)  # inside: a client gone already still closes upstream
         # One write per upstream read, however many events it carried: a
-        # write is a chunk frame and a send() of its own.
-        async for batch in upstream.batches():
-            out = meter.observe_batch(batch)
+        # write is a chunk frame and a send() of its own. One loop, one
+        # call per read (``UpstreamStream.read``), no generator layers.
+        read = upstream.read
+        while batch := await read():
+            out = meter.observe_read(batch)
             for chunk_filter in filters:
                 if out:
                     if isinstance(chunk_filter, AsyncChunkFilter):

@@ -120,7 +120,8 @@ def build_app(
     # The reloader needs to know whether a database is there.
     app.cleanup_ctx.append(reload.reload_ctx(reloading or reload.ReloadOptions(None)))
     app.cleanup_ctx.append(_runtime)  # last: everything the pipeline is handed exists
-    app.on_startup.append(_warm_tokens)
+    if _counts_soon(config):
+        app.on_startup.append(_warm_tokens)
     _routes(app)
     return app
 
@@ -147,6 +148,18 @@ def _routes(app: web.Application) -> None:
     r.add_post("/admin/reload", admin.guard(reload.post_reload, needs_db=False))
     admin.add_routes(app)
     admin_webhooks.add_routes(app)
+
+
+def _counts_soon(config: Config) -> bool:
+    """Whether tiktoken's table (~39 MB resident per worker) is loaded at
+    start. Billing's journal (``auth: keys``) counts every stream that runs
+    past its first checkpoint, and Gemini embeddings (and the echo provider)
+    count on the event loop: for them, at start, in a thread. Otherwise
+    nothing counts unless a provider leaves out usage, and that count runs
+    in a thread, which then loads it (~0.3 s, once)."""
+    return config.auth == "keys" or any(
+        p.kind in ("gemini", "echo") for p in config.providers.values()
+    )
 
 
 async def _warm_tokens(app: web.Application) -> None:

@@ -105,9 +105,9 @@ async def reserve(
     limits = limits_for(who, tier, now)
     if not limits:
         return None
-    if prompt is None:
-        # A bound from sizes (never below tiktoken's count on real text):
-        # the excess is refunded at settle, and it costs no tokenizer pass.
+    if prompt is None:  # a tier without token limits: no estimate made yet
+        # The size-based estimate (never below tiktoken's count), not tiktoken
+        # itself: nothing proportional to the prompt runs on the event loop.
         prompt = tokens.estimate_prompt(body, endpoint)
     micros = max_cost(plan, prices, prompt, completion_budget(body, endpoint))
     day = now.date()

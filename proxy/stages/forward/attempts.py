@@ -58,8 +58,9 @@ from proxy.core.errors import (
     UpstreamTimeout,
 )
 from proxy.core.record import AttemptRecord, UsageRecord
+from proxy.core.sse import split_events
 from proxy.core.trace import NO_SPAN, Span
-from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
+from proxy.providers.base import Call, Provider, Reply, UpstreamStream
 from proxy.stages.forward.balance import InFlight, Slot, arrange
 from proxy.stages.forward.breaker import Breakers, Health, MemoryBreakerStore, verdict
 from proxy.stages.forward.provider_limits import Permit, ProviderGate
@@ -270,13 +271,13 @@ class _Run:
                     upstream = await provider.stream(call)
                 else:
                     upstream = await provider.native_stream(call)
-                batches, first = await _first_batch(upstream, target.provider.name)
+                first = await _first_events(upstream, target.provider.name)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"provider '{target.provider.name}' did not answer within {budget:.3g}s"
             ) from None
         self.record.attempt_log[-1].status = 200
-        guarded = GuardedStream(upstream, batches, first, slot, lambda e: self._report(target, e))
+        guarded = GuardedStream(upstream, first, slot, lambda e: self._report(target, e))
         return Forwarded(target, self.attempts, stream=guarded, native=call.api is not None)
 
     async def _failed(self, target: Target, exc: GatewayError) -> None:
@@ -341,50 +342,51 @@ class _Run:
         return err
 
 
-async def _first_batch(
-    upstream: UpstreamStream, name: str
-) -> tuple[AsyncIterator[list[bytes]], list[bytes]]:
-    """The stream's batches and the first of them; the upstream is closed on failure."""
-    batches = upstream.batches()
+async def _first_events(upstream: UpstreamStream, name: str) -> bytes:
+    """The stream's first read of whole events; the upstream is closed on failure."""
     try:
-        return batches, await anext(batches)
-    except StopAsyncIteration:
-        await upstream.aclose()
-        raise UpstreamStreamBroken(
-            f"provider '{name}' ended the stream before sending anything"
-        ) from None
+        first = await upstream.read()
     except BaseException:
         await upstream.aclose()
         raise
+    if not first:
+        await upstream.aclose()
+        raise UpstreamStreamBroken(f"provider '{name}' ended the stream before sending anything")
+    return first
 
 
-class GuardedStream(BatchedStream):
-    """The upstream stream as the relay sees it: the first batch of events
-    (already read by ``forward``) comes first; a provider failure, the idle
-    gap and the total time included (the adapter raises them as
-    ``UpstreamError``, from the attempt's ClientTimeout), counts against the
+class GuardedStream(UpstreamStream):
+    """The upstream stream as the relay sees it: the first events (already
+    read by ``forward``) come first; a provider failure, the idle gap and
+    the total time included (the adapter raises them as ``UpstreamError``,
+    from its read loop or the attempt's ClientTimeout), counts against the
     target's breaker; the in-flight slot is freed on close."""
 
     def __init__(
         self,
         upstream: UpstreamStream,
-        batches: AsyncIterator[list[bytes]],
-        first: list[bytes],
+        first: bytes,
         slot: Slot,
         on_broken: Callable[[GatewayError], Awaitable[None]],
     ) -> None:
         self.headers = upstream.headers
-        self._upstream, self._batches, self._first = upstream, batches, first
+        self._upstream, self._first = upstream, first
         self._slot, self._on_broken = slot, on_broken
 
-    async def batches(self) -> AsyncIterator[list[bytes]]:
-        yield self._first
+    async def read(self) -> bytes:
+        if self._first:
+            first, self._first = self._first, b""
+            return first
         try:
-            async for batch in self._batches:
-                yield batch
+            return await self._upstream.read()
         except UpstreamError as exc:
             await self._on_broken(exc)
             raise
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        while events := await self.read():
+            for event in split_events(events):
+                yield event
 
     async def aclose(self) -> None:
         self._slot.release()
