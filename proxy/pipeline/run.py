@@ -14,8 +14,10 @@ including rejected, failed and disconnected ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
@@ -48,10 +50,14 @@ def authenticate(request: web.Request, ex: Exchange) -> Principal | None:
     who = request.get(PRINCIPAL)
     if who is None:  # the config turned keys on after the gate let this request in
         raise InvalidApiKey("API keys are required on this gateway.")
-    record = ex.record
+    name(ex.record, who)
+    return who
+
+
+def name(record: UsageRecord, who: Principal) -> None:
+    """The usage row says whose request it was."""
     record.tenant, record.tenant_id, record.key_id = who.tenant, who.tenant_id, who.key_id
     record.key_prefix = who.key_prefix
-    return who
 
 
 async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
@@ -60,6 +66,8 @@ async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
     ex.record.admission = admission = await rt.billing.admit(
         ex.config, ex.who, ex.body, ex.endpoint, ex.model
     )
+    if ex.event_id:  # a batch line's row is keyed by its batch and line, never drawn
+        admission.event_id = ex.event_id
     rt.billing.journal_open(ex.record, ex.body)
     if rt.billing.budgets is not None:
         admission.budget = await budget.reserve(
@@ -150,33 +158,57 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
     record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
     record.client_ip = request.get(CLIENT_IP)
     ex = Exchange(request, record, snapshot.config, endpoint, {}, started)
-    ex.trace = trace = request.get(TRACE, NO_SPAN)
-    record.trace_id = trace.trace_id
-    try:
+    ex.trace = request.get(TRACE, NO_SPAN)
+    record.trace_id = ex.trace.trace_id
+    async with settling(rt, snapshot, ex):
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
-        record.public_model = parse.validate(ex.body, endpoint)
-        record.end_user = attribution.end_user(ex.body)
-        record.tags = attribution.tags(ex.body, request.headers)
-        ex.who = who = authenticate(request, ex)
-        plan = snapshot.router.plan(
-            record.public_model,
-            request.headers,
-            tenant=who.tenant if who else None,
-            tier=who.tier if who else None,
-            allowed=None if who is None else tier_of(ex.config, who).allows,
-        )
-        record.public_model = ex.model = plan.public_model
-        asked = asked_limit(ex.body)
-        with trace.child("admission"):
-            await admit(rt, ex, plan)
-        plan = fit_context(ex, plan, asked)
-        record.stream = parse.wants_stream(ex.body, endpoint)
-        ex.headers = {"x-request-id": record.request_id, **quota_headers(rt, ex)}
-        trace.stamp(ex.headers)
-        answered = await run_stages(snapshot, ex)
-        if answered is not None:
-            return answered
-        return await forward_and_relay(rt, snapshot, ex, plan)
+        accept(ex, request.headers)
+        ex.who = authenticate(request, ex)
+        return await proceed(rt, snapshot, ex, request.headers)
+
+
+def accept(ex: Exchange, headers: Mapping[str, str]) -> None:
+    """The body's shape, and what the usage row keeps of it."""
+    record = ex.record
+    record.public_model = ex.model = parse.validate(ex.body, ex.endpoint)  # routed next
+    record.end_user = attribution.end_user(ex.body)
+    record.tags = attribution.tags(ex.body, headers)
+
+
+async def proceed(
+    rt: Runtime, snapshot: Snapshot, ex: Exchange, headers: Mapping[str, str]
+) -> web.StreamResponse:
+    """route → admit → stages → forward → relay, for a parsed body and its
+    principal: shared by the HTTP requests and the batch lines
+    (``proxy.pipeline.batch_line``), which have no ``web.Request``."""
+    record, trace, who = ex.record, ex.trace, ex.who
+    plan = snapshot.router.plan(
+        ex.model,
+        headers,
+        tenant=who.tenant if who else None,
+        tier=who.tier if who else None,
+        allowed=None if who is None else tier_of(ex.config, who).allows,
+    )
+    record.public_model = ex.model = plan.public_model
+    asked = asked_limit(ex.body)
+    with trace.child("admission"):
+        await admit(rt, ex, plan)
+    plan = fit_context(ex, plan, asked)
+    record.stream = parse.wants_stream(ex.body, ex.endpoint)
+    ex.headers = {"x-request-id": record.request_id, **quota_headers(rt, ex)}
+    trace.stamp(ex.headers)
+    answered = await run_stages(snapshot, ex)
+    if answered is not None:
+        return answered
+    return await forward_and_relay(rt, snapshot, ex, plan)
+
+
+@contextlib.asynccontextmanager
+async def settling(rt: Runtime, snapshot: Snapshot, ex: Exchange) -> AsyncIterator[None]:
+    """However the request ends, it is settled once; a refusal says why."""
+    record, trace = ex.record, ex.trace
+    try:
+        yield
     except GatewayError as exc:
         record.fail(exc)
         exc.headers.update(quota_headers(rt, ex))
@@ -208,7 +240,7 @@ async def forward_and_relay(
         record.progress = ex.meter  # the crash journal checkpoints what it delivered
         filters = [f for s, cfg in snapshot.hooks.stream if (f := s.on_stream(ex, cfg))]
         return await relay.stream(
-            ex.request, done.stream, ex.meter, headers, record, ex.started, rt.lifecycle, filters
+            ex.client(), done.stream, ex.meter, headers, record, ex.started, rt.lifecycle, filters
         )
     assert done.reply is not None
     reply = done.reply

@@ -33,7 +33,7 @@ tuple built in ``proxy.web.settlers``, told of every request once it ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -97,7 +97,9 @@ class Exchange:
     """One request as it passes the stages: what arrived, who sent it, where
     it goes, and what each stage wants to remember about it."""
 
-    request: web.Request
+    # None: a batch line (``proxy.pipeline.batch_line``), which is never
+    # streamed and has no client connection or headers of its own.
+    request: web.Request | None
     record: UsageRecord
     config: Config
     endpoint: Endpoint
@@ -119,11 +121,27 @@ class Exchange:
     # answer's first byte waits for them, and a refusal cancels the upstream
     # (``proxy.pipeline.hold``).
     checks: list[asyncio.Future[GatewayError | None]] = field(default_factory=list)
+    # A batch line's usage row key (its batch and custom_id), so a line run
+    # twice (its worker was killed) is billed once; "" draws one at admission.
+    event_id: str = ""
+
+    @property
+    def inbound(self) -> Mapping[str, str]:
+        """The client's request headers (none for a batch line)."""
+        return self.request.headers if self.request is not None else _NO_HEADERS
+
+    def client(self) -> web.Request:
+        """The client's connection, for an answer streamed to it."""
+        assert self.request is not None, "a batch line is never streamed"
+        return self.request
 
     @property
     def scope(self) -> str:
         """Whose data this is: ``t<tenant id>``, or ``gw`` without API keys."""
         return f"t{self.who.tenant_id}" if self.who is not None else "gw"
+
+
+_NO_HEADERS: Mapping[str, str] = {}
 
 
 class ChunkFilter(Protocol):

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy.config.model import Config
 from proxy.core import redact, tokens
+from proxy.core.events import EventSink
 from proxy.core.lifecycle import Lifecycle
 from proxy.core.record import LogSettler, Settler
 from proxy.core.tasks import TaskGroup
@@ -29,8 +30,18 @@ from proxy.stages.settle.metrics import Metrics
 from proxy.stages.settle.settlers import Settlers
 from proxy.stores.permits import PermitLeases
 from proxy.stores.redis_client import RedisOptions
-from proxy.web import admin, handlers, middleware, observe, reload, usage_api
+from proxy.web import (
+    admin,
+    batches_api,
+    files_api,
+    handlers,
+    middleware,
+    observe,
+    reload,
+    usage_api,
+)
 from proxy.web.auth_guard import AuthGuard
+from proxy.web.batches_setup import batches_ctx
 from proxy.web.billing_setup import BillingOptions, billing_ctx
 from proxy.web.http_guard import GuardStats
 from proxy.web.keys import (
@@ -66,6 +77,7 @@ def build_app(
     metrics_dir: Path | None = None,
     stages: Sequence[Stage] | None = None,
     access_fd: int | None = None,
+    events: EventSink | None = None,
 ) -> web.Application:
     """``billing`` (a database) is required for ``auth: keys``; without it
     requests are settled to ``settler`` (the log by default). Without
@@ -73,7 +85,8 @@ def build_app(
     ``reloading`` names the file to watch and reload; ``metrics_dir`` is
     where the workers of one instance share their metrics; ``access_fd``
     where the access lines are written in batches (else the logger).
-    ``stages`` replaces the registry's (tests of the plugin model)."""
+    ``stages`` replaces the registry's (tests of the plugin model).
+    ``events`` receives the batch jobs' events (dropped without one)."""
     redact.install()
     if config.auth == "keys" and billing is None:
         raise ValueError("auth: keys needs a database (billing options)")
@@ -101,7 +114,10 @@ def build_app(
     app.cleanup_ctx.append(observe.observe_ctx(metrics_dir))
     # The reloader needs to know whether a database is there.
     app.cleanup_ctx.append(reload.reload_ctx(reloading or reload.ReloadOptions(None)))
-    app.cleanup_ctx.append(_runtime)  # last: everything the pipeline is handed exists
+    app.cleanup_ctx.append(_runtime)  # everything the pipeline is handed exists
+    # After the runtime its lines run on; stopped (lines finished or given
+    # back) before billing flushes their usage.
+    app.cleanup_ctx.append(batches_ctx(events))
     app.on_startup.append(_warm_tokens)
     _routes(app)
     return app
@@ -122,6 +138,8 @@ def _routes(app: web.Application) -> None:
     r.add_get("/admin/config", admin.guard(reload.get_config, needs_db=False))
     r.add_post("/admin/reload", admin.guard(reload.post_reload, needs_db=False))
     admin.add_routes(app)
+    files_api.add_routes(app)
+    batches_api.add_routes(app)
 
 
 async def _warm_tokens(app: web.Application) -> None:

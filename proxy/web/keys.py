@@ -10,15 +10,19 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config.model import ServerConfig
+from proxy.core.events import EventSink
 from proxy.core.lifecycle import Lifecycle
 from proxy.core.record import Settler
 from proxy.core.tasks import TaskGroup
+from proxy.pipeline.batch_worker import BatchWorker
 from proxy.pipeline.runtime import REQUEST_ID, Runtime
 from proxy.pipeline.snapshot import ConfigStore
 from proxy.stages.admit.billing import Billing
 from proxy.stages.base import Stage
 from proxy.stages.forward.attempts import Upstreams
 from proxy.stages.settle.metrics import Metrics
+from proxy.stores.batches import BatchStore
+from proxy.stores.files import FileStore
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.redis_client import SharedRedis
 from proxy.web.auth_guard import AuthGuard
@@ -44,3 +48,9 @@ METRICS_SHARE = web.AppKey("metrics_share", MetricsShare)  # several workers onl
 SERVER = web.AppKey("server", ServerConfig)
 GUARD_STATS = web.AppKey("guard_stats", GuardStats)  # connection-level refusals
 AUTH_GUARD = web.AppKey("auth_guard", AuthGuard)  # failed-auth throttling
+# The Files and Batch APIs (absent without a database): their stores, this
+# worker's batch worker, and where job events go.
+FILES = web.AppKey("files", FileStore)
+BATCHES = web.AppKey("batches", BatchStore)
+BATCH_WORKER = web.AppKey("batch_worker", BatchWorker)
+EVENTS = web.AppKey("events", EventSink)  # type: ignore[type-abstract]

@@ -166,7 +166,7 @@ def replay_events(body: bytes, endpoint: str, include_usage: bool) -> bytes:
 
 
 async def serve_hit(
-    request: web.Request,
+    request: web.Request | None,
     found: Lookup,
     record: UsageRecord,
     headers: dict[str, str],
@@ -182,7 +182,7 @@ async def serve_hit(
 
 
 async def serve_answer(
-    request: web.Request,
+    request: web.Request | None,
     body: bytes,
     usage: Usage,
     record: UsageRecord,
@@ -198,6 +198,7 @@ async def serve_answer(
     record.usage = usage
     if not record.stream:
         return web.Response(body=body, headers=headers, content_type="application/json")
+    assert request is not None, "only a client's request is streamed"
     payload = replay_events(body, record.endpoint, include_usage)
     resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
     await resp.prepare(request)
