@@ -4,6 +4,11 @@ through the pipeline and billed once; a tenant sees only its own objects."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +293,41 @@ async def test_uploads_are_checked_line_by_line(
     assert batch.status == "failed" and batch.failed_at is not None
     assert batch.errors is not None and batch.errors.data is not None
     assert [(e.line, e.code) for e in batch.errors.data] == [(2, "invalid_url")]
+
+
+async def test_the_readme_batch_snippet_runs_as_written(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg: asyncpg.Pool,
+    pg_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()  # noqa: ASYNC240
+    section = readme[readme.index("## Batches and events") :]
+    requests = re.search(r"```jsonl\n(.*?)```", section, re.DOTALL)
+    snippet = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert requests is not None and snippet is not None
+    assert len(snippet.group(1).strip().splitlines()) <= 5
+    _, key = await tenant_with_key(pg, tmp_path, "pro")
+    gw = await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
+    path = tmp_path / "requests.jsonl"
+    path.write_text(requests.group(1))
+    code = snippet.group(1).replace("http://127.0.0.1:8080", gw.url)
+    code = code.replace('"requests.jsonl"', repr(str(path)))
+    monkeypatch.setenv("TOLLWAY_KEY", key["api_key"])
+    out = io.StringIO()
+
+    def run() -> None:  # the SDK's blocking client, off the loop the gateway runs on
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "README.md", "exec"), {})
+
+    await asyncio.wait_for(asyncio.to_thread(run), 60)
+    printed = out.getvalue()
+    assert "completed=2" in printed and "failed=0" in printed, printed
+    answers = [json.loads(x) for x in printed[printed.index("{") :].splitlines() if x.strip()]
+    assert sorted(a["custom_id"] for a in answers) == ["a", "b"], printed
+    assert {a["response"]["body"]["choices"][0]["message"]["content"] for a in answers} == {
+        "first",
+        "second",
+    }
