@@ -62,7 +62,8 @@ CREATE TABLE batch_lines (
     PRIMARY KEY (batch_id, line),
     UNIQUE (batch_id, custom_id)
 );
-CREATE INDEX batch_lines_pending ON batch_lines (batch_id, not_before) WHERE state = 'pending';
+-- A claim walks a batch's pending lines in order and stops at its LIMIT.
+CREATE INDEX batch_lines_pending ON batch_lines (batch_id, line) WHERE state = 'pending';
 CREATE INDEX batch_lines_done ON batch_lines (done_at) WHERE done_at IS NOT NULL;
 CREATE INDEX batch_lines_leased ON batch_lines (batch_id)
     WHERE state = 'pending' AND leased_until IS NOT NULL;

@@ -15,6 +15,7 @@ from proxy.config.reader import Node
 KEYS = (
     "enabled",
     "worker_concurrency",
+    "busy_concurrency",
     "tenant_concurrency",
     "batch_concurrency",
     "lease_s",
@@ -30,6 +31,8 @@ KEYS = (
 class BatchPolicy:
     enabled: bool = True  # False: this instance runs no batch lines (the API still answers)
     worker_concurrency: int = 8  # lines in flight per worker process
+    # ... while the process is serving interactive requests: batch lines yield to them
+    busy_concurrency: int = 2
     tenant_concurrency: int = 16  # lines in flight per tenant, across the fleet
     batch_concurrency: int = 8  # lines in flight per batch, across the fleet
     lease_s: float = 120.0  # a line's lease: a killed worker's lines run again after it
@@ -55,6 +58,7 @@ def parse_batches(raw: Any) -> BatchPolicy:
     return BatchPolicy(
         enabled=m["enabled"].boolean() if "enabled" in m else d.enabled,
         worker_concurrency=integer("worker_concurrency", d.worker_concurrency),
+        busy_concurrency=integer("busy_concurrency", d.busy_concurrency),
         tenant_concurrency=integer("tenant_concurrency", d.tenant_concurrency),
         batch_concurrency=integer("batch_concurrency", d.batch_concurrency),
         lease_s=number("lease_s", d.lease_s),

@@ -5,8 +5,9 @@ runs each through the pipeline as its batch's creator key
 (``proxy.pipeline.batch_line``), and writes its output or error line. The
 limits (``batches:`` in the YAML) keep a big batch from starving
 interactive traffic: at most ``worker_concurrency`` lines run in this
-process, ``batch_concurrency`` per batch and ``tenant_concurrency`` per
-tenant across the fleet.
+process (``busy_concurrency`` while it is serving interactive requests),
+``batch_concurrency`` per batch and ``tenant_concurrency`` per tenant across
+the fleet.
 
 A line refused for quota or rate limits (429) or by a busy or briefly
 unavailable gateway (503) is not an error: it goes back to the queue and
@@ -64,7 +65,7 @@ class BatchWorker:
         self.events: EventSink = events or NoEvents()
         self.on_line = on_line  # "completed", "failed" or "deferred": the metrics
         self.on_queue = on_queue  # queue depth and oldest pending age: the metrics
-        self._housekept = 0.0
+        self._housekept = self._swept = 0.0
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -113,12 +114,23 @@ class BatchWorker:
             self._housekept = now
             self.on_queue(*await self.store.queue())
             await self.store.expire_files()
-        for ended in await self.store.sweep():
-            status = ended.batch["status"]
-            log.info("batch %s %s", ended.batch["id"], status)
-            await self._publish(ended.tenant_id, f"batch.{status}", ended.batch)
-        free = policy.worker_concurrency - len(self._running)
-        if not policy.enabled or free <= 0 or self._stopping:
+        if now - self._swept >= policy.poll_interval_s:
+            # Not on every wake (a line done wakes it): ending batches can wait a poll.
+            self._swept = now
+            for ended in await self.store.sweep():
+                status = ended.batch["status"]
+                log.info("batch %s %s", ended.batch["id"], status)
+                await self._publish(ended.tenant_id, f"batch.{status}", ended.batch)
+        # Interactive requests in flight here: the lines yield most of the process to them.
+        busy = self.rt.lifecycle.requests > 0
+        most = (
+            min(policy.busy_concurrency, policy.worker_concurrency)
+            if busy
+            else policy.worker_concurrency
+        )
+        free = most - len(self._running)
+        # Lease in handfuls, not one line per line done: a claim is a few queries.
+        if not policy.enabled or free < max(1, most // 4) or self._stopping:
             return
         leased = await self.store.claim(
             free, policy.batch_concurrency, policy.tenant_concurrency, policy.lease_s
@@ -189,6 +201,12 @@ class BatchWorker:
         return "completed" if ok else "failed"
 
     async def _record(self, line: Leased, ok: bool, result: dict[str, Any]) -> None:
+        # The line's usage row is durable (in Postgres, or the ledger's fsynced
+        # spool) before the line is marked done: a worker killed in between
+        # runs it again, and the row's key makes the second row a no-op. The
+        # other order could lose the row (done, but its usage only in memory).
+        if self.rt.billing is not None:
+            await self.rt.billing.ledger.flush()
         await self.store.finish(line, ok, result)
         now = time.monotonic()
         if now - self._progress.get(line.batch_id, 0.0) >= PROGRESS_EVERY_S:
