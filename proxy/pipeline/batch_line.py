@@ -19,7 +19,7 @@ from aiohttp import web
 
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
-from proxy.pipeline.run import accept, name, proceed, settling
+from proxy.pipeline.run import Settling, accept, name, proceed
 from proxy.pipeline.runtime import Runtime
 from proxy.providers.base import Endpoint
 from proxy.stages.base import Exchange
@@ -47,7 +47,7 @@ async def serve_line(
     ex.event_id = event_id
     body["stream"] = False  # a batch's answer is a file line, never a stream
     body.pop("stream_options", None)
-    async with settling(rt, snapshot, ex):
+    async with Settling(rt, snapshot, ex):
         accept(ex, {})
         record.tags = {**(record.tags or {}), "tollway": "batch"}
         ex.who = who

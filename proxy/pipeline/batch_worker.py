@@ -66,6 +66,8 @@ class BatchWorker:
         self.on_line = on_line  # "completed", "failed" or "deferred": the metrics
         self.on_queue = on_queue  # queue depth and oldest pending age: the metrics
         self._housekept = self._swept = 0.0
+        self._results: list[tuple[Leased, bool, dict[str, Any]]] = []  # done, not yet written
+        self._writer: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -107,6 +109,8 @@ class BatchWorker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self._writer is not None:
+            await asyncio.wait([self._writer])  # the results of the lines that finished
 
     async def _tick(self, policy: BatchPolicy) -> None:
         now = time.monotonic()
@@ -148,8 +152,8 @@ class BatchWorker:
 
     async def _line(self, line: Leased, policy: BatchPolicy) -> None:
         try:
-            outcome = await self._execute(line, policy)
-            self.on_line(outcome)
+            if await self._execute(line, policy) == "deferred":
+                self.on_line("deferred")
         except asyncio.CancelledError:
             await self._give_back(line)
             raise
@@ -201,19 +205,43 @@ class BatchWorker:
         return "completed" if ok else "failed"
 
     async def _record(self, line: Leased, ok: bool, result: dict[str, Any]) -> None:
-        # The line's usage row is durable (in Postgres, or the ledger's fsynced
-        # spool) before the line is marked done: a worker killed in between
-        # runs it again, and the row's key makes the second row a no-op. The
-        # other order could lose the row (done, but its usage only in memory).
-        if self.rt.billing is not None:
-            await self.rt.billing.ledger.flush()
-        await self.store.finish(line, ok, result)
+        """Queue the line's result for the next write (``_write``)."""
+        self._results.append((line, ok, result))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write(), name="batch-results"
+            )
+
+    async def _write(self) -> None:
+        """Write the queued results, in one statement per round. Each line's
+        usage row is made durable first (Postgres, or the ledger's fsynced
+        spool): a worker killed in between runs the line again and the row's
+        key makes the second row a no-op; the other order could lose the row
+        (the line done, its usage only in memory). One ledger flush and one
+        write per round, not per line: each is a commit."""
+        while self._results:
+            done, self._results = self._results, []
+            try:
+                if self.rt.billing is not None:
+                    await self.rt.billing.ledger.flush()
+                await self.store.finish(done)
+            except _DOWN as exc:
+                # Lost with the database: their leases run out and they run again.
+                log.warning("%d batch results not recorded (%s)", len(done), type(exc).__name__)
+                return
+            for outcome in done:
+                self.on_line("completed" if outcome[1] else "failed")
+            await self._progress_of({(x.tenant_id, x.batch_id) for x, _, _ in done})
+
+    async def _progress_of(self, batches: set[tuple[int, str]]) -> None:
         now = time.monotonic()
-        if now - self._progress.get(line.batch_id, 0.0) >= PROGRESS_EVERY_S:
-            self._progress[line.batch_id] = now
-            batch = await self.store.get(line.tenant_id, line.batch_id)
+        for tenant_id, batch_id in batches:
+            if now - self._progress.get(batch_id, 0.0) < PROGRESS_EVERY_S:
+                continue
+            self._progress[batch_id] = now
+            batch = await self.store.get(tenant_id, batch_id)
             if batch is not None and batch["status"] == "in_progress":
-                await self._publish(line.tenant_id, "batch.progress", batch)
+                await self._publish(tenant_id, "batch.progress", batch)
 
     async def _publish(self, tenant_id: int, type: str, batch: dict[str, Any]) -> None:
         try:

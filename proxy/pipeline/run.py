@@ -14,10 +14,10 @@ including rejected, failed and disconnected ones.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from types import TracebackType
 
 from aiohttp import web
 
@@ -160,7 +160,7 @@ async def handle(request: web.Request, endpoint: Endpoint, rt: Runtime) -> web.S
     ex = Exchange(request, record, snapshot.config, endpoint, {}, started)
     ex.trace = request.get(TRACE, NO_SPAN)
     record.trace_id = ex.trace.trace_id
-    async with settling(rt, snapshot, ex):
+    async with Settling(rt, snapshot, ex):
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
         accept(ex, request.headers)
         ex.who = authenticate(request, ex)
@@ -203,25 +203,37 @@ async def proceed(
     return await forward_and_relay(rt, snapshot, ex, plan)
 
 
-@contextlib.asynccontextmanager
-async def settling(rt: Runtime, snapshot: Snapshot, ex: Exchange) -> AsyncIterator[None]:
-    """However the request ends, it is settled once; a refusal says why."""
-    record, trace = ex.record, ex.trace
-    try:
-        yield
-    except GatewayError as exc:
-        record.fail(exc)
-        exc.headers.update(quota_headers(rt, ex))
-        trace.stamp(exc.headers)
-        raise
-    except asyncio.CancelledError:  # the client left, or the shutdown aborted the request
-        if rt.lifecycle.aborting:
-            record.fail(shutting_down())
-        elif record.status < 400:
-            record.status, record.client_disconnected = 499, True
-        raise
-    finally:
-        await settle(rt, snapshot, ex)
+class Settling:
+    """``async with Settling(...)``: however the request ends, it is settled
+    once, and a refusal says why. A class, not a generator-based context
+    manager: it runs on every request, and this is the cheaper of the two."""
+
+    __slots__ = ("ex", "rt", "snapshot")
+
+    def __init__(self, rt: Runtime, snapshot: Snapshot, ex: Exchange) -> None:
+        self.rt, self.snapshot, self.ex = rt, snapshot, ex
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:  # None: the exception, if any, goes on
+        rt, ex = self.rt, self.ex
+        record, trace = ex.record, ex.trace
+        try:
+            if isinstance(exc, GatewayError):
+                record.fail(exc)
+                exc.headers.update(quota_headers(rt, ex))
+                trace.stamp(exc.headers)
+            elif isinstance(exc, asyncio.CancelledError):
+                # the client left, or the shutdown aborted the request
+                if rt.lifecycle.aborting:
+                    record.fail(shutting_down())
+                elif record.status < 400:
+                    record.status, record.client_disconnected = 499, True
+        finally:
+            await settle(rt, self.snapshot, ex)
 
 
 async def forward_and_relay(

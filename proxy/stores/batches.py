@@ -306,19 +306,23 @@ class BatchStore:
                 )
             return out
 
-    async def finish(self, line: Leased, ok: bool, result: dict[str, Any]) -> bool:
-        """Write the line's result once; False if it was already ended
-        (another worker ran it after this one's lease ran out, or the batch
-        was cancelled or expired meanwhile)."""
+    async def finish(self, done: list[tuple[Leased, bool, dict[str, Any]]]) -> int:
+        """Write the lines' results (``ok``: the output file, else the error
+        file), each once: a line already ended (another worker ran it after
+        this one's lease ran out, or its batch was cancelled or expired
+        meanwhile) is left as it is. How many were written."""
         status = await self.pool.execute(
-            "UPDATE batch_lines SET state = $3, result = $4, done_at = now(), leased_until = NULL"
-            " WHERE batch_id = $1 AND line = $2 AND state = 'pending'",
-            line.batch_id,
-            line.line,
-            "completed" if ok else "failed",
-            orjson.dumps(result).decode(),
+            "UPDATE batch_lines l SET state = v.state, result = v.result::jsonb, done_at = now(),"
+            " leased_until = NULL"
+            " FROM unnest($1::text[], $2::int[], $3::text[], $4::text[])"
+            "  AS v(batch_id, line, state, result)"
+            " WHERE l.batch_id = v.batch_id AND l.line = v.line AND l.state = 'pending'",
+            [x.batch_id for x, _, _ in done],
+            [x.line for x, _, _ in done],
+            ["completed" if ok else "failed" for _, ok, _ in done],
+            [orjson.dumps(result).decode() for _, _, result in done],
         )
-        return bool(status.endswith(" 1"))
+        return int(status.split()[-1])
 
     async def defer(self, line: Leased, seconds: float) -> None:
         """Give the line back, to be leased again after ``seconds`` (quota)."""
