@@ -86,13 +86,14 @@ class BatchWorker:
     async def run(self) -> None:
         while not self._stopping:
             policy = self.policy()
+            # Cleared before the tick: a line ending during it wakes the next one.
+            self._wake.clear()
             try:
                 await self._tick(policy)
             except _DOWN as exc:
                 if time.monotonic() - self._down_logged > 5:
                     self._down_logged = time.monotonic()
                     log.warning("batch queue unreachable (%s); retrying", type(exc).__name__)
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), policy.poll_interval_s)
             except TimeoutError:
@@ -229,6 +230,7 @@ class BatchWorker:
                 # Lost with the database: their leases run out and they run again.
                 log.warning("%d batch results not recorded (%s)", len(done), type(exc).__name__)
                 return
+            self._wake.set()  # their leases are released: room for more lines
             for outcome in done:
                 self.on_line("completed" if outcome[1] else "failed")
             await self._progress_of({(x.tenant_id, x.batch_id) for x, _, _ in done})
