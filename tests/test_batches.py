@@ -240,7 +240,8 @@ async def test_exhausted_quota_pauses_the_batch_instead_of_failing_it(
     await wait_for(
         pg,
         "SELECT array_agg(n ORDER BY s) FROM (SELECT state AS s, count(*) AS n FROM batch_lines"
-        " WHERE batch_id = $1 AND (state <> 'pending' OR not_before > now() + interval '10 minutes')"
+        " WHERE batch_id = $1"
+        " AND (state <> 'pending' OR not_before > now() + interval '10 minutes')"
         " GROUP BY state) c",
         batch.id,
         expect=[10, 2],  # completed, pending
