@@ -16,6 +16,7 @@ import asyncpg
 import openai
 import pytest
 
+from proxy.web.keys import BATCH_WORKER
 from tests.batch_helpers import chat_line, finished, lines_of, rows_per_line, upload
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import StartGateway
@@ -334,3 +335,68 @@ async def test_the_readme_batch_snippet_runs_as_written(
         "first",
         "second",
     }
+
+
+class RecordingEvents:
+    """An ``EventSink`` that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, str, dict[str, Any]]] = []
+
+    async def publish(self, tenant_id: int, type: str, data: dict[str, Any]) -> None:
+        self.events.append((tenant_id, type, data))
+
+
+async def test_the_worker_emits_progress_and_the_terminal_event(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg: asyncpg.Pool,
+    pg_url: str,
+    tmp_path: Path,
+) -> None:
+    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    cfg = _config(fake_openai.url, worker_concurrency=2)  # a few rounds, each reported
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    sink = gw.app[BATCH_WORKER].events = RecordingEvents()
+    client = gw.sdk(api_key=key["api_key"])
+    file_id = await upload(client, [chat_line(f"l{i}", "fake-model") for i in range(20)], tmp_path)
+    batch = await client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    await finished(client, batch.id)
+    await until(lambda: any(t == "batch.completed" for _, t, _ in sink.events))
+    tenant_id = await pg.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    mine = [(t, d) for who, t, d in sink.events if d["id"] == batch.id]
+    assert all(who == tenant_id for who, _, d in sink.events if d["id"] == batch.id)
+    types = [t for t, _ in mine]
+    assert types[0] == "batch.progress" and types[-1] == "batch.completed", types
+    for _, data in mine:
+        validate(data, "Batch")
+    assert mine[-1][1]["request_counts"] == {"total": 20, "completed": 20, "failed": 0}
+
+
+async def test_an_expired_window_ends_the_batch_expired(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg: asyncpg.Pool,
+    pg_url: str,
+    tmp_path: Path,
+) -> None:
+    cfg = _config(fake_openai.url, enabled=False)  # no line runs here: all are left to expire
+    _, key = await tenant_with_key(pg, tmp_path, "pro")
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    client = gw.sdk(api_key=key["api_key"])
+    file_id = await upload(client, [chat_line("a", "echo"), chat_line("b", "echo")], tmp_path)
+    batch = await client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    # the 24 h window, run out
+    await pg.execute("UPDATE batches SET expires_at = now() WHERE id = $1", batch.id)
+    done = await finished(client, batch.id, status="expired")
+    validate(done.model_dump(mode="json", exclude_unset=True), "Batch")
+    assert done.expired_at is not None and done.output_file_id is None
+    assert done.request_counts is not None and done.request_counts.failed == 2
+    errors = await lines_of(client, done.error_file_id)
+    assert sorted(x["custom_id"] for x in errors) == ["a", "b"]
+    assert {x["error"]["code"] for x in errors} == {"batch_expired"}
+    assert all(x["response"] is None for x in errors)
