@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy.cli import admin as cli_admin
+from proxy.cli import batches as cli_batches
 from proxy.cli import guardrails as cli_guardrails
 from proxy.cli import usage as cli_usage
 from proxy.config import sealed
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", help="YAML config to check")
     cli_admin.add_commands(sub)
     cli_usage.add_command(sub)
+    cli_batches.add_command(sub)
     cli_guardrails.add_commands(sub)
     return p
 
@@ -246,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_guardrails.run(args, config)
         if args.command == "usage":
             return cli_usage.run(args)
+        if args.command == "batches":
+            return cli_batches.run(args)
         return cli_admin.run(args, config)
     except ConfigError as exc:
         print(f"tollway: config error: {exc}{_config_hint(args)}", file=sys.stderr)

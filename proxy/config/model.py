@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.config.batches import BatchPolicy, parse_batches
 from proxy.config.families import DEFAULT_FAMILIES, Family, parse_families
 from proxy.config.logging import LogPolicy, parse_logging
 from proxy.config.ratelimit import RateLimitPolicy, parse_ratelimit
@@ -162,6 +163,7 @@ class Config:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     ratelimit: RateLimitPolicy | None = None  # always set by parse_config
     logging: LogPolicy = field(default_factory=LogPolicy)
+    batches: BatchPolicy = field(default_factory=BatchPolicy)
     # What each stage's own section configured (proxy.stages.base.Stage.configure),
     # by section name; a stage whose section is absent or off is not here.
     sections: Mapping[str, object] = field(default_factory=dict)
@@ -440,8 +442,8 @@ def _server(node: Node) -> ServerConfig:
 # Sections validated by the stages that own them (billing, cache, ...); the
 # core only checks they are mappings or lists so a typo at top level is caught.
 _LATER_SECTIONS: tuple[str, ...] = ()
-# validated by proxy.config.ratelimit and proxy.config.logging
-_SHARED_SECTIONS = ("ratelimit", "logging")
+# validated by proxy.config.ratelimit, proxy.config.logging and proxy.config.batches
+_SHARED_SECTIONS = ("ratelimit", "logging", "batches")
 _BILLING_SECTIONS = ("tiers", "prices", "billing")
 _TOP = (
     "server",
@@ -553,6 +555,7 @@ def parse_config(
             resolved["ratelimit"].value if "ratelimit" in resolved else None, providers
         ),
         logging=parse_logging(resolved["logging"].value if "logging" in resolved else None),
+        batches=parse_batches(resolved["batches"].value if "batches" in resolved else None),
         extra=extra,
     )
     owned = {

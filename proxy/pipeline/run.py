@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import TracebackType
 
 from aiohttp import web
 
@@ -49,10 +50,14 @@ def authenticate(request: web.Request, ex: Exchange) -> Principal | None:
     who = request.get(PRINCIPAL)
     if who is None:  # the config turned keys on after the gate let this request in
         raise InvalidApiKey("API keys are required on this gateway.")
-    record = ex.record
+    name(ex.record, who)
+    return who
+
+
+def name(record: UsageRecord, who: Principal) -> None:
+    """The usage row says whose request it was."""
     record.tenant, record.tenant_id, record.key_id = who.tenant, who.tenant_id, who.key_id
     record.key_prefix = who.key_prefix
-    return who
 
 
 async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
@@ -61,6 +66,8 @@ async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
     ex.record.admission = admission = await rt.billing.admit(
         ex.config, ex.who, ex.body, ex.endpoint, ex.model
     )
+    if ex.event_id:  # a batch line's row is keyed by its batch and line, never drawn
+        admission.event_id = ex.event_id
     rt.billing.journal_open(ex.record, ex.body)
     if rt.billing.budgets is not None:
         admission.budget = await budget.reserve(
@@ -159,53 +166,89 @@ async def handle(
     record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
     record.client_ip = request.get(CLIENT_IP)
     ex = Exchange(request, record, snapshot.config, endpoint, {}, started)
-    ex.trace = trace = request.get(TRACE, NO_SPAN)
-    record.trace_id = trace.trace_id
+    ex.trace = request.get(TRACE, NO_SPAN)
+    record.trace_id = ex.trace.trace_id
     if door is not None:
         ex.door = door(record.request_id)
         record.door = ex.door.name
-    try:
+    async with Settling(rt, snapshot, ex):
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
         if ex.door is not None:
             ex.body = ex.door.to_chat(ex.body)
-        record.public_model = parse.validate(ex.body, endpoint)
-        record.end_user = attribution.end_user(ex.body)
-        record.tags = attribution.tags(ex.body, request.headers)
-        ex.who = who = authenticate(request, ex)
+        accept(ex, request.headers)
+        ex.who = authenticate(request, ex)
         if ex.door is not None:
-            await ex.door.prepare(ex)
-        plan = snapshot.router.plan(
-            record.public_model,
-            request.headers,
-            tenant=who.tenant if who else None,
-            tier=who.tier if who else None,
-            allowed=None if who is None else tier_of(ex.config, who).allows,
-        )
-        record.public_model = ex.model = plan.public_model
-        asked = asked_limit(ex.body)
-        with trace.child("admission"):
-            await admit(rt, ex, plan)
-        plan = fit_context(ex, plan, asked)
-        record.stream = parse.wants_stream(ex.body, endpoint)
-        ex.headers = {"x-request-id": record.request_id, **quota_headers(rt, ex)}
-        trace.stamp(ex.headers)
-        answered = await run_stages(snapshot, ex)
-        if answered is not None:
-            return answered
-        return await forward_and_relay(rt, snapshot, ex, plan)
-    except GatewayError as exc:
-        record.fail(exc)
-        exc.headers.update(quota_headers(rt, ex))
-        trace.stamp(exc.headers)
-        raise
-    except asyncio.CancelledError:  # the client left, or the shutdown aborted the request
-        if rt.lifecycle.aborting:
-            record.fail(shutting_down())
-        elif record.status < 400:
-            record.status, record.client_disconnected = 499, True
-        raise
-    finally:
-        await settle(rt, snapshot, ex)
+            await ex.door.prepare(ex)  # a stored conversation's history, once the tenant is known
+        return await proceed(rt, snapshot, ex, request.headers)
+
+
+def accept(ex: Exchange, headers: Mapping[str, str]) -> None:
+    """The body's shape, and what the usage row keeps of it."""
+    record = ex.record
+    record.public_model = ex.model = parse.validate(ex.body, ex.endpoint)  # routed next
+    record.end_user = attribution.end_user(ex.body)
+    record.tags = attribution.tags(ex.body, headers)
+
+
+async def proceed(
+    rt: Runtime, snapshot: Snapshot, ex: Exchange, headers: Mapping[str, str]
+) -> web.StreamResponse:
+    """route → admit → stages → forward → relay, for a parsed body and its
+    principal: shared by the HTTP requests and the batch lines
+    (``proxy.pipeline.batch_line``), which have no ``web.Request``."""
+    record, trace, who = ex.record, ex.trace, ex.who
+    plan = snapshot.router.plan(
+        ex.model,
+        headers,
+        tenant=who.tenant if who else None,
+        tier=who.tier if who else None,
+        allowed=None if who is None else tier_of(ex.config, who).allows,
+    )
+    record.public_model = ex.model = plan.public_model
+    asked = asked_limit(ex.body)
+    with trace.child("admission"):
+        await admit(rt, ex, plan)
+    plan = fit_context(ex, plan, asked)
+    record.stream = parse.wants_stream(ex.body, ex.endpoint)
+    ex.headers = {"x-request-id": record.request_id, **quota_headers(rt, ex)}
+    trace.stamp(ex.headers)
+    answered = await run_stages(snapshot, ex)
+    if answered is not None:
+        return answered
+    return await forward_and_relay(rt, snapshot, ex, plan)
+
+
+class Settling:
+    """``async with Settling(...)``: however the request ends, it is settled
+    once, and a refusal says why. A class, not a generator-based context
+    manager: it runs on every request, and this is the cheaper of the two."""
+
+    __slots__ = ("ex", "rt", "snapshot")
+
+    def __init__(self, rt: Runtime, snapshot: Snapshot, ex: Exchange) -> None:
+        self.rt, self.snapshot, self.ex = rt, snapshot, ex
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:  # None: the exception, if any, goes on
+        rt, ex = self.rt, self.ex
+        record, trace = ex.record, ex.trace
+        try:
+            if isinstance(exc, GatewayError):
+                record.fail(exc)
+                exc.headers.update(quota_headers(rt, ex))
+                trace.stamp(exc.headers)
+            elif isinstance(exc, asyncio.CancelledError):
+                # the client left, or the shutdown aborted the request
+                if rt.lifecycle.aborting:
+                    record.fail(shutting_down())
+                elif record.status < 400:
+                    record.status, record.client_disconnected = 499, True
+        finally:
+            await settle(rt, self.snapshot, ex)
 
 
 def native(ex: Exchange) -> Native | None:
@@ -242,7 +285,7 @@ async def forward_and_relay(
         filters = [f for s, cfg in snapshot.hooks.stream if (f := s.on_stream(ex, cfg))]
         translate = ex.door.stream() if ex.door is not None else None
         return await relay.stream(
-            ex.request,
+            ex.client(),
             done.stream,
             ex.meter,
             headers,
@@ -272,7 +315,7 @@ async def _relay_native(
     if done.stream is not None:
         ex.meter = record.progress = door.native_meter()
         return await relay.stream(
-            ex.request,
+            ex.client(),
             done.stream,
             ex.meter,
             headers,

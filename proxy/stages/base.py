@@ -36,7 +36,7 @@ tuple built in ``proxy.web.settlers``, told of every request once it ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -104,7 +104,9 @@ class Exchange:
     """One request as it passes the stages: what arrived, who sent it, where
     it goes, and what each stage wants to remember about it."""
 
-    request: web.Request
+    # None: a batch line (``proxy.pipeline.batch_line``), which is never
+    # streamed and has no client connection or headers of its own.
+    request: web.Request | None
     record: UsageRecord
     config: Config
     endpoint: Endpoint
@@ -135,6 +137,20 @@ class Exchange:
     # checks, a cache keeping it), so a front door's request may not go as
     # the client sent it to a provider that speaks the door's API.
     passthrough: bool = True
+
+    # A batch line's usage row key (its batch and custom_id), so a line run
+    # twice (its worker was killed) is billed once; "" draws one at admission.
+    event_id: str = ""
+
+    @property
+    def inbound(self) -> Mapping[str, str]:
+        """The client's request headers (none for a batch line)."""
+        return self.request.headers if self.request is not None else _NO_HEADERS
+
+    def client(self) -> web.Request:
+        """The client's connection, for an answer streamed to it."""
+        assert self.request is not None, "a batch line is never streamed"
+        return self.request
 
     @property
     def scope(self) -> str:
@@ -208,6 +224,9 @@ class Door(Protocol):
         """Such a provider's events to the client, unchanged; its ``fail``
         is the API's own error event."""
         ...
+
+
+_NO_HEADERS: Mapping[str, str] = {}
 
 
 class ChunkFilter(Protocol):

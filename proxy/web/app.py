@@ -33,7 +33,9 @@ from proxy.stores.redis_client import RedisOptions
 from proxy.web import (
     admin,
     admin_webhooks,
+    batches_api,
     events_stream,
+    files_api,
     handlers,
     middleware,
     observe,
@@ -42,6 +44,7 @@ from proxy.web import (
     usage_api,
 )
 from proxy.web.auth_guard import AuthGuard
+from proxy.web.batches_setup import batches_ctx
 from proxy.web.billing_setup import BillingOptions, billing_ctx
 from proxy.web.events_setup import end_streams, events_ctx
 from proxy.web.http_guard import GuardStats
@@ -119,7 +122,10 @@ def build_app(
     app.cleanup_ctx.append(observe.observe_ctx(metrics_dir))
     # The reloader needs to know whether a database is there.
     app.cleanup_ctx.append(reload.reload_ctx(reloading or reload.ReloadOptions(None)))
-    app.cleanup_ctx.append(_runtime)  # last: everything the pipeline is handed exists
+    app.cleanup_ctx.append(_runtime)  # everything the pipeline is handed exists
+    # After the runtime its lines run on and the event log it publishes to;
+    # stopped (lines finished or given back) before billing flushes their usage.
+    app.cleanup_ctx.append(batches_ctx())
     if _counts_soon(config):
         app.on_startup.append(_warm_tokens)
     _routes(app)
@@ -148,6 +154,8 @@ def _routes(app: web.Application) -> None:
     r.add_post("/admin/reload", admin.guard(reload.post_reload, needs_db=False))
     admin.add_routes(app)
     admin_webhooks.add_routes(app)
+    files_api.add_routes(app)
+    batches_api.add_routes(app)
 
 
 def _counts_soon(config: Config) -> bool:

@@ -14,6 +14,7 @@ from proxy.core.events import EventSink
 from proxy.core.lifecycle import Lifecycle
 from proxy.core.record import Settler
 from proxy.core.tasks import TaskGroup
+from proxy.pipeline.batch_worker import BatchWorker
 from proxy.pipeline.runtime import REQUEST_ID, Runtime
 from proxy.pipeline.snapshot import ConfigStore
 from proxy.stages.admit.billing import Billing
@@ -21,6 +22,8 @@ from proxy.stages.base import Stage
 from proxy.stages.forward.attempts import Upstreams
 from proxy.stages.settle.metrics import Metrics
 from proxy.stages.settle.webhook_delivery import Deliverer
+from proxy.stores.batches import BatchStore
+from proxy.stores.files import FileStore
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.redis_client import SharedRedis
 from proxy.web.auth_guard import AuthGuard
@@ -50,3 +53,8 @@ AUTH_GUARD = web.AppKey("auth_guard", AuthGuard)  # failed-auth throttling
 # NoEvents without; job workers publish to it.
 EVENTS = web.AppKey("events", EventSink)  # type: ignore[type-abstract]
 DELIVERER = web.AppKey("webhook_deliverer", Deliverer)  # with a database only
+# The Files and Batch APIs (absent without a database): their stores and
+# this worker's batch worker (its events go to EVENTS).
+FILES = web.AppKey("files", FileStore)
+BATCHES = web.AppKey("batches", BatchStore)
+BATCH_WORKER = web.AppKey("batch_worker", BatchWorker)

@@ -167,7 +167,7 @@ def replay_events(body: bytes, endpoint: str, include_usage: bool) -> bytes:
 
 
 async def serve_hit(
-    request: web.Request,
+    request: web.Request | None,
     found: Lookup,
     record: UsageRecord,
     headers: dict[str, str],
@@ -186,7 +186,7 @@ async def serve_hit(
 
 
 async def serve_answer(
-    request: web.Request,
+    request: web.Request | None,
     body: bytes,
     usage: Usage,
     record: UsageRecord,
@@ -204,6 +204,7 @@ async def serve_answer(
     if not record.stream:
         answer = body if door is None else door.reply(body)
         return web.Response(body=answer, headers=headers, content_type="application/json")
+    assert request is not None, "only a client's request is streamed"
     payload = replay_events(body, record.endpoint, include_usage)
     if door is not None:
         payload = door.stream().feed(payload)

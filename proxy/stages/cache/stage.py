@@ -43,7 +43,7 @@ class ResponseCacheStage(Stage):
             ex.headers.update(Lookup("bypass").headers())
             return None
         found = await self.store.lookup(
-            settings, ex.request.headers, ex.body, ex.endpoint, ex.model, ex.scope
+            settings, ex.inbound, ex.body, ex.endpoint, ex.model, ex.scope
         )
         ex.record.cache = found.status
         ex.headers.update(found.headers())

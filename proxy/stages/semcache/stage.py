@@ -129,7 +129,7 @@ class SemanticCacheStage(Stage):
             return None
         asked = question(ex.body, ex.endpoint, ex.model)
         # not cacheable: an earlier stage (guardrails' restore) needs this request's own answer
-        if asked is None or not ex.cacheable or bypassed(ex.body, ex.request.headers, settings):
+        if asked is None or not ex.cacheable or bypassed(ex.body, ex.inbound, settings):
             self._result(ex, "bypass")
             return None
         store = await self._store()

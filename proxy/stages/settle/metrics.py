@@ -50,6 +50,9 @@ GAUGE_MERGE = {
     "tollway_settlement_lag_seconds": max,
     "tollway_redis_up": min,  # 0 when any worker is on the fallbacks
     "tollway_event_loop_lag_max_seconds": max,
+    # Read from Postgres by each worker: the same fleet-wide number, not a share.
+    "tollway_batch_queue_depth": max,
+    "tollway_batch_oldest_pending_seconds": max,
 }
 _STREAM_FAILURES = {"upstream_timeout": "timeout", "upstream_stream_broken": "protocol"}
 _MAX_TARGETS = 1024
@@ -119,6 +122,19 @@ class Metrics:
         self.dead_letters = Counter(
             "tollway_billing_dead_letter_total",
             "Usage rows Postgres refused for their content, kept in dead-letter.jsonl.",
+            registry=r,
+        )
+        self.batch_lines = Counter(
+            "tollway_batch_lines_total",
+            "Batch lines run by this worker, by result (completed, failed, deferred).",
+            registry=r,
+        )
+        self.batch_queue = Gauge(
+            "tollway_batch_queue_depth", "Pending lines of open batches (fleet-wide).", registry=r
+        )
+        self.batch_oldest = Gauge(
+            "tollway_batch_oldest_pending_seconds",
+            "Age of the oldest open batch with a pending line (fleet-wide).",
             registry=r,
         )
         self.redis_up = Gauge("tollway_redis_up", "1 while Redis answers, else 0.", registry=r)
@@ -375,6 +391,13 @@ class Metrics:
         self.breaker.values.clear()
         for provider, state in breakers.items():
             self.breaker.set({"provider": provider}, state)
+
+    def batch_line(self, result: str) -> None:
+        self._add(self.batch_lines, (("result", result),))
+
+    def set_batch_queue(self, depth: int, oldest_s: float) -> None:
+        self.batch_queue.set({}, depth)
+        self.batch_oldest.set({}, round(oldest_s, 3))
 
     def set_dead_letters(self, count: int) -> None:
         """Rows the ledger dead-lettered (read from it at scrape time)."""

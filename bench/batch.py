@@ -1,0 +1,247 @@
+"""Batch API throughput, and what a running batch costs interactive traffic.
+
+One ``tollway serve`` worker (``--workers 1``, its own embedded Postgres and
+Redis under a temporary data dir, ``--demo`` for the key) in front of
+``bench/fake_provider.py`` (no artificial delay):
+
+1. ``lines/s``: a batch of ``--lines`` chat lines, alone, from creation to
+   ``completed`` (polled every 50 ms), through the one worker.
+2. interactive p50/p99 of non-stream chat requests (``--concurrency``
+   closed-loop clients for ``--seconds``), with no batch running;
+3. the same load while a batch of ``--big-lines`` runs (checked to still be
+   running when the load ends, so the whole window overlaps it).
+
+    .venv/bin/python bench/batch.py --lines 2000 --big-lines 10000 --seconds 15
+
+The batch limits are the shipped defaults (``worker_concurrency: 8``) unless
+``--worker-concurrency`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TOLLWAY = str(Path(PY).parent / "tollway")
+
+CONFIG = """\
+server: {{host: 127.0.0.1, port: {port}}}
+auth: keys
+providers:
+  fake:
+    kind: openai
+    base_url: http://127.0.0.1:{provider_port}/v1
+    api_key: sk-bench-provider
+models:
+  - name: bench-model
+    targets: [{{provider: fake}}]
+tiers:
+  pro: {{requests_per_hour: 1000000000, monthly_requests: 1000000000,
+        monthly_tokens: 1000000000000, max_tokens: 4096}}
+prices:
+  bench-model: {{prompt: 1.0, completion: 2.0}}
+batches: {{worker_concurrency: {worker_concurrency}, poll_interval_s: 0.2}}
+"""
+BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hello"}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _jsonl(n: int, tag: str) -> bytes:
+    return b"".join(
+        orjson.dumps(
+            {
+                "custom_id": f"{tag}-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": BODY,
+            }
+        )
+        + b"\n"
+        for i in range(n)
+    )
+
+
+async def _create_batch(s: aiohttp.ClientSession, base: str, lines: int, tag: str) -> str:
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    form.add_field("file", _jsonl(lines, tag), filename=f"{tag}.jsonl")
+    async with s.post(base + "/v1/files", data=form) as r:
+        file_id = (await r.json())["id"]
+    body = {
+        "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
+    async with s.post(base + "/v1/batches", json=body) as r:
+        made = await r.json()
+        assert made["status"] == "in_progress", made
+        return str(made["id"])
+
+
+async def _status(s: aiohttp.ClientSession, base: str, batch_id: str) -> dict[str, object]:
+    async with s.get(f"{base}/v1/batches/{batch_id}") as r:
+        return dict(await r.json())
+
+
+async def _until_done(s: aiohttp.ClientSession, base: str, batch_id: str, limit: float) -> dict:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        b = await _status(s, base, batch_id)
+        if b["status"] in ("completed", "failed", "expired", "cancelled"):
+            return b
+        await asyncio.sleep(0.05)  # polling, as a client would
+    raise TimeoutError(f"batch {batch_id} not done within {limit}s")
+
+
+async def _interactive(
+    s: aiohttp.ClientSession, base: str, concurrency: int, seconds: float
+) -> tuple[list[float], int]:
+    """Closed-loop non-stream chat for ``seconds``: latencies (ms) and errors."""
+    latencies: list[float] = []
+    errors = 0
+    end = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal errors
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            async with s.post(base + "/v1/chat/completions", json=BODY) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return latencies, errors
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _start(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes], ...]:
+    provider_port, port = _free_port(), _free_port()
+    provider = subprocess.Popen(
+        [PY, str(ROOT / "bench" / "fake_provider.py"), str(provider_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    config = work / "tollway.yaml"
+    config.write_text(
+        CONFIG.format(
+            port=port, provider_port=provider_port, worker_concurrency=args.worker_concurrency
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["TOLLWAY_DATA_DIR"] = str(work / "data")
+    log = (work / "serve.log").open("wb")
+    serve = subprocess.Popen(
+        [TOLLWAY, "serve", "--migrate", "--demo", "--workers", "1", "--config", str(config)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while "listening on" not in (text := (work / "serve.log").read_text()):
+        if serve.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"tollway serve did not start:\n{text}")
+        time.sleep(0.2)  # start-up of a subprocess: polled, as bench/run.py does
+    key = re.search(r"export TOLLWAY_KEY=(tw-\S+)", text)
+    assert key is not None, text
+    args.base, args.key = f"http://127.0.0.1:{port}", key.group(1)
+    return provider, serve
+
+
+async def _measure(args: argparse.Namespace) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {args.key}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as s:
+        base = args.base
+        await _interactive(s, base, args.concurrency, 2.0)  # warm-up
+        t0 = time.monotonic()
+        alone = await _create_batch(s, base, args.lines, "alone")
+        done = await _until_done(s, base, alone, 600)
+        elapsed = time.monotonic() - t0
+        counts = done["request_counts"]
+        assert isinstance(counts, dict) and counts["completed"] == args.lines, done
+        quiet, quiet_err = await _interactive(s, base, args.concurrency, args.seconds)
+        big = await _create_batch(s, base, args.big_lines, "big")
+        busy, busy_err = await _interactive(s, base, args.concurrency, args.seconds)
+        during = await _status(s, base, big)
+        still = during["status"] == "in_progress"
+        ran = during["request_counts"]["completed"]  # type: ignore[index]
+        await _until_done(s, base, big, 1200)
+    return {
+        "lines": args.lines,
+        "lines_per_s": args.lines / elapsed,
+        "quiet_p50": _pct(quiet, 0.5),
+        "quiet_p99": _pct(quiet, 0.99),
+        "quiet_rps": len(quiet) / args.seconds,
+        "quiet_errors": quiet_err,
+        "busy_p50": _pct(busy, 0.5),
+        "busy_p99": _pct(busy, 0.99),
+        "busy_rps": len(busy) / args.seconds,
+        "busy_errors": busy_err,
+        "big_still_running": float(still),
+        "big_lines_during_load": float(ran),
+        "mean_quiet": statistics.fmean(quiet),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lines", type=int, default=2000, help="the batch measured alone")
+    p.add_argument("--big-lines", type=int, default=10000, help="the batch run beside the load")
+    p.add_argument("--seconds", type=float, default=15.0, help="each interactive load window")
+    p.add_argument("--concurrency", type=int, default=8, help="interactive clients")
+    p.add_argument("--worker-concurrency", type=int, default=8, help="batches.worker_concurrency")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tollway-bench-batch-") as tmp:
+        procs = _start(args, Path(tmp))
+        try:
+            r = asyncio.run(_measure(args))
+        finally:
+            provider, serve = procs
+            os.killpg(serve.pid, signal.SIGTERM)  # serve and the embedded servers it started
+            serve.wait(120)
+            provider.terminate()
+            provider.wait(10)
+    print(f"batch alone: {r['lines']:.0f} lines in one worker: {r['lines_per_s']:.0f} lines/s")
+    print(
+        f"interactive, no batch:   p50 {r['quiet_p50']:.1f} ms  p99 {r['quiet_p99']:.1f} ms"
+        f"  {r['quiet_rps']:.0f} req/s  errors {r['quiet_errors']:.0f}"
+    )
+    print(
+        f"interactive, with batch: p50 {r['busy_p50']:.1f} ms  p99 {r['busy_p99']:.1f} ms"
+        f"  {r['busy_rps']:.0f} req/s  errors {r['busy_errors']:.0f}"
+        f"  (batch lines run meanwhile: {r['big_lines_during_load']:.0f};"
+        f" batch still running at the end: {bool(r['big_still_running'])})"
+    )
+    print(f"p99 with/without: {r['busy_p99'] / r['quiet_p99']:.2f}x (target <= 1.10x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The ``batches:`` section: how much of a worker the Batch API may use.
+
+Batch lines share the providers and the event loop with interactive
+traffic, so each limit bounds how much of them one batch, one tenant or one
+worker process may hold at once; the rest wait in the Postgres queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.config.reader import Node
+
+KEYS = (
+    "enabled",
+    "worker_concurrency",
+    "busy_concurrency",
+    "tenant_concurrency",
+    "batch_concurrency",
+    "lease_s",
+    "poll_interval_s",
+    "quota_retry_s",
+    "max_file_bytes",
+    "max_lines",
+    "file_retention_days",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    enabled: bool = True  # False: this instance runs no batch lines (the API still answers)
+    worker_concurrency: int = 8  # lines in flight per worker process
+    # ... while the process is serving interactive requests: batch lines yield to them
+    busy_concurrency: int = 2
+    tenant_concurrency: int = 16  # lines in flight per tenant, across the fleet
+    batch_concurrency: int = 8  # lines in flight per batch, across the fleet
+    lease_s: float = 120.0  # a line's lease: a killed worker's lines run again after it
+    poll_interval_s: float = 0.5  # how often an idle worker looks for lines
+    quota_retry_s: float = 30.0  # a line refused for quota waits this long, then retries
+    max_file_bytes: int = 100 * 1024 * 1024  # the upload cap
+    max_lines: int = 50_000  # lines per batch input file (OpenAI's cap)
+    file_retention_days: float = 30.0  # uploads and outputs are deleted after this
+
+
+def parse_batches(raw: Any) -> BatchPolicy:
+    if raw is None:
+        return BatchPolicy()
+    m = Node(raw, "batches").mapping(KEYS)
+    d = BatchPolicy()
+
+    def integer(key: str, default: int) -> int:
+        return m[key].integer(positive=True) if key in m else default
+
+    def number(key: str, default: float) -> float:
+        return m[key].number(positive=True) if key in m else default
+
+    return BatchPolicy(
+        enabled=m["enabled"].boolean() if "enabled" in m else d.enabled,
+        worker_concurrency=integer("worker_concurrency", d.worker_concurrency),
+        busy_concurrency=integer("busy_concurrency", d.busy_concurrency),
+        tenant_concurrency=integer("tenant_concurrency", d.tenant_concurrency),
+        batch_concurrency=integer("batch_concurrency", d.batch_concurrency),
+        lease_s=number("lease_s", d.lease_s),
+        poll_interval_s=number("poll_interval_s", d.poll_interval_s),
+        quota_retry_s=number("quota_retry_s", d.quota_retry_s),
+        max_file_bytes=integer("max_file_bytes", d.max_file_bytes),
+        max_lines=integer("max_lines", d.max_lines),
+        file_retention_days=number("file_retention_days", d.file_retention_days),
+    )
