@@ -250,3 +250,10 @@ async def next_due_in(pool: asyncpg.Pool) -> float | None:
         " WHERE state = 'pending'"
     )
     return None if value is None else max(0.0, float(value))
+
+
+async def pending(pool: asyncpg.Pool) -> int:
+    """Deliveries waiting for an attempt (a partial index holds just these)."""
+    return int(
+        await pool.fetchval("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'")
+    )

@@ -24,7 +24,7 @@ from proxy.stages.settle.webhook_delivery import Deliverer
 from proxy.stores import pgdsn
 from proxy.stores.events import EventLog
 from proxy.stores.pgwait import UNAVAILABLE
-from proxy.web.keys import CONFIG, DELIVERER, EVENTS, HTTP, TASKS
+from proxy.web.keys import CONFIG, DELIVERER, EVENTS, HTTP, METRICS, TASKS
 
 log = logging.getLogger("tollway.events")
 POOL_SIZE = 3
@@ -52,7 +52,9 @@ def events_ctx(database_url: str | None) -> Callable[[web.Application], AsyncIte
         )
         assert pool is not None
         events = EventLog(pool, database_url)
-        deliverer = Deliverer(pool, app[HTTP], lambda: event_settings(app).webhooks)
+        deliverer = Deliverer(
+            pool, app[HTTP], lambda: event_settings(app).webhooks, app.get(METRICS)
+        )
         events.on_notify.append(deliverer.wake)
         app[EVENTS] = events
         app[DELIVERER] = deliverer
