@@ -9,6 +9,7 @@ signing code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -26,6 +27,8 @@ import standardwebhooks
 from aiohttp import WSMsgType, web
 from openai.types.webhooks import BatchCompletedWebhookEvent
 
+from proxy.config import sealed
+from proxy.config.sealed import MASTER_KEY_ENV
 from proxy.stores import webhooks
 from proxy.stores.events import EventLog
 from proxy.web.keys import DELIVERER, EVENTS
@@ -328,6 +331,67 @@ async def test_deliveries_streams_and_events_are_in_the_metrics(
 
 async def _metric_is(gw: Gateway, name: str, expected: float, **labels: str) -> bool:
     return value(parse(await scrape(gw))[1], name, **labels) == expected
+
+
+async def test_secrets_are_sealed_at_rest_and_old_plaintext_rows_keep_working(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With TOLLWAY_MASTER_KEY set, a dump of webhook_endpoints does not hold
+    the secrets; a row stored in plaintext before is sealed at the start and
+    both endpoints' webhooks still verify with the secrets shown at add."""
+    monkeypatch.delenv(MASTER_KEY_ENV, raising=False)
+    t = await _tenant(pg, tmp_path)
+    old = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    dump = await pg.fetchval("SELECT secret FROM webhook_endpoints WHERE id = $1", old["id"])
+    assert dump == old["secret"]  # no key: stored as it is (the state before the key)
+    monkeypatch.setenv(MASTER_KEY_ENV, sealed.new_key())
+    gw = await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
+    new = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    rows = await pg.fetch(
+        "SELECT secret FROM webhook_endpoints WHERE id = ANY($1)", [old["id"], new["id"]]
+    )
+    for row in rows:
+        for hook in (old, new):
+            assert hook["secret"].removeprefix("whsec_") not in row["secret"]
+        assert row["secret"].startswith("enc:")
+    await _log(gw).publish(t.id, "batch.completed", _batch("batch_s", "completed", 3))
+    await until(lambda: len(receiver.got) == 2, what="both endpoints' webhooks")
+    verified = set()
+    for body, headers in receiver.got:
+        for hook in (old, new):
+            with contextlib.suppress(standardwebhooks.WebhookVerificationError):
+                standardwebhooks.Webhook(hook["secret"]).verify(body, headers)
+                verified.add(hook["id"])
+    assert verified == {old["id"], new["id"]}
+
+
+async def test_a_secret_sealed_with_another_key_fails_its_delivery_plainly(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(MASTER_KEY_ENV, sealed.new_key())
+    t = await _tenant(pg, tmp_path)
+    hook = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    monkeypatch.setenv(MASTER_KEY_ENV, sealed.new_key())  # the key was changed
+    cfg = _config(fake_openai.url)
+    cfg["events"]["webhooks"]["max_attempts"] = 1
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    await _log(gw).publish(t.id, "batch.failed", _batch("batch_k", "failed"))
+    await until(lambda: _attempts(pg, hook["id"]), what="the attempt recorded")
+    (row,) = await _attempts(pg, hook["id"])
+    assert "cannot be decrypted with TOLLWAY_MASTER_KEY" in row["error"]
+    assert receiver.got == []  # nothing unsigned (or wrongly signed) was sent
 
 
 # -- the stream -------------------------------------------------------------

@@ -112,7 +112,7 @@ class Deliverer:
     async def _post(self, d: store.Delivery, s: WebhookSettings) -> tuple[int | None, str | None]:
         body = d.body()
         try:
-            key = webhooks.secret_key(d.secret)
+            key = webhooks.secret_key(store.open_secret(d.secret))
         except ValueError as exc:
             return None, f"bad secret: {exc}"
         try:
