@@ -60,6 +60,7 @@ def config(
         {"name": "claude-*", "targets": [{"provider": "anthropic"}]},
         {"name": "gpt-native", "targets": [{"provider": "openai", "model": "upstream-model"}]},
         {"name": "gpt-cut", "targets": [{"provider": "openai", "model": "cut"}]},
+        {"name": "gpt-failed", "targets": [{"provider": "openai", "model": "failed"}]},
         {
             "name": "native-first",
             "targets": [{"provider": "anthropic", "model": "claude-fail"}],
@@ -256,6 +257,18 @@ async def test_a_cut_responses_stream_ends_with_an_error_event_and_bills_the_tex
     assert record.status == 502
     assert record.usage.source == "estimated"
     assert record.usage.completion_tokens == tokens.count_text(TEXT[0], "cut")
+
+
+async def test_a_responses_stream_that_fails_is_recorded_as_failed(gw: Gateway) -> None:
+    stream = await gw.sdk().responses.create(model="gpt-failed", input="Say hello", stream=True)
+    events = [event async for event in stream]
+    assert events[-1].type == "response.failed"  # passed through as OpenAI sent it
+    assert events[-1].response.error.code == "server_error"  # type: ignore[union-attr]
+    record = gw.settler.records[-1]
+    # As a chat stream broken by the provider's error: not a 200 in the usage row.
+    assert (record.status, record.error_code) == (502, "upstream_stream_broken")
+    assert record.usage.source == "estimated"
+    assert record.usage.completion_tokens == tokens.count_text(TEXT[0], "failed")
 
 
 async def test_responses_to_a_server_without_the_api_are_translated(

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy.core import tokens
+from proxy.core.errors import GatewayError
 from proxy.core.sse import DONE, event_data
 from proxy.core.usage import Usage, usage_from_openai
 
@@ -65,13 +66,24 @@ class StreamMeter:
     finish reason are decoded; the others pass as bytes.
     """
 
-    __slots__ = ("_finished", "_payloads", "choices", "client_wants_usage", "done", "usage")
+    __slots__ = (
+        "_finished",
+        "_payloads",
+        "choices",
+        "client_wants_usage",
+        "done",
+        "failure",
+        "usage",
+    )
 
     def __init__(self, client_wants_usage: bool, choices: int = 1) -> None:
         self.client_wants_usage = client_wants_usage
         self.choices = choices  # the request's ``n``
         self.usage: Usage | None = None
         self.done = False
+        # An answer that ended in its API's own failure event (a passed-through
+        # Responses stream's ``response.failed``): recorded as this error.
+        self.failure: GatewayError | None = None
         self._finished: set[object] = set()  # indexes of choices with a finish reason
         self._payloads: list[bytes] = []
 
