@@ -130,6 +130,32 @@ async def test_messages_go_to_anthropic_as_sent_and_thinking_comes_back(
     assert record.usage.source == "provider" and record.usage.details == CACHE
 
 
+async def test_the_clients_beta_flags_go_to_anthropic_only(
+    gw: Gateway, ant: FakeAnthropic, fake_openai: FakeOpenAI
+) -> None:
+    beta = "interleaved-thinking-2025-05-14"
+    # The SDK's own beta surface sends them as the anthropic-beta header.
+    msg = await claude(gw).beta.messages.create(**sdk_args("claude-thinking"), betas=[beta])
+    assert msg.content[0].type == "thinking"
+    assert ant.seen[-1].headers["anthropic-beta"] == beta
+    async with claude(gw).beta.messages.stream(
+        **sdk_args("claude-thinking"), betas=[beta]
+    ) as stream:
+        await stream.get_final_message()
+    assert ant.seen[-1].headers["anthropic-beta"] == beta
+    # Translated to another provider, or another door's pass-through: not sent.
+    await claude(gw).beta.messages.create(
+        model="fake-model", max_tokens=50, messages=HELLO, betas=[beta]
+    )
+    assert fake_openai.seen[-1].path == "/v1/chat/completions"
+    assert "anthropic-beta" not in {k.lower() for k in fake_openai.seen[-1].headers}
+    await gw.sdk().responses.create(
+        model="gpt-native", input="Say hello", extra_headers={"anthropic-beta": beta}
+    )
+    assert fake_openai.seen[-1].path == "/v1/responses"
+    assert "anthropic-beta" not in {k.lower() for k in fake_openai.seen[-1].headers}
+
+
 async def test_a_stream_passes_through_with_its_thinking_block(
     gw: Gateway, ant: FakeAnthropic
 ) -> None:

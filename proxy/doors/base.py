@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from proxy.core.errors import GatewayError
@@ -74,6 +75,9 @@ class FrontDoor(ABC):
 
     def native_reply(self, body: bytes) -> bytes:
         return body
+
+    def native_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        return {}
 
     @abstractmethod
     def native_meter(self) -> StreamMeter: ...

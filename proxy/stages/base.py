@@ -36,7 +36,7 @@ tuple built in ``proxy.web.settlers``, told of every request once it ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -192,6 +192,11 @@ class Door(Protocol):
         """The client's own body for such a provider: ``model`` the
         provider's, ``limit`` (the completion limit as the gateway capped
         it; None: as sent) under the API's own parameter name."""
+        ...
+
+    def native_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The client's request headers such a provider gets too: its API's
+        own options (Anthropic's ``anthropic-beta``), nothing else."""
         ...
 
     def native_reply(self, body: bytes) -> bytes:
