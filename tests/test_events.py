@@ -303,7 +303,8 @@ async def test_deliveries_streams_and_events_are_in_the_metrics(
     # The retry's backoff has passed: the second 500 is the last attempt.
     receiver.script = [500]
     await pg.execute(
-        "UPDATE webhook_deliveries SET next_at = now() WHERE endpoint_id = $1 AND state = 'pending'",
+        "UPDATE webhook_deliveries SET next_at = now()"
+        " WHERE endpoint_id = $1 AND state = 'pending'",
         hook["id"],
     )
     gw.app[DELIVERER].wake()
@@ -316,9 +317,7 @@ async def test_deliveries_streams_and_events_are_in_the_metrics(
     assert value(series, "tollway_webhook_deliveries_total", outcome="retried") == 1
     assert value(series, "tollway_webhook_delivery_seconds_count") == 3
     assert value(series, "tollway_webhook_deliveries_pending") == 0
-    published = {
-        ls["type"]: v for n, ls, v in series if n == "tollway_events_published_total"
-    }
+    published = {ls["type"]: v for n, ls, v in series if n == "tollway_events_published_total"}
     assert published == {"batch.expired": 1, "batch.progress": 1, "batch.completed": 1}
     assert value(series, "tollway_event_streams_open") == 0
     auth = {"Authorization": f"Bearer {t.key}"}

@@ -20,8 +20,8 @@ and statuses, from the key check on).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from proxy.core.errors import GatewayError

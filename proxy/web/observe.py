@@ -3,8 +3,8 @@
 The metrics and the access log are settlers (``proxy.web.app`` builds the
 tuple); this module only serves what they counted. The scrape handler
 refreshes the gauges that are read, not counted (in-flight, breakers,
-spool, config version, the event log's streams and webhook queue) and answers for the whole instance when several
-workers share the port (``proxy.web.metrics_share``).
+spool, config version, the event log's streams and webhook queue) and
+answers for the whole instance when several workers share the port (``proxy.web.metrics_share``).
 """
 
 from __future__ import annotations

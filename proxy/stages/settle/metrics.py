@@ -431,9 +431,7 @@ class Metrics:
             self.http_refusals.set({"reason": reason}, n)
         self.auth_throttled.set({}, auth_throttled)
 
-    def set_events(
-        self, streams: int, published: Mapping[str, int], pending: int | None
-    ) -> None:
+    def set_events(self, streams: int, published: Mapping[str, int], pending: int | None) -> None:
         """The event log's side (``proxy.stores.events``), read at scrape
         time; ``pending`` None: the queue could not be read just now."""
         self.event_streams.set({}, streams)

@@ -11,8 +11,9 @@ Redirects are never followed: the endpoint's URL is what the operator
 approved, and a redirect could carry the signed event somewhere else. The
 ``webhook-id`` is the event's id, the same on every retry, so a receiver
 can drop a repeat. Each attempt is counted by outcome (delivered, retried,
-failed) and timed in the metrics when it is given them. It wakes when an event is announced (the event log's
-notifications) and otherwise when the earliest pending retry is due.
+failed) and timed in the metrics, when it is given them. It wakes when an
+event is announced (the event log's notifications) and otherwise when the
+earliest pending retry is due.
 """
 
 from __future__ import annotations
