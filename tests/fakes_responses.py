@@ -4,7 +4,9 @@ The answer has a reasoning item before its message (as OpenAI's reasoning
 models answer), so a test can tell a passed-through answer from one the
 gateway translated from chat: chat has no reasoning items. Usage reports
 cached input tokens and reasoning tokens. ``cut`` (after the model's
-``fake-`` prefix is removed) ends the stream after the first text delta.
+``fake-`` prefix is removed) ends the stream after the first text delta;
+``failed`` ends it there with ``response.failed``, as OpenAI does when the
+model errs mid-answer.
 """
 
 from __future__ import annotations
@@ -98,6 +100,11 @@ async def serve(request: web.Request, body: dict[str, Any]) -> web.StreamRespons
         await emit("response.output_text.delta", **ids, delta=piece, logprobs=[])
         if body["model"] == "cut":
             request.transport.close()  # type: ignore[union-attr]
+            return resp
+        if body["model"] == "failed":
+            failed = _response(body, "failed", [], None)
+            failed["error"] = {"code": "server_error", "message": "The model had an error."}
+            await emit("response.failed", response=failed)
             return resp
     await emit("response.output_text.done", **ids, text="".join(TEXT), logprobs=[])
     await emit("response.content_part.done", **ids, part=message["content"][0])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import asyncpg
 import orjson
 import pytest
@@ -18,6 +19,8 @@ from proxy.web.middleware import sanitise_request_id
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
+from tests.fakes_providers import FakeAnthropic
+from tests.test_door_native import config as door_config
 
 PROMPT = "the secret recipe is 42"
 
@@ -138,3 +141,41 @@ def test_logging_section_is_validated(section: dict[str, Any], error: str) -> No
     with pytest.raises(ConfigError) as exc:
         parse_config(text, {})
     assert str(exc.value).startswith(error)
+
+
+async def test_a_passed_through_answer_has_its_text_in_the_transcript(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An answer in Anthropic's Messages or OpenAI's Responses, as the
+    provider sent it, is logged with its text as a chat answer is."""
+    caplog.set_level(logging.INFO, logger="tollway.access")
+    ant = FakeAnthropic()
+    await ant.start()
+    try:
+        cfg = door_config(fake_openai.url, ant.url, billing_config(fake_openai.url))
+        tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+        cfg["logging"] = {"bodies": {"tenants": [tenant], "max_chars": 500}}
+        gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+        claude = anthropic.AsyncAnthropic(base_url=gw.url, api_key=key["api_key"], max_retries=0)
+        msg = await claude.messages.create(
+            model="claude-thinking", max_tokens=2048, messages=[{"role": "user", "content": PROMPT}]
+        )
+        resp = await gw.sdk(api_key=key["api_key"]).responses.create(
+            model="gpt-native", input=PROMPT
+        )
+    finally:
+        ant.release.set()
+        await ant.close()
+    assert ant.seen[-1].path == "/v1/messages" and fake_openai.seen[-1].path == "/v1/responses"
+    said = "".join(b.text for b in msg.content if b.type == "text")
+    assert said and resp.output_text
+    lines = [line for line in access_lines(caplog) if line.get("tenant") == tenant]
+    assert [(line["completion"], PROMPT in line["prompt"]) for line in lines] == [
+        (said, True),
+        (resp.output_text, True),
+    ]

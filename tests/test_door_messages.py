@@ -553,8 +553,8 @@ async def test_cut_stream_ends_with_an_error_event(gw: Gateway) -> None:
                 got.append(ev.type)
     assert "content_block_delta" in got
     assert err.value.body["error"]["type"] == "api_error"  # type: ignore[index]
-    # The client has its error event before the gateway has settled the request.
-    await until(lambda: len(gw.settler.records) > 0)
+    # The client has the error event before the request is settled.
+    await until(lambda: gw.settler.records, what="the request settled")
     assert gw.settler.records[-1].status == 502
 
 

@@ -60,6 +60,7 @@ def config(
         {"name": "claude-*", "targets": [{"provider": "anthropic"}]},
         {"name": "gpt-native", "targets": [{"provider": "openai", "model": "upstream-model"}]},
         {"name": "gpt-cut", "targets": [{"provider": "openai", "model": "cut"}]},
+        {"name": "gpt-failed", "targets": [{"provider": "openai", "model": "failed"}]},
         {
             "name": "native-first",
             "targets": [{"provider": "anthropic", "model": "claude-fail"}],
@@ -127,6 +128,32 @@ async def test_messages_go_to_anthropic_as_sent_and_thinking_comes_back(
     assert record.api == "messages" and record.status == 200 and record.provider == "anthropic"
     assert (record.usage.prompt_tokens, record.usage.completion_tokens) == (1240, 25)
     assert record.usage.source == "provider" and record.usage.details == CACHE
+
+
+async def test_the_clients_beta_flags_go_to_anthropic_only(
+    gw: Gateway, ant: FakeAnthropic, fake_openai: FakeOpenAI
+) -> None:
+    beta = "interleaved-thinking-2025-05-14"
+    # The SDK's own beta surface sends them as the anthropic-beta header.
+    msg = await claude(gw).beta.messages.create(**sdk_args("claude-thinking"), betas=[beta])
+    assert msg.content[0].type == "thinking"
+    assert ant.seen[-1].headers["anthropic-beta"] == beta
+    async with claude(gw).beta.messages.stream(
+        **sdk_args("claude-thinking"), betas=[beta]
+    ) as stream:
+        await stream.get_final_message()
+    assert ant.seen[-1].headers["anthropic-beta"] == beta
+    # Translated to another provider, or another door's pass-through: not sent.
+    await claude(gw).beta.messages.create(
+        model="fake-model", max_tokens=50, messages=HELLO, betas=[beta]
+    )
+    assert fake_openai.seen[-1].path == "/v1/chat/completions"
+    assert "anthropic-beta" not in {k.lower() for k in fake_openai.seen[-1].headers}
+    await gw.sdk().responses.create(
+        model="gpt-native", input="Say hello", extra_headers={"anthropic-beta": beta}
+    )
+    assert fake_openai.seen[-1].path == "/v1/responses"
+    assert "anthropic-beta" not in {k.lower() for k in fake_openai.seen[-1].headers}
 
 
 async def test_a_stream_passes_through_with_its_thinking_block(
@@ -256,6 +283,18 @@ async def test_a_cut_responses_stream_ends_with_an_error_event_and_bills_the_tex
     assert record.status == 502
     assert record.usage.source == "estimated"
     assert record.usage.completion_tokens == tokens.count_text(TEXT[0], "cut")
+
+
+async def test_a_responses_stream_that_fails_is_recorded_as_failed(gw: Gateway) -> None:
+    stream = await gw.sdk().responses.create(model="gpt-failed", input="Say hello", stream=True)
+    events = [event async for event in stream]
+    assert events[-1].type == "response.failed"  # passed through as OpenAI sent it
+    assert events[-1].response.error.code == "server_error"  # type: ignore[union-attr]
+    record = gw.settler.records[-1]
+    # As a chat stream broken by the provider's error: not a 200 in the usage row.
+    assert (record.status, record.error_code) == (502, "upstream_stream_broken")
+    assert record.usage.source == "estimated"
+    assert record.usage.completion_tokens == tokens.count_text(TEXT[0], "failed")
 
 
 async def test_responses_to_a_server_without_the_api_are_translated(

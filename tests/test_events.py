@@ -9,6 +9,7 @@ signing code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -26,12 +27,15 @@ import standardwebhooks
 from aiohttp import WSMsgType, web
 from openai.types.webhooks import BatchCompletedWebhookEvent
 
+from proxy.config import sealed
+from proxy.config.sealed import MASTER_KEY_ENV
 from proxy.stores import webhooks
 from proxy.stores.events import EventLog
-from proxy.web.keys import EVENTS
+from proxy.web.keys import DELIVERER, EVENTS
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI
+from tests.test_metrics import parse, scrape, value
 from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,6 +260,137 @@ async def test_pending_deliveries_survive_a_restart(
     body, headers = receiver.got[0]
     assert standardwebhooks.Webhook(hook["secret"]).verify(body, headers)["id"] == event.event_id
     await until(lambda: _delivered(pg, hook["id"]), what="recorded as delivered")
+
+
+async def test_deliveries_streams_and_events_are_in_the_metrics(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    receiver: Receiver,
+) -> None:
+    """What an operator alerts on (deploy/METRICS.md): each attempt by outcome
+    and timed, the queue of pending deliveries, open streams, events by type."""
+    # The database outlives each test: no other test's unfinished delivery may
+    # be sent (and counted) by this gateway.
+    await pg.execute("DELETE FROM webhook_deliveries WHERE state = 'pending'")
+    cfg = _config(fake_openai.url)
+    cfg["events"]["webhooks"].update(max_attempts=2, backoff_s=60)
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    t = await _tenant(pg, tmp_path)
+    hook = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    log = _log(gw)
+
+    async def metric(name: str, **labels: str) -> float:
+        return value(parse(await scrape(gw))[1], name, **labels)
+
+    assert await metric("tollway_webhook_deliveries_total", outcome="failed") == 0
+    receiver.script = [500]
+    await log.publish(t.id, "batch.expired", _batch("batch_x", "expired"))
+    await log.publish(t.id, "batch.progress", _batch("batch_y", "in_progress", 1))
+    await until(lambda: len(receiver.got) == 1, what="the first attempt")
+    await until(
+        lambda: _metric_is(gw, "tollway_webhook_deliveries_total", 1, outcome="retried"),
+        what="the attempt counted as retried",
+    )
+    assert await metric("tollway_webhook_deliveries_pending") == 1  # its retry waits a minute
+    await log.publish(t.id, "batch.completed", _batch("batch_y", "completed", 3))
+    await until(
+        lambda: _metric_is(gw, "tollway_webhook_deliveries_total", 1, outcome="delivered"),
+        what="the completed event delivered",
+    )
+    # The retry's backoff has passed: the second 500 is the last attempt.
+    receiver.script = [500]
+    await pg.execute(
+        "UPDATE webhook_deliveries SET next_at = now()"
+        " WHERE endpoint_id = $1 AND state = 'pending'",
+        hook["id"],
+    )
+    gw.app[DELIVERER].wake()
+    await until(
+        lambda: _metric_is(gw, "tollway_webhook_deliveries_total", 1, outcome="failed"),
+        what="the delivery counted as failed",
+    )
+    _, series = parse(await scrape(gw))
+    assert value(series, "tollway_webhook_deliveries_total", outcome="delivered") == 1
+    assert value(series, "tollway_webhook_deliveries_total", outcome="retried") == 1
+    assert value(series, "tollway_webhook_delivery_seconds_count") == 3
+    assert value(series, "tollway_webhook_deliveries_pending") == 0
+    published = {ls["type"]: v for n, ls, v in series if n == "tollway_events_published_total"}
+    assert published == {"batch.expired": 1, "batch.progress": 1, "batch.completed": 1}
+    assert value(series, "tollway_event_streams_open") == 0
+    auth = {"Authorization": f"Bearer {t.key}"}
+    async with aiohttp.ClientSession() as s, s.ws_connect(_ws_url(gw), headers=auth):
+        await _subscribed(gw, t.id)
+        assert await metric("tollway_event_streams_open") == 1
+    await _subscribed(gw, t.id, 0)
+    assert await metric("tollway_event_streams_open") == 0
+
+
+async def _metric_is(gw: Gateway, name: str, expected: float, **labels: str) -> bool:
+    return value(parse(await scrape(gw))[1], name, **labels) == expected
+
+
+async def test_secrets_are_sealed_at_rest_and_old_plaintext_rows_keep_working(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With TOLLWAY_MASTER_KEY set, a dump of webhook_endpoints does not hold
+    the secrets; a row stored in plaintext before is sealed at the start and
+    both endpoints' webhooks still verify with the secrets shown at add."""
+    monkeypatch.delenv(MASTER_KEY_ENV, raising=False)
+    t = await _tenant(pg, tmp_path)
+    old = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    dump = await pg.fetchval("SELECT secret FROM webhook_endpoints WHERE id = $1", old["id"])
+    assert dump == old["secret"]  # no key: stored as it is (the state before the key)
+    monkeypatch.setenv(MASTER_KEY_ENV, sealed.new_key())
+    gw = await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
+    new = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    rows = await pg.fetch(
+        "SELECT secret FROM webhook_endpoints WHERE id = ANY($1)", [old["id"], new["id"]]
+    )
+    for row in rows:
+        for hook in (old, new):
+            assert hook["secret"].removeprefix("whsec_") not in row["secret"]
+        assert row["secret"].startswith("enc:")
+    await _log(gw).publish(t.id, "batch.completed", _batch("batch_s", "completed", 3))
+    await until(lambda: len(receiver.got) == 2, what="both endpoints' webhooks")
+    verified = set()
+    for body, headers in receiver.got:
+        for hook in (old, new):
+            with contextlib.suppress(standardwebhooks.WebhookVerificationError):
+                standardwebhooks.Webhook(hook["secret"]).verify(body, headers)
+                verified.add(hook["id"])
+    assert verified == {old["id"], new["id"]}
+
+
+async def test_a_secret_sealed_with_another_key_fails_its_delivery_plainly(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    pg_url: str,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(MASTER_KEY_ENV, sealed.new_key())
+    t = await _tenant(pg, tmp_path)
+    hook = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    monkeypatch.setenv(MASTER_KEY_ENV, sealed.new_key())  # the key was changed
+    cfg = _config(fake_openai.url)
+    cfg["events"]["webhooks"]["max_attempts"] = 1
+    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    await _log(gw).publish(t.id, "batch.failed", _batch("batch_k", "failed"))
+    await until(lambda: _attempts(pg, hook["id"]), what="the attempt recorded")
+    (row,) = await _attempts(pg, hook["id"])
+    assert "cannot be decrypted with TOLLWAY_MASTER_KEY" in row["error"]
+    assert receiver.got == []  # nothing unsigned (or wrongly signed) was sent
 
 
 # -- the stream -------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy.core import tokens
+from proxy.core.errors import GatewayError
 from proxy.core.sse import DONE, event_data, split_events
 from proxy.core.usage import Usage, usage_from_openai
 
@@ -75,6 +76,7 @@ class StreamMeter:
         "choices",
         "client_wants_usage",
         "done",
+        "failure",
         "usage",
     )
 
@@ -83,6 +85,9 @@ class StreamMeter:
         self.choices = choices  # the request's ``n``
         self.usage: Usage | None = None
         self.done = False
+        # An answer that ended in its API's own failure event (a passed-through
+        # Responses stream's ``response.failed``): recorded as this error.
+        self.failure: GatewayError | None = None
         self._finished: set[object] = set()  # indexes of choices with a finish reason
         # The forwarded events, as they were forwarded (whole reads mostly):
         # their payloads are taken out only when someone asks (``payloads``).

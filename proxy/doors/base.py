@@ -20,6 +20,7 @@ and statuses, from the key check on).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -74,6 +75,9 @@ class FrontDoor(ABC):
 
     def native_reply(self, body: bytes) -> bytes:
         return body
+
+    def native_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        return {}
 
     @abstractmethod
     def native_meter(self) -> StreamMeter: ...

@@ -27,6 +27,7 @@ figures come from the chat usage chunk (``to_chat`` asks for it), so
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import orjson
@@ -550,6 +551,12 @@ class MessagesDoor(FrontDoor):
 
     def native_meter(self) -> StreamMeter:
         return MessagesMeter()
+
+    def native_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The client's beta flags: features only the Messages API has, for
+        Anthropic alone (a translated request has no use for them)."""
+        beta = headers.get("anthropic-beta")
+        return {"anthropic-beta": beta} if beta else {}
 
     def native_error(self, exc: GatewayError, sent: int) -> bytes:
         _, body = self.error(exc)

@@ -25,7 +25,8 @@ from typing import Any
 
 import orjson
 
-from proxy.core.errors import GatewayError, NotFound, ServiceUnavailable
+from proxy.core import redact
+from proxy.core.errors import GatewayError, NotFound, ServiceUnavailable, UpstreamStreamBroken
 from proxy.core.metering import StreamMeter
 from proxy.core.usage import usage_from_responses
 from proxy.doors import responses_object as obj
@@ -61,6 +62,8 @@ class ResponsesMeter(NativeMeter):
             return
         self.done = True
         response = event.get("response")
+        if event["type"] == "response.failed":
+            self.failure = _failure(response)
         if isinstance(response, dict):
             self.usage = usage_from_responses(response.get("usage"))
             self._on_final(response)
@@ -70,6 +73,16 @@ class ResponsesMeter(NativeMeter):
         if isinstance(delta, str) and isinstance(kind, str) and kind.endswith(".delta"):
             return delta
         return ""
+
+
+def _failure(response: object) -> UpstreamStreamBroken:
+    """``response.failed``: the provider gave up mid-answer, recorded as a
+    chat stream broken by a provider's error event is (502)."""
+    error = response.get("error") if isinstance(response, dict) else None
+    detail = "no error given"
+    if isinstance(error, dict):
+        detail = f"{error.get('code') or 'error'}: {error.get('message') or 'no message'}"
+    return UpstreamStreamBroken(redact.scrub(f"the provider's response failed ({detail})"))
 
 
 class ResponsesDoor(FrontDoor):

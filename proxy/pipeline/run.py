@@ -263,7 +263,8 @@ def native(ex: Exchange) -> Native | None:
         v for k in ("max_tokens", "max_completion_tokens") if isinstance(v := ex.body.get(k), int)
     ]
     limit = min(limits) if limits else None
-    return Native(door.name, lambda model: door.native_body(model, limit))
+    headers = door.native_headers(ex.inbound)
+    return Native(door.name, lambda model: door.native_body(model, limit), headers or None)
 
 
 async def forward_and_relay(

@@ -24,7 +24,7 @@ goes away, which cancels the provider request.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,6 +60,9 @@ class Call:
     # client's own body in that API, for a provider that ``speaks`` it
     # (``native_complete`` / ``native_stream``); None: OpenAI's shapes.
     api: str | None = None
+    # With ``api``: the client's headers of that API the provider gets too
+    # (``Door.native_headers``), merged into the provider's own.
+    native_headers: Mapping[str, str] | None = None
 
 
 @dataclass(slots=True)

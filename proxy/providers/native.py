@@ -44,6 +44,10 @@ async def send(
     sent = {**headers, "X-Request-Id": call.request_id}
     if call.trace_headers is not None:
         sent.update(call.trace_headers)
+    for name, value in (call.native_headers or {}).items():
+        # A flag list the provider's config sets too (``headers:``) keeps both.
+        have = next((k for k in sent if k.lower() == name.lower()), None)
+        sent[have or name] = f"{sent[have]},{value}" if have else value
     resp = await http.post(session, cfg, url, orjson.dumps(call.body), sent, call.timeouts)
     if resp.status >= 400:
         body = await http.read_body(resp, cfg, call.timeouts)

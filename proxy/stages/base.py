@@ -210,6 +210,11 @@ class Door(Protocol):
         it; None: as sent) under the API's own parameter name."""
         ...
 
+    def native_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The client's request headers such a provider gets too: its API's
+        own options (Anthropic's ``anthropic-beta``), nothing else."""
+        ...
+
     def native_reply(self, body: bytes) -> bytes:
         """Such a provider's non-stream answer, as the client gets it
         (unchanged; the door may keep what it needs of it)."""

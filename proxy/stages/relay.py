@@ -106,6 +106,8 @@ async def stream(
             tail = meter.end()
             if tail:
                 await resp.write(tail if door is None else door.feed(tail))
+        if meter.failure is not None:
+            record.fail(meter.failure)  # the client already has the API's failure event
     except GatewayError as exc:
         record.fail(exc)
         # A guardrail's block: the safe text it held and a content_filter finish go first.

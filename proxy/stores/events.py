@@ -147,6 +147,7 @@ class EventLog:
         # Called on every notification (the webhook deliverer's wake-up).
         self.on_notify: list[Callable[[], None]] = []
         self.listening = asyncio.Event()  # set while the LISTEN connection is up
+        self.published: dict[str, int] = {}  # events this worker wrote, by type (metrics)
 
     # -- writing -----------------------------------------------------------
 
@@ -180,6 +181,7 @@ class EventLog:
                 type,
             )
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{tenant_id}:{row['id']}")
+        self.published[type] = self.published.get(type, 0) + 1
         return _event(row)
 
     # -- reading -----------------------------------------------------------
@@ -240,6 +242,9 @@ class EventLog:
 
     def subscribers(self, tenant_id: int) -> int:
         return len(self._subs.get(tenant_id, ()))
+
+    def open_streams(self) -> int:
+        return sum(len(subs) for subs in self._subs.values())
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         tenant, _, _ = payload.partition(":")

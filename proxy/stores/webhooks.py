@@ -4,6 +4,12 @@ Endpoints are set by the operator (CLI ``tollway webhooks``, admin API
 ``/admin/tenants/{name}/webhooks``), audited like every account change. The
 secret is returned once, when the endpoint is added, and never listed.
 
+The secret must be at hand to sign each delivery, so it cannot be hashed;
+with ``TOLLWAY_MASTER_KEY`` set it is stored sealed with it, the way a
+config file holds provider keys (``proxy.config.sealed``): a dump of the
+database alone does not reveal it. A row written in plaintext (before the
+key was set) still works, and ``seal_plaintext`` seals it at the next start.
+
 Deliveries are rows of ``webhook_deliveries``, written with the event
 (``proxy.stores.events.EventLog.record``). A worker ``claim``s due ones by
 moving their ``next_at`` past the attempt's deadline, so two workers never
@@ -14,6 +20,7 @@ then ``finish``es each attempt, which is recorded in ``webhook_attempts``.
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +30,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from proxy.config import sealed
 from proxy.core import webhooks
 from proxy.stores.accounts import AccountError, _audit, _jsonable
 from proxy.stores.events import WEBHOOK_TYPES
@@ -49,6 +57,53 @@ def _check(url: str, types: Sequence[str], secret: str) -> None:
         raise AccountError(f"bad webhook secret: {exc} (whsec_<base64>)") from None
 
 
+def _master_key() -> str | None:
+    return os.environ.get(sealed.MASTER_KEY_ENV) or None
+
+
+def stored_secret(secret: str) -> str:
+    """What the row holds: the secret sealed when there is a master key."""
+    key = _master_key()
+    return sealed.seal(secret, key) if key else secret
+
+
+def open_secret(stored: str) -> str:
+    """The signing secret of a row (``SealError``, a ValueError, when it
+    cannot be opened: no master key, or another one)."""
+    return sealed.open_sealed(stored, _master_key()) if sealed.is_sealed(stored) else stored
+
+
+async def seal_plaintext(pool: asyncpg.Pool) -> int:
+    """Seal the secrets stored in plaintext; how many were (0 without a key).
+    Several workers may run it at once: a row sealed by one is skipped by
+    the others (it no longer matches)."""
+    key = _master_key()
+    if key is None:
+        return 0
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT id, secret FROM webhook_endpoints WHERE secret NOT LIKE $1"
+            " FOR UPDATE SKIP LOCKED",
+            sealed.PREFIX + "%",
+        )
+        for row in rows:
+            await conn.execute(
+                "UPDATE webhook_endpoints SET secret = $2 WHERE id = $1",
+                row["id"],
+                sealed.seal(row["secret"], key),
+            )
+    return len(rows)
+
+
+async def plaintext_count(pool: asyncpg.Pool) -> int:
+    return int(
+        await pool.fetchval(
+            "SELECT count(*) FROM webhook_endpoints WHERE secret NOT LIKE $1",
+            sealed.PREFIX + "%",
+        )
+    )
+
+
 _PUBLIC = "e.id, t.name AS tenant, e.url, e.event_types, e.created_at"
 
 
@@ -64,6 +119,10 @@ async def add_endpoint(
     chosen = list(dict.fromkeys(types)) if types else list(WEBHOOK_TYPES)
     secret = secret or new_secret()
     _check(url, chosen, secret)
+    try:
+        kept = stored_secret(secret)
+    except sealed.SealError as exc:
+        raise AccountError(f"cannot seal the webhook secret: {exc}", 500) from None
     async with pool.acquire() as conn, conn.transaction():
         tid = await conn.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
         if tid is None:
@@ -75,7 +134,7 @@ async def add_endpoint(
             endpoint_id,
             tid,
             url,
-            secret,
+            kept,
             chosen,
         )
         row = await conn.fetchrow(
@@ -140,7 +199,8 @@ async def deliveries(pool: asyncpg.Pool, endpoint_id: str, limit: int = 50) -> l
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One claimed attempt: what to send, where, and with which key."""
+    """One claimed attempt: what to send, where, and with which key
+    (``secret`` as stored: maybe sealed, see ``open_secret``)."""
 
     event: int  # the event's cursor id
     endpoint_id: str
@@ -250,3 +310,10 @@ async def next_due_in(pool: asyncpg.Pool) -> float | None:
         " WHERE state = 'pending'"
     )
     return None if value is None else max(0.0, float(value))
+
+
+async def pending(pool: asyncpg.Pool) -> int:
+    """Deliveries waiting for an attempt (a partial index holds just these)."""
+    return int(
+        await pool.fetchval("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'")
+    )

@@ -13,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 from aiohttp import web
 
+from proxy.config.sealed import MASTER_KEY_ENV, SealError
 from proxy.core.events import NoEvents
 from proxy.stages.settle.events import EventSettings, EventsStage
 from proxy.stages.settle.webhook_delivery import Deliverer
-from proxy.stores import pgdsn
+from proxy.stores import pgdsn, webhooks
 from proxy.stores.events import EventLog
 from proxy.stores.pgwait import UNAVAILABLE
-from proxy.web.keys import CONFIG, DELIVERER, EVENTS, HTTP, TASKS
+from proxy.web.keys import CONFIG, DELIVERER, EVENTS, HTTP, METRICS, TASKS
 
 log = logging.getLogger("tollway.events")
 POOL_SIZE = 3
@@ -51,8 +53,11 @@ def events_ctx(database_url: str | None) -> Callable[[web.Application], AsyncIte
             command_timeout=10,
         )
         assert pool is not None
+        await _seal_secrets(pool)
         events = EventLog(pool, database_url)
-        deliverer = Deliverer(pool, app[HTTP], lambda: event_settings(app).webhooks)
+        deliverer = Deliverer(
+            pool, app[HTTP], lambda: event_settings(app).webhooks, app.get(METRICS)
+        )
         events.on_notify.append(deliverer.wake)
         app[EVENTS] = events
         app[DELIVERER] = deliverer
@@ -73,6 +78,24 @@ def events_ctx(database_url: str | None) -> Callable[[web.Application], AsyncIte
             await pool.close()
 
     return ctx
+
+
+async def _seal_secrets(pool: asyncpg.Pool) -> None:
+    """Webhook secrets stored in plaintext are sealed once a master key is set."""
+    try:
+        sealed_now = await webhooks.seal_plaintext(pool)
+        if sealed_now:
+            log.info("webhooks: %d secret(s) stored in plaintext are now sealed", sealed_now)
+        elif not os.environ.get(MASTER_KEY_ENV) and await webhooks.plaintext_count(pool):
+            log.warning(
+                "webhooks: endpoint secrets are stored in plaintext in Postgres;"
+                " set %s to store them sealed",
+                MASTER_KEY_ENV,
+            )
+    except SealError as exc:
+        log.error("webhooks: cannot seal the stored secrets: %s", exc)
+    except UNAVAILABLE as exc:
+        log.warning("webhooks: could not seal the stored secrets (%s)", exc)
 
 
 async def _sweep(events: EventLog, app: web.Application) -> None:

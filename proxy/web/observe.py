@@ -3,8 +3,8 @@
 The metrics and the access log are settlers (``proxy.web.app`` builds the
 tuple); this module only serves what they counted. The scrape handler
 refreshes the gauges that are read, not counted (in-flight, breakers,
-spool, config version) and answers for the whole instance when several
-workers share the port (``proxy.web.metrics_share``).
+spool, config version, the event log's streams and webhook queue) and
+answers for the whole instance when several workers share the port (``proxy.web.metrics_share``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.stages.settle.metrics import breaker_states, target_keys, text
+from proxy.stores import webhooks
+from proxy.stores.events import EventLog
+from proxy.stores.pgwait import UNAVAILABLE
 from proxy.web.keys import (
     AUTH_GUARD,
     BILLING,
     CONFIG,
+    EVENTS,
     GUARD_STATS,
     LIFECYCLE,
     LIMITER,
@@ -34,6 +38,7 @@ from proxy.web.keys import (
 from proxy.web.metrics_share import PUBLISH_INTERVAL, MetricsShare
 
 log = logging.getLogger("tollway.observe")
+_PENDING_TIMEOUT_S = 1.0  # a slow database must not hold the scrape up
 
 
 async def collect(app: web.Application) -> None:
@@ -65,6 +70,13 @@ async def collect(app: web.Application) -> None:
     redis = app.get(REDIS)
     if redis is not None:
         metrics.set_redis(redis.up, redis.errors, app[LIMITER].fallbacks)
+    events = app.get(EVENTS)
+    if isinstance(events, EventLog):
+        pending: int | None = None
+        with contextlib.suppress(*UNAVAILABLE):
+            async with asyncio.timeout(_PENDING_TIMEOUT_S):
+                pending = await webhooks.pending(events.pool)
+        metrics.set_events(events.open_streams(), events.published, pending)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

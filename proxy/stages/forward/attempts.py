@@ -96,6 +96,7 @@ class Native:
 
     api: str
     body: Callable[[str], dict[str, Any]]
+    headers: Mapping[str, str] | None = None  # the client's, for it (``Door.native_headers``)
 
 
 @dataclass(slots=True)
@@ -210,6 +211,7 @@ class _Run:
             target.token_limit,
             span.carrier(),
             None if native is None else native.api,
+            None if native is None else native.headers,
         )
         slot = self.ups.inflight.enter(target.key, permit.release if permit else None)
         started = time.monotonic()

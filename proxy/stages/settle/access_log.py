@@ -59,18 +59,32 @@ def keep_bodies(
 
 
 def _reply_text(raw: bytes) -> str:
+    """The answer's text: a chat or completions answer's choices, or a
+    front door's answer passed through in its own API (Anthropic's
+    ``content`` blocks, a Responses ``output`` of messages)."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return ""
-    parts = []
-    for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
+    if not isinstance(obj, dict):
+        return ""
+    parts: list[object] = []
+    for choice in obj.get("choices") or ():
         if isinstance(choice, dict):
             msg = choice.get("message")
-            text = msg.get("content") if isinstance(msg, dict) else choice.get("text")
-            if isinstance(text, str):
-                parts.append(text)
-    return "".join(parts)
+            parts.append(msg.get("content") if isinstance(msg, dict) else choice.get("text"))
+    if obj.get("type") == "message":  # Anthropic's Messages
+        parts += [b.get("text") for b in _dicts(obj.get("content")) if b.get("type") == "text"]
+    if obj.get("object") == "response":  # OpenAI's Responses
+        for item in _dicts(obj.get("output")):
+            if item.get("type") == "message":
+                content = _dicts(item.get("content"))
+                parts += [c.get("text") for c in content if c.get("type") == "output_text"]
+    return "".join(p for p in parts if isinstance(p, str))
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def _ms(value: float | None) -> float | None:

@@ -41,6 +41,8 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, INF)
 SIMILARITY_BUCKETS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0, INF)
 EMBEDDING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, INF)
+WEBHOOK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, INF)
+WEBHOOK_OUTCOMES = ("delivered", "retried", "failed")
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 BUDGET_THRESHOLDS = (50, 80, 100)  # the levels sql/0005_budgets.sql announces
 # How the workers' gauges combine into the instance's (counters always add up).
@@ -53,6 +55,7 @@ GAUGE_MERGE = {
     # Read from Postgres by each worker: the same fleet-wide number, not a share.
     "tollway_batch_queue_depth": max,
     "tollway_batch_oldest_pending_seconds": max,
+    "tollway_webhook_deliveries_pending": max,  # every worker reads the same queue
 }
 _STREAM_FAILURES = {"upstream_timeout": "timeout", "upstream_stream_broken": "protocol"}
 _MAX_TARGETS = 1024
@@ -191,8 +194,34 @@ class Metrics:
             "What semantic hits saved: the price of the answers they served again.",
             registry=r,
         )
-        for gauge in (self.inflight, self.streams, self.spool, self.lag):
+        self.webhook_deliveries = Counter(
+            "tollway_webhook_deliveries_total",
+            "Webhook delivery attempts, by outcome.",
+            registry=r,
+        )
+        self.webhook_seconds = Histogram(
+            "tollway_webhook_delivery_seconds",
+            "One webhook POST: sent to answered, refused or timed out.",
+            registry=r,
+            buckets=WEBHOOK_BUCKETS,
+        )
+        self.webhook_pending = Gauge(
+            "tollway_webhook_deliveries_pending",
+            "Webhook deliveries waiting for their first or next attempt.",
+            registry=r,
+        )
+        self.event_streams = Gauge(
+            "tollway_event_streams_open", "GET /v1/events streams open.", registry=r
+        )
+        self.events_published = Counter(
+            "tollway_events_published_total", "Tenant events written to the log.", registry=r
+        )
+        gauges = (self.inflight, self.streams, self.spool, self.lag)
+        for gauge in (*gauges, self.webhook_pending, self.event_streams):
             gauge.set({}, 0)
+        # From 0, like the budget alerts: increase() must see the first failure.
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.set({"outcome": outcome}, 0)
         for result in ("success", "failure"):
             self.reloads.set({"result": result}, 0)
         # Every budget-alert series exists from the start at 0: Prometheus's
@@ -219,6 +248,11 @@ class Metrics:
     def budget_alert(self, scope: str, span: str, threshold: int) -> None:
         labels = (("scope", scope), ("span", span), ("threshold", str(threshold)))
         self._add(self.budget_alerts, labels)
+
+    def webhook_attempt(self, outcome: str, seconds: float) -> None:
+        """One delivery attempt (``proxy.stages.settle.webhook_delivery``)."""
+        self._add(self.webhook_deliveries, (("outcome", outcome),))
+        self._observe(self.webhook_seconds, (), seconds)
 
     def _add(self, counter: Counter, labels: Labels, n: float = 1) -> None:
         key = (counter.name, labels)
@@ -419,6 +453,15 @@ class Metrics:
         for reason, n in refusals.items():
             self.http_refusals.set({"reason": reason}, n)
         self.auth_throttled.set({}, auth_throttled)
+
+    def set_events(self, streams: int, published: Mapping[str, int], pending: int | None) -> None:
+        """The event log's side (``proxy.stores.events``), read at scrape
+        time; ``pending`` None: the queue could not be read just now."""
+        self.event_streams.set({}, streams)
+        for kind, n in published.items():
+            self.events_published.set({"type": kind}, n)
+        if pending is not None:
+            self.webhook_pending.set({}, pending)
 
     def collectors(self) -> Iterable[Counter | Gauge | Histogram]:
         return self.registry.get_all()  # type: ignore[return-value]

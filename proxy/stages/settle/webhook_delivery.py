@@ -10,8 +10,10 @@ redirect, a refused or reset connection, the timeout) is retried after
 Redirects are never followed: the endpoint's URL is what the operator
 approved, and a redirect could carry the signed event somewhere else. The
 ``webhook-id`` is the event's id, the same on every retry, so a receiver
-can drop a repeat. It wakes when an event is announced (the event log's
-notifications) and otherwise when the earliest pending retry is due.
+can drop a repeat. Each attempt is counted by outcome (delivered, retried,
+failed) and timed in the metrics, when it is given them. It wakes when an
+event is announced (the event log's notifications) and otherwise when the
+earliest pending retry is due.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -26,6 +29,7 @@ import asyncpg
 
 from proxy.core import webhooks
 from proxy.stages.settle.events import WebhookSettings
+from proxy.stages.settle.metrics import Metrics
 from proxy.stores import webhooks as store
 from proxy.stores.pgwait import UNAVAILABLE
 
@@ -41,8 +45,10 @@ class Deliverer:
         pool: asyncpg.Pool,
         http: aiohttp.ClientSession,
         settings: Callable[[], WebhookSettings],
+        metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
+        self._metrics = metrics
         self._http = http
         self._settings = settings
         self._wake = asyncio.Event()
@@ -80,8 +86,12 @@ class Deliverer:
         return bool(claimed)
 
     async def _attempt(self, d: store.Delivery, s: WebhookSettings) -> None:
+        started = time.monotonic()
         status, error = await self._post(d, s)
         retry = None if error is None else s.retry_in(d.attempt)
+        if self._metrics is not None:
+            outcome = "delivered" if error is None else "failed" if retry is None else "retried"
+            self._metrics.webhook_attempt(outcome, time.monotonic() - started)
         if error is None:
             self.delivered += 1
         else:
@@ -103,7 +113,7 @@ class Deliverer:
     async def _post(self, d: store.Delivery, s: WebhookSettings) -> tuple[int | None, str | None]:
         body = d.body()
         try:
-            key = webhooks.secret_key(d.secret)
+            key = webhooks.secret_key(store.open_secret(d.secret))
         except ValueError as exc:
             return None, f"bad secret: {exc}"
         try:
