@@ -5,6 +5,7 @@ nothing, another tenant's id is not found, usage rows name the endpoint."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from pathlib import Path
 
 import aiohttp
@@ -12,6 +13,7 @@ import asyncpg
 import openai
 import pytest
 
+from proxy.stores.responses import ResponseStore
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FAKE_USAGE, WORDS, FakeOpenAI
@@ -184,3 +186,15 @@ async def test_readme_snippet_runs(
     await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert out.startswith("My name is Ada.") and "Who am I?\nstream me" in out
+
+
+async def test_the_same_id_kept_by_two_owners_is_two_rows(pg: asyncpg.Pool) -> None:
+    """A passed-through response keeps the provider's id, so two tenants on
+    one upstream account may store the same id: neither shadows the other."""
+    store = ResponseStore(pg, retention_s=60, timeout_s=5)
+    rid = f"resp_{secrets.token_hex(6)}"
+    await store.put("t9001", rid, b'{"owner":1}', b"[]")
+    await store.put("t9002", rid, b'{"owner":2}', b"[]")
+    first, second = await store.get("t9001", rid), await store.get("t9002", rid)
+    assert first is not None and first.body == b'{"owner":1}'
+    assert second is not None and second.body == b'{"owner":2}'

@@ -33,7 +33,7 @@ class ResponseStore:
             "store a response",
             "INSERT INTO responses (id, scope, body, history, expires_at)"
             " VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))"
-            " ON CONFLICT (id) DO NOTHING",
+            " ON CONFLICT (scope, id) DO NOTHING",
             response_id,
             scope,
             body,
