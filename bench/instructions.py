@@ -76,6 +76,13 @@ SLOW_TIMERS_YAML = "billing: {flush_interval_ms: 1000, key_cache_ttl_s: 3600, le
 # its checkpoint of a request still open 0.8 s after its last note (natively
 # a finished request's row is durable long before; under valgrind, with a
 # 1 s usage flush, it would be checkpointed, its tokens counted again).
+# The tracer's batch export (every flush_interval_s, 5 by default) is
+# clock-driven too: one OTLP/HTTP POST per interval with whatever spans
+# finished in it. Natively 5 s holds thousands of requests at concurrency 1,
+# under valgrind ~150, so its fixed cost per POST would be counted ~50x as
+# often per request; 250 s keeps the export out of the window, as 20 ms ->
+# 1 s does for the usage flusher (--trace-flush-s 5: the unstretched figure).
+TRACE_FLUSH_S = 250.0
 STRETCHED = {"proxy.stores.journal": {"FLUSH_S": 10.0, "CHECKPOINT_S": 40.0}}
 # ``python -c SERVE_SHIM serve ...``: ``python -m proxy`` with STRETCHED applied first.
 SERVE_SHIM = f"""\
@@ -192,15 +199,17 @@ def write_config(
     billing: bool,
     budgets: bool = False,
     trace_ratio: float | None = None,
+    trace_flush_s: float = TRACE_FLUSH_S,
 ) -> Path:
     """``run.py``'s YAML for its ``tollway`` or ``tollway_billing`` target, the
     billing tier with ``run.BUDGETS_YAML`` (USD budgets) when ``budgets``: only
     keys the revision accepts (``prepare``'s ``check-config`` proves it).
     ``trace_ratio``: ``run.TRACE_YAML``, traces sampled at that ratio and
-    exported to the fake provider's OTLP sink."""
+    exported to the fake provider's OTLP sink every ``trace_flush_s``."""
     yaml = run.TOLLWAY_YAML.format(port=port, provider_port=provider_port) + SLOW_TIMERS_YAML
     if trace_ratio is not None:
         yaml += run.TRACE_YAML.format(provider_port=provider_port, ratio=trace_ratio)
+        yaml += f"  flush_interval_s: {trace_flush_s:g}\n"  # continues tracing:
     tier = run.BILLING_YAML.replace("<budgets>", run.BUDGETS_YAML if budgets else "")
     path.write_text(yaml + (tier if billing else "auth: none\n"))
     return path
@@ -419,7 +428,13 @@ def run_repeat(
         port = run._free_port()
         name = f"{'billing' if billing else 'pass'}-{revision.commit}.yaml"
         config = write_config(
-            workdir / name, port, provider_port, billing, revision.budgets, args.tracing
+            workdir / name,
+            port,
+            provider_port,
+            billing,
+            revision.budgets,
+            args.tracing,
+            args.trace_flush_s,
         )
         gateway = Gateway(revision, config, port, workdir)
         try:
@@ -523,6 +538,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="RATIO",
         help="traces on, sampled at RATIO (0..1), exported to the fake provider's OTLP sink",
     )
+    p.add_argument(
+        "--trace-flush-s",
+        type=float,
+        default=TRACE_FLUSH_S,
+        help="the tracer's export interval under valgrind (5 natively; see TRACE_FLUSH_S)",
+    )
     p.add_argument("--json", type=Path, help="also write the samples here")
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.repeats < 1:
@@ -579,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         f"one at a time, {args.prompt_kb:g} KB chat history, {args.repeats} fresh gateway(s) "
         f"per revision; instructions of the gateway process (callgrind Ir), less its idle "
         f"rate (over {args.idle_s:g} s) times the window; tracing: "
-        f"{'off' if args.tracing is None else f'on, sample ratio {args.tracing:g}'}\n"
+        f"{'off' if args.tracing is None else f'on, sample ratio {args.tracing:g}'}"
+        f"{'' if args.tracing is None else f', export every {args.trace_flush_s:g} s'}\n"
     )
     print(table(rows(samples), revisions))
     if args.json:

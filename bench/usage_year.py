@@ -2,8 +2,9 @@
 
 Fills ``usage_daily`` (with COPY) for one large tenant — a row per day x key
 x served model, 365 x 50 x 10 by default — and for smaller neighbours that
-share the table, and ``usage_monthly`` and ``usage_tenant_daily`` from it (as
-migrations 0006 and 0010 backfill them; the ledger keeps all three in one
+share the table, and ``usage_monthly``, ``usage_tenant_daily`` and
+``usage_model_daily`` from it (as migrations 0006, 0010 and 0011 backfill
+them, the last where the revision has it; the ledger keeps all four in one
 statement), then times ``proxy.stores.analytics.report`` (what the
 endpoint and ``tollway usage`` run, through an asyncpg pool, so prepared
 statements and their plan cache behave as in the gateway) for a year of the
@@ -70,6 +71,17 @@ SELECT d.day, d.tenant_id, sum(d.requests), sum(d.errors), sum(d.cache_hits),
 FROM usage_daily d GROUP BY 1, 2
 """
 
+# Migration 0011's backfill: the per-tenant, per-model daily rollups.
+MODEL_DAILY = """
+INSERT INTO usage_model_daily
+SELECT d.day, d.tenant_id, m.model, sum(d.requests), sum(d.errors), sum(d.cache_hits),
+       sum(d.prompt_tokens), sum(d.completion_tokens), sum(d.cached_tokens),
+       sum(d.reasoning_tokens), sum(d.cost_usd), sum(d.unpriced)
+FROM usage_daily d
+CROSS JOIN LATERAL (SELECT d.public_model UNION SELECT d.served_model) AS m(model)
+GROUP BY 1, 2, 3
+"""
+
 
 def rows(tenant_id: int, keys: int, models: int) -> Iterator[tuple[object, ...]]:
     for d in range(DAYS):
@@ -132,6 +144,9 @@ async def bench(url: str, args: argparse.Namespace) -> None:
             await fill(pool, f"neighbour-{i}", 10, 5)
         await pool.execute(MONTHLY)
         await pool.execute(TENANT_DAILY)
+        if await pool.fetchval("SELECT to_regclass('usage_model_daily') IS NOT NULL"):
+            await pool.execute(MODEL_DAILY)  # 0011 and after
+            await pool.execute("VACUUM ANALYZE usage_model_daily")
         # Settled days are vacuumed (autovacuum's insert threshold), so the
         # tenant's covering index answers with an index-only scan.
         await pool.execute("VACUUM ANALYZE usage_daily")
@@ -151,6 +166,14 @@ async def bench(url: str, args: argparse.Namespace) -> None:
             ("tenant (all)", analytics.UsageQuery(START, end, "tenant")),
             ("day, one key", analytics.UsageQuery(START, end, "day", "acme", key="key_1_007")),
             ("day, one model", analytics.UsageQuery(START, end, "day", "acme", model="model-3")),
+            (
+                "day, served model",
+                analytics.UsageQuery(START, end, "day", "acme", model="model-3-2025"),
+            ),
+            (
+                "day, model, all",  # every tenant
+                analytics.UsageQuery(START, end, "day", model="model-3"),
+            ),
             # Partial months at both ends: 17 + 14 edge days from usage_daily.
             (
                 "model, mid-month",

@@ -53,3 +53,21 @@ def test_billing_config_has_budgets_only_when_asked(tmp_path: Path) -> None:
         assert tier.budgets.any() is budgets
         if budgets:
             assert tier.budgets.tenant_month and tier.budgets.key_day
+
+
+def test_traced_config_exports_at_the_interval_asked(tmp_path: Path) -> None:
+    """``--tracing`` configs carry the sample ratio and the stretched export
+    interval (``TRACE_FLUSH_S``, or ``--trace-flush-s``), inside ``tracing:``."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import instructions
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from proxy.pipeline.registry import load_config
+
+    for flush in (instructions.TRACE_FLUSH_S, 5.0):
+        path = instructions.write_config(
+            tmp_path / f"{flush}.yaml", 8080, 8081, False, False, 0.01, flush
+        )
+        settings = load_config(path).section("tracing")
+        assert settings.sample_ratio == 0.01 and settings.flush_interval_s == flush

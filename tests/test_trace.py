@@ -253,6 +253,23 @@ async def test_unsampled_trace_keeps_its_id_and_exports_nothing(
     assert receiver.spans == []
 
 
+async def test_unsampled_without_propagation_sends_providers_nothing(
+    receiver: OtlpReceiver,
+    start_gateway: StartGateway,
+    fake_a: FaultyOpenAI,
+    fake_b: FaultyOpenAI,
+) -> None:
+    cfg = tracing(receiver, sample_ratio=0, propagate=False)
+    gw = await start_gateway(config(fake_a, fake_b, tracing=cfg))
+    status, headers, _ = await chat(gw, "backup")
+    assert status == 200 and not sampled(headers["traceparent"])
+    assert "traceparent" not in fake_b.seen[-1].headers
+    unsampled = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-00"
+    status, headers, _ = await chat(gw, "backup", {"traceparent": unsampled})
+    assert trace_of(headers["traceparent"])[0] == CLIENT_TRACE
+    assert "traceparent" not in fake_b.seen[-1].headers
+
+
 async def test_off_means_no_tracer_no_header_no_spans(
     receiver: OtlpReceiver,
     start_gateway: StartGateway,

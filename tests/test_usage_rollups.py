@@ -91,6 +91,36 @@ SELECT u.day, u.tenant_id, {_DAY_SUMS}
 FROM usage_daily u WHERE u.tenant_id = $1 GROUP BY 1, 2
 """
 
+# The rows summed per day and model, a row counted under each distinct name
+# among its public and served model (what ``model=X`` matches); the per-model
+# daily rollups; migration 0011's backfill of the latter.
+ROWS_BY_MODEL = """
+SELECT (e.created_at AT TIME ZONE 'UTC')::date AS day, m.model,
+       count(*) AS requests, count(*) FILTER (WHERE e.status >= 400) AS errors,
+       count(*) FILTER (WHERE e.cached) AS cache_hits,
+       sum(e.prompt_tokens) AS prompt_tokens, sum(e.completion_tokens) AS completion_tokens,
+       coalesce(sum(e.cost_usd), 0) AS cost_usd,
+       count(*) FILTER (WHERE e.cost_usd IS NULL) AS unpriced
+FROM usage_events e JOIN tenants t ON t.id = e.tenant_id
+CROSS JOIN LATERAL (SELECT coalesce(e.public_model, '')
+                    UNION SELECT coalesce(e.provider_model, e.public_model, '')) AS m(model)
+WHERE t.name = $1
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
+FROM_MODEL_DAILY = """
+SELECT u.day, u.model, u.requests, u.errors, u.cache_hits, u.prompt_tokens,
+       u.completion_tokens, u.cost_usd, u.unpriced
+FROM usage_model_daily u JOIN tenants t ON t.id = u.tenant_id WHERE t.name = $1
+ORDER BY 1, 2
+"""
+BACKFILL_MODEL = f"""
+INSERT INTO usage_model_daily
+SELECT u.day, u.tenant_id, m.model, {_DAY_SUMS}
+FROM usage_daily u
+CROSS JOIN LATERAL (SELECT u.public_model UNION SELECT u.served_model) AS m(model)
+WHERE u.tenant_id = $1 GROUP BY 1, 2, 3
+"""
+
 
 def _config(fake: FakeOpenAI) -> dict[str, Any]:
     cfg = billing_config(fake.url)
@@ -170,6 +200,10 @@ async def test_rollups_equal_the_rows_after_a_mixed_run(
     assert monthly and monthly == [dict(r) for r in await pg.fetch(DAILY_BY_MONTH, tenant)]
     per_day = [dict(r) for r in await pg.fetch(FROM_TENANT_DAILY, tenant)]
     assert per_day and per_day == [dict(r) for r in await pg.fetch(DAILY_BY_DAY, tenant)]
+    per_model = [dict(r) for r in await pg.fetch(FROM_MODEL_DAILY, tenant)]
+    assert per_model and per_model == [dict(r) for r in await pg.fetch(ROWS_BY_MODEL, tenant)]
+    # The fallback's rows count under both names: fb (asked) and the one that served.
+    assert {"fb", "upstream-model"} <= {r["model"] for r in per_model}
     served = {r["served_model"] for r in rollups}
     assert {"upstream-model", "fake-error-500", "fake-cut", "fake-held"} <= served
     fallback = [r for r in rollups if r["public_model"] == "fb"]
@@ -272,6 +306,7 @@ async def _synthetic_months(pg: asyncpg.Pool, tmp_path: Path) -> tuple[str, str]
         await conn.copy_records_to_table("usage_daily", records=rows, columns=cols)
     await pg.execute(BACKFILL, tenant_id)
     await pg.execute(BACKFILL_TENANT, tenant_id)
+    await pg.execute(BACKFILL_MODEL, tenant_id)
     return tenant, key["key_id"]
 
 
@@ -315,7 +350,13 @@ async def test_a_report_over_whole_and_partial_months_equals_the_daily_rollups_a
     pg: asyncpg.Pool, tmp_path: Path, start: date, end: date
 ) -> None:
     tenant, key = await _synthetic_months(pg, tmp_path)
-    filters: list[dict[str, str]] = [{}, {"key": key}, {"model": "served-1"}, {"model": "pub-2"}]
+    filters: list[dict[str, str]] = [
+        {},
+        {"key": key},
+        {"model": "served-1"},
+        {"model": "pub-2"},
+        {"key": key, "model": "pub-2"},
+    ]
     for group_by in ("day", "model", "key", "tenant"):
         for f in filters:
             q = analytics.UsageQuery(start, end, group_by, tenant, **f)

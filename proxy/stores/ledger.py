@@ -158,10 +158,33 @@ def _tenant_rollup() -> str:
     RETURNING 1"""
 
 
+def _model_rollup() -> str:
+    """The upsert of ``usage_model_daily``: the daily sums per tenant and
+    model, each row counted once under each distinct name among its public
+    and served model (what a ``group_by=day`` report filtered to a model reads)."""
+    return f"""
+    INSERT INTO usage_model_daily AS u (day, tenant_id, model, {", ".join(_ROLLUP_SUMS)})
+    SELECT (now() AT TIME ZONE 'UTC')::date, r.tenant_id, m.model,
+           count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
+           sum(r.prompt_tokens), sum(r.completion_tokens),
+           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
+           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)
+    FROM rows r JOIN ins USING (period, event_id)
+    CROSS JOIN LATERAL (
+        SELECT coalesce(r.public_model, '')
+        UNION SELECT coalesce(r.provider_model, r.public_model, '')
+    ) AS m(model)
+    WHERE r.tenant_id IS NOT NULL
+    GROUP BY 1, 2, 3 ORDER BY 3, 2, 1
+    ON CONFLICT (model, tenant_id, day) DO UPDATE
+    SET {", ".join(f"{c} = u.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
+    RETURNING 1"""
+
+
 # One statement per batch. Only the rows it inserts (``ins``) move anything:
 # the quota counters, the budget counters (spend of every tenant and key, per
 # month and per UTC day, in micro-dollars rounded up per row) and the daily,
-# monthly and per-tenant daily rollups (by the day and month the row is
+# monthly, per-tenant daily and per-model daily rollups (by the day and month the row is
 # written, those of its created_at).
 # It returns what the statements after it need: ``q`` rows (quota leases to
 # shrink), ``b`` rows (budget leases to shrink), ``a`` rows (budgets that
@@ -213,10 +236,12 @@ WITH rows AS (
     _rollup("usage_monthly", "month", "date_trunc('month', now() AT TIME ZONE 'UTC')::date")
 }
 ), rolled_tenant AS ({_tenant_rollup()}
+), rolled_model AS ({_model_rollup()}
 )
 SELECT 'q' AS kind, worker_id, tenant_id, NULL::text AS subject, NULL::text AS span, period,
        ln AS a, lt AS b, (SELECT count(*) FROM counters) + (SELECT count(*) FROM rolled)
-       + (SELECT count(*) FROM rolled_monthly) + (SELECT count(*) FROM rolled_tenant) AS c
+       + (SELECT count(*) FROM rolled_monthly) + (SELECT count(*) FROM rolled_tenant)
+       + (SELECT count(*) FROM rolled_model) AS c
 FROM agg WHERE ln > 0
 UNION ALL
 SELECT 'b', worker_id, NULL, subject, span, period, sum(micros), 0, 0

@@ -3,8 +3,9 @@
 The whole calendar months inside the range are read from ``usage_monthly``
 and only the partial months at its ends from ``usage_daily`` (a year is then
 at most 12 + 60 rows per key x model instead of 365); ``group_by=day`` needs
-the days, so it reads ``usage_daily`` alone, or, when no key or model is
-asked for, ``usage_tenant_daily`` (one row per tenant and day). Each branch is summed in SQL and
+the days, so it reads ``usage_daily`` alone, or, when no key is asked for,
+``usage_tenant_daily`` (one row per tenant and day) or, filtered to a model,
+``usage_model_daily`` (one row per tenant, model and day). Each branch is summed in SQL and
 the branches summed again, and the query names only the filters that are
 set, so each shape gets a plan that uses the tenant's (or key's) index.
 """
@@ -73,16 +74,21 @@ def query(
         filters.append(f"u.tenant_id = (SELECT id FROM tenants WHERE name = {arg(tenant)})")
     if key is not None:
         filters.append(f"u.key_id = {arg(key)}")
+    daily = None
+    if group_by == "day" and key is None:
+        daily = "usage_tenant_daily" if model is None else "usage_model_daily"
     if model is not None:
         m = arg(model)
-        filters.append(f"(u.public_model = {m} OR u.served_model = {m})")
+        if daily is None:
+            filters.append(f"(u.public_model = {m} OR u.served_model = {m})")
+        else:  # its rows under ``model`` are those with either name
+            filters.append(f"u.model = {m}")
     if group_by == "day":
         days, months = [(start, end)], None
     else:
         days, months = split(start, end)
     g, shown = GROUPS[group_by]
     sums = ", ".join(f"sum(u.{f}) AS {f}" for f in FIELDS)
-    daily = "usage_tenant_daily" if group_by == "day" and key is None and model is None else None
     spans = [(daily or "usage_daily", "day", lo, hi) for lo, hi in days]
     if months is not None:
         spans.append(("usage_monthly", "month", *months))

@@ -45,6 +45,7 @@ _OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "
 class OtelTracer:
     def __init__(self, settings: TraceSettings) -> None:
         self.settings = settings
+        self._ratio, self._propagate = settings.sample_ratio, settings.propagate
         # What reaches the SDK is sampled (``request`` decided); a sampled
         # client parent stays sampled through ParentBased's defaults.
         self.provider = TracerProvider(
@@ -61,14 +62,20 @@ class OtelTracer:
         self.tracer = self.provider.get_tracer("tollway")
 
     def request(self, endpoint: str, headers: Mapping[str, str]) -> OtelSpan | UnsampledSpan:
-        context = _PROPAGATOR.extract(headers) if "traceparent" in headers else None
-        parent = None if context is None else otel.get_current_span(context).get_span_context()
-        if parent is None or not parent.is_valid:  # a new trace
-            if random.random() >= self.settings.sample_ratio:
-                return UnsampledSpan(self.settings.propagate, _new_id(128), _new_id(64))
+        if "traceparent" not in headers:  # a new trace: the common case, first
+            if _random() >= self._ratio:
+                return UnsampledSpan(self._propagate, _new_trace(), _new_id(64))
             context = None
-        elif not parent.trace_flags.sampled:  # the client's decision
-            return UnsampledSpan(self.settings.propagate, parent.trace_id, _new_id(64))
+        else:
+            context = _PROPAGATOR.extract(headers)
+            parent = otel.get_current_span(context).get_span_context()
+            if not parent.is_valid:  # a new trace
+                if _random() >= self._ratio:
+                    return UnsampledSpan(self._propagate, _new_trace(), _new_id(64))
+                context = None
+            elif not parent.trace_flags.sampled:  # the client's decision
+                trace = format(parent.trace_id, "032x")
+                return UnsampledSpan(self._propagate, trace, _new_id(64))
         operation = _OPERATIONS.get(endpoint, endpoint)
         span = self.tracer.start_span(
             operation,
@@ -171,36 +178,47 @@ class OtelSpan:
         self.end()
 
 
+_random = random.random
+_bits = random.getrandbits
+
+
 def _new_id(bits: int) -> int:
     """A random trace (128 bits) or span (64 bits) id; never 0, which W3C forbids."""
-    return random.getrandbits(bits) or 1
+    return _bits(bits) or 1
+
+
+def _new_trace() -> str:
+    """A new trace id, in the hex every use of an unsampled one wants."""
+    return f"{_bits(128) or 1:032x}"
 
 
 class UnsampledSpan:
     """A request that is not recorded: ids for its ``traceparent`` headers
     (flags 00, so providers and the client see it was not sampled), nothing
-    else. Its steps are itself; each upstream attempt gets its own span id."""
+    else. Its steps are itself; each upstream attempt gets its own span id.
 
-    __slots__ = ("_propagate", "_span", "_trace")
+    Every request pays for it when tracing is on, so it keeps the trace id
+    as the hex string the access log and the headers take (formatted once),
+    and an attempt's span only when propagation sends it somewhere."""
 
-    def __init__(self, propagate: bool, trace: int, span: int) -> None:
-        self._propagate, self._trace, self._span = propagate, trace, span
+    __slots__ = ("_propagate", "_span", "trace_id")
 
-    @property
-    def trace_id(self) -> str:
-        return format(self._trace, "032x")
+    def __init__(self, propagate: bool, trace: str, span: int) -> None:
+        self._propagate, self.trace_id, self._span = propagate, trace, span
 
     def child(self, name: str) -> UnsampledSpan:
         return self
 
     def attempt(self, entry: AttemptRecord, system: str, retry: int, breaker: str) -> UnsampledSpan:
-        return UnsampledSpan(self._propagate, self._trace, _new_id(64))
+        if not self._propagate:
+            return self  # no one sees its id
+        return UnsampledSpan(True, self.trace_id, _new_id(64))
 
     def carrier(self) -> dict[str, str] | None:
         return {"traceparent": self.traceparent()} if self._propagate else None
 
     def traceparent(self) -> str:
-        return f"00-{self._trace:032x}-{self._span:016x}-00"
+        return f"00-{self.trace_id}-{self._span:016x}-00"
 
     def stamp(self, headers: MutableMapping[str, str]) -> None:
         headers["traceparent"] = self.traceparent()
