@@ -43,6 +43,11 @@ TEST_TIERS: dict[str, Any] = {
 }
 
 
+OF_TENANT = "FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1"
+USAGE_COUNT = f"SELECT count(*) {OF_TENANT}"  # a tenant's usage rows
+USAGE_ROWS = f"SELECT e.* {OF_TENANT}"
+
+
 def billing_config(provider_url: str, **billing: Any) -> dict[str, Any]:
     return gateway_config(
         provider_url,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import asyncpg
 import openai
 import pytest
@@ -81,6 +82,14 @@ class Gateway:
         kw.setdefault("timeout", 60.0)
         return openai.AsyncOpenAI(
             base_url=self.base_url, api_key=kw.pop("api_key", "sk-test"), max_retries=0, **kw
+        )
+
+    def claude(self, **kw: Any) -> anthropic.AsyncAnthropic:
+        """Anthropic's SDK at the gateway's ``/v1/messages`` door, without retries
+        and with the same 60 s timeout as :meth:`sdk`."""
+        kw.setdefault("timeout", 60.0)
+        return anthropic.AsyncAnthropic(
+            base_url=self.url, api_key=kw.pop("api_key", "tw-unused"), max_retries=0, **kw
         )
 
 
@@ -248,3 +257,55 @@ async def fake_openai() -> AsyncIterator[FakeOpenAI]:
 @pytest.fixture
 async def gateway(start_gateway: StartGateway, fake_openai: FakeOpenAI) -> Gateway:
     return await start_gateway(gateway_config(fake_openai.url))
+
+
+@dataclass
+class Keyed:
+    """A gateway with keys on the session's Postgres, and one tenant's key on it."""
+
+    gw: Gateway
+    tenant: str
+    key: dict[str, Any]
+    pool: asyncpg.Pool
+    data_dir: Path
+
+    @property
+    def api_key(self) -> str:
+        return str(self.key["api_key"])
+
+    def sdk(self, **kw: Any) -> openai.AsyncOpenAI:
+        return self.gw.sdk(api_key=self.api_key, **kw)
+
+    def claude(self, **kw: Any) -> anthropic.AsyncAnthropic:
+        return self.gw.claude(api_key=self.api_key, **kw)
+
+    async def another(self, tier: str = "pro", tiers: set[str] | None = None) -> Keyed:
+        """Another tenant with a key of its own on the same gateway."""
+        from tests.billing_helpers import tenant_with_key  # it imports this module
+
+        tenant, key = await tenant_with_key(self.pool, self.data_dir, tier, tiers)
+        return Keyed(self.gw, tenant, key, self.pool, self.data_dir)
+
+
+StartKeyed = Callable[..., Awaitable[Keyed]]
+
+
+@pytest.fixture
+async def start_keyed(
+    start_gateway: StartGateway, pg_url: str, pg: asyncpg.Pool, tmp_path: Path
+) -> StartKeyed:
+    """``await start_keyed(config, tier)``: the gateway started with ``config``
+    on the session's Postgres (more ``start_gateway`` arguments pass through),
+    and a new tenant of ``tier`` with a key (``tiers``: the config's tier names
+    when they are not the billing tests' own)."""
+
+    async def start(
+        config: dict[str, Any], tier: str = "pro", tiers: set[str] | None = None, **kw: Any
+    ) -> Keyed:
+        from tests.billing_helpers import tenant_with_key  # it imports this module
+
+        tenant, key = await tenant_with_key(pg, tmp_path, tier, tiers)
+        gw = await start_gateway(config, **{"database_url": pg_url, "data_dir": tmp_path, **kw})
+        return Keyed(gw, tenant, key, pg, tmp_path)
+
+    return start

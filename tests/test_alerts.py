@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 import yaml
 
-from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key
-from tests.conftest import Gateway, StartGateway
+from tests.billing_helpers import TEST_TIERS, billing_config
+from tests.conftest import Gateway, StartKeyed
 from tests.fakes import FakeOpenAI
 from tests.test_deploy import DASHBOARD, _expressions, _metrics_table
 from tests.test_metrics import parse
@@ -170,10 +169,8 @@ async def _post(gw: Gateway, key: str, body: dict[str, Any]) -> int:
 
 
 async def test_rules_and_dashboard_use_only_metrics_the_gateway_exports(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg_url: str,
-    pg: asyncpg.Pool,
     redis_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -181,30 +178,29 @@ async def test_rules_and_dashboard_use_only_metrics_the_gateway_exports(
     monkeypatch.setenv("TOLLWAY_LOOP_LAG_MS", "5")  # exports the event-loop lag metrics
     cfg = _everything_config(fake_openai.url)
     names = set(cfg["tiers"])
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path, redis_url=redis_url)
-    _, pro = await tenant_with_key(pg, tmp_path, "pro", names)
-    _, hourly = await tenant_with_key(pg, tmp_path, "hourly", names)
-    _, once = await tenant_with_key(pg, tmp_path, "once", names)
-    key = pro["api_key"]
+    keyed = await start_keyed(cfg, "pro", names, redis_url=redis_url)
+    hourly = await keyed.another("hourly", names)
+    once = await keyed.another("once", names)
+    key = keyed.api_key
     msg = [{"role": "user", "content": f"alerts {tmp_path.name}"}]
     fake = {"model": "fake-model", "messages": msg, "temperature": 0}
-    assert await _post(gw, key, fake) == 200  # response-cache miss
-    await until(lambda: _cache_hit(gw, key, fake), limit=10, what="response-cache hit")
-    assert await _post(gw, key, {**fake, "stream": True, "temperature": 1}) == 200  # ttft
+    assert await _post(keyed.gw, key, fake) == 200  # response-cache miss
+    await until(lambda: _cache_hit(keyed.gw, key, fake), limit=10, what="response-cache hit")
+    assert await _post(keyed.gw, key, {**fake, "stream": True, "temperature": 1}) == 200  # ttft
     question = [{"role": "user", "content": "What is the capital of France?"}]
     paraphrase = [{"role": "user", "content": "Whats the capital of France?"}]
-    assert await _post(gw, key, {"model": "echo", "messages": question}) == 200
-    await until(lambda: _semantic_hit(gw, key, paraphrase), limit=10, what="semantic hit")
-    assert await _post(gw, key, {"model": "fake-unpriced", "messages": msg}) == 200
-    assert await _post(gw, key, {"model": "fb", "messages": msg}) == 200  # retry, fallback
-    assert await _post(gw, key, {"model": "fake-error-500", "messages": msg}) == 502
+    assert await _post(keyed.gw, key, {"model": "echo", "messages": question}) == 200
+    await until(lambda: _semantic_hit(keyed.gw, key, paraphrase), limit=10, what="semantic hit")
+    assert await _post(keyed.gw, key, {"model": "fake-unpriced", "messages": msg}) == 200
+    assert await _post(keyed.gw, key, {"model": "fb", "messages": msg}) == 200  # retry, fallback
+    assert await _post(keyed.gw, key, {"model": "fake-error-500", "messages": msg}) == 502
     blocked = [{"role": "user", "content": "say zorblax"}]
-    assert await _post(gw, key, {"model": "echo", "messages": blocked}) == 400
-    statuses = [await _post(gw, hourly["api_key"], fake) for _ in range(2)]
+    assert await _post(keyed.gw, key, {"model": "echo", "messages": blocked}) == 400
+    statuses = [await _post(keyed.gw, hourly.api_key, fake) for _ in range(2)]
     assert statuses[-1] == 429
-    statuses = [await _post(gw, once["api_key"], fake) for _ in range(2)]
+    statuses = [await _post(keyed.gw, once.api_key, fake) for _ in range(2)]
     assert statuses[-1] == 429
-    async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
+    async with aiohttp.ClientSession() as s, s.get(keyed.gw.url + "/metrics") as r:
         types, _ = parse(await r.text())
     exported = set(types)
     for name in _rule_metrics():

@@ -18,8 +18,8 @@ import pytest
 
 from proxy.web.keys import BATCH_WORKER
 from tests.batch_helpers import chat_line, finished, lines_of, rows_per_line, upload
-from tests.billing_helpers import billing_config, tenant_with_key, wait_for
-from tests.conftest import StartGateway
+from tests.billing_helpers import billing_config, wait_for
+from tests.conftest import StartKeyed
 from tests.fakes import WORDS, FakeOpenAI
 from tests.fakes_providers import FakeAnthropic
 from tests.schema import validate
@@ -33,15 +33,13 @@ def _config(fake_url: str, **batches: Any) -> dict[str, Any]:
 
 
 async def test_batch_runs_to_completion_with_output_and_error_files(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
     pg: asyncpg.Pool,
-    pg_url: str,
     tmp_path: Path,
 ) -> None:
-    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
-    gw = await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(_config(fake_openai.url))
+    client = keyed.sdk()
     lines = [chat_line(f"ok-{i}", "fake-model") for i in range(5)]
     lines.insert(2, chat_line("poison", "fake-error-400"))  # the provider refuses this one
     file_id = await upload(client, lines, tmp_path)
@@ -82,8 +80,8 @@ async def test_batch_runs_to_completion_with_output_and_error_files(
     assert out_file.purpose == "batch_output"
 
     # every line went through billing once: one row each, counted unless refused
-    await until(lambda: _all_rows(pg, tenant, 6), 10, what="six usage rows")
-    rows = await rows_per_line(pg, tenant)
+    await until(lambda: _all_rows(pg, keyed.tenant, 6), 10, what="six usage rows")
+    rows = await rows_per_line(pg, keyed.tenant)
     assert {k: len(v) for k, v in rows.items()} == {x["id"]: 1 for x in [*output, error]}
     assert sorted(r[0]["status"] for r in rows.values()) == [200] * 5 + [400]
 
@@ -105,10 +103,8 @@ async def _all_rows(pg: asyncpg.Pool, tenant: str, n: int) -> bool:
 
 
 async def test_batches_to_echo_and_anthropic(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg: asyncpg.Pool,
-    pg_url: str,
     tmp_path: Path,
 ) -> None:
     anthropic = await FakeAnthropic().start()
@@ -121,9 +117,8 @@ async def test_batches_to_echo_and_anthropic(
             "timeouts": {"connect": 2, "first_byte": 2, "idle": 2, "total": 30},
         }
         cfg["models"].append({"name": "claude-*", "targets": [{"provider": "anthropic"}]})
-        _, key = await tenant_with_key(pg, tmp_path, "pro")
-        gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
-        client = gw.sdk(api_key=key["api_key"])
+        keyed = await start_keyed(cfg)
+        client = keyed.sdk()
         lines = [chat_line("echo-1", "echo"), chat_line("claude-1", "claude-text")]
         file_id = await upload(client, lines, tmp_path)
         batch = await client.batches.create(
@@ -146,16 +141,12 @@ async def test_batches_to_echo_and_anthropic(
 
 
 async def test_another_tenant_sees_nothing(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg: asyncpg.Pool,
-    pg_url: str,
     tmp_path: Path,
 ) -> None:
-    _, key = await tenant_with_key(pg, tmp_path, "pro")
-    _, other_key = await tenant_with_key(pg, tmp_path, "pro")
-    gw = await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
-    client, other = gw.sdk(api_key=key["api_key"]), gw.sdk(api_key=other_key["api_key"])
+    keyed = await start_keyed(_config(fake_openai.url))
+    client, other = keyed.sdk(), (await keyed.another()).sdk()
     file_id = await upload(client, [chat_line("a", "fake-model")], tmp_path)
     batch = await client.batches.create(
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -179,16 +170,13 @@ async def test_another_tenant_sees_nothing(
 
 
 async def test_cancel_mid_run_ends_cancelled_with_what_completed(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg: asyncpg.Pool,
-    pg_url: str,
     tmp_path: Path,
 ) -> None:
     cfg = _config(fake_openai.url, worker_concurrency=1, batch_concurrency=1)
-    _, key = await tenant_with_key(pg, tmp_path, "pro")
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(cfg)
+    client = keyed.sdk()
     file_id = await upload(client, [chat_line(f"l{i}", "fake-model") for i in range(300)], tmp_path)
     batch = await client.batches.create(
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -223,16 +211,14 @@ async def _quick_batch(client: openai.AsyncOpenAI, tmp_path: Path) -> str:
 
 
 async def test_exhausted_quota_pauses_the_batch_instead_of_failing_it(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
     pg: asyncpg.Pool,
-    pg_url: str,
     tmp_path: Path,
 ) -> None:
     cfg = _config(fake_openai.url, quota_retry_s=3600)
-    tenant, key = await tenant_with_key(pg, tmp_path, "tiny")  # 10 requests a month
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(cfg, "tiny")  # 10 requests a month
+    client = keyed.sdk()
     file_id = await upload(client, [chat_line(f"l{i}", "fake-model") for i in range(12)], tmp_path)
     batch = await client.batches.create(
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -257,22 +243,19 @@ async def test_exhausted_quota_pauses_the_batch_instead_of_failing_it(
         pg,
         "SELECT count(*) FROM usage_events u JOIN tenants t ON t.id = u.tenant_id"
         " WHERE t.name = $1 AND u.counted AND u.request_id LIKE 'batch_req_%'",
-        tenant,
+        keyed.tenant,
         expect=10,
     )
 
 
 async def test_uploads_are_checked_line_by_line(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg: asyncpg.Pool,
-    pg_url: str,
     tmp_path: Path,
 ) -> None:
-    _, key = await tenant_with_key(pg, tmp_path, "pro")
     cfg = _config(fake_openai.url, max_file_bytes=4096)
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(cfg)
+    client = keyed.sdk()
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(
         b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",'
@@ -300,10 +283,8 @@ async def test_uploads_are_checked_line_by_line(
 
 
 async def test_the_readme_batch_snippet_runs_as_written(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg: asyncpg.Pool,
-    pg_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -313,13 +294,12 @@ async def test_the_readme_batch_snippet_runs_as_written(
     snippet = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert requests is not None and snippet is not None
     assert len(snippet.group(1).strip().splitlines()) <= 5
-    _, key = await tenant_with_key(pg, tmp_path, "pro")
-    gw = await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
+    keyed = await start_keyed(_config(fake_openai.url))
     path = tmp_path / "requests.jsonl"
     path.write_text(requests.group(1))
-    code = snippet.group(1).replace("http://127.0.0.1:8080", gw.url)
+    code = snippet.group(1).replace("http://127.0.0.1:8080", keyed.gw.url)
     code = code.replace('"requests.jsonl"', repr(str(path)))
-    monkeypatch.setenv("TOLLWAY_KEY", key["api_key"])
+    monkeypatch.setenv("TOLLWAY_KEY", keyed.api_key)
     out = io.StringIO()
 
     def run() -> None:  # the SDK's blocking client, off the loop the gateway runs on
@@ -348,24 +328,22 @@ class RecordingEvents:
 
 
 async def test_the_worker_emits_progress_and_the_terminal_event(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
     pg: asyncpg.Pool,
-    pg_url: str,
     tmp_path: Path,
 ) -> None:
-    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
     cfg = _config(fake_openai.url, worker_concurrency=2)  # a few rounds, each reported
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
-    sink = gw.app[BATCH_WORKER].events = RecordingEvents()
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(cfg)
+    sink = keyed.gw.app[BATCH_WORKER].events = RecordingEvents()
+    client = keyed.sdk()
     file_id = await upload(client, [chat_line(f"l{i}", "fake-model") for i in range(20)], tmp_path)
     batch = await client.batches.create(
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     await finished(client, batch.id)
     await until(lambda: any(t == "batch.completed" for _, t, _ in sink.events))
-    tenant_id = await pg.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    tenant_id = await pg.fetchval("SELECT id FROM tenants WHERE name = $1", keyed.tenant)
     mine = [(t, d) for who, t, d in sink.events if d["id"] == batch.id]
     assert all(who == tenant_id for who, _, d in sink.events if d["id"] == batch.id)
     types = [t for t, _ in mine]
@@ -376,16 +354,14 @@ async def test_the_worker_emits_progress_and_the_terminal_event(
 
 
 async def test_an_expired_window_ends_the_batch_expired(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
     pg: asyncpg.Pool,
-    pg_url: str,
     tmp_path: Path,
 ) -> None:
     cfg = _config(fake_openai.url, enabled=False)  # no line runs here: all are left to expire
-    _, key = await tenant_with_key(pg, tmp_path, "pro")
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(cfg)
+    client = keyed.sdk()
     file_id = await upload(client, [chat_line("a", "echo"), chat_line("b", "echo")], tmp_path)
     batch = await client.batches.create(
         input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"

@@ -6,28 +6,24 @@ import asyncio
 import json
 from pathlib import Path
 
-import asyncpg
-
 from tests.batch_helpers import chat_line, finished, upload
-from tests.billing_helpers import billing_config, tenant_with_key
-from tests.conftest import StartGateway
+from tests.billing_helpers import billing_config
+from tests.conftest import StartKeyed
 from tests.fakes import FakeOpenAI
 from tests.test_cli import _env, _tollway
 
 
 async def test_list_show_and_cancel_a_batch(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg: asyncpg.Pool,
     pg_url: str,
     tmp_path: Path,
 ) -> None:
     cfg = billing_config(fake_openai.url)
     # this instance runs no lines: the batch waits, so the operator can cancel it
     cfg["batches"] = {"enabled": False, "poll_interval_s": 0.05}
-    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(cfg)
+    client = keyed.sdk()
     lines = [chat_line(f"l{i}", "fake-model") for i in range(3)]
     batch = await client.batches.create(
         input_file_id=await upload(client, lines, tmp_path),
@@ -41,7 +37,7 @@ async def test_list_show_and_cancel_a_batch(
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    listed = await asyncio.to_thread(tollway, "list", "--tenant", tenant)
+    listed = await asyncio.to_thread(tollway, "list", "--tenant", keyed.tenant)
     assert batch.id in listed and "in_progress" in listed
     shown = json.loads(await asyncio.to_thread(tollway, "show", batch.id))
     assert shown["status"] == "in_progress" and shown["request_counts"]["total"] == 3

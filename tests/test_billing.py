@@ -17,7 +17,7 @@ from proxy.core.principal import Principal
 from proxy.web.billing_setup import BillingOptions
 from proxy.web.keys import BILLING
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
-from tests.conftest import Gateway, StartGateway
+from tests.conftest import Gateway, StartGateway, StartKeyed
 from tests.fakes import FAKE_USAGE, FakeOpenAI
 from tests.waiting import until
 
@@ -297,11 +297,8 @@ async def test_model_not_allowed_by_tier_is_403(
 
 
 async def test_tier_is_checked_before_the_provider_configuration(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg_url: str,
-    pg: asyncpg.Pool,
-    tmp_path: Path,
 ) -> None:
     """A free key asking for a model of a provider with no API key: the
     answer is about the key's tier (403), not a server variable (503)."""
@@ -312,13 +309,12 @@ async def test_tier_is_checked_before_the_provider_configuration(
         "api_key": "${CLOSED_API_KEY:-}",
     }
     cfg["models"].insert(0, {"name": "fake-closed", "targets": [{"provider": "closed"}]})
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
-    _, free = await tenant_with_key(pg, tmp_path, "free")
-    status, _, body = await _chat(gw, free["api_key"], "fake-closed")
+    keyed = await start_keyed(cfg, "free")
+    status, _, body = await _chat(keyed.gw, keyed.api_key, "fake-closed")
     assert (status, body["error"]["code"]) == (403, "model_not_allowed")
     assert "CLOSED_API_KEY" not in body["error"]["message"]
-    _, pro = await tenant_with_key(pg, tmp_path, "pro")  # allowed: the provider is the reason
-    status, _, body = await _chat(gw, pro["api_key"], "fake-closed")
+    pro = await keyed.another()  # allowed: the provider is the reason
+    status, _, body = await _chat(keyed.gw, pro.api_key, "fake-closed")
     assert (status, body["error"]["code"]) == (503, "provider_not_configured")
 
 

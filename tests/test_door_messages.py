@@ -23,8 +23,8 @@ from pydantic import TypeAdapter
 from proxy.core.errors import ProviderHTTPError, UpstreamStreamBroken
 from proxy.core.sse import data_event
 from proxy.doors.messages import MessagesDoor, MessagesStream, to_chat
-from tests.billing_helpers import billing_config, tenant_with_key, wait_for
-from tests.conftest import Gateway, StartGateway, gateway_config
+from tests.billing_helpers import USAGE_COUNT, USAGE_ROWS, billing_config, wait_for
+from tests.conftest import Gateway, StartGateway, StartKeyed, gateway_config
 from tests.fakes import FAKE_USAGE, WORDS, FakeOpenAI
 from tests.fakes_providers import FakeAnthropic, FakeGemini
 from tests.waiting import until
@@ -605,22 +605,17 @@ async def test_the_readme_sdk_snippet_runs(gw: Gateway) -> None:
 
 
 async def test_keys_usage_rows_and_a_disconnect(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg_url: str,
     pg: asyncpg.Pool,
-    tmp_path: Path,
 ) -> None:
-    gw = await start_gateway(
-        billing_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path
-    )
+    keyed = await start_keyed(billing_config(fake_openai.url))
     with pytest.raises(anthropic.AuthenticationError) as denied:
-        await client(gw, "tw-not-a-key").messages.create(
+        await client(keyed.gw, "tw-not-a-key").messages.create(
             model="fake-model", max_tokens=10, messages=HELLO
         )
     assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
-    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
-    c = client(gw, key["api_key"])
+    c = keyed.claude()
     await c.messages.create(model="fake-model", max_tokens=10, messages=HELLO)
     async with c.messages.stream(model="fake-model", max_tokens=10, messages=HELLO) as stream:
         await stream.get_final_message()
@@ -632,14 +627,8 @@ async def test_keys_usage_rows_and_a_disconnect(
     async with asyncio.timeout(5):
         await fake_openai.disconnected.wait()
     fake_openai.release.set()
-    query = (
-        "SELECT count(*) FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1"
-    )
-    await wait_for(pg, query, tenant, expect=3)
-    rows = await pg.fetch(
-        "SELECT e.* FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1",
-        tenant,
-    )
+    await wait_for(pg, USAGE_COUNT, keyed.tenant, expect=3)
+    rows = await pg.fetch(USAGE_ROWS, keyed.tenant)
     assert [r["endpoint"] for r in rows] == ["messages"] * 3
     by_kind = {(r["stream"], r["status"]): r for r in rows}
     whole, streamed, gone = by_kind[(False, 200)], by_kind[(True, 200)], by_kind[(True, 499)]
@@ -653,5 +642,5 @@ async def test_keys_usage_rows_and_a_disconnect(
     assert gone["usage_source"] == "estimated"
     # billed what was delivered: the first word, not the whole answer
     assert 1 <= gone["completion_tokens"] < FAKE_USAGE["completion_tokens"]
-    await until(lambda: len(gw.settler.records) >= 4)
-    assert {r.api for r in gw.settler.records} == {"messages"}
+    await until(lambda: len(keyed.gw.settler.records) >= 4)
+    assert {r.api for r in keyed.gw.settler.records} == {"messages"}

@@ -10,7 +10,6 @@ to another provider, or a stage that must see the answer, is translated."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,8 +22,8 @@ from proxy.core import tokens
 from proxy.doors.messages import MessagesDoor
 from proxy.doors.responses import ResponsesDoor
 from proxy.pipeline.registry import parse_config
-from tests.billing_helpers import billing_config, tenant_with_key, wait_for
-from tests.conftest import Gateway, StartGateway, gateway_config
+from tests.billing_helpers import OF_TENANT, USAGE_COUNT, billing_config, wait_for
+from tests.conftest import Gateway, StartGateway, StartKeyed, gateway_config
 from tests.fakes import WORDS, FakeOpenAI
 from tests.fakes_providers import FakeAnthropic
 from tests.fakes_responses import REASONING, TEXT
@@ -308,33 +307,28 @@ async def test_responses_to_a_server_without_the_api_are_translated(
 
 # -- with keys, tiers and the database ------------------------------------------------
 
-OF_TENANT = "FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1"
 ROWS = f"SELECT e.endpoint, e.prompt_tokens, e.completion_tokens, e.details {OF_TENANT}"
 
 
 async def test_the_tier_cap_applies_and_usage_rows_and_stored_responses_are_kept(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
     ant: FakeAnthropic,
-    pg_url: str,
     pg: asyncpg.Pool,
-    tmp_path: Path,
 ) -> None:
     base = billing_config(fake_openai.url)
     cfg = config(fake_openai.url, ant.url, base)
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
-    tenant, key = await tenant_with_key(pg, tmp_path, "pro")  # max_tokens 4096
-    sdk = claude(gw)
-    sdk.api_key = key["api_key"]
+    keyed = await start_keyed(cfg)  # max_tokens 4096
+    sdk = keyed.claude()
     await sdk.messages.create(**{**sdk_args("claude-thinking"), "max_tokens": 8000})
     assert ant.seen[-1].body["max_tokens"] == 4096  # the tier's cap, in Messages' own name
-    openai_sdk = gw.sdk(api_key=key["api_key"])
+    openai_sdk = keyed.sdk()
     resp = await openai_sdk.responses.create(model="gpt-native", input="Say hello")
     assert fake_openai.seen[-1].body["max_output_tokens"] == 4096  # none asked: the cap
     kept = await openai_sdk.responses.retrieve(resp.id)  # stored here, not upstream
     assert kept.output_text == resp.output_text and kept.output[0].type == "reasoning"
-    await wait_for(pg, f"SELECT count(*) {OF_TENANT}", tenant, expect=2)
-    rows = [dict(r) for r in await pg.fetch(ROWS + " ORDER BY e.endpoint", tenant)]
+    await wait_for(pg, USAGE_COUNT, keyed.tenant, expect=2)
+    rows = [dict(r) for r in await pg.fetch(ROWS + " ORDER BY e.endpoint", keyed.tenant)]
     for row in rows:
         row["details"] = orjson.loads(row["details"])
     assert rows == [

@@ -21,16 +21,13 @@ import pytest
 
 from proxy.stores import accounts, pgdsn
 from proxy.web.keys import BILLING
-from tests.billing_helpers import billing_config, tenant_with_key, wait_for
-from tests.conftest import Gateway, StartGateway
+from tests.billing_helpers import USAGE_COUNT, billing_config, wait_for
+from tests.conftest import Gateway, StartKeyed
 from tests.fakes import FAKE_USAGE, FakeOpenAI
 from tests.pgbouncer import PgBouncer
 from tests.waiting import until
 
 MSG = [{"role": "user", "content": "hi"}]
-EVENTS = (
-    "SELECT count(*) FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1"
-)
 
 
 @pytest.fixture
@@ -64,21 +61,19 @@ def test_statement_cache_size_is_taken_off_the_url() -> None:
 
 
 async def test_keys_leases_and_usage_batches_through_pgbouncer(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
     bouncer: PgBouncer,
     pg: asyncpg.Pool,
-    tmp_path: Path,
 ) -> None:
-    gw = await start_gateway(
+    keyed = await start_keyed(
         billing_config(fake_openai.url, lease_requests=2),  # a lease statement every 2 requests
         database_url=bouncer.url,
-        data_dir=tmp_path,
     )
-    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    gw, tenant, key = keyed.gw, keyed.tenant, keyed.key
     statuses = [await _chat(gw, key["api_key"], stream=i % 3 == 0) for i in range(12)]
     assert statuses == [200] * 12
-    await wait_for(pg, EVENTS, tenant, expect=12)
+    await wait_for(pg, USAGE_COUNT, tenant, expect=12)
     counter = await pg.fetchrow(
         "SELECT requests_used, tokens_used FROM quota_counters q"
         " JOIN tenants t ON t.id = q.tenant_id WHERE t.name = $1",
@@ -104,22 +99,20 @@ async def _refused(gw: Gateway, key: str) -> bool:
 
 
 async def test_spool_is_replayed_through_pgbouncer(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
     bouncer: PgBouncer,
     pg: asyncpg.Pool,
-    tmp_path: Path,
 ) -> None:
     """PgBouncer goes away (a restart, a failover): usage is spooled to disk
     and written through PgBouncer once it is back, each row once."""
-    gw = await start_gateway(
+    keyed = await start_keyed(
         billing_config(fake_openai.url, lease_requests=8),
         database_url=bouncer.url,
-        data_dir=tmp_path,
     )
-    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    gw, tenant, key = keyed.gw, keyed.tenant, keyed.key
     assert [await _chat(gw, key["api_key"]) for _ in range(2)] == [200, 200]
-    await wait_for(pg, EVENTS, tenant, expect=2)
+    await wait_for(pg, USAGE_COUNT, tenant, expect=2)
     bouncer.stop()
     # Past the key cache TTL (0.5 s): auth serves its stale entry while the
     # database is unreachable (the time is the behaviour under test).
@@ -129,9 +122,9 @@ async def test_spool_is_replayed_through_pgbouncer(
     assert statuses == [200] * 4  # the local lease (8) admits them
     await until(lambda: ledger.spool.depth() > 0 and not ledger.healthy, limit=10)
     bouncer.start()  # same port: the gateway's URL does not change
-    await wait_for(pg, EVENTS, tenant, expect=6, limit=15)
+    await wait_for(pg, USAGE_COUNT, tenant, expect=6, limit=15)
     await until(lambda: ledger.spool.depth() == 0 and ledger.healthy, limit=10)
-    assert await pg.fetchval(EVENTS + " AND e.counted", tenant) == 6
+    assert await pg.fetchval(USAGE_COUNT + " AND e.counted", tenant) == 6
 
 
 async def test_the_setting_is_what_makes_asyncpg_work_through_pgbouncer(

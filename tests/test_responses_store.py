@@ -14,31 +14,18 @@ import openai
 import pytest
 
 from proxy.stores.responses import ResponseStore
-from tests.billing_helpers import billing_config, tenant_with_key, wait_for
-from tests.conftest import Gateway, StartGateway
+from tests.billing_helpers import USAGE_COUNT, USAGE_ROWS, billing_config, wait_for
+from tests.conftest import StartKeyed
 from tests.fakes import FAKE_USAGE, WORDS, FakeOpenAI
 from tests.schema import validate
 
-ROWS = "SELECT count(*) FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1"
-
-
-async def _gateway(
-    start_gateway: StartGateway, fake: FakeOpenAI, pg_url: str, tmp_path: Path
-) -> Gateway:
-    return await start_gateway(billing_config(fake.url), database_url=pg_url, data_dir=tmp_path)
-
 
 async def test_store_retrieve_continue_and_tenant_scope(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
-    pg: asyncpg.Pool,
-    tmp_path: Path,
+    start_keyed: StartKeyed, fake_openai: FakeOpenAI, pg: asyncpg.Pool
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
-    _, key = await tenant_with_key(pg, tmp_path, "pro")
-    _, other_key = await tenant_with_key(pg, tmp_path, "pro")
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(billing_config(fake_openai.url))
+    other = (await keyed.another()).sdk()
+    client = keyed.sdk()
     first = await client.responses.create(
         model="echo", input="My name is Ada.", instructions="Be brief.", metadata={"k": "v"}
     )
@@ -65,7 +52,6 @@ async def test_store_retrieve_continue_and_tenant_scope(
     assert (await client.responses.retrieve(streamed.id)).output_text == "".join(WORDS)
     assert len(fake_openai.seen[-1].body["messages"]) == 5
     # another tenant sees none of it
-    other = gw.sdk(api_key=other_key["api_key"])
     with pytest.raises(openai.NotFoundError):
         await other.responses.retrieve(first.id)
     with pytest.raises(openai.NotFoundError):
@@ -84,10 +70,10 @@ async def test_store_retrieve_continue_and_tenant_scope(
 
 
 async def test_bad_key_is_authentication_error(
-    start_gateway: StartGateway, fake_openai: FakeOpenAI, pg_url: str, tmp_path: Path
+    start_keyed: StartKeyed, fake_openai: FakeOpenAI
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
-    client = gw.sdk(api_key="tw-not-a-key")
+    keyed = await start_keyed(billing_config(fake_openai.url))
+    client = keyed.gw.sdk(api_key="tw-not-a-key")
     with pytest.raises(openai.AuthenticationError):
         await client.responses.create(model="echo", input="hi")
     with pytest.raises(openai.AuthenticationError):
@@ -95,38 +81,28 @@ async def test_bad_key_is_authentication_error(
 
 
 async def test_expired_responses_are_swept(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
-    pg: asyncpg.Pool,
-    tmp_path: Path,
+    start_keyed: StartKeyed, fake_openai: FakeOpenAI, pg: asyncpg.Pool
 ) -> None:
     from proxy.web.responses_api import DOOR_SERVICES
 
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
-    _, key = await tenant_with_key(pg, tmp_path, "pro")
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(billing_config(fake_openai.url))
+    client = keyed.sdk()
     resp = await client.responses.create(model="echo", input="old")
     await pg.execute(
         "UPDATE responses SET expires_at = now() - interval '1 s' WHERE id = $1", resp.id
     )
     with pytest.raises(openai.NotFoundError):  # past its retention: gone, even before a sweep
         await client.responses.retrieve(resp.id)
-    store = gw.app[DOOR_SERVICES].responses
+    store = keyed.gw.app[DOOR_SERVICES].responses
     assert store is not None and await store.sweep() >= 1
     assert await pg.fetchval("SELECT count(*) FROM responses WHERE id = $1", resp.id) == 0
 
 
 async def test_usage_rows_name_the_endpoint_with_exact_tokens(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
-    pg: asyncpg.Pool,
-    tmp_path: Path,
+    start_keyed: StartKeyed, fake_openai: FakeOpenAI, pg: asyncpg.Pool
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
-    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
-    client = gw.sdk(api_key=key["api_key"])
+    keyed = await start_keyed(billing_config(fake_openai.url))
+    client = keyed.sdk()
     await client.responses.create(model="fake-model", input="hi")
     _ = [
         e async for e in await client.responses.create(model="fake-model", input="hi", stream=True)
@@ -134,19 +110,16 @@ async def test_usage_rows_name_the_endpoint_with_exact_tokens(
     # a client that walks away mid-stream: what was delivered is billed
     async with aiohttp.ClientSession() as s:
         resp = await s.post(
-            gw.base_url + "/responses",
+            keyed.gw.base_url + "/responses",
             json={"model": "fake-held", "input": "hi", "stream": True},
-            headers={"Authorization": f"Bearer {key['api_key']}"},
+            headers={"Authorization": f"Bearer {keyed.api_key}"},
         )
         seen = b""
         while b"response.output_text.delta" not in seen:
             seen += await resp.content.readany()
         resp.close()
-    await wait_for(pg, ROWS, tenant, expect=3)
-    rows = await pg.fetch(
-        "SELECT e.* FROM usage_events e JOIN tenants t ON t.id = e.tenant_id WHERE t.name = $1",
-        tenant,
-    )
+    await wait_for(pg, USAGE_COUNT, keyed.tenant, expect=3)
+    rows = await pg.fetch(USAGE_ROWS, keyed.tenant)
     assert {r["endpoint"] for r in rows} == {"responses"}
     by_kind = {(r["stream"], r["status"]): r for r in rows}
     whole, streamed, gone = by_kind[(False, 200)], by_kind[(True, 200)], by_kind[(True, 499)]
@@ -168,21 +141,17 @@ def _readme_snippet() -> str:
 
 
 async def test_readme_snippet_runs(
-    start_gateway: StartGateway,
+    start_keyed: StartKeyed,
     fake_openai: FakeOpenAI,
-    pg_url: str,
-    pg: asyncpg.Pool,
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The README's Responses snippet, as written, against a gateway with a
     database and the echo model (the port is the test gateway's)."""
     snippet = _readme_snippet()
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
-    _, key = await tenant_with_key(pg, tmp_path, "pro")
-    monkeypatch.setenv("TOLLWAY_KEY", key["api_key"])
-    code = snippet.replace("http://127.0.0.1:8080", gw.url)
+    keyed = await start_keyed(billing_config(fake_openai.url))
+    monkeypatch.setenv("TOLLWAY_KEY", keyed.api_key)
+    code = snippet.replace("http://127.0.0.1:8080", keyed.gw.url)
     await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert out.startswith("My name is Ada.") and "Who am I?\nstream me" in out

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 import yaml
 
 from proxy.config.model import ConfigError
 from proxy.pipeline.registry import parse_config
 from proxy.web.admin import rate_limit
-from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key
-from tests.conftest import Gateway, StartGateway
+from tests.billing_helpers import TEST_TIERS, billing_config
+from tests.conftest import Gateway, Keyed, StartKeyed
 from tests.fakes import FakeOpenAI
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -44,28 +42,16 @@ async def _chat(
         return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.json()
 
 
-async def _gateway(
-    start_gateway: StartGateway, fake: FakeOpenAI, pg_url: str, redis_url: str, tmp_path: Path
-) -> Gateway:
-    return await start_gateway(
-        {**billing_config(fake.url), "tiers": TIERS},
-        database_url=pg_url,
-        data_dir=tmp_path,
-        redis_url=redis_url,
-    )
+async def _keyed(start_keyed: StartKeyed, fake: FakeOpenAI, redis_url: str, tier: str) -> Keyed:
+    cfg = {**billing_config(fake.url), "tiers": TIERS}
+    return await start_keyed(cfg, tier, set(TIERS), redis_url=redis_url)
 
 
 async def test_each_end_user_gets_the_tiers_requests_per_hour_exactly(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
-    pg: asyncpg.Pool,
-    redis_url: str,
-    tmp_path: Path,
+    start_keyed: StartKeyed, fake_openai: FakeOpenAI, redis_url: str
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, redis_url, tmp_path)
-    _, key = await tenant_with_key(pg, tmp_path, "per-user", set(TIERS))
-    api_key = key["api_key"]
+    keyed = await _keyed(start_keyed, fake_openai, redis_url, "per-user")
+    gw, api_key = keyed.gw, keyed.api_key
     async with aiohttp.ClientSession() as s:
         # 40 concurrent requests of one end user: exactly the tier's 3 pass.
         results = await asyncio.gather(*(_chat(s, gw, api_key, user="alice") for _ in range(40)))
@@ -94,15 +80,10 @@ async def test_each_end_user_gets_the_tiers_requests_per_hour_exactly(
 
 
 async def test_end_user_tokens_per_minute_refuse_as_tokens(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
-    pg: asyncpg.Pool,
-    redis_url: str,
-    tmp_path: Path,
+    start_keyed: StartKeyed, fake_openai: FakeOpenAI, redis_url: str
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, redis_url, tmp_path)
-    _, key = await tenant_with_key(pg, tmp_path, "user-tpm", set(TIERS))
+    keyed = await _keyed(start_keyed, fake_openai, redis_url, "user-tpm")
+    gw, key = keyed.gw, keyed.key
     async with aiohttp.ClientSession() as s:
         results = [await _chat(s, gw, key["api_key"], user="u-1") for _ in range(3)]
         assert [r[0] for r in results] == [200, 200, 429]

@@ -64,157 +64,159 @@ log = logging.getLogger("tollway.prices")
 Labels = tuple[tuple[str, str], ...]
 
 
+def _counter(registry: Registry, name: str, doc: str) -> Counter:
+    return Counter(name, doc, registry=registry)
+
+
+def _gauge(registry: Registry, name: str, doc: str) -> Gauge:
+    return Gauge(name, doc, registry=registry)
+
+
+def _histogram(registry: Registry, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(name, doc, registry=registry, buckets=buckets)
+
+
 class Metrics:
     """One per process: the registry and its collectors, as app state."""
 
     def __init__(self) -> None:
         self.registry = r = Registry()
-        self.requests = Counter("tollway_requests_total", "Requests answered.", registry=r)
-        self.duration = Histogram(
+        self.requests = _counter(r, "tollway_requests_total", "Requests answered.")
+        self.duration = _histogram(
+            r,
             "tollway_request_duration_seconds",
             "Request received to last byte sent.",
-            registry=r,
-            buckets=DURATION_BUCKETS,
+            DURATION_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = _histogram(
+            r,
             "tollway_ttft_seconds",
             "Request received to first content chunk sent (streams).",
-            registry=r,
-            buckets=TTFT_BUCKETS,
+            TTFT_BUCKETS,
         )
-        self.tokens = Counter("tollway_tokens_total", "Tokens billed.", registry=r)
-        self.cost = Counter("tollway_cost_usd_total", "Cost of billed tokens (USD).", registry=r)
-        self.unpriced = Counter(
+        self.tokens = _counter(r, "tollway_tokens_total", "Tokens billed.")
+        self.cost = _counter(r, "tollway_cost_usd_total", "Cost of billed tokens (USD).")
+        self.unpriced = _counter(
+            r,
             "tollway_unpriced_requests_total",
             "Requests that used tokens of a model without a price (cost NULL).",
-            registry=r,
         )
         self._warned: set[tuple[str, str]] = set()
-        self.cache = Counter("tollway_cache_requests_total", "Response-cache look-ups.", registry=r)
-        self.ratelimited = Counter(
-            "tollway_ratelimit_rejections_total", "429s from rate limits.", registry=r
+        self.cache = _counter(r, "tollway_cache_requests_total", "Response-cache look-ups.")
+        self.ratelimited = _counter(
+            r, "tollway_ratelimit_rejections_total", "429s from rate limits."
         )
-        self.quota = Counter(
-            "tollway_quota_rejections_total", "429s from monthly quotas.", registry=r
+        self.quota = _counter(r, "tollway_quota_rejections_total", "429s from monthly quotas.")
+        self.upstream_errors = _counter(
+            r, "tollway_upstream_errors_total", "Failed provider calls."
         )
-        self.upstream_errors = Counter(
-            "tollway_upstream_errors_total", "Failed provider calls.", registry=r
+        self.budget_alerts = _counter(
+            r, "tollway_budget_alerts_total", "USD budgets crossing 50/80/100%."
         )
-        self.budget_alerts = Counter(
-            "tollway_budget_alerts_total", "USD budgets crossing 50/80/100%.", registry=r
+        self.retries = _counter(r, "tollway_retries_total", "Retries of a provider call.")
+        self.fallbacks = _counter(
+            r, "tollway_fallbacks_total", "Requests served by a fallback target."
         )
-        self.retries = Counter("tollway_retries_total", "Retries of a provider call.", registry=r)
-        self.fallbacks = Counter(
-            "tollway_fallbacks_total", "Requests served by a fallback target.", registry=r
+        self.breaker = _gauge(
+            r, "tollway_breaker_state", "0 closed, 1 half-open, 2 open (worst target)."
         )
-        self.breaker = Gauge(
-            "tollway_breaker_state", "0 closed, 1 half-open, 2 open (worst target).", registry=r
+        self.inflight = _gauge(r, "tollway_inflight_requests", "Requests being handled.")
+        self.streams = _gauge(r, "tollway_inflight_streams", "SSE streams open to clients.")
+        self.reloads = _counter(r, "tollway_config_reload_total", "Config reload attempts.")
+        self.version = _gauge(r, "tollway_config_version_info", "The live config's version hash.")
+        self.spool = _gauge(r, "tollway_billing_spool_depth", "Usage events waiting for Postgres.")
+        self.lag = _gauge(
+            r, "tollway_settlement_lag_seconds", "Age of the oldest unsettled usage event."
         )
-        self.inflight = Gauge("tollway_inflight_requests", "Requests being handled.", registry=r)
-        self.streams = Gauge("tollway_inflight_streams", "SSE streams open to clients.", registry=r)
-        self.reloads = Counter("tollway_config_reload_total", "Config reload attempts.", registry=r)
-        self.version = Gauge(
-            "tollway_config_version_info", "The live config's version hash.", registry=r
-        )
-        self.spool = Gauge(
-            "tollway_billing_spool_depth", "Usage events waiting for Postgres.", registry=r
-        )
-        self.lag = Gauge(
-            "tollway_settlement_lag_seconds", "Age of the oldest unsettled usage event.", registry=r
-        )
-        self.dead_letters = Counter(
+        self.dead_letters = _counter(
+            r,
             "tollway_billing_dead_letter_total",
             "Usage rows Postgres refused for their content, kept in dead-letter.jsonl.",
-            registry=r,
         )
-        self.batch_lines = Counter(
+        self.batch_lines = _counter(
+            r,
             "tollway_batch_lines_total",
             "Batch lines run by this worker, by result (completed, failed, deferred).",
-            registry=r,
         )
-        self.batch_queue = Gauge(
-            "tollway_batch_queue_depth", "Pending lines of open batches (fleet-wide).", registry=r
+        self.batch_queue = _gauge(
+            r, "tollway_batch_queue_depth", "Pending lines of open batches (fleet-wide)."
         )
-        self.batch_oldest = Gauge(
+        self.batch_oldest = _gauge(
+            r,
             "tollway_batch_oldest_pending_seconds",
             "Age of the oldest open batch with a pending line (fleet-wide).",
-            registry=r,
         )
-        self.redis_up = Gauge("tollway_redis_up", "1 while Redis answers, else 0.", registry=r)
-        self.redis_errors = Counter(
-            "tollway_redis_errors_total", "Redis commands that failed or timed out.", registry=r
+        self.redis_up = _gauge(r, "tollway_redis_up", "1 while Redis answers, else 0.")
+        self.redis_errors = _counter(
+            r, "tollway_redis_errors_total", "Redis commands that failed or timed out."
         )
-        self.ratelimit_local = Counter(
+        self.ratelimit_local = _counter(
+            r,
             "tollway_ratelimit_local_checks_total",
             "Limit checks answered per process because Redis was down.",
-            registry=r,
         )
-        self.connections = Gauge(
-            "tollway_open_connections", "Client connections open to this worker.", registry=r
+        self.connections = _gauge(
+            r, "tollway_open_connections", "Client connections open to this worker."
         )
-        self.refused = Counter(
+        self.refused = _counter(
+            r,
             "tollway_connections_refused_total",
             "Connections refused over server.max_connections.",
-            registry=r,
         )
-        self.http_refusals = Counter(
+        self.http_refusals = _counter(
+            r,
             "tollway_http_refusals_total",
             "Requests refused below the app (reason: header_timeout, body_timeout, malformed).",
-            registry=r,
         )
-        self.auth_throttled = Counter(
+        self.auth_throttled = _counter(
+            r,
             "tollway_auth_failures_throttled_total",
             "Requests refused because their address failed authentication too often.",
-            registry=r,
         )
-        self.guardrails = Counter(
+        self.guardrails = _counter(
+            r,
             "tollway_guardrail_verdicts_total",
             "Guardrail findings, by guardrail (a policy entry's name), action and direction.",
-            registry=r,
         )
-        self.semantic = Counter(
+        self.semantic = _counter(
+            r,
             "tollway_semantic_cache_requests_total",
             "Semantic-cache look-ups (result: hit, miss, bypass).",
-            registry=r,
         )
-        self.similarity = Histogram(
+        self.similarity = _histogram(
+            r,
             "tollway_semantic_cache_similarity",
             "Cosine similarity of the nearest stored question (hits and misses that found one).",
-            registry=r,
-            buckets=SIMILARITY_BUCKETS,
+            SIMILARITY_BUCKETS,
         )
-        self.embedding = Histogram(
+        self.embedding = _histogram(
+            r,
             "tollway_semantic_cache_embedding_seconds",
             "The semantic cache's embedding call, failures and timeouts included.",
-            registry=r,
-            buckets=EMBEDDING_BUCKETS,
+            EMBEDDING_BUCKETS,
         )
-        self.saved = Counter(
+        self.saved = _counter(
+            r,
             "tollway_semantic_cache_saved_usd_total",
             "What semantic hits saved: the price of the answers they served again.",
-            registry=r,
         )
-        self.webhook_deliveries = Counter(
-            "tollway_webhook_deliveries_total",
-            "Webhook delivery attempts, by outcome.",
-            registry=r,
+        self.webhook_deliveries = _counter(
+            r, "tollway_webhook_deliveries_total", "Webhook delivery attempts, by outcome."
         )
-        self.webhook_seconds = Histogram(
+        self.webhook_seconds = _histogram(
+            r,
             "tollway_webhook_delivery_seconds",
             "One webhook POST: sent to answered, refused or timed out.",
-            registry=r,
-            buckets=WEBHOOK_BUCKETS,
+            WEBHOOK_BUCKETS,
         )
-        self.webhook_pending = Gauge(
+        self.webhook_pending = _gauge(
+            r,
             "tollway_webhook_deliveries_pending",
             "Webhook deliveries waiting for their first or next attempt.",
-            registry=r,
         )
-        self.event_streams = Gauge(
-            "tollway_event_streams_open", "GET /v1/events streams open.", registry=r
-        )
-        self.events_published = Counter(
-            "tollway_events_published_total", "Tenant events written to the log.", registry=r
+        self.event_streams = _gauge(r, "tollway_event_streams_open", "GET /v1/events streams open.")
+        self.events_published = _counter(
+            r, "tollway_events_published_total", "Tenant events written to the log."
         )
         gauges = (self.inflight, self.streams, self.spool, self.lag)
         for gauge in (*gauges, self.webhook_pending, self.event_streams):
