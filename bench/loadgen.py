@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -266,7 +267,12 @@ def main() -> None:
             api_key=a.api_key,
         )
     )
-    sys.stdout.buffer.write(orjson.dumps(result))
+    # One os.write per piece: after uvloop has run, a write of more than the
+    # pipe's 64 KB returns short (seen here), and sys.stdout's buffer then
+    # dropped the rest silently: a fast point's latencies cut mid-JSON.
+    out = memoryview(orjson.dumps(result))
+    while out:
+        out = out[os.write(sys.stdout.fileno(), out) :]
 
 
 if __name__ == "__main__":
