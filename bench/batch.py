@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -240,6 +241,7 @@ def main() -> int:
     p.add_argument("--worker-concurrency", type=int, default=8, help="batches.worker_concurrency")
     p.add_argument("--batch-workers", type=int, default=1, help="batches.workers")
     p.add_argument("--nice", type=int, default=10, help="batches.nice")
+    p.add_argument("--log", help="keep tollway's output in this file")
     p.add_argument("--rounds", type=int, default=3, help="alternated no-batch/batch rounds")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tollway-bench-batch-") as tmp:
@@ -252,6 +254,8 @@ def main() -> int:
             serve.wait(120)
             provider.terminate()
             provider.wait(10)
+            if args.log:
+                shutil.copy(Path(tmp) / "serve.log", args.log)
     rounds = r["rounds"]
     assert isinstance(rounds, list)
     med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}

@@ -6,13 +6,16 @@ Where lines run is the process's ``BatchRole``: ``inline`` (a single
 ``tollway serve``: HTTP and lines on one event loop, the lines yielding to
 interactive requests), ``http`` (a supervisor's HTTP worker beside batch
 processes: no lines here) or ``lines`` (a supervisor's batch process: lines
-only, no HTTP). A batch process is woken by the event log's notifications
-(a batch created or cancelled on any worker publishes one), else it polls.
+only, no HTTP, throttled to ``busy_concurrency`` while the HTTP workers
+report requests in flight through the shared metrics). A batch process is
+woken by the event log's notifications (a batch created on any worker
+publishes one), else it polls every ``poll_interval_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Literal
@@ -23,7 +26,18 @@ from proxy.pipeline.batch_worker import BatchWorker
 from proxy.stores.batches import BatchStore
 from proxy.stores.events import EventLog
 from proxy.stores.files import FileStore
-from proxy.web.keys import BATCH_WORKER, BATCHES, BILLING, CONFIG, EVENTS, FILES, METRICS, RUNTIME
+from proxy.web.keys import (
+    BATCH_WORKER,
+    BATCHES,
+    BILLING,
+    CONFIG,
+    EVENTS,
+    FILES,
+    METRICS,
+    METRICS_SHARE,
+    RUNTIME,
+)
+from proxy.web.metrics_share import MetricsShare
 
 STOP_GRACE_S = 10.0  # running lines may finish this long at shutdown; the rest go back
 BatchRole = Literal["inline", "http", "lines"]
@@ -45,6 +59,7 @@ def batches_ctx(role: BatchRole = "inline") -> Callable[[web.Application], Async
             yield
             return
         metrics = app[METRICS]
+        share = app.get(METRICS_SHARE)  # a supervisor's worker: the instance's metrics
         worker = app[BATCH_WORKER] = BatchWorker(
             store,
             app[RUNTIME],
@@ -52,6 +67,7 @@ def batches_ctx(role: BatchRole = "inline") -> Callable[[web.Application], Async
             app[EVENTS],
             on_line=metrics.batch_line,
             on_queue=metrics.set_batch_queue,
+            busy=_http_busy(share) if role == "lines" and share is not None else None,
         )
         events = app[EVENTS]
         if role == "lines" and isinstance(events, EventLog):
@@ -62,3 +78,20 @@ def batches_ctx(role: BatchRole = "inline") -> Callable[[web.Application], Async
         await runner
 
     return ctx
+
+
+BUSY_LOOK_S = 0.5  # how often a batch process reads the HTTP workers' in-flight counts
+
+
+def _http_busy(share: MetricsShare) -> Callable[[], bool]:
+    """Whether the instance's HTTP workers had requests in flight at their
+    last metrics publish (at most a second old), read every ``BUSY_LOOK_S``."""
+    seen = [0.0, False]
+
+    def busy() -> bool:
+        now = time.monotonic()
+        if now - seen[0] >= BUSY_LOOK_S:
+            seen[0], seen[1] = now, share.inflight_elsewhere() > 0
+        return bool(seen[1])
+
+    return busy
