@@ -1,4 +1,6 @@
-"""The batch worker: one per ``tollway serve`` worker process.
+"""The batch worker: one per batch process of ``tollway serve --workers N``
+(``batches.workers``, niced; ``proxy.cli.supervisor``), or one in a single
+``tollway serve`` (or in each HTTP worker with ``batches.workers: 0``).
 
 It leases pending lines from the Postgres queue (``proxy.stores.batches``),
 runs each through the pipeline as its batch's creator key
