@@ -1,17 +1,20 @@
 """Batch API throughput, and what a running batch costs interactive traffic.
 
-One ``tollway serve`` worker (``--workers 1``, its own embedded Postgres and
-Redis under a temporary data dir, ``--demo`` for the key) in front of
-``bench/fake_provider.py`` (no artificial delay):
+One ``tollway serve --workers 1`` (one HTTP worker, and ``--batch-workers``
+batch processes at ``--nice``: ``batches.workers``/``batches.nice``; its own
+embedded Postgres and Redis under a temporary data dir, ``--demo`` for the
+key) in front of ``bench/fake_provider.py`` (no artificial delay):
 
 1. ``lines/s``: a batch of ``--lines`` chat lines, alone, from creation to
-   ``completed`` (polled every 50 ms), through the one worker.
-2. interactive p50/p99 of non-stream chat requests (``--concurrency``
-   closed-loop clients for ``--seconds``), with no batch running;
-3. the same load while a batch of ``--big-lines`` runs (checked to still be
-   running when the load ends, so the whole window overlaps it).
+   ``completed`` (polled every 50 ms), through the one batch process (or,
+   with ``--batch-workers 0``, the HTTP worker).
+2. ``--rounds`` rounds, alternating: interactive p50/p99 of non-stream chat
+   requests (``--concurrency`` closed-loop clients for ``--seconds``) with no
+   batch running; then the same load while a batch of ``--big-lines`` runs
+   (checked to still be running when the load ends, so the whole window
+   overlaps it), which is then cancelled before the next round.
 
-    .venv/bin/python bench/batch.py --lines 2000 --big-lines 10000 --seconds 15
+    .venv/bin/python bench/batch.py --lines 3000 --big-lines 10000 --seconds 15 --rounds 3
 
 The batch limits are the shipped defaults (``worker_concurrency: 8``) unless
 ``--worker-concurrency`` says otherwise.
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -55,7 +59,8 @@ tiers:
         monthly_tokens: 1000000000000, max_tokens: 4096}}
 prices:
   bench-model: {{prompt: 1.0, completion: 2.0}}
-batches: {{worker_concurrency: {worker_concurrency}, poll_interval_s: 0.2}}
+batches: {{worker_concurrency: {worker_concurrency}, poll_interval_s: 0.2,
+           workers: {batch_workers}, nice: {nice}}}
 """
 BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hello"}]}
 
@@ -150,7 +155,11 @@ def _start(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes
     config = work / "tollway.yaml"
     config.write_text(
         CONFIG.format(
-            port=port, provider_port=provider_port, worker_concurrency=args.worker_concurrency
+            port=port,
+            provider_port=provider_port,
+            worker_concurrency=args.worker_concurrency,
+            batch_workers=args.batch_workers,
+            nice=args.nice,
         )
     )
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
@@ -174,9 +183,10 @@ def _start(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes
     return provider, serve
 
 
-async def _measure(args: argparse.Namespace) -> dict[str, float]:
+async def _measure(args: argparse.Namespace) -> dict[str, object]:
     headers = {"Authorization": f"Bearer {args.key}"}
     connector = aiohttp.TCPConnector(limit=0)
+    rounds: list[dict[str, float]] = []
     async with aiohttp.ClientSession(headers=headers, connector=connector) as s:
         base = args.base
         await _interactive(s, base, args.concurrency, 2.0)  # warm-up
@@ -186,28 +196,40 @@ async def _measure(args: argparse.Namespace) -> dict[str, float]:
         elapsed = time.monotonic() - t0
         counts = done["request_counts"]
         assert isinstance(counts, dict) and counts["completed"] == args.lines, done
-        quiet, quiet_err = await _interactive(s, base, args.concurrency, args.seconds)
-        big = await _create_batch(s, base, args.big_lines, "big")
-        busy, busy_err = await _interactive(s, base, args.concurrency, args.seconds)
-        during = await _status(s, base, big)
-        still = during["status"] == "in_progress"
-        ran = during["request_counts"]["completed"]  # type: ignore[index]
-        await _until_done(s, base, big, 1200)
-    return {
-        "lines": args.lines,
-        "lines_per_s": args.lines / elapsed,
-        "quiet_p50": _pct(quiet, 0.5),
-        "quiet_p99": _pct(quiet, 0.99),
-        "quiet_rps": len(quiet) / args.seconds,
-        "quiet_errors": quiet_err,
-        "busy_p50": _pct(busy, 0.5),
-        "busy_p99": _pct(busy, 0.99),
-        "busy_rps": len(busy) / args.seconds,
-        "busy_errors": busy_err,
-        "big_still_running": float(still),
-        "big_lines_during_load": float(ran),
-        "mean_quiet": statistics.fmean(quiet),
-    }
+        for n in range(args.rounds):
+            quiet, quiet_err = await _interactive(s, base, args.concurrency, args.seconds)
+            big = await _create_batch(s, base, args.big_lines, f"big{n}")
+            busy, busy_err = await _interactive(s, base, args.concurrency, args.seconds)
+            during = await _status(s, base, big)
+            async with s.post(f"{base}/v1/batches/{big}/cancel") as r:
+                await r.read()
+            await _until_done(s, base, big, 600)
+            r = {
+                "quiet_p50": _pct(quiet, 0.5),
+                "quiet_p99": _pct(quiet, 0.99),
+                "quiet_rps": len(quiet) / args.seconds,
+                "quiet_errors": quiet_err,
+                "busy_p50": _pct(busy, 0.5),
+                "busy_p99": _pct(busy, 0.99),
+                "busy_rps": len(busy) / args.seconds,
+                "busy_errors": busy_err,
+                "still": float(during["status"] == "in_progress"),
+                "ran": float(during["request_counts"]["completed"]),  # type: ignore[index]
+            }
+            rounds.append(r)
+            _print_round(n + 1, r)
+    return {"lines_per_s": args.lines / elapsed, "rounds": rounds}
+
+
+def _print_round(n: int, r: dict[str, float]) -> None:
+    print(
+        f"round {n}: no batch p50 {r['quiet_p50']:.1f} p99 {r['quiet_p99']:.1f} ms"
+        f" {r['quiet_rps']:.0f} req/s err {r['quiet_errors']:.0f} | with batch"
+        f" p50 {r['busy_p50']:.1f} p99 {r['busy_p99']:.1f} ms {r['busy_rps']:.0f} req/s"
+        f" err {r['busy_errors']:.0f}, batch lines meanwhile {r['ran']:.0f}"
+        f" (still running: {bool(r['still'])}) | p99 ratio {r['busy_p99'] / r['quiet_p99']:.2f}x",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -217,6 +239,10 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=15.0, help="each interactive load window")
     p.add_argument("--concurrency", type=int, default=8, help="interactive clients")
     p.add_argument("--worker-concurrency", type=int, default=8, help="batches.worker_concurrency")
+    p.add_argument("--batch-workers", type=int, default=1, help="batches.workers")
+    p.add_argument("--nice", type=int, default=10, help="batches.nice")
+    p.add_argument("--log", help="keep tollway's output in this file")
+    p.add_argument("--rounds", type=int, default=3, help="alternated no-batch/batch rounds")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tollway-bench-batch-") as tmp:
         procs = _start(args, Path(tmp))
@@ -228,18 +254,18 @@ def main() -> int:
             serve.wait(120)
             provider.terminate()
             provider.wait(10)
-    print(f"batch alone: {r['lines']:.0f} lines in one worker: {r['lines_per_s']:.0f} lines/s")
+            if args.log:
+                shutil.copy(Path(tmp) / "serve.log", args.log)
+    rounds = r["rounds"]
+    assert isinstance(rounds, list)
+    med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
+    print(f"batch alone: {args.lines} lines: {r['lines_per_s']:.0f} lines/s")
     print(
-        f"interactive, no batch:   p50 {r['quiet_p50']:.1f} ms  p99 {r['quiet_p99']:.1f} ms"
-        f"  {r['quiet_rps']:.0f} req/s  errors {r['quiet_errors']:.0f}"
+        f"median of {len(rounds)}: no batch p50 {med['quiet_p50']:.1f} p99 {med['quiet_p99']:.1f}"
+        f" ms | with batch p50 {med['busy_p50']:.1f} p99 {med['busy_p99']:.1f} ms"
+        f" | p99 ratio of medians {med['busy_p99'] / med['quiet_p99']:.2f}x (target <= 1.10x);"
+        " per-round ratios " + ", ".join(f"{x['busy_p99'] / x['quiet_p99']:.2f}x" for x in rounds)
     )
-    print(
-        f"interactive, with batch: p50 {r['busy_p50']:.1f} ms  p99 {r['busy_p99']:.1f} ms"
-        f"  {r['busy_rps']:.0f} req/s  errors {r['busy_errors']:.0f}"
-        f"  (batch lines run meanwhile: {r['big_lines_during_load']:.0f};"
-        f" batch still running at the end: {bool(r['big_still_running'])})"
-    )
-    print(f"p99 with/without: {r['busy_p99'] / r['quiet_p99']:.2f}x (target <= 1.10x)")
     return 0
 
 

@@ -52,8 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         type=_positive,
-        default=int(os.environ.get("TOLLWAY_WORKERS") or 1),
-        help="worker processes sharing the port (default: $TOLLWAY_WORKERS or 1)",
+        default=int(os.environ["TOLLWAY_WORKERS"]) if os.environ.get("TOLLWAY_WORKERS") else None,
+        help="HTTP worker processes sharing the port, under a supervisor that also starts "
+        "batches.workers batch processes (default: $TOLLWAY_WORKERS; unset: one process "
+        "serving HTTP and batch lines)",
     )
     serve.add_argument("--migrate", action="store_true", help="apply pending migrations first")
     serve.add_argument(
@@ -146,7 +148,9 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
             f"(OpenAI base_url: http://{host}:{port}/v1)"
         )
 
-    if args.workers > 1:
+    if args.workers is not None and supervisor.supervisor_pid() is None:
+        batch_workers = config.batches.workers
+        extra = f" and {batch_workers} batch worker{'s' if batch_workers != 1 else ''}"
         return supervisor.supervise(
             path,
             host,
@@ -154,9 +158,16 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
             args.workers,
             {"DATABASE_URL": dsn, "REDIS_URL": redis_url},
             grace=lambda: _grace(path, config),
-            ready_line=lambda p: ready(p, f" with {args.workers} workers"),
+            ready_line=lambda p: ready(
+                p, f" with {args.workers} workers{extra if batch_workers else ''}"
+            ),
+            batch_workers=batch_workers,
         )
     parent = supervisor.supervisor_pid()  # set when this process is one of N workers
+    role = supervisor.role()
+    if role == "lines":
+        # Batch lines only, behind the HTTP workers in the kernel's queue.
+        os.nice(config.batches.nice)
     metrics_dir = os.environ.get(METRICS_DIR_ENV) if parent else None
     install_fast_loop()
     app = build_app(
@@ -166,6 +177,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         reloading=ReloadOptions(Path(path)),
         metrics_dir=Path(metrics_dir) if metrics_dir else None,
         access_fd=sys.stdout.fileno(),  # batched access lines, not one logging call each
+        batch_role=role,
     )
     sys.stdout.flush()  # what print() buffered goes out before the first access line
     asyncio.run(
@@ -177,6 +189,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
             reuse_port=parent is not None,
             on_ready=supervisor.notify_ready,
             parent_pid=parent,
+            listen=role != "lines",
         )
     )
     return 0

@@ -1,4 +1,5 @@
-"""``tollway serve --workers N``: N worker processes sharing one port.
+"""``tollway serve --workers N``: N HTTP worker processes sharing one port,
+and ``batches.workers`` batch processes beside them.
 
 The supervisor does what must happen once per instance, then starts the
 workers and looks after them:
@@ -16,6 +17,15 @@ workers and looks after them:
 - a worker that dies is restarted, with a growing pause when it keeps
   dying; one that dies before it was ever ready ends the start-up (its own
   one-line error is already on stderr).
+
+Batch processes run the same app (the same Postgres, Redis, config and hot
+reload, their metrics merged into every worker's ``/metrics``) but listen on
+no socket and run batch lines only, at OS priority ``batches.nice``; the
+HTTP workers then run none (``TOLLWAY_ROLE``, ``proxy.web.batches_setup``).
+Batch lines are CPU spent on work nobody is waiting for this second: in
+their own niced processes the kernel's scheduler gives the HTTP workers the
+CPU first, which no limit inside a shared event loop can do. With
+``batches.workers: 0`` the HTTP workers run the lines themselves.
 
 Workers run in their own process group, so a terminal's Ctrl-C reaches them
 once, through the supervisor, and they stop by themselves if the supervisor
@@ -40,12 +50,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+from proxy.web.batches_setup import BatchRole
 from proxy.web.metrics_share import ENV as METRICS_DIR_ENV
 from proxy.web.reload import SUPERVISOR_ENV
 from proxy.web.server import StartupError
 
 log = logging.getLogger("tollway.supervisor")
 READY_FD_ENV = "TOLLWAY_READY_FD"
+ROLE_ENV = "TOLLWAY_ROLE"  # "http" or "lines" in a supervisor's worker
 START_TIMEOUT = 60.0
 STOP_MARGIN = 30.0  # beyond the grace period: flushing usage, closing pools
 MAX_BACKOFF = 30.0
@@ -73,10 +85,15 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
 @dataclass
 class _Worker:
     index: int
+    role: str  # "http": serves the port; "lines": runs batch lines, no socket
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     backoff: float = 0.5
     restart_at: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return "batch worker" if self.role == "lines" else "worker"
 
 
 @dataclass
@@ -85,6 +102,7 @@ class Supervisor:
     env: Mapping[str, str]
     count: int
     grace: Callable[[], float]  # the shutdown grace, read when stopping
+    batch_workers: int = 0
     workers: list[_Worker] = field(default_factory=list)
     stopping: int = 0  # stop signals received
 
@@ -92,7 +110,10 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         self._ready_fd = write_fd
         self._install_signals()
-        self.workers = [_Worker(i) for i in range(self.count)]
+        # Without batch processes the HTTP workers run the lines (no role).
+        http = "http" if self.batch_workers else ""
+        self.workers = [_Worker(i, http) for i in range(self.count)]
+        self.workers += [_Worker(self.count + i, "lines") for i in range(self.batch_workers)]
         for w in self.workers:
             self._spawn(w)
         try:
@@ -126,6 +147,8 @@ class Supervisor:
 
     def _spawn(self, w: _Worker) -> None:
         env = {**self.env, READY_FD_ENV: str(self._ready_fd), "TOLLWAY_WORKER_INDEX": str(w.index)}
+        if w.role:
+            env[ROLE_ENV] = w.role
         w.proc = subprocess.Popen(
             list(self.argv), env=env, pass_fds=(self._ready_fd,), process_group=0
         )
@@ -133,13 +156,16 @@ class Supervisor:
 
     def _wait_ready(self, read_fd: int) -> bool:
         ready, deadline = 0, time.monotonic() + START_TIMEOUT
-        while ready < self.count:
+        while ready < len(self.workers):
             if self.stopping:
                 return False
             for w in self.workers:
                 if w.proc is not None and w.proc.poll() is not None:
                     log.error(
-                        "worker %d exited during start-up (status %s)", w.index, w.proc.returncode
+                        "%s %d exited during start-up (status %s)",
+                        w.kind,
+                        w.index,
+                        w.proc.returncode,
                     )
                     return False
             if time.monotonic() > deadline:
@@ -153,7 +179,7 @@ class Supervisor:
         for w in self.workers:
             if w.restart_at is not None:
                 if now >= w.restart_at:
-                    log.warning("restarting worker %d", w.index)
+                    log.warning("restarting %s %d", w.kind, w.index)
                     self._spawn(w)
                 continue
             if w.proc is None or w.proc.poll() is None:
@@ -162,7 +188,8 @@ class Supervisor:
             w.backoff = 0.5 if lived > 60 else min(MAX_BACKOFF, w.backoff * 2)
             w.restart_at = now + (0 if lived > 60 else w.backoff)
             log.error(
-                "worker %d (pid %d) exited with status %s after %.0fs",
+                "%s %d (pid %d) exited with status %s after %.0fs",
+                w.kind,
                 w.index,
                 w.proc.pid,
                 w.proc.returncode,
@@ -184,7 +211,7 @@ class Supervisor:
             try:
                 w.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("worker %d did not stop in time; killing it", w.index)
+                log.error("%s %d did not stop in time; killing it", w.kind, w.index)
                 w.proc.kill()
                 w.proc.wait()
 
@@ -223,6 +250,7 @@ def supervise(
     env: Mapping[str, str],
     grace: Callable[[], float],
     ready_line: Callable[[int], str],
+    batch_workers: int = 0,
 ) -> int:
     held, port = reserve_port(host, port)
     metrics_dir = tempfile.mkdtemp(prefix="tollway-metrics-")
@@ -233,7 +261,8 @@ def supervise(
         METRICS_DIR_ENV: metrics_dir,
     }
     try:
-        sup = Supervisor(worker_argv(config_path, host, port), worker_env, count, grace)
+        argv = worker_argv(config_path, host, port)
+        sup = Supervisor(argv, worker_env, count, grace, batch_workers)
         return sup.run(ready_line(port))
     finally:
         held.close()
@@ -252,3 +281,13 @@ def notify_ready() -> None:
 def supervisor_pid() -> int | None:
     pid = os.environ.get(SUPERVISOR_ENV)
     return int(pid) if pid and pid.isdigit() else None
+
+
+def role() -> BatchRole:
+    """This process's part in batch work (``proxy.web.batches_setup``)."""
+    given = os.environ.get(ROLE_ENV) if supervisor_pid() is not None else None
+    if given == "http":
+        return "http"
+    if given == "lines":
+        return "lines"
+    return "inline"

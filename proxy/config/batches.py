@@ -1,8 +1,11 @@
-"""The ``batches:`` section: how much of a worker the Batch API may use.
+"""The ``batches:`` section: where batch lines run and how many at once.
 
-Batch lines share the providers and the event loop with interactive
-traffic, so each limit bounds how much of them one batch, one tenant or one
-worker process may hold at once; the rest wait in the Postgres queue.
+Under the supervisor (``tollway serve --workers N``) lines run in
+``workers`` batch processes of their own, at OS priority ``nice``, so the
+kernel gives the HTTP workers the CPU first; a single ``tollway serve``
+runs them on its own event loop, yielding to interactive requests
+(``busy_concurrency``). Each limit bounds how much of them one batch, one
+tenant or one process may hold at once; the rest wait in the Postgres queue.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from proxy.config.reader import Node
 
 KEYS = (
     "enabled",
+    "workers",
+    "nice",
     "worker_concurrency",
     "busy_concurrency",
     "tenant_concurrency",
@@ -30,6 +35,10 @@ KEYS = (
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
     enabled: bool = True  # False: this instance runs no batch lines (the API still answers)
+    # Batch processes the supervisor starts beside the HTTP workers (0: the
+    # HTTP workers run the lines themselves); read when the instance starts.
+    workers: int = 1
+    nice: int = 10  # the batch processes' niceness (0-19): the CPU goes to HTTP first
     worker_concurrency: int = 8  # lines in flight per worker process
     # ... while the process is serving interactive requests: batch lines yield to them
     busy_concurrency: int = 2
@@ -57,6 +66,8 @@ def parse_batches(raw: Any) -> BatchPolicy:
 
     return BatchPolicy(
         enabled=m["enabled"].boolean() if "enabled" in m else d.enabled,
+        workers=_at_least(m, "workers", 0, 64, d.workers),
+        nice=_at_least(m, "nice", 0, 19, d.nice),
         worker_concurrency=integer("worker_concurrency", d.worker_concurrency),
         busy_concurrency=integer("busy_concurrency", d.busy_concurrency),
         tenant_concurrency=integer("tenant_concurrency", d.tenant_concurrency),
@@ -68,3 +79,12 @@ def parse_batches(raw: Any) -> BatchPolicy:
         max_lines=integer("max_lines", d.max_lines),
         file_retention_days=number("file_retention_days", d.file_retention_days),
     )
+
+
+def _at_least(m: dict[str, Node], key: str, low: int, high: int, default: int) -> int:
+    if key not in m:
+        return default
+    value = m[key].integer()
+    if not low <= value <= high:
+        raise m[key].fail(f"must be between {low} and {high}")
+    return value

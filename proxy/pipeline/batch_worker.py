@@ -1,11 +1,14 @@
-"""The batch worker: one per ``tollway serve`` worker process.
+"""The batch worker: one per batch process of ``tollway serve --workers N``
+(``batches.workers``, niced; ``proxy.cli.supervisor``), or one in a single
+``tollway serve`` (or in each HTTP worker with ``batches.workers: 0``).
 
 It leases pending lines from the Postgres queue (``proxy.stores.batches``),
 runs each through the pipeline as its batch's creator key
 (``proxy.pipeline.batch_line``), and writes its output or error line. The
 limits (``batches:`` in the YAML) keep a big batch from starving
 interactive traffic: at most ``worker_concurrency`` lines run in this
-process (``busy_concurrency`` while it is serving interactive requests),
+process (``busy_concurrency`` while interactive requests are in flight:
+here, or in the instance's HTTP workers for a batch process),
 ``batch_concurrency`` per batch and ``tenant_concurrency`` per tenant across
 the fleet.
 
@@ -60,11 +63,15 @@ class BatchWorker:
         events: EventSink | None = None,
         on_line: Callable[[str], None] = lambda result: None,
         on_queue: Callable[[int, float], None] = lambda depth, oldest_s: None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.store, self.rt, self.policy = store, rt, policy
         self.events: EventSink = events or NoEvents()
         self.on_line = on_line  # "completed", "failed" or "deferred": the metrics
         self.on_queue = on_queue  # queue depth and oldest pending age: the metrics
+        # Interactive requests in flight: here by default; a batch process
+        # is told about its instance's HTTP workers instead.
+        self.busy = busy or (lambda: self.rt.lifecycle.requests > 0)
         self._housekept = self._swept = 0.0
         self._results: list[tuple[Leased, bool, dict[str, Any]]] = []  # done, not yet written
         self._writer: asyncio.Task[None] | None = None
@@ -126,8 +133,8 @@ class BatchWorker:
                 status = ended.batch["status"]
                 log.info("batch %s %s", ended.batch["id"], status)
                 await self._publish(ended.tenant_id, f"batch.{status}", ended.batch)
-        # Interactive requests in flight here: the lines yield most of the process to them.
-        busy = self.rt.lifecycle.requests > 0
+        # Interactive requests in flight: the lines yield most of the room to them.
+        busy = self.busy()
         most = (
             min(policy.busy_concurrency, policy.worker_concurrency)
             if busy

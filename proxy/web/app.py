@@ -44,7 +44,7 @@ from proxy.web import (
     usage_api,
 )
 from proxy.web.auth_guard import AuthGuard
-from proxy.web.batches_setup import batches_ctx
+from proxy.web.batches_setup import BatchRole, batches_ctx
 from proxy.web.billing_setup import BillingOptions, billing_ctx
 from proxy.web.events_setup import end_streams, events_ctx
 from proxy.web.http_guard import GuardStats
@@ -82,6 +82,7 @@ def build_app(
     metrics_dir: Path | None = None,
     stages: Sequence[Stage] | None = None,
     access_fd: int | None = None,
+    batch_role: BatchRole = "inline",
 ) -> web.Application:
     """``billing`` (a database) is required for ``auth: keys``; without it
     requests are settled to ``settler`` (the log by default). Without
@@ -89,7 +90,8 @@ def build_app(
     ``reloading`` names the file to watch and reload; ``metrics_dir`` is
     where the workers of one instance share their metrics; ``access_fd``
     where the access lines are written in batches (else the logger).
-    ``stages`` replaces the registry's (tests of the plugin model)."""
+    ``stages`` replaces the registry's (tests of the plugin model).
+    ``batch_role``: whether this process runs batch lines (``batches_setup``)."""
     redact.install()
     if config.auth == "keys" and billing is None:
         raise ValueError("auth: keys needs a database (billing options)")
@@ -125,7 +127,7 @@ def build_app(
     app.cleanup_ctx.append(_runtime)  # everything the pipeline is handed exists
     # After the runtime its lines run on and the event log it publishes to;
     # stopped (lines finished or given back) before billing flushes their usage.
-    app.cleanup_ctx.append(batches_ctx())
+    app.cleanup_ctx.append(batches_ctx(batch_role))
     if _counts_soon(config):
         app.on_startup.append(_warm_tokens)
     _routes(app)

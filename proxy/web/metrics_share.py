@@ -83,6 +83,16 @@ class MetricsShare:
                 states.append(orjson.loads(path.read_bytes()))
         return states
 
+    def inflight_elsewhere(self) -> float:
+        """Requests the instance's other live workers had in flight at their
+        last publish: how a batch process knows interactive traffic is on."""
+        total = 0.0
+        for st in self._others():
+            if alive(int(st.get("pid", 0))):
+                for _, value in st["metrics"].get("tollway_inflight_requests", ()):
+                    total += float(value)
+        return total
+
     def merged(self, metrics: Metrics) -> Registry:
         """A registry holding the instance's series (this worker's are live)."""
         own = state(metrics)

@@ -84,15 +84,19 @@ async def serve(
     reuse_port: bool = False,
     on_ready: Callable[[], None] | None = None,
     parent_pid: int | None = None,
+    listen: bool = True,
 ) -> None:
-    """``parent_pid``: a supervisor whose disappearance stops this worker."""
+    """``parent_pid``: a supervisor whose disappearance stops this worker.
+    ``listen=False``: the app's resources and background work (a batch
+    process) without a socket."""
     runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(
         runner, host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port or None
     )
     try:
-        await site.start()
+        if listen:
+            await site.start()
     except OSError as exc:
         await runner.cleanup()
         if exc.errno == errno.EADDRINUSE:
