@@ -67,3 +67,6 @@ CREATE INDEX batch_lines_pending ON batch_lines (batch_id, line) WHERE state = '
 CREATE INDEX batch_lines_done ON batch_lines (done_at) WHERE done_at IS NOT NULL;
 CREATE INDEX batch_lines_leased ON batch_lines (batch_id)
     WHERE state = 'pending' AND leased_until IS NOT NULL;
+-- A batch's request_counts (completed, failed) and the expired check count
+-- its lines by state: from this index alone, not from each line's row.
+CREATE INDEX batch_lines_state ON batch_lines (batch_id, state);

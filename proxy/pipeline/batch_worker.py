@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -95,12 +95,7 @@ class BatchWorker:
             policy = self.policy()
             # Cleared before the tick: a line ending during it wakes the next one.
             self._wake.clear()
-            try:
-                await self._tick(policy)
-            except _DOWN as exc:
-                if time.monotonic() - self._down_logged > 5:
-                    self._down_logged = time.monotonic()
-                    log.warning("batch queue unreachable (%s); retrying", type(exc).__name__)
+            await self._tick(policy)
             try:
                 await asyncio.wait_for(self._wake.wait(), policy.poll_interval_s)
             except TimeoutError:
@@ -121,18 +116,44 @@ class BatchWorker:
             await asyncio.wait([self._writer])  # the results of the lines that finished
 
     async def _tick(self, policy: BatchPolicy) -> None:
+        """Housekeeping, the sweep and the claim, each on its own: one that
+        fails or outlasts the pool's command timeout is logged and tried
+        again at its next turn, and never keeps the others (the claim above
+        all) from running. A failing sweep used to end the tick before its
+        claim, so a batch that could not be ended stopped every line."""
         now = time.monotonic()
         if now - self._housekept >= HOUSEKEEPING_S:
             self._housekept = now
-            self.on_queue(*await self.store.queue())
-            await self.store.expire_files()
+            await self._step("queue metrics", self._housekeep)
         if now - self._swept >= policy.poll_interval_s:
             # Not on every wake (a line done wakes it): ending batches can wait a poll.
             self._swept = now
-            for ended in await self.store.sweep():
-                status = ended.batch["status"]
-                log.info("batch %s %s", ended.batch["id"], status)
-                await self._publish(ended.tenant_id, f"batch.{status}", ended.batch)
+            await self._step("sweep", self._sweep)
+        await self._step("claim", lambda: self._claim(policy))
+
+    async def _step(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except _DOWN as exc:
+            if time.monotonic() - self._down_logged > 5:
+                self._down_logged = time.monotonic()
+                log.warning(
+                    "batch queue unreachable in %s (%s); retrying", what, type(exc).__name__
+                )
+        except Exception:  # a bug in one step must not stop the worker for good
+            log.exception("batch queue %s failed; retrying", what)
+
+    async def _housekeep(self) -> None:
+        self.on_queue(*await self.store.queue())
+        await self.store.expire_files()
+
+    async def _sweep(self) -> None:
+        for ended in await self.store.sweep():
+            status = ended.batch["status"]
+            log.info("batch %s %s", ended.batch["id"], status)
+            await self._publish(ended.tenant_id, f"batch.{status}", ended.batch)
+
+    async def _claim(self, policy: BatchPolicy) -> None:
         # Interactive requests in flight: the lines yield most of the room to them.
         busy = self.busy()
         most = (
