@@ -51,6 +51,7 @@ log = logging.getLogger("tollway.batches")
 _DOWN: tuple[type[BaseException], ...] = (DatabaseDown, *UNAVAILABLE)
 KEY_TTL_S = 5.0  # how long a looked-up creator key is trusted before the next look-up
 PROGRESS_EVERY_S = 1.0  # batch.progress events per batch, at most one per this
+RESULTS_RETRY_S = 1.0  # results the database refused are written again after this
 HOUSEKEEPING_S = 2.0  # the queue metrics and the file retention sweep, once per this
 
 
@@ -255,9 +256,16 @@ class BatchWorker:
                     await self.rt.billing.ledger.flush()
                 await self.store.finish(done)
             except _DOWN as exc:
-                # Lost with the database: their leases run out and they run again.
-                log.warning("%d batch results not recorded (%s)", len(done), type(exc).__name__)
-                return
+                # Kept and written once the database is back (a stopping worker
+                # gives up: the leases run out and the lines run again). A line
+                # whose lease ran out meanwhile may have run again elsewhere:
+                # the write of a finished line is a no-op, and its usage row's
+                # key bills it once.
+                log.warning("%d batch results not recorded yet (%s)", len(done), type(exc).__name__)
+                if self._stopping:
+                    return
+                self._results[:0] = done
+                await asyncio.sleep(RESULTS_RETRY_S)
             self._wake.set()  # their leases are released: room for more lines
             for outcome in done:
                 self.on_line("completed" if outcome[1] else "failed")
