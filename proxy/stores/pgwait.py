@@ -31,6 +31,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # A pooled connection left mid-operation by a restart ("another operation
+    # is in progress"): that query cannot be answered now either.
+    asyncpg.InternalClientError,
 )
 
 
