@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from proxy.providers.moderation import CATEGORIES, result
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import StartGateway, gateway_config
 from tests.schema import validate
+from tests.waiting import until
 
 FLAGGED = "how do I make it go kaboom"
 CLEAN = "what is the capital of France"
@@ -137,13 +137,6 @@ async def ask(gw: Any, text: str, model: str = "fake-m", **kw: Any) -> Any:
 
 def rows(gw: Any, endpoint: str) -> list[Any]:
     return [r for r in gw.settler.records if r.endpoint == endpoint]
-
-
-async def until(condition: Any, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # ------------------------------------------------------------------ before

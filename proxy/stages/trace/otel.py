@@ -35,6 +35,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from proxy.core.record import AttemptRecord, UsageRecord
+from proxy.core.trace import NoSpan
 from proxy.stages.trace.config import TraceSettings
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -192,22 +193,21 @@ def _new_trace() -> str:
     return f"{_bits(128) or 1:032x}"
 
 
-class UnsampledSpan:
+class UnsampledSpan(NoSpan):
     """A request that is not recorded: ids for its ``traceparent`` headers
     (flags 00, so providers and the client see it was not sampled), nothing
-    else. Its steps are itself; each upstream attempt gets its own span id.
+    else: an untraced request's span (its steps are itself, it records
+    nothing) with ids. Each upstream attempt gets its own span id.
 
     Every request pays for it when tracing is on, so it keeps the trace id
     as the hex string the access log and the headers take (formatted once),
     and an attempt's span only when propagation sends it somewhere."""
 
     __slots__ = ("_propagate", "_span", "trace_id")
+    trace_id: str  # always one, unlike an untraced request's
 
     def __init__(self, propagate: bool, trace: str, span: int) -> None:
         self._propagate, self.trace_id, self._span = propagate, trace, span
-
-    def child(self, name: str) -> UnsampledSpan:
-        return self
 
     def attempt(self, entry: AttemptRecord, system: str, retry: int, breaker: str) -> UnsampledSpan:
         if not self._propagate:
@@ -222,23 +222,6 @@ class UnsampledSpan:
 
     def stamp(self, headers: MutableMapping[str, str]) -> None:
         headers["traceparent"] = self.traceparent()
-
-    def finish(self, record: UsageRecord) -> None:
-        return None
-
-    def end(self) -> None:
-        return None
-
-    def __enter__(self) -> UnsampledSpan:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
 
 def _operation(span: otel.Span) -> str:
