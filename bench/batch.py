@@ -60,7 +60,8 @@ tiers:
 prices:
   bench-model: {{prompt: 1.0, completion: 2.0}}
 batches: {{worker_concurrency: {worker_concurrency}, poll_interval_s: 0.2,
-           workers: {batch_workers}, nice: {nice}}}
+           workers: {batch_workers}, nice: {nice}, busy_lines_per_s: {busy_rate},
+           idle_priority: {idle}}}
 """
 BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hello"}]}
 
@@ -118,6 +119,19 @@ async def _until_done(s: aiohttp.ClientSession, base: str, batch_id: str, limit:
     raise TimeoutError(f"batch {batch_id} not done within {limit}s")
 
 
+async def _cancel(s: aiohttp.ClientSession, base: str, batch_id: str) -> None:
+    """Cancel, retried while the gateway answers 503 (a loaded Postgres past
+    its command timeout): an uncancelled batch would run all its lines at
+    full speed before the next round, with no interactive load to yield to."""
+    for _ in range(20):
+        async with s.post(f"{base}/v1/batches/{batch_id}/cancel") as r:
+            await r.read()
+            if r.status in (200, 409):
+                return
+        await asyncio.sleep(0.5)  # a retry's back-off
+    raise RuntimeError(f"batch {batch_id} could not be cancelled")
+
+
 async def _interactive(
     s: aiohttp.ClientSession, base: str, concurrency: int, seconds: float
 ) -> tuple[list[float], int]:
@@ -140,6 +154,44 @@ async def _interactive(
     return latencies, errors
 
 
+async def _open_loop(
+    s: aiohttp.ClientSession, base: str, rate: float, seconds: float
+) -> tuple[list[float], int]:
+    """``rate`` non-stream chat requests a second for ``seconds``, each sent at
+    its own time whether or not the earlier ones have finished (as users'
+    requests arrive): latencies (ms, from each request's scheduled start, so a
+    stalled gateway's queue counts) and errors."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    errors = 0
+    start = loop.time()
+
+    async def one(at: float) -> None:
+        nonlocal errors
+        try:
+            async with s.post(base + "/v1/chat/completions", json=BODY) as r:
+                await r.read()
+                errors += r.status != 200
+        except (aiohttp.ClientError, TimeoutError):
+            errors += 1
+        latencies.append((loop.time() - at) * 1000)
+
+    sent: list[asyncio.Task[None]] = []
+    for i in range(int(rate * seconds)):
+        at = start + i / rate
+        if (wait := at - loop.time()) > 0:
+            await asyncio.sleep(wait)  # the arrival schedule, not synchronisation
+        sent.append(loop.create_task(one(at)))  # all awaited below
+    await asyncio.wait_for(asyncio.gather(*sent), timeout=60)
+    return latencies, errors
+
+
+async def _load(args: argparse.Namespace, s: aiohttp.ClientSession) -> tuple[list[float], int]:
+    if args.rate:
+        return await _open_loop(s, args.base, args.rate, args.seconds)
+    return await _interactive(s, args.base, args.concurrency, args.seconds)
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -160,6 +212,8 @@ def _start(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes
             worker_concurrency=args.worker_concurrency,
             batch_workers=args.batch_workers,
             nice=args.nice,
+            busy_rate=args.busy_lines_per_s,
+            idle="false" if args.no_idle else "true",
         )
     )
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
@@ -197,12 +251,11 @@ async def _measure(args: argparse.Namespace) -> dict[str, object]:
         counts = done["request_counts"]
         assert isinstance(counts, dict) and counts["completed"] == args.lines, done
         for n in range(args.rounds):
-            quiet, quiet_err = await _interactive(s, base, args.concurrency, args.seconds)
+            quiet, quiet_err = await _load(args, s)
             big = await _create_batch(s, base, args.big_lines, f"big{n}")
-            busy, busy_err = await _interactive(s, base, args.concurrency, args.seconds)
+            busy, busy_err = await _load(args, s)
             during = await _status(s, base, big)
-            async with s.post(f"{base}/v1/batches/{big}/cancel") as r:
-                await r.read()
+            await _cancel(s, base, big)
             await _until_done(s, base, big, 600)
             r = {
                 "quiet_p50": _pct(quiet, 0.5),
@@ -238,9 +291,18 @@ def main() -> int:
     p.add_argument("--big-lines", type=int, default=10000, help="the batch run beside the load")
     p.add_argument("--seconds", type=float, default=15.0, help="each interactive load window")
     p.add_argument("--concurrency", type=int, default=8, help="interactive clients")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="open-loop interactive load: requests/s sent on a fixed schedule"
+        " (instead of --concurrency closed-loop clients)",
+    )
     p.add_argument("--worker-concurrency", type=int, default=8, help="batches.worker_concurrency")
     p.add_argument("--batch-workers", type=int, default=1, help="batches.workers")
     p.add_argument("--nice", type=int, default=10, help="batches.nice")
+    p.add_argument("--busy-lines-per-s", type=float, default=10.0, help="batches.busy_lines_per_s")
+    p.add_argument("--no-idle", action="store_true", help="batches.idle_priority: false")
     p.add_argument("--log", help="keep tollway's output in this file")
     p.add_argument("--rounds", type=int, default=3, help="alternated no-batch/batch rounds")
     args = p.parse_args()

@@ -376,3 +376,44 @@ async def test_an_expired_window_ends_the_batch_expired(
     assert sorted(x["custom_id"] for x in errors) == ["a", "b"]
     assert {x["error"]["code"] for x in errors} == {"batch_expired"}
     assert all(x["response"] is None for x in errors)
+
+
+async def test_lines_yield_to_interactive_requests_in_flight(
+    start_keyed: StartKeyed,
+    fake_openai: FakeOpenAI,
+    tmp_path: Path,
+) -> None:
+    """While an interactive request is in flight the lines start at most
+    ``busy_lines_per_s`` a second (still some: the batch is not starved);
+    once it is done they run at full speed and the batch completes."""
+    per_s, lines = 4.0, 24
+    cfg = _config(fake_openai.url, busy_lines_per_s=per_s, busy_concurrency=1)
+    keyed = await start_keyed(cfg)
+    client = keyed.sdk()
+    interactive = await client.chat.completions.create(
+        model="fake-held", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    await interactive.__anext__()  # the stream is open and held: a request in flight
+
+    def started() -> int:  # "fake-model" is routed to "upstream-model"
+        return sum(1 for s in fake_openai.seen if s.body.get("model") == "upstream-model")
+
+    batch = await client.batches.create(
+        input_file_id=await upload(
+            client, [chat_line(f"l{i}", "fake-model") for i in range(lines)], tmp_path
+        ),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    t0 = asyncio.get_running_loop().time()
+    await until(lambda: started() >= 5, 20, what="five lines started beside the request")
+    waited = asyncio.get_running_loop().time() - t0
+    # One start each 1/per_s seconds: the fifth no sooner than 4/per_s after
+    # the first (the first may start at once). Load only makes it later.
+    assert waited >= 4 / per_s - 0.05, f"5 lines started in {waited:.2f}s at {per_s}/s"
+    assert started() < lines
+    fake_openai.release.set()  # the interactive stream ends
+    async for _ in interactive:
+        pass
+    done = await finished(client, batch.id)
+    assert done.request_counts is not None and done.request_counts.completed == lines

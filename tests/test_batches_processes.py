@@ -1,8 +1,8 @@
 """Under ``tollway serve --workers N`` batch lines run in a batch process of
-their own, at a lower OS priority, and the HTTP workers run none: with the
-batch process frozen (SIGSTOP) a batch makes no progress while the HTTP
-workers keep answering; once it runs again the batch completes, each line
-in its output file and billed once."""
+their own, at a lower OS priority (niceness and SCHED_IDLE), and the HTTP
+workers run none: with the batch process frozen (SIGSTOP) a batch makes no
+progress while the HTTP workers keep answering; once it runs again the
+batch completes, each line in its output file and billed once."""
 
 from __future__ import annotations
 
@@ -69,9 +69,12 @@ async def test_batch_lines_run_in_their_own_niced_process(
     batch_pid = next(pid for pid, role in children.items() if role == "lines")
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert os.getpriority(os.PRIO_PROCESS, batch_pid) == min(19, base + NICE)
+    # ... and in the idle scheduling class: CPU nothing else wants.
+    assert os.sched_getscheduler(batch_pid) == os.SCHED_IDLE
     for pid, role in children.items():
         if role == "http":
             assert os.getpriority(os.PRIO_PROCESS, pid) == base
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER
 
     client = openai.AsyncOpenAI(base_url=t.url + "/v1", api_key=key["api_key"], max_retries=0)
     os.kill(batch_pid, signal.SIGSTOP)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ from proxy.cli import batches as cli_batches
 from proxy.cli import guardrails as cli_guardrails
 from proxy.cli import usage as cli_usage
 from proxy.config import sealed
+from proxy.config.batches import BatchPolicy
 from proxy.config.model import Config
 from proxy.config.reader import ConfigError
 from proxy.core import redact
@@ -120,6 +122,16 @@ def _print_demo_key(dsn: str, config: Config) -> None:
         )
 
 
+def lower_priority(policy: BatchPolicy) -> None:
+    """A batch process's place behind the HTTP workers: niceness, and
+    SCHED_IDLE where the OS has it (Linux)."""
+    os.nice(policy.nice)
+    idle = getattr(os, "SCHED_IDLE", None)
+    if policy.idle_priority and idle is not None:
+        with contextlib.suppress(OSError):  # a container may forbid it: niceness stays
+            os.sched_setscheduler(0, idle, os.sched_param(0))
+
+
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from proxy.cli import supervisor
     from proxy.stores import embedded as datastores
@@ -167,7 +179,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     role = supervisor.role()
     if role == "lines":
         # Batch lines only, behind the HTTP workers in the kernel's queue.
-        os.nice(config.batches.nice)
+        lower_priority(config.batches)
     metrics_dir = os.environ.get(METRICS_DIR_ENV) if parent else None
     install_fast_loop()
     app = build_app(

@@ -19,8 +19,10 @@ KEYS = (
     "enabled",
     "workers",
     "nice",
+    "idle_priority",
     "worker_concurrency",
     "busy_concurrency",
+    "busy_lines_per_s",
     "tenant_concurrency",
     "batch_concurrency",
     "lease_s",
@@ -39,9 +41,18 @@ class BatchPolicy:
     # HTTP workers run the lines themselves); read when the instance starts.
     workers: int = 1
     nice: int = 10  # the batch processes' niceness (0-19): the CPU goes to HTTP first
+    # Linux's SCHED_IDLE for the batch processes: they run only on CPU nothing
+    # else wants, and a waking HTTP worker takes it from them at once (niceness
+    # alone still leaves them a share and a wake-up delay). Read at start.
+    idle_priority: bool = True
     worker_concurrency: int = 8  # lines in flight per worker process
     # ... while the process is serving interactive requests: batch lines yield to them
     busy_concurrency: int = 2
+    # ... and at most this many lines started a second per process while it
+    # is: the lines' own provider calls and Postgres writes land beside the
+    # interactive requests' (a fast provider otherwise lets 2 lines run
+    # hundreds a second).
+    busy_lines_per_s: float = 10.0
     tenant_concurrency: int = 16  # lines in flight per tenant, across the fleet
     batch_concurrency: int = 8  # lines in flight per batch, across the fleet
     lease_s: float = 120.0  # a line's lease: a killed worker's lines run again after it
@@ -68,8 +79,10 @@ def parse_batches(raw: Any) -> BatchPolicy:
         enabled=m["enabled"].boolean() if "enabled" in m else d.enabled,
         workers=_at_least(m, "workers", 0, 64, d.workers),
         nice=_at_least(m, "nice", 0, 19, d.nice),
+        idle_priority=m["idle_priority"].boolean() if "idle_priority" in m else d.idle_priority,
         worker_concurrency=integer("worker_concurrency", d.worker_concurrency),
         busy_concurrency=integer("busy_concurrency", d.busy_concurrency),
+        busy_lines_per_s=number("busy_lines_per_s", d.busy_lines_per_s),
         tenant_concurrency=integer("tenant_concurrency", d.tenant_concurrency),
         batch_concurrency=integer("batch_concurrency", d.batch_concurrency),
         lease_s=number("lease_s", d.lease_s),

@@ -82,6 +82,8 @@ class BatchWorker:
         self._keys: dict[str, tuple[float, Principal | None]] = {}
         self._progress: dict[str, float] = {}
         self._down_logged = 0.0
+        self._next_busy_start = 0.0  # while busy, no line starts before this (loop time)
+        self._pace_timer: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         """Look for lines now (a batch was just created here)."""
@@ -163,8 +165,10 @@ class BatchWorker:
             else policy.worker_concurrency
         )
         free = most - len(self._running)
+        if busy and free > 0:
+            free = self._paced(free, policy.busy_lines_per_s)
         # Lease in handfuls, not one line per line done: a claim is a few queries.
-        if not policy.enabled or free < max(1, most // 4) or self._stopping:
+        if not policy.enabled or free < max(1, most // 4 if not busy else 1) or self._stopping:
             return
         leased = await self.store.claim(
             free, policy.batch_concurrency, policy.tenant_concurrency, policy.lease_s
@@ -175,6 +179,24 @@ class BatchWorker:
             )
             self._running.add(task)
             task.add_done_callback(self._done)
+
+    def _paced(self, free: int, per_s: float) -> int:
+        """How many lines may start now at ``per_s`` lines a second: one
+        line each ``1/per_s`` seconds, with no burst saved up while idle; a
+        wake-up is set for the next start."""
+        loop = asyncio.get_running_loop()
+        now, gap = loop.time(), 1.0 / per_s
+        if now < self._next_busy_start:
+            if self._pace_timer is None or self._pace_timer.cancelled():
+                self._pace_timer = loop.call_at(self._next_busy_start, self._paced_wake)
+            return 0
+        starts = min(free, max(1, int(per_s * 0.05)))  # a few at once above 20 lines/s
+        self._next_busy_start = now + starts * gap
+        return starts
+
+    def _paced_wake(self) -> None:
+        self._pace_timer = None
+        self._wake.set()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

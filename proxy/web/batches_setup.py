@@ -37,7 +37,7 @@ from proxy.web.keys import (
     METRICS_SHARE,
     RUNTIME,
 )
-from proxy.web.metrics_share import MetricsShare
+from proxy.web.metrics_share import PUBLISH_INTERVAL, MetricsShare
 
 STOP_GRACE_S = 10.0  # running lines may finish this long at shutdown; the rest go back
 BatchRole = Literal["inline", "http", "lines"]
@@ -81,17 +81,25 @@ def batches_ctx(role: BatchRole = "inline") -> Callable[[web.Application], Async
 
 
 BUSY_LOOK_S = 0.5  # how often a batch process reads the HTTP workers' in-flight counts
+BUSY_HOLD_S = 2 * PUBLISH_INTERVAL + BUSY_LOOK_S  # answered requests this recent: still busy
 
 
 def _http_busy(share: MetricsShare) -> Callable[[], bool]:
     """Whether the instance's HTTP workers had requests in flight at their
-    last metrics publish (at most a second old), read every ``BUSY_LOOK_S``."""
-    seen = [0.0, False]
+    last metrics publish, or answered any within the last ``BUSY_HOLD_S``
+    (fast requests come and go between two publishes); read every
+    ``BUSY_LOOK_S``."""
+    answered, moved_at, looked, busy_now = -1.0, -BUSY_HOLD_S, -BUSY_LOOK_S, False
 
     def busy() -> bool:
+        nonlocal answered, moved_at, looked, busy_now
         now = time.monotonic()
-        if now - seen[0] >= BUSY_LOOK_S:
-            seen[0], seen[1] = now, share.inflight_elsewhere() > 0
-        return bool(seen[1])
+        if now - looked >= BUSY_LOOK_S:
+            inflight, total = share.traffic_elsewhere()
+            if answered >= 0 and total != answered:
+                moved_at = now
+            answered, looked = total, now
+            busy_now = inflight > 0 or now - moved_at < BUSY_HOLD_S
+        return busy_now
 
     return busy

@@ -83,15 +83,18 @@ class MetricsShare:
                 states.append(orjson.loads(path.read_bytes()))
         return states
 
-    def inflight_elsewhere(self) -> float:
-        """Requests the instance's other live workers had in flight at their
-        last publish: how a batch process knows interactive traffic is on."""
-        total = 0.0
+    def traffic_elsewhere(self) -> tuple[float, float]:
+        """Requests the instance's other live workers had in flight, and had
+        answered in all, at their last publish: how a batch process knows
+        interactive traffic is on (in flight alone misses fast requests
+        that come and go between two publishes)."""
+        inflight = answered = 0.0
         for st in self._others():
             if alive(int(st.get("pid", 0))):
-                for _, value in st["metrics"].get("tollway_inflight_requests", ()):
-                    total += float(value)
-        return total
+                series = st["metrics"]
+                inflight += sum(float(v) for _, v in series.get("tollway_inflight_requests", ()))
+                answered += sum(float(v) for _, v in series.get("tollway_requests_total", ()))
+        return inflight, answered
 
     def merged(self, metrics: Metrics) -> Registry:
         """A registry holding the instance's series (this worker's are live)."""
