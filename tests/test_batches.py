@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -16,6 +17,7 @@ import asyncpg
 import openai
 import pytest
 
+from proxy.stores.batches import line_event_id, line_request_id
 from proxy.web.keys import BATCH_WORKER
 from tests.batch_helpers import chat_line, finished, lines_of, rows_per_line, upload
 from tests.billing_helpers import billing_config, wait_for
@@ -417,3 +419,62 @@ async def test_lines_yield_to_interactive_requests_in_flight(
         pass
     done = await finished(client, batch.id)
     assert done.request_counts is not None and done.request_counts.completed == lines
+
+
+async def test_a_line_run_again_in_the_next_month_is_billed_once(
+    start_keyed: StartKeyed,
+    fake_openai: FakeOpenAI,
+    pg: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    """A worker ran a line and billed it on the last day of a month, then died
+    before writing its result; the line runs again after midnight. Its usage
+    row is keyed by batch and custom_id, but rows are unique per month: the
+    second run's row must go to the first run's month, not make a second."""
+    keyed = await start_keyed(_config(fake_openai.url, enabled=False))
+    client = keyed.sdk()
+    lines = [chat_line(f"l{i}", "fake-model") for i in range(3)]
+    batch = await client.batches.create(
+        input_file_id=await upload(client, lines, tmp_path),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    # What the dead worker left: l0 leased once (its lease run out) and its
+    # row in last month's partition.
+    first = await pg.fetchval(
+        "UPDATE batch_lines SET attempts = 1, leased_until = now() - interval '1 second'"
+        " WHERE batch_id = $1 AND custom_id = 'l0' RETURNING line",
+        batch.id,
+    )
+    tenant_id = await pg.fetchval("SELECT id FROM tenants WHERE name = $1", keyed.tenant)
+    last_month = await pg.fetchval("SELECT (date_trunc('month', now()) - interval '1 month')::date")
+    await pg.execute(
+        "INSERT INTO usage_events (period, event_id, request_id, tenant_id, endpoint,"
+        " prompt_tokens, completion_tokens, counted, status)"
+        " VALUES ($1, $2, $3, $4, 'chat', 9, 20, true, 200)",
+        last_month,
+        line_event_id(batch.id, "l0"),
+        line_request_id(batch.id, first),
+        tenant_id,
+    )
+    worker = keyed.gw.app[BATCH_WORKER]
+    policy = worker.policy()
+    worker.policy = lambda: dataclasses.replace(policy, enabled=True)  # the worker comes back
+    worker.wake()
+
+    done = await finished(client, batch.id)
+    assert done.request_counts is not None and done.request_counts.completed == 3
+    output = await lines_of(client, done.output_file_id)
+    assert sorted(x["custom_id"] for x in output) == ["l0", "l1", "l2"]
+
+    async def billed() -> bool:
+        return len(await rows_per_line(pg, keyed.tenant)) == 3
+
+    await until(billed, 20, what="a usage row for every line")
+    periods = await pg.fetch(
+        "SELECT period FROM usage_events WHERE event_id = $1", line_event_id(batch.id, "l0")
+    )
+    assert [r["period"] for r in periods] == [last_month]  # one row, the first run's
+    assert {k: len(v) for k, v in (await rows_per_line(pg, keyed.tenant)).items()} == {
+        x["id"]: 1 for x in output
+    }

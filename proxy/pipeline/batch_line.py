@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 from aiohttp import web
@@ -38,13 +39,14 @@ async def serve_line(
     who: Principal,
     request_id: str,
     event_id: str,
+    billed_in: date | None = None,
 ) -> LineAnswer:
     """The line's answer, or the ``GatewayError`` that refused it (its row
     is settled either way)."""
     snapshot = rt.config.current
     record = UsageRecord(request_id, endpoint, config=snapshot.config)
     ex = Exchange(None, record, snapshot.config, endpoint, body, time.perf_counter())
-    ex.event_id = event_id
+    ex.event_id, ex.billed_in = event_id, billed_in
     body["stream"] = False  # a batch's answer is a file line, never a stream
     body.pop("stream_options", None)
     async with Settling(rt, snapshot, ex):

@@ -230,6 +230,10 @@ class BatchWorker:
             error = {"code": "invalid_api_key", "message": message}
             await self._record(line, False, _result(line, request_id, None, error))
             return "failed"
+        event_id = line_event_id(line.batch_id, line.custom_id)
+        # Run before (its worker died after the provider answered)? Then its
+        # row may be in last month's partition, where this run's must go too.
+        billed_in = await self.store.billed_in(event_id) if line.attempts > 1 else None
         try:
             answer = await serve_line(
                 self.rt,
@@ -237,7 +241,8 @@ class BatchWorker:
                 line.body,
                 who,
                 request_id,
-                line_event_id(line.batch_id, line.custom_id),
+                event_id,
+                billed_in,
             )
         except GatewayError as exc:
             if _waits(exc):

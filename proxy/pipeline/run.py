@@ -67,7 +67,7 @@ async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
         ex.config, ex.who, ex.body, ex.endpoint, ex.model
     )
     if ex.event_id:  # a batch line's row is keyed by its batch and line, never drawn
-        admission.event_id = ex.event_id
+        admission.event_id, admission.billed_in = ex.event_id, ex.billed_in
     rt.billing.journal_open(ex.record, ex.body)
     if rt.billing.budgets is not None:
         admission.budget = await budget.reserve(

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, ClassVar, Protocol
 
 import aiohttp
@@ -141,6 +142,9 @@ class Exchange:
     # A batch line's usage row key (its batch and custom_id), so a line run
     # twice (its worker was killed) is billed once; "" draws one at admission.
     event_id: str = ""
+    # ... and the month a run of it was billed in before, if one was: a line
+    # run again in the next month still makes a single row.
+    billed_in: date | None = None
 
     @property
     def inbound(self) -> Mapping[str, str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -323,6 +323,20 @@ class BatchStore:
             [orjson.dumps(result).decode() for _, _, result in done],
         )
         return int(status.split()[-1])
+
+    async def billed_in(self, event_id: str) -> date | None:
+        """The month a usage row with this key was written in, if any: this
+        month's partition or the one before (a batch lives at most 24 h)."""
+        try:
+            period = await self.pool.fetchval(
+                "SELECT period FROM usage_events WHERE event_id = $1"
+                " AND period >= (date_trunc('month', now()) - interval '1 month')::date"
+                " ORDER BY period LIMIT 1",
+                event_id,
+            )
+        except UNAVAILABLE as exc:
+            raise _down(exc) from exc
+        return period if isinstance(period, date) else None
 
     async def defer(self, line: Leased, seconds: float) -> None:
         """Give the line back, to be leased again after ``seconds`` (quota)."""

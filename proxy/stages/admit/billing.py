@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 import orjson
@@ -49,6 +50,14 @@ class Admission:
     event_id: str = ""
     prompt_tokens: int | None = None  # the prompt estimate, when admission needed one
     budget: Hold | None = None  # the maximum cost reserved from USD budgets (admit.budget)
+    # The month an earlier run of the same batch line was billed in: the row
+    # goes there, where its key makes it a no-op, not into this month's.
+    billed_in: date | None = None
+
+    @property
+    def period(self) -> date:
+        """The usage row's month: the reservation's, unless billed before."""
+        return self.billed_in or self.reservation.period
 
 
 def tier_of(config: Config, principal: Principal) -> Tier:
@@ -163,7 +172,7 @@ class Billing:
         r = admission.reservation
         opened = {
             "e": admission.event_id,
-            "p": r.period.isoformat(),
+            "p": admission.period.isoformat(),
             "r": record.request_id,
             "t": record.tenant_id,
             "k": record.key_id,
@@ -201,7 +210,13 @@ class Billing:
         # Prices of the snapshot the request ran on: a reload mid-stream
         # does not reprice it. A cache hit's usage is what its policy bills.
         cost = cost_of(record, self.prices)
-        period = reservation.period if reservation else period_of(self.quota.clock())
+        period = (
+            admission.period
+            if admission is not None
+            else reservation.period
+            if reservation
+            else period_of(self.quota.clock())
+        )
         values = (
             period,
             # the row's own idempotency key, fixed from admission (journal) on
