@@ -31,6 +31,15 @@ async def upload(client: openai.AsyncOpenAI, lines: list[dict[str, Any]], tmp: P
     return made.id
 
 
+async def create_batch(client: openai.AsyncOpenAI, lines: list[dict[str, Any]], tmp: Path) -> Batch:
+    """Upload the lines and start a 24 h chat batch on them, as a user does."""
+    return await client.batches.create(
+        input_file_id=await upload(client, lines, tmp),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+
+
 async def finished(
     client: openai.AsyncOpenAI, batch_id: str, limit: float = 30.0, status: str = "completed"
 ) -> Batch:

@@ -19,7 +19,7 @@ import pytest
 
 from proxy.stores.batches import line_event_id, line_request_id
 from proxy.web.keys import BATCH_WORKER
-from tests.batch_helpers import chat_line, finished, lines_of, rows_per_line, upload
+from tests.batch_helpers import chat_line, create_batch, finished, lines_of, rows_per_line, upload
 from tests.billing_helpers import billing_config, wait_for
 from tests.conftest import StartKeyed
 from tests.fakes import WORDS, FakeOpenAI
@@ -400,12 +400,8 @@ async def test_lines_yield_to_interactive_requests_in_flight(
     def started() -> int:  # "fake-model" is routed to "upstream-model"
         return sum(1 for s in fake_openai.seen if s.body.get("model") == "upstream-model")
 
-    batch = await client.batches.create(
-        input_file_id=await upload(
-            client, [chat_line(f"l{i}", "fake-model") for i in range(lines)], tmp_path
-        ),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
+    batch = await create_batch(
+        client, [chat_line(f"l{i}", "fake-model") for i in range(lines)], tmp_path
     )
     t0 = asyncio.get_running_loop().time()
     await until(lambda: started() >= 5, 20, what="five lines started beside the request")
@@ -433,11 +429,8 @@ async def test_a_line_run_again_in_the_next_month_is_billed_once(
     second run's row must go to the first run's month, not make a second."""
     keyed = await start_keyed(_config(fake_openai.url, enabled=False))
     client = keyed.sdk()
-    lines = [chat_line(f"l{i}", "fake-model") for i in range(3)]
-    batch = await client.batches.create(
-        input_file_id=await upload(client, lines, tmp_path),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
+    batch = await create_batch(
+        client, [chat_line(f"l{i}", "fake-model") for i in range(3)], tmp_path
     )
     # What the dead worker left: l0 leased once (its lease run out) and its
     # row in last month's partition.

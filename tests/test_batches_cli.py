@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from tests.batch_helpers import chat_line, finished, upload
+from tests.batch_helpers import chat_line, create_batch, finished
 from tests.billing_helpers import billing_config
 from tests.conftest import StartKeyed
 from tests.fakes import FakeOpenAI
@@ -24,11 +24,8 @@ async def test_list_show_and_cancel_a_batch(
     cfg["batches"] = {"enabled": False, "poll_interval_s": 0.05}
     keyed = await start_keyed(cfg)
     client = keyed.sdk()
-    lines = [chat_line(f"l{i}", "fake-model") for i in range(3)]
-    batch = await client.batches.create(
-        input_file_id=await upload(client, lines, tmp_path),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
+    batch = await create_batch(
+        client, [chat_line(f"l{i}", "fake-model") for i in range(3)], tmp_path
     )
     env = _env(pg_url, tmp_path)
 
