@@ -22,7 +22,9 @@ from pydantic import TypeAdapter
 
 from proxy.core.errors import ProviderHTTPError, UpstreamStreamBroken
 from proxy.core.sse import data_event
-from proxy.doors.messages import MessagesDoor, MessagesStream, to_chat
+from proxy.doors.messages import MessagesDoor
+from proxy.doors.messages_request import to_chat
+from proxy.doors.messages_stream import MessagesStream
 from tests.billing_helpers import USAGE_COUNT, USAGE_ROWS, billing_config, wait_for
 from tests.conftest import Gateway, StartGateway, StartKeyed, gateway_config
 from tests.fakes import FAKE_USAGE, WORDS, FakeOpenAI
