@@ -30,6 +30,7 @@ from proxy.web.reload import ReloadOptions
 from proxy.web.server import make_runner
 from tests.db import start_database
 from tests.fakes import FakeOpenAI
+from tests.fakes_providers import FakeAnthropic, FakeGemini
 from tests.leaks import LeakWatch
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import OwnRedis, start_redis
@@ -118,6 +119,33 @@ def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
         ],
     }
     cfg.update(overrides)
+    return cfg
+
+
+def all_providers_config(
+    openai_url: str, anthropic_url: str, gemini_url: str, **overrides: Any
+) -> dict[str, Any]:
+    """``gateway_config`` plus an Anthropic and a Gemini provider (the fakes'
+    URLs), serving ``claude-*`` and ``gemini-*``: every wire format a door
+    translates to."""
+    cfg = gateway_config(openai_url, **overrides)
+    timeouts = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
+    cfg["providers"]["anthropic"] = {
+        "kind": "anthropic",
+        "base_url": anthropic_url,
+        "api_key": "sk-ant-secret",
+        "timeouts": timeouts,
+    }
+    cfg["providers"]["gemini"] = {
+        "kind": "gemini",
+        "base_url": gemini_url,
+        "api_key": "AIza-secret",
+        "timeouts": timeouts,
+    }
+    cfg["models"] += [
+        {"name": "claude-*", "targets": [{"provider": "anthropic"}]},
+        {"name": "gemini-*", "targets": [{"provider": "gemini"}]},
+    ]
     return cfg
 
 
@@ -250,6 +278,22 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
 @pytest.fixture
 async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = await FakeOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
+    fake = FakeAnthropic()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def fake_gemini() -> AsyncIterator[FakeGemini]:
+    fake = FakeGemini()
+    await fake.start()
     yield fake
     await fake.close()
 

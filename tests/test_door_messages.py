@@ -8,7 +8,6 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from proxy.doors.messages import MessagesDoor
 from proxy.doors.messages_request import to_chat
 from proxy.doors.messages_stream import MessagesStream
 from tests.billing_helpers import USAGE_COUNT, USAGE_ROWS, billing_config, wait_for
-from tests.conftest import Gateway, StartGateway, StartKeyed, gateway_config
+from tests.conftest import Gateway, StartGateway, StartKeyed, all_providers_config
 from tests.fakes import FAKE_USAGE, WORDS, FakeOpenAI
 from tests.fakes_providers import FakeAnthropic, FakeGemini
 from tests.waiting import until
@@ -50,51 +49,17 @@ def check_event(data: dict[str, Any]) -> None:
         _EVENT.validate_python(data)
 
 
-def config(openai_url: str, anthropic_url: str, gemini_url: str) -> dict[str, Any]:
-    cfg = gateway_config(openai_url)
-    # Short: a retry-after beyond the deadline ends the plan at once.
-    cfg["retry"] = {"max_attempts": 2, "backoff_base_ms": 5, "backoff_max_ms": 20, "deadline_s": 2}
-    timeouts = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
-    cfg["providers"]["anthropic"] = {
-        "kind": "anthropic",
-        "base_url": anthropic_url,
-        "api_key": "sk-ant-secret",
-        "timeouts": timeouts,
-    }
-    cfg["providers"]["gemini"] = {
-        "kind": "gemini",
-        "base_url": gemini_url,
-        "api_key": "AIza-secret",
-        "timeouts": timeouts,
-    }
-    cfg["models"] += [
-        {"name": "claude-*", "targets": [{"provider": "anthropic"}]},
-        {"name": "gemini-*", "targets": [{"provider": "gemini"}]},
-    ]
-    return cfg
-
-
-@pytest.fixture
-async def ant() -> AsyncIterator[FakeAnthropic]:
-    server = FakeAnthropic()
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def gem() -> AsyncIterator[FakeGemini]:
-    server = FakeGemini()
-    await server.start()
-    yield server
-    await server.close()
-
-
 @pytest.fixture
 async def gw(
-    start_gateway: StartGateway, fake_openai: FakeOpenAI, ant: FakeAnthropic, gem: FakeGemini
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    fake_gemini: FakeGemini,
 ) -> Gateway:
-    return await start_gateway(config(fake_openai.url, ant.url, gem.url))
+    cfg = all_providers_config(fake_openai.url, fake_anthropic.url, fake_gemini.url)
+    # Short: a retry-after beyond the deadline ends the plan at once.
+    cfg["retry"] = {"max_attempts": 2, "backoff_base_ms": 5, "backoff_max_ms": 20, "deadline_s": 2}
+    return await start_gateway(cfg)
 
 
 def client(gw: Gateway, key: str = "tw-unused") -> anthropic.AsyncAnthropic:
@@ -258,7 +223,7 @@ def _tool_round(first: anthropic.types.Message) -> list[Any]:
 
 
 async def test_tool_result_round_reaches_each_provider_in_its_shape(
-    gw: Gateway, fake_openai: FakeOpenAI, ant: FakeAnthropic, gem: FakeGemini
+    gw: Gateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, fake_gemini: FakeGemini
 ) -> None:
     c = client(gw)
     first = await c.messages.create(
@@ -271,7 +236,7 @@ async def test_tool_result_round_reaches_each_provider_in_its_shape(
         await c.messages.create(
             model=model, max_tokens=200, messages=messages, tools=[WEATHER], tool_choice=choice
         )
-    sent = ant.seen[-1].body
+    sent = fake_anthropic.seen[-1].body
     assert sent["messages"][1]["content"][1] == {
         "type": "tool_use",
         "id": use.id,
@@ -294,13 +259,13 @@ async def test_tool_result_round_reaches_each_provider_in_its_shape(
         "content": "18 C and sunny",
     }
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    gemini = gem.seen[-1].body
+    gemini = fake_gemini.seen[-1].body
     parts = [p for turn in gemini["contents"] for p in turn["parts"]]
     assert any("functionResponse" in p for p in parts)
 
 
 async def test_images_reach_each_provider(
-    gw: Gateway, fake_openai: FakeOpenAI, ant: FakeAnthropic, gem: FakeGemini
+    gw: Gateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, fake_gemini: FakeGemini
 ) -> None:
     base64_image = {"type": "base64", "media_type": "image/png", "data": PNG}
     url_image = {"type": "url", "url": "https://example.com/cat.png"}
@@ -317,10 +282,10 @@ async def test_images_reach_each_provider(
     parts = fake_openai.seen[-1].body["messages"][0]["content"]
     assert parts[0] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
     assert parts[1] == {"type": "image_url", "image_url": {"url": url_image["url"]}}
-    blocks = ant.seen[-1].body["messages"][0]["content"]
+    blocks = fake_anthropic.seen[-1].body["messages"][0]["content"]
     assert blocks[0] == {"type": "image", "source": base64_image}
     assert blocks[1] == {"type": "image", "source": url_image}
-    gemini_parts = gem.seen[-1].body["contents"][0]["parts"]
+    gemini_parts = fake_gemini.seen[-1].body["contents"][0]["parts"]
     assert gemini_parts[0] == {"inlineData": {"mimeType": "image/png", "data": PNG}}
 
 
