@@ -35,6 +35,7 @@ from proxy.web.keys import DELIVERER, EVENTS
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI
+from tests.loopback import serve_app
 from tests.test_metrics import parse, scrape, value
 from tests.waiting import until
 
@@ -80,12 +81,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     app = web.Application()
     app.router.add_post("/hook", rec.hook)
     app.router.add_post("/elsewhere", rec.elsewhere)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}"
+    runner, rec.url = await serve_app(app)
     yield rec
     await runner.cleanup()
 

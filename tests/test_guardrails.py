@@ -21,6 +21,7 @@ from proxy.pipeline.registry import parse_config
 from proxy.stages.guardrails.config import parse_guardrails
 from proxy.stages.guardrails.scan import hits
 from tests.conftest import StartGateway, gateway_config
+from tests.loopback import serve_app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "guardrails"
 SECRET = "sk-ant-api03-Zx8yWv7uTs6rQp5oNm4lKj3iHg"
@@ -43,11 +44,8 @@ class ScriptedProvider:
     async def start(self) -> ScriptedProvider:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, url = await serve_app(app)
+        self.url = url + "/v1"
         return self
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import StartGateway, gateway_config
+from tests.loopback import serve_app
 from tests.test_guardrails import SECRET, policy, splits, sse_events
 
 ARGS = '{"key": "' + SECRET + '", "city": "Paris"}'
@@ -33,11 +34,8 @@ class ToolCallProvider:
     async def start(self) -> ToolCallProvider:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, url = await serve_app(app)
+        self.url = url + "/v1"
         return self
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:

@@ -21,6 +21,7 @@ from proxy.pipeline.registry import parse_config
 from proxy.providers.moderation import CATEGORIES, result
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import StartGateway, gateway_config
+from tests.loopback import serve_app
 from tests.schema import validate
 from tests.waiting import until
 
@@ -50,11 +51,8 @@ class ModerationProvider:
         app.router.add_post("/v1/moderations", self._moderations)
         app.router.add_post("/v1/chat/completions", self._chat)
         # A client that goes away cancels the handler: that is what we record.
-        self.runner = web.AppRunner(app, handler_cancellation=True)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, url = await serve_app(app, handler_cancellation=True)
+        self.url = url + "/v1"
         return self
 
     async def _moderations(self, request: web.Request) -> web.Response:

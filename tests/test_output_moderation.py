@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.providers.moderation import result
 from proxy.stages.guardrails.moderation import SEGMENT
 from tests.conftest import StartGateway, gateway_config
+from tests.loopback import serve_app
 from tests.test_guardrails import sse_events
 
 EMAIL = "jane.doe@example.com"
@@ -40,11 +41,8 @@ class AnswerProvider:
         app = web.Application()
         app.router.add_post("/v1/moderations", self._moderations)
         app.router.add_post("/v1/chat/completions", self._chat)
-        self.runner = web.AppRunner(app, handler_cancellation=True)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, url = await serve_app(app, handler_cancellation=True)
+        self.url = url + "/v1"
         return self
 
     async def _moderations(self, request: web.Request) -> web.Response:
