@@ -21,6 +21,7 @@ from aiohttp import web
 
 from proxy.core.record import UsageRecord
 from proxy.pipeline.registry import parse_config
+from proxy.stores.embedded import EmbeddedPostgres
 from proxy.stores.migrate import migrate
 from proxy.stores.quota import Clock, utc_now
 from proxy.stores.redis_client import RedisOptions
@@ -30,6 +31,7 @@ from proxy.web.reload import ReloadOptions
 from proxy.web.server import make_runner
 from tests.db import start_database
 from tests.fakes import FakeOpenAI
+from tests.fakes_faults import FaultyOpenAI
 from tests.fakes_providers import FakeAnthropic, FakeGemini
 from tests.leaks import LeakWatch
 from tests.redis_cluster import LocalCluster
@@ -278,6 +280,29 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
 @pytest.fixture
 async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = await FakeOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def own_db(tmp_path: Path) -> AsyncIterator[tuple[str, EmbeddedPostgres]]:
+    """A Postgres of this test's own, so the test may stop and restart it."""
+    server = EmbeddedPostgres(tmp_path / "own-pg", cleanup="delete")
+    url = server.start()
+    await migrate(url)
+    yield url, server
+
+
+@pytest.fixture
+async def fake_a() -> AsyncIterator[FaultyOpenAI]:
+    fake = await FaultyOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def fake_b() -> AsyncIterator[FaultyOpenAI]:
+    fake = await FaultyOpenAI().start()
     yield fake
     await fake.close()
 
