@@ -71,8 +71,31 @@ def _model(node: Node, providers: Mapping[str, ProviderConfig], retry: RetryPoli
         raise node.fail("missing key 'name'")
     if "targets" not in m:
         raise node.fail("missing key 'targets'")
+    targets = _targets(m["targets"], providers)
+    aliases = tuple(a.string() for a in m["aliases"].items()) if "aliases" in m else ()
+    strategy = m["strategy"].string() if "strategy" in m else "weighted"
+    if strategy not in STRATEGIES:
+        raise m["strategy"].fail(f"must be one of: {', '.join(STRATEGIES)}")
+    return ModelConfig(
+        name=m["name"].string(),
+        targets=targets,
+        aliases=aliases,
+        owned_by=m["owned_by"].string() if "owned_by" in m else "tollway",
+        strategy=strategy,
+        fallbacks=tuple(f.string() for f in m["fallbacks"].items()) if "fallbacks" in m else (),
+        context_window_fallbacks=(
+            tuple(f.string() for f in m["context_window_fallbacks"].items())
+            if "context_window_fallbacks" in m
+            else ()
+        ),
+        retry=parse_retry(m["retry"], retry) if "retry" in m else retry,
+        timeouts=timeout_overrides(m["timeouts"]) if "timeouts" in m else {},
+    )
+
+
+def _targets(node: Node, providers: Mapping[str, ProviderConfig]) -> tuple[TargetConfig, ...]:
     targets = []
-    for t in m["targets"].items():
+    for t in node.items():
         tm = t.mapping(("provider", "model", "weight"))
         if "provider" not in tm:
             raise t.fail("missing key 'provider'")
@@ -87,26 +110,8 @@ def _model(node: Node, providers: Mapping[str, ProviderConfig], retry: RetryPoli
             )
         )
     if not targets:
-        raise m["targets"].fail("must list at least one target")
-    aliases = tuple(a.string() for a in m["aliases"].items()) if "aliases" in m else ()
-    strategy = m["strategy"].string() if "strategy" in m else "weighted"
-    if strategy not in STRATEGIES:
-        raise m["strategy"].fail(f"must be one of: {', '.join(STRATEGIES)}")
-    return ModelConfig(
-        name=m["name"].string(),
-        targets=tuple(targets),
-        aliases=aliases,
-        owned_by=m["owned_by"].string() if "owned_by" in m else "tollway",
-        strategy=strategy,
-        fallbacks=tuple(f.string() for f in m["fallbacks"].items()) if "fallbacks" in m else (),
-        context_window_fallbacks=(
-            tuple(f.string() for f in m["context_window_fallbacks"].items())
-            if "context_window_fallbacks" in m
-            else ()
-        ),
-        retry=parse_retry(m["retry"], retry) if "retry" in m else retry,
-        timeouts=timeout_overrides(m["timeouts"]) if "timeouts" in m else {},
-    )
+        raise node.fail("must list at least one target")
+    return tuple(targets)
 
 
 def _check_fallbacks(models: list[ModelConfig]) -> None:
