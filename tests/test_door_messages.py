@@ -62,10 +62,6 @@ async def gw(
     return await start_gateway(cfg)
 
 
-def client(gw: Gateway, key: str = "tw-unused") -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=60.0)
-
-
 def text_of(msg: anthropic.types.Message) -> str:
     return "".join(b.text for b in msg.content if b.type == "text")
 
@@ -79,7 +75,7 @@ MODELS = ["echo", "fake-model", "claude-text", "gemini-text"]
 @pytest.mark.parametrize("model", MODELS)
 async def test_create_answers_what_chat_answers(gw: Gateway, model: str) -> None:
     chat = await gw.sdk().chat.completions.create(model=model, messages=HELLO)  # type: ignore[arg-type]
-    raw = await client(gw).messages.with_raw_response.create(
+    raw = await gw.claude().messages.with_raw_response.create(
         model=model, max_tokens=100, messages=HELLO, extra_headers={"anthropic-version": "x"}
     )
     msg = await raw.parse()
@@ -113,7 +109,7 @@ async def test_stream_answers_what_chat_answers(gw: Gateway, model: str) -> None
     chat_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     chat_usage = chunks[-1].usage
     kinds: list[str] = []
-    async with client(gw).messages.stream(model=model, max_tokens=100, messages=HELLO) as stream:
+    async with gw.claude().messages.stream(model=model, max_tokens=100, messages=HELLO) as stream:
         async for ev in stream:
             kinds.append(ev.type)
         final = await stream.get_final_message()
@@ -192,7 +188,7 @@ async def _chat_calls(gw: Gateway, model: str, stream: bool) -> list[tuple[str, 
 
 @pytest.mark.parametrize("model", ["claude-tools", "gemini-tools"])
 async def test_tool_use_create_and_stream(gw: Gateway, model: str) -> None:
-    c = client(gw)
+    c = gw.claude()
     kw: dict[str, Any] = {"model": model, "max_tokens": 200, "messages": HELLO, "tools": [WEATHER]}
     msg = await c.messages.create(**kw)
     assert msg.stop_reason == "tool_use"
@@ -225,7 +221,7 @@ def _tool_round(first: anthropic.types.Message) -> list[Any]:
 async def test_tool_result_round_reaches_each_provider_in_its_shape(
     gw: Gateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, fake_gemini: FakeGemini
 ) -> None:
-    c = client(gw)
+    c = gw.claude()
     first = await c.messages.create(
         model="claude-tools", max_tokens=200, messages=HELLO, tools=[WEATHER]
     )
@@ -275,7 +271,7 @@ async def test_images_reach_each_provider(
         {"type": "text", "text": "What is in these?"},
     ]
     messages = [{"role": "user", "content": content}]
-    c = client(gw)
+    c = gw.claude()
     for model in ("fake-model", "claude-text", "gemini-text"):
         msg = await c.messages.create(model=model, max_tokens=50, messages=messages)  # type: ignore[arg-type]
         assert text_of(msg)
@@ -485,7 +481,7 @@ def test_error_statuses(status: int, expected: tuple[int, str]) -> None:
 
 
 async def test_sdk_error_classes(gw: Gateway) -> None:
-    c = client(gw)
+    c = gw.claude()
     with pytest.raises(anthropic.NotFoundError) as nf:
         await c.messages.create(model="nope", max_tokens=10, messages=HELLO)  # type: ignore[arg-type]
     assert nf.value.body == {
@@ -512,7 +508,7 @@ async def test_missing_max_tokens_and_bad_json_are_anthropic_400s(gw: Gateway) -
 
 
 async def test_cut_stream_ends_with_an_error_event(gw: Gateway) -> None:
-    c = client(gw)
+    c = gw.claude()
     got: list[str] = []
     with pytest.raises(anthropic.APIStatusError) as err:
         async with c.messages.stream(model="fake-cut", max_tokens=50, messages=HELLO) as stream:
@@ -530,7 +526,7 @@ async def test_cut_stream_ends_with_an_error_event(gw: Gateway) -> None:
 
 async def test_count_tokens_is_what_the_prompt_is_billed(gw: Gateway) -> None:
     """The echo provider reports the gateway's own count of the chat prompt."""
-    c = client(gw)
+    c = gw.claude()
     messages = [{"role": "user", "content": "How many tokens is this sentence, exactly?"}]
     counted = await c.messages.count_tokens(model="echo", messages=messages, system="Be brief.")  # type: ignore[arg-type]
     answered = await c.messages.create(
@@ -578,7 +574,7 @@ async def test_keys_usage_rows_and_a_disconnect(
 ) -> None:
     keyed = await start_keyed(billing_config(fake_openai.url))
     with pytest.raises(anthropic.AuthenticationError) as denied:
-        await client(keyed.gw, "tw-not-a-key").messages.create(
+        await keyed.gw.claude(api_key="tw-not-a-key").messages.create(
             model="fake-model", max_tokens=10, messages=HELLO
         )
     assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
