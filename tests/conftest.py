@@ -96,6 +96,9 @@ class Gateway:
         )
 
 
+TEST_TIMEOUTS = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
+
+
 def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
     """A config with the echo provider and one fake OpenAI-compatible provider."""
     cfg: dict[str, Any] = {
@@ -107,7 +110,7 @@ def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
                 "base_url": provider_url,
                 "api_key": "sk-provider-secret",
                 "headers": {"X-Team": "tollway"},
-                "timeouts": {"connect": 2, "first_byte": 2, "idle": 2, "total": 30},
+                "timeouts": dict(TEST_TIMEOUTS),
             },
         },
         "models": [
@@ -124,6 +127,16 @@ def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def anthropic_provider(url: str) -> dict[str, Any]:
+    """The ``providers:`` entry of the Anthropic fake at ``url``."""
+    return {
+        "kind": "anthropic",
+        "base_url": url,
+        "api_key": "sk-ant-secret",
+        "timeouts": dict(TEST_TIMEOUTS),
+    }
+
+
 def all_providers_config(
     openai_url: str, anthropic_url: str, gemini_url: str, **overrides: Any
 ) -> dict[str, Any]:
@@ -131,18 +144,12 @@ def all_providers_config(
     URLs), serving ``claude-*`` and ``gemini-*``: every wire format a door
     translates to."""
     cfg = gateway_config(openai_url, **overrides)
-    timeouts = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
-    cfg["providers"]["anthropic"] = {
-        "kind": "anthropic",
-        "base_url": anthropic_url,
-        "api_key": "sk-ant-secret",
-        "timeouts": timeouts,
-    }
+    cfg["providers"]["anthropic"] = anthropic_provider(anthropic_url)
     cfg["providers"]["gemini"] = {
         "kind": "gemini",
         "base_url": gemini_url,
         "api_key": "AIza-secret",
-        "timeouts": timeouts,
+        "timeouts": dict(TEST_TIMEOUTS),
     }
     cfg["models"] += [
         {"name": "claude-*", "targets": [{"provider": "anthropic"}]},

@@ -22,7 +22,14 @@ from proxy.doors.messages import MessagesDoor
 from proxy.doors.responses import ResponsesDoor
 from proxy.pipeline.registry import parse_config
 from tests.billing_helpers import OF_TENANT, USAGE_COUNT, billing_config, wait_for
-from tests.conftest import Gateway, StartGateway, StartKeyed, gateway_config
+from tests.conftest import (
+    TEST_TIMEOUTS,
+    Gateway,
+    StartGateway,
+    StartKeyed,
+    anthropic_provider,
+    gateway_config,
+)
 from tests.fakes import WORDS, FakeOpenAI
 from tests.fakes_providers import FakeAnthropic
 from tests.fakes_responses import REASONING, TEXT
@@ -40,19 +47,13 @@ def config(
 ) -> dict[str, Any]:
     cfg = base or gateway_config(openai_url, **extra)
     cfg["retry"] = {"max_attempts": 3, "backoff_base_ms": 5, "backoff_max_ms": 20, "deadline_s": 5}
-    timeouts = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
-    cfg["providers"]["anthropic"] = {
-        "kind": "anthropic",
-        "base_url": anthropic_url,
-        "api_key": "sk-ant-secret",
-        "timeouts": timeouts,
-    }
+    cfg["providers"]["anthropic"] = anthropic_provider(anthropic_url)
     cfg["providers"]["openai"] = {
         "kind": "openai",
         "base_url": openai_url,
         "api_key": "sk-openai-secret",
         "responses": True,
-        "timeouts": timeouts,
+        "timeouts": dict(TEST_TIMEOUTS),
     }
     cfg["models"] += [
         {"name": "claude-*", "targets": [{"provider": "anthropic"}]},
