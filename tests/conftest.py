@@ -21,6 +21,7 @@ from aiohttp import web
 
 from proxy.core.record import UsageRecord
 from proxy.pipeline.registry import parse_config
+from proxy.stores.embedded import EmbeddedPostgres
 from proxy.stores.migrate import migrate
 from proxy.stores.quota import Clock, utc_now
 from proxy.stores.redis_client import RedisOptions
@@ -30,6 +31,8 @@ from proxy.web.reload import ReloadOptions
 from proxy.web.server import make_runner
 from tests.db import start_database
 from tests.fakes import FakeOpenAI
+from tests.fakes_faults import FaultyOpenAI
+from tests.fakes_providers import FakeAnthropic, FakeGemini
 from tests.leaks import LeakWatch
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import OwnRedis, start_redis
@@ -93,6 +96,9 @@ class Gateway:
         )
 
 
+TEST_TIMEOUTS = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
+
+
 def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
     """A config with the echo provider and one fake OpenAI-compatible provider."""
     cfg: dict[str, Any] = {
@@ -104,7 +110,7 @@ def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
                 "base_url": provider_url,
                 "api_key": "sk-provider-secret",
                 "headers": {"X-Team": "tollway"},
-                "timeouts": {"connect": 2, "first_byte": 2, "idle": 2, "total": 30},
+                "timeouts": dict(TEST_TIMEOUTS),
             },
         },
         "models": [
@@ -118,6 +124,37 @@ def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
         ],
     }
     cfg.update(overrides)
+    return cfg
+
+
+def anthropic_provider(url: str) -> dict[str, Any]:
+    """The ``providers:`` entry of the Anthropic fake at ``url``."""
+    return {
+        "kind": "anthropic",
+        "base_url": url,
+        "api_key": "sk-ant-secret",
+        "timeouts": dict(TEST_TIMEOUTS),
+    }
+
+
+def all_providers_config(
+    openai_url: str, anthropic_url: str, gemini_url: str, **overrides: Any
+) -> dict[str, Any]:
+    """``gateway_config`` plus an Anthropic and a Gemini provider (the fakes'
+    URLs), serving ``claude-*`` and ``gemini-*``: every wire format a door
+    translates to."""
+    cfg = gateway_config(openai_url, **overrides)
+    cfg["providers"]["anthropic"] = anthropic_provider(anthropic_url)
+    cfg["providers"]["gemini"] = {
+        "kind": "gemini",
+        "base_url": gemini_url,
+        "api_key": "AIza-secret",
+        "timeouts": dict(TEST_TIMEOUTS),
+    }
+    cfg["models"] += [
+        {"name": "claude-*", "targets": [{"provider": "anthropic"}]},
+        {"name": "gemini-*", "targets": [{"provider": "gemini"}]},
+    ]
     return cfg
 
 
@@ -250,6 +287,45 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
 @pytest.fixture
 async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = await FakeOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def own_db(tmp_path: Path) -> AsyncIterator[tuple[str, EmbeddedPostgres]]:
+    """A Postgres of this test's own, so the test may stop and restart it."""
+    server = EmbeddedPostgres(tmp_path / "own-pg", cleanup="delete")
+    url = server.start()
+    await migrate(url)
+    yield url, server
+
+
+@pytest.fixture
+async def fake_a() -> AsyncIterator[FaultyOpenAI]:
+    fake = await FaultyOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def fake_b() -> AsyncIterator[FaultyOpenAI]:
+    fake = await FaultyOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
+    fake = FakeAnthropic()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def fake_gemini() -> AsyncIterator[FakeGemini]:
+    fake = FakeGemini()
+    await fake.start()
     yield fake
     await fake.close()
 

@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from tests import fakes_responses
+from tests.loopback import serve_app
 
 WORDS = ["Hello", " from", " the", " fake", " provider", "."]
 FAKE_USAGE = {"prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17}
@@ -54,12 +55,8 @@ class FakeOpenAI:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/responses", self._responses)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self._runner, url = await serve_app(app, handler_cancellation=True)
+        self.url = url + "/v1"
         return self
 
     async def close(self) -> None:

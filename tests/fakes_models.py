@@ -15,6 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.loopback import serve_app
+
 REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 PLAIN_USAGE = {"prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17}
 DETAILED_USAGE = {
@@ -47,12 +49,8 @@ class FakeModels:
     async def start(self) -> FakeModels:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self._runner, url = await serve_app(app)
+        self.url = url + "/v1"
         return self
 
     async def close(self) -> None:

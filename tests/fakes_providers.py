@@ -23,6 +23,7 @@ from aiohttp import web
 
 from proxy.core.sse import event_data
 from tests.fakes import FakeOpenAI
+from tests.loopback import serve_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PIECE = 7  # bytes per write: events arrive cut at arbitrary points
@@ -54,12 +55,7 @@ class FakeServer:
     async def start(self) -> FakeServer:
         app = web.Application()
         self.routes(app)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve_app(app, handler_cancellation=True)
         return self
 
     async def close(self) -> None:
@@ -182,12 +178,7 @@ class FakeAzure(FakeOpenAI):
         app.router.add_post(base + "/chat/completions", self._azure_chat)
         app.router.add_post(base + "/completions", self._with_query(self._completions))
         app.router.add_post(base + "/embeddings", self._with_query(self._embeddings))
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve_app(app, handler_cancellation=True)
         return self
 
     def _with_query(self, handler: Any) -> Any:

@@ -18,6 +18,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from tests.loopback import serve_app
+
 
 def _value(v: AnyValue) -> Any:
     kind = v.WhichOneof("value")
@@ -75,12 +77,8 @@ class OtlpReceiver:
     async def start(self) -> OtlpReceiver:
         app = web.Application()
         app.router.add_post("/v1/traces", self._traces)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1/traces"
+        self._runner, url = await serve_app(app)
+        self.url = url + "/v1/traces"
         return self
 
     async def close(self) -> None:

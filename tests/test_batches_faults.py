@@ -16,7 +16,6 @@ import pytest
 from aiohttp import web
 
 from proxy.stores.embedded import EmbeddedPostgres
-from proxy.stores.migrate import migrate
 from tests.batch_helpers import chat_line, finished, lines_of, rows_per_line, upload
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import StartGateway
@@ -108,15 +107,6 @@ async def test_a_killed_worker_s_lines_run_again_and_are_billed_once(
         "SELECT count(*) FROM batch_lines WHERE batch_id = $1 AND attempts > 1", batch.id
     )
     assert rerun > 0, "no line was leased when the worker died"
-
-
-@pytest.fixture
-async def own_db(tmp_path: Path) -> AsyncIterator[tuple[str, EmbeddedPostgres]]:
-    """A Postgres of this test's own, so the test may stop and restart it."""
-    server = EmbeddedPostgres(tmp_path / "own-pg", cleanup="delete")
-    url = server.start()
-    await migrate(url)
-    yield url, server
 
 
 async def test_postgres_restarted_mid_batch(

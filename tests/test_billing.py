@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,22 @@ EVENTS = (
 )
 
 
-async def _gateway(
-    start_gateway: StartGateway, fake: FakeOpenAI, pg_url: str, tmp_path: Path, **billing: Any
-) -> Gateway:
-    return await start_gateway(
-        billing_config(fake.url, **billing), database_url=pg_url, data_dir=tmp_path
-    )
+StartBilled = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+def start(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, pg_url: str, tmp_path: Path
+) -> StartBilled:
+    """Starts a gateway with keys and billing on the session's Postgres, in
+    front of ``fake_openai``; keywords: ``billing_config``'s billing options."""
+
+    async def go(**billing: Any) -> Gateway:
+        return await start_gateway(
+            billing_config(fake_openai.url, **billing), database_url=pg_url, data_dir=tmp_path
+        )
+
+    return go
 
 
 async def _chat(
@@ -55,13 +66,12 @@ async def _chat(
 
 
 async def test_key_works_and_usage_is_billed(
-    start_gateway: StartGateway,
+    start: StartBilled,
     fake_openai: FakeOpenAI,
-    pg_url: str,
     pg: asyncpg.Pool,
     tmp_path: Path,
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
+    gw = await start()
     tenant, key = await tenant_with_key(pg, tmp_path, "pro")
     client = gw.sdk(api_key=key["api_key"])
     raw = await client.chat.completions.with_raw_response.create(model="fake-model", messages=MSG)
@@ -88,15 +98,13 @@ async def test_key_works_and_usage_is_billed(
 
 
 async def test_a_reused_request_id_is_billed_every_time(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartBilled,
     pg: asyncpg.Pool,
     tmp_path: Path,
 ) -> None:
     """The client's x-request-id is echoed and logged, never the ledger's
     idempotency key: replaying one must not make requests free."""
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
+    gw = await start()
     tenant, key = await tenant_with_key(pg, tmp_path, "pro")
     for _ in range(3):
         status, headers, _ = await _chat(gw, key["api_key"], headers={"x-request-id": "same-id"})
@@ -135,13 +143,11 @@ async def _get(gw: Gateway, path: str, key: str) -> Any:
     ],
 )
 async def test_junk_keys_get_401_without_a_query(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartBilled,
     tmp_path: Path,
     junk: str,
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
+    gw = await start()
     auth = gw.app[BILLING].auth
     before = auth.queries
     async with (
@@ -161,13 +167,11 @@ async def test_junk_keys_get_401_without_a_query(
 
 
 async def test_unknown_revoked_expired_keys_get_the_same_401(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartBilled,
     pg: asyncpg.Pool,
     tmp_path: Path,
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
+    gw = await start()
     _, revoked = await tenant_with_key(pg, tmp_path, "pro")
     await pg.execute("UPDATE api_keys SET state = 'revoked' WHERE id = $1", revoked["key_id"])
     _, expired = await tenant_with_key(pg, tmp_path, "pro")
@@ -187,15 +191,13 @@ async def test_unknown_revoked_expired_keys_get_the_same_401(
 
 
 async def test_revocation_reaches_every_worker_within_the_cache_ttl(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartBilled,
     pg: asyncpg.Pool,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TOLLWAY_ADMIN_KEY", "admin-secret-for-tests")
-    workers = [await _gateway(start_gateway, fake_openai, pg_url, tmp_path) for _ in range(2)]
+    workers = [await start() for _ in range(2)]
     _, key = await tenant_with_key(pg, tmp_path, "pro")
     for gw in workers:  # both workers have the key cached now
         assert (await _chat(gw, key["api_key"], "echo"))[0] == 200
@@ -220,13 +222,11 @@ async def test_revocation_reaches_every_worker_within_the_cache_ttl(
 
 
 async def test_ten_left_two_hundred_concurrent_exactly_ten_pass(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartBilled,
     pg: asyncpg.Pool,
     tmp_path: Path,
 ) -> None:
-    workers = [await _gateway(start_gateway, fake_openai, pg_url, tmp_path) for _ in range(2)]
+    workers = [await start() for _ in range(2)]
     tenant, key = await tenant_with_key(pg, tmp_path, "tiny")  # 10 requests a month
     results = await asyncio.gather(
         *(_chat(workers[i % 2], key["api_key"], "echo") for i in range(200))
@@ -250,14 +250,12 @@ async def test_ten_left_two_hundred_concurrent_exactly_ten_pass(
 
 
 async def test_token_reservation_must_fit(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartBilled,
     pg: asyncpg.Pool,
     tmp_path: Path,
 ) -> None:
     """600 tokens a month; each request reserves prompt (~8) + max_tokens (100)."""
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
+    gw = await start()
     tenant, key = await tenant_with_key(pg, tmp_path, "tokens")
     ok = 0
     for _ in range(40):
@@ -279,13 +277,11 @@ async def test_token_reservation_must_fit(
 
 
 async def test_model_not_allowed_by_tier_is_403(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartBilled,
     pg: asyncpg.Pool,
     tmp_path: Path,
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
+    gw = await start()
     _, key = await tenant_with_key(pg, tmp_path, "free")  # echo and fake-model only
     status, _, body = await _chat(gw, key["api_key"], "fake-other")
     assert status == 403
@@ -319,13 +315,12 @@ async def test_tier_is_checked_before_the_provider_configuration(
 
 
 async def test_failures_and_disconnects_are_billed(
-    start_gateway: StartGateway,
+    start: StartBilled,
     fake_openai: FakeOpenAI,
-    pg_url: str,
     pg: asyncpg.Pool,
     tmp_path: Path,
 ) -> None:
-    gw = await _gateway(start_gateway, fake_openai, pg_url, tmp_path)
+    gw = await start()
     tenant, key = await tenant_with_key(pg, tmp_path, "pro")
     failed, _, _ = await _chat(gw, key["api_key"], "fake-error-500")
     assert failed >= 500

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +15,6 @@ from proxy.config.tiers import BillingPolicy
 from proxy.core.principal import Principal
 from proxy.stores.embedded import EmbeddedPostgres
 from proxy.stores.ledger import COLUMNS, Ledger, Spool, UsageRow
-from proxy.stores.migrate import migrate
 from proxy.stores.quota import QuotaBook
 from proxy.web.keys import BILLING
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
@@ -45,15 +43,6 @@ async def _ready(gw: Gateway) -> tuple[int, str, str]:
     async with aiohttp.ClientSession() as s, s.get(gw.url + "/readyz") as r:
         body = await r.json()
         return r.status, body["status"], body["database"]
-
-
-@pytest.fixture
-async def own_db(tmp_path: Path) -> AsyncIterator[tuple[str, EmbeddedPostgres]]:
-    """A Postgres of this test's own, so the test may stop and restart it."""
-    server = EmbeddedPostgres(tmp_path / "own-pg", cleanup="delete")
-    url = server.start()
-    await migrate(url)
-    yield url, server
 
 
 async def test_outage_spools_usage_and_reconciles(

@@ -17,10 +17,10 @@ from tests.db import unique
 from tests.fakes_faults import FaultyOpenAI
 from tests.redis_server import OwnRedis
 from tests.test_breaker import Clock, clock
-from tests.test_forward import _chat, config, fake_a, fake_b, started
+from tests.test_forward import _chat, config, started
 from tests.waiting import until
 
-__all__ = ["clock", "fake_a", "fake_b"]  # fixtures, imported for pytest
+__all__ = ["clock"]  # a fixture, imported for pytest
 POLICY = BreakerPolicy(failures=3, cooldown_s=10, max_cooldown_s=60)
 Instances = Callable[[str], tuple[Breakers, Breakers]]
 

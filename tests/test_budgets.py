@@ -21,6 +21,7 @@ from aiohttp import web
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI
+from tests.loopback import serve_app
 
 # $10 per 1M completion tokens, prompts free: a request with max_tokens=6
 # may cost at most 60 micro-dollars, and the fake provider bills exactly 6
@@ -159,12 +160,8 @@ async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}/hook"
+    runner, url = await serve_app(app)
+    rec.url = url + "/hook"
     yield rec
     await runner.cleanup()
 

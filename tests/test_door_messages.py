@@ -8,7 +8,6 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,11 @@ from pydantic import TypeAdapter
 
 from proxy.core.errors import ProviderHTTPError, UpstreamStreamBroken
 from proxy.core.sse import data_event
-from proxy.doors.messages import MessagesDoor, MessagesStream, to_chat
+from proxy.doors.messages import MessagesDoor
+from proxy.doors.messages_request import to_chat
+from proxy.doors.messages_stream import MessagesStream
 from tests.billing_helpers import USAGE_COUNT, USAGE_ROWS, billing_config, wait_for
-from tests.conftest import Gateway, StartGateway, StartKeyed, gateway_config
+from tests.conftest import Gateway, StartGateway, StartKeyed, all_providers_config
 from tests.fakes import FAKE_USAGE, WORDS, FakeOpenAI
 from tests.fakes_providers import FakeAnthropic, FakeGemini
 from tests.waiting import until
@@ -48,55 +49,17 @@ def check_event(data: dict[str, Any]) -> None:
         _EVENT.validate_python(data)
 
 
-def config(openai_url: str, anthropic_url: str, gemini_url: str) -> dict[str, Any]:
-    cfg = gateway_config(openai_url)
-    # Short: a retry-after beyond the deadline ends the plan at once.
-    cfg["retry"] = {"max_attempts": 2, "backoff_base_ms": 5, "backoff_max_ms": 20, "deadline_s": 2}
-    timeouts = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
-    cfg["providers"]["anthropic"] = {
-        "kind": "anthropic",
-        "base_url": anthropic_url,
-        "api_key": "sk-ant-secret",
-        "timeouts": timeouts,
-    }
-    cfg["providers"]["gemini"] = {
-        "kind": "gemini",
-        "base_url": gemini_url,
-        "api_key": "AIza-secret",
-        "timeouts": timeouts,
-    }
-    cfg["models"] += [
-        {"name": "claude-*", "targets": [{"provider": "anthropic"}]},
-        {"name": "gemini-*", "targets": [{"provider": "gemini"}]},
-    ]
-    return cfg
-
-
-@pytest.fixture
-async def ant() -> AsyncIterator[FakeAnthropic]:
-    server = FakeAnthropic()
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def gem() -> AsyncIterator[FakeGemini]:
-    server = FakeGemini()
-    await server.start()
-    yield server
-    await server.close()
-
-
 @pytest.fixture
 async def gw(
-    start_gateway: StartGateway, fake_openai: FakeOpenAI, ant: FakeAnthropic, gem: FakeGemini
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    fake_gemini: FakeGemini,
 ) -> Gateway:
-    return await start_gateway(config(fake_openai.url, ant.url, gem.url))
-
-
-def client(gw: Gateway, key: str = "tw-unused") -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=60.0)
+    cfg = all_providers_config(fake_openai.url, fake_anthropic.url, fake_gemini.url)
+    # Short: a retry-after beyond the deadline ends the plan at once.
+    cfg["retry"] = {"max_attempts": 2, "backoff_base_ms": 5, "backoff_max_ms": 20, "deadline_s": 2}
+    return await start_gateway(cfg)
 
 
 def text_of(msg: anthropic.types.Message) -> str:
@@ -112,7 +75,7 @@ MODELS = ["echo", "fake-model", "claude-text", "gemini-text"]
 @pytest.mark.parametrize("model", MODELS)
 async def test_create_answers_what_chat_answers(gw: Gateway, model: str) -> None:
     chat = await gw.sdk().chat.completions.create(model=model, messages=HELLO)  # type: ignore[arg-type]
-    raw = await client(gw).messages.with_raw_response.create(
+    raw = await gw.claude().messages.with_raw_response.create(
         model=model, max_tokens=100, messages=HELLO, extra_headers={"anthropic-version": "x"}
     )
     msg = await raw.parse()
@@ -146,7 +109,7 @@ async def test_stream_answers_what_chat_answers(gw: Gateway, model: str) -> None
     chat_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     chat_usage = chunks[-1].usage
     kinds: list[str] = []
-    async with client(gw).messages.stream(model=model, max_tokens=100, messages=HELLO) as stream:
+    async with gw.claude().messages.stream(model=model, max_tokens=100, messages=HELLO) as stream:
         async for ev in stream:
             kinds.append(ev.type)
         final = await stream.get_final_message()
@@ -225,7 +188,7 @@ async def _chat_calls(gw: Gateway, model: str, stream: bool) -> list[tuple[str, 
 
 @pytest.mark.parametrize("model", ["claude-tools", "gemini-tools"])
 async def test_tool_use_create_and_stream(gw: Gateway, model: str) -> None:
-    c = client(gw)
+    c = gw.claude()
     kw: dict[str, Any] = {"model": model, "max_tokens": 200, "messages": HELLO, "tools": [WEATHER]}
     msg = await c.messages.create(**kw)
     assert msg.stop_reason == "tool_use"
@@ -256,9 +219,9 @@ def _tool_round(first: anthropic.types.Message) -> list[Any]:
 
 
 async def test_tool_result_round_reaches_each_provider_in_its_shape(
-    gw: Gateway, fake_openai: FakeOpenAI, ant: FakeAnthropic, gem: FakeGemini
+    gw: Gateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, fake_gemini: FakeGemini
 ) -> None:
-    c = client(gw)
+    c = gw.claude()
     first = await c.messages.create(
         model="claude-tools", max_tokens=200, messages=HELLO, tools=[WEATHER]
     )
@@ -269,7 +232,7 @@ async def test_tool_result_round_reaches_each_provider_in_its_shape(
         await c.messages.create(
             model=model, max_tokens=200, messages=messages, tools=[WEATHER], tool_choice=choice
         )
-    sent = ant.seen[-1].body
+    sent = fake_anthropic.seen[-1].body
     assert sent["messages"][1]["content"][1] == {
         "type": "tool_use",
         "id": use.id,
@@ -292,13 +255,13 @@ async def test_tool_result_round_reaches_each_provider_in_its_shape(
         "content": "18 C and sunny",
     }
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    gemini = gem.seen[-1].body
+    gemini = fake_gemini.seen[-1].body
     parts = [p for turn in gemini["contents"] for p in turn["parts"]]
     assert any("functionResponse" in p for p in parts)
 
 
 async def test_images_reach_each_provider(
-    gw: Gateway, fake_openai: FakeOpenAI, ant: FakeAnthropic, gem: FakeGemini
+    gw: Gateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, fake_gemini: FakeGemini
 ) -> None:
     base64_image = {"type": "base64", "media_type": "image/png", "data": PNG}
     url_image = {"type": "url", "url": "https://example.com/cat.png"}
@@ -308,17 +271,17 @@ async def test_images_reach_each_provider(
         {"type": "text", "text": "What is in these?"},
     ]
     messages = [{"role": "user", "content": content}]
-    c = client(gw)
+    c = gw.claude()
     for model in ("fake-model", "claude-text", "gemini-text"):
         msg = await c.messages.create(model=model, max_tokens=50, messages=messages)  # type: ignore[arg-type]
         assert text_of(msg)
     parts = fake_openai.seen[-1].body["messages"][0]["content"]
     assert parts[0] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
     assert parts[1] == {"type": "image_url", "image_url": {"url": url_image["url"]}}
-    blocks = ant.seen[-1].body["messages"][0]["content"]
+    blocks = fake_anthropic.seen[-1].body["messages"][0]["content"]
     assert blocks[0] == {"type": "image", "source": base64_image}
     assert blocks[1] == {"type": "image", "source": url_image}
-    gemini_parts = gem.seen[-1].body["contents"][0]["parts"]
+    gemini_parts = fake_gemini.seen[-1].body["contents"][0]["parts"]
     assert gemini_parts[0] == {"inlineData": {"mimeType": "image/png", "data": PNG}}
 
 
@@ -518,7 +481,7 @@ def test_error_statuses(status: int, expected: tuple[int, str]) -> None:
 
 
 async def test_sdk_error_classes(gw: Gateway) -> None:
-    c = client(gw)
+    c = gw.claude()
     with pytest.raises(anthropic.NotFoundError) as nf:
         await c.messages.create(model="nope", max_tokens=10, messages=HELLO)  # type: ignore[arg-type]
     assert nf.value.body == {
@@ -545,7 +508,7 @@ async def test_missing_max_tokens_and_bad_json_are_anthropic_400s(gw: Gateway) -
 
 
 async def test_cut_stream_ends_with_an_error_event(gw: Gateway) -> None:
-    c = client(gw)
+    c = gw.claude()
     got: list[str] = []
     with pytest.raises(anthropic.APIStatusError) as err:
         async with c.messages.stream(model="fake-cut", max_tokens=50, messages=HELLO) as stream:
@@ -563,7 +526,7 @@ async def test_cut_stream_ends_with_an_error_event(gw: Gateway) -> None:
 
 async def test_count_tokens_is_what_the_prompt_is_billed(gw: Gateway) -> None:
     """The echo provider reports the gateway's own count of the chat prompt."""
-    c = client(gw)
+    c = gw.claude()
     messages = [{"role": "user", "content": "How many tokens is this sentence, exactly?"}]
     counted = await c.messages.count_tokens(model="echo", messages=messages, system="Be brief.")  # type: ignore[arg-type]
     answered = await c.messages.create(
@@ -611,7 +574,7 @@ async def test_keys_usage_rows_and_a_disconnect(
 ) -> None:
     keyed = await start_keyed(billing_config(fake_openai.url))
     with pytest.raises(anthropic.AuthenticationError) as denied:
-        await client(keyed.gw, "tw-not-a-key").messages.create(
+        await keyed.gw.claude(api_key="tw-not-a-key").messages.create(
             model="fake-model", max_tokens=10, messages=HELLO
         )
     assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]

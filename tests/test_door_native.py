@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import anthropic
 import asyncpg
 import orjson
 import pytest
@@ -23,7 +22,14 @@ from proxy.doors.messages import MessagesDoor
 from proxy.doors.responses import ResponsesDoor
 from proxy.pipeline.registry import parse_config
 from tests.billing_helpers import OF_TENANT, USAGE_COUNT, billing_config, wait_for
-from tests.conftest import Gateway, StartGateway, StartKeyed, gateway_config
+from tests.conftest import (
+    TEST_TIMEOUTS,
+    Gateway,
+    StartGateway,
+    StartKeyed,
+    anthropic_provider,
+    gateway_config,
+)
 from tests.fakes import WORDS, FakeOpenAI
 from tests.fakes_providers import FakeAnthropic
 from tests.fakes_responses import REASONING, TEXT
@@ -41,19 +47,13 @@ def config(
 ) -> dict[str, Any]:
     cfg = base or gateway_config(openai_url, **extra)
     cfg["retry"] = {"max_attempts": 3, "backoff_base_ms": 5, "backoff_max_ms": 20, "deadline_s": 5}
-    timeouts = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
-    cfg["providers"]["anthropic"] = {
-        "kind": "anthropic",
-        "base_url": anthropic_url,
-        "api_key": "sk-ant-secret",
-        "timeouts": timeouts,
-    }
+    cfg["providers"]["anthropic"] = anthropic_provider(anthropic_url)
     cfg["providers"]["openai"] = {
         "kind": "openai",
         "base_url": openai_url,
         "api_key": "sk-openai-secret",
         "responses": True,
-        "timeouts": timeouts,
+        "timeouts": dict(TEST_TIMEOUTS),
     }
     cfg["models"] += [
         {"name": "claude-*", "targets": [{"provider": "anthropic"}]},
@@ -83,10 +83,6 @@ async def gw(start_gateway: StartGateway, fake_openai: FakeOpenAI, ant: FakeAnth
     return await start_gateway(config(fake_openai.url, ant.url))
 
 
-def claude(gw: Gateway) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=gw.url, api_key="tw-unused", max_retries=0)
-
-
 def asked(model: str, **more: Any) -> dict[str, Any]:
     """A Messages request only the Messages API can carry whole."""
     return {
@@ -112,7 +108,7 @@ def sdk_args(model: str) -> dict[str, Any]:
 async def test_messages_go_to_anthropic_as_sent_and_thinking_comes_back(
     gw: Gateway, ant: FakeAnthropic
 ) -> None:
-    msg = await claude(gw).messages.create(**sdk_args("claude-thinking"))
+    msg = await gw.claude().messages.create(**sdk_args("claude-thinking"))
     seen = ant.seen[-1]
     assert seen.path == "/v1/messages"
     assert seen.body == asked("claude-thinking")  # untouched: thinking and top_k included
@@ -134,16 +130,16 @@ async def test_the_clients_beta_flags_go_to_anthropic_only(
 ) -> None:
     beta = "interleaved-thinking-2025-05-14"
     # The SDK's own beta surface sends them as the anthropic-beta header.
-    msg = await claude(gw).beta.messages.create(**sdk_args("claude-thinking"), betas=[beta])
+    msg = await gw.claude().beta.messages.create(**sdk_args("claude-thinking"), betas=[beta])
     assert msg.content[0].type == "thinking"
     assert ant.seen[-1].headers["anthropic-beta"] == beta
-    async with claude(gw).beta.messages.stream(
+    async with gw.claude().beta.messages.stream(
         **sdk_args("claude-thinking"), betas=[beta]
     ) as stream:
         await stream.get_final_message()
     assert ant.seen[-1].headers["anthropic-beta"] == beta
     # Translated to another provider, or another door's pass-through: not sent.
-    await claude(gw).beta.messages.create(
+    await gw.claude().beta.messages.create(
         model="fake-model", max_tokens=50, messages=HELLO, betas=[beta]
     )
     assert fake_openai.seen[-1].path == "/v1/chat/completions"
@@ -158,7 +154,7 @@ async def test_the_clients_beta_flags_go_to_anthropic_only(
 async def test_a_stream_passes_through_with_its_thinking_block(
     gw: Gateway, ant: FakeAnthropic
 ) -> None:
-    async with claude(gw).messages.stream(**sdk_args("claude-thinking")) as stream:
+    async with gw.claude().messages.stream(**sdk_args("claude-thinking")) as stream:
         kinds = [event.type async for event in stream]
         msg = await stream.get_final_message()
     assert ant.seen[-1].body == {**asked("claude-thinking"), "stream": True}
@@ -197,7 +193,7 @@ async def test_a_client_that_leaves_mid_stream_is_billed_what_it_was_sent(
 async def test_a_failed_native_attempt_falls_back_to_a_translated_one(
     gw: Gateway, ant: FakeAnthropic, fake_openai: FakeOpenAI
 ) -> None:
-    msg = await claude(gw).messages.create(**sdk_args("native-first"))
+    msg = await gw.claude().messages.create(**sdk_args("native-first"))
     assert ant.seen[-1].body == asked("claude-fail")  # the first attempt: passed through
     assert fake_openai.seen[-1].path == "/v1/chat/completions"  # the fallback: translated
     assert fake_openai.seen[-1].body["model"] == "upstream-model"
@@ -216,7 +212,7 @@ async def test_output_guardrails_make_the_request_go_translated(
         "policies": [{"name": "default", "detectors": [{"use": "secrets", "output": "redact"}]}]
     }
     gw = await start_gateway(config(fake_openai.url, ant.url, guardrails=guardrails))
-    msg = await claude(gw).messages.create(**sdk_args("claude-thinking"))
+    msg = await gw.claude().messages.create(**sdk_args("claude-thinking"))
     sent = ant.seen[-1].body
     assert "top_k" not in sent and "thinking" not in sent  # chat, translated to Anthropic's
     assert [b.type for b in msg.content] == ["text"]  # the thinking block does not survive chat

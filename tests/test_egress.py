@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import StartGateway
+from tests.loopback import serve_app
 
 MSG: Any = [{"role": "user", "content": "the secret prompt"}]
 Behaviour = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -32,12 +33,7 @@ class Host:
     async def start(self) -> Host:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._any)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await serve_app(app)
         return self
 
     async def _any(self, request: web.Request) -> web.StreamResponse:

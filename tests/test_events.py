@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from proxy.web.keys import DELIVERER, EVENTS
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI
+from tests.loopback import serve_app
 from tests.test_metrics import parse, scrape, value
 from tests.waiting import until
 
@@ -80,12 +81,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     app = web.Application()
     app.router.add_post("/hook", rec.hook)
     app.router.add_post("/elsewhere", rec.elsewhere)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}"
+    runner, rec.url = await serve_app(app)
     yield rec
     await runner.cleanup()
 
@@ -109,11 +105,34 @@ async def _tenant(pool: asyncpg.Pool, data_dir: Path) -> Tenant:
     return Tenant(name, tid, key["api_key"])
 
 
+StartEvents = Callable[..., Awaitable[Gateway]]
+
+
 @pytest.fixture
-async def gw(
+def start(
     start_gateway: StartGateway, fake_openai: FakeOpenAI, pg_url: str, tmp_path: Path
-) -> Gateway:
-    return await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
+) -> StartEvents:
+    """Starts a gateway on the session's Postgres: ``_config`` with the
+    ``events.stream`` settings given, and ``events.webhooks`` keys over its own."""
+
+    async def go(stream: dict[str, Any] | None = None, **webhook_settings: Any) -> Gateway:
+        cfg = _config(fake_openai.url, **({"stream": stream} if stream else {}))
+        cfg["events"]["webhooks"].update(webhook_settings)
+        return await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+
+    return go
+
+
+@pytest.fixture
+async def gw(start: StartEvents) -> Gateway:
+    return await start()
+
+
+async def _endpoint(
+    pg: asyncpg.Pool, t: Tenant, receiver: Receiver, types: list[str] | None = None
+) -> dict[str, Any]:
+    """``t``'s webhook endpoint at ``receiver`` (every event type unless ``types``)."""
+    return await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", types, None, "test")
 
 
 def _log(gw: Gateway) -> EventLog:
@@ -129,7 +148,7 @@ async def test_webhook_is_signed_in_openais_shape_and_verifies_independently(
     gw: Gateway, pg: asyncpg.Pool, tmp_path: Path, receiver: Receiver
 ) -> None:
     t = await _tenant(pg, tmp_path)
-    hook = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    hook = await _endpoint(pg, t, receiver)
     secret = hook["secret"]
     log = _log(gw)
     await log.publish(t.id, "batch.in_progress", _batch("batch_abc", "in_progress"))
@@ -168,9 +187,7 @@ async def test_a_failing_receiver_gets_retries_with_backoff_each_recorded(
     gw: Gateway, pg: asyncpg.Pool, tmp_path: Path, receiver: Receiver
 ) -> None:
     t = await _tenant(pg, tmp_path)
-    hook = await webhooks.add_endpoint(
-        pg, t.name, receiver.url + "/hook", ["batch.expired"], None, "test"
-    )
+    hook = await _endpoint(pg, t, receiver, ["batch.expired"])
     receiver.script = [500, 503]
     await _log(gw).publish(t.id, "batch.expired", _batch("batch_e", "expired"))
     await until(lambda: len(receiver.got) == 3, what="three attempts")
@@ -208,18 +225,14 @@ async def _delivered(pg: asyncpg.Pool, endpoint: str) -> bool:
 
 
 async def test_redirects_are_not_followed_and_attempts_are_bounded(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartEvents,
     pg: asyncpg.Pool,
     tmp_path: Path,
     receiver: Receiver,
 ) -> None:
-    cfg = _config(fake_openai.url)
-    cfg["events"]["webhooks"]["max_attempts"] = 2
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    gw = await start(max_attempts=2)
     t = await _tenant(pg, tmp_path)
-    hook = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    hook = await _endpoint(pg, t, receiver)
     receiver.script = [307, 307, 307]
     await _log(gw).publish(t.id, "batch.cancelled", _batch("batch_c", "cancelled"))
 
@@ -238,8 +251,7 @@ async def test_redirects_are_not_followed_and_attempts_are_bounded(
 
 
 async def test_pending_deliveries_survive_a_restart(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
+    start: StartEvents,
     pg_url: str,
     pg: asyncpg.Pool,
     tmp_path: Path,
@@ -248,14 +260,14 @@ async def test_pending_deliveries_survive_a_restart(
     """An event stored while no gateway runs (or one that died before
     sending) is delivered by the next worker that starts."""
     t = await _tenant(pg, tmp_path)
-    hook = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    hook = await _endpoint(pg, t, receiver)
     # Published with no deliverer running: only the rows exist.
     event = await EventLog(pg, pg_url).record(t.id, "batch.completed", _batch("batch_r", "done"))
     assert (
         await pg.fetchval("SELECT state FROM webhook_deliveries WHERE event_id = $1", event.id)
         == "pending"
     )
-    await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
+    await start()
     await until(lambda: receiver.got, what="the pending delivery sent after the start")
     body, headers = receiver.got[0]
     assert standardwebhooks.Webhook(hook["secret"]).verify(body, headers)["id"] == event.event_id
@@ -263,9 +275,7 @@ async def test_pending_deliveries_survive_a_restart(
 
 
 async def test_deliveries_streams_and_events_are_in_the_metrics(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartEvents,
     pg: asyncpg.Pool,
     tmp_path: Path,
     receiver: Receiver,
@@ -275,11 +285,9 @@ async def test_deliveries_streams_and_events_are_in_the_metrics(
     # The database outlives each test: no other test's unfinished delivery may
     # be sent (and counted) by this gateway.
     await pg.execute("DELETE FROM webhook_deliveries WHERE state = 'pending'")
-    cfg = _config(fake_openai.url)
-    cfg["events"]["webhooks"].update(max_attempts=2, backoff_s=60)
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    gw = await start(max_attempts=2, backoff_s=60)
     t = await _tenant(pg, tmp_path)
-    hook = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    hook = await _endpoint(pg, t, receiver)
     log = _log(gw)
 
     async def metric(name: str, **labels: str) -> float:
@@ -333,9 +341,7 @@ async def _metric_is(gw: Gateway, name: str, expected: float, **labels: str) -> 
 
 
 async def test_secrets_are_sealed_at_rest_and_old_plaintext_rows_keep_working(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartEvents,
     pg: asyncpg.Pool,
     tmp_path: Path,
     receiver: Receiver,
@@ -346,12 +352,12 @@ async def test_secrets_are_sealed_at_rest_and_old_plaintext_rows_keep_working(
     both endpoints' webhooks still verify with the secrets shown at add."""
     monkeypatch.delenv(MASTER_KEY_ENV, raising=False)
     t = await _tenant(pg, tmp_path)
-    old = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    old = await _endpoint(pg, t, receiver)
     dump = await pg.fetchval("SELECT secret FROM webhook_endpoints WHERE id = $1", old["id"])
     assert dump == old["secret"]  # no key: stored as it is (the state before the key)
     monkeypatch.setenv(MASTER_KEY_ENV, sealed.new_key())
-    gw = await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
-    new = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    gw = await start()
+    new = await _endpoint(pg, t, receiver)
     rows = await pg.fetch(
         "SELECT secret FROM webhook_endpoints WHERE id = ANY($1)", [old["id"], new["id"]]
     )
@@ -371,9 +377,7 @@ async def test_secrets_are_sealed_at_rest_and_old_plaintext_rows_keep_working(
 
 
 async def test_a_secret_sealed_with_another_key_fails_its_delivery_plainly(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartEvents,
     pg: asyncpg.Pool,
     tmp_path: Path,
     receiver: Receiver,
@@ -381,11 +385,9 @@ async def test_a_secret_sealed_with_another_key_fails_its_delivery_plainly(
 ) -> None:
     monkeypatch.setenv(MASTER_KEY_ENV, sealed.new_key())
     t = await _tenant(pg, tmp_path)
-    hook = await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    hook = await _endpoint(pg, t, receiver)
     monkeypatch.setenv(MASTER_KEY_ENV, sealed.new_key())  # the key was changed
-    cfg = _config(fake_openai.url)
-    cfg["events"]["webhooks"]["max_attempts"] = 1
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    gw = await start(max_attempts=1)
     await _log(gw).publish(t.id, "batch.failed", _batch("batch_k", "failed"))
     await until(lambda: _attempts(pg, hook["id"]), what="the attempt recorded")
     (row,) = await _attempts(pg, hook["id"])
@@ -570,14 +572,11 @@ async def test_a_dropped_listen_connection_loses_no_event(
 
 
 async def test_a_client_that_falls_behind_is_closed_with_4008_and_resumes(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartEvents,
     pg: asyncpg.Pool,
     tmp_path: Path,
 ) -> None:
-    cfg = _config(fake_openai.url, stream={"send_queue": 2})
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    gw = await start(stream={"send_queue": 2})
     t = await _tenant(pg, tmp_path)
     auth = {"Authorization": f"Bearer {t.key}"}
     async with aiohttp.ClientSession() as s:
@@ -609,14 +608,11 @@ async def test_a_client_that_falls_behind_is_closed_with_4008_and_resumes(
 
 
 async def test_streams_per_tenant_are_capped(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartEvents,
     pg: asyncpg.Pool,
     tmp_path: Path,
 ) -> None:
-    cfg = _config(fake_openai.url, stream={"max_connections_per_tenant": 1})
-    gw = await start_gateway(cfg, database_url=pg_url, data_dir=tmp_path)
+    gw = await start(stream={"max_connections_per_tenant": 1})
     t, other = await _tenant(pg, tmp_path), await _tenant(pg, tmp_path)
     async with aiohttp.ClientSession() as s:
         auth = {"Authorization": f"Bearer {t.key}"}
@@ -652,7 +648,7 @@ async def test_retention_sweep_deletes_old_events_and_their_deliveries(
     gw: Gateway, pg: asyncpg.Pool, tmp_path: Path, receiver: Receiver
 ) -> None:
     t = await _tenant(pg, tmp_path)
-    await webhooks.add_endpoint(pg, t.name, receiver.url + "/hook", None, None, "test")
+    await _endpoint(pg, t, receiver)
     log = _log(gw)
     old = await log.record(t.id, "batch.completed", _batch("batch_old", "completed"))
     new = await log.record(t.id, "batch.completed", _batch("batch_new", "completed"))
@@ -668,16 +664,14 @@ async def test_retention_sweep_deletes_old_events_and_their_deliveries(
 
 
 async def test_admin_api_manages_webhooks_and_shows_deliveries(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
+    start: StartEvents,
     pg: asyncpg.Pool,
     tmp_path: Path,
     receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TOLLWAY_ADMIN_KEY", "admin-canary-7d1f")
-    gw = await start_gateway(_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path)
+    gw = await start()
     t = await _tenant(pg, tmp_path)
     base = f"{gw.url}/admin/tenants/{t.name}/webhooks"
     admin = {"Authorization": "Bearer admin-canary-7d1f"}

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -29,20 +28,6 @@ from tests.waiting import until
 MSG = [{"role": "user", "content": "hi"}]
 TIMEOUTS = {"connect": 0.5, "first_byte": 0.3, "idle": 0.3, "total": 3}
 RETRY = {"max_attempts": 3, "backoff_base_ms": 5, "backoff_max_ms": 20, "deadline_s": 2}
-
-
-@pytest.fixture
-async def fake_a() -> AsyncIterator[FaultyOpenAI]:
-    fake = await FaultyOpenAI().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def fake_b() -> AsyncIterator[FaultyOpenAI]:
-    fake = await FaultyOpenAI().start()
-    yield fake
-    await fake.close()
 
 
 async def started(start: StartGateway, cfg: dict[str, Any]) -> Gateway:

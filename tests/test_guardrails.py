@@ -21,6 +21,8 @@ from proxy.pipeline.registry import parse_config
 from proxy.stages.guardrails.config import parse_guardrails
 from proxy.stages.guardrails.scan import hits
 from tests.conftest import StartGateway, gateway_config
+from tests.guardrail_helpers import start_guarded, text_reply
+from tests.loopback import serve_app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "guardrails"
 SECRET = "sk-ant-api03-Zx8yWv7uTs6rQp5oNm4lKj3iHg"
@@ -43,36 +45,15 @@ class ScriptedProvider:
     async def start(self) -> ScriptedProvider:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, url = await serve_app(app)
+        self.url = url + "/v1"
         return self
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.seen.append(body)
         text = self.answer or body["messages"][-1]["content"]
-        base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-        if not body.get("stream"):
-            msg = {"role": "assistant", "content": text}
-            choice = {"index": 0, "finish_reason": "stop", "message": msg}
-            usage = {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
-            return web.json_response(
-                {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
-            )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        await resp.write(b"data: " + orjson.dumps({**base, "choices": [first]}) + b"\n\n")
-        for piece in self.pieces or [text]:
-            choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
-            await resp.write(b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n")
-        end = {"index": 0, "delta": {}, "finish_reason": "stop"}
-        await resp.write(b"data: " + orjson.dumps({**base, "choices": [end]}) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
+        return await text_reply(request, body, text, self.pieces or [text], opening=True)
 
 
 @pytest.fixture
@@ -105,17 +86,13 @@ def policy(output: str = "redact", restore: bool = True, **extra: Any) -> dict[s
     }
 
 
-async def start(start_gateway: StartGateway, url: str, guardrails: dict[str, Any]) -> Any:
-    return await start_gateway(gateway_config(url, guardrails=guardrails))
-
-
 # ------------------------------------------------------------------ input
 
 
 async def test_the_provider_never_sees_a_redacted_value_and_restore_round_trips(
     start_gateway: StartGateway, provider: ScriptedProvider
 ) -> None:
-    gw = await start(start_gateway, provider.url, policy())
+    gw = await start_guarded(start_gateway, provider.url, policy())
     prompt = f"Write to {EMAIL} about card {CARD}; my key is {SECRET}. Again: {EMAIL}"
     reply = await gw.sdk().chat.completions.create(
         model="fake-m", messages=[{"role": "user", "content": prompt}]
@@ -136,7 +113,7 @@ async def test_the_provider_never_sees_a_redacted_value_and_restore_round_trips(
 async def test_restore_round_trips_on_a_stream(
     start_gateway: StartGateway, provider: ScriptedProvider
 ) -> None:
-    gw = await start(start_gateway, provider.url, policy(output="log"))
+    gw = await start_guarded(start_gateway, provider.url, policy(output="log"))
     provider.pieces = ["Sure: [EM", "AIL_", "1] and [CA", "RD_1", "]", " done."]
     stream = await gw.sdk().chat.completions.create(
         model="fake-m",
@@ -151,7 +128,7 @@ async def test_restore_round_trips_on_a_stream(
 async def test_a_blocklisted_term_is_a_400_naming_the_guardrail_not_the_text(
     start_gateway: StartGateway, provider: ScriptedProvider
 ) -> None:
-    gw = await start(start_gateway, provider.url, policy())
+    gw = await start_guarded(start_gateway, provider.url, policy())
     with pytest.raises(openai.BadRequestError) as info:
         await gw.sdk().chat.completions.create(
             model="fake-m",
@@ -172,7 +149,7 @@ async def test_policies_are_chosen_by_model_glob(
     start_gateway: StartGateway, provider: ScriptedProvider
 ) -> None:
     guard = policy(when={"models": ["fake-guarded*"]})
-    gw = await start(start_gateway, provider.url, guard)
+    gw = await start_guarded(start_gateway, provider.url, guard)
     client = gw.sdk()
     await client.chat.completions.create(
         model="fake-open", messages=[{"role": "user", "content": EMAIL}]
@@ -190,7 +167,7 @@ async def test_policies_are_chosen_by_model_glob(
 async def test_a_secret_in_a_reply_is_redacted_and_a_blocked_reply_is_a_400(
     start_gateway: StartGateway, provider: ScriptedProvider
 ) -> None:
-    gw = await start(start_gateway, provider.url, policy())
+    gw = await start_guarded(start_gateway, provider.url, policy())
     provider.answer = f"The key is {SECRET}."
     reply = await gw.sdk().chat.completions.create(
         model="fake-m", messages=[{"role": "user", "content": "hi"}]
@@ -222,7 +199,7 @@ def splits(text: str) -> list[list[str]]:
 async def test_a_secret_split_across_any_chunk_boundary_never_reaches_the_client(
     start_gateway: StartGateway, provider: ScriptedProvider
 ) -> None:
-    gw = await start(start_gateway, provider.url, policy())
+    gw = await start_guarded(start_gateway, provider.url, policy())
     answer = f"Here: {SECRET} ok"
     client = gw.sdk()
     for pieces in splits(answer):
@@ -250,7 +227,7 @@ async def sse_events(url: str, body: dict[str, Any]) -> list[Any]:
 async def test_a_block_mid_stream_ends_it_with_content_filter_at_every_split(
     start_gateway: StartGateway, provider: ScriptedProvider
 ) -> None:
-    gw = await start(start_gateway, provider.url, policy())
+    gw = await start_guarded(start_gateway, provider.url, policy())
     answer = "Fine so far. Now the zorblax secret plan."
     for pieces in splits(answer)[::3]:
         provider.pieces = pieces
@@ -369,7 +346,7 @@ def test_local_detectors_scan_a_kb_quickly() -> None:
 async def test_verdicts_reach_the_metrics_and_the_access_log(
     start_gateway: StartGateway, provider: ScriptedProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gw = await start(start_gateway, provider.url, policy())
+    gw = await start_guarded(start_gateway, provider.url, policy())
     with caplog.at_level("INFO", logger="tollway.access"):
         await gw.sdk().chat.completions.create(
             model="fake-m", messages=[{"role": "user", "content": f"{EMAIL} {EMAIL} {SECRET}"}]

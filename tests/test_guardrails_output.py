@@ -12,7 +12,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import StartGateway, gateway_config
+from tests.conftest import StartGateway
+from tests.guardrail_helpers import start_guarded
+from tests.loopback import serve_app
 from tests.test_guardrails import SECRET, policy, splits, sse_events
 
 ARGS = '{"key": "' + SECRET + '", "city": "Paris"}'
@@ -33,11 +35,8 @@ class ToolCallProvider:
     async def start(self) -> ToolCallProvider:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, url = await serve_app(app)
+        self.url = url + "/v1"
         return self
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -79,7 +78,7 @@ async def tools() -> AsyncIterator[ToolCallProvider]:
 async def test_a_secret_in_tool_call_arguments_is_redacted_in_a_whole_reply(
     start_gateway: StartGateway, tools: ToolCallProvider
 ) -> None:
-    gw = await start_gateway(gateway_config(tools.url, guardrails=policy()))
+    gw = await start_guarded(start_gateway, tools.url, policy())
     reply = await gw.sdk().chat.completions.create(**CHAT)
     calls = reply.choices[0].message.tool_calls
     assert calls is not None and calls[0].function.name == "lookup"
@@ -89,7 +88,7 @@ async def test_a_secret_in_tool_call_arguments_is_redacted_in_a_whole_reply(
 async def test_a_secret_split_across_tool_call_argument_deltas_never_reaches_the_client(
     start_gateway: StartGateway, tools: ToolCallProvider
 ) -> None:
-    gw = await start_gateway(gateway_config(tools.url, guardrails=policy()))
+    gw = await start_guarded(start_gateway, tools.url, policy())
     client = gw.sdk()
     for pieces in splits(ARGS)[::2]:
         tools.pieces = pieces
@@ -112,7 +111,7 @@ async def test_a_secret_split_across_tool_call_argument_deltas_never_reaches_the
 async def test_a_blocked_term_in_streamed_arguments_ends_with_content_filter(
     start_gateway: StartGateway, tools: ToolCallProvider
 ) -> None:
-    gw = await start_gateway(gateway_config(tools.url, guardrails=policy()))
+    gw = await start_guarded(start_gateway, tools.url, policy())
     tools.arguments = '{"plan": "the zorblax plan", "when": "now"}'
     for pieces in splits(tools.arguments)[::5]:
         tools.pieces = pieces

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from proxy.core.tasks import TaskGroup
 from tests.billing_helpers import billing_config, tenant_with_key
+from tests.loopback import serve_app
 from tests.test_supervisor import Tollway, tollway  # noqa: F401 - the fixture
 from tests.waiting import until
 
@@ -42,12 +43,8 @@ class Trickle:
     async def start(self) -> Trickle:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self._runner, url = await serve_app(app, handler_cancellation=True)
+        self.url = url + "/v1"
         return self
 
     async def close(self) -> None:

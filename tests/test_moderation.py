@@ -21,6 +21,8 @@ from proxy.pipeline.registry import parse_config
 from proxy.providers.moderation import CATEGORIES, result
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import StartGateway, gateway_config
+from tests.guardrail_helpers import start_guarded
+from tests.loopback import serve_app
 from tests.schema import validate
 from tests.waiting import until
 
@@ -50,11 +52,8 @@ class ModerationProvider:
         app.router.add_post("/v1/moderations", self._moderations)
         app.router.add_post("/v1/chat/completions", self._chat)
         # A client that goes away cancels the handler: that is what we record.
-        self.runner = web.AppRunner(app, handler_cancellation=True)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, url = await serve_app(app, handler_cancellation=True)
+        self.url = url + "/v1"
         return self
 
     async def _moderations(self, request: web.Request) -> web.Response:
@@ -125,10 +124,6 @@ def moderation(model: str = "fake-mod", **cfg: Any) -> dict[str, Any]:
     return {"policies": [{"name": "p", "detectors": [entry]}]}
 
 
-async def start(start_gateway: StartGateway, url: str, guardrails: dict[str, Any]) -> Any:
-    return await start_gateway(gateway_config(url, guardrails=guardrails))
-
-
 async def ask(gw: Any, text: str, model: str = "fake-m", **kw: Any) -> Any:
     return await gw.sdk().chat.completions.create(
         model=model, messages=[{"role": "user", "content": text}], **kw
@@ -145,7 +140,7 @@ def rows(gw: Any, endpoint: str) -> list[Any]:
 async def test_a_flagged_prompt_is_a_400_naming_the_category_and_never_forwarded(
     start_gateway: StartGateway, provider: ModerationProvider
 ) -> None:
-    gw = await start(start_gateway, provider.url, moderation())
+    gw = await start_guarded(start_gateway, provider.url, moderation())
     with pytest.raises(openai.BadRequestError) as info:
         await ask(gw, FLAGGED)
     err = info.value.body
@@ -169,7 +164,7 @@ async def test_a_flagged_prompt_is_a_400_naming_the_category_and_never_forwarded
 async def test_thresholds_per_category_decide_what_is_flagged(
     start_gateway: StartGateway, provider: ModerationProvider
 ) -> None:
-    gw = await start(start_gateway, provider.url, moderation(thresholds={"violence": 0.95}))
+    gw = await start_guarded(start_gateway, provider.url, moderation(thresholds={"violence": 0.95}))
     reply = await ask(gw, FLAGGED)  # 0.91 < 0.95
     assert reply.choices[0].message.content == "Paris."
 
@@ -178,7 +173,9 @@ async def test_thresholds_per_category_decide_what_is_flagged(
 async def test_fail_open_lets_the_request_through_when_moderation_cannot_answer(
     start_gateway: StartGateway, provider: ModerationProvider, model: str
 ) -> None:
-    gw = await start(start_gateway, provider.url, moderation(model, fail="open", timeout_s=0.5))
+    gw = await start_guarded(
+        start_gateway, provider.url, moderation(model, fail="open", timeout_s=0.5)
+    )
     reply = await ask(gw, FLAGGED)
     assert reply.choices[0].message.content == "Paris."
     verdicts = rows(gw, "chat")[-1].extra["guardrails"]
@@ -195,7 +192,7 @@ async def test_fail_closed_refuses_the_request_with_a_clear_503(
 ) -> None:
     """The failing model's 500s are retried as any provider's are, within the timeout."""
     guard = moderation(model, fail="closed", timeout_s=limit)
-    gw = await start(start_gateway, provider.url, guard)
+    gw = await start_guarded(start_gateway, provider.url, guard)
     with pytest.raises(openai.InternalServerError) as info:
         await ask(gw, CLEAN)
     assert info.value.status_code == 503
@@ -217,7 +214,9 @@ async def test_parallel_cancels_the_upstream_on_a_block(
 ) -> None:
     """The moderation model answers only once the chat request has reached
     the provider (both are in flight at once); the block then cancels it."""
-    gw = await start(start_gateway, provider.url, moderation("fake-mod-late", mode="parallel"))
+    gw = await start_guarded(
+        start_gateway, provider.url, moderation("fake-mod-late", mode="parallel")
+    )
     with pytest.raises(openai.BadRequestError) as info:
         await ask(gw, FLAGGED, model="fake-slow", stream=stream)
     assert info.value.body["code"] == "content_filter"  # type: ignore[index]
@@ -230,7 +229,9 @@ async def test_parallel_cancels_the_upstream_on_a_block(
 async def test_parallel_holds_the_answer_until_a_passing_verdict(
     start_gateway: StartGateway, provider: ModerationProvider, stream: bool
 ) -> None:
-    gw = await start(start_gateway, provider.url, moderation("fake-mod-late", mode="parallel"))
+    gw = await start_guarded(
+        start_gateway, provider.url, moderation("fake-mod-late", mode="parallel")
+    )
     if stream:
         chunks = await ask(gw, CLEAN, stream=True)
         text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
@@ -244,7 +245,7 @@ async def test_parallel_fail_closed_refuses_even_when_the_answer_came_first(
     start_gateway: StartGateway, provider: ModerationProvider
 ) -> None:
     guard = moderation("fake-mod-slow", mode="parallel", fail="closed", timeout_s=0.5)
-    gw = await start(start_gateway, provider.url, guard)
+    gw = await start_guarded(start_gateway, provider.url, guard)
     with pytest.raises(openai.InternalServerError) as info:
         await ask(gw, CLEAN)
     assert info.value.body["code"] == "guardrail_unavailable"  # type: ignore[index]

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import openai
-import orjson
 import pytest
 from aiohttp import web
 
 from proxy.providers.moderation import result
 from proxy.stages.guardrails.moderation import SEGMENT
-from tests.conftest import StartGateway, gateway_config
+from tests.conftest import StartGateway
+from tests.guardrail_helpers import start_guarded, text_reply
+from tests.loopback import serve_app
 from tests.test_guardrails import sse_events
 
 EMAIL = "jane.doe@example.com"
@@ -40,11 +41,8 @@ class AnswerProvider:
         app = web.Application()
         app.router.add_post("/v1/moderations", self._moderations)
         app.router.add_post("/v1/chat/completions", self._chat)
-        self.runner = web.AppRunner(app, handler_cancellation=True)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, url = await serve_app(app, handler_cancellation=True)
+        self.url = url + "/v1"
         return self
 
     async def _moderations(self, request: web.Request) -> web.Response:
@@ -58,25 +56,9 @@ class AnswerProvider:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
         text = self.answer
-        if not body.get("stream"):
-            msg = {"role": "assistant", "content": text}
-            choice = {"index": 0, "finish_reason": "stop", "message": msg}
-            usage = {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
-            return web.json_response(
-                {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
-            )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
         pieces = self.pieces or [text[i : i + 7] for i in range(0, len(text), 7)]
-        for piece in pieces:
-            choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
-            await resp.write(b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n")
-        end = {"index": 0, "delta": {}, "finish_reason": "stop"}
-        await resp.write(b"data: " + orjson.dumps({**base, "choices": [end]}) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
+        return await text_reply(request, body, text, pieces)
 
 
 @pytest.fixture
@@ -97,10 +79,6 @@ def policy(mode: str = "before", model: str = "fake-mod", **cfg: Any) -> dict[st
     return {"policies": [{"name": "p", "restore": True, "detectors": [pii, safety]}]}
 
 
-async def gateway(start_gateway: StartGateway, url: str, guardrails: dict[str, Any]) -> Any:
-    return await start_gateway(gateway_config(url, guardrails=guardrails))
-
-
 def chat(text: str = "hi", **extra: Any) -> dict[str, Any]:
     return {"model": "fake-m", "messages": [{"role": "user", "content": text}], **extra}
 
@@ -114,7 +92,7 @@ def streamed_text(events: list[Any]) -> str:
 async def test_a_flagged_whole_answer_is_a_400_and_a_clean_one_passes(
     start_gateway: StartGateway, provider: AnswerProvider, mode: str
 ) -> None:
-    gw = await gateway(start_gateway, provider.url, policy(mode))
+    gw = await start_guarded(start_gateway, provider.url, policy(mode))
     provider.answer = FLAGGED
     with pytest.raises(openai.BadRequestError) as info:
         await gw.sdk().chat.completions.create(**chat())
@@ -138,7 +116,7 @@ async def test_a_flagged_whole_answer_is_a_400_and_a_clean_one_passes(
 async def test_moderation_reads_the_answer_before_restore(
     start_gateway: StartGateway, provider: AnswerProvider
 ) -> None:
-    gw = await gateway(start_gateway, provider.url, policy())
+    gw = await start_guarded(start_gateway, provider.url, policy())
     provider.answer = "Write to [EMAIL_1] today."  # the model saw only the placeholder
     reply = await gw.sdk().chat.completions.create(**chat(f"my mail is {EMAIL}"))
     assert reply.choices[0].message.content == f"Write to {EMAIL} today."
@@ -152,7 +130,7 @@ async def test_moderation_reads_the_answer_before_restore(
 async def test_before_sends_no_byte_of_a_flagged_segment(
     start_gateway: StartGateway, provider: AnswerProvider
 ) -> None:
-    gw = await gateway(start_gateway, provider.url, policy("before"))
+    gw = await start_guarded(start_gateway, provider.url, policy("before"))
     clean = "All calm here. " * (SEGMENT // 15 + 1)  # one whole clean segment first
     provider.answer = clean + FLAGGED
     events = await sse_events(gw.base_url + "/chat/completions", chat(stream=True))
@@ -174,7 +152,7 @@ async def test_before_sends_no_byte_of_a_flagged_segment(
 async def test_parallel_sends_at_once_and_ends_a_flagged_stream_with_content_filter(
     start_gateway: StartGateway, provider: AnswerProvider
 ) -> None:
-    gw = await gateway(start_gateway, provider.url, policy("parallel"))
+    gw = await start_guarded(start_gateway, provider.url, policy("parallel"))
     provider.answer = FLAGGED
     events = await sse_events(gw.base_url + "/chat/completions", chat(stream=True))
     chunks = [e for e in events if isinstance(e, dict) and "choices" in e]
@@ -198,13 +176,13 @@ async def test_fail_closed_ends_a_stream_whose_answer_could_not_be_checked(
     start_gateway: StartGateway, provider: AnswerProvider, mode: str
 ) -> None:
     cfg = policy(mode, "fake-mod-slow", timeout_s=0.3, fail="closed")
-    gw = await gateway(start_gateway, provider.url, cfg)
+    gw = await start_guarded(start_gateway, provider.url, cfg)
     events = await sse_events(gw.base_url + "/chat/completions", chat(stream=True))
     assert events[-1]["error"]["code"] == "guardrail_unavailable"
     assert all(c["choices"][0].get("finish_reason") != "stop" for c in events
                if isinstance(c, dict) and c.get("choices"))  # fmt: skip
     open_cfg = policy(mode, "fake-mod-slow", timeout_s=0.3, fail="open")
-    gw = await gateway(start_gateway, provider.url, open_cfg)
+    gw = await start_guarded(start_gateway, provider.url, open_cfg)
     stream = await gw.sdk().chat.completions.create(**chat(), stream=True)
     got = [c.choices[0].delta.content or "" async for c in stream if c.choices]
     assert "".join(got) == "Paris."

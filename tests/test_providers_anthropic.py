@@ -437,29 +437,21 @@ def config(url: str, **provider: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeAnthropic]:
-    server = FakeAnthropic()
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def gw(start_gateway: StartGateway, fake: FakeAnthropic) -> Gateway:
-    return await start_gateway(config(fake.url))
+async def gw(start_gateway: StartGateway, fake_anthropic: FakeAnthropic) -> Gateway:
+    return await start_gateway(config(fake_anthropic.url))
 
 
 MSG = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hello"}]
 
 
-async def test_e2e_chat_non_stream(gw: Gateway, fake: FakeAnthropic) -> None:
+async def test_e2e_chat_non_stream(gw: Gateway, fake_anthropic: FakeAnthropic) -> None:
     raw = await gw.sdk().chat.completions.with_raw_response.create(model="sonnet", messages=MSG)  # type: ignore[arg-type]
     resp = raw.parse()
     assert resp.choices[0].message.content == "Hello! How can I help you today?"
     assert resp.choices[0].finish_reason == "stop"
     assert resp.id == "chatcmpl-" + raw.headers["x-request-id"]
     validate(resp.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
-    seen = fake.seen[-1]
+    seen = fake_anthropic.seen[-1]
     assert seen.path == "/v1/messages"
     assert seen.headers["x-api-key"] == "sk-ant-secret"
     assert seen.headers["anthropic-version"] == "2023-06-01"
@@ -474,7 +466,7 @@ async def test_e2e_chat_non_stream(gw: Gateway, fake: FakeAnthropic) -> None:
     assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (12, 10, "provider")
 
 
-async def test_e2e_chat_stream_with_usage(gw: Gateway, fake: FakeAnthropic) -> None:
+async def test_e2e_chat_stream_with_usage(gw: Gateway, fake_anthropic: FakeAnthropic) -> None:
     stream = await gw.sdk().chat.completions.create(
         model="claude-text",
         messages=MSG,  # type: ignore[arg-type]
@@ -488,7 +480,10 @@ async def test_e2e_chat_stream_with_usage(gw: Gateway, fake: FakeAnthropic) -> N
     )
     assert len({c.id for c in chunks}) == 1
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 15
-    assert fake.seen[-1].body["stream"] is True and fake.seen[-1].body["max_tokens"] == 50
+    assert (
+        fake_anthropic.seen[-1].body["stream"] is True
+        and fake_anthropic.seen[-1].body["max_tokens"] == 50
+    )
     usage = gw.settler.records[-1].usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (25, 15, "provider")
 
@@ -500,7 +495,7 @@ async def test_e2e_stream_without_usage_request_hides_usage_chunk(gw: Gateway) -
     assert gw.settler.records[-1].usage.completion_tokens == 15
 
 
-async def test_e2e_tool_calls_stream(gw: Gateway, fake: FakeAnthropic) -> None:
+async def test_e2e_tool_calls_stream(gw: Gateway, fake_anthropic: FakeAnthropic) -> None:
     stream = await gw.sdk().chat.completions.create(
         model="claude-tools",
         messages=MSG,  # type: ignore[arg-type]
@@ -517,8 +512,8 @@ async def test_e2e_tool_calls_stream(gw: Gateway, fake: FakeAnthropic) -> None:
             )
     assert orjson.loads(args[0]) == {"location": "San Francisco, CA", "unit": "fahrenheit"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert fake.seen[-1].body["tool_choice"] == {"type": "any"}
-    assert fake.seen[-1].body["tools"][0]["input_schema"]["type"] == "object"
+    assert fake_anthropic.seen[-1].body["tool_choice"] == {"type": "any"}
+    assert fake_anthropic.seen[-1].body["tools"][0]["input_schema"]["type"] == "object"
 
 
 async def test_e2e_tool_calls_non_stream(gw: Gateway) -> None:
@@ -584,7 +579,7 @@ def test_error_mapping_of_a_non_json_body() -> None:
     assert err.payload()["error"]["message"] == "provider 'claude' returned HTTP 502"
 
 
-async def test_e2e_overloaded_is_a_server_error(gw: Gateway, fake: FakeAnthropic) -> None:
+async def test_e2e_overloaded_is_a_server_error(gw: Gateway, fake_anthropic: FakeAnthropic) -> None:
     # The adapter turns 529 into 503 (see test_error_mapping); its retry-after
     # of 3 s is beyond the 2 s deadline, so the plan ends after one attempt
     # with an overloaded provider's 503: the client knows to come back.
@@ -592,7 +587,7 @@ async def test_e2e_overloaded_is_a_server_error(gw: Gateway, fake: FakeAnthropic
         await gw.sdk().chat.completions.create(model="claude-overloaded", messages=MSG)  # type: ignore[arg-type]
     assert exc.value.status_code == 503
     assert isinstance(exc.value.body, dict) and exc.value.body["code"] == "service_unavailable"
-    assert len(fake.seen) == 1 and gw.settler.records[-1].status == 503
+    assert len(fake_anthropic.seen) == 1 and gw.settler.records[-1].status == 503
 
 
 async def test_e2e_bad_request_passes_status(gw: Gateway) -> None:
@@ -623,19 +618,19 @@ async def test_e2e_error_mid_stream_ends_with_error_event(gw: Gateway) -> None:
     assert record.usage.source == "estimated" and record.usage.completion_tokens >= 1
 
 
-async def test_e2e_embeddings_are_a_clear_400(gw: Gateway, fake: FakeAnthropic) -> None:
+async def test_e2e_embeddings_are_a_clear_400(gw: Gateway, fake_anthropic: FakeAnthropic) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         await gw.sdk().embeddings.create(model="claude-text", input="hi")
     assert exc.value.body["code"] == "embeddings_not_supported"  # type: ignore[index]
-    assert fake.seen == []
+    assert fake_anthropic.seen == []
 
 
-async def test_e2e_legacy_completions(gw: Gateway, fake: FakeAnthropic) -> None:
+async def test_e2e_legacy_completions(gw: Gateway, fake_anthropic: FakeAnthropic) -> None:
     client = gw.sdk()
     resp = await client.completions.create(model="claude-text", prompt="Say hello", max_tokens=20)
     assert resp.object == "text_completion" and resp.choices[0].text.startswith("Hello!")
     validate(resp.model_dump(mode="json", exclude_unset=True), "CreateCompletionResponse")
-    assert fake.seen[-1].body["messages"] == [{"role": "user", "content": "Say hello"}]
+    assert fake_anthropic.seen[-1].body["messages"] == [{"role": "user", "content": "Say hello"}]
     stream = await client.completions.create(model="claude-text", prompt="Say hello", stream=True)
     text = "".join([c.choices[0].text async for c in stream if c.choices])
     assert text == "Hello! Héllo, wörld 👋"
@@ -643,19 +638,23 @@ async def test_e2e_legacy_completions(gw: Gateway, fake: FakeAnthropic) -> None:
 
 
 async def test_e2e_api_version_and_v1_base_url(
-    start_gateway: StartGateway, fake: FakeAnthropic
+    start_gateway: StartGateway, fake_anthropic: FakeAnthropic
 ) -> None:
     gw = await start_gateway(
-        config(fake.url + "/v1", api_version="2099-01-01", headers={"anthropic-beta": "b1"})
+        config(
+            fake_anthropic.url + "/v1", api_version="2099-01-01", headers={"anthropic-beta": "b1"}
+        )
     )
     await gw.sdk().chat.completions.create(model="claude-text", messages=MSG)  # type: ignore[arg-type]
-    seen = fake.seen[-1]
+    seen = fake_anthropic.seen[-1]
     assert seen.path == "/v1/messages"
     assert seen.headers["anthropic-version"] == "2099-01-01"
     assert seen.headers["anthropic-beta"] == "b1"
 
 
-async def test_e2e_client_disconnect_cancels_upstream(gw: Gateway, fake: FakeAnthropic) -> None:
+async def test_e2e_client_disconnect_cancels_upstream(
+    gw: Gateway, fake_anthropic: FakeAnthropic
+) -> None:
     body = {"model": "claude-held", "messages": MSG, "stream": True}
     async with aiohttp.ClientSession() as s:
         resp = await s.post(gw.base_url + "/chat/completions", json=body)
@@ -664,7 +663,7 @@ async def test_e2e_client_disconnect_cancels_upstream(gw: Gateway, fake: FakeAnt
             seen += await resp.content.readany()
         resp.close()
     async with asyncio.timeout(5):
-        await fake.disconnected.wait()
+        await fake_anthropic.disconnected.wait()
     await until(lambda: gw.settler.records)
     assert gw.settler.records[-1].client_disconnected
-    fake.release.set()
+    fake_anthropic.release.set()

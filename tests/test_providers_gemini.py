@@ -369,27 +369,19 @@ def config(url: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeGemini]:
-    server = FakeGemini()
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def gw(start_gateway: StartGateway, fake: FakeGemini) -> Gateway:
-    return await start_gateway(config(fake.url))  # no version in the URL: v1beta is added
+async def gw(start_gateway: StartGateway, fake_gemini: FakeGemini) -> Gateway:
+    return await start_gateway(config(fake_gemini.url))  # no version in the URL: v1beta is added
 
 
 MSG = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hello"}]
 
 
-async def test_e2e_chat_non_stream(gw: Gateway, fake: FakeGemini) -> None:
+async def test_e2e_chat_non_stream(gw: Gateway, fake_gemini: FakeGemini) -> None:
     resp = await gw.sdk().chat.completions.create(model="flash", messages=MSG, temperature=0.5)  # type: ignore[arg-type]
     assert resp.choices[0].message.content == "Hello! How can I help you today?"
     assert resp.model == "gemini-2.0-flash"
     validate(resp.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
-    seen = fake.seen[-1]
+    seen = fake_gemini.seen[-1]
     assert seen.path == "/v1beta/models/gemini-text:generateContent"
     assert seen.query == {}  # the key is never in the URL
     assert seen.headers["x-goog-api-key"] == "AIza-secret"
@@ -403,7 +395,7 @@ async def test_e2e_chat_non_stream(gw: Gateway, fake: FakeGemini) -> None:
     assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (8, 9, "provider")
 
 
-async def test_e2e_chat_stream(gw: Gateway, fake: FakeGemini) -> None:
+async def test_e2e_chat_stream(gw: Gateway, fake_gemini: FakeGemini) -> None:
     stream = await gw.sdk().chat.completions.create(
         model="gemini-text",
         messages=MSG,  # type: ignore[arg-type]
@@ -415,14 +407,14 @@ async def test_e2e_chat_stream(gw: Gateway, fake: FakeGemini) -> None:
     assert text == "The capital of France is Paris — Ça va? 🇫🇷"
     assert len({c.id for c in chunks}) == 1
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 13
-    seen = fake.seen[-1]
+    seen = fake_gemini.seen[-1]
     assert seen.path == "/v1beta/models/gemini-text:streamGenerateContent"
     assert seen.query == {"alt": "sse"}
     usage = gw.settler.records[-1].usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (4, 13, "provider")
 
 
-async def test_e2e_tool_round_trip(gw: Gateway, fake: FakeGemini) -> None:
+async def test_e2e_tool_round_trip(gw: Gateway, fake_gemini: FakeGemini) -> None:
     client = gw.sdk()
     stream = await client.chat.completions.create(
         model="gemini-tools",
@@ -454,7 +446,7 @@ async def test_e2e_tool_round_trip(gw: Gateway, fake: FakeGemini) -> None:
         {"role": "tool", "tool_call_id": calls[1].id, "content": '{"time": "09:00"}'},
     ]
     await client.chat.completions.create(model="gemini-text", messages=history)  # type: ignore[arg-type]
-    contents = fake.seen[-1].body["contents"]
+    contents = fake_gemini.seen[-1].body["contents"]
     assert contents[1]["parts"][0]["thoughtSignature"] == SIG
     assert contents[2] == {
         "role": "user",
@@ -499,7 +491,7 @@ async def test_e2e_safety_block_is_content_filter(gw: Gateway, stream: bool) -> 
         assert resp.choices[0].message.content is None
 
 
-async def test_e2e_embeddings(gw: Gateway, fake: FakeGemini) -> None:
+async def test_e2e_embeddings(gw: Gateway, fake_gemini: FakeGemini) -> None:
     client = gw.sdk()
     resp = await client.embeddings.create(model="gemini-embed", input=["a", "b"], dimensions=3)
     assert [d.embedding for d in resp.data] == [
@@ -507,7 +499,7 @@ async def test_e2e_embeddings(gw: Gateway, fake: FakeGemini) -> None:
         [v * 2 for v in EMBEDDING],
     ]  # base64 by default
     validate(resp.model_dump(mode="json", exclude_unset=True), "CreateEmbeddingResponse")
-    seen = fake.seen[-1]
+    seen = fake_gemini.seen[-1]
     assert seen.path == "/v1beta/models/gemini-embed:batchEmbedContents"
     assert seen.body == {
         "requests": [
@@ -527,12 +519,14 @@ async def test_e2e_embeddings(gw: Gateway, fake: FakeGemini) -> None:
     assert usage.source == "estimated" and usage.prompt_tokens == floats.usage.prompt_tokens == 1
 
 
-async def test_e2e_legacy_completions(gw: Gateway, fake: FakeGemini) -> None:
+async def test_e2e_legacy_completions(gw: Gateway, fake_gemini: FakeGemini) -> None:
     client = gw.sdk()
     resp = await client.completions.create(model="gemini-text", prompt="Say hello")
     assert resp.choices[0].text == "Hello! How can I help you today?"
     validate(resp.model_dump(mode="json", exclude_unset=True), "CreateCompletionResponse")
-    assert fake.seen[-1].body["contents"] == [{"role": "user", "parts": [{"text": "Say hello"}]}]
+    assert fake_gemini.seen[-1].body["contents"] == [
+        {"role": "user", "parts": [{"text": "Say hello"}]}
+    ]
     stream = await client.completions.create(model="gemini-text", prompt="Say hello", stream=True)
     text = "".join([c.choices[0].text async for c in stream if c.choices])
     assert text == "The capital of France is Paris — Ça va? 🇫🇷"

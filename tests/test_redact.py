@@ -24,6 +24,7 @@ from tests.billing_helpers import billing_config
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
 from tests.leaks import leaks_in
+from tests.loopback import serve_app
 
 
 def test_shapes_are_scrubbed() -> None:
@@ -91,11 +92,8 @@ class LeakyProvider:
     async def start(self) -> LeakyProvider:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self._runner, url = await serve_app(app)
+        self.url = url + "/v1"
         return self
 
     async def _chat(self, request: web.Request) -> web.Response:

@@ -38,10 +38,9 @@ from tests.fakes_faults import FaultyOpenAI
 from tests.redis_cluster import SLOTS, LocalCluster
 from tests.test_breaker import Clock, clock
 from tests.test_breaker_redis import Instances, two_instances
-from tests.test_forward import fake_a
 from tests.waiting import until
 
-__all__ = ["clock", "fake_a", "two_instances"]  # fixtures, imported for pytest
+__all__ = ["clock", "two_instances"]  # fixtures, imported for pytest
 MSG = [{"role": "user", "content": "hi"}]
 TIERS: dict[str, Any] = {
     **TEST_TIERS,

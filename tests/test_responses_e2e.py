@@ -6,14 +6,13 @@ structured output, stored responses, errors as the SDK's exception classes."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Gateway, StartGateway, gateway_config
+from tests.conftest import Gateway, StartGateway, all_providers_config
 from tests.fakes import FAKE_USAGE, WORDS, FakeOpenAI
 from tests.fakes_providers import FakeAnthropic, FakeGemini
 from tests.responses_helpers import check_events, parse_events
@@ -33,51 +32,15 @@ WEATHER = {
 
 
 @pytest.fixture
-async def anthropic_fake() -> AsyncIterator[FakeAnthropic]:
-    server = FakeAnthropic()
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def gemini_fake() -> AsyncIterator[FakeGemini]:
-    server = FakeGemini()
-    await server.start()
-    yield server
-    await server.close()
-
-
-def all_providers(openai_url: str, anthropic_url: str, gemini_url: str) -> dict[str, Any]:
-    cfg = gateway_config(openai_url)
-    timeouts = {"connect": 2, "first_byte": 2, "idle": 2, "total": 30}
-    cfg["providers"]["anthropic"] = {
-        "kind": "anthropic",
-        "base_url": anthropic_url,
-        "api_key": "sk-ant-secret",
-        "timeouts": timeouts,
-    }
-    cfg["providers"]["gemini"] = {
-        "kind": "gemini",
-        "base_url": gemini_url,
-        "api_key": "AIza-secret",
-        "timeouts": timeouts,
-    }
-    cfg["models"] += [
-        {"name": "claude-*", "targets": [{"provider": "anthropic"}]},
-        {"name": "gemini-*", "targets": [{"provider": "gemini"}]},
-    ]
-    return cfg
-
-
-@pytest.fixture
 async def gw(
     start_gateway: StartGateway,
     fake_openai: FakeOpenAI,
-    anthropic_fake: FakeAnthropic,
-    gemini_fake: FakeGemini,
+    fake_anthropic: FakeAnthropic,
+    fake_gemini: FakeGemini,
 ) -> Gateway:
-    return await start_gateway(all_providers(fake_openai.url, anthropic_fake.url, gemini_fake.url))
+    return await start_gateway(
+        all_providers_config(fake_openai.url, fake_anthropic.url, fake_gemini.url)
+    )
 
 
 def check(resp: Any) -> dict[str, Any]:
@@ -240,7 +203,7 @@ async def test_stream_raw_events_against_the_spec(gw: Gateway) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_function_tools_round_trip(
-    gw: Gateway, anthropic_fake: FakeAnthropic, stream: bool
+    gw: Gateway, fake_anthropic: FakeAnthropic, stream: bool
 ) -> None:
     """A tool call from Anthropic comes back as a function_call item; its
     output goes back as a function_call_output and reaches Anthropic as a
@@ -272,7 +235,7 @@ async def test_function_tools_round_trip(
     ]
     answer = await client.responses.create(model="claude-text", input=follow, tools=[WEATHER])  # type: ignore[arg-type,list-item]
     check(answer)
-    sent = anthropic_fake.seen[-1].body["messages"]
+    sent = fake_anthropic.seen[-1].body["messages"]
     assert sent[1]["role"] == "assistant"
     uses = [b["id"] for b in sent[1]["content"] if b["type"] == "tool_use"]
     assert uses == [c.call_id for c in calls]

@@ -24,6 +24,7 @@ from proxy.web.keys import STAGES
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.fakes import FakeOpenAI
+from tests.loopback import serve_app
 from tests.schema import validate
 from tests.test_cli import _env, _tollway
 from tests.test_reload import write_atomically
@@ -274,11 +275,8 @@ class SlowEmbeddings:
     async def start(self) -> SlowEmbeddings:
         app = web.Application()
         app.router.add_post("/v1/embeddings", self._hang)
-        self.runner = web.AppRunner(app, handler_cancellation=True)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, url = await serve_app(app, handler_cancellation=True)
+        self.url = url + "/v1"
         return self
 
     async def _hang(self, request: web.Request) -> web.Response:

@@ -45,20 +45,6 @@ async def receiver() -> AsyncIterator[OtlpReceiver]:
     await r.close()
 
 
-@pytest.fixture
-async def fake_a() -> AsyncIterator[FaultyOpenAI]:
-    fake = await FaultyOpenAI().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def fake_b() -> AsyncIterator[FaultyOpenAI]:
-    fake = await FaultyOpenAI().start()
-    yield fake
-    await fake.close()
-
-
 def config(a: FaultyOpenAI, b: FaultyOpenAI, **kw: Any) -> dict[str, Any]:
     def provider(url: str) -> dict[str, Any]:
         return {"kind": "openai", "base_url": url, "api_key": "sk-secret", "timeouts": TIMEOUTS}

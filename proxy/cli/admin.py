@@ -36,22 +36,39 @@ _NOTHING_YET = {
 
 def add_commands(sub: Any) -> None:
     sub.add_parser("migrate", help="apply sql/ migrations to DATABASE_URL (or the embedded DB)")
-    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(
-        dest="action", required=True
-    )
+    _tenant_commands(_group(sub, "tenants", "manage tenants"))
+    _key_commands(_group(sub, "keys", "manage API keys"))
+    _cache_commands(_group(sub, "cache", "manage the semantic cache"))
+    _webhook_commands(_group(sub, "webhooks", "manage a tenant's event webhooks"))
+
+
+def _group(sub: Any, name: str, about: str) -> Any:
+    return sub.add_parser(name, help=about).add_subparsers(dest="action", required=True)
+
+
+def _with_config(about: str, *parsers: argparse.ArgumentParser) -> None:
+    for p in parsers:
+        p.add_argument("--config", help=about)
+
+
+_FOR_TIERS = "YAML config (for tier names)"
+
+
+def _tenant_commands(tenants: Any) -> None:
     c = tenants.add_parser("create", help="create a tenant")
     c.add_argument("name")
     c.add_argument("--tier", default="free")
     st = tenants.add_parser("set-tier", help="change a tenant's tier")
     st.add_argument("name")
     st.add_argument("tier")
-    tenants.add_parser("list", help="list tenants")
+    ls = tenants.add_parser("list", help="list tenants")
     sb = tenants.add_parser("set-budget", help="set or clear a tenant's own USD budgets")
     sb.add_argument("name")
     _budget_options(sb)
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
-        dest="action", required=True
-    )
+    _with_config(_FOR_TIERS, c, st, ls, sb)
+
+
+def _key_commands(keys: Any) -> None:
     kc = keys.add_parser("create", help="create a key (shown only once)")
     kc.add_argument("--tenant", required=True)
     kc.add_argument("--name", default="")
@@ -60,20 +77,23 @@ def add_commands(sub: Any) -> None:
     kc.add_argument("--json", action="store_true", help="print JSON")
     kl = keys.add_parser("list", help="list keys")
     kl.add_argument("--tenant")
-    for action in ("revoke", "rotate"):
-        keys.add_parser(action, help=f"{action} a key").add_argument("key_id")
+    by_id = [keys.add_parser(action, help=f"{action} a key") for action in ("revoke", "rotate")]
+    for p in by_id:
+        p.add_argument("key_id")
     kb = keys.add_parser("set-budget", help="set or clear a key's own USD budgets")
     kb.add_argument("key_id")
     _budget_options(kb)
-    cache = sub.add_parser("cache", help="manage the semantic cache").add_subparsers(
-        dest="action", required=True
-    )
+    _with_config(_FOR_TIERS, kc, kl, *by_id, kb)
+
+
+def _cache_commands(cache: Any) -> None:
     cp = cache.add_parser("purge", help="delete a tenant's semantic-cache entries")
     cp.add_argument("--tenant", required=True)
     cp.add_argument("--model", help="only this public model's entries")
-    hooks = sub.add_parser("webhooks", help="manage a tenant's event webhooks").add_subparsers(
-        dest="action", required=True
-    )
+    _with_config(_FOR_TIERS, cp)
+
+
+def _webhook_commands(hooks: Any) -> None:
     wa = hooks.add_parser("add", help="add an endpoint (its secret is shown only once)")
     wa.add_argument("--tenant", required=True)
     wa.add_argument("--url", required=True)
@@ -90,21 +110,7 @@ def add_commands(sub: Any) -> None:
     wr.add_argument("endpoint_id")
     wd = hooks.add_parser("deliveries", help="an endpoint's latest deliveries and attempts")
     wd.add_argument("endpoint_id")
-    for p in (wa, wl, wr, wd):
-        p.add_argument("--config", help="YAML config")
-    for p in (
-        cp,
-        c,
-        st,
-        tenants.choices["list"],
-        kc,
-        kl,
-        keys.choices["revoke"],
-        keys.choices["rotate"],
-        sb,
-        kb,
-    ):
-        p.add_argument("--config", help="YAML config (for tier names)")
+    _with_config("YAML config", wa, wl, wr, wd)
 
 
 def _budget_options(parser: argparse.ArgumentParser) -> None:

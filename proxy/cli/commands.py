@@ -14,7 +14,9 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.cli import admin as cli_admin
 from proxy.cli import batches as cli_batches
@@ -30,6 +32,12 @@ from proxy.stores.accounts import AccountError
 from proxy.stores.embedded import DatastoreError
 from proxy.stores.migrate import NotMigrated
 from proxy.web.server import StartupError
+
+if TYPE_CHECKING:  # the serve steps import these where they use them
+    from aiohttp import web
+
+    from proxy.stores.redis_client import RedisOptions
+    from proxy.web.batches_setup import BatchRole
 
 DEFAULT_CONFIG = "config/tollway.yaml"
 
@@ -122,6 +130,26 @@ def _print_demo_key(dsn: str, config: Config) -> None:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Serving:
+    """What ``tollway serve`` settles before anything starts: the flags over
+    the config's ``server``, and where the datastores are."""
+
+    config: Config
+    path: str
+    host: str
+    port: int
+    dsn: str
+    redis_url: str  # embedded without REDIS_URL; stopped at exit
+    redis: RedisOptions
+
+    def ready(self, port: int, workers: str = "") -> str:
+        return (
+            f"tollway {self.config.version} listening on http://{self.host}:{port}{workers} "
+            f"(OpenAI base_url: http://{self.host}:{port}/v1)"
+        )
+
+
 def lower_priority(policy: BatchPolicy) -> None:
     """A batch process's place behind the HTTP workers: niceness, and
     SCHED_IDLE where the OS has it (Linux)."""
@@ -134,77 +162,104 @@ def lower_priority(policy: BatchPolicy) -> None:
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from proxy.cli import supervisor
+
+    run = _serving(args, config)
+    _prepare_database(args, run)
+    if args.workers is not None and supervisor.supervisor_pid() is None:
+        return _supervise(run, args.workers)
+    _serve_here(run)
+    return 0
+
+
+def _serving(args: argparse.Namespace, config: Config) -> _Serving:
     from proxy.stores import embedded as datastores
-    from proxy.stores import migrate
     from proxy.stores.redis_client import RedisOptions
-    from proxy.web.app import build_app
-    from proxy.web.billing_setup import BillingOptions
-    from proxy.web.metrics_share import ENV as METRICS_DIR_ENV
-    from proxy.web.reload import ReloadOptions
-    from proxy.web.server import install_fast_loop, serve
 
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     path = _config_path(args.config)
     dsn = datastores.database_url()
-    redis_url = datastores.redis_url()  # embedded without REDIS_URL; stopped at exit
+    redis_url = datastores.redis_url()
     redis = RedisOptions.from_env(redis_url)
+    return _Serving(config, path, host, port, dsn, redis_url, redis)
+
+
+def _prepare_database(args: argparse.Namespace, run: _Serving) -> None:
+    """``--migrate``, then ``--demo``: before any worker starts."""
+    from proxy.stores import migrate
+
     if args.migrate:
-        asyncio.run(migrate.migrate(dsn))
+        asyncio.run(migrate.migrate(run.dsn))
     if args.demo:
-        _print_demo_key(dsn, config)
+        _print_demo_key(run.dsn, run.config)
 
-    def ready(port: int, workers: str = "") -> str:
-        return (
-            f"tollway {config.version} listening on http://{host}:{port}{workers} "
-            f"(OpenAI base_url: http://{host}:{port}/v1)"
-        )
 
-    if args.workers is not None and supervisor.supervisor_pid() is None:
-        batch_workers = config.batches.workers
-        extra = f" and {batch_workers} batch worker{'s' if batch_workers != 1 else ''}"
-        return supervisor.supervise(
-            path,
-            host,
-            port,
-            args.workers,
-            {"DATABASE_URL": dsn, "REDIS_URL": redis_url},
-            grace=lambda: _grace(path, config),
-            ready_line=lambda p: ready(
-                p, f" with {args.workers} workers{extra if batch_workers else ''}"
-            ),
-            batch_workers=batch_workers,
-        )
+def _supervise(run: _Serving, workers: int) -> int:
+    """``--workers N``: this process supervises the HTTP workers and the
+    config's batch workers, each a ``tollway serve`` of its own."""
+    from proxy.cli import supervisor
+
+    batch_workers = run.config.batches.workers
+    extra = f" and {batch_workers} batch worker{'s' if batch_workers != 1 else ''}"
+    return supervisor.supervise(
+        run.path,
+        run.host,
+        run.port,
+        workers,
+        {"DATABASE_URL": run.dsn, "REDIS_URL": run.redis_url},
+        grace=lambda: _grace(run.path, run.config),
+        ready_line=lambda p: run.ready(
+            p, f" with {workers} workers{extra if batch_workers else ''}"
+        ),
+        batch_workers=batch_workers,
+    )
+
+
+def _serve_here(run: _Serving) -> None:
+    """This process serves: alone, or as one of a supervisor's workers
+    (sharing the port, or running batch lines only)."""
+    from proxy.cli import supervisor
+    from proxy.web.server import install_fast_loop, serve
+
     parent = supervisor.supervisor_pid()  # set when this process is one of N workers
     role = supervisor.role()
     if role == "lines":
         # Batch lines only, behind the HTTP workers in the kernel's queue.
-        lower_priority(config.batches)
-    metrics_dir = os.environ.get(METRICS_DIR_ENV) if parent else None
+        lower_priority(run.config.batches)
     install_fast_loop()
-    app = build_app(
-        config,
-        billing=BillingOptions.from_env(dsn, datastores.data_dir()),
-        redis=redis,
-        reloading=ReloadOptions(Path(path)),
-        metrics_dir=Path(metrics_dir) if metrics_dir else None,
-        access_fd=sys.stdout.fileno(),  # batched access lines, not one logging call each
-        batch_role=role,
-    )
+    app = _app(run, role, parent)
     sys.stdout.flush()  # what print() buffered goes out before the first access line
     asyncio.run(
         serve(
             app,
-            host,
-            port,
-            ready_line="" if parent else ready(port),
+            run.host,
+            run.port,
+            ready_line="" if parent else run.ready(run.port),
             reuse_port=parent is not None,
             on_ready=supervisor.notify_ready,
             parent_pid=parent,
             listen=role != "lines",
         )
     )
-    return 0
+
+
+def _app(run: _Serving, role: BatchRole, parent: int | None) -> web.Application:
+    from proxy.stores import embedded as datastores
+    from proxy.web.app import build_app
+    from proxy.web.billing_setup import BillingOptions
+    from proxy.web.metrics_share import ENV as METRICS_DIR_ENV
+    from proxy.web.reload import ReloadOptions
+
+    metrics_dir = os.environ.get(METRICS_DIR_ENV) if parent else None
+    return build_app(
+        run.config,
+        billing=BillingOptions.from_env(run.dsn, datastores.data_dir()),
+        redis=run.redis,
+        reloading=ReloadOptions(Path(run.path)),
+        metrics_dir=Path(metrics_dir) if metrics_dir else None,
+        access_fd=sys.stdout.fileno(),  # batched access lines, not one logging call each
+        batch_role=role,
+    )
 
 
 def _grace(path: str, started: Config) -> float:

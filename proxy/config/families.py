@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config.reader import ConfigError, glob_match
+from proxy.config.reader import ConfigError, glob_match, mapping
 
 TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")
 
@@ -56,11 +56,7 @@ _KEYS = ("models", "token_limit", "context_window")
 
 
 def _family(raw: Any, path: str) -> Family:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping with models, token_limit, context_window")
-    for key in raw:
-        if key not in _KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_KEYS)})")
+    mapping(raw, path, _KEYS, "must be a mapping with models, token_limit, context_window")
     models = raw.get("models")
     if (
         not isinstance(models, list)

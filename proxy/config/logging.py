@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config.reader import ConfigError, glob_match
+from proxy.config.reader import ConfigError, glob_match, mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +28,12 @@ class LogPolicy:
 def parse_logging(raw: Any) -> LogPolicy:
     if raw is None:
         return LogPolicy()
-    if not isinstance(raw, dict):
-        raise ConfigError("logging: must be a mapping")
-    _only(raw, "logging", ("access_log", "bodies"))
+    mapping(raw, "logging", ("access_log", "bodies"))
     access = raw.get("access_log", True)
     if not isinstance(access, bool):
         raise ConfigError("logging.access_log: must be true or false")
     bodies = raw.get("bodies") or {}
-    if not isinstance(bodies, dict):
-        raise ConfigError("logging.bodies: must be a mapping")
-    _only(bodies, "logging.bodies", ("tenants", "max_chars"))
+    mapping(bodies, "logging.bodies", ("tenants", "max_chars"))
     tenants = bodies.get("tenants", [])
     if not isinstance(tenants, list) or not all(isinstance(t, str) and t for t in tenants):
         raise ConfigError("logging.bodies.tenants: must be a list of tenant names or globs")
@@ -45,9 +41,3 @@ def parse_logging(raw: Any) -> LogPolicy:
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0:
         raise ConfigError("logging.bodies.max_chars: must be a positive integer")
     return LogPolicy(access, tuple(tenants), max_chars)
-
-
-def _only(raw: dict[str, Any], path: str, allowed: tuple[str, ...]) -> None:
-    for key in raw:
-        if key not in allowed:
-            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(allowed)})")

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config.reader import ConfigError
+from proxy.config.reader import ConfigError, mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +59,7 @@ def _positive(value: Any, path: str) -> int:
 
 
 def _provider_limit(raw: Any, path: str) -> ProviderLimit:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of {', '.join(_PROVIDER_KEYS)}")
-    for key in raw:
-        if key not in _PROVIDER_KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_PROVIDER_KEYS)})")
+    mapping(raw, path, _PROVIDER_KEYS, f"must be a mapping of {', '.join(_PROVIDER_KEYS)}")
     return ProviderLimit(
         **{k: None if v is None else _positive(v, f"{path}.{k}") for k, v in raw.items()}
     )
@@ -73,11 +69,7 @@ def _auth_failures(raw: Any) -> AuthFailurePolicy:
     path = "ratelimit.auth_failures"
     if raw is None:
         return AuthFailurePolicy()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of {', '.join(_AUTH_KEYS)}")
-    for key in raw:
-        if key not in _AUTH_KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_AUTH_KEYS)})")
+    mapping(raw, path, _AUTH_KEYS, f"must be a mapping of {', '.join(_AUTH_KEYS)}")
     window = raw.get("window_s", 60)
     if isinstance(window, bool) or not isinstance(window, int | float) or window <= 0:
         raise ConfigError(f"{path}.window_s: must be a number > 0")
@@ -91,11 +83,7 @@ def parse_ratelimit(raw: Any, providers: Mapping[str, object]) -> RateLimitPolic
     """``providers`` are the configured provider names a limit may refer to."""
     if raw is None:
         return RateLimitPolicy()
-    if not isinstance(raw, dict):
-        raise ConfigError("ratelimit: must be a mapping")
-    for key in raw:
-        if key not in _KEYS:
-            raise ConfigError(f"ratelimit.{key}: unknown key (allowed: {', '.join(_KEYS)})")
+    mapping(raw, "ratelimit", _KEYS)
     instances = _positive(raw.get("expected_instances", 1), "ratelimit.expected_instances")
     limits: dict[str, ProviderLimit] = {}
     given = raw.get("providers") or {}

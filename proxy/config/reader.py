@@ -53,6 +53,19 @@ def one_of(value: Any, path: str, allowed: tuple[str, ...]) -> str:
     return str(value)
 
 
+def mapping(
+    raw: Any, path: str, allowed: tuple[str, ...], shape: str = "must be a mapping"
+) -> dict[Any, Any]:
+    """``raw`` as a mapping of ``allowed`` keys only: ``Node.mapping`` for
+    sections read as plain values. ``shape``: what the error says it must be."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {shape}")
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(allowed)})")
+    return raw
+
+
 class Node:
     """A YAML value plus its key path, with strict typed accessors."""
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from proxy.config.budgets import TIER_KEYS as BUDGET_KEYS
 from proxy.config.budgets import Budgets, tier_budgets
-from proxy.config.reader import ConfigError, glob_match
+from proxy.config.reader import ConfigError, glob_match, mapping
 
 DEFAULT_TIERS: dict[str, dict[str, Any]] = {
     "free": {
@@ -145,11 +145,7 @@ def _limit(value: Any, path: str) -> int | None:
 
 def _tier(name: str, raw: Any) -> Tier:
     path = f"tiers.{name}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping")
-    for key in raw:
-        if key not in _TIER_KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_TIER_KEYS)})")
+    mapping(raw, path, _TIER_KEYS)
     models = raw.get("models", ["*"])
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
         raise ConfigError(f"{path}.models: must be a list of model names or globs")

@@ -18,20 +18,11 @@ from aiohttp import web
 from proxy.core import batch_input
 from proxy.core.errors import Conflict, InvalidRequest, NotFound
 from proxy.stages import parse
-from proxy.stores.batches import BatchStore
-from proxy.stores.pgwait import DatabaseDown
-from proxy.web.files_api import caller, json, limit_of, unavailable
 from proxy.web.keys import BATCH_WORKER, BATCHES, CONFIG, EVENTS, FILES
+from proxy.web.tenant_api import caller, from_db, json, limit, page, store
 
 WINDOWS = {"24h": timedelta(hours=24)}
 MAX_METADATA = 16
-
-
-def _store(request: web.Request) -> BatchStore:
-    store = request.app.get(BATCHES)
-    if store is None:
-        raise NotFound("The Files and Batch APIs need API keys (auth: keys) and a database.")
-    return store
 
 
 def _metadata(value: Any) -> dict[str, str] | None:
@@ -54,9 +45,34 @@ def _metadata(value: Any) -> dict[str, str] | None:
 
 async def create(request: web.Request) -> web.Response:
     who = caller(request)
-    store = _store(request)
+    batches = store(request, BATCHES)
     config = request.app[CONFIG].current.config
     body = await parse.read_json(request, config.server.max_body_bytes)
+    endpoint, window, file_id = _asked(body)
+    metadata = _metadata(body.get("metadata"))
+    content = await _input_file(request, who.tenant_id, file_id)
+    lines, errors = batch_input.read(content, config.batches.max_lines)
+    errors += _wrong_urls(lines, endpoint)
+    batch = await from_db(
+        batches.create(
+            who.tenant_id,
+            who.key_id,
+            endpoint,
+            file_id,
+            WINDOWS[window],
+            window,
+            metadata,
+            lines,
+            [e.as_openai() for e in errors],
+        )
+    )
+    await request.app[EVENTS].publish(who.tenant_id, f"batch.{batch['status']}", batch)
+    _wake_worker(request)
+    return json(batch)
+
+
+def _asked(body: dict[str, Any]) -> tuple[str, str, str]:
+    """The endpoint, completion window and input file id a batch needs."""
     endpoint = body.get("endpoint")
     if endpoint not in batch_input.ENDPOINTS:
         raise InvalidRequest(
@@ -68,19 +84,24 @@ async def create(request: web.Request) -> web.Response:
     file_id = body.get("input_file_id")
     if not isinstance(file_id, str) or not file_id:
         raise InvalidRequest("input_file_id is required.", param="input_file_id")
-    metadata = _metadata(body.get("metadata"))
+    return str(endpoint), str(window), file_id
+
+
+async def _input_file(request: web.Request, tenant_id: int, file_id: str) -> bytes:
+    """The input file's content: the tenant's own, uploaded for a batch."""
     files = request.app[FILES]
-    try:
-        found = await files.get(who.tenant_id, file_id)
-        content = await files.content(who.tenant_id, file_id) if found is not None else None
-    except DatabaseDown as exc:
-        raise unavailable(exc) from None
+    found = await from_db(files.get(tenant_id, file_id))
+    content = await from_db(files.content(tenant_id, file_id)) if found is not None else None
     if found is None or content is None:
         raise NotFound(f"No such File object: {file_id}", param="input_file_id")
     if found.purpose != "batch":
         raise InvalidRequest("The input file's purpose must be 'batch'.", param="input_file_id")
-    lines, errors = batch_input.read(content, config.batches.max_lines)
-    errors += [
+    return content
+
+
+def _wrong_urls(lines: list[batch_input.InputLine], endpoint: str) -> list[batch_input.LineError]:
+    """A line for another endpoint fails the batch, as at OpenAI."""
+    return [
         batch_input.LineError(
             x.line,
             "invalid_url",
@@ -90,34 +111,12 @@ async def create(request: web.Request) -> web.Response:
         for x in lines
         if x.url != endpoint
     ][: batch_input.MAX_ERRORS]
-    try:
-        batch = await store.create(
-            who.tenant_id,
-            who.key_id,
-            str(endpoint),
-            file_id,
-            WINDOWS[str(window)],
-            str(window),
-            metadata,
-            lines,
-            [e.as_openai() for e in errors],
-        )
-    except DatabaseDown as exc:
-        raise unavailable(exc) from None
-    await request.app[EVENTS].publish(who.tenant_id, f"batch.{batch['status']}", batch)
-    worker = request.app.get(BATCH_WORKER)
-    if worker is not None:
-        worker.wake()
-    return json(batch)
 
 
 async def get_batch(request: web.Request) -> web.Response:
     who = caller(request)
     batch_id = request.match_info["batch_id"]
-    try:
-        batch = await _store(request).get(who.tenant_id, batch_id)
-    except DatabaseDown as exc:
-        raise unavailable(exc) from None
+    batch = await from_db(store(request, BATCHES).get(who.tenant_id, batch_id))
     if batch is None:
         raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
     return json(batch)
@@ -125,37 +124,29 @@ async def get_batch(request: web.Request) -> web.Response:
 
 async def list_batches(request: web.Request) -> web.Response:
     who = caller(request)
-    limit = limit_of(request)
-    try:
-        found, more = await _store(request).page(who.tenant_id, request.query.get("after"), limit)
-    except DatabaseDown as exc:
-        raise unavailable(exc) from None
-    return json(
-        {
-            "object": "list",
-            "data": found,
-            "first_id": found[0]["id"] if found else None,
-            "last_id": found[-1]["id"] if found else None,
-            "has_more": more,
-        }
-    )
+    most = limit(request, 20, 100)  # OpenAI's default and most
+    after = request.query.get("after")
+    found, more = await from_db(store(request, BATCHES).page(who.tenant_id, after, most))
+    return page(found, more)
 
 
 async def cancel(request: web.Request) -> web.Response:
     who = caller(request)
     batch_id = request.match_info["batch_id"]
-    try:
-        batch = await _store(request).cancel(who.tenant_id, batch_id)
-    except DatabaseDown as exc:
-        raise unavailable(exc) from None
+    batch = await from_db(store(request, BATCHES).cancel(who.tenant_id, batch_id))
     if batch is None:
         raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
     if batch["status"] not in ("cancelling", "cancelled"):
         raise Conflict(f"A batch that is {batch['status']} cannot be cancelled.")
+    _wake_worker(request)
+    return json(batch)
+
+
+def _wake_worker(request: web.Request) -> None:
+    """Lines queued or cancelled: the worker looks now, not at its next tick."""
     worker = request.app.get(BATCH_WORKER)
     if worker is not None:
         worker.wake()
-    return json(batch)
 
 
 def add_routes(app: web.Application) -> None:

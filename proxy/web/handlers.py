@@ -11,7 +11,7 @@ from aiohttp import web
 from proxy.config.model import Config, ModelConfig
 from proxy.core.errors import ModelNotFound
 from proxy.core.metering import off_loop
-from proxy.doors import messages
+from proxy.doors import messages_request
 from proxy.doors.base import FrontDoor
 from proxy.pipeline import run as pipeline
 from proxy.pipeline.runtime import PRINCIPAL
@@ -55,7 +55,7 @@ async def count_message_tokens(request: web.Request) -> web.Response:
     forwarded or billed (the key check still applies, as on every route)."""
     limit = request.app[RUNTIME].config.current.config.server.max_body_bytes
     body = await parse.read_json(request, limit)
-    counted = await off_loop(messages.count_tokens, body)
+    counted = await off_loop(messages_request.count_tokens, body)
     return _json(counted)
 
 

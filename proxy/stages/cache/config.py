@@ -22,7 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config.reader import ConfigError, boolean, glob_match, one_of, positive_number
+from proxy.config.reader import (
+    ConfigError,
+    boolean,
+    glob_match,
+    mapping,
+    one_of,
+    positive_number,
+)
 
 SCOPES = ("tenant", "shared")
 HIT_BILLING = ("request", "tokens")
@@ -83,11 +90,7 @@ _RULE_KEYS = ("enabled", "ttl_s", "scope")
 
 def _rule(pattern: str, raw: Any) -> _Rule:
     path = f"cache.models.{pattern}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of {', '.join(_RULE_KEYS)}")
-    for key in raw:
-        if key not in _RULE_KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_RULE_KEYS)})")
+    mapping(raw, path, _RULE_KEYS, f"must be a mapping of {', '.join(_RULE_KEYS)}")
     return _Rule(
         pattern,
         boolean(raw["enabled"], f"{path}.enabled") if "enabled" in raw else None,

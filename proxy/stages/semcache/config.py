@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.config.model import Config
-from proxy.config.reader import ConfigError, boolean, glob_match, one_of, positive_number
+from proxy.config.reader import (
+    ConfigError,
+    boolean,
+    glob_match,
+    mapping,
+    one_of,
+    positive_number,
+)
 
 BILL_TO = ("gateway", "tenant")
 HIT_BILLING = ("request", "tokens")
@@ -84,11 +91,7 @@ def _threshold(value: Any, path: str) -> float:
 
 def _rule(pattern: str, raw: Any) -> ModelRule:
     path = f"semantic_cache.models.{pattern}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of {', '.join(_RULE_KEYS)}")
-    for key in raw:
-        if key not in _RULE_KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(_RULE_KEYS)})")
+    mapping(raw, path, _RULE_KEYS, f"must be a mapping of {', '.join(_RULE_KEYS)}")
     return ModelRule(
         pattern,
         boolean(raw["enabled"], f"{path}.enabled") if "enabled" in raw else None,
