@@ -213,7 +213,7 @@ def _start(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes
             batch_workers=args.batch_workers,
             nice=args.nice,
             busy_rate=args.busy_lines_per_s,
-            idle="false" if args.no_idle else "true",
+            idle="true" if args.idle else "false",
         )
     )
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
@@ -302,7 +302,7 @@ def main() -> int:
     p.add_argument("--batch-workers", type=int, default=1, help="batches.workers")
     p.add_argument("--nice", type=int, default=10, help="batches.nice")
     p.add_argument("--busy-lines-per-s", type=float, default=10.0, help="batches.busy_lines_per_s")
-    p.add_argument("--no-idle", action="store_true", help="batches.idle_priority: false")
+    p.add_argument("--idle", action="store_true", help="batches.idle_priority: true")
     p.add_argument("--log", help="keep tollway's output in this file")
     p.add_argument("--rounds", type=int, default=3, help="alternated no-batch/batch rounds")
     args = p.parse_args()

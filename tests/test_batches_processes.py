@@ -52,7 +52,7 @@ async def test_batch_lines_run_in_their_own_niced_process(
     tmp_path: Path,
 ) -> None:
     cfg = billing_config(fake_openai.url)
-    cfg["batches"] = {"poll_interval_s": 0.05, "nice": NICE, "workers": 1}
+    cfg["batches"] = {"poll_interval_s": 0.05, "nice": NICE, "workers": 1, "idle_priority": True}
     tenant, key = await tenant_with_key(pg, tmp_path, "pro")
     t: Tollway = await tollway(cfg, "--workers", "2")
     assert "with 2 workers and 1 batch worker" in t.output[-1]
@@ -69,7 +69,7 @@ async def test_batch_lines_run_in_their_own_niced_process(
     batch_pid = next(pid for pid, role in children.items() if role == "lines")
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert os.getpriority(os.PRIO_PROCESS, batch_pid) == min(19, base + NICE)
-    # ... and in the idle scheduling class: CPU nothing else wants.
+    # ... and, as asked, in the idle scheduling class: CPU nothing else wants.
     assert os.sched_getscheduler(batch_pid) == os.SCHED_IDLE
     for pid, role in children.items():
         if role == "http":

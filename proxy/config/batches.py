@@ -43,8 +43,10 @@ class BatchPolicy:
     nice: int = 10  # the batch processes' niceness (0-19): the CPU goes to HTTP first
     # Linux's SCHED_IDLE for the batch processes: they run only on CPU nothing
     # else wants, and a waking HTTP worker takes it from them at once (niceness
-    # alone still leaves them a share and a wake-up delay). Read at start.
-    idle_priority: bool = True
+    # alone still leaves them a share and a wake-up delay). Off by default: on
+    # a machine that is never idle they can starve for seconds, holding a
+    # Postgres row lock the HTTP workers' ledger flush then waits for. Read at start.
+    idle_priority: bool = False
     worker_concurrency: int = 8  # lines in flight per worker process
     # ... while the process is serving interactive requests: batch lines yield to them
     busy_concurrency: int = 2

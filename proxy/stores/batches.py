@@ -252,8 +252,11 @@ class BatchStore:
         """Up to ``free`` pending lines, leased for ``lease_s``, keeping each
         batch under ``batch_limit`` and each tenant under ``tenant_limit``
         leased lines (counted across the fleet; two workers claiming at the
-        same instant may each fill the same room once)."""
-        async with self.pool.acquire() as conn:
+        same instant may each fill the same room once). One transaction: a
+        claim the worker gave up on (its command timeout, a process starved
+        of CPU) is rolled back, instead of leaving lines leased to no one
+        until their lease runs out."""
+        async with self.pool.acquire() as conn, conn.transaction():
             open_batches = await conn.fetch(
                 "SELECT b.id, b.tenant_id, b.key_id, b.endpoint,"
                 " (SELECT count(*) FROM batch_lines l WHERE l.batch_id = b.id"

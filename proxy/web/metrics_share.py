@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from proxy.stages.settle.metrics import GAUGE_MERGE, Metrics
 
 ENV = "TOLLWAY_METRICS_DIR"
 PUBLISH_INTERVAL = 1.0
+STALE_S = 3 * PUBLISH_INTERVAL  # a live worker silent this long: its numbers are unknown
 _KEY = orjson.OPT_SORT_KEYS
 
 
@@ -51,7 +53,7 @@ def state(metrics: Metrics) -> dict[str, Any]:
                 value = [list(h.buckets.values()), h.sum, h.observations]
             series.append([labels, value])
         out[c.name] = series
-    return {"pid": os.getpid(), "metrics": out}
+    return {"pid": os.getpid(), "at": time.time(), "metrics": out}
 
 
 def alive(pid: int) -> bool:
@@ -87,10 +89,15 @@ class MetricsShare:
         """Requests the instance's other live workers had in flight, and had
         answered in all, at their last publish: how a batch process knows
         interactive traffic is on (in flight alone misses fast requests
-        that come and go between two publishes)."""
+        that come and go between two publishes). A live worker that has not
+        published for ``STALE_S`` counts as one request in flight: its
+        traffic is unknown, and a batch process should not take it as none."""
         inflight = answered = 0.0
+        now = time.time()
         for st in self._others():
             if alive(int(st.get("pid", 0))):
+                if now - float(st.get("at", now)) > STALE_S:
+                    inflight += 1
                 series = st["metrics"]
                 inflight += sum(float(v) for _, v in series.get("tollway_inflight_requests", ()))
                 answered += sum(float(v) for _, v in series.get("tollway_requests_total", ()))

@@ -108,6 +108,7 @@ async def _publish(app: web.Application, share: MetricsShare) -> None:
         try:
             await collect(app)
             share.publish(app[METRICS])
-        except OSError as exc:
-            log.warning("cannot publish metrics for the other workers: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a failed round must not end the publishing
+            # (a batch process reads these to yield to interactive traffic)
+            log.warning("cannot publish metrics for the other workers: %r", exc)
         await asyncio.sleep(PUBLISH_INTERVAL)
