@@ -20,6 +20,7 @@ Every line passes the redaction layer (``proxy.core.redact``) like any log recor
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,10 +92,31 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
+class _Clock:
+    """``datetime.now(UTC).isoformat(timespec="milliseconds")``, the second's
+    part formatted once per second (the line's timestamp, ~1 µs less)."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second, self.prefix = -1, ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            stamp = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
+            self.second, self.prefix = second, stamp[:-6]  # without "+00:00"
+        return f"{self.prefix}.{int((now - second) * 1000):03d}+00:00"
+
+
+_CLOCK = _Clock()
+
+
 def line(record: UsageRecord, cost: float | None) -> bytes:
     usage = record.usage
     entry: dict[str, Any] = {
-        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "ts": _CLOCK.now(),
         "type": "access",
         "request_id": record.request_id,
         "tenant": record.tenant,
