@@ -118,6 +118,10 @@ class BreakerStore(Protocol):
         store's mirror), for the request path, which never waits on it."""
         ...
 
+    def state(self, key: str) -> BreakerState:
+        """One target's state as ``update`` would start from it here."""
+        ...
+
 
 class MemoryBreakerStore:
     """Per-process states; only targets with a history take memory."""
@@ -132,6 +136,9 @@ class MemoryBreakerStore:
     def peek(self, keys: Sequence[str]) -> list[BreakerState]:
         states = self._states
         return [states.get(k, CLEAN) for k in keys] if states else [CLEAN] * len(keys)
+
+    def state(self, key: str) -> BreakerState:
+        return self._states.get(key, CLEAN)
 
     async def update(self, key: str, fn: Transition, ttl: float) -> BreakerState | None:
         new = fn(self._states.get(key, CLEAN))  # no await in between: atomic
@@ -178,7 +185,7 @@ class Breakers:
         """Whether recording a success would change the target's state (a
         failure count to reset, a probe to end): when not, ``record`` has
         nothing to do (as ``update`` finds, without its coroutine)."""
-        (state,) = self.store.peek((key,))
+        state = self.store.state(key)
         return state is not CLEAN and on_success(state) is not None
 
     async def acquire(self, key: str, seen: Health, lease: float) -> bool:

@@ -102,6 +102,10 @@ class RedisBreakerStore:
             self.redis.spawn(self.sync(), name="breaker-sync")
         return self.local.peek(keys)
 
+    def state(self, key: str) -> BreakerState:
+        """The mirror's (``update`` starts from it too)."""
+        return self.local.state(key)
+
     async def sync(self) -> None:
         """Replace the mirror's states of every known provider with Redis's."""
         try:
