@@ -95,3 +95,10 @@ def test_an_edit_is_made_on_a_copy() -> None:
         "stream_options": {"include_usage": True},
     }
     assert body == {"model": "public", "stream": True, "api_key": "sk-x", "max_tokens": 4}
+
+
+def test_every_gateway_field_is_dropped() -> None:
+    for field in _GATEWAY_FIELDS:
+        body = {"model": "gpt-x", "messages": [], field: "http://elsewhere"}
+        call = Call("chat", body, "gpt-x", False, "req_1")
+        assert field not in orjson.loads(provider().payload(call))

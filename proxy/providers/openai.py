@@ -127,7 +127,9 @@ def _needs_edit(body: dict[str, Any], call: Call) -> bool:
     drop, another model name, the other completion-limit parameter, usage
     not asked for on a stream. (Setting what is already there keeps the
     key's place, so an unchanged body dumps to the same bytes.)"""
-    if body.get("model") != call.model or any(f in body for f in _GATEWAY_FIELDS):
+    if body.get("model") != call.model:
+        return True
+    if "api_base" in body or "base_url" in body or "api_key" in body:  # _GATEWAY_FIELDS
         return True
     if call.token_limit is not None and call.endpoint == "chat":
         if _OTHER_LIMIT[call.token_limit] in body:
