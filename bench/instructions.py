@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/instructions.py --revs 65583d5,858e4ca,HEAD
     .venv/bin/python bench/instructions.py --revs HEAD --requests 20 --warmup 5   # smoke run
+    .venv/bin/python bench/instructions.py --revs floor,main,HEAD --cases chat,chat-stream
 
 Why: on a shared 2-core machine ``run.py``'s CPU µs/req moves by 20-40%
 between repeats of the same code, too much to check a ±5% budget between
@@ -31,6 +32,13 @@ request count is the figure. Only the gateway's own process is counted: the
 fake provider, Postgres and Redis are not (their work per request is the same
 whichever revision asks).
 
+The pseudo-revision ``floor`` is ``bench/floor_proxy.py`` (the working tree's,
+the yardstick ``run.py`` measures ratios against) served the same way under
+callgrind, on the same fake provider, with the same requests: it has only the
+pass-through cases (``chat``, ``chat-stream``, ``drip-stream``), and when it
+is in ``--revs`` the table has each revision's ratio to it (issue 12's
+pass-through target is a ratio to floor_proxy).
+
 Each revision gets its own Postgres database (migrated by its own ``migrate``)
 and Redis database number, and its own tenant and key made through its own
 CLI, so an old revision never meets a newer schema. Gateways are started
@@ -51,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -133,6 +141,7 @@ DRIP_GAP_MS = 10.0  # under valgrind, well above the gateway's time per event: o
 
 
 DEFAULT_CASES = "chat,chat-stream,billing-chat"
+FLOOR = "floor"  # the pseudo-revision: bench/floor_proxy.py, pass-through cases only
 
 
 @dataclass
@@ -147,6 +156,11 @@ class Revision:
     redis_url: str
     api_key: str = ""
     budgets: bool = False  # its billing tier has USD budgets
+    floor: bool = False  # bench/floor_proxy.py, not an export of the gateway
+
+    def serves(self, case: Case) -> bool:
+        """floor_proxy has no keys, quotas or usage rows: pass-through cases only."""
+        return not (self.floor and case.billing)
 
     def environ(self) -> dict[str, str]:
         """The gateway's and its CLI's environment: this export first on the path,
@@ -248,15 +262,22 @@ async def _create_database(dsn: str, name: str) -> str:
 
 
 def prepare(
-    rev: str, index: int, workdir: Path, stores: run.Datastores, budgets: str = "auto"
+    rev: str,
+    index: int,
+    workdir: Path,
+    stores: run.Datastores,
+    budgets: str = "auto",
 ) -> Revision:
     """Export ``rev``, give it its own database and Redis db, migrate with its
     own code, and make a tenant and key through its own CLI. ``budgets``
     ``auto``: USD budgets on the billing tier if the revision's config accepts
-    them (older ones refuse the keys), ``off``: never, ``on``: required."""
-    assert stores.dsn is not None and stores.redis_url is not None
+    them (older ones refuse the keys), ``off``: never, ``on``: required.
+    ``floor``: nothing to export or store (``floor_revision``)."""
+    if rev == FLOOR:
+        return floor_revision(workdir)
     commit = _git("rev-parse", "--short", rev)
     src = run.export_revision(rev, workdir / f"src-{index}")
+    assert stores.dsn is not None and stores.redis_url is not None
     dsn = asyncio.run(_create_database(stores.dsn, f"bench_instr_{index}"))
     redis_url = re.sub(r"/\d*$", f"/{index + 1}", stores.redis_url)
     revision = Revision(rev, commit, src, workdir / f"data-{index}", dsn, redis_url)
@@ -278,29 +299,48 @@ def prepare(
     return revision
 
 
+def floor_revision(workdir: Path) -> Revision:
+    """The yardstick as a revision: the working tree's ``bench/floor_proxy.py``."""
+    return Revision(FLOOR, FLOOR, run.BENCH, workdir / "data-floor", "", "", floor=True)
+
+
+def serve_argv(revision: Revision, config: Path, port: int, provider_port: int) -> list[str]:
+    """The served process (valgrind's command line after its own options):
+    the export's ``python -m proxy serve`` (via ``SERVE_SHIM``), or floor_proxy
+    forwarding to the fake provider."""
+    if revision.floor:
+        upstream = f"http://127.0.0.1:{provider_port}"
+        return [run.PY, str(run.BENCH / "floor_proxy.py"), str(port), upstream]
+    return [
+        *(run.PY, "-c", SERVE_SHIM, "serve", "--config", str(config)),
+        *("--host", "127.0.0.1", "--port", str(port)),
+    ]
+
+
 class Gateway:
     """One ``python -m proxy serve`` under callgrind, with instrumentation off."""
 
-    def __init__(self, revision: Revision, config: Path, port: int, outdir: Path) -> None:
+    def __init__(self, revision: Revision, argv: list[str], port: int, outdir: Path) -> None:
+        """``argv``: ``serve_argv``'s command, run under valgrind."""
         self.port = port
         self.outdir = outdir
         self.log = outdir / f"serve-{port}.log"
         # valgrind's control FIFOs in the temporary directory too, not in /tmp.
         self.vgdb_prefix = f"--vgdb-prefix={outdir}/vgdb-pipe"
-        argv = [
+        valgrind = [
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
             self.vgdb_prefix,
             f"--callgrind-out-file={outdir}/callgrind.out.%p",
-            *(run.PY, "-c", SERVE_SHIM, "serve", "--config", str(config)),
-            *("--host", "127.0.0.1", "--port", str(port)),
         ]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                argv,
+                valgrind + argv,
                 env=revision.environ(),
-                cwd=revision.src,  # ``-c`` puts the current directory first on sys.path
+                # ``-c`` puts the current directory first on sys.path: the
+                # export's (floor_proxy imports nothing of the gateway)
+                cwd=revision.src,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -338,15 +378,19 @@ class Gateway:
         )
         return (sent + time.monotonic()) / 2
 
-    def dump(self) -> int:
-        """Dump the counters (which zeroes them) and return the dump's total Ir."""
+    def dump(self, keep: Path | None = None) -> int:
+        """Dump the counters (which zeroes them) and return the dump's total
+        Ir; ``keep``: copy the dump there too (for ``callgrind_annotate``)."""
         before = set(self.outdir.glob(f"callgrind.out.{self.proc.pid}.*"))
         self.control("-d")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             for path in set(self.outdir.glob(f"callgrind.out.{self.proc.pid}.*")) - before:
-                total = total_ir(path.read_text(errors="replace"))
+                text = path.read_text(errors="replace")
+                total = total_ir(text)
                 if total is not None:
+                    if keep is not None:
+                        keep.write_text(text)
                     return total
             time.sleep(0.1)
         raise RuntimeError(f"callgrind wrote no complete dump for pid {self.proc.pid} in 60 s")
@@ -400,7 +444,11 @@ def measure(gateway: Gateway, case: Case, args: argparse.Namespace, api_key: str
     on = gateway.control("-i", "on")
     send(gateway.port, case, args.requests, api_key, args.per_request_s)
     off = gateway.control("-i", "off")
-    return Sample("", case.name, gateway.dump(), args.requests, off - on)
+    keep = None
+    if args.keep_dumps is not None:
+        args.keep_dumps.mkdir(parents=True, exist_ok=True)
+        keep = args.keep_dumps / f"callgrind.{args.rev_label}.{case.name}.{args.repeat_no}"
+    return Sample("", case.name, gateway.dump(keep), args.requests, off - on)
 
 
 def idle_rate(gateway: Gateway, seconds: float) -> float:
@@ -422,7 +470,7 @@ def run_repeat(
     """Every wanted case on fresh gateways of one revision (one per auth mode)."""
     samples = []
     for billing in (False, True):
-        mine = [c for c in wanted if c.billing == billing]
+        mine = [c for c in wanted if c.billing == billing and revision.serves(c)]
         if not mine:
             continue
         port = run._free_port()
@@ -436,7 +484,8 @@ def run_repeat(
             args.tracing,
             args.trace_flush_s,
         )
-        gateway = Gateway(revision, config, port, workdir)
+        argv = serve_argv(revision, config, port, provider_port)
+        gateway = Gateway(revision, argv, port, workdir)
         try:
             key = revision.api_key if billing else "sk-bench"
             mine_samples = [measure(gateway, case, args, key) for case in mine]
@@ -488,23 +537,43 @@ def _millions(values: list[float]) -> str:
 
 
 def table(result: list[Row], revisions: list[Revision]) -> str:
+    """One line per revision and scenario; with ``floor`` among the
+    revisions, each line's ratio to floor_proxy's count too."""
     first = revisions[0].rev
     base = {r.case: r.mean for r in result if r.rev == first}
+    floor = {r.case: r.mean for r in result if r.rev == FLOOR}
+    vs_floor = " vs floor |" if floor else ""
     lines = [
-        f"| rev | scenario | instructions/request | repeats | spread | vs {first} "
-        "| raw (timers included) | idle instructions/s |",
-        "|---|---|---:|---|---:|---:|---|---|",
+        f"| rev | scenario | instructions/request | repeats | spread | vs {first} |{vs_floor}"
+        " raw (timers included) | idle instructions/s |",
+        f"|---|---|---:|---|---:|---:|{'---:|' if floor else ''}---|---|",
     ]
     label = {r.rev: f"{r.rev} ({r.commit})" if r.rev != r.commit else r.rev for r in revisions}
     label |= {r.rev: f"{label[r.rev]}, budgets" for r in revisions if r.budgets}
     for r in result:
         repeats = _millions(r.values)
         ratio = r.mean / base[r.case] if r.case in base else float("nan")
+        to_floor = ""
+        if floor:
+            to_floor = f" {r.mean / floor[r.case]:.3f}x |" if r.case in floor else " — |"
         lines.append(
             f"| {label[r.rev]} | {r.case} | {r.mean:,.0f} | {repeats} "
-            f"| {r.spread:.2%} | {ratio:.3f} | {_millions(r.raw)} | {_millions(r.idle)} |"
+            f"| {r.spread:.2%} | {ratio:.3f} |{to_floor} {_millions(r.raw)} | {_millions(r.idle)} |"
         )
     return "\n".join(lines)
+
+
+def wanted_cases(names: list[str], sizes: list[float]) -> list[Case]:
+    """The scenarios asked for at each prompt size, in that order; named
+    ``chat@32KB`` when more than one size is asked for."""
+    out = []
+    for kb in sizes:
+        known = {c.name: c for c in cases(kb)}
+        if not names or any(n not in known for n in names):
+            raise SystemExit(f"instructions: scenarios are {', '.join(known)}")
+        for n in names:
+            out.append(known[n] if len(sizes) == 1 else replace(known[n], name=f"{n}@{kb:g}KB"))
+    return out
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -517,7 +586,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--idle-s", type=float, default=10.0, help="idle window per gateway for its timers' rate"
     )
-    p.add_argument("--prompt-kb", type=float, default=0.5, help="chat history size")
+    p.add_argument(
+        "--prompt-kb",
+        type=lambda v: [float(kb) for kb in v.split(",")],
+        default=[0.5],
+        help="chat history size(s) in KB, comma-separated (e.g. 0.5,32)",
+    )
     p.add_argument("--chunks", type=int, default=20, help="content chunks per fake stream")
     p.add_argument(
         "--per-request-s",
@@ -545,6 +619,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the tracer's export interval under valgrind (5 natively; see TRACE_FLUSH_S)",
     )
     p.add_argument("--json", type=Path, help="also write the samples here")
+    p.add_argument(
+        "--keep-dumps",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="copy each measured window's callgrind dump here (callgrind_annotate reads them)",
+    )
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--requests and --repeats must be positive, --warmup not negative")
@@ -563,10 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     revs = [r.strip() for r in args.revs.split(",") if r.strip()]
     if not 1 <= len(revs) <= 8:
         raise SystemExit("instructions: give 1 to 8 revisions")
-    known = {c.name: c for c in cases(args.prompt_kb)}
-    wanted = [known[n] for n in args.cases.split(",") if n in known]
-    if not wanted or len(wanted) != len(args.cases.split(",")):
-        raise SystemExit(f"instructions: scenarios are {', '.join(known)}")
+    wanted = wanted_cases([n for n in args.cases.split(",") if n], args.prompt_kb)
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="tollway-instr-", ignore_cleanup_errors=True) as tmp:
@@ -587,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeats):
                 print(f"repeat {rep + 1}/{args.repeats}", file=sys.stderr)
                 for revision in revisions:
+                    args.rev_label, args.repeat_no = revision.commit, rep + 1
                     samples += run_repeat(revision, wanted, args, provider_port, workdir)
         except KeyboardInterrupt:
             print("instructions: interrupted; stopping children", file=sys.stderr)
@@ -594,10 +673,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
             stores.stop()
+    sizes = ", ".join(f"{kb:g}" for kb in args.prompt_kb)
     print(
         f"\n- started: {started}\n- command: {' '.join(sys.argv)}\n"
         f"- method: {args.requests} requests per scenario after {args.warmup} unmeasured, "
-        f"one at a time, {args.prompt_kb:g} KB chat history, {args.repeats} fresh gateway(s) "
+        f"one at a time, {sizes} KB chat history, {args.repeats} fresh gateway(s) "
         f"per revision; instructions of the gateway process (callgrind Ir), less its idle "
         f"rate (over {args.idle_s:g} s) times the window; tracing: "
         f"{'off' if args.tracing is None else f'on, sample ratio {args.tracing:g}'}"

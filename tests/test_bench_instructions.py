@@ -71,3 +71,47 @@ def test_traced_config_exports_at_the_interval_asked(tmp_path: Path) -> None:
         )
         settings = load_config(path).section("tracing")
         assert settings.sample_ratio == 0.01 and settings.flush_interval_s == flush
+
+
+def test_floor_is_a_pseudo_revision_of_pass_through_cases(tmp_path: Path) -> None:
+    """``--revs floor,...`` serves ``bench/floor_proxy.py`` (forwarding to the
+    fake provider), only for the cases it can answer, and the table shows
+    each revision's ratio to it, per scenario and prompt size."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import instructions
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    floor = instructions.floor_revision(tmp_path)
+    argv = instructions.serve_argv(floor, tmp_path / "unused.yaml", 9001, 9002)
+    assert argv[1:] == [str(ROOT / "bench" / "floor_proxy.py"), "9001", "http://127.0.0.1:9002"]
+
+    wanted = instructions.wanted_cases(["chat", "billing-chat"], [0.5, 32])
+    assert [c.name for c in wanted] == [
+        "chat@0.5KB",
+        "billing-chat@0.5KB",
+        "chat@32KB",
+        "billing-chat@32KB",
+    ]
+    assert [c.name for c in wanted if floor.serves(c)] == ["chat@0.5KB", "chat@32KB"]
+    assert [c.scenario.prompt_kb for c in wanted] == [0.5, 0.5, 32, 32]
+    # One size: the names stay the scenarios' own (older JSON files compare).
+    assert [c.name for c in instructions.wanted_cases(["chat"], [0.5])] == ["chat"]
+    with pytest.raises(SystemExit):
+        instructions.wanted_cases(["chat", "nope"], [0.5])
+
+    head = instructions.Revision("HEAD", "abc1234", tmp_path, tmp_path, "", "")
+    samples = [
+        instructions.Sample("floor", "chat@32KB", 600_000, 1, 1.0),
+        instructions.Sample("HEAD", "chat@32KB", 900_000, 1, 1.0),
+        instructions.Sample("HEAD", "billing-chat@32KB", 1_200_000, 1, 1.0),
+    ]
+    text = instructions.table(instructions.rows(samples), [floor, head])
+    lines = text.splitlines()
+    assert "vs floor" in lines[0]
+    assert lines[1].count("|") == lines[0].count("|")
+    [mine] = [line for line in lines if line.startswith("| HEAD (abc1234) | chat@32KB |")]
+    assert "| 1.500x |" in mine
+    [billing] = [line for line in lines if "billing-chat@32KB" in line]
+    assert "| — |" in billing  # floor_proxy has no billing path to compare with

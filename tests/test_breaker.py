@@ -141,3 +141,27 @@ async def test_memory_store_forgets_healthy_targets() -> None:
     assert await store.get(["a", "e"]) == [CLEAN, BreakerState(tripped=True, open_until=9e9)]
     await store.update("e", on_success, ttl=1)
     assert on_success(CLEAN) is None  # nothing to write for a healthy target
+
+
+async def test_the_request_paths_reads_agree_with_the_stores(
+    breakers: Breakers, clock: Clock
+) -> None:
+    """``health_now`` (no coroutine) answers what ``health`` does, and
+    ``success_changes`` says whether recording a success would change a
+    state: the forward stage skips ``record`` only when it would not."""
+    keys = ["t", "u", "v"]
+    assert breakers.health_now(keys) == await breakers.health(keys) == dict.fromkeys(keys, "closed")
+    assert not breakers.success_changes("t")  # a healthy target: nothing to record
+    await _fail(breakers)  # one failure counted
+    assert breakers.success_changes("t")
+    await _fail(breakers, 2)  # ejected
+    assert breakers.health_now(keys) == await breakers.health(keys)
+    assert breakers.health_now(keys)["t"] == "open"
+    clock.now += 11  # cooled down: half-open
+    assert breakers.health_now(keys) == await breakers.health(keys)
+    assert breakers.health_now(["t"]) == {"t": "half_open"}
+    assert await breakers.acquire("t", "half_open", lease=5)
+    assert breakers.success_changes("t")  # the probe's success closes it
+    await breakers.record("t", POLICY, "ok")
+    assert not breakers.success_changes("t")
+    assert breakers.health_now(["t"]) == {"t": "closed"}

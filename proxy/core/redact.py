@@ -97,6 +97,9 @@ _SHAPES: list[tuple[tuple[str, ...], re.Pattern[str], str | Callable[[re.Match[s
 ]
 
 
+_TRIGGERS = tuple(trigger for triggers, _, _ in _SHAPES for trigger in triggers)
+
+
 class Redactor:
     """Scrubs secrets from strings; known values can be added at any time."""
 
@@ -132,6 +135,16 @@ class Redactor:
                     break
         return text
 
+    def untouched(self, text: str) -> bool:
+        """Whether ``scrub`` would leave ``text`` as it is without looking
+        further: no remembered value and no shape's trigger in it (a shape's
+        pattern runs only where its trigger is)."""
+        for secret in self._longest_first:
+            if secret in text:
+                return False
+        low = text.lower()
+        return not any(trigger in low for trigger in _TRIGGERS)
+
     def scrub_bytes(self, data: bytes) -> bytes:
         text = data.decode("utf-8", "replace")
         clean = self.scrub(text)
@@ -150,6 +163,10 @@ def scrub(text: str) -> str:
 
 def scrub_bytes(data: bytes) -> bytes:
     return REDACTOR.scrub_bytes(data)
+
+
+def untouched(text: str) -> bool:
+    return REDACTOR.untouched(text)
 
 
 def remember(*values: str | None) -> None:

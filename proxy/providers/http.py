@@ -36,7 +36,20 @@ def client_timeout(cfg: ProviderConfig, timeouts: Timeouts | None = None) -> aio
     """The request's ClientTimeout. ``sock_read`` starts as ``first_byte``:
     the wait for the answer; ``post`` turns it into ``idle`` once the
     answer has begun (aiohttp has one read timer for both)."""
-    return _client_timeout(timeouts or cfg.timeouts)
+    t = timeouts or cfg.timeouts
+    # By identity first: a config's Timeouts objects live as long as its
+    # snapshot, and hashing a frozen dataclass hashes all its fields.
+    known = _BY_ID.get(id(t))
+    if known is not None and known[0] is t:
+        return known[1]
+    made = _client_timeout(t)
+    if len(_BY_ID) >= 512:
+        _BY_ID.clear()
+    _BY_ID[id(t)] = (t, made)  # the entry keeps ``t`` alive: its id is not reused
+    return made
+
+
+_BY_ID: dict[int, tuple[Timeouts, aiohttp.ClientTimeout]] = {}
 
 
 @functools.lru_cache(maxsize=512)
@@ -62,7 +75,16 @@ async def post(
     whole request."""
     t = timeouts or cfg.timeouts
     try:
-        resp = await _post(session, url, payload, headers, client_timeout(cfg, t))
+        # Never follow a redirect: it would carry the prompt and the provider's
+        # credential (api-key, x-api-key, x-goog-api-key, extra headers; aiohttp
+        # drops only Authorization) to whatever host the Location names.
+        resp = await session.post(
+            url,
+            data=payload,
+            headers=headers,
+            timeout=client_timeout(cfg, t),
+            allow_redirects=False,
+        )
     except TimeoutError:
         waited = min(t.first_byte, t.total)
         raise UpstreamTimeout(
@@ -84,21 +106,6 @@ async def post(
     return resp
 
 
-async def _post(
-    session: aiohttp.ClientSession,
-    url: str,
-    payload: bytes,
-    headers: dict[str, str],
-    limits: aiohttp.ClientTimeout,
-) -> aiohttp.ClientResponse:
-    # Never follow a redirect: it would carry the prompt and the provider's
-    # credential (api-key, x-api-key, x-goog-api-key, extra headers; aiohttp
-    # drops only Authorization) to whatever host the Location names.
-    return await session.post(
-        url, data=payload, headers=headers, timeout=limits, allow_redirects=False
-    )
-
-
 def _idle_from_now_on(resp: aiohttp.ClientResponse, idle: float) -> None:
     """Switch the read timer from ``first_byte`` to ``idle``. The timer
     running since the headers keeps ``first_byte`` until the first body
@@ -108,7 +115,10 @@ def _idle_from_now_on(resp: aiohttp.ClientResponse, idle: float) -> None:
     if protocol is None:
         return
     protocol.read_timeout = idle
-    if resp.content.total_bytes:  # body bytes came with the headers: the answer has begun
+    content = resp.content
+    # Body bytes came with the headers: the answer has begun (re-armed with
+    # ``idle``), unless they were all of it: no read is left to bound.
+    if content.total_bytes and not content.is_eof():
         protocol.start_timeout()
 
 

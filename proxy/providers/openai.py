@@ -122,6 +122,24 @@ def _token_limit(body: dict[str, Any], param: str) -> None:
         body[param] = value
 
 
+def _needs_edit(body: dict[str, Any], call: Call) -> bool:
+    """Whether ``payload``'s edits would change ``body``: a gateway field to
+    drop, another model name, the other completion-limit parameter, usage
+    not asked for on a stream. (Setting what is already there keeps the
+    key's place, so an unchanged body dumps to the same bytes.)"""
+    if body.get("model") != call.model:
+        return True
+    if "api_base" in body or "base_url" in body or "api_key" in body:  # _GATEWAY_FIELDS
+        return True
+    if call.token_limit is not None and call.endpoint == "chat":
+        if _OTHER_LIMIT[call.token_limit] in body:
+            return True
+    if call.stream:
+        opts = body.get("stream_options")
+        return not (isinstance(opts, dict) and opts.get("include_usage") is True)
+    return False
+
+
 class OpenAIProvider(Provider):
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(config)
@@ -137,16 +155,22 @@ class OpenAIProvider(Provider):
         return self.config.base_url + _PATHS[call.endpoint]
 
     def payload(self, call: Call) -> bytes:
-        body = {k: v for k, v in call.body.items() if k not in _GATEWAY_FIELDS}
-        body["model"] = call.model
-        if call.token_limit is not None and call.endpoint == "chat":
-            _token_limit(body, call.token_limit)
-        if call.stream:
-            opts = body.get("stream_options")
-            body["stream_options"] = {
-                **(opts if isinstance(opts, dict) else {}),
-                "include_usage": True,
-            }
+        """The client's body with the edits above; dumped as it is (no copy)
+        when none of them changes anything, the usual case."""
+        body = call.body
+        if _needs_edit(body, call):
+            body = dict(body)  # the request's own body is read again after (settle, journal)
+            for field in _GATEWAY_FIELDS:
+                body.pop(field, None)
+            body["model"] = call.model
+            if call.token_limit is not None and call.endpoint == "chat":
+                _token_limit(body, call.token_limit)
+            if call.stream:
+                opts = body.get("stream_options")
+                body["stream_options"] = {
+                    **(opts if isinstance(opts, dict) else {}),
+                    "include_usage": True,
+                }
         return orjson.dumps(body)
 
     async def _send(self, call: Call) -> aiohttp.ClientResponse:

@@ -128,10 +128,19 @@ class Router:
         # Only a glob's own group depends on the requested name: plan the
         # groups of every other model (and its aliases) once.
         self._static: dict[str, tuple[ModelConfig, tuple[TargetGroup, ...]]] = {}
+        # The whole plan, where nothing in it is drawn per request (no group
+        # of two or more targets): what ``plan`` returns when no rule or tier
+        # filter applies. Immutable, so one object serves every request.
+        self._fixed: dict[str, RoutePlan] = {}
         for name, model in self._exact.items():
             if not model.is_pattern:
                 own = self._group(model, model.name)
-                self._static[name] = (model, _distinct((own, *self._fallbacks[model.name])))
+                groups = _distinct((own, *self._fallbacks[model.name]))
+                self._static[name] = (model, groups)
+                if groups and all(len(g.targets) < 2 for g in groups):
+                    self._fixed[name] = RoutePlan(
+                        model.name, groups, model.retry, self._overflow[model.name]
+                    )
 
     def find(self, name: str) -> ModelConfig | None:
         model = self._exact.get(name)
@@ -225,6 +234,10 @@ class Router:
         providers' state is looked at, so a key is told what its tier may use,
         not which server setting is missing; then of every fallback, and the
         groups it refuses are left out of the plan."""
+        if not self._rules and allowed is None:
+            fixed = self._fixed.get(requested)
+            if fixed is not None:
+                return fixed
         rule = self._redirect(requested, headers, tenant, tier) if self._rules else None
         public = rule.model if rule is not None else requested
         static = self._static.get(public)

@@ -123,7 +123,8 @@ async def forward(
     request as a front door's client sent it, which an attempt whose
     provider speaks that API sends instead of ``call``'s chat body (the
     decision is per attempt: a fallback to another provider is translated)."""
-    health = await upstreams.breakers.health([t.key for t in plan.targets])
+    # The mirror's view (a shared store's too): no coroutine, no wait.
+    health = upstreams.breakers.health_now([t.key for g in plan.groups for t in g.targets])
     return await _Run(upstreams, snapshot, plan, call, record, health, trace, native).walk()
 
 
@@ -155,6 +156,7 @@ class _Run:
         self.native = native
 
     async def walk(self) -> Forwarded:
+        gate = self.ups.gate
         while self.attempts < self.plan.retry.max_attempts:
             now = time.monotonic()
             pick = self.schedule.next(now)
@@ -166,18 +168,22 @@ class _Run:
                 break
             if wait:
                 await asyncio.sleep(wait)
-            try:
-                permit = await self._permit(target)
-            except GatewayError as exc:  # over a provider limit: the next target
-                self.schedule.drop(target)
-                self.refused = exc
-                continue
-            lease = self.deadline - time.monotonic() + 1
-            if not await self.ups.breakers.acquire(target.key, self.health[target.key], lease):
-                self.schedule.drop(target)  # another request is probing it
-                if permit is not None:
-                    permit.release()
-                continue
+            permit = None
+            if gate is not None and gate.limits_any(self.snapshot.config):
+                try:
+                    permit = await self._permit(gate, target)
+                except GatewayError as exc:  # over a provider limit: the next target
+                    self.schedule.drop(target)
+                    self.refused = exc
+                    continue
+            seen = self.health[target.key]
+            if seen == "half_open":  # a closed (or tried-anyway open) one needs no probe slot
+                lease = self.deadline - time.monotonic() + 1
+                if not await self.ups.breakers.acquire(target.key, seen, lease):
+                    self.schedule.drop(target)  # another request is probing it
+                    if permit is not None:
+                        permit.release()
+                    continue
             self.schedule.started(target)
             try:
                 return await self._attempt(target, permit)
@@ -185,11 +191,9 @@ class _Run:
                 await self._failed(target, exc)
         raise self._exhausted()
 
-    async def _permit(self, target: Target) -> Permit | None:
-        if self.ups.gate is None:
-            return None
+    async def _permit(self, gate: ProviderGate, target: Target) -> Permit | None:
         member = f"{self.call.request_id}:{self.attempts + 1}"
-        return await self.ups.gate.enter(self.snapshot.config, target, self.call, member)
+        return await gate.enter(self.snapshot.config, target, self.call, member)
 
     async def _attempt(self, target: Target, permit: Permit | None) -> Forwarded:
         self.attempts += 1
@@ -232,7 +236,8 @@ class _Run:
             span.end()  # at the boundary: a stream's relay is the request span's
             if not (call.stream and entry.status == 200):
                 slot.release()  # an open stream keeps its slot until the relay closes it
-        await self._report(target, None)
+        if self.ups.breakers.success_changes(target.key):  # else record() would change nothing
+            await self._report(target, None)
         return done
 
     def _note(self, entry: AttemptRecord) -> None:

@@ -113,6 +113,15 @@ class BreakerStore(Protocol):
 
     async def update(self, key: str, fn: Transition, ttl: float) -> BreakerState | None: ...
 
+    def peek(self, keys: Sequence[str]) -> list[BreakerState]:
+        """``get`` without a coroutine: what this process knows now (a shared
+        store's mirror), for the request path, which never waits on it."""
+        ...
+
+    def state(self, key: str) -> BreakerState:
+        """One target's state as ``update`` would start from it here."""
+        ...
+
 
 class MemoryBreakerStore:
     """Per-process states; only targets with a history take memory."""
@@ -122,7 +131,14 @@ class MemoryBreakerStore:
         self._max = max_entries
 
     async def get(self, keys: Sequence[str]) -> list[BreakerState]:
-        return [self._states.get(k, CLEAN) for k in keys]
+        return self.peek(keys)
+
+    def peek(self, keys: Sequence[str]) -> list[BreakerState]:
+        states = self._states
+        return [states.get(k, CLEAN) for k in keys] if states else [CLEAN] * len(keys)
+
+    def state(self, key: str) -> BreakerState:
+        return self._states.get(key, CLEAN)
 
     async def update(self, key: str, fn: Transition, ttl: float) -> BreakerState | None:
         new = fn(self._states.get(key, CLEAN))  # no await in between: atomic
@@ -155,6 +171,22 @@ class Breakers:
         now = self._clock()
         states = await self.store.get(keys)
         return {k: health(s, now) for k, s in zip(keys, states, strict=True)}
+
+    def health_now(self, keys: Sequence[str]) -> dict[str, Health]:
+        """``health`` from what the store knows now (``peek``): no coroutine
+        on the request path, the same answer."""
+        states = self.store.peek(keys)
+        if all(s is CLEAN for s in states):  # nearly always: no clock needed
+            return dict.fromkeys(keys, "closed")
+        now = self._clock()
+        return {k: health(s, now) for k, s in zip(keys, states, strict=True)}
+
+    def success_changes(self, key: str) -> bool:
+        """Whether recording a success would change the target's state (a
+        failure count to reset, a probe to end): when not, ``record`` has
+        nothing to do (as ``update`` finds, without its coroutine)."""
+        state = self.store.state(key)
+        return state is not CLEAN and on_success(state) is not None
 
     async def acquire(self, key: str, seen: Health, lease: float) -> bool:
         """May this request use the target? A half-open target admits one

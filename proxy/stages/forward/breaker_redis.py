@@ -91,12 +91,20 @@ class RedisBreakerStore:
         self._cas = redis.script(_CAS_LUA)
 
     async def get(self, keys: Sequence[str]) -> list[BreakerState]:
+        return self.peek(keys)
+
+    def peek(self, keys: Sequence[str]) -> list[BreakerState]:
+        """The mirror's states; a sync is started when one is due."""
         for key in keys:
             self._hashes.add(_hash(key))
         if not self._syncing and time.monotonic() - self._synced >= self.refresh_s:
             self._syncing = True
             self.redis.spawn(self.sync(), name="breaker-sync")
-        return await self.local.get(keys)
+        return self.local.peek(keys)
+
+    def state(self, key: str) -> BreakerState:
+        """The mirror's (``update`` starts from it too)."""
+        return self.local.state(key)
 
     async def sync(self) -> None:
         """Replace the mirror's states of every known provider with Redis's."""

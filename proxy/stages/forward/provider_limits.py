@@ -53,6 +53,11 @@ class ProviderGate:
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
 
+    @staticmethod
+    def limits_any(config: Config) -> bool:
+        """Whether the config limits any provider (else ``enter`` admits all)."""
+        return bool(config.ratelimit and config.ratelimit.providers)
+
     def limits_for(self, config: Config, target: Target, call: Call, member: str) -> list[Limit]:
         configured = config.ratelimit.providers if config.ratelimit else {}
         if not configured:

@@ -94,10 +94,10 @@ class Schedule(Generic[T]):
 
     def next(self, now: float) -> tuple[T, float] | None:
         """The next target and how long to wait for it; None when nothing is left."""
+        for s in self._slots:  # a target not yet tried goes first, at once
+            if not s.dropped and s.tries == 0:
+                return s.target, 0.0
         live = [s for s in self._slots if not s.dropped]
-        fresh = next((s for s in live if s.tries == 0), None)
-        if fresh is not None:
-            return fresh.target, 0.0
         if not live:
             return None
         soonest = min(live, key=lambda s: s.not_before)  # min is stable: plan order on ties

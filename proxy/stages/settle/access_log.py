@@ -20,6 +20,7 @@ Every line passes the redaction layer (``proxy.core.redact``) like any log recor
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,10 +92,31 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
+class _Clock:
+    """``datetime.now(UTC).isoformat(timespec="milliseconds")``, the second's
+    part formatted once per second (the line's timestamp, ~1 µs less)."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second, self.prefix = -1, ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            stamp = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
+            self.second, self.prefix = second, stamp[:-6]  # without "+00:00"
+        return f"{self.prefix}.{int((now - second) * 1000):03d}+00:00"
+
+
+_CLOCK = _Clock()
+
+
 def line(record: UsageRecord, cost: float | None) -> bytes:
     usage = record.usage
     entry: dict[str, Any] = {
-        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "ts": _CLOCK.now(),
         "type": "access",
         "request_id": record.request_id,
         "tenant": record.tenant,
@@ -133,6 +155,35 @@ def line(record: UsageRecord, cost: float | None) -> bytes:
     return orjson.dumps(entry)
 
 
+def _clean(record: UsageRecord) -> bool:
+    """Whether the line needs no scrubbing: every string it holds comes from
+    the record's fields below (the rest is fixed keys, numbers and the
+    gateway's own words, none of which holds a shape's trigger), and none of
+    them holds a remembered secret or a shape's trigger, so ``scrub`` would
+    return the line unchanged. JSON's escapes cannot make a trigger (none
+    has a quote, a backslash or a control character). A line with bodies or
+    guardrail verdicts is always scrubbed."""
+    if record.transcript is not None or "guardrails" in record.extra:
+        return False
+    strings = [
+        record.request_id,
+        record.tenant,
+        record.key_prefix,
+        record.api,
+        record.public_model,
+        record.provider,
+        record.provider_model,
+        record.served_model,
+        record.error_code,
+        record.usage.source,
+        record.cache,
+        record.trace_id,
+        record.config.version if record.config is not None else None,
+        *(a.provider for a in record.attempt_log),
+    ]
+    return redact.untouched("\x00".join(s for s in strings if s))
+
+
 class AccessLog:
     """The observer: ``observe(record, cost)`` writes the line if enabled."""
 
@@ -149,6 +200,7 @@ class AccessLog:
         if policy is not None and not policy.access_log:
             return
         if self.writer is not None:
-            self.writer.add(redact.scrub_bytes(line(record, cost)))
+            text = line(record, cost)
+            self.writer.add(text if _clean(record) else redact.scrub_bytes(text))
         elif log.isEnabledFor(logging.INFO):
             log.info(line(record, cost).decode())

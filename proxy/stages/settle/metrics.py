@@ -361,6 +361,19 @@ class Metrics:
             )
 
     def _attempts(self, record: UsageRecord, model: str) -> None:
+        log = record.attempt_log
+        if len(log) == 1 and record.error_code is None:
+            # One attempt that answered (any status it sent as is): no retry,
+            # no fallback, no mid-stream failure; its error kind, if any.
+            (attempt,) = log
+            self._remember(f"{attempt.provider}/{attempt.model}")
+            if attempt.status >= 400 or attempt.error_code is not None:
+                kind = error_kind(attempt)
+                if kind is not None:
+                    self._add(
+                        self.upstream_errors, (("provider", attempt.provider), ("kind", kind))
+                    )
+            return
         tried: set[tuple[str, str]] = set()
         for attempt in record.attempt_log:
             target = (attempt.provider, attempt.model)
@@ -371,9 +384,6 @@ class Metrics:
             kind = error_kind(attempt)
             if kind is not None:
                 self._add(self.upstream_errors, (("provider", attempt.provider), ("kind", kind)))
-        log = record.attempt_log
-        if not log:
-            return
         last = log[-1]
         broke = _STREAM_FAILURES.get(record.error_code or "")
         if last.status == 200 and broke is not None:  # failed mid-stream, after forward

@@ -1,0 +1,54 @@
+"""The access line skips the redaction scan only when it could change
+nothing: what is written is always what the redactor would leave."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+def test_a_line_is_written_as_the_redactor_would_leave_it() -> None:
+    """Lines whose strings hold no secret and no secret's shape skip the
+    scrub; every other is scrubbed: either way the written line is the
+    scrubbed one, byte for byte."""
+    from proxy.core import redact
+    from proxy.core.record import AttemptRecord, UsageRecord
+    from proxy.core.usage import Usage
+    from proxy.stages.settle.access_log import AccessLog, line
+
+    redact.remember("remembered-secret-value-123")
+
+    class Lines:
+        def __init__(self) -> None:
+            self.lines: list[bytes] = []
+
+        def add(self, data: bytes) -> None:
+            self.lines.append(data)
+
+    writer = Lines()
+    log = AccessLog(writer)  # type: ignore[arg-type]
+    variants: list[dict[str, Any]] = [
+        {},
+        {"public_model": "sk-" + "A1b2C3d4E5f6G7h8J9k0"},
+        {"request_id": "Bearer abc123XYZ987tok"},
+        {"provider_model": "http://user:pass1234@host/x"},
+        {"served_model": "model?key=AIzaSyA1234567890abcdefghijklmnopqrstu"},
+        {"tenant": "acme remembered-secret-value-123"},
+        {"error_code": "api_key: a1B2c3D4e5F6g7H8"},
+        {"key_prefix": "tw-abc1234"},
+        {"public_model": "plain-model", "provider": "fake"},
+    ]
+    for fields in variants:
+        record = UsageRecord("req_1", "chat", public_model="gpt-x", provider="fake")
+        record.usage = Usage(3, 4, source="provider")
+        record.attempt_log.append(AttemptRecord("fake", "gpt-x", 200))
+        for name, value in fields.items():
+            setattr(record, name, value)
+        log.observe(record, None)
+        expected = redact.scrub_bytes(line(record, None))
+        got = writer.lines[-1]
+        # The timestamp moves between the two lines: compare without it.
+        assert orjson.loads(got) | {"ts": ""} == orjson.loads(expected) | {"ts": ""}, fields
+    assert b"remembered-secret-value-123" not in b"".join(writer.lines)
+    assert b"A1b2C3d4E5f6G7h8J9k0" not in b"".join(writer.lines)
