@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from tests.conftest import StartGateway
 from tests.fakes_faults import FaultyOpenAI
-from tests.test_forward import RETRY, _chat, _health, config, fake_a, fake_b, started
-
-__all__ = ["fake_a", "fake_b"]  # the fixtures, used by name
+from tests.test_forward import RETRY, _chat, _health, config, started
 
 
 async def test_a_success_resets_the_failures_counted_before_it(
