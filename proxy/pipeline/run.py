@@ -34,7 +34,7 @@ from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import GENERATIVE, Call, Endpoint, Reply
 from proxy.stages import parse, relay
 from proxy.stages.admit import budget, key_limits
-from proxy.stages.admit.billing import Admission, ratelimit_headers, tier_of
+from proxy.stages.admit.billing import Admission, tier_of
 from proxy.stages.base import Door, Exchange
 from proxy.stages.forward.attempts import Forwarded, Native, forward
 from proxy.stages.route import RoutePlan, fit
@@ -119,11 +119,8 @@ def quota_headers(rt: Runtime, ex: Exchange) -> dict[str, str]:
     admission = ex.record.admission
     if not isinstance(admission, Admission) or rt.billing is None:
         return {}
-    book = rt.billing.quota
-    monthly = ratelimit_headers(book.standing(admission.principal.tenant_id, admission.tier))
     # The -requests trio is the hourly window; -tokens the minute window if any, else monthly.
-    hourly = key_limits.headers(ex.notes.get("rate"))  # type: ignore[arg-type]
-    return {**{k: v for k, v in monthly.items() if not k.endswith("-requests")}, **hourly}
+    return key_limits.response_headers(rt.billing.quota, admission, ex.notes.get("rate"))  # type: ignore[arg-type]
 
 
 def _served_headers(ex: Exchange, done: Forwarded) -> dict[str, str]:

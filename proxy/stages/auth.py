@@ -78,6 +78,17 @@ class Authenticator:
         self.cache = cache
         self.queries = 0  # lookups that reached Postgres; tests assert on it
 
+    def cached(self, header: str | None) -> Principal | None:
+        """``authenticate`` from the cache alone, without a coroutine: the
+        principal, or the same 401; None when the key must be looked up."""
+        key = bearer(header)
+        if not apikeys.looks_valid(key):
+            raise invalid_key()
+        found, principal = self.cache.get(self.hasher.digest(key))
+        if not found:
+            return None
+        return _valid(principal)
+
     async def authenticate(self, header: str | None) -> Principal:
         key = bearer(header)
         if not apikeys.looks_valid(key):
@@ -94,11 +105,7 @@ class Authenticator:
                     raise
             else:
                 self.cache.put(digest, principal)
-        if principal is None:
-            raise invalid_key()
-        if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
-            raise invalid_key()
-        return principal
+        return _valid(principal)
 
     async def _lookup(self, digest: bytes) -> Principal | None:
         self.queries += 1
@@ -121,6 +128,15 @@ class Authenticator:
             expires_at=row["expires_at"],
             budgets=budget_overrides(row["tenant_budgets"], row["key_budgets"]),
         )
+
+
+def _valid(principal: Principal | None) -> Principal:
+    """The principal of a known, active, unexpired key; else the 401."""
+    if principal is None:
+        raise invalid_key()
+    if principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
+        raise invalid_key()
+    return principal
 
 
 def budget_overrides(tenant: str | None, key: str | None) -> Overrides:

@@ -8,7 +8,6 @@ fragments, NUL bytes and 10 KB strings are refused without a query.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import re
@@ -49,7 +48,9 @@ class KeyHasher:
         self._secret = secret
 
     def digest(self, key: str) -> bytes:
-        return hmac.new(self._secret, key.encode(), hashlib.sha256).digest()
+        # The one-shot form runs in OpenSSL without an HMAC object: the same
+        # digest as ``hmac.new(...).digest()``, at a fraction of the cost.
+        return hmac.digest(self._secret, key.encode(), "sha256")
 
 
 def load_secret(data_dir: Path) -> bytes:

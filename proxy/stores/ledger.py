@@ -27,7 +27,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -368,13 +368,15 @@ async def write_batch(
 ) -> None:
     """One transaction: the rows, counters, rollups and leases. Budgets that
     crossed a threshold are appended to ``alerts`` (once committed)."""
-    columns: list[list[Any]] = [[] for _ in range(len(COLUMNS) + 3)]
-    for row in rows:
-        for i, value in enumerate(row.values):
-            columns[i].append(value)
-        columns[-3].append(row.leased)
-        columns[-2].append(row.budget_day)
-        columns[-1].append(row.budget_leased)
+    # Column-major for unnest: one transpose in C, not an append per value.
+    columns: list[Sequence[Any]] = (
+        list(zip(*(row.values for row in rows), strict=True)) if rows else [()] * len(COLUMNS)
+    )
+    columns += (
+        [row.leased for row in rows],
+        [row.budget_day for row in rows],
+        [row.budget_leased for row in rows],
+    )
     async with pool.acquire() as conn, conn.transaction():
         out = await conn.fetch(_WRITE, *columns)
         quota = [

@@ -96,6 +96,7 @@ class QuotaBook:
         self._offline_used = 0
         self._db_wait = pgwait.Budget(policy.db_timeout_s)
         self.lease_calls = 0
+        self._current: tuple[datetime, datetime, date] | None = None  # this month (_month)
 
     def _lease(self, tenant_id: int, period: date) -> _Lease:
         lease = self._leases.get((tenant_id, period))
@@ -103,8 +104,33 @@ class QuotaBook:
             lease = self._leases[(tenant_id, period)] = _Lease()
         return lease
 
+    def _month(self) -> tuple[date, datetime, datetime]:
+        """(period, now, the period's end) by one reading of the clock; the
+        month's bounds are kept until the clock leaves them."""
+        now = self.clock()
+        month = self._current
+        if now.tzinfo is not UTC or month is None or not month[0] <= now < month[1]:
+            period = period_of(now)  # the clock's own month, as before
+            start = datetime(period.year, period.month, 1, tzinfo=UTC)
+            month = self._current = (start, period_end(period), period)
+        return month[2], now, month[1]
+
+    def take(self, who: Principal, tier: Tier, tokens: int) -> Reservation | None:
+        """``admit`` when the local lease has room (the common case): no
+        coroutine, no await. None: ``admit`` must refill it, or refuse."""
+        period = self._month()[0]
+        if tier.monthly_requests is None and tier.monthly_tokens is None:
+            return Reservation(who.tenant_id, period, 1, tokens, leased=False)
+        need_tokens = tokens if tier.monthly_tokens is not None else 0
+        lease = self._leases.get((who.tenant_id, period))
+        if lease is None or lease.requests < 1 or lease.tokens < need_tokens:
+            return None
+        lease.requests -= 1
+        lease.tokens -= need_tokens
+        return Reservation(who.tenant_id, period, 1, need_tokens, leased=True)
+
     async def admit(self, who: Principal, tier: Tier, tokens: int) -> Reservation:
-        period = period_of(self.clock())
+        period = self._month()[0]
         if tier.monthly_requests is None and tier.monthly_tokens is None:
             return Reservation(who.tenant_id, period, 1, tokens, leased=False)
         need_tokens = tokens if tier.monthly_tokens is not None else 0
@@ -198,6 +224,19 @@ class QuotaBook:
             remaining_tokens=_remaining(tier.monthly_tokens, lease.left_tokens, lease.tokens),
             reset_seconds=max(0.0, reset),
         )
+
+    def tokens_left(self, tenant_id: int, limit: int) -> tuple[int, float]:
+        """``standing``'s remaining tokens and reset seconds for a tier with a
+        monthly token ``limit``: what every response's ``-tokens`` headers
+        report, without building the whole standing."""
+        period, now, end = self._month()
+        lease = self._leases.get((tenant_id, period))
+        if lease is None:
+            remaining = limit
+        else:
+            left = lease.left_tokens
+            remaining = max(0, (left if left is not None else limit) + max(0, lease.tokens))
+        return remaining, max(0.0, (end - now).total_seconds())
 
     def keep_only(self, alive: set[tuple[int, date]], checked_at: float) -> None:
         """Drop local leases whose Postgres rows were gone at ``checked_at``

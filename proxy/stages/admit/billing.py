@@ -147,8 +147,10 @@ class Billing:
         ):
             prompt = tokens.estimate_prompt(body, endpoint)
             estimate = prompt + budget
+        reservation = self.quota.take(principal, tier, estimate)
         try:
-            reservation = await self.quota.admit(principal, tier, estimate)
+            if reservation is None:  # the local lease is short: refill (or refuse)
+                reservation = await self.quota.admit(principal, tier, estimate)
         except QuotaExceeded as exc:
             exc.headers.update(ratelimit_headers(self.quota.standing(principal.tenant_id, tier)))
             raise
@@ -161,20 +163,21 @@ class Billing:
         if self.journal is None or not isinstance(admission, Admission):
             return
         r = admission.reservation
-        opened = {
-            "e": admission.event_id,
-            "p": r.period.isoformat(),
-            "r": record.request_id,
-            "t": record.tenant_id,
-            "k": record.key_id,
-            "w": self.quota.worker_id,
-            "n": record.api,
-            "m": record.public_model,
-            "s": body.get("stream") is True,
-            "l": r.leased,
-            "pt": admission.prompt_tokens,
-            "at": time.time(),
-        }
+        # journal.OPENED_KEYS' values: the ``o`` line is built only if written.
+        opened = (
+            admission.event_id,
+            r.period,
+            record.request_id,
+            record.tenant_id,
+            record.key_id,
+            self.quota.worker_id,
+            record.door or record.endpoint,  # record.api
+            record.public_model,
+            body.get("stream") is True,
+            r.leased,
+            admission.prompt_tokens,
+            time.time(),
+        )
         self.journal.open(opened, record, body)
 
     def settle(self, record: UsageRecord) -> None:
@@ -258,4 +261,6 @@ def _details(record: UsageRecord) -> str | None:
 def _key(name: str) -> str:
     """A provider-chosen name as jsonb takes it: no NUL (Postgres refuses
     ``\\u0000`` in jsonb), no other control characters, at most 64 characters."""
+    if len(name) <= 64 and name.isprintable():
+        return name  # every name a provider sends: nothing to replace
     return "".join(c if c.isprintable() else "?" for c in name[:64])
