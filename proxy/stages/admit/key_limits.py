@@ -109,7 +109,9 @@ async def admit(
     limits = request_limits(who, admission.tier, admission.tokens, user)
     if not limits:
         return None
-    verdict = await limiter.check(limits, instances(config))
+    verdict = limiter.take(limits) if isinstance(limiter, PermitLeases) else None
+    if verdict is None:
+        verdict = await limiter.check(limits, instances(config))
     if not verdict.admitted:
         raise refused(verdict, who.key_prefix, user)
     return verdict
