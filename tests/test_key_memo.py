@@ -1,5 +1,5 @@
 """What the billing path keeps per key instead of rebuilding per request
-(``Principal.memo``, ``Authenticator.cached``, ``QuotaBook.take`` /
+(``Principal.memo``, ``Authenticator.cached``, ``KeyHasher``, ``QuotaBook.take`` /
 ``tokens_left``, the journal's lazily built ``o`` line): it must answer what
 the per-request code answered, and a key's change must reach it as it
 reaches the key itself (within ``key_cache_ttl_s``)."""
@@ -155,14 +155,20 @@ def test_cached_answers_like_authenticate(tmp_path: Path) -> None:
             auth.cached(bad)
 
 
-def test_one_shot_hmac_is_the_stored_digest() -> None:
-    """Keys already stored were hashed with ``hmac.new``: the digest must not change."""
+def test_the_key_digest_is_hmac_sha256() -> None:
+    """Keys already stored were hashed with ``hmac.new``: the digest from the
+    kept padded-key states must be the same, for any secret length (one
+    longer than SHA-256's block is hashed first)."""
     import hashlib
     import hmac
+    import secrets
 
-    secret, key = b"k" * 24, apikeys.generate()
-    want = hmac.new(secret, key.encode(), hashlib.sha256).digest()
-    assert apikeys.KeyHasher(secret).digest(key) == want
+    for size in (16, 32, 63, 64, 65, 200):
+        secret, key = secrets.token_bytes(size), apikeys.generate()
+        want = hmac.new(secret, key.encode(), hashlib.sha256).digest()
+        hasher = apikeys.KeyHasher(secret)
+        assert hasher.digest(key) == want
+        assert hasher.digest(key) == want  # the kept states are copied, never consumed
 
 
 async def test_the_journal_writes_the_open_line_it_always_wrote(tmp_path: Path) -> None:

@@ -63,6 +63,14 @@ def admit(request: web.Request) -> Awaitable[None] | None:
     trace = NO_SPAN if endpoint is None else snapshot.tracer.request(endpoint, request.headers)
     request[TRACE] = trace
     if config.auth == "keys":
+        if rt.billing is not None:
+            # A key the cache knows needs no coroutine; anything else (a
+            # lookup, a refusal, a throttled address) goes the awaited way.
+            with trace.child("auth"):
+                who = request.app[AUTH_GUARD].cached(request, rt.billing.auth)
+            if who is not None:
+                request[PRINCIPAL] = who
+                return None
         return _authenticate(request, rt, config, trace)
     return None
 

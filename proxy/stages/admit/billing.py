@@ -9,6 +9,7 @@ request's reservation on the way.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import socket
 import time
@@ -74,14 +75,16 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     since one plan may mix families (``gpt-4o`` falling back to ``o3-mini``)."""
     if endpoint not in GENERATIVE:
         return 0
-    asked = [key for key in _LIMITS if isinstance(body.get(key), int)]
-    for key in asked:
-        body[key] = min(body[key], tier.max_tokens)
-    if not asked:
+    cap = tier.max_tokens
+    budget = None  # the largest limit sent, once capped
+    for key in _LIMITS:
+        asked = body.get(key)
+        if isinstance(asked, int):
+            body[key] = capped = min(asked, cap)
+            budget = capped if budget is None else max(budget, capped)
+    if budget is None:
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        body[key] = tier.max_tokens
-        asked = [key]
-    budget = max(body[key] for key in asked)
+        body[key] = budget = cap
     n = body.get("n")
     return int(budget) * (n if isinstance(n, int) and n > 0 else 1)
 
@@ -102,7 +105,13 @@ def ratelimit_headers(standing: Standing) -> dict[str, str]:
 
 def reset_duration(seconds: float) -> str:
     """OpenAI's reset format: ``6m0s``, ``1h2m3s``, ``1s``."""
-    s = int(seconds + 0.999)
+    return _reset_text(int(seconds + 0.999))
+
+
+@functools.lru_cache(maxsize=4096)
+def _reset_text(s: int) -> str:
+    """Formatted once per second of distance: every response reports two
+    resets, which move by a second at a time."""
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     if h:
@@ -242,17 +251,20 @@ def _details(record: UsageRecord) -> str | None:
     """Provider-specific token counts, plus every attempt that reached a
     provider: a failed attempt may still be on the provider's invoice, plus
     the guardrails' verdicts, a semantic cache hit's similarity."""
+    given, extra, attempts = record.usage.details, record.extra, record.attempt_log
+    if not given and not extra and len(attempts) == 1 and record.status < 400:
+        return None  # one attempt that served, nothing else to say: most requests
     # The keys come from the provider's usage object: made safe for jsonb.
-    details: dict[str, object] = {_key(k): v for k, v in record.usage.details.items()}
+    details: dict[str, object] = {_key(k): v for k, v in given.items()}
     reached = [a for a in record.attempt_log if a.reached]
     if len(reached) > 1 or (reached and record.status >= 400):
         details["attempts"] = [
             {"provider": a.provider, "model": a.model, "status": a.status} for a in reached
         ]
-    guardrails = record.extra.get("guardrails")  # verdicts and counts, never the matched text
+    guardrails = extra.get("guardrails")  # verdicts and counts, never the matched text
     if guardrails:
         details["guardrails"] = guardrails
-    semantic = record.extra.get("semantic_cache")  # a semantic hit: how similar its match was
+    semantic = extra.get("semantic_cache")  # a semantic hit: how similar its match was
     if isinstance(semantic, dict) and semantic.get("result") == "hit":
         details["cache"], details["similarity"] = "semantic", semantic.get("similarity")
     return orjson.dumps(details).decode() if details else None
