@@ -138,6 +138,39 @@ class Billing:
         if journal is not None:
             ledger.on_durable = journal.closed
 
+    def _estimate(
+        self, config: Config, principal: Principal, body: dict[str, Any], endpoint: str
+    ) -> tuple[Tier, int, int | None]:
+        """The tier, the tokens to reserve and the prompt estimate (None when
+        no token limit needs one); caps the body's completion limits."""
+        tier = tier_of(config, principal)
+        budget = clamp_max_tokens(body, tier, endpoint)
+        if (
+            tier.monthly_tokens is not None
+            or tier.tokens_per_minute is not None
+            or tier.user_tokens_per_minute is not None
+        ):
+            prompt = tokens.estimate_prompt(body, endpoint)
+            return tier, prompt + budget, prompt
+        return tier, 0, None
+
+    def take(
+        self,
+        config: Config,
+        principal: Principal,
+        body: dict[str, Any],
+        endpoint: str,
+        public_model: str,
+    ) -> Admission | None:
+        """``admit`` when the worker's quota lease has room (nearly every
+        request): no coroutine. None: ``admit`` refills the lease or refuses
+        (capping the body again changes nothing)."""
+        tier, estimate, prompt = self._estimate(config, principal, body, endpoint)
+        reservation = self.quota.take(principal, tier, estimate)
+        if reservation is None:
+            return None
+        return Admission(principal, tier, reservation, estimate, secrets.token_hex(12), prompt)
+
     async def admit(
         self,
         config: Config,
@@ -146,16 +179,7 @@ class Billing:
         endpoint: str,
         public_model: str,
     ) -> Admission:
-        tier = tier_of(config, principal)
-        budget = clamp_max_tokens(body, tier, endpoint)
-        estimate, prompt = 0, None
-        if (
-            tier.monthly_tokens is not None
-            or tier.tokens_per_minute is not None
-            or tier.user_tokens_per_minute is not None
-        ):
-            prompt = tokens.estimate_prompt(body, endpoint)
-            estimate = prompt + budget
+        tier, estimate, prompt = self._estimate(config, principal, body, endpoint)
         reservation = self.quota.take(principal, tier, estimate)
         try:
             if reservation is None:  # the local lease is short: refill (or refuse)

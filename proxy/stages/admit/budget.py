@@ -90,6 +90,30 @@ def max_cost(plan: RoutePlan, prices: Mapping[str, Price], prompt: int, completi
     return max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
 
 
+def take(
+    book: BudgetBook,
+    who: Principal,
+    tier: Tier,
+    plan: RoutePlan,
+    prices: Mapping[str, Price],
+    body: dict[str, Any],
+    endpoint: str,
+    prompt: int | None,
+    now: datetime,
+) -> tuple[bool, Hold | None]:
+    """``reserve`` without a coroutine when it needs no lease call: (True,
+    the hold, or None for a caller without budgets); (False, None) when
+    ``reserve`` must be awaited (a lease to refill, or a refusal to make)."""
+    limits = limits_for(who, tier, now)
+    if not limits:
+        return True, None
+    if prompt is None:
+        prompt = tokens.estimate_prompt(body, endpoint)
+    micros = max_cost(plan, prices, prompt, completion_budget(body, endpoint))
+    hold = book.take(limits, micros, now.date())
+    return hold is not None, hold
+
+
 async def reserve(
     book: BudgetBook,
     who: Principal,

@@ -95,6 +95,19 @@ def request_limits(
     return limits
 
 
+def take(
+    limiter: RateLimiter | PermitLeases, admission: Admission, user: str | None = None
+) -> tuple[bool, Verdict | None]:
+    """``admit`` without a coroutine when the worker's permit lease covers
+    the request (or the tier has no window): (True, the verdict or None);
+    (False, None) when ``admit`` must be awaited."""
+    limits = request_limits(admission.principal, admission.tier, admission.tokens, user)
+    if not limits:
+        return True, None
+    verdict = limiter.take(limits) if isinstance(limiter, PermitLeases) else None
+    return verdict is not None, verdict
+
+
 async def admit(
     limiter: RateLimiter | PermitLeases,
     config: Config,
