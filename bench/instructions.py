@@ -142,6 +142,8 @@ DRIP_GAP_MS = 10.0  # under valgrind, well above the gateway's time per event: o
 
 DEFAULT_CASES = "chat,chat-stream,billing-chat"
 FLOOR = "floor"  # the pseudo-revision: bench/floor_proxy.py, pass-through cases only
+# Which gateway wrote which dumps (``--keep``): one line per gateway started.
+GATEWAYS: list[str] = []
 
 
 @dataclass
@@ -486,6 +488,10 @@ def run_repeat(
         )
         argv = serve_argv(revision, config, port, provider_port)
         gateway = Gateway(revision, argv, port, workdir)
+        GATEWAYS.append(
+            f"pid {gateway.proc.pid}: {revision.rev} ({revision.commit}) "
+            f"{'billing' if billing else 'pass-through'}, cases {','.join(c.name for c in mine)}"
+        )
         try:
             key = revision.api_key if billing else "sk-bench"
             mine_samples = [measure(gateway, case, args, key) for case in mine]
@@ -626,10 +632,32 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="copy each measured window's callgrind dump here (callgrind_annotate reads them)",
     )
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="copy callgrind's dumps (callgrind.out.<pid>.<n>) and the gateways' logs here, "
+        "for callgrind_annotate; the temporary directory is removed as before",
+    )
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--requests and --repeats must be positive, --warmup not negative")
     return args
+
+
+def keep(workdir: Path, into: Path) -> None:
+    """Copy the dumps and logs out of the temporary directory before it goes,
+    with an index naming which gateway (revision, auth mode) wrote each pid."""
+    import shutil
+
+    into.mkdir(parents=True, exist_ok=True)
+    for path in [*workdir.glob("callgrind.out.*"), *workdir.glob("serve-*.log")]:
+        shutil.copy2(path, into / path.name)
+    index = into / "gateways.txt"
+    with index.open("a") as fh:
+        for line in GATEWAYS:
+            fh.write(line + "\n")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -673,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
             stores.stop()
+            if args.keep is not None:
+                keep(workdir, args.keep)
     sizes = ", ".join(f"{kb:g}" for kb in args.prompt_kb)
     print(
         f"\n- started: {started}\n- command: {' '.join(sys.argv)}\n"

@@ -62,7 +62,9 @@ class Tier:
     )  # USD budgets, micro-dollars (proxy.config.budgets)
 
     def allows(self, model: str) -> bool:
-        return any(glob_match(p, model) for p in self.models)
+        # "*" (every shipped tier's default) matches any name: asked a few
+        # times per request, it needs no glob.
+        return "*" in self.models or any(glob_match(p, model) for p in self.models)
 
 
 @dataclass(frozen=True, slots=True)

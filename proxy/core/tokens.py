@@ -185,12 +185,21 @@ def estimate_messages(messages: list[Any]) -> int:
             continue
         total += 3
         for key, value in msg.items():
-            if key == "tool_calls":
-                total += _estimate_calls(value)
-            elif key == "content" or isinstance(value, str):
-                total += _estimate_value(value)
+            if isinstance(value, str) and key != "tool_calls":
+                # ``estimate_text`` inline: a long chat history has dozens of
+                # fields, and this runs on the event loop for every request.
+                if value:
+                    if value.isascii():
+                        total += int(len(value) / _ASCII_BYTES_PER_TOKEN) + 1
+                    else:
+                        size = len(value.encode("utf-8", "surrogatepass"))
+                        total += int(size / _OTHER_BYTES_PER_TOKEN) + 1
                 if key == "name":
                     total += 1
+            elif key == "tool_calls":
+                total += _estimate_calls(value)
+            elif key == "content":
+                total += _estimate_value(value)
     return total
 
 

@@ -34,7 +34,7 @@ from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import GENERATIVE, Call, Endpoint, Reply
 from proxy.stages import parse, relay
 from proxy.stages.admit import budget, key_limits
-from proxy.stages.admit.billing import Admission, ratelimit_headers, tier_of
+from proxy.stages.admit.billing import Admission, tier_of
 from proxy.stages.base import Door, Exchange
 from proxy.stages.forward.attempts import Forwarded, Native, forward
 from proxy.stages.route import RoutePlan, fit
@@ -63,28 +63,26 @@ def name(record: UsageRecord, who: Principal) -> None:
 async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
     if ex.who is None or rt.billing is None:
         return
-    ex.record.admission = admission = await rt.billing.admit(
-        ex.config, ex.who, ex.body, ex.endpoint, ex.model
-    )
+    # Each step is taken from the worker's leases without a coroutine when
+    # they have room (nearly every request), else awaited as before.
+    billing, asked = rt.billing, (ex.config, ex.who, ex.body, ex.endpoint, ex.model)
+    admission = billing.take(*asked) or await billing.admit(*asked)
+    ex.record.admission = admission
     if ex.event_id:  # a batch line's row is keyed by its batch and line, never drawn
         admission.event_id, admission.billed_in = ex.event_id, ex.billed_in
-    rt.billing.journal_open(ex.record, ex.body)
-    if rt.billing.budgets is not None:
-        admission.budget = await budget.reserve(
-            rt.billing.budgets,
-            ex.who,
-            admission.tier,
-            plan,
-            ex.config.prices,
-            ex.body,
-            ex.endpoint,
-            admission.prompt_tokens,
-            rt.billing.quota.clock(),
-        )
+    billing.journal_open(ex.record, ex.body)
+    if billing.budgets is not None:
+        costs = (billing.budgets, ex.who, admission.tier, plan, ex.config.prices, ex.body)
+        needs = (ex.endpoint, admission.prompt_tokens, billing.quota.clock())
+        held, admission.budget = budget.take(*costs, *needs)
+        if not held:
+            admission.budget = await budget.reserve(*costs, *needs)
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
     limiter = rt.permits or rt.limiter
-    verdict = await key_limits.admit(limiter, ex.config, admission, ex.record.end_user)
+    done, verdict = key_limits.take(limiter, admission, ex.record.end_user)
+    if not done:
+        verdict = await key_limits.admit(limiter, ex.config, admission, ex.record.end_user)
     if verdict is not None:
         ex.notes["rate"] = verdict
         if not verdict.admitted:
@@ -121,11 +119,8 @@ def quota_headers(rt: Runtime, ex: Exchange) -> dict[str, str]:
     admission = ex.record.admission
     if not isinstance(admission, Admission) or rt.billing is None:
         return {}
-    book = rt.billing.quota
-    monthly = ratelimit_headers(book.standing(admission.principal.tenant_id, admission.tier))
     # The -requests trio is the hourly window; -tokens the minute window if any, else monthly.
-    hourly = key_limits.headers(ex.notes.get("rate"))  # type: ignore[arg-type]
-    return {**{k: v for k, v in monthly.items() if not k.endswith("-requests")}, **hourly}
+    return key_limits.response_headers(rt.billing.quota, admission, ex.notes.get("rate"))  # type: ignore[arg-type]
 
 
 def _served_headers(ex: Exchange, done: Forwarded) -> dict[str, str]:

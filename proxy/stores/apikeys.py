@@ -9,7 +9,6 @@ fragments, NUL bytes and 10 KB strings are refused without a query.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import re
 import secrets
@@ -28,8 +27,11 @@ def generate() -> str:
     return PREFIX + secrets.token_urlsafe(32)
 
 
+KEY_LENGTH = 46  # "tw-" + 43 characters
+
+
 def looks_valid(key: str) -> bool:
-    return len(key) == 46 and _SHAPE.fullmatch(key) is not None
+    return len(key) == KEY_LENGTH and _SHAPE.fullmatch(key) is not None
 
 
 def display_prefix(key: str) -> str:
@@ -40,16 +42,34 @@ def new_key_id() -> str:
     return "key_" + secrets.token_hex(8)
 
 
+_BLOCK = 64  # SHA-256's block size, in bytes
+
+
 class KeyHasher:
-    """HMAC-SHA256 of keys under the server secret."""
+    """HMAC-SHA256 of keys under the server secret.
+
+    Every request with a key hashes it (the key cache is keyed by the
+    digest), and OpenSSL's HMAC sets up its digest afresh each time (~3x
+    the hashing itself). So the two padded-key states of RFC 2104 are
+    hashed once here and copied per key: the same digest as
+    ``hmac.new(secret, key, sha256)``, a third of the cost."""
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("TOLLWAY_KEY_SECRET must be at least 16 bytes")
         self._secret = secret
+        padded = (hashlib.sha256(secret).digest() if len(secret) > _BLOCK else secret).ljust(
+            _BLOCK, b"\0"
+        )
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
 
     def digest(self, key: str) -> bytes:
-        return hmac.new(self._secret, key.encode(), hashlib.sha256).digest()
+        inner = self._inner.copy()
+        inner.update(key.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def load_secret(data_dir: Path) -> bytes:

@@ -60,11 +60,17 @@ COMPACT_BYTES = 4 << 20  # rewrite the file with only open entries beyond this s
 INTERRUPTED_STATUS = 500
 
 
+# What an ``o`` line holds, in this order (``Opened``): the row's fixed columns.
+OPENED_KEYS = ("e", "p", "r", "t", "k", "w", "n", "m", "s", "l", "pt", "at")
+# The values of OPENED_KEYS as admission had them; the period a ``date``.
+Opened = tuple[Any, ...]
+
+
 @dataclass(slots=True)
 class _Entry:
     """One admitted request, until its usage row is durable."""
 
-    opened: dict[str, Any]  # the row's fixed columns, as written in its ``o`` line
+    values: Opened  # the row's fixed columns (OPENED_KEYS); ``opened`` is its ``o`` line
     record: UsageRecord
     body: dict[str, Any]
     written: bool = False  # its ``o`` line is on disk
@@ -72,6 +78,14 @@ class _Entry:
     seen: int = 0  # meter payloads already counted
     completion: int = 0
     prompt: int | None = None
+
+    @property
+    def opened(self) -> dict[str, Any]:
+        """The ``o`` line's object: built only for the few requests still
+        open when the journal is written (most close before)."""
+        out = dict(zip(OPENED_KEYS, self.values, strict=True))
+        out["p"] = out["p"].isoformat()
+        return out
 
 
 class Journal:
@@ -89,10 +103,11 @@ class Journal:
         self._stopping = asyncio.Event()
         self._size = 0
 
-    def open(self, opened: dict[str, Any], record: UsageRecord, body: dict[str, Any]) -> None:
-        """Note an admitted request (in memory; on disk at the next flush)."""
-        event_id = opened["e"]
-        self._open[event_id] = _Entry(opened, record, body, noted_at=time.monotonic())
+    def open(self, values: Opened, record: UsageRecord, body: dict[str, Any]) -> None:
+        """Note an admitted request (in memory; on disk at the next flush).
+        ``values``: OPENED_KEYS' values, the event id first."""
+        event_id = values[0]
+        self._open[event_id] = _Entry(values, record, body, False, time.monotonic())
         self._fresh.append(event_id)
 
     def closed(self, rows: Iterable[UsageRow]) -> None:
@@ -124,7 +139,7 @@ class Journal:
         gone, self._fresh, self._gone = self._gone, [], []
         if not (fresh or due or gone):
             return
-        opening = [self._open[e].opened for e in fresh]
+        opening = [self._open[e] for e in fresh]
         try:
             lines = await asyncio.to_thread(_lines, opening, due, gone)
             await asyncio.to_thread(self._append, lines)
@@ -182,10 +197,10 @@ class Journal:
             self._lock_fd = None
 
 
-def _lines(opening: list[dict[str, Any]], due: list[_Entry], gone: list[str]) -> bytes:
+def _lines(opening: list[_Entry], due: list[_Entry], gone: list[str]) -> bytes:
     """In a thread: the checkpoints count tokens (only the text new since
     the last one), which must not hold up the event loop."""
-    out = [orjson.dumps({"o": o}) for o in opening]
+    out = [orjson.dumps({"o": e.opened}) for e in opening]
     out += [orjson.dumps(_checkpoint(entry)) for entry in due]
     out += [orjson.dumps({"x": e}) for e in gone]
     return b"".join(line + b"\n" for line in out)
@@ -199,7 +214,7 @@ def _checkpoint(entry: _Entry) -> dict[str, Any]:
         new = payloads[entry.seen : len(payloads)]
         entry.seen += len(new)
         if new:
-            model = record.provider_model or str(entry.opened.get("m") or "")
+            model = record.provider_model or str(entry.values[7] or "")
             entry.completion += tokens.count_text(meter.text_of(new), model)
     if entry.prompt is None:
         endpoint, model = record.endpoint, record.provider_model or record.public_model or ""
@@ -211,7 +226,7 @@ def _noted(entry: _Entry) -> dict[str, Any]:
     record = entry.record
     usage = record.usage if record.usage.total_tokens > 0 else None
     return {
-        "c": entry.opened["e"],
+        "c": entry.values[0],
         "pt": usage.prompt_tokens if usage else entry.prompt or 0,
         "ct": max(usage.completion_tokens, entry.completion) if usage else entry.completion,
         "src": "provider" if usage else "estimated",

@@ -74,6 +74,23 @@ class _Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class _Month:
+    """A quota period's bounds, as datetimes and as epoch seconds."""
+
+    period: date
+    start: datetime
+    end: datetime
+    start_ts: float
+    end_ts: float
+
+    @classmethod
+    def of(cls, period: date) -> _Month:
+        start = datetime(period.year, period.month, 1, tzinfo=UTC)
+        end = period_end(period)
+        return cls(period, start, end, start.timestamp(), end.timestamp())
+
+
+@dataclass(frozen=True, slots=True)
 class Standing:
     """What the ``x-ratelimit-*`` headers report for a tenant this month."""
 
@@ -96,6 +113,7 @@ class QuotaBook:
         self._offline_used = 0
         self._db_wait = pgwait.Budget(policy.db_timeout_s)
         self.lease_calls = 0
+        self._current: _Month | None = None  # the clock's month at the last reading
 
     def _lease(self, tenant_id: int, period: date) -> _Lease:
         lease = self._leases.get((tenant_id, period))
@@ -103,8 +121,32 @@ class QuotaBook:
             lease = self._leases[(tenant_id, period)] = _Lease()
         return lease
 
+    def _month(self) -> tuple[date, datetime, datetime]:
+        """(period, now, the period's end) by one reading of the clock; the
+        month's bounds are kept until the clock leaves them."""
+        now = self.clock()
+        month = self._current
+        if now.tzinfo is not UTC or month is None or not month.start <= now < month.end:
+            period = period_of(now)  # the clock's own month, as before
+            month = self._current = _Month.of(period)
+        return month.period, now, month.end
+
+    def take(self, who: Principal, tier: Tier, tokens: int) -> Reservation | None:
+        """``admit`` when the local lease has room (the common case): no
+        coroutine, no await. None: ``admit`` must refill it, or refuse."""
+        period = self._month()[0]
+        if tier.monthly_requests is None and tier.monthly_tokens is None:
+            return Reservation(who.tenant_id, period, 1, tokens, leased=False)
+        need_tokens = tokens if tier.monthly_tokens is not None else 0
+        lease = self._leases.get((who.tenant_id, period))
+        if lease is None or lease.requests < 1 or lease.tokens < need_tokens:
+            return None
+        lease.requests -= 1
+        lease.tokens -= need_tokens
+        return Reservation(who.tenant_id, period, 1, need_tokens, leased=True)
+
     async def admit(self, who: Principal, tier: Tier, tokens: int) -> Reservation:
-        period = period_of(self.clock())
+        period = self._month()[0]
         if tier.monthly_requests is None and tier.monthly_tokens is None:
             return Reservation(who.tenant_id, period, 1, tokens, leased=False)
         need_tokens = tokens if tier.monthly_tokens is not None else 0
@@ -199,6 +241,23 @@ class QuotaBook:
             reset_seconds=max(0.0, reset),
         )
 
+    def tokens_left(self, tenant_id: int, limit: int) -> tuple[int, float]:
+        """``standing``'s remaining tokens and reset seconds for a tier with a
+        monthly token ``limit``: what every response's ``-tokens`` headers
+        report, without building the whole standing."""
+        month = self._current
+        if self.clock is utc_now and month is not None:
+            # The system clock: seconds since the epoch against the month's
+            # bounds as timestamps, no datetime arithmetic per response.
+            t = time.time()
+            if month.start_ts <= t < month.end_ts:
+                lease = self._leases.get((tenant_id, month.period))
+                return _tokens_remaining(limit, lease), month.end_ts - t
+        period, now, end = self._month()
+        return _tokens_remaining(limit, self._leases.get((tenant_id, period))), max(
+            0.0, (end - now).total_seconds()
+        )
+
     def keep_only(self, alive: set[tuple[int, date]], checked_at: float) -> None:
         """Drop local leases whose Postgres rows were gone at ``checked_at``
         (swept while this worker was cut off): they are no longer ours."""
@@ -220,6 +279,14 @@ class QuotaBook:
 
 def _fits(lease: _Lease, tokens: int) -> bool:
     return lease.requests >= 1 and lease.tokens >= tokens
+
+
+def _tokens_remaining(limit: int, lease: _Lease | None) -> int:
+    """``standing``'s remaining tokens (``_remaining``) of a limited month."""
+    if lease is None:
+        return limit
+    left = lease.left_tokens
+    return max(0, (left if left is not None else limit) + max(0, lease.tokens))
 
 
 def _remaining(limit: int | None, left: int | None, local: int) -> int | None:

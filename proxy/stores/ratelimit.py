@@ -44,6 +44,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from proxy.stores.local_limits import LocalLimiter
 from proxy.stores.redis_client import Client, RedisDown, SharedRedis
@@ -251,7 +255,7 @@ class RateLimiter:
                 check_args(limits, commit, asks),
             )
             try:
-                reply = await self.redis.call(lambda r: script(keys=keys, args=args, client=r))
+                reply = await self.redis.call(partial(_evalsha, script, keys, args))
                 found = parse_reply(limits, reply)
             except RedisDown:
                 pass
@@ -278,6 +282,22 @@ class RateLimiter:
                 await redis.call(partial(_zrem, lim.key, lim.member))
 
         redis.spawn(release(), name="release-slots")
+
+
+async def _evalsha(
+    script: AsyncScript, keys: list[str], args: list[str | int], client: Client
+) -> Any:
+    """``script(keys=keys, args=args, client=client)``: EVALSHA, loading the
+    script again on NOSCRIPT (a flushed script cache, another node), as
+    redis-py's ``AsyncScript`` does, without its per-call check of the
+    client against its ``Pipeline`` protocol (a ``typing.Protocol``
+    isinstance that walks the protocol's members: more Python than the rest
+    of the call). The client here is never a pipeline."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        script.sha = await client.script_load(script.script)
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
 
 
 async def _zrem(key: str, member: str, client: Client) -> None:

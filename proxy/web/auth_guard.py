@@ -32,6 +32,7 @@ from proxy.config.model import Config
 from proxy.config.ratelimit import AuthFailurePolicy, RateLimitPolicy
 from proxy.core.errors import AuthThrottled, InvalidApiKey, InvalidRequest
 from proxy.core.principal import Principal
+from proxy.pipeline.runtime import CLIENT_IP
 from proxy.stages.auth import Authenticator
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.windows import SLOTS, Limit
@@ -44,15 +45,16 @@ def credential(headers: CIMultiDictProxy[str]) -> str | None:
     """The one ``Authorization`` header, or a 400 when a credential header
     repeats. Anthropic's clients send the key as ``x-api-key``: taken as the
     bearer when no ``Authorization`` header came."""
-    for name in ("Authorization", "x-api-key"):
-        if len(headers.getall(name, ())) > 1:
+    given = headers.getall("Authorization", ())
+    keys = headers.getall("x-api-key", ())
+    for name, values in (("Authorization", given), ("x-api-key", keys)):
+        if len(values) > 1:
             raise InvalidRequest(
                 f"The request has more than one {name} header; send exactly one credential."
             )
-    given = headers.get("Authorization")
-    if given is None and (key := headers.get("x-api-key")):
-        return f"Bearer {key}"
-    return given
+    if given:
+        return given[0]
+    return f"Bearer {keys[0]}" if keys and keys[0] else None
 
 
 class TrustedProxies:
@@ -93,14 +95,31 @@ class AuthGuard:
     async def authenticate(
         self, request: web.BaseRequest, auth: Authenticator, limiter: RateLimiter, config: Config
     ) -> Principal:
-        address = self.proxies.client(request)
+        # The gate found the client's address already (one parse of X-Forwarded-For).
+        address = request.get(CLIENT_IP) or self.proxies.client(request)
         self.check(address)
         try:
-            return await auth.authenticate(credential(request.headers))
+            header = credential(request.headers)
+            # A key in the cache (nearly every request) needs no coroutine.
+            return auth.cached(header) or await auth.authenticate(header)
         except InvalidApiKey:
             policy = config.ratelimit or RateLimitPolicy()
             await self.failed(limiter, policy.auth_failures, policy.expected_instances, address)
             raise
+
+    def cached(self, request: web.BaseRequest, auth: Authenticator) -> Principal | None:
+        """The principal of a key the cache knows, from a client that is not
+        throttled, without a coroutine (nearly every request); None for
+        anything else, which ``authenticate`` then decides (and counts, if
+        it fails) exactly as before."""
+        if self._blocked and (request.get(CLIENT_IP) or self.proxies.client(request)) in (
+            self._blocked
+        ):
+            return None
+        try:
+            return auth.cached(credential(request.headers))
+        except (InvalidApiKey, InvalidRequest):
+            return None
 
     def check(self, address: str) -> None:
         until = self._blocked.get(address)

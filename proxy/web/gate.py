@@ -28,7 +28,7 @@ from proxy.config.model import Config
 from proxy.core import redact
 from proxy.core.errors import GatewayError, InvalidApiKey, NotFound
 from proxy.core.record import UsageRecord
-from proxy.core.trace import NO_SPAN, Span
+from proxy.core.trace import NO_SPAN, NoSpan, Span
 from proxy.doors.registry import DOORS
 from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, TRACE, Runtime
 from proxy.web.keys import AUTH_GUARD, RUNTIME
@@ -63,6 +63,14 @@ def admit(request: web.Request) -> Awaitable[None] | None:
     trace = NO_SPAN if endpoint is None else snapshot.tracer.request(endpoint, request.headers)
     request[TRACE] = trace
     if config.auth == "keys":
+        if rt.billing is not None and isinstance(trace, NoSpan):
+            # A key the cache knows needs no coroutine; anything else (a
+            # lookup, a refusal, a throttled address) goes the awaited way,
+            # as does a traced request (its one "auth" span holds the check).
+            who = request.app[AUTH_GUARD].cached(request, rt.billing.auth)
+            if who is not None:
+                request[PRINCIPAL] = who
+                return None
         return _authenticate(request, rt, config, trace)
     return None
 

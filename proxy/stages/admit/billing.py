@@ -9,6 +9,7 @@ request's reservation on the way.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import socket
 import time
@@ -83,14 +84,16 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     since one plan may mix families (``gpt-4o`` falling back to ``o3-mini``)."""
     if endpoint not in GENERATIVE:
         return 0
-    asked = [key for key in _LIMITS if isinstance(body.get(key), int)]
-    for key in asked:
-        body[key] = min(body[key], tier.max_tokens)
-    if not asked:
+    cap = tier.max_tokens
+    budget = None  # the largest limit sent, once capped
+    for key in _LIMITS:
+        asked = body.get(key)
+        if isinstance(asked, int):
+            body[key] = capped = min(asked, cap)
+            budget = capped if budget is None else max(budget, capped)
+    if budget is None:
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        body[key] = tier.max_tokens
-        asked = [key]
-    budget = max(body[key] for key in asked)
+        body[key] = budget = cap
     n = body.get("n")
     return int(budget) * (n if isinstance(n, int) and n > 0 else 1)
 
@@ -111,7 +114,13 @@ def ratelimit_headers(standing: Standing) -> dict[str, str]:
 
 def reset_duration(seconds: float) -> str:
     """OpenAI's reset format: ``6m0s``, ``1h2m3s``, ``1s``."""
-    s = int(seconds + 0.999)
+    return _reset_text(int(seconds + 0.999))
+
+
+@functools.lru_cache(maxsize=4096)
+def _reset_text(s: int) -> str:
+    """Formatted once per second of distance: every response reports two
+    resets, which move by a second at a time."""
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     if h:
@@ -138,6 +147,39 @@ class Billing:
         if journal is not None:
             ledger.on_durable = journal.closed
 
+    def _estimate(
+        self, config: Config, principal: Principal, body: dict[str, Any], endpoint: str
+    ) -> tuple[Tier, int, int | None]:
+        """The tier, the tokens to reserve and the prompt estimate (None when
+        no token limit needs one); caps the body's completion limits."""
+        tier = tier_of(config, principal)
+        budget = clamp_max_tokens(body, tier, endpoint)
+        if (
+            tier.monthly_tokens is not None
+            or tier.tokens_per_minute is not None
+            or tier.user_tokens_per_minute is not None
+        ):
+            prompt = tokens.estimate_prompt(body, endpoint)
+            return tier, prompt + budget, prompt
+        return tier, 0, None
+
+    def take(
+        self,
+        config: Config,
+        principal: Principal,
+        body: dict[str, Any],
+        endpoint: str,
+        public_model: str,
+    ) -> Admission | None:
+        """``admit`` when the worker's quota lease has room (nearly every
+        request): no coroutine. None: ``admit`` refills the lease or refuses
+        (capping the body again changes nothing)."""
+        tier, estimate, prompt = self._estimate(config, principal, body, endpoint)
+        reservation = self.quota.take(principal, tier, estimate)
+        if reservation is None:
+            return None
+        return Admission(principal, tier, reservation, estimate, secrets.token_hex(12), prompt)
+
     async def admit(
         self,
         config: Config,
@@ -146,18 +188,11 @@ class Billing:
         endpoint: str,
         public_model: str,
     ) -> Admission:
-        tier = tier_of(config, principal)
-        budget = clamp_max_tokens(body, tier, endpoint)
-        estimate, prompt = 0, None
-        if (
-            tier.monthly_tokens is not None
-            or tier.tokens_per_minute is not None
-            or tier.user_tokens_per_minute is not None
-        ):
-            prompt = tokens.estimate_prompt(body, endpoint)
-            estimate = prompt + budget
+        tier, estimate, prompt = self._estimate(config, principal, body, endpoint)
+        reservation = self.quota.take(principal, tier, estimate)
         try:
-            reservation = await self.quota.admit(principal, tier, estimate)
+            if reservation is None:  # the local lease is short: refill (or refuse)
+                reservation = await self.quota.admit(principal, tier, estimate)
         except QuotaExceeded as exc:
             exc.headers.update(ratelimit_headers(self.quota.standing(principal.tenant_id, tier)))
             raise
@@ -170,20 +205,21 @@ class Billing:
         if self.journal is None or not isinstance(admission, Admission):
             return
         r = admission.reservation
-        opened = {
-            "e": admission.event_id,
-            "p": admission.period.isoformat(),
-            "r": record.request_id,
-            "t": record.tenant_id,
-            "k": record.key_id,
-            "w": self.quota.worker_id,
-            "n": record.api,
-            "m": record.public_model,
-            "s": body.get("stream") is True,
-            "l": r.leased,
-            "pt": admission.prompt_tokens,
-            "at": time.time(),
-        }
+        # journal.OPENED_KEYS' values: the ``o`` line is built only if written.
+        opened = (
+            admission.event_id,
+            admission.period,
+            record.request_id,
+            record.tenant_id,
+            record.key_id,
+            self.quota.worker_id,
+            record.door or record.endpoint,  # record.api
+            record.public_model,
+            body.get("stream") is True,
+            r.leased,
+            admission.prompt_tokens,
+            time.time(),
+        )
         self.journal.open(opened, record, body)
 
     def settle(self, record: UsageRecord) -> None:
@@ -254,17 +290,20 @@ def _details(record: UsageRecord) -> str | None:
     """Provider-specific token counts, plus every attempt that reached a
     provider: a failed attempt may still be on the provider's invoice, plus
     the guardrails' verdicts, a semantic cache hit's similarity."""
+    given, extra, attempts = record.usage.details, record.extra, record.attempt_log
+    if not given and not extra and len(attempts) == 1 and record.status < 400:
+        return None  # one attempt that served, nothing else to say: most requests
     # The keys come from the provider's usage object: made safe for jsonb.
-    details: dict[str, object] = {_key(k): v for k, v in record.usage.details.items()}
+    details: dict[str, object] = {_key(k): v for k, v in given.items()}
     reached = [a for a in record.attempt_log if a.reached]
     if len(reached) > 1 or (reached and record.status >= 400):
         details["attempts"] = [
             {"provider": a.provider, "model": a.model, "status": a.status} for a in reached
         ]
-    guardrails = record.extra.get("guardrails")  # verdicts and counts, never the matched text
+    guardrails = extra.get("guardrails")  # verdicts and counts, never the matched text
     if guardrails:
         details["guardrails"] = guardrails
-    semantic = record.extra.get("semantic_cache")  # a semantic hit: how similar its match was
+    semantic = extra.get("semantic_cache")  # a semantic hit: how similar its match was
     if isinstance(semantic, dict) and semantic.get("result") == "hit":
         details["cache"], details["similarity"] = "semantic", semantic.get("similarity")
     return orjson.dumps(details).decode() if details else None
@@ -273,4 +312,6 @@ def _details(record: UsageRecord) -> str | None:
 def _key(name: str) -> str:
     """A provider-chosen name as jsonb takes it: no NUL (Postgres refuses
     ``\\u0000`` in jsonb), no other control characters, at most 64 characters."""
+    if len(name) <= 64 and name.isprintable():
+        return name  # every name a provider sends: nothing to replace
     return "".join(c if c.isprintable() else "?" for c in name[:64])

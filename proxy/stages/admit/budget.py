@@ -26,21 +26,21 @@ from proxy.stages.route import RoutePlan
 from proxy.stores.budgets import BudgetBook, Hold, Limit
 
 _LIMITS = ("max_tokens", "max_completion_tokens")
-# limits_for's answers: the same caller, tier budgets and day get the same
-# Limits (their labels formatted once), so a request does not rebuild them.
-_limits: dict[tuple[Principal, Budgets, date], tuple[Limit, ...]] = {}
-_LIMITS_MAX = 10_000  # callers remembered before the memo starts over
 
 
 def limits_for(who: Principal, tier: Tier, now: datetime) -> tuple[Limit, ...]:
-    """Every budget that applies to the caller right now (none: empty)."""
+    """Every budget that applies to the caller right now (none: empty).
+    Kept on the key's cached principal (``Principal.memo``) for the tier's
+    budgets object and the day, so a request does not rebuild the Limits
+    (nor format their labels) nor hash the principal to find them."""
     day = now.date()
-    memo = (who, tier.budgets, day)
-    found = _limits.get(memo)
-    if found is None:
-        if len(_limits) >= _LIMITS_MAX:
-            _limits.clear()
-        found = _limits[memo] = _build_limits(who, tier.budgets, day)
+    budgets = tier.budgets
+    memo = who.memo.get("budgets")
+    if isinstance(memo, tuple) and memo[0] is budgets and memo[1] == day:
+        found: tuple[Limit, ...] = memo[2]
+        return found
+    found = _build_limits(who, budgets, day)
+    who.memo["budgets"] = (budgets, day, found)
     return found
 
 
@@ -88,6 +88,30 @@ def max_cost(plan: RoutePlan, prices: Mapping[str, Price], prompt: int, completi
                     per_prompt, per_completion = price.bound_rates
                     most = max(most, per_prompt * prompt + per_completion * completion)
     return max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
+
+
+def take(
+    book: BudgetBook,
+    who: Principal,
+    tier: Tier,
+    plan: RoutePlan,
+    prices: Mapping[str, Price],
+    body: dict[str, Any],
+    endpoint: str,
+    prompt: int | None,
+    now: datetime,
+) -> tuple[bool, Hold | None]:
+    """``reserve`` without a coroutine when it needs no lease call: (True,
+    the hold, or None for a caller without budgets); (False, None) when
+    ``reserve`` must be awaited (a lease to refill, or a refusal to make)."""
+    limits = limits_for(who, tier, now)
+    if not limits:
+        return True, None
+    if prompt is None:
+        prompt = tokens.estimate_prompt(body, endpoint)
+    micros = max_cost(plan, prices, prompt, completion_budget(body, endpoint))
+    hold = book.take(limits, micros, now.date())
+    return hold is not None, hold
 
 
 async def reserve(

@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from proxy.config.model import Config
 from proxy.config.tiers import Tier
 from proxy.core.errors import RateLimited, TokenRateLimited
+from proxy.core.principal import Principal
 from proxy.stages.admit.billing import Admission, reset_duration
 from proxy.stores.permits import PermitLeases
+from proxy.stores.quota import QuotaBook
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.windows import HOUR_MS, MINUTE_MS, Limit, Verdict, Window
 
@@ -73,6 +76,38 @@ def limits_for(tier: Tier, key_id: str, tokens: int, user: str | None = None) ->
     return out
 
 
+def request_limits(
+    who: Principal, tier: Tier, tokens: int, user: str | None = None
+) -> Sequence[Limit]:
+    """``limits_for`` the request, the key's own windows kept on the key's
+    cached principal while its tier is the same object: a request of a
+    tier without token windows rebuilds nothing."""
+    if tier.tokens_per_minute is not None or (
+        user is not None and (tier.user_requests_per_hour or tier.user_tokens_per_minute)
+    ):
+        return limits_for(tier, who.key_id, tokens, user)  # a cost of its own
+    memo = who.memo.get("rate_limits")
+    if isinstance(memo, tuple) and memo[0] is tier:
+        limits: tuple[Limit, ...] = memo[1]
+        return limits
+    limits = tuple(limits_for(tier, who.key_id, tokens))
+    who.memo["rate_limits"] = (tier, limits)
+    return limits
+
+
+def take(
+    limiter: RateLimiter | PermitLeases, admission: Admission, user: str | None = None
+) -> tuple[bool, Verdict | None]:
+    """``admit`` without a coroutine when the worker's permit lease covers
+    the request (or the tier has no window): (True, the verdict or None);
+    (False, None) when ``admit`` must be awaited."""
+    limits = request_limits(admission.principal, admission.tier, admission.tokens, user)
+    if not limits:
+        return True, None
+    verdict = limiter.take(limits) if isinstance(limiter, PermitLeases) else None
+    return verdict is not None, verdict
+
+
 async def admit(
     limiter: RateLimiter | PermitLeases,
     config: Config,
@@ -84,24 +119,54 @@ async def admit(
     worker's lease, without a Redis round trip (the bound is the same:
     ``permits.py``)."""
     who = admission.principal
-    limits = limits_for(admission.tier, who.key_id, admission.tokens, user)
+    limits = request_limits(who, admission.tier, admission.tokens, user)
     if not limits:
         return None
-    verdict = await limiter.check(limits, instances(config))
+    verdict = limiter.take(limits) if isinstance(limiter, PermitLeases) else None
+    if verdict is None:
+        verdict = await limiter.check(limits, instances(config))
     if not verdict.admitted:
         raise refused(verdict, who.key_prefix, user)
     return verdict
 
 
+# The key's windows' header names: (limit, remaining, reset) per window.
+_HEADERS = {
+    name: tuple(f"x-ratelimit-{part}-{suffix}" for part in ("limit", "remaining", "reset"))
+    for name, (_, suffix) in _WHAT.items()
+    if name not in _PER_USER  # the headers describe the key's windows
+}
+_MONTHLY_TOKENS = _HEADERS["tokens_per_minute"]
+
+
 def headers(verdict: Verdict | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for w in verdict.windows if verdict is not None else ():
-        if w.limit.name in _PER_USER:
-            continue  # the headers describe the key's windows
-        suffix = _WHAT[w.limit.name][1]
-        out[f"x-ratelimit-limit-{suffix}"] = str(w.capacity)
-        out[f"x-ratelimit-remaining-{suffix}"] = str(w.remaining)
-        out[f"x-ratelimit-reset-{suffix}"] = reset_duration(w.reset_ms / 1000)
+        names = _HEADERS.get(w.limit.name)
+        if names is not None:
+            limit, remaining, reset = names
+            out[limit] = str(w.capacity)
+            out[remaining] = str(w.remaining)
+            out[reset] = reset_duration(w.reset_ms / 1000)
+    return out
+
+
+def response_headers(
+    quota: QuotaBook, admission: Admission, verdict: Verdict | None
+) -> dict[str, str]:
+    """Every admitted response's ``x-ratelimit-*`` headers: the -requests
+    trio is the key's hourly window, the -tokens trio its minute window when
+    the tier has one, else the tenant's monthly tokens (``QuotaBook.standing``'s,
+    without building it)."""
+    out: dict[str, str] = {}
+    tier = admission.tier
+    if tier.monthly_tokens is not None:
+        remaining, reset = quota.tokens_left(admission.principal.tenant_id, tier.monthly_tokens)
+        out[_MONTHLY_TOKENS[0]] = str(tier.monthly_tokens)
+        out[_MONTHLY_TOKENS[1]] = str(remaining)
+        out[_MONTHLY_TOKENS[2]] = reset_duration(reset)
+    if verdict is not None:
+        out.update(headers(verdict))
     return out
 
 
