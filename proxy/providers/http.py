@@ -168,6 +168,7 @@ class EventBody:
         "_idle",
         "_loop",
         "_pushing",
+        "_queued",
         "_split",
         "_timeouts",
         "last",
@@ -193,6 +194,7 @@ class EventBody:
         self.pending: GatewayError | None = None  # raised by the next read (``check`` sets it)
         self._pushing: asyncio.Future[None] | None = None  # set while ``pushed`` runs
         self._deliver: Callable[[bytes], bool] | None = None
+        self._queued: list[bytes] | None = None  # pushed bytes waiting for ``_flush``
         self._idle = (timeouts or cfg.timeouts).idle
         protocol = resp.connection.protocol if resp.connection is not None else None
         if protocol is not None and self._idle:
@@ -288,12 +290,31 @@ class EventBody:
             )
         finally:
             _PUSHING.pop(content, None)
-            self._pushing = self._deliver = None
+            # Still queued: the task was cancelled (the client is gone, or
+            # shutdown) before the loop came round to it; nobody gets it.
+            self._queued = self._pushing = self._deliver = None
 
     def _take(self, data: bytes) -> None:
-        """One upstream read while pushing (from ``_PushReader.feed_data``)."""
+        """One upstream body piece while pushing (``_PushReader.feed_data``):
+        queued, and the queue handed on once the connection's callback has
+        fed all it received (``_flush``, next in the loop): one piece per
+        socket read, as ``readany`` would have taken them, so a read of many
+        small HTTP chunks is still split, metered and written once."""
         self.last = self._loop.time()
         self._got += len(data)
+        queued = self._queued
+        if queued is None:
+            self._queued = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            queued.append(data)
+
+    def _flush(self) -> None:
+        queued = self._queued
+        if queued is None or self._pushing is None:
+            return
+        self._queued = None
+        data = queued[0] if len(queued) == 1 else b"".join(queued)
         try:
             events = self._split.feed(data)
             if events and self._check is not None:
@@ -310,6 +331,8 @@ class EventBody:
             self._stop()
 
     def _stop(self, exc: BaseException | None = None) -> None:
+        if exc is None and self._queued is not None:
+            self._flush()  # what arrived before the end (or the error) goes first
         _PUSHING.pop(self._content, None)
         waiter, self._pushing = self._pushing, None
         if waiter is not None and not waiter.done():
