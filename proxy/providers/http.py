@@ -156,6 +156,9 @@ class EventBody:
     provider's silence, as with aiohttp, which stops its timer when it stops
     reading. ``first_byte`` stays aiohttp's (the timer running since the
     headers), and ``total`` too (one timer per request).
+
+    Read (``read``) or pushed (``pushed``): the same events either way, the
+    same bounds, the same errors, raised by ``read``.
     """
 
     __slots__ = (

@@ -2,7 +2,12 @@
 
 Streams are a tee: the whole SSE events of each upstream read are written to
 the client as soon as the provider sends them (one write for all of them),
-while ``StreamMeter`` watches each event for usage on the side.
+while ``StreamMeter`` watches each event for usage on the side. A plain
+pass-through stream (no chunk filters, no front-door translation) is, after
+its first write, relayed from the upstream connection's callback
+(``UpstreamStream.pushed``, ``_Direct``): no wake-up of this task per read;
+the task resumes at the end, on a failure, or to wait for a slow client
+(whose socket buffer, once full, stops the reading of the provider).
 Once SSE headers are out, a failure can no longer change the status, so it
 becomes an OpenAI-shaped ``data: {"error": ...}`` event and a clean close.
 
