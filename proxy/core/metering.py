@@ -169,6 +169,15 @@ class StreamMeter:
         that may carry usage, a finish reason or ``[DONE]`` on are looked at
         one by one; those before it are forwarded and kept as they came
         (a substring scan: on a stream, usually the whole read)."""
+        if (
+            b'"usage":{' not in events
+            and b'"finish_reason":"' not in events
+            and b"[DONE]" not in events
+            and b'"usage": {' not in events
+            and b'"finish_reason": "' not in events
+        ):  # the usual read (``_MARKERS``, spelt out: no loop, no calls)
+            self._keep(events)
+            return events
         first = -1
         for marker in _MARKERS:
             at = events.find(marker)

@@ -24,7 +24,7 @@ goes away, which cancels the provider request.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -98,6 +98,14 @@ class UpstreamStream(ABC):
             if events := b"".join(batch):
                 return events
         return b""
+
+    # ``pushed(deliver)``, where the adapter can: hands each later read's
+    # whole events (what ``read`` would return) to ``deliver`` as they
+    # arrive, without a wake-up of the reading task per read, until
+    # ``deliver`` returns False or the stream ends or fails; ``read`` then
+    # takes over and raises or returns what is left (``http.EventBody``).
+    # Only after the first ``read``. None: ``read`` only.
+    pushed: Callable[[Callable[[bytes], bool]], Awaitable[None]] | None = None
 
     @abstractmethod
     async def aclose(self) -> None: ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -166,16 +166,22 @@ class EventBody:
     provider's silence, as with aiohttp, which stops its timer when it stops
     reading. ``first_byte`` stays aiohttp's (the timer running since the
     headers), and ``total`` too (one timer per request).
+
+    Read (``read``) or pushed (``pushed``): the same events either way, the
+    same bounds, the same errors, raised by ``read``.
     """
 
     __slots__ = (
         "_cfg",
         "_check",
         "_content",
+        "_deliver",
         "_got",
         "_handle",
         "_idle",
         "_loop",
+        "_pushing",
+        "_queued",
         "_split",
         "_timeouts",
         "last",
@@ -199,6 +205,9 @@ class EventBody:
         self._got = 0  # bytes read so far
         self._handle: asyncio.TimerHandle | None = None
         self.pending: GatewayError | None = None  # raised by the next read (``check`` sets it)
+        self._pushing: asyncio.Future[None] | None = None  # set while ``pushed`` runs
+        self._deliver: Callable[[bytes], bool] | None = None
+        self._queued: list[bytes] | None = None  # pushed bytes waiting for ``_flush``
         self._idle = (timeouts or cfg.timeouts).idle
         protocol = resp.connection.protocol if resp.connection is not None else None
         if protocol is not None and self._idle:
@@ -256,10 +265,150 @@ class EventBody:
             if events:
                 return self._check(events) if self._check is not None else events
 
+    async def pushed(self, deliver: Callable[[bytes], bool]) -> None:
+        """Hand the whole events of each upstream read to ``deliver`` from
+        the connection's own data callback, as ``read`` would return them,
+        until that can no longer be done; then return, and ``read`` takes
+        over (it sees the end, the error or the bytes left). Per read: no
+        future, no task wake-up, no coroutine frames (the relay's loop, the
+        guard, this, aiohttp's ``readany`` and ``_wait``).
+
+        ``deliver`` returns False to stop (its client is not taking bytes:
+        the caller waits for it, then reads, or pushes again); an exception
+        it raises is raised here. A provider's error event, the idle bound
+        (``_expire``) and the total time (aiohttp's timer, entered here as
+        ``readany`` would) end the pushing and are raised by the next
+        ``read``, so the guard reports them to the breaker as before. Only
+        for a plain aiohttp ``StreamReader`` with nothing buffered; otherwise
+        this returns at once."""
+        content = self._content
+        if (
+            type(content) not in _PUSHABLE
+            or content._buffer  # read those first, in order
+            or content.is_eof()
+            or content.exception() is not None
+            or self.pending is not None
+        ):
+            return
+        self._pushing = waiter = self._loop.create_future()
+        self._deliver = deliver
+        content.__class__ = _PushReader  # same layout; behaves as its base unless in _PUSHING
+        _PUSHING[content] = self
+        try:
+            with content._timer:  # the request's total time, as aiohttp's own wait
+                await waiter
+        except TimeoutError as exc:
+            self.pending = _timed_out(
+                exc, self._cfg, self._timeouts or self._cfg.timeouts, "mid-stream"
+            )
+        finally:
+            _PUSHING.pop(content, None)
+            # Still queued: the task was cancelled (the client is gone, or
+            # shutdown) before the loop came round to it; nobody gets it.
+            self._queued = self._pushing = self._deliver = None
+
+    def _take(self, data: bytes) -> None:
+        """One upstream body piece while pushing (``_PushReader.feed_data``):
+        queued, and the queue handed on once the connection's callback has
+        fed all it received (``_flush``, next in the loop): one piece per
+        socket read, as ``readany`` would have taken them, so a read of many
+        small HTTP chunks is still split, metered and written once."""
+        self.last = self._loop.time()
+        self._got += len(data)
+        queued = self._queued
+        if queued is None:
+            self._queued = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            queued.append(data)
+
+    def _flush(self) -> None:
+        queued = self._queued
+        if queued is None or self._pushing is None:
+            return
+        self._queued = None
+        data = queued[0] if len(queued) == 1 else b"".join(queued)
+        try:
+            events = self._split.feed(data)
+            if events and self._check is not None:
+                events = self._check(events)
+            if events and not self._deliver(events):  # type: ignore[misc]
+                self._stop()
+        except GatewayError as exc:  # the provider's error event: the guard's to report
+            self.pending = exc
+        except Exception as exc:  # noqa: BLE001 - raised in the relay task, where pull would
+            # have raised it (the client gone): a callback must not throw into the parser
+            self._stop(exc)
+            return
+        if self.pending is not None:
+            self._stop()
+
+    def _stop(self, exc: BaseException | None = None) -> None:
+        if exc is None and self._queued is not None:
+            self._flush()  # what arrived before the end (or the error) goes first
+        _PUSHING.pop(self._content, None)
+        waiter, self._pushing = self._pushing, None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
     def close(self) -> None:
+        if self._pushing is not None:
+            self._stop()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+# The readers being pushed from, and whose body takes their bytes.
+_PUSHING: Final[dict[aiohttp.StreamReader, EventBody]] = {}
+
+
+class _PushReader(aiohttp.StreamReader):
+    """aiohttp's reader, its bytes handed on as they are fed while its
+    ``EventBody`` is pushing (``EventBody.pushed``): counted as received and
+    read (``total_bytes``, the cursor), never buffered, no waiter woken.
+    Otherwise, and for anything but plain bytes arriving in order, exactly
+    its base. Swapped in by ``__class__`` (the base has ``__slots__``; this
+    adds none): the HTTP parser holds the instance."""
+
+    __slots__ = ()
+
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        body = _PUSHING.get(self)
+        if body is None or not data:
+            return super().feed_data(data, size)
+        if self._buffer or self._exception is not None:  # not ours to overtake: ``read``'s
+            super().feed_data(data, size)
+            body._stop()
+            return False
+        n = len(data)
+        self.total_bytes += n
+        self._cursor += n
+        body._take(data)
+        return False
+
+    def end_http_chunk_receiving(self) -> None:
+        if self in _PUSHING:
+            return  # nobody reads by HTTP chunk here, and nothing waits to be woken
+        super().end_http_chunk_receiving()
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        body = _PUSHING.get(self)
+        if body is not None:
+            body._stop()  # ``read`` sees the end (and a cut event, if any)
+
+    def set_exception(self, *args: Any, **kwargs: Any) -> None:
+        super().set_exception(*args, **kwargs)
+        body = _PUSHING.get(self)
+        if body is not None:
+            body._stop()  # ``read`` raises it, as it would have
+
+
+_PUSHABLE: Final = (aiohttp.StreamReader, _PushReader)
 
 
 def _timed_out(exc: TimeoutError, cfg: ProviderConfig, t: Timeouts, what: str) -> UpstreamTimeout:

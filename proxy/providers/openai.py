@@ -46,6 +46,7 @@ class OpenAIStream(BatchedStream):
         self.headers = {}
         self._body = http.EventBody(resp, cfg, timeouts, self._check)
         self.read = self._body.read  # type: ignore[method-assign]  # no frame of our own per read
+        self.pushed = self._body.pushed
 
     def _check(self, events: bytes) -> bytes:
         """A provider's error event ends the stream: the events before it

@@ -2,7 +2,12 @@
 
 Streams are a tee: the whole SSE events of each upstream read are written to
 the client as soon as the provider sends them (one write for all of them),
-while ``StreamMeter`` watches each event for usage on the side.
+while ``StreamMeter`` watches each event for usage on the side. A plain
+pass-through stream (no chunk filters, no front-door translation) is, after
+its first write, relayed from the upstream connection's callback
+(``UpstreamStream.pushed``, ``_Direct``): no wake-up of this task per read;
+the task resumes at the end, on a failure, or to wait for a slow client
+(whose socket buffer, once full, stops the reading of the provider).
 Once SSE headers are out, a failure can no longer change the status, so it
 becomes an OpenAI-shaped ``data: {"error": ...}`` event and a clean close.
 
@@ -21,7 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
+from aiohttp.http_writer import StreamWriter
 
 from proxy.core import metering, redact
 from proxy.core.errors import ContentFiltered, GatewayError, UpstreamStreamBroken
@@ -83,6 +89,8 @@ async def stream(
         # write is a chunk frame and a send() of its own. One loop, one
         # call per read (``UpstreamStream.read``), no generator layers.
         read = upstream.read
+        pushed = upstream.pushed if not filters and door is None else None
+        direct: _Direct | None = None
         while batch := await read():
             out = meter.observe_read(batch)
             for chunk_filter in filters:
@@ -98,6 +106,18 @@ async def stream(
             if record.ttft_ms is None:
                 record.ttft_ms = (time.perf_counter() - started) * 1000
             await resp.write(out)
+            if pushed is not None:
+                # From here on the reads are written from the upstream
+                # connection's callback (``UpstreamStream.pushed``); this
+                # loop resumes when that stops: the end, a failure, or a
+                # client slower than the provider (waited for here).
+                direct = direct or _Direct.of(resp, meter, record, started)
+                if direct is None:
+                    pushed = None  # not a plain chunked response: write as above
+                    continue
+                await pushed(direct.deliver)
+                if direct.protocol.writing_paused:
+                    await direct.writer.drain()
         if not meter.done:
             # Decided by what arrived: a whole answer missing only its
             # [DONE] is a success; anything less was cut off.
@@ -137,6 +157,60 @@ async def stream(
         lifecycle.streams -= 1
         await upstream.aclose()
     return resp
+
+
+class _Direct:
+    """The relay's work on one read of whole events, done where the bytes
+    arrive (``UpstreamStream.pushed``): meter them, then write them to the
+    client's transport as one HTTP chunk, as ``StreamResponse.write`` would
+    (same frame, same ``output_size``), without its two coroutines. Only for
+    a response aiohttp writes as plain chunks (no compression, no length,
+    headers sent, no write hooks): ``of`` returns None for any other."""
+
+    __slots__ = ("meter", "protocol", "record", "started", "writer")
+
+    def __init__(
+        self,
+        writer: StreamWriter,
+        meter: StreamMeter,
+        record: UsageRecord,
+        started: float,
+    ) -> None:
+        self.writer, self.protocol = writer, writer.protocol
+        self.meter, self.record, self.started = meter, record, started
+
+    @classmethod
+    def of(
+        cls, resp: web.StreamResponse, meter: StreamMeter, record: UsageRecord, started: float
+    ) -> _Direct | None:
+        writer = getattr(resp, "_payload_writer", None)
+        if (
+            type(writer) is not StreamWriter
+            or not writer.chunked
+            or writer.length is not None
+            or getattr(writer, "_compress", True) is not None
+            or getattr(writer, "_headers_buf", True) is not None
+            or getattr(writer, "_on_chunk_sent", True) is not None
+            or getattr(writer, "on_body_write", None) is not None
+            or not hasattr(writer.protocol, "writing_paused")
+        ):
+            return None
+        return cls(writer, meter, record, started)
+
+    def deliver(self, events: bytes) -> bool:
+        """Whether to go on: False once the client's socket buffer is full."""
+        protocol = self.protocol
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        out = self.meter.observe_read(events)
+        if out:
+            if self.record.ttft_ms is None:
+                self.record.ttft_ms = (time.perf_counter() - self.started) * 1000
+            frame = b"%x\r\n%b\r\n" % (len(out), out)
+            self.writer.output_size += len(frame)
+            transport.write(frame)
+        return not protocol.writing_paused
 
 
 def _client_gone(record: UsageRecord) -> None:

@@ -377,6 +377,7 @@ class GuardedStream(UpstreamStream):
         on_broken: Callable[[GatewayError], Awaitable[None]],
     ) -> None:
         self.headers = upstream.headers
+        self.pushed = upstream.pushed  # its failures still come out of ``read``
         self._upstream, self._first = upstream, first
         self._slot, self._on_broken = slot, on_broken
 
