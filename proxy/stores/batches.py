@@ -281,13 +281,19 @@ class BatchStore:
                 )
                 if room <= 0:
                     continue
+                # MATERIALIZED: the pick runs once. As a subquery in FROM the
+                # planner may rescan it (a nested loop, once the table's
+                # statistics grow past ~20k lines), and each rescan skips the
+                # rows the last one locked and picks ``room`` more: one claim
+                # leased whole batches, thousands of lines run at once.
                 rows = await conn.fetch(
-                    "UPDATE batch_lines l SET leased_until = now() + make_interval(secs => $3),"
+                    "WITH c AS MATERIALIZED (SELECT line FROM batch_lines"
+                    "   WHERE batch_id = $1 AND state = 'pending' AND not_before <= now()"
+                    "   AND (leased_until IS NULL OR leased_until < now())"
+                    "   ORDER BY line LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                    " UPDATE batch_lines l SET leased_until = now() + make_interval(secs => $3),"
                     " attempts = l.attempts + 1"
-                    " FROM (SELECT line FROM batch_lines WHERE batch_id = $1 AND state = 'pending'"
-                    "   AND not_before <= now() AND (leased_until IS NULL OR leased_until < now())"
-                    "   ORDER BY line LIMIT $2 FOR UPDATE SKIP LOCKED) c"
-                    " WHERE l.batch_id = $1 AND l.line = c.line"
+                    " FROM c WHERE l.batch_id = $1 AND l.line = c.line"
                     " RETURNING l.line, l.custom_id, l.body, l.attempts",
                     b["id"],
                     room,

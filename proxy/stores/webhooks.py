@@ -228,7 +228,7 @@ class Delivery:
 
 async def claim(pool: asyncpg.Pool, limit: int, lease_s: float) -> list[Delivery]:
     rows = await pool.fetch(
-        "WITH due AS (SELECT event_id, endpoint_id FROM webhook_deliveries"
+        "WITH due AS MATERIALIZED (SELECT event_id, endpoint_id FROM webhook_deliveries"
         "  WHERE state = 'pending' AND next_at <= now()"
         "  ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
         " UPDATE webhook_deliveries v SET attempts = v.attempts + 1,"
