@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.providers import http
 from tests.conftest import StartGateway, gateway_config
+from tests.loopback import serve_app
 from tests.waiting import until
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "model": "fake-x"}
@@ -49,12 +50,8 @@ class ScriptedProvider:
     async def start(self) -> ScriptedProvider:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self._runner, base = await serve_app(app, handler_cancellation=True)
+        self.url = base + "/v1"
         return self
 
     async def close(self) -> None:

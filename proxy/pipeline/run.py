@@ -74,9 +74,9 @@ async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
     if billing.budgets is not None:
         costs = (billing.budgets, ex.who, admission.tier, plan, ex.config.prices, ex.body)
         needs = (ex.endpoint, admission.prompt_tokens, billing.quota.clock())
-        held, admission.budget = budget.take(*costs, *needs)
-        if not held:
-            admission.budget = await budget.reserve(*costs, *needs)
+        admission.budget, ask = budget.take(*costs, *needs)
+        if ask is not None:
+            admission.budget = await budget.reserve(billing.budgets, ask)
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
     limiter = rt.permits or rt.limiter

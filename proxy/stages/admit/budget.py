@@ -14,6 +14,7 @@ so a budget that is used up refuses every request.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -90,6 +91,16 @@ def max_cost(plan: RoutePlan, prices: Mapping[str, Price], prompt: int, completi
     return max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
 
 
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What a request asks of its budgets when the local leases lack room:
+    ``reserve`` asks the store for it (a lease to refill, or a refusal)."""
+
+    limits: tuple[Limit, ...]
+    micros: int
+    day: date
+
+
 def take(
     book: BudgetBook,
     who: Principal,
@@ -100,35 +111,13 @@ def take(
     endpoint: str,
     prompt: int | None,
     now: datetime,
-) -> tuple[bool, Hold | None]:
-    """``reserve`` without a coroutine when it needs no lease call: (True,
-    the hold, or None for a caller without budgets); (False, None) when
-    ``reserve`` must be awaited (a lease to refill, or a refusal to make)."""
+) -> tuple[Hold | None, Ask | None]:
+    """The request's maximum cost held from its budgets without a coroutine
+    when the local leases have room: (the hold, None), or (None, None) for a
+    caller without budgets; else (None, the ask) for ``reserve`` to await."""
     limits = limits_for(who, tier, now)
     if not limits:
-        return True, None
-    if prompt is None:
-        prompt = tokens.estimate_prompt(body, endpoint)
-    micros = max_cost(plan, prices, prompt, completion_budget(body, endpoint))
-    hold = book.take(limits, micros, now.date())
-    return hold is not None, hold
-
-
-async def reserve(
-    book: BudgetBook,
-    who: Principal,
-    tier: Tier,
-    plan: RoutePlan,
-    prices: Mapping[str, Price],
-    body: dict[str, Any],
-    endpoint: str,
-    prompt: int | None,
-    now: datetime,
-) -> Hold | None:
-    """Reserve the request's maximum cost from its budgets (None: it has none)."""
-    limits = limits_for(who, tier, now)
-    if not limits:
-        return None
+        return None, None
     if prompt is None:  # a tier without token limits: no estimate made yet
         # The size-based estimate (never below tiktoken's count), not tiktoken
         # itself: nothing proportional to the prompt runs on the event loop.
@@ -136,6 +125,9 @@ async def reserve(
     micros = max_cost(plan, prices, prompt, completion_budget(body, endpoint))
     day = now.date()
     hold = book.take(limits, micros, day)
-    if hold is None:
-        hold = await book.admit(limits, micros, day)
-    return hold
+    return (hold, None) if hold is not None else (None, Ask(limits, micros, day))
+
+
+async def reserve(book: BudgetBook, ask: Ask) -> Hold:
+    """What ``take`` could not hold locally, from the store."""
+    return await book.admit(ask.limits, ask.micros, ask.day)
