@@ -281,38 +281,9 @@ class BatchStore:
                 )
                 if room <= 0:
                     continue
-                # MATERIALIZED: the pick runs once. As a subquery in FROM the
-                # planner may rescan it (a nested loop, once the table's
-                # statistics grow past ~20k lines), and each rescan skips the
-                # rows the last one locked and picks ``room`` more: one claim
-                # leased whole batches, thousands of lines run at once.
-                rows = await conn.fetch(
-                    "WITH c AS MATERIALIZED (SELECT line FROM batch_lines"
-                    "   WHERE batch_id = $1 AND state = 'pending' AND not_before <= now()"
-                    "   AND (leased_until IS NULL OR leased_until < now())"
-                    "   ORDER BY line LIMIT $2 FOR UPDATE SKIP LOCKED)"
-                    " UPDATE batch_lines l SET leased_until = now() + make_interval(secs => $3),"
-                    " attempts = l.attempts + 1"
-                    " FROM c WHERE l.batch_id = $1 AND l.line = c.line"
-                    " RETURNING l.line, l.custom_id, l.body, l.attempts",
-                    b["id"],
-                    room,
-                    lease_s,
-                )
+                rows = await _lease(conn, b, room, lease_s)
                 tenant_busy[b["tenant_id"]] += len(rows)
-                out.extend(
-                    Leased(
-                        b["id"],
-                        r["line"],
-                        r["custom_id"],
-                        orjson.loads(r["body"]),
-                        b["tenant_id"],
-                        b["key_id"],
-                        b["endpoint"],
-                        r["attempts"],
-                    )
-                    for r in rows
-                )
+                out.extend(rows)
             return out
 
     async def finish(self, done: list[tuple[Leased, bool, dict[str, Any]]]) -> int:
@@ -481,6 +452,42 @@ class BatchStore:
             " WHERE l.state = 'pending' AND b.status IN ('in_progress', 'cancelling')"
         )
         return int(row["n"]), float(row["age"])
+
+
+# MATERIALIZED: the pick runs once. As a subquery in FROM the planner may
+# rescan it (a nested loop, once the table's statistics grow past ~20k
+# lines), and each rescan skips the rows the last one locked and picks
+# ``room`` more: one claim leased whole batches, thousands of lines at once.
+_LEASE = (
+    "WITH c AS MATERIALIZED (SELECT line FROM batch_lines"
+    "   WHERE batch_id = $1 AND state = 'pending' AND not_before <= now()"
+    "   AND (leased_until IS NULL OR leased_until < now())"
+    "   ORDER BY line LIMIT $2 FOR UPDATE SKIP LOCKED)"
+    " UPDATE batch_lines l SET leased_until = now() + make_interval(secs => $3),"
+    " attempts = l.attempts + 1"
+    " FROM c WHERE l.batch_id = $1 AND l.line = c.line"
+    " RETURNING l.line, l.custom_id, l.body, l.attempts"
+)
+
+
+async def _lease(
+    conn: asyncpg.Connection, batch: asyncpg.Record, room: int, lease_s: float
+) -> list[Leased]:
+    """Up to ``room`` of the batch's pending lines, leased for ``lease_s``."""
+    rows = await conn.fetch(_LEASE, batch["id"], room, lease_s)
+    return [
+        Leased(
+            batch["id"],
+            r["line"],
+            r["custom_id"],
+            orjson.loads(r["body"]),
+            batch["tenant_id"],
+            batch["key_id"],
+            batch["endpoint"],
+            r["attempts"],
+        )
+        for r in rows
+    ]
 
 
 async def _drop_idle(
