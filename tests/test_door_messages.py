@@ -543,6 +543,28 @@ async def test_count_tokens_is_what_the_prompt_is_billed(gw: Gateway) -> None:
         await c.messages.count_tokens(model="echo", messages=[])
 
 
+async def test_count_tokens_routes_the_model_as_create_would(
+    start_keyed: StartKeyed, fake_openai: FakeOpenAI
+) -> None:
+    """A count for a model that does not exist, or that the key's tier may
+    not use, is the error ``create`` gives, not a number."""
+    keyed = await start_keyed(billing_config(fake_openai.url), "free")  # echo, fake-model only
+    c = keyed.claude()
+    counted = await c.messages.count_tokens(model="fake-model", messages=HELLO)  # type: ignore[arg-type]
+    assert counted.input_tokens > 0
+    for counting in (True, False):
+        for model, refused in (
+            ("no-such-model", anthropic.NotFoundError),
+            ("fake-held", anthropic.PermissionDeniedError),
+        ):
+            with pytest.raises(refused) as err:
+                if counting:
+                    await c.messages.count_tokens(model=model, messages=HELLO)  # type: ignore[arg-type]
+                else:
+                    await c.messages.create(model=model, max_tokens=10, messages=HELLO)  # type: ignore[arg-type]
+            assert model in err.value.message
+
+
 async def test_the_readme_sdk_snippet_runs(gw: Gateway) -> None:
     """The README's Anthropic SDK snippet, pasted into python (the README's
     curl example runs in tests/test_readme.py against ``make run``'s demo)."""

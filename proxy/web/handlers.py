@@ -52,9 +52,22 @@ def front_door(door: type[FrontDoor]) -> Handler:
 
 async def count_message_tokens(request: web.Request) -> web.Response:
     """Anthropic's ``/v1/messages/count_tokens``: counted here, nothing
-    forwarded or billed (the key check still applies, as on every route)."""
-    limit = request.app[RUNTIME].config.current.config.server.max_body_bytes
-    body = await parse.read_json(request, limit)
+    forwarded or billed (the key check still applies, as on every route).
+    The model is routed as the same Messages request would be, so a name
+    that does not exist, or that the caller's tier may not use, gets the
+    error ``create`` would give, not a count."""
+    snap = request.app[RUNTIME].config.current
+    body = await parse.read_json(request, snap.config.server.max_body_bytes)
+    model = body.get("model")
+    if isinstance(model, str) and model:  # else count_tokens says what is missing
+        who = request.get(PRINCIPAL)
+        snap.router.plan(
+            model,
+            request.headers,
+            tenant=who.tenant if who else None,
+            tier=who.tier if who else None,
+            allowed=None if who is None else _may_use(request, snap.config),
+        )
     counted = await off_loop(messages_request.count_tokens, body)
     return _json(counted)
 
