@@ -73,20 +73,7 @@ class BatchStore(LineQueue, Sweeper):
                     window,
                 )
                 if not errors:
-                    await conn.copy_records_to_table(
-                        "batch_lines",
-                        columns=("batch_id", "line", "tenant_id", "custom_id", "body"),
-                        records=[
-                            (
-                                batch_id,
-                                x.line,
-                                tenant_id,
-                                x.custom_id,
-                                orjson.dumps(x.body).decode(),
-                            )
-                            for x in lines
-                        ],
-                    )
+                    await _queue(conn, batch_id, tenant_id, lines)
                 row = await conn.fetchrow(SELECT_BATCH + " WHERE b.id = $1", batch_id)
         except UNAVAILABLE as exc:
             raise down(exc) from exc
@@ -148,3 +135,16 @@ class BatchStore(LineQueue, Sweeper):
         except UNAVAILABLE as exc:
             raise down(exc) from exc
         return as_openai(row) if row is not None else None
+
+
+async def _queue(
+    conn: asyncpg.Connection, batch_id: str, tenant_id: int, lines: list[InputLine]
+) -> None:
+    """The batch's lines, pending, in one COPY."""
+    await conn.copy_records_to_table(
+        "batch_lines",
+        columns=("batch_id", "line", "tenant_id", "custom_id", "body"),
+        records=[
+            (batch_id, x.line, tenant_id, x.custom_id, orjson.dumps(x.body).decode()) for x in lines
+        ],
+    )
