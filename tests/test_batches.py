@@ -17,7 +17,7 @@ import asyncpg
 import openai
 import pytest
 
-from proxy.stores.batches import line_event_id, line_request_id
+from proxy.stores.batch_rows import line_event_id, line_request_id
 from proxy.web.keys import BATCH_WORKER
 from tests.batch_helpers import chat_line, create_batch, finished, lines_of, rows_per_line, upload
 from tests.billing_helpers import billing_config, wait_for

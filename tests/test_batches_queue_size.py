@@ -15,7 +15,8 @@ import asyncpg
 import orjson
 import pytest
 
-from proxy.stores.batches import BatchStore, new_batch_id
+from proxy.stores.batch_rows import new_batch_id
+from proxy.stores.batches import BatchStore
 from tests.db import unique
 
 LINES = 25_000  # per batch; two batches

@@ -28,7 +28,7 @@ from proxy.stores.ledger import COLUMNS
 from proxy.stores.quota import QuotaBook, Reservation
 from proxy.stores.windows import HOUR_MS, Limit, Verdict, Window
 from tests.billing_helpers import billing_config, tenant_with_key
-from tests.conftest import Gateway, StartGateway
+from tests.conftest import Gateway, StartKeyed
 from tests.fakes import FakeOpenAI
 from tests.waiting import until
 
@@ -50,24 +50,18 @@ async def _limits_headers(gw: Gateway, key: str) -> dict[str, str]:
 
 
 async def test_a_tier_change_reaches_the_kept_limits_within_the_cache_ttl(
-    start_gateway: StartGateway,
-    fake_openai: FakeOpenAI,
-    pg_url: str,
-    pg: asyncpg.Pool,
-    tmp_path: Path,
+    start_keyed: StartKeyed, fake_openai: FakeOpenAI
 ) -> None:
     """The key's rate-limit windows and its headers follow a tier change
     once the key cache has let the old principal go (0.5 s in the test
     config), as the key's tier itself always did."""
-    gw = await start_gateway(
-        billing_config(fake_openai.url), database_url=pg_url, data_dir=tmp_path
-    )
-    tenant, key = await tenant_with_key(pg, tmp_path, "pro")
+    keyed = await start_keyed(billing_config(fake_openai.url), "pro")
+    gw, tenant, key = keyed.gw, keyed.tenant, keyed.key
     for _ in range(3):  # the kept limits are in use
         pro = await _limits_headers(gw, key["api_key"])
     assert pro["x-ratelimit-limit-requests"] == "1000"
     assert pro["x-ratelimit-limit-tokens"] == "20000000"
-    await pg.execute("UPDATE tenants SET tier = 'free' WHERE name = $1", tenant)
+    await keyed.pool.execute("UPDATE tenants SET tier = 'free' WHERE name = $1", tenant)
 
     async def on_free() -> bool:
         headers = await _limits_headers(gw, key["api_key"])

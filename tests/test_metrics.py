@@ -10,11 +10,11 @@ import aiohttp
 import asyncpg
 
 from proxy.core.record import AttemptRecord
-from proxy.stages.settle.metrics import Metrics, error_kind
+from proxy.stages.settle.metrics import Metrics, error_kind, text
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
-from tests.test_deploy import CONTRACT_METRICS
+from tests.test_deploy import CONTRACT_METRICS, _metrics_table
 
 MSG = [{"role": "user", "content": "hi"}]
 _SERIES = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
@@ -173,6 +173,17 @@ def test_error_kinds() -> None:
     assert kind(502, "upstream_stream_broken") == "protocol"
     assert kind(429) == "status_429"
     assert kind(503) == "status_5xx" and kind(400) == "status_4xx"
+
+
+def test_metrics_md_lists_every_exported_family() -> None:
+    """An operator looks a scraped name up in deploy/METRICS.md: every family
+    the gateway declares is there, with the type a scrape announces."""
+    documented = _metrics_table()
+    types, _ = parse(text(Metrics().registry).text or "")
+    assert len(types) > 30
+    for name, kind in types.items():
+        assert name in documented, f"deploy/METRICS.md does not list {name}"
+        assert documented[name][0] == kind, f"{name}: METRICS.md says {documented[name][0]}"
 
 
 def test_model_labels_are_bounded_by_the_config() -> None:

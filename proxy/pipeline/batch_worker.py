@@ -2,7 +2,7 @@
 (``batches.workers``, niced; ``proxy.cli.supervisor``), or one in a single
 ``tollway serve`` (or in each HTTP worker with ``batches.workers: 0``).
 
-It leases pending lines from the Postgres queue (``proxy.stores.batches``),
+It leases pending lines from the Postgres queue (``proxy.stores.batch_queue``),
 runs each through the pipeline as its batch's creator key
 (``proxy.pipeline.batch_line``), and writes its output or error line. The
 limits (``batches:`` in the YAML) keep a big batch from starving
@@ -42,7 +42,9 @@ from proxy.core.principal import Principal
 from proxy.pipeline.batch_line import serve_line
 from proxy.pipeline.runtime import Runtime
 from proxy.stages.auth import budget_overrides
-from proxy.stores.batches import BatchStore, Leased, line_event_id, line_request_id
+from proxy.stores.batch_queue import Leased
+from proxy.stores.batch_rows import line_event_id, line_request_id
+from proxy.stores.batches import BatchStore
 from proxy.stores.pgwait import UNAVAILABLE, DatabaseDown
 
 log = logging.getLogger("tollway.batches")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -90,7 +90,6 @@ async def stream(
         # call per read (``UpstreamStream.read``), no generator layers.
         read = upstream.read
         pushed = upstream.pushed if not filters and door is None else None
-        direct: _Direct | None = None
         while batch := await read():
             out = meter.observe_read(batch)
             for chunk_filter in filters:
@@ -106,36 +105,11 @@ async def stream(
             if record.ttft_ms is None:
                 record.ttft_ms = (time.perf_counter() - started) * 1000
             await resp.write(out)
-            if pushed is not None:
-                # From here on the reads are written from the upstream
-                # connection's callback (``UpstreamStream.pushed``); this
-                # loop resumes when that stops: the end, a failure, or a
-                # client slower than the provider (waited for here).
-                direct = direct or _Direct.of(resp, meter, record, started)
-                if direct is None:
-                    pushed = None  # not a plain chunked response: write as above
-                    continue
-                await pushed(direct.deliver)
-                if direct.protocol.writing_paused:
-                    await direct.writer.drain()
-        if not meter.done:
-            # Decided by what arrived: a whole answer missing only its
-            # [DONE] is a success; anything less was cut off.
-            if not meter.complete():
-                raise UpstreamStreamBroken("The provider ended the stream before it was complete.")
-            tail = meter.end()
-            if tail:
-                await resp.write(tail if door is None else door.feed(tail))
-        if meter.failure is not None:
-            record.fail(meter.failure)  # the client already has the API's failure event
+            if pushed is not None and not await _push(pushed, resp, meter, record, started):
+                pushed = None  # not a plain chunked response: write as above
+        await _end(resp, meter, record, door)
     except GatewayError as exc:
-        record.fail(exc)
-        # A guardrail's block: the safe text it held and a content_filter finish go first.
-        tail = exc.stream_tail if isinstance(exc, ContentFiltered) else b""
-        if door is not None:
-            tail = door.feed(tail) if tail else b""
-        error = data_event(exc.payload()) if door is None else door.fail(exc)
-        await _write_quietly(resp, tail + redact.scrub_bytes(error))
+        await _fail(resp, exc, record, door)
     except ConnectionResetError:
         _client_gone(record)
     except asyncio.CancelledError:
@@ -144,19 +118,77 @@ async def stream(
             # while we wait on the provider; closing upstream cancels its work too.
             _client_gone(record)
             raise
-        # Shutdown, grace period over: end the stream with an error event the
-        # client can read, then cleanly; what was delivered is still billed.
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        gone = shutting_down()
-        record.fail(gone)
-        if resp.prepared:
-            await _write_quietly(resp, door.fail(gone) if door else data_event(gone.payload()))
+        await _shut_down(resp, record, door)
     finally:
         lifecycle.streams -= 1
         await upstream.aclose()
     return resp
+
+
+async def _end(
+    resp: web.StreamResponse, meter: StreamMeter, record: UsageRecord, door: DoorStream | None
+) -> None:
+    """After the last read: decide, by what arrived, whether the stream
+    was whole, and write what the meter still holds."""
+    if not meter.done:
+        # A whole answer missing only its [DONE] is a success; anything
+        # less was cut off.
+        if not meter.complete():
+            raise UpstreamStreamBroken("The provider ended the stream before it was complete.")
+        tail = meter.end()
+        if tail:
+            await resp.write(tail if door is None else door.feed(tail))
+    if meter.failure is not None:
+        record.fail(meter.failure)  # the client already has the API's failure event
+
+
+async def _fail(
+    resp: web.StreamResponse, exc: GatewayError, record: UsageRecord, door: DoorStream | None
+) -> None:
+    """The headers are out: the failure becomes the stream's last event."""
+    record.fail(exc)
+    # A guardrail's block: the safe text it held and a content_filter finish go first.
+    tail = exc.stream_tail if isinstance(exc, ContentFiltered) else b""
+    if door is not None:
+        tail = door.feed(tail) if tail else b""
+    error = data_event(exc.payload()) if door is None else door.fail(exc)
+    await _write_quietly(resp, tail + redact.scrub_bytes(error))
+
+
+async def _shut_down(
+    resp: web.StreamResponse, record: UsageRecord, door: DoorStream | None
+) -> None:
+    """Shutdown, grace period over: end the stream with an error event the
+    client can read, then cleanly; what was delivered is still billed."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    gone = shutting_down()
+    record.fail(gone)
+    if resp.prepared:
+        await _write_quietly(resp, door.fail(gone) if door else data_event(gone.payload()))
+
+
+async def _push(
+    pushed: Callable[[Callable[[bytes], bool]], Awaitable[None]],
+    resp: web.StreamResponse,
+    meter: StreamMeter,
+    record: UsageRecord,
+    started: float,
+) -> bool:
+    """Relay the reads from the upstream connection's callback
+    (``UpstreamStream.pushed``) until that stops: the end, a failure, or a
+    client slower than the provider (waited for here); then the relay's
+    loop reads again. Once per hand-off, not per read. False: ``resp`` is
+    not a plain chunked response (``_Direct.of``), so the loop writes
+    every read itself."""
+    direct = _Direct.of(resp, meter, record, started)
+    if direct is None:
+        return False
+    await pushed(direct.deliver)
+    if direct.protocol.writing_paused:
+        await direct.writer.drain()
+    return True
 
 
 class _Direct:

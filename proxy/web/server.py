@@ -91,6 +91,25 @@ async def serve(
     process) without a socket."""
     runner = make_runner(app)
     await runner.setup()
+    await _listen(runner, host, port, reuse_port=reuse_port, listen=listen)
+    stop = _stop_on_signals(app, parent_pid)
+    _tune_gc()
+    # Only now: a SIGTERM sent as soon as this line appears must still clean up.
+    if ready_line:
+        print(ready_line, flush=True)
+    if on_ready is not None:
+        on_ready()
+    try:
+        await stop.wait()
+    finally:
+        await shutdown(runner, app[CONFIG].current.config.server.shutdown_grace_s)
+
+
+async def _listen(
+    runner: web.AppRunner, host: str, port: int, *, reuse_port: bool, listen: bool
+) -> None:
+    """Open the socket (when ``listen``); a port that cannot be had is a
+    ``StartupError`` naming it, after the app's resources are closed."""
     site = web.TCPSite(
         runner, host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port or None
     )
@@ -104,6 +123,11 @@ async def serve(
         if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
             raise StartupError(f"cannot listen on {host}: address not available") from None
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _stop_on_signals(app: web.Application, parent_pid: int | None) -> asyncio.Event:
+    """Set by SIGINT or SIGTERM (a second one cuts the grace short), or
+    when the supervisor ``parent_pid`` is gone; SIGHUP reloads the config."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -125,13 +149,4 @@ async def serve(
                 loop.call_later(1.0, check_parent)
 
         loop.call_later(1.0, check_parent)
-    _tune_gc()
-    # Only now: a SIGTERM sent as soon as this line appears must still clean up.
-    if ready_line:
-        print(ready_line, flush=True)
-    if on_ready is not None:
-        on_ready()
-    try:
-        await stop.wait()
-    finally:
-        await shutdown(runner, app[CONFIG].current.config.server.shutdown_grace_s)
+    return stop
