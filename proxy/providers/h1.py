@@ -246,6 +246,7 @@ class Response:
 
     def feed(self, data: bytes) -> None:
         self.answered = True
+        begun = self._begun
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -267,6 +268,8 @@ class Response:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.finished(self._keep)
+        elif self._begun and not begun:
+            self._rearm()  # the answer has begun: from now on the timer bounds the gaps
         if self._parts:
             if self.sink is not None:
                 parts = self._parts
@@ -327,9 +330,7 @@ class Response:
                 raise _Garbled from None
             if not body:
                 return
-        if not self._begun:
-            self._begun = True
-            self._rearm()
+        self._begun = True
         self._parts.append(body)
         self._size += len(body)
 
@@ -392,12 +393,9 @@ class Response:
             self._timer = None
 
     def _rearm(self) -> None:
-        """The answer has begun: from now on the timer bounds the gaps."""
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_at(
-            min(self._loop.time() + self._t.idle, self._total_at), self._tick
-        )
+        self._timer = self._loop.call_at(min(self._last + self._t.idle, self._total_at), self._tick)
 
     def _tick(self) -> None:
         self._timer = None

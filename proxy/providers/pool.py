@@ -83,7 +83,7 @@ class Pool:
             try:
                 await response.head()
             except Broken as exc:
-                if conn.reused and not exc.answered:
+                if conn.reused and not exc.answered and not self._closing:
                     conn = None  # gone while idle: once more, on a new connection
                     continue
                 raise
