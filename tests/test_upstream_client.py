@@ -289,6 +289,19 @@ async def test_an_encoding_it_cannot_decode_is_a_clear_502(
         await _ask(pool, wire)
 
 
+async def test_a_body_that_does_not_decode_is_a_502(
+    wires: Callable[..., Awaitable[Wire]], pool: Pool
+) -> None:
+    async def answer(_: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        w.write(_ok(b"not gzip at all", b"Content-Encoding: gzip") if n == 0 else _ok(b"ok"))
+
+    wire = await wires(answer)
+    with pytest.raises(UpstreamUnavailable):
+        await _ask(pool, wire)
+    assert await _ask(pool, wire) == b"ok"
+    assert wire.accepted == 2  # the garbled answer's connection was not reused
+
+
 async def test_interim_answers_are_skipped(
     wires: Callable[..., Awaitable[Wire]], pool: Pool
 ) -> None:

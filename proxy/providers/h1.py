@@ -262,6 +262,8 @@ class Response:
             else:
                 self._fail(Broken("sent something that is not HTTP/1.1", True))
                 return
+        if self._error is not None:  # failed in a callback (``_end``): already told
+            return
         self._last = self._loop.time()
         if self._done:
             self._stop_timer()
