@@ -13,12 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from proxy.config.model import Config
 from proxy.core import redact
 from proxy.core.trace import NO_TRACER, Tracer
 from proxy.providers import Provider, build_provider
+from proxy.providers.pool import Pool
 from proxy.stages.base import Stage, overrides
 from proxy.stages.route import Router
 
@@ -66,11 +65,9 @@ class Snapshot:
     loaded_at: float = field(default_factory=time.time)
 
 
-def build_snapshot(
-    config: Config, session: aiohttp.ClientSession, stages: Sequence[Stage] = ()
-) -> Snapshot:
+def build_snapshot(config: Config, client: Pool, stages: Sequence[Stage] = ()) -> Snapshot:
     redact.remember_config(config)  # its provider keys are scrubbed from every log line
-    providers = {name: build_provider(cfg, session) for name, cfg in config.providers.items()}
+    providers = {name: build_provider(cfg, client) for name, cfg in config.providers.items()}
     hooks = hooks_for(config, stages)
     return Snapshot(config, Router(config), providers, hooks, tracer_for(config, stages))
 

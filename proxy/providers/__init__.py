@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import aiohttp
-
 from proxy.config.model import ProviderConfig
 from proxy.providers.anthropic import AnthropicProvider
 from proxy.providers.base import Call, Provider, Reply, UpstreamStream
 from proxy.providers.echo import EchoProvider
 from proxy.providers.gemini import GeminiProvider
 from proxy.providers.openai import AzureProvider, OpenAIProvider
+from proxy.providers.pool import Pool
 
 __all__ = ["Call", "Provider", "Reply", "UpstreamStream", "build_provider"]
 
 
-def build_provider(cfg: ProviderConfig, session: aiohttp.ClientSession) -> Provider:
+def build_provider(cfg: ProviderConfig, client: Pool) -> Provider:
     if cfg.kind == "echo":
         return EchoProvider(cfg)
     if cfg.kind == "openai":
-        return OpenAIProvider(cfg, session)
+        return OpenAIProvider(cfg, client)
     if cfg.kind == "azure":
-        return AzureProvider(cfg, session)
+        return AzureProvider(cfg, client)
     if cfg.kind == "anthropic":
-        return AnthropicProvider(cfg, session)
+        return AnthropicProvider(cfg, client)
     if cfg.kind == "gemini":
-        return GeminiProvider(cfg, session)
+        return GeminiProvider(cfg, client)
     raise NotImplementedError(f"provider kind {cfg.kind!r} is not built yet")

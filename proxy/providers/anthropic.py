@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from proxy.config.model import ProviderConfig
@@ -47,6 +46,7 @@ from proxy.providers.anthropic_translate import (
     usage_json,
 )
 from proxy.providers.base import Call, Reply, UpstreamStream
+from proxy.providers.pool import Pool
 from proxy.providers.translated import (
     TranslatingProvider,
     chat_id,
@@ -220,9 +220,9 @@ def messages_url(base_url: str) -> str:
 class AnthropicProvider(TranslatingProvider):
     translator = AnthropicStreamTranslator
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: ProviderConfig, client: Pool) -> None:
         version = {"anthropic-version": config.api_version or DEFAULT_VERSION}
-        super().__init__(config, session, version, key_header="x-api-key")
+        super().__init__(config, client, version, key_header="x-api-key")
         self._url = messages_url(config.base_url)
 
     def url(self, call: Call) -> str:
@@ -262,12 +262,12 @@ class AnthropicProvider(TranslatingProvider):
 
     async def native_complete(self, call: Call) -> Reply:
         resp = await native.send(
-            self._session, self.config, self._url, self._headers, call, self.error
+            self._client, self.config, self._url, self._headers, call, self.error
         )
         return await native.reply(resp, self.config, call, native_usage)
 
     async def native_stream(self, call: Call) -> UpstreamStream:
         resp = await native.send(
-            self._session, self.config, self._url, self._headers, call, self.error
+            self._client, self.config, self._url, self._headers, call, self.error
         )
         return native.NativeStream(resp, self.config, call.timeouts)

@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from proxy.config.model import ProviderConfig
@@ -56,6 +55,7 @@ from proxy.providers.gemini_translate import (
     tool_call,
     usage_json,
 )
+from proxy.providers.pool import Pool
 from proxy.providers.translated import TranslatingProvider, chat_id, error_object
 
 DEFAULT_VERSION = "v1beta"
@@ -182,8 +182,8 @@ def api_root(cfg: ProviderConfig) -> str:
 class GeminiProvider(TranslatingProvider):
     translator = GeminiStreamTranslator
 
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
-        super().__init__(config, session, {}, key_header="x-goog-api-key")
+    def __init__(self, config: ProviderConfig, client: Pool) -> None:
+        super().__init__(config, client, {}, key_header="x-goog-api-key")
         self._root = api_root(config)
 
     def url(self, call: Call) -> str:

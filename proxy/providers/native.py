@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from proxy.config.model import ProviderConfig, Timeouts
@@ -27,19 +26,21 @@ from proxy.core.sse import IncompleteEvent, event_data, iter_event_batches
 from proxy.core.usage import Usage
 from proxy.providers import http
 from proxy.providers.base import BatchedStream, Call, Reply
+from proxy.providers.h1 import Response
+from proxy.providers.pool import Pool
 
 ErrorMap = Callable[[int, bytes, Mapping[str, str]], GatewayError]
 UsageOf = Callable[[Any], Usage | None]
 
 
 async def send(
-    session: aiohttp.ClientSession,
+    client: Pool,
     cfg: ProviderConfig,
     url: str,
     headers: Mapping[str, str],
     call: Call,
     error: ErrorMap,
-) -> aiohttp.ClientResponse:
+) -> Response:
     """POST the call's body as it is; a non-2xx answer raises ``error``'s."""
     sent = {**headers, "X-Request-Id": call.request_id}
     if call.trace_headers is not None:
@@ -48,16 +49,14 @@ async def send(
         # A flag list the provider's config sets too (``headers:``) keeps both.
         have = next((k for k in sent if k.lower() == name.lower()), None)
         sent[have or name] = f"{sent[have]},{value}" if have else value
-    resp = await http.post(session, cfg, url, orjson.dumps(call.body), sent, call.timeouts)
+    resp = await http.post(client, cfg, url, orjson.dumps(call.body), sent, call.timeouts)
     if resp.status >= 400:
         body = await http.read_body(resp, cfg, call.timeouts)
         raise error(resp.status, body, resp.headers)
     return resp
 
 
-async def reply(
-    resp: aiohttp.ClientResponse, cfg: ProviderConfig, call: Call, usage_of: UsageOf
-) -> Reply:
+async def reply(resp: Response, cfg: ProviderConfig, call: Call, usage_of: UsageOf) -> Reply:
     """The whole answer, its bytes untouched; usage read from its ``usage``."""
     body = await http.read_body(resp, cfg, call.timeouts)
     try:
@@ -72,9 +71,7 @@ async def reply(
 class NativeStream(BatchedStream):
     """The provider's SSE events, whole, one list per upstream read."""
 
-    def __init__(
-        self, resp: aiohttp.ClientResponse, cfg: ProviderConfig, timeouts: Timeouts | None
-    ) -> None:
+    def __init__(self, resp: Response, cfg: ProviderConfig, timeouts: Timeouts | None) -> None:
         self._resp, self._cfg, self._timeouts = resp, cfg, timeouts
         self.headers = {}
 

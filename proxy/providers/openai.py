@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from proxy.config.model import ProviderConfig, Timeouts
@@ -26,6 +25,8 @@ from proxy.core.sse import event_data, split_events
 from proxy.core.usage import usage_from_openai, usage_from_responses
 from proxy.providers import http, native, paths
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
+from proxy.providers.h1 import Response
+from proxy.providers.pool import Pool
 
 _PATHS = {
     "chat": "/chat/completions",
@@ -38,9 +39,7 @@ _GATEWAY_FIELDS = ("api_base", "base_url", "api_key")
 
 
 class OpenAIStream(BatchedStream):
-    def __init__(
-        self, resp: aiohttp.ClientResponse, cfg: ProviderConfig, timeouts: Timeouts | None
-    ) -> None:
+    def __init__(self, resp: Response, cfg: ProviderConfig, timeouts: Timeouts | None) -> None:
         self._resp = resp
         self._cfg = cfg
         self.headers = {}
@@ -142,9 +141,9 @@ def _needs_edit(body: dict[str, Any], call: Call) -> bool:
 
 
 class OpenAIProvider(Provider):
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: ProviderConfig, client: Pool) -> None:
         super().__init__(config)
-        self._session = session
+        self._client = client
         self._headers = {"Content-Type": "application/json", **config.headers}
         if config.api_key:
             self._headers.update(self.auth_headers(config.api_key))
@@ -174,12 +173,12 @@ class OpenAIProvider(Provider):
                 }
         return orjson.dumps(body)
 
-    async def _send(self, call: Call) -> aiohttp.ClientResponse:
+    async def _send(self, call: Call) -> Response:
         headers = {**self._headers, "X-Request-Id": call.request_id}
         if call.trace_headers is not None:  # the attempt's traceparent
             headers.update(call.trace_headers)
         resp = await http.post(
-            self._session, self.config, self.url(call), self.payload(call), headers, call.timeouts
+            self._client, self.config, self.url(call), self.payload(call), headers, call.timeouts
         )
         if resp.status >= 400:
             body = await http.read_body(resp, self.config, call.timeouts)
@@ -209,7 +208,7 @@ class OpenAIProvider(Provider):
     def speaks(self, api: str) -> bool:
         return api == "responses" and self.config.responses
 
-    async def _send_native(self, call: Call) -> aiohttp.ClientResponse:
+    async def _send_native(self, call: Call) -> Response:
         body = {k: v for k, v in call.body.items() if k not in _GATEWAY_FIELDS}
         call = Call(
             call.endpoint,
@@ -223,7 +222,7 @@ class OpenAIProvider(Provider):
             call.api,
         )
         url = self.config.base_url + "/responses"
-        return await native.send(self._session, self.config, url, self._headers, call, self._error)
+        return await native.send(self._client, self.config, url, self._headers, call, self._error)
 
     def _error(self, status: int, body: bytes, headers: Any) -> GatewayError:
         return http.openai_error(status, body, headers, self.config)

@@ -16,7 +16,6 @@ from abc import abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 
 from proxy.config.model import ProviderConfig
@@ -29,6 +28,8 @@ from proxy.core.errors import (
 from proxy.core.sse import IncompleteEvent, iter_events
 from proxy.providers import http
 from proxy.providers.base import Call, Provider, UpstreamStream
+from proxy.providers.h1 import Response
+from proxy.providers.pool import Pool
 
 Json = dict[str, Any]
 
@@ -110,9 +111,7 @@ async def translate_stream(
 class TranslatedStream(UpstreamStream):
     """An upstream response read through a stream translator."""
 
-    def __init__(
-        self, resp: aiohttp.ClientResponse, cfg: ProviderConfig, translator: Translator
-    ) -> None:
+    def __init__(self, resp: Response, cfg: ProviderConfig, translator: Translator) -> None:
         self._resp = resp
         self._cfg = cfg
         self._translator = translator
@@ -135,12 +134,12 @@ class TranslatingProvider(Provider):
     def __init__(
         self,
         config: ProviderConfig,
-        session: aiohttp.ClientSession,
+        client: Pool,
         headers: dict[str, str],
         key_header: str,
     ) -> None:
         super().__init__(config)
-        self._session = session
+        self._client = client
         # The key goes last: a configured extra header cannot replace it.
         self._headers = {"Content-Type": "application/json", **headers, **config.headers}
         if config.api_key:
@@ -155,13 +154,13 @@ class TranslatingProvider(Provider):
     @abstractmethod
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError: ...
 
-    async def send(self, call: Call) -> aiohttp.ClientResponse:
+    async def send(self, call: Call) -> Response:
         payload = self.payload(call)
         headers = {**self._headers, "X-Request-Id": call.request_id}
         if call.trace_headers is not None:  # the attempt's traceparent
             headers.update(call.trace_headers)
         resp = await http.post(
-            self._session, self.config, self.url(call), payload, headers, call.timeouts
+            self._client, self.config, self.url(call), payload, headers, call.timeouts
         )
         if resp.status >= 400:
             body = await http.read_body(resp, self.config, call.timeouts)

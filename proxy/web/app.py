@@ -21,6 +21,7 @@ from proxy.pipeline.embed import InternalEmbedder
 from proxy.pipeline.moderate import InternalModerator
 from proxy.pipeline.runtime import Runtime
 from proxy.pipeline.snapshot import ConfigStore, build_snapshot
+from proxy.providers.pool import Pool
 from proxy.stages.base import Services, Stage
 from proxy.stages.forward.attempts import Upstreams
 from proxy.stages.settle.access_log import AccessLog
@@ -64,6 +65,7 @@ from proxy.web.keys import (
     SETTLER,
     STAGES,
     TASKS,
+    UPSTREAM_POOL,
     UPSTREAMS,
 )
 from proxy.web.loop_lag import loop_lag_ctx
@@ -106,6 +108,7 @@ def build_app(
     # cleanup_ctx runs in order at start and in reverse at shutdown: billing
     # closes (final flush, leases returned) after in-flight tasks drained.
     app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_config_store(config))
     app.cleanup_ctx.append(redis_ctx(redis))  # closes after the tasks that write to it
     app.cleanup_ctx.append(_tasks)
@@ -192,10 +195,18 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
+    # The providers' own client: keep-alive connections per origin, no limit.
+    pool = Pool(keepalive=30)
+    app[UPSTREAM_POOL] = pool
+    yield
+    await pool.close()
+
+
 def _config_store(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         stages = app[STAGES]
-        app[CONFIG] = ConfigStore(build_snapshot(config, app[HTTP], stages), stages)
+        app[CONFIG] = ConfigStore(build_snapshot(config, app[UPSTREAM_POOL], stages), stages)
         yield
 
     return ctx

@@ -17,6 +17,7 @@ from proxy.core.tasks import TaskGroup
 from proxy.pipeline.batch_worker import BatchWorker
 from proxy.pipeline.runtime import REQUEST_ID, Runtime
 from proxy.pipeline.snapshot import ConfigStore
+from proxy.providers.pool import Pool
 from proxy.stages.admit.billing import Billing
 from proxy.stages.base import Stage
 from proxy.stages.forward.attempts import Upstreams
@@ -33,7 +34,9 @@ from proxy.web.metrics_share import MetricsShare
 __all__ = ["REQUEST_ID"]
 
 CONFIG = web.AppKey("config", ConfigStore)
-HTTP = web.AppKey("http_session", aiohttp.ClientSession)
+HTTP = web.AppKey("http_session", aiohttp.ClientSession)  # webhooks, alerts
+# The providers' HTTP/1.1 client (``proxy.providers.pool``): all provider traffic.
+UPSTREAM_POOL = web.AppKey("upstream_pool", Pool)
 SETTLER = web.AppKey("settler", Settler)  # type: ignore[type-abstract]
 TASKS = web.AppKey("tasks", TaskGroup)
 BILLING = web.AppKey("billing", Billing)  # absent when no database is configured

@@ -39,7 +39,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -48,8 +47,9 @@ from proxy.config.reader import ConfigError
 from proxy.core.errors import ConfigRefused
 from proxy.pipeline.registry import parse_config
 from proxy.pipeline.snapshot import ConfigStore, Snapshot, build_snapshot
+from proxy.providers.pool import Pool
 from proxy.stages.settle.metrics import Metrics
-from proxy.web.keys import BILLING, CONFIG, HTTP, METRICS, TASKS
+from proxy.web.keys import BILLING, CONFIG, METRICS, TASKS, UPSTREAM_POOL
 
 log = logging.getLogger("tollway.reload")
 SUPERVISOR_ENV = "TOLLWAY_SUPERVISOR_PID"
@@ -89,13 +89,13 @@ class Reloader:
         self,
         opts: ReloadOptions,
         store: ConfigStore,
-        session: aiohttp.ClientSession,
+        client: Pool,
         metrics: Metrics,
         can_bill: bool,
     ) -> None:
         self.opts = opts
         self._store = store
-        self._session = session
+        self._client = client
         self._metrics = metrics
         self._can_bill = can_bill
         self.last_error: str | None = None
@@ -132,7 +132,7 @@ class Reloader:
 
     def _compile(self, config: Config) -> Snapshot:
         try:
-            return build_snapshot(config, self._session, self._store.stages)
+            return build_snapshot(config, self._client, self._store.stages)
         except Exception as exc:  # noqa: BLE001 - any failure refuses the file, never crashes
             raise ConfigError(f"<root>: cannot be compiled ({type(exc).__name__})") from None
 
@@ -212,7 +212,7 @@ RELOADER = web.AppKey("reloader", Reloader)
 
 def reload_ctx(opts: ReloadOptions) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        reloader = Reloader(opts, app[CONFIG], app[HTTP], app[METRICS], BILLING in app)
+        reloader = Reloader(opts, app[CONFIG], app[UPSTREAM_POOL], app[METRICS], BILLING in app)
         app[RELOADER] = reloader
         watcher = app[TASKS].spawn(reloader.watch(), name="config-watch")
         yield

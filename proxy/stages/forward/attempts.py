@@ -24,9 +24,9 @@ for the boundary is bounded by ``first_byte`` (stream) or ``total``
 (non-stream) and never runs past the deadline; after it each gap between
 reads is bounded by ``idle`` and the whole stream by ``total``. The stream's
 first event is bounded here, around any adapter; everything else is the
-attempt's aiohttp ``ClientTimeout`` (``sock_read`` = first_byte until the
-answer begins, idle after it, and ``total``; see ``providers.http``), built
-from ``Call.timeouts``, whose ``total`` a non-stream attempt gets cut to
+provider client's one timer per request (first_byte until the answer
+begins, idle after it, and ``total``; see ``providers.h1``), set from
+``Call.timeouts``, whose ``total`` a non-stream attempt gets cut to
 the time left before the deadline. The adapter raises ``UpstreamTimeout``
 when one fires, which ``GuardedStream`` reports to the breaker like any
 other mid-stream failure.
@@ -254,13 +254,13 @@ class _Run:
         left = self.deadline - time.monotonic()
         if left >= t.total:
             return t
-        # aiohttp reads a total of 0 as "no limit": never hand it one.
+        # Never a total of 0 or less: the attempt would time out unsent.
         return Timeouts(
             connect=t.connect, first_byte=t.first_byte, idle=t.idle, total=max(left, 1e-3)
         )
 
     async def _complete(self, provider: Provider, call: Call, target: Target) -> Forwarded:
-        # Bounded by the attempt's ClientTimeout (``_timeouts``), no timer of our own.
+        # Bounded by the attempt's timeouts (``_timeouts``), no timer of our own.
         if call.api is None:
             reply = await provider.complete(call)
         else:
@@ -366,7 +366,7 @@ class GuardedStream(UpstreamStream):
     """The upstream stream as the relay sees it: the first events (already
     read by ``forward``) come first; a provider failure, the idle gap and
     the total time included (the adapter raises them as ``UpstreamError``,
-    from its read loop or the attempt's ClientTimeout), counts against the
+    from its read loop or the attempt's timeouts), counts against the
     target's breaker; the in-flight slot is freed on close."""
 
     def __init__(
