@@ -29,7 +29,6 @@ PID on the way out.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -69,7 +68,10 @@ def _name(handle):
     while type(inner.cr_await) is types.CoroutineType:
         inner = inner.cr_await
     f = inner.cr_frame if type(inner) is types.CoroutineType else None
-    where = f"{f.f_code.co_qualname} ({os.path.basename(f.f_code.co_filename)}:{f.f_lineno})" if f else ""
+    where = ""
+    if f is not None:
+        code = f.f_code
+        where = f"{code.co_qualname} ({os.path.basename(code.co_filename)}:{f.f_lineno})"
     return f"task {getattr(coro, '__qualname__', '?')} @ {where}"
 
 
@@ -124,7 +126,8 @@ def _gc(phase, info):
     if phase == "start":
         _gc_t0["t"] = clock()
     elif "t" in _gc_t0:
-        state["gc"].append((info["generation"], clock() - _gc_t0.pop("t"), info.get("collected", 0)))
+        pause = clock() - _gc_t0.pop("t")
+        state["gc"].append((info["generation"], pause, info.get("collected", 0)))
 
 
 gc.callbacks.append(_gc)
@@ -230,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     target = next((t for t in run.TARGETS if t.name == args.target and t.tollway), None)
     if target is None or target.command is None:
         raise SystemExit(f"loopwatch: {args.target} is not a Tollway target of run.py")
-    with tempfile.TemporaryDirectory(prefix="tollway-loopwatch-", ignore_cleanup_errors=True) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix="tollway-loopwatch-", ignore_cleanup_errors=True
+    ) as tmp:
         workdir = Path(tmp)
         out = workdir / "loopwatch.json"
         procs = run.Processes(False, workdir)
@@ -276,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             log = workdir / f"{args.target}.log"
             text = log.read_text(errors="replace") if log.exists() else ""
-            print("\n".join(x for x in text.splitlines() if '"type":"access"' not in x)[-5000:], file=sys.stderr)
+            print(
+                "\n".join(x for x in text.splitlines() if '"type":"access"' not in x)[-5000:],
+                file=sys.stderr,
+            )
             raise
         finally:
             procs.stop_all()

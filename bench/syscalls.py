@@ -200,7 +200,9 @@ def syscall_window(
     return out
 
 
-def idle_counts(pid: int, seconds: float, scratch: Path) -> tuple[dict[tuple[bool, str], int], float]:
+def idle_counts(
+    pid: int, seconds: float, scratch: Path
+) -> tuple[dict[tuple[bool, str], int], float]:
     counts, window = _perf_counts(pid, scratch / "perf-idle.csv", lambda: time.sleep(seconds))
     return counts, window
 
@@ -215,9 +217,9 @@ def report(
     results: list[tuple[str, float, int, str, Window, Counts | None]], args: argparse.Namespace
 ) -> str:
     lines = [
-        "| scenario | KB | c | target | user µs/req | sys µs/req | ctx switches vol / invol per req "
-        "| syscalls/req (loop thread + others) | on the loop's thread, per request "
-        "| other threads, per request |",
+        "| scenario | KB | c | target | user µs/req | sys µs/req "
+        "| ctx switches vol / invol per req | syscalls/req (loop thread + others) "
+        "| on the loop's thread, per request | other threads, per request |",
         "|---|---:|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for name, kb, c, target, w, counts in results:
