@@ -144,6 +144,18 @@ def cpu_window(pid: int, port: int, scenario: run.Scenario, c: int, n: int, key:
     return Window((u1 - u0) / n, (s1 - s0) / n, (v1 - v0) / n, (i1 - i0) / n, n / elapsed)
 
 
+def perf_works() -> bool:
+    """``perf`` is installed and may count syscall tracepoints here."""
+    if shutil.which("perf") is None:
+        return False
+    argv = ["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "--", "true"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and "raw_syscalls:sys_enter" in done.stderr
+
+
 def _perf_events() -> str:
     return ",".join(["raw_syscalls:sys_enter", *(f"syscalls:sys_enter_{s}" for s in NAMED)])
 
@@ -260,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-perf", action="store_true", help="CPU only, no syscall counts")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    use_perf = not args.no_perf and shutil.which("perf") is not None
+    use_perf = not args.no_perf and perf_works()
+    if not use_perf and not args.no_perf:
+        print("syscalls: perf cannot count syscalls here; CPU only", file=sys.stderr)
     names = args.targets.split(",")
     results: list[tuple[str, float, int, str, Window, Counts | None]] = []
     with tempfile.TemporaryDirectory(prefix="tollway-syscalls-", ignore_cleanup_errors=True) as tmp:
