@@ -33,7 +33,7 @@ async def test_a_lease_far_from_the_limit_is_topped_up_before_a_request_finds_it
     await book.admit(who, ROOMY, 4_000)  # the first block, on the request path
     for _ in range(200):  # 25 blocks' worth
         # The fast path (no await) admits every one: the next block was
-        # leased while a quarter of this one was left.
+        # leased while half of this one was left.
         assert book.take(who, ROOMY, 4_000) is not None
         await book.settle_top_ups()  # the top-up's round trip, between two requests
     assert book.top_ups >= 24

@@ -14,7 +14,7 @@ lease. Token overshoot is therefore bounded by the prompt estimate's error:
 the provider may count a prompt differently from tiktoken, and a reasoning
 model may be billed beyond ``max_tokens`` by its provider.
 
-A worker's lease is topped up in the background when it falls to a quarter
+A worker's lease is topped up in the background when it falls to half
 of a block (``take``), so under load a request seldom finds it empty and
 waits for Postgres, and the requests in flight do not all queue behind one
 refill. Only while Postgres had at least ``FAR_BLOCKS`` blocks more to give
@@ -49,7 +49,7 @@ log = logging.getLogger("tollway.quota")
 
 Clock = Callable[[], datetime]
 _REFILL_TRIES = 8  # lease calls one admission may make before it gives up
-LOW_WATER = 4  # top a lease up in the background when 1/LOW_WATER of a block is left...
+LOW_WATER = 2  # top a lease up in the background when 1/LOW_WATER of a block is left...
 FAR_BLOCKS = 8  # ...while Postgres had at least this many blocks more at the last lease call
 
 
