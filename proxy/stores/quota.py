@@ -21,7 +21,9 @@ refill. Only while Postgres had at least ``FAR_BLOCKS`` blocks more to give
 at the last lease call: near the limit nothing is leased ahead, and the
 1/8 rule above applies exactly as without it. A top-up takes its block
 with the same statement as a refill, so the bound is the same: nothing is
-admitted that Postgres did not lease.
+admitted that Postgres did not lease; and it does not hold the lease's
+lock, so a request that finds the lease short still refills it itself, as
+before (a top-up that lands too late only adds to the lease).
 
 Every counted token reaches the tenant's counter, whatever the tier said
 when it was used; a lease row stops at zero when settled usage exceeds what
@@ -174,10 +176,12 @@ class QuotaBook:
         want_r, want_t = self._ahead(tier, lease)
         if not (want_r or want_t):
             return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on a loop: nothing to run it in the background
         lease.topping = True
-        task = asyncio.get_running_loop().create_task(
-            self._top_up(who, tier, period, lease), name="quota-top-up"
-        )
+        task = loop.create_task(self._top_up(who, tier, period, lease), name="quota-top-up")
         self._topping.add(task)
         task.add_done_callback(self._topping.discard)
 
@@ -206,32 +210,34 @@ class QuotaBook:
         return want_r, want_t
 
     async def _top_up(self, who: Principal, tier: Tier, period: date, lease: _Lease) -> None:
+        """Not under the lease's lock: a request that finds the lease short
+        meanwhile refills it itself, exactly as without top-ups (and during
+        an outage waits no longer than it did)."""
         try:
-            async with lease.lock:  # a refill on the request path waits for this one
-                want_r, want_t = self._ahead(tier, lease)
-                if not (want_r or want_t):
-                    return  # a refill got there first
-                self.lease_calls += 1
-                self.top_ups += 1
-                row = await pgwait.fetchrow(
-                    self._pool,
-                    self._db_wait,
-                    "quota lease",
-                    "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
-                    self.worker_id,
-                    who.tenant_id,
-                    period,
-                    want_r,
-                    want_t,
-                    0,
-                    tier.monthly_requests,
-                    tier.monthly_tokens,
-                )
-                assert row is not None
-                lease.refilled_at = time.monotonic()
-                lease.requests += row["got_requests"]
-                lease.tokens += row["got_tokens"]
-                lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
+            want_r, want_t = self._ahead(tier, lease)
+            if not (want_r or want_t):
+                return  # a refill got there first
+            self.lease_calls += 1
+            self.top_ups += 1
+            row = await pgwait.fetchrow(
+                self._pool,
+                self._db_wait,
+                "quota lease",
+                "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
+                self.worker_id,
+                who.tenant_id,
+                period,
+                want_r,
+                want_t,
+                0,
+                tier.monthly_requests,
+                tier.monthly_tokens,
+            )
+            assert row is not None
+            lease.refilled_at = time.monotonic()
+            lease.requests += row["got_requests"]
+            lease.tokens += row["got_tokens"]
+            lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
         except pgwait.DatabaseDown:
             pass  # the request that finds the lease short refills it (or goes offline)
         except Exception:  # ahead of need: a request refills the lease on its own
@@ -362,7 +368,7 @@ class QuotaBook:
         (swept while this worker was cut off): they are no longer ours."""
         for key in [k for k in self._leases if k not in alive]:
             lease = self._leases[key]
-            if lease.refilled_at < checked_at and not lease.lock.locked():
+            if lease.refilled_at < checked_at and not lease.lock.locked() and not lease.topping:
                 del self._leases[key]
 
     async def used(self, tenant_id: int, period: date) -> tuple[int, int]:
