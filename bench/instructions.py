@@ -27,7 +27,8 @@ its share per request stays near a native run's. The fake provider and
 the client run natively. Per scenario: ``--warmup`` requests uninstrumented,
 then ``callgrind_control -z`` and ``-i on``, exactly ``--requests`` requests
 one after another on one keep-alive connection (``loadgen.run_point``,
-concurrency 1), ``-i off`` and ``-d``; the dump's ``totals:`` divided by the
+concurrency 1; ``--concurrency 16``: 16 connections, as ``run.py``'s c=16
+points), ``-i off`` and ``-d``; the dump's ``totals:`` divided by the
 request count is the figure. Only the gateway's own process is counted: the
 fake provider, Postgres and Redis are not (their work per request is the same
 whichever revision asks).
@@ -417,15 +418,18 @@ def total_ir(dump: str) -> int | None:
     return None
 
 
-def send(port: int, case: Case, count: int, api_key: str, per_request_s: float) -> None:
-    """Exactly ``count`` requests, one at a time; any failure aborts the run."""
+def send(
+    port: int, case: Case, count: int, api_key: str, per_request_s: float, concurrency: int = 1
+) -> None:
+    """Exactly ``count`` requests, ``concurrency`` at a time (one by default);
+    any failure aborts the run."""
     body = orjson.dumps(case.scenario.body)
     url = f"http://127.0.0.1:{port}{case.scenario.path}"
     result = asyncio.run(
         loadgen.run_point(
             url,
             body,
-            concurrency=1,
+            concurrency=concurrency,
             duration=30 + count * per_request_s,
             warmup=0,
             max_requests=count,
@@ -441,10 +445,11 @@ def send(port: int, case: Case, count: int, api_key: str, per_request_s: float) 
 
 
 def measure(gateway: Gateway, case: Case, args: argparse.Namespace, api_key: str) -> Sample:
-    send(gateway.port, case, args.warmup, api_key, args.per_request_s)
+    c = args.concurrency
+    send(gateway.port, case, args.warmup, api_key, args.per_request_s, c)
     gateway.control("-z")
     on = gateway.control("-i", "on")
-    send(gateway.port, case, args.requests, api_key, args.per_request_s)
+    send(gateway.port, case, args.requests, api_key, args.per_request_s, c)
     off = gateway.control("-i", "off")
     keep = None
     if args.keep_dumps is not None:
@@ -588,6 +593,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated scenarios")
     p.add_argument("--requests", type=int, default=1000, help="measured requests per scenario")
     p.add_argument("--warmup", type=int, default=200, help="unmeasured requests first")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests in flight at once (1: one after another on one connection)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="fresh gateways per revision")
     p.add_argument(
         "--idle-s", type=float, default=10.0, help="idle window per gateway for its timers' rate"

@@ -52,3 +52,45 @@ def test_a_line_is_written_as_the_redactor_would_leave_it() -> None:
         assert orjson.loads(got) | {"ts": ""} == orjson.loads(expected) | {"ts": ""}, fields
     assert b"remembered-secret-value-123" not in b"".join(writer.lines)
     assert b"A1b2C3d4E5f6G7h8J9k0" not in b"".join(writer.lines)
+
+
+def test_a_billed_line_skips_the_scrub_only_when_its_key_prefix_could_change_nothing() -> None:
+    """A billed request's line holds its key's display prefix ("tw-" + 7),
+    the key shape's trigger: it no longer sends every billed line through the
+    scrub, but a prefix holding a remembered value or another shape's trigger
+    still does, and the written line is the scrubbed one either way."""
+    from proxy.core import redact
+    from proxy.core.record import UsageRecord
+    from proxy.core.usage import Usage
+    from proxy.stages.settle import access_log
+    from proxy.stages.settle.access_log import AccessLog, line
+
+    redact.remember("tw-Ab3_x9")  # a remembered value that fits inside a prefix
+
+    class Lines:
+        def __init__(self) -> None:
+            self.lines: list[bytes] = []
+
+        def add(self, data: bytes) -> None:
+            self.lines.append(data)
+
+    writer = Lines()
+    log = AccessLog(writer)  # type: ignore[arg-type]
+    cases = {
+        "tw-Q7xk_2a": True,  # a display prefix: nothing to scrub
+        "tw-Ab3_x9Z": False,  # holds a remembered value
+        "tw-apikey1": False,  # its tail holds another shape's trigger
+        "tw-" + "Q7xk_2a" * 6 + "Q": False,  # a whole key (43 characters after "tw-")
+        "tw-Q7x": False,  # not a display prefix: checked as any string
+    }
+    for prefix, clean in cases.items():
+        record = UsageRecord("req_1", "chat", public_model="gpt-x", provider="fake")
+        record.usage = Usage(3, 4, source="provider")
+        record.tenant, record.key_prefix = "acme", prefix
+        assert access_log._clean(record) is clean, prefix
+        log.observe(record, 0.0)
+        expected = redact.scrub_bytes(line(record, 0.0))
+        assert orjson.loads(writer.lines[-1]) | {"ts": ""} == orjson.loads(expected) | {"ts": ""}
+    written = b"".join(writer.lines)
+    assert b"tw-Ab3_x9Z" not in written and b"Q7xk_2aQ7xk_2aQ7xk_2aQ7xk_2aQ7xk_2a" not in written
+    assert b'"key_prefix":"tw-Q7xk_2a"' in written

@@ -149,6 +149,10 @@ class Redactor:
         low = text.lower()
         return not any(trigger in low for trigger in _TRIGGERS)
 
+    def remembers_any(self, text: str) -> bool:
+        """Whether ``text`` holds a remembered value (``untouched``'s first half)."""
+        return any(secret in text for secret in self._longest_first)
+
     def scrub_bytes(self, data: bytes) -> bytes:
         text = data.decode("utf-8", "replace")
         clean = self.scrub(text)
@@ -171,6 +175,10 @@ def scrub_bytes(data: bytes) -> bytes:
 
 def untouched(text: str) -> bool:
     return REDACTOR.untouched(text)
+
+
+def remembers_any(text: str) -> bool:
+    return REDACTOR.remembers_any(text)
 
 
 def remember(*values: str | None) -> None:

@@ -14,6 +14,17 @@ lease. Token overshoot is therefore bounded by the prompt estimate's error:
 the provider may count a prompt differently from tiktoken, and a reasoning
 model may be billed beyond ``max_tokens`` by its provider.
 
+A worker's lease is topped up in the background when it falls to half
+of a block (``take``), so under load a request seldom finds it empty and
+waits for Postgres, and the requests in flight do not all queue behind one
+refill. Only while Postgres had at least ``FAR_BLOCKS`` blocks more to give
+at the last lease call: near the limit nothing is leased ahead, and the
+1/8 rule above applies exactly as without it. A top-up takes its block
+with the same statement as a refill, so the bound is the same: nothing is
+admitted that Postgres did not lease; and it does not hold the lease's
+lock, so a request that finds the lease short still refills it itself, as
+before (a top-up that lands too late only adds to the lease).
+
 Every counted token reaches the tenant's counter, whatever the tier said
 when it was used; a lease row stops at zero when settled usage exceeds what
 it held, so usage under a tier without a token limit is not handed back as
@@ -23,6 +34,7 @@ headroom after a change to a tier with one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,8 +47,12 @@ from proxy.core.errors import QuotaExceeded, ServiceUnavailable
 from proxy.core.principal import Principal
 from proxy.stores import pgwait
 
+log = logging.getLogger("tollway.quota")
+
 Clock = Callable[[], datetime]
 _REFILL_TRIES = 8  # lease calls one admission may make before it gives up
+LOW_WATER = 2  # top a lease up in the background when 1/LOW_WATER of a block is left...
+FAR_BLOCKS = 8  # ...while Postgres had at least this many blocks more at the last lease call
 
 
 def utc_now() -> datetime:
@@ -71,6 +87,7 @@ class _Lease:
     exhausted_until: float = 0.0
     refilled_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    topping: bool = False  # a background top-up is under way
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +130,11 @@ class QuotaBook:
         self._offline_used = 0
         self._db_wait = pgwait.Budget(policy.db_timeout_s)
         self.lease_calls = 0
+        self.top_ups = 0  # lease calls made in the background, ahead of need
         self._current: _Month | None = None  # the clock's month at the last reading
+        self._low_requests = max(1, policy.lease_requests // LOW_WATER)
+        self._low_tokens = max(1, policy.lease_tokens // LOW_WATER)
+        self._topping: set[asyncio.Task[None]] = set()
 
     def _lease(self, tenant_id: int, period: date) -> _Lease:
         lease = self._leases.get((tenant_id, period))
@@ -143,7 +164,91 @@ class QuotaBook:
             return None
         lease.requests -= 1
         lease.tokens -= need_tokens
+        if (
+            lease.requests < self._low_requests or (need_tokens and lease.tokens < self._low_tokens)
+        ) and not lease.topping:
+            self._top_up_soon(who, tier, period, lease)
         return Reservation(who.tenant_id, period, 1, need_tokens, leased=True)
+
+    def _top_up_soon(self, who: Principal, tier: Tier, period: date, lease: _Lease) -> None:
+        """Lease the next block in the background if the lease runs low and
+        Postgres is far from the limit (see the module's docstring)."""
+        want_r, want_t = self._ahead(tier, lease)
+        if not (want_r or want_t):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on a loop: nothing to run it in the background
+        lease.topping = True
+        task = loop.create_task(self._top_up(who, tier, period, lease), name="quota-top-up")
+        self._topping.add(task)
+        task.add_done_callback(self._topping.discard)
+
+    def _ahead(self, tier: Tier, lease: _Lease) -> tuple[int, int]:
+        """(requests, tokens) worth leasing ahead of need now: a block of
+        whichever runs low, and only while far from its limit."""
+        policy = self._policy
+        want_r = want_t = 0
+        if lease.requests < self._low_requests and (
+            tier.monthly_requests is None
+            or (
+                lease.left_requests is not None
+                and lease.left_requests >= FAR_BLOCKS * policy.lease_requests
+            )
+        ):
+            want_r = policy.lease_requests
+        if (
+            tier.monthly_tokens is not None
+            and lease.tokens < self._low_tokens
+            and lease.left_tokens is not None
+            and lease.left_tokens >= FAR_BLOCKS * policy.lease_tokens
+        ):
+            want_t = policy.lease_tokens
+        if tier.monthly_requests is not None and lease.left_requests is None:
+            want_r = want_t = 0  # nothing leased yet: the first block comes through ``admit``
+        return want_r, want_t
+
+    async def _top_up(self, who: Principal, tier: Tier, period: date, lease: _Lease) -> None:
+        """Not under the lease's lock: a request that finds the lease short
+        meanwhile refills it itself, exactly as without top-ups (and during
+        an outage waits no longer than it did)."""
+        try:
+            want_r, want_t = self._ahead(tier, lease)
+            if not (want_r or want_t):
+                return  # a refill got there first
+            self.lease_calls += 1
+            self.top_ups += 1
+            row = await pgwait.fetchrow(
+                self._pool,
+                self._db_wait,
+                "quota lease",
+                "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
+                self.worker_id,
+                who.tenant_id,
+                period,
+                want_r,
+                want_t,
+                0,
+                tier.monthly_requests,
+                tier.monthly_tokens,
+            )
+            assert row is not None
+            lease.refilled_at = time.monotonic()
+            lease.requests += row["got_requests"]
+            lease.tokens += row["got_tokens"]
+            lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
+        except pgwait.DatabaseDown:
+            pass  # the request that finds the lease short refills it (or goes offline)
+        except Exception:  # ahead of need: a request refills the lease on its own
+            log.exception("background quota top-up failed")
+        finally:
+            lease.topping = False
+
+    async def settle_top_ups(self) -> None:
+        """Wait for the top-ups under way (before the leases are handed back)."""
+        if self._topping:
+            await asyncio.gather(*self._topping, return_exceptions=True)
 
     async def admit(self, who: Principal, tier: Tier, tokens: int) -> Reservation:
         period = self._month()[0]
@@ -263,7 +368,7 @@ class QuotaBook:
         (swept while this worker was cut off): they are no longer ours."""
         for key in [k for k in self._leases if k not in alive]:
             lease = self._leases[key]
-            if lease.refilled_at < checked_at and not lease.lock.locked():
+            if lease.refilled_at < checked_at and not lease.lock.locked() and not lease.topping:
                 del self._leases[key]
 
     async def used(self, tenant_id: int, period: date) -> tuple[int, int]:

@@ -107,6 +107,7 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
             yield
             ledger.stop()
             await flusher
+            await quota.settle_top_ups()  # a block leased ahead is handed back with the rest
             await ledger.close()
             journal.stop()
             await journaler

@@ -23,7 +23,7 @@ import orjson
 from proxy.config.budgets import to_micros
 from proxy.config.model import Config
 from proxy.config.tiers import Price, Tier
-from proxy.core import tokens
+from proxy.core import ids, tokens
 from proxy.core.errors import ModelNotAllowed, QuotaExceeded
 from proxy.core.pricing import cost_of
 from proxy.core.principal import Principal
@@ -178,7 +178,7 @@ class Billing:
         reservation = self.quota.take(principal, tier, estimate)
         if reservation is None:
             return None
-        return Admission(principal, tier, reservation, estimate, secrets.token_hex(12), prompt)
+        return Admission(principal, tier, reservation, estimate, ids.event_id(), prompt)
 
     async def admit(
         self,
@@ -196,7 +196,7 @@ class Billing:
         except QuotaExceeded as exc:
             exc.headers.update(ratelimit_headers(self.quota.standing(principal.tenant_id, tier)))
             raise
-        return Admission(principal, tier, reservation, estimate, secrets.token_hex(12), prompt)
+        return Admission(principal, tier, reservation, estimate, ids.event_id(), prompt)
 
     def journal_open(self, record: UsageRecord, body: dict[str, Any]) -> None:
         """Note the admitted request in the journal: from here on a crash
@@ -256,7 +256,7 @@ class Billing:
         values = (
             period,
             # the row's own idempotency key, fixed from admission (journal) on
-            admission.event_id if admission is not None else secrets.token_hex(12),
+            admission.event_id if admission is not None else ids.event_id(),
             record.request_id,
             record.tenant_id,
             record.key_id,

@@ -20,6 +20,7 @@ Every line passes the redaction layer (``proxy.core.redact``) like any log recor
 from __future__ import annotations
 
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -111,6 +112,8 @@ class _Clock:
 
 
 _CLOCK = _Clock()
+# A key's display prefix as ``stores.apikeys.display_prefix`` cuts it: "tw-" + 7.
+_DISPLAY_PREFIX = re.compile(r"tw-[A-Za-z0-9_-]{7}")
 
 
 def line(record: UsageRecord, cost: float | None) -> bytes:
@@ -165,10 +168,21 @@ def _clean(record: UsageRecord) -> bool:
     guardrail verdicts is always scrubbed."""
     if record.transcript is not None or "guardrails" in record.extra:
         return False
+    prefix = record.key_prefix
+    if prefix is not None and _DISPLAY_PREFIX.fullmatch(prefix):
+        # A key's display prefix ("tw-" + 7) holds the key shape's trigger on
+        # every billed line, which sent each one through the whole scrub.
+        # No shape can match inside it: the key pattern needs 36 characters
+        # more, the others whitespace, a separator, "[?&]" or 16+ characters,
+        # and the line's next character is a quote. So only its tail is
+        # looked at for triggers; the whole of it still for remembered values.
+        if redact.remembers_any(prefix):
+            return False
+        prefix = prefix[3:]
     strings = [
         record.request_id,
         record.tenant,
-        record.key_prefix,
+        prefix,
         record.api,
         record.public_model,
         record.provider,

@@ -1,0 +1,54 @@
+"""``bench/syscalls.py`` and ``bench/loopwatch.py`` run against real
+gateways and report what they promise (smoke tests: the numbers are not
+checked beyond what must hold for any request)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_syscalls_splits_cpu_and_counts_syscalls_per_request(tmp_path: Path) -> None:
+    import syscalls
+
+    out = tmp_path / "syscalls.json"
+    argv = [sys.executable, str(ROOT / "bench" / "syscalls.py"), "--prompt-kb", "0.5"]
+    argv += ["--concurrency", "4", "--requests", "60", "--warmup", "10", "--repeats", "1"]
+    argv += ["--idle-s", "1", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = orjson.loads(out.read_bytes())
+    assert {r["target"] for r in rows} == {"tollway", "tollway_billing"}
+    for row in rows:
+        assert row["cpu"]["user_us"] + row["cpu"]["sys_us"] > 0
+        if syscalls.perf_works():
+            # Every request is read from one socket and answered on it, and
+            # goes to the provider and back on another: on the loop's thread.
+            assert row["main"]["read"] >= 2 and row["main"]["write"] >= 2, row
+    assert "| chat | 0.5 | 4 | tollway_billing |" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_loopwatch_reports_turns_and_callbacks(tmp_path: Path) -> None:
+    out = tmp_path / "loopwatch.json"
+    argv = [sys.executable, str(ROOT / "bench" / "loopwatch.py"), "--target", "tollway"]
+    argv += ["--prompt-kb", "0.5", "--concurrency", "4", "--requests", "80", "--warmup", "10"]
+    argv += ["--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = orjson.loads(out.read_bytes())
+    # A request is several callbacks (its read, its handler's steps, the
+    # provider's answer), all in the window the requests were sent in.
+    assert data["callbacks"] >= 2 * 80 and data["turns"]
+    assert all(cpu >= 0 and wall >= 0 for wall, cpu, _ in data["turns"])
+    assert "| CPU time of the loop's thread |" in done.stdout
