@@ -306,6 +306,8 @@ FROM unnest($6::text[], $7::text[], $8::text[], $9::date[], $10::bigint[])
 WHERE l.worker_id = d.worker_id AND l.subject = d.subject AND l.span = d.span
   AND l.period = d.period
 """
+
+
 # The leases and the keys' last use in one round trip: ``settle`` with the
 # key rows' update as a CTE (keys in ``$<n>``). Lease rows are this worker's
 # own, and nothing else locks both a key row and a lease row (a worker's

@@ -130,9 +130,7 @@ class PermitLeases:
                 return  # replaced, or its slot is over: the next request refills
             self.top_ups += 1
             probe = Limit(lim.key, lim.name, lim.capacity, lim.window_ms, 0)
-            verdict, grants = await self.limiter.check_leasing(
-                [probe], 1, [LeaseAsk(extra=ask)]
-            )
+            verdict, grants = await self.limiter.check_leasing([probe], 1, [LeaseAsk(extra=ask)])
             if verdict.admitted and verdict.shared:
                 self._keep(lim, verdict.windows[0], grants[0], verdict.now_ms, asked)
         except Exception:  # ahead of need: a request refills the lease on its own
