@@ -90,7 +90,9 @@ async def test_two_workers_topping_up_never_admit_more_than_the_limit(
         await w.settle_top_ups()
     assert [w.limiter.fallbacks for w in workers] == [0, 0]  # Redis decided
     assert sum(w.top_ups for w in workers) > 0
-    assert cap - 64 <= results.count(True) <= cap  # never cap + 1
+    # Never cap + 1; a few permits may stay counted unused (a top-up landing in
+    # the next 6 s slot replaces a lease whose rest was at most half of 64).
+    assert cap - 128 <= results.count(True) <= cap
     r = open_client(RedisOptions(redis_url, timeout_s=2.0))
     try:
         assert int(await r.hget(lim.key, "sum") or 0) <= cap
