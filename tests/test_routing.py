@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.core.errors import ModelNotFound, ProviderNotConfigured
+from proxy.config.tiers import Tier
+from proxy.core.errors import ModelNotAllowed, ModelNotFound, ProviderNotConfigured
 from proxy.pipeline.registry import parse_config
-from proxy.stages.route import Router
+from proxy.stages.route import RoutePlan, Router
 
 CFG: dict[str, Any] = {
     "providers": {
@@ -157,3 +158,39 @@ def test_plans_are_deterministic_under_a_seed() -> None:
 
     assert keys(3) == keys(3)
     assert len({tuple(k) for k in keys(3)}) == 2  # both draws of the first group occur
+
+
+TIER_CFG: dict[str, Any] = {
+    "providers": {
+        "a": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1"},
+        "b": {"kind": "openai", "base_url": "http://127.0.0.1:2/v1"},
+    },
+    "models": [
+        {"name": "fast", "targets": [{"provider": "a", "model": "f"}], "fallbacks": ["slow"]},
+        {"name": "slow", "targets": [{"provider": "b", "model": "s"}]},
+    ],
+}
+
+
+def _tier(*models: str) -> Tier:
+    return Tier("t", None, None, None, None, 100, models=models)
+
+
+def test_a_tiers_plan_is_kept_per_tier_and_model() -> None:
+    router = Router(parse_config(yaml.safe_dump(TIER_CFG), {}), rng=random.Random(1))
+    narrow, wide = _tier("fast"), _tier("*")
+
+    def plan(tier: Tier, model: str) -> RoutePlan:
+        return router.plan(model, {}, tier="t", allowed=tier.allows, allowed_by=tier)
+
+    first = plan(narrow, "fast")
+    assert first == router.plan("fast", {}, tier="t", allowed=narrow.allows)  # as unkept
+    assert [g.model for g in first.groups] == ["fast"]  # its tier may not use "slow"
+    assert plan(narrow, "fast") is first  # the next request reuses it
+    assert [g.model for g in plan(wide, "fast").groups] == ["fast", "slow"]  # its own
+    equal = _tier("fast")  # an equal tier (a reloaded config's) is asked again
+    assert plan(equal, "fast") == first and plan(equal, "fast") is not first
+    with pytest.raises(ModelNotAllowed):
+        plan(narrow, "slow")
+    with pytest.raises(ModelNotAllowed):
+        plan(narrow, "slow")  # refusals are not kept as plans

@@ -204,12 +204,14 @@ async def proceed(
     principal: shared by the HTTP requests and the batch lines
     (``proxy.pipeline.batch_line``), which have no ``web.Request``."""
     record, trace, who = ex.record, ex.trace, ex.who
+    tier = None if who is None else tier_of(ex.config, who)
     plan = snapshot.router.plan(
         ex.model,
         headers,
         tenant=who.tenant if who else None,
         tier=who.tier if who else None,
-        allowed=None if who is None else tier_of(ex.config, who).allows,
+        allowed=None if tier is None else tier.allows,
+        allowed_by=tier,
     )
     record.public_model = ex.model = plan.public_model
     asked = asked_limit(ex.body)

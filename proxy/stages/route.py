@@ -132,6 +132,9 @@ class Router:
         # of two or more targets): what ``plan`` returns when no rule or tier
         # filter applies. Immutable, so one object serves every request.
         self._fixed: dict[str, RoutePlan] = {}
+        # The same for a tier's filter: (id of the tier, name) -> (the tier,
+        # its plan). Bounded: only names in ``_fixed``, tiers of this config.
+        self._tier_plans: dict[tuple[int, str], tuple[object, RoutePlan]] = {}
         for name, model in self._exact.items():
             if not model.is_pattern:
                 own = self._group(model, model.name)
@@ -228,16 +231,26 @@ class Router:
         tenant: str | None = None,
         tier: str | None = None,
         allowed: Callable[[str], bool] | None = None,
+        allowed_by: object | None = None,
     ) -> RoutePlan:
         """The route plan of a request. ``allowed`` (the caller's tier: may it
         use this public model?) is asked of the requested model before the
         providers' state is looked at, so a key is told what its tier may use,
         not which server setting is missing; then of every fallback, and the
-        groups it refuses are left out of the plan."""
-        if not self._rules and allowed is None:
+        groups it refuses are left out of the plan. ``allowed_by``: the
+        immutable object ``allowed`` answers for (the tier), under which a
+        plan with nothing drawn per request is kept for the next request."""
+        memo = None
+        if not self._rules:
             fixed = self._fixed.get(requested)
             if fixed is not None:
-                return fixed
+                if allowed is None:
+                    return fixed
+                if allowed_by is not None:
+                    memo = (id(allowed_by), requested)
+                    hit = self._tier_plans.get(memo)
+                    if hit is not None and hit[0] is allowed_by:
+                        return hit[1]
         rule = self._redirect(requested, headers, tenant, tier) if self._rules else None
         public = rule.model if rule is not None else requested
         static = self._static.get(public)
@@ -269,9 +282,12 @@ class Router:
                 f"The model '{requested}' is not available: {'; '.join(filter(None, reasons))}."
             )
         retry = rule.retry if rule is not None and rule.retry is not None else model.retry
-        return RoutePlan(
+        plan = RoutePlan(
             public_model=public, groups=self._draw(groups), retry=retry, overflow=overflow
         )
+        if memo is not None:  # nothing drawn: the groups are a subset of ``_fixed``'s
+            self._tier_plans[memo] = (allowed_by, plan)
+        return plan
 
     def _draw(self, groups: tuple[TargetGroup, ...]) -> tuple[TargetGroup, ...]:
         """Each group in weighted order (a group of one needs no draw)."""

@@ -262,8 +262,9 @@ UNION ALL
 SELECT 'a', NULL, NULL, subject, span, period, used_micros, limit_micros, alerted
 FROM spent WHERE tollway_budget_level(used_micros, limit_micros) > alerted
 """
-# When each key was last used: one statement per batch, key rows locked in
-# id order (after counters and leases), so concurrent batches cannot deadlock.
+# When each key was last used: key rows locked in id order (after counters),
+# so concurrent batches cannot deadlock. Alone only for a batch that moved no
+# lease; else part of the leases' statement (``_with_touch``).
 _TOUCH_KEYS = """
 WITH k AS (
     SELECT id FROM api_keys WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE
@@ -305,6 +306,32 @@ FROM unnest($6::text[], $7::text[], $8::text[], $9::date[], $10::bigint[])
 WHERE l.worker_id = d.worker_id AND l.subject = d.subject AND l.span = d.span
   AND l.period = d.period
 """
+
+
+# The leases and the keys' last use in one round trip: ``settle`` with the
+# key rows' update as a CTE (keys in ``$<n>``). Lease rows are this worker's
+# own, and nothing else locks both a key row and a lease row (a worker's
+# ``tollway_take_lease`` locks the counter first, which this transaction
+# already holds), so the order between the two cannot deadlock; key rows
+# are still locked in id order.
+def _with_touch(settle: str, n: int) -> str:
+    settle = settle.strip()
+    sep = "\n"
+    if settle.startswith("WITH "):  # its own CTEs follow the keys'
+        settle, sep = settle.removeprefix("WITH "), ",\n"
+    return f"""
+WITH k AS (
+    SELECT id FROM api_keys WHERE id = ANY(${n}::text[]) ORDER BY id FOR UPDATE
+), touched AS (
+    UPDATE api_keys a SET last_used_at = greatest(a.last_used_at, now())
+    FROM k WHERE a.id = k.id RETURNING 1
+){sep}{settle}
+"""
+
+
+_SETTLE_LEASES_TOUCH = _with_touch(_SETTLE_LEASES, 6)
+_SETTLE_BUDGET_LEASES_TOUCH = _with_touch(_SETTLE_BUDGET_LEASES, 6)
+_SETTLE_BOTH_LEASES_TOUCH = _with_touch(_SETTLE_BOTH_LEASES, 11)
 # Each threshold is announced once: the row is locked by this transaction.
 _ALERTED = """
 UPDATE budget_counters b SET alerted = tollway_budget_level(b.used_micros, b.limit_micros)
@@ -410,12 +437,15 @@ async def write_batch(
         ]
         q_args = [list(x) for x in zip(*quota, strict=True)]
         b_args = [list(x) for x in zip(*spent, strict=True)]
+        keys = sorted({row.values[_KEY] for row in rows if row.values[_KEY] is not None})
         if quota and spent:
-            await conn.execute(_SETTLE_BOTH_LEASES, *q_args, *b_args)
+            await conn.execute(_SETTLE_BOTH_LEASES_TOUCH, *q_args, *b_args, keys)
         elif quota:
-            await conn.execute(_SETTLE_LEASES, *q_args)
+            await conn.execute(_SETTLE_LEASES_TOUCH, *q_args, keys)
         elif spent:
-            await conn.execute(_SETTLE_BUDGET_LEASES, *b_args)
+            await conn.execute(_SETTLE_BUDGET_LEASES_TOUCH, *b_args, keys)
+        elif keys:
+            await conn.execute(_TOUCH_KEYS, keys)
         crossed = [r for r in out if r["kind"] == "a"]
         if crossed:
             await conn.execute(
@@ -427,9 +457,6 @@ async def write_batch(
                     )
                 ),
             )
-        keys = sorted({row.values[_KEY] for row in rows if row.values[_KEY] is not None})
-        if keys:
-            await conn.execute(_TOUCH_KEYS, keys)
     if alerts is not None:
         alerts.extend(c for r in crossed for c in _crossings(r))
 

@@ -22,10 +22,26 @@ as does a lease replaced across a slot boundary by concurrent refills
 The lease size doubles while leases run out within their slot (up to
 ``MAX_SIZE`` requests, or that many requests' worth of tokens) and halves
 when they do not.
+
+**Top-ups.** When a request admitted from a lease leaves it below half its
+size, and the window was far from its capacity at the last lease
+(``FAR_LEASES`` full leases' worth beyond the 1/16 rule), the next lease is
+asked for by a background task (the same script, for no request: cost 0),
+so under load the requests in flight do not all find the lease empty and
+wait for Redis together. Its units are counted when leased, like any
+lease's, so the bound above is unchanged; near the limit nothing is leased
+ahead and every request goes to Redis as before. A top-up granted in the
+lease's slot adds to it; one landing in the next slot replaces it (the old
+lease's rest stays counted until its slot leaves the window, as with
+concurrent refills). A lease that falls below half within its slot counts
+as one that ran out: the next one asked for is twice the size. A request
+that finds the lease short meanwhile refills it itself, as without top-ups.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -35,6 +51,11 @@ from proxy.stores.ratelimit import LeaseAsk, RateLimiter
 from proxy.stores.windows import SLOTS, Limit, Verdict, Window
 
 MAX_SIZE = 64
+# Leases asked for ahead of need only while the window has room for this
+# many full leases beyond the 1/16 rule (so each top-up is granted in full).
+FAR_LEASES = 4
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -47,6 +68,7 @@ class _Lease:
     redis_ms: int  # Redis's clock at lease time
     taken_at: float  # local monotonic time the lease was asked for
     size: int  # requests' worth asked for the next lease
+    topping: bool = False  # a background top-up is under way
 
     def covers(self, cost: int, now: float) -> bool:
         return now < self.ends and self.left >= cost
@@ -64,6 +86,8 @@ class PermitLeases:
         self._leases: OrderedDict[str, _Lease] = OrderedDict()
         self._max = max_keys
         self.local_admits = 0  # requests admitted from a lease, without Redis
+        self.top_ups = 0  # leases asked for in the background
+        self._topping: set[asyncio.Task[None]] = set()
 
     def take(self, limits: Sequence[Limit]) -> Verdict | None:
         """``check`` of a request with one window its lease covers (the
@@ -77,8 +101,47 @@ class PermitLeases:
             return None
         self.local_admits += 1
         lease.left -= lim.cost
+        if lease.left * 2 < lease.size * lim.cost and not lease.topping:
+            self._top_up_soon(lim, lease)
         ms = lease.redis_ms + int((now - lease.taken_at) * 1000)
         return Verdict(True, (_window(lim, lease, now),), ms, True)
+
+    def _top_up_soon(self, lim: Limit, lease: _Lease) -> None:
+        """Ask for the next lease in the background while the window is far
+        from its capacity (see the module's docstring)."""
+        size = min(MAX_SIZE, lease.size * 2)  # running low within its slot: as running out
+        ask = size * lim.cost
+        if lim.concurrency or lim.capacity - lease.used < FAR_LEASES * 16 * ask:
+            return  # near the limit: leases shrink, requests go to Redis
+        lease.size = size
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on a loop: nothing to run it in the background
+        lease.topping = True
+        task = loop.create_task(self._top_up(lim, lease, ask), name="permit-top-up")
+        self._topping.add(task)
+        task.add_done_callback(self._topping.discard)
+
+    async def _top_up(self, lim: Limit, lease: _Lease, ask: int) -> None:
+        try:
+            asked = self._clock()
+            if self._leases.get(lim.key) is not lease or asked >= lease.ends:
+                return  # replaced, or its slot is over: the next request refills
+            self.top_ups += 1
+            probe = Limit(lim.key, lim.name, lim.capacity, lim.window_ms, 0)
+            verdict, grants = await self.limiter.check_leasing([probe], 1, [LeaseAsk(extra=ask)])
+            if verdict.admitted and verdict.shared:
+                self._keep(lim, verdict.windows[0], grants[0], verdict.now_ms, asked)
+        except Exception:  # ahead of need: a request refills the lease on its own
+            log.exception("background permit top-up failed")
+        finally:
+            lease.topping = False
+
+    async def settle_top_ups(self) -> None:
+        """Wait for the top-ups under way (before Redis is closed)."""
+        if self._topping:
+            await asyncio.gather(*self._topping, return_exceptions=True)
 
     async def check(self, limits: Sequence[Limit], instances: int) -> Verdict:
         """``RateLimiter.check`` with commit, from the leases when they cover

@@ -281,6 +281,7 @@ def _budget_alerts(app: web.Application) -> None:
 
 async def _runtime(app: web.Application) -> AsyncIterator[None]:
     _budget_alerts(app)
+    permits = PermitLeases(app[LIMITER])
     app[RUNTIME] = Runtime(
         app[CONFIG],
         app[UPSTREAMS],
@@ -288,6 +289,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         app[SETTLER],
         app[LIFECYCLE],
         app.get(BILLING),
-        PermitLeases(app[LIMITER]),
+        permits,
     )
     yield
+    await permits.settle_top_ups()  # before Redis is closed

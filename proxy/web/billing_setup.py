@@ -62,9 +62,19 @@ async def open_pool(opts: BillingOptions, connect_timeout: float = 2.0) -> async
         timeout=connect_timeout,
         command_timeout=10,
         statement_cache_size=opts.statement_cache_size if on_url is None else on_url,
+        reset=_keep_session,
     )
     assert pool is not None
     return pool
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset query when a connection goes back to the pool (asyncpg's
+    default is a round trip per use: every flush, key lookup and lease).
+    Nothing Tollway runs on this pool changes the session: no SET, LISTEN,
+    cursor outside a transaction or session advisory lock (migrations and
+    the event log use connections of their own). asyncpg still rolls back
+    a transaction left open before this is called."""
 
 
 def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterator[None]]:
