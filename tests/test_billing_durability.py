@@ -52,12 +52,16 @@ async def test_outage_spools_usage_and_reconciles(
     tmp_path: Path,
 ) -> None:
     url, server = own_db
-    gw = await start_gateway(
-        billing_config(fake_openai.url, lease_requests=8), database_url=url, data_dir=tmp_path
-    )
+    cfg = billing_config(fake_openai.url, lease_requests=8)
+    # 64 requests a month: the first block is 8 (1/8 of what is left) and,
+    # that near the limit, nothing is leased ahead in the background
+    # (quota.FAR_BLOCKS): the lease of 8 is all the worker holds when
+    # Postgres goes.
+    cfg["tiers"] = {**cfg["tiers"], "outage": {**TEST_TIERS["pro"], "monthly_requests": 64}}
+    gw = await start_gateway(cfg, database_url=url, data_dir=tmp_path)
     pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
     assert pool is not None
-    tenant, key = await tenant_with_key(pool, tmp_path, "pro")
+    tenant, key = await tenant_with_key(pool, tmp_path, "outage", set(cfg["tiers"]))
     await pool.close()
     statuses = [await _chat(gw, key["api_key"]) for _ in range(5)]  # leases 8 requests
     server.stop()  # the database goes away mid-run
