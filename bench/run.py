@@ -212,10 +212,11 @@ def _tollway_serve(
         environ = {"TOLLWAY_DATA_DIR": str(env.workdir / f"{name}-data")}
         if env.loop_lag_ms:
             environ["TOLLWAY_LOOP_LAG_MS"] = f"{env.loop_lag_ms:g}"
-        src = env.base_src if base else env.tollway_src
-        if src is not None:
-            # PYTHONPATH comes before the editable install's finder: this runs the export.
-            environ["PYTHONPATH"] = str(src)
+        # PYTHONPATH comes before the editable install's finder: this runs the
+        # export, or this checkout's proxy/ (the virtualenv's editable install
+        # may point at another checkout of the repository).
+        src = env.base_src if base else (env.tollway_src or ROOT)
+        environ["PYTHONPATH"] = str(src)
         if billing:
             assert env.dsn is not None and env.redis_url is not None
             environ |= {"DATABASE_URL": env.dsn, "REDIS_URL": env.redis_url}
