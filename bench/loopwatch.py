@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = Path(argv_[argv_.index("--config") + 1])
                 config.write_text(config.read_text() + args.extra_yaml)
             # ``env K=V ... tollway serve ...`` -> ``env K=V ... python -c SHIM serve ...``
-            i = next(i for i, a in enumerate(argv_) if a.endswith("/tollway"))
+            i = argv_.index(str(Path(run.PY).parent / "tollway"))  # not an env value's path
             argv_[i : i + 1] = [f"LOOPWATCH_OUT={out}", f"LOOPWATCH_SLOW_MS={args.slow_ms}"]
             argv_[i + 2 : i + 2] = [run.PY, "-c", SHIM]
             procs.start(args.target, argv_, "1", port)
