@@ -47,6 +47,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from proxy.core.tasks import TaskGroup
 from proxy.stores.ratelimit import LeaseAsk, RateLimiter
 from proxy.stores.windows import SLOTS, Limit, Verdict, Window
 
@@ -87,7 +88,7 @@ class PermitLeases:
         self._max = max_keys
         self.local_admits = 0  # requests admitted from a lease, without Redis
         self.top_ups = 0  # leases asked for in the background
-        self._topping: set[asyncio.Task[None]] = set()
+        self._topping = TaskGroup()
 
     def take(self, limits: Sequence[Limit]) -> Verdict | None:
         """``check`` of a request with one window its lease covers (the
@@ -115,13 +116,11 @@ class PermitLeases:
             return  # near the limit: leases shrink, requests go to Redis
         lease.size = size
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             return  # not on a loop: nothing to run it in the background
         lease.topping = True
-        task = loop.create_task(self._top_up(lim, lease, ask), name="permit-top-up")
-        self._topping.add(task)
-        task.add_done_callback(self._topping.discard)
+        self._topping.spawn(self._top_up(lim, lease, ask), name="permit-top-up")
 
     async def _top_up(self, lim: Limit, lease: _Lease, ask: int) -> None:
         try:
@@ -140,8 +139,7 @@ class PermitLeases:
 
     async def settle_top_ups(self) -> None:
         """Wait for the top-ups under way (before Redis is closed)."""
-        if self._topping:
-            await asyncio.gather(*self._topping, return_exceptions=True)
+        await self._topping.drain(grace=10)
 
     async def check(self, limits: Sequence[Limit], instances: int) -> Verdict:
         """``RateLimiter.check`` with commit, from the leases when they cover

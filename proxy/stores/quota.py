@@ -45,6 +45,7 @@ import asyncpg
 from proxy.config.tiers import BillingPolicy, Tier
 from proxy.core.errors import QuotaExceeded, ServiceUnavailable
 from proxy.core.principal import Principal
+from proxy.core.tasks import TaskGroup
 from proxy.stores import pgwait
 
 log = logging.getLogger("tollway.quota")
@@ -134,7 +135,7 @@ class QuotaBook:
         self._current: _Month | None = None  # the clock's month at the last reading
         self._low_requests = max(1, policy.lease_requests // LOW_WATER)
         self._low_tokens = max(1, policy.lease_tokens // LOW_WATER)
-        self._topping: set[asyncio.Task[None]] = set()
+        self._topping = TaskGroup()
 
     def _lease(self, tenant_id: int, period: date) -> _Lease:
         lease = self._leases.get((tenant_id, period))
@@ -177,13 +178,11 @@ class QuotaBook:
         if not (want_r or want_t):
             return
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             return  # not on a loop: nothing to run it in the background
         lease.topping = True
-        task = loop.create_task(self._top_up(who, tier, period, lease), name="quota-top-up")
-        self._topping.add(task)
-        task.add_done_callback(self._topping.discard)
+        self._topping.spawn(self._top_up(who, tier, period, lease), name="quota-top-up")
 
     def _ahead(self, tier: Tier, lease: _Lease) -> tuple[int, int]:
         """(requests, tokens) worth leasing ahead of need now: a block of
@@ -217,27 +216,8 @@ class QuotaBook:
             want_r, want_t = self._ahead(tier, lease)
             if not (want_r or want_t):
                 return  # a refill got there first
-            self.lease_calls += 1
             self.top_ups += 1
-            row = await pgwait.fetchrow(
-                self._pool,
-                self._db_wait,
-                "quota lease",
-                "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
-                self.worker_id,
-                who.tenant_id,
-                period,
-                want_r,
-                want_t,
-                0,
-                tier.monthly_requests,
-                tier.monthly_tokens,
-            )
-            assert row is not None
-            lease.refilled_at = time.monotonic()
-            lease.requests += row["got_requests"]
-            lease.tokens += row["got_tokens"]
-            lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
+            await self._take_lease(who, tier, period, lease, want_r, want_t, 0)
         except pgwait.DatabaseDown:
             pass  # the request that finds the lease short refills it (or goes offline)
         except Exception:  # ahead of need: a request refills the lease on its own
@@ -247,8 +227,7 @@ class QuotaBook:
 
     async def settle_top_ups(self) -> None:
         """Wait for the top-ups under way (before the leases are handed back)."""
-        if self._topping:
-            await asyncio.gather(*self._topping, return_exceptions=True)
+        await self._topping.drain(grace=10)
 
     async def admit(self, who: Principal, tier: Tier, tokens: int) -> Reservation:
         period = self._month()[0]
@@ -280,28 +259,9 @@ class QuotaBook:
             short_t = max(0, need_tokens - lease.tokens)
             want_t = max(short_t, self._policy.lease_tokens) if short_t else 0
             try:
-                self.lease_calls += 1
-                row = await pgwait.fetchrow(
-                    self._pool,
-                    self._db_wait,
-                    "quota lease",
-                    "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
-                    self.worker_id,
-                    who.tenant_id,
-                    period,
-                    want_r,
-                    want_t,
-                    short_t,
-                    tier.monthly_requests,
-                    tier.monthly_tokens,
-                )
+                row = await self._take_lease(who, tier, period, lease, want_r, want_t, short_t)
             except pgwait.DatabaseDown:
                 return self._offline(who, period, need_tokens)
-            assert row is not None
-            lease.refilled_at = time.monotonic()
-            lease.requests += row["got_requests"]
-            lease.tokens += row["got_tokens"]
-            lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
             if _fits(lease, need_tokens):
                 return None
             if (want_r and not row["got_requests"]) or (short_t and not row["got_tokens"]):
@@ -309,6 +269,40 @@ class QuotaBook:
         # Nothing left: answer the next requests from here for a moment.
         lease.exhausted_until = time.monotonic() + 0.25
         raise _exhausted(tier, lease, need_tokens, period_end(period) - self.clock())
+
+    async def _take_lease(
+        self,
+        who: Principal,
+        tier: Tier,
+        period: date,
+        lease: _Lease,
+        want_r: int,
+        want_t: int,
+        short_t: int,
+    ) -> asyncpg.Record:
+        """One lease statement (a refill's or a top-up's), its grant added
+        to the local lease."""
+        self.lease_calls += 1
+        row = await pgwait.fetchrow(
+            self._pool,
+            self._db_wait,
+            "quota lease",
+            "SELECT * FROM tollway_take_lease($1, $2, $3, $4, $5, $6, $7, $8)",
+            self.worker_id,
+            who.tenant_id,
+            period,
+            want_r,
+            want_t,
+            short_t,
+            tier.monthly_requests,
+            tier.monthly_tokens,
+        )
+        assert row is not None
+        lease.refilled_at = time.monotonic()
+        lease.requests += row["got_requests"]
+        lease.tokens += row["got_tokens"]
+        lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
+        return row
 
     def _offline(self, who: Principal, period: date, tokens: int) -> Reservation:
         if self._offline_used < self._policy.offline_allowance:
