@@ -171,8 +171,6 @@ async def handle(
     # ``Settling``'s work without its ``async with`` (two coroutines fewer
     # per request): classified on the way out, settled in ``finally``.
     try:
-        if rt.turns.spent():  # this turn ran its share of first steps: the rest wait one
-            await rt.turns.pause()
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
         if ex.door is not None:
             ex.body = ex.door.to_chat(ex.body)

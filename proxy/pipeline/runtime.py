@@ -7,7 +7,7 @@ The pipeline never reads ``request.app``: the web layer builds one
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -15,7 +15,6 @@ from proxy.core.lifecycle import Lifecycle
 from proxy.core.principal import Principal
 from proxy.core.record import Settler
 from proxy.core.trace import Span
-from proxy.core.turns import TurnBudget
 from proxy.pipeline.snapshot import ConfigStore
 from proxy.stages.admit.billing import Billing
 from proxy.stages.forward.attempts import Upstreams
@@ -32,7 +31,6 @@ class Runtime:
     lifecycle: Lifecycle  # streams open, shutdown in progress
     billing: Billing | None = None  # None without a database (auth: none)
     permits: PermitLeases | None = None  # leases of ``limiter``'s windows for key limits
-    turns: TurnBudget = field(default_factory=TurnBudget)  # first steps per loop turn
 
 
 # Drawn (or sanitised from the client's x-request-id) by the web layer's
