@@ -1,6 +1,8 @@
 """``bench/floor_proxy.py`` with ``TOLLWAY_LOOP_LAG_MS`` set runs the gateway's
 event-loop lag probe and serves it on /metrics, read by ``bench/lag.py`` as
-run.py reads Tollway's; unset, it serves no /metrics of its own."""
+run.py reads Tollway's; unset, it serves no /metrics of its own. And
+``bench/loadgen.py --rate``, the open-loop load the lag is also measured
+under, sends at the rate asked, not as fast as the server answers."""
 
 from __future__ import annotations
 
@@ -118,3 +120,27 @@ def test_floor_proxy_without_the_variable_has_no_probe() -> None:
         assert "choices" in _chat(port)
         # /metrics is proxied to the provider like any path: no lag series.
         assert lag.scrape(port) is None
+
+
+def _loadgen(port: int, *extra: str) -> dict[str, object]:
+    argv = [sys.executable, str(ROOT / "bench" / "loadgen.py")]
+    argv += [f"http://127.0.0.1:{port}/v1/chat/completions", orjson.dumps(CHAT).decode()]
+    argv += ["--concurrency=4", "--duration=1.5", "--warmup=0.2", *extra]
+    done = subprocess.run(argv, capture_output=True, check=True, timeout=60)
+    result: dict[str, object] = orjson.loads(done.stdout)
+    return result
+
+
+@pytest.mark.timeout(120)
+def test_open_loop_load_sends_at_its_rate() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    provider = _free_port()
+    fake = [sys.executable, str(ROOT / "bench" / "fake_provider.py"), str(provider)]
+    with _serving(fake, provider, env):
+        closed = _loadgen(provider)
+        paced = _loadgen(provider, "--rate=100")
+    assert closed["errors"] == 0 and paced["errors"] == 0
+    # 100/s for the 1.5 s window: ~150 completions (the fake provider alone
+    # answers thousands a second closed loop, so the rate, not it, set this).
+    assert 120 <= paced["ok"] <= 155, paced["ok"]  # type: ignore[operator]
+    assert closed["ok"] > 2 * paced["ok"], (closed["ok"], paced["ok"])  # type: ignore[operator]
