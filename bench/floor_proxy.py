@@ -6,10 +6,19 @@ Reads the request body, forwards it on one shared ClientSession and streams
 the upstream answer back chunk by chunk: no parsing, no auth, no counting,
 no retries. Tollway's pass-through is measured against it in the same run
 (bench/README.md), so it must keep doing exactly this much and no more.
+
+With ``TOLLWAY_LOOP_LAG_MS`` set (as ``bench/run.py`` sets it for every
+target when the lag probe is on) it also runs Tollway's event-loop lag probe
+(``proxy/web/loop_lag.py``: the same timer, the same histogram) and serves it
+on ``GET /metrics``, so the bare proxy's loop lag is read beside Tollway's in
+the same run. Unset, it loads nothing of the gateway and serves no /metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -76,7 +85,36 @@ def install_uvloop() -> None:
     uvloop.install()
 
 
+def add_loop_lag(app: web.Application) -> None:
+    """Tollway's lag probe and a /metrics route, when ``TOLLWAY_LOOP_LAG_MS`` asks."""
+    if not os.environ.get("TOLLWAY_LOOP_LAG_MS", "").strip():
+        return
+    from aioprometheus import Registry
+
+    from proxy.web import loop_lag
+
+    interval = loop_lag.interval_from_env()
+    if interval is None:
+        return
+    registry = Registry()
+    probe = loop_lag.LoopLag(registry, interval)
+
+    async def probe_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(probe.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def metrics(request: web.Request) -> web.Response:
+        return loop_lag.render_text(registry)
+
+    app.cleanup_ctx.append(probe_ctx)
+    app.router.add_get("/metrics", metrics)
+
+
 def serve(app: web.Application, port: int, handler: Handler = proxy) -> None:
+    add_loop_lag(app)  # before the catch-all route, which would take /metrics
     app.router.add_route("*", "/{tail:.*}", handler)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=4096)
 

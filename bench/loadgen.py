@@ -1,13 +1,21 @@
 """Closed-loop HTTP/1.1 load generator for one benchmark point.
 
 usage: loadgen.py URL BODY_JSON --concurrency C --duration S [--max-requests N]
-                  [--warmup S] [--start-at UNIX_TIME] [--stream]
+                  [--warmup S] [--start-at UNIX_TIME] [--stream] [--rate R]
 
 Each of C keep-alive connections sends one POST, waits for the whole answer,
 then sends the next, until the duration ends or N requests have started
 (bounded in time AND count; a hard deadline aborts anything still hanging).
 It prints one JSON object: completed requests and errors in the measured
 window, and latency and time-to-first-byte samples in microseconds.
+
+``--rate R`` makes it open loop: request k is due at ``k / R`` seconds after
+the start, whether or not earlier ones have finished (as users' requests
+arrive), and goes out on the first of the C connections free at or after its
+due time; its latency and TTFB count from the due time, so a request that
+waited for a free connection (a stalled server) shows it. Below the server's
+capacity, R and not the server's speed sets the load: a point at half the
+capacity measures the server unsaturated.
 
 Why not aiohttp's client: it spends ~100 us of CPU per request, so on two
 cores it, not the proxy, would set the ceiling. This is a bare
@@ -44,9 +52,17 @@ class Stats:
     first_error: str = ""
     latency_us: list[int] = field(default_factory=list)
     ttfb_us: list[int] = field(default_factory=list)
+    rate: float = 0.0  # open loop: requests per second (0: closed loop)
+    origin: float = 0.0  # perf_counter() at which request 0 is due (open loop)
 
     def may_start(self) -> bool:
-        return self.started < self.max_requests and time.perf_counter() < self.stop_at
+        return self.started < self.max_requests and self.next_due() < self.stop_at
+
+    def next_due(self) -> float:
+        """When the next request may go out: now (closed loop) or its due time."""
+        if not self.rate:
+            return time.perf_counter()
+        return self.origin + self.started / self.rate
 
     def error(self, t0: float, why: str) -> None:
         if t0 >= self.measure_from:
@@ -78,14 +94,26 @@ class Conn(asyncio.Protocol):
         if not self.stats.may_start():
             self.transport.close()
             return
+        due = self.stats.next_due()
         self.stats.started += 1
+        wait = due - time.perf_counter()
+        if wait > 0:  # open loop, ahead of schedule: send it when it is due
+            asyncio.get_running_loop().call_later(wait, self._fire, due)
+        else:  # closed loop, or due already (it waited for this connection)
+            self._fire(due)
+
+    def _fire(self, t0: float) -> None:
+        """Send the request; its latency counts from ``t0``."""
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
         self.buf = bytearray()
         self.head: int | None = None  # where the body starts, once headers are in
         self.body = bytearray()
         self.pos = 0  # chunked: parse position in buf
         self.ttfb = 0.0
         self.busy = True
-        self.t0 = time.perf_counter()
+        self.t0 = t0
         self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
@@ -208,6 +236,7 @@ async def run_point(
     start_at: float = 0.0,
     stream: bool = False,
     api_key: str = "sk-bench",
+    rate: float = 0.0,
 ) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "", parts.port or 80
@@ -216,7 +245,7 @@ async def run_point(
     if start_at:  # several generator processes start their windows together
         await asyncio.sleep(max(0.0, start_at - time.time()))
     now = time.perf_counter()
-    stats = Stats(now + warmup, now + warmup + duration, max_requests)
+    stats = Stats(now + warmup, now + warmup + duration, max_requests, rate=rate, origin=now)
     request = build_request(host, port, parts.path, body, api_key)
     slots = [_slot(host, port, request, stream, stats) for _ in range(concurrency)]
     try:
@@ -247,6 +276,7 @@ def main() -> None:
     p.add_argument("--start-at", type=float, default=0.0, help="UNIX time to begin")
     p.add_argument("--stream", action="store_true", help="expect an SSE answer")
     p.add_argument("--api-key", default="sk-bench", help="sent as the Bearer token")
+    p.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s on C connections")
     a = p.parse_args()
     try:
         import uvloop
@@ -265,6 +295,7 @@ def main() -> None:
             start_at=a.start_at,
             stream=a.stream,
             api_key=a.api_key,
+            rate=a.rate,
         )
     )
     # One os.write per piece: after uvloop has run, a write of more than the

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/loopwatch.py                       # billing, 32 KB chat, c=16
     .venv/bin/python bench/loopwatch.py --target tollway --prompt-kb 0.5 --stream
+    .venv/bin/python bench/loopwatch.py --rev db0574e --rate 300   # a commit; open loop
 
 The lag probe (``proxy/web/loop_lag.py``) says *how late* a 1 ms timer wakes;
 this says *why*. It serves ``run.py``'s target (``tollway_billing`` by default:
@@ -224,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-kb", type=float, default=32.0)
     p.add_argument("--stream", action="store_true")
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s (loadgen.py)")
+    p.add_argument("--rev", help="serve proxy/ at this git revision (default: the tree)")
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--slow-ms", type=float, default=2.0)
@@ -238,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     ) as tmp:
         workdir = Path(tmp)
         out = workdir / "loopwatch.json"
+        src = run.export_revision(args.rev, workdir / "src") if args.rev else None
         procs = run.Processes(False, workdir)
         stores = run.Datastores(workdir, argparse.Namespace(targets=args.target, dsn=None))
         try:
             env = run.Env(
-                run._free_port(), workdir, stores.dsn, None, stores.redis_url, loop_lag_ms=0.0
+                run._free_port(), workdir, stores.dsn, src, stores.redis_url, loop_lag_ms=0.0
             )
             fake = [run.PY, str(run.BENCH / "fake_provider.py"), str(env.provider_port)]
             procs.start("fake_provider", fake, "0", env.provider_port)
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += [orjson.dumps(body).decode(), f"--concurrency={args.concurrency}"]
                 cmd += ["--duration=600", "--warmup=0", f"--max-requests={n}", f"--api-key={key}"]
                 cmd += ["--stream"] if args.stream else []
+                cmd += [f"--rate={args.rate:g}"] if args.rate else []
                 done = subprocess.run(cmd, capture_output=True, check=True, timeout=900)
                 result: dict[str, Any] = orjson.loads(done.stdout)
                 if result["errors"]:
@@ -293,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"loopwatch: {args.target}, {args.prompt_kb:g} KB "
         f"{'stream' if args.stream else 'chat'}, c={args.concurrency}, "
-        f"{result['ok']} requests, standard asyncio loop\n"
+        f"{f'open loop at {args.rate:g}/s, ' if args.rate else ''}"
+        f"{result['ok']} requests, proxy/ at {run.tollway_version(args.rev)}, "
+        "standard asyncio loop\n"
     )
     print(report(data, result["ok"], args.slow_ms))
     if args.json:

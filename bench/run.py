@@ -8,8 +8,11 @@ What is measured is what users do: chat histories of 0.5, 8 and 32 KB
 pass-through and on the full billing path; then waves of long streams
 (``--long-streams 200,1000``: 200 chunks 25 ms apart each, ``longstream.py``)
 for events/s, CPU per event, time to first byte, inter-chunk gaps and the peak
-RSS of the serving process tree; and, for Tollway, its event-loop lag in every
-point (``TOLLWAY_LOOP_LAG_MS=1``, scraped from ``/metrics`` around the window).
+RSS of the serving process tree; and the event-loop lag of Tollway and of the
+yardsticks floor_proxy and floor_db_batch in every point (the gateway's probe
+in each, ``TOLLWAY_LOOP_LAG_MS=1``, scraped from ``/metrics`` around the
+window): how much of a lag figure is the machine and the load rather than
+the gateway.
 The issue's targets are checked against the same run in one table
 (``goals.py``).
 
@@ -79,7 +82,7 @@ class Env:
     redis_url: str | None = None  # for targets that bill: the same Redis for all
     # API keys by target name, made by a target's command before it starts.
     api_keys: dict[str, str] = field(default_factory=dict)
-    loop_lag_ms: float = 1.0  # Tollway's lag probe interval; 0: off
+    loop_lag_ms: float = 1.0  # the lag probe's interval (Tollway, floor_*); 0: off
     base_src: Path | None = None  # --base-rev's export, for the *_base targets
 
     @property
@@ -95,16 +98,32 @@ class Target:
     # Why this target cannot run in this environment (e.g. no Postgres), else None.
     unavailable: Callable[[Env], str | None] = lambda env: None
     tollway: bool = False  # serves /metrics with the event-loop lag probe
+    # A yardstick that runs the same probe when asked (TOLLWAY_LOOP_LAG_MS):
+    # floor_proxy.py, floor_proxy_db.py.
+    lag_probe: bool = False
+
+    @property
+    def reads_lag(self) -> bool:
+        return self.tollway or self.lag_probe
+
+
+def _probe_env(env: Env) -> list[str]:
+    """``env`` argv prefix turning a yardstick's lag probe on (the gateway's
+    own probe, imported from this checkout), or nothing when the run has it off."""
+    if not env.loop_lag_ms:
+        return []
+    return ["env", f"TOLLWAY_LOOP_LAG_MS={env.loop_lag_ms:g}", f"PYTHONPATH={ROOT}"]
 
 
 def _floor(env: Env, port: int) -> list[str]:
-    return [PY, str(YARDSTICKS / "floor_proxy.py"), str(port), env.upstream]
+    return [*_probe_env(env), PY, str(YARDSTICKS / "floor_proxy.py"), str(port), env.upstream]
 
 
 def _floor_db(billing: str) -> Callable[[Env, int], list[str]]:
     def argv(env: Env, port: int) -> list[str]:
         script = str(YARDSTICKS / "floor_proxy_db.py")
-        return [PY, script, str(port), env.upstream, env.dsn or "", "--billing", billing]
+        argv = [PY, script, str(port), env.upstream, env.dsn or "", "--billing", billing]
+        return [*_probe_env(env), *argv]
 
     return argv
 
@@ -344,8 +363,8 @@ def _needs_base_dsn(env: Env) -> str | None:
 
 TARGETS = [
     Target("direct", None),
-    Target("floor_proxy", _floor),
-    Target("floor_db_batch", _floor_db("batch"), _needs_dsn),
+    Target("floor_proxy", _floor, lag_probe=True),
+    Target("floor_db_batch", _floor_db("batch"), _needs_dsn, lag_probe=True),
     Target("tollway", _tollway, tollway=True),
     Target(
         "tollway_billing",
@@ -507,7 +526,7 @@ class Point:
     # CPU time of the serving process tree (utime + stime, threads and
     # descendants included) in the measured window, per completed request.
     cpu_us: float | None = None
-    # Tollway's event-loop lag in the window (None: not Tollway, or probe off).
+    # The event-loop lag in the window (None: no probe in the target, or off).
     lag_p99_ms: float | None = None
     lag_max_ms: float | None = None
 
@@ -534,7 +553,7 @@ def measure(
 ) -> Point:
     """Run the load generator (as ``--loadgen-procs`` processes) and merge their samples;
     ``pid`` is the serving process, whose tree's CPU time is read around the
-    measured window; ``scrape_lag``: read Tollway's loop lag around it too."""
+    measured window; ``scrape_lag``: read the target's loop lag around it too."""
     shares = _split(c, min(c, args.loadgen_procs))
     start_at = time.time() + 0.5  # lets every generator process import and connect first
     common = [
@@ -546,6 +565,7 @@ def measure(
         f"--start-at={start_at}",
         f"--api-key={api_key}",
         *(["--stream"] if scenario.stream else []),
+        *([f"--rate={args.rate / len(shares):g}"] if args.rate else []),
     ]
     gens = [
         subprocess.Popen(
@@ -734,7 +754,7 @@ def run(
                 for t in targets:
                     pid = procs.pid(t.name if t.command is not None else "fake_provider")
                     key = env.api_keys.get(t.name, "sk-bench")
-                    p = measure(procs, ports[t.name], s, c, args, pid, key, t.tollway)
+                    p = measure(procs, ports[t.name], s, c, args, pid, key, t.reads_lag)
                     points.setdefault((s.name, s.prompt_kb, c, t.name), []).append(p)
                     print(
                         f"  {tag} {s.name:<11} {s.prompt_kb:>4g} KB c={c:<3} {t.name:<15} "
@@ -749,7 +769,7 @@ def run(
                 key = env.api_keys.get(t.name, "sk-bench")
                 lp = longrun.measure_long(
                     procs.prefix(LOADGEN_CPU), PY, LONGSTREAM, ports[t.name], n, args, pid, key,
-                    t.tollway,
+                    t.reads_lag,
                 )  # fmt: skip
                 longs.setdefault((n, t.name), []).append(lp)
                 print(
@@ -789,12 +809,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per point")
     p.add_argument("--repeats", type=int, default=3, help="the table shows their medians")
     p.add_argument("--max-requests", type=int, default=2_000_000, help="cap per point")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="open loop: this many requests/s per point, on c connections (loadgen.py "
+        "--rate); below a target's capacity it is measured unsaturated (the c=16 "
+        "targets of goals.py assume the default, closed loop)",
+    )
     p.add_argument("--chunks", type=int, default=20, help="content chunks per fake stream")
     p.add_argument("--long-streams", default="200,1000", help="long-stream waves ('' for none)")
     p.add_argument("--long-chunks", type=int, default=200, help="content chunks per long stream")
     p.add_argument("--long-gap-ms", type=float, default=25.0, help="gap between long chunks")
     p.add_argument("--long-ramp", type=float, default=1.0, help="seconds to open a wave's streams")
-    p.add_argument("--no-loop-lag", action="store_true", help="run Tollway without the probe")
+    p.add_argument("--no-loop-lag", action="store_true", help="no lag probe in any target")
     p.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes with taskset")
     p.add_argument(
@@ -827,14 +855,19 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _meta(args: argparse.Namespace, pin: bool) -> dict[str, str]:
-    lag_note = "off" if args.no_loop_lag else "Tollway's loop-lag probe on (1 ms timer)"
+    lag_note = (
+        "off"
+        if args.no_loop_lag
+        else "loop-lag probe (1 ms timer) on in Tollway, floor_proxy and floor_db_batch"
+    )
     return {
         "started": f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC",
         "command": " ".join(sys.argv),
         "machine": machine_notes(pin),
         "tollway": tollway_version(args.tollway_rev),
         "base": tollway_version(args.base_rev) if args.base_rev else "",
-        "method": f"{args.duration:g} s per point after {args.warmup:g} s warm-up, medians of "
+        "method": (f"open loop at {args.rate:g} requests/s on c connections; " if args.rate else "")
+        + f"{args.duration:g} s per point after {args.warmup:g} s warm-up, medians of "
         f"{args.repeats} repeat(s), targets interleaved; prompts {args.prompt_kb} KB; "
         f"streams: {args.chunks} content chunks; long streams: waves of {args.long_streams} "
         f"x {args.long_chunks} chunks {args.long_gap_ms:g} ms apart, opened over "

@@ -81,7 +81,10 @@ async def stream(
 ) -> web.StreamResponse:
     """``filters``: the stages' chunk filters, in order (usually none);
     ``door``: the front door's translation, after them (None: chat as it is)."""
-    resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+    plain = not filters and door is None
+    # Plain: the first events are in hand (forward read them before it chose
+    # this attempt), so the headers go out in the same send() as they do.
+    resp = (_Coalesced if plain else web.StreamResponse)(headers={**SSE_HEADERS, **headers})
     lifecycle.streams += 1
     try:
         await resp.prepare(request)  # inside: a client gone already still closes upstream
@@ -89,7 +92,7 @@ async def stream(
         # write is a chunk frame and a send() of its own. One loop, one
         # call per read (``UpstreamStream.read``), no generator layers.
         read = upstream.read
-        pushed = upstream.pushed if not filters and door is None else None
+        pushed = upstream.pushed if plain else None
         while batch := await read():
             out = meter.observe_read(batch)
             for chunk_filter in filters:
@@ -189,6 +192,14 @@ async def _push(
     if direct.protocol.writing_paused:
         await direct.writer.drain()
     return True
+
+
+class _Coalesced(web.StreamResponse):
+    """A stream whose headers wait for its first write and go out with it
+    (one send(), one segment for the client to read), as aiohttp's own
+    ``web.Response`` does. Only where that first write is immediate."""
+
+    _send_headers_immediately = False
 
 
 class _Direct:
