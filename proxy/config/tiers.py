@@ -207,11 +207,14 @@ class Prices(dict[str, Price]):
     that is no key is matched against every glob, which per request (admit's
     budget bound, settle's cost) costs more than the rest of the pricing."""
 
-    __slots__ = ("found",)
+    __slots__ = ("found", "plan_rates")
 
     def __init__(self, items: Mapping[str, Price] | None = None) -> None:
         super().__init__(items or {})
         self.found: dict[str, Price | None] = {}
+        # ``admit.budget.max_cost``'s: a route plan's distinct ``bound_rates``,
+        # by the plan's id (the plan kept alongside, so the id is not reused).
+        self.plan_rates: dict[int, tuple[Any, tuple[tuple[int, int], ...]]] = {}
 
 
 _FOUND_MAX = 4096  # names remembered per snapshot; providers may report any model name

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import operator
 import os
 from typing import Any
 
@@ -176,9 +177,39 @@ def _estimate_calls(calls: Any) -> int:
     return total
 
 
+_ROLE, _CONTENT = operator.itemgetter("role"), operator.itemgetter("content")
+
+
+def _plain_history(messages: list[Any]) -> int | None:
+    """``estimate_messages`` of the usual chat history, every message a dict
+    of a ``role`` and a ``content`` string, both ASCII, and nothing else: in
+    three C-level passes over the list instead of a Python loop over every
+    field (under callgrind the loop cost ~6k instructions per message, ~110k
+    for the bench's 32 KB history of 22 messages: the whole of what the
+    billing path spent in proportion to the prompt; this ~1.5k per message).
+    The texts are sized together, each field's fraction of a token summed
+    before rounding down, and every field adds its 1 even when empty: never
+    below the loop's count, at most 1 token per field above it. None: some
+    message is of another shape (a name, tool calls, multi-part or non-ASCII
+    content), the loop counts it."""
+    try:  # KeyError: not role + content; TypeError: not a dict, or a value not a str
+        if not messages or set(map(len, messages)) != {2}:
+            return None
+        roles, contents = "".join(map(_ROLE, messages)), "".join(map(_CONTENT, messages))
+    except (KeyError, TypeError):
+        return None
+    if not (roles.isascii() and contents.isascii()):  # O(1): a flag of the str
+        return None
+    # ``int(n / 2.5)`` is ``2 * n // 5``; 3 per message, 1 per field
+    return 3 + 5 * len(messages) + 2 * len(roles) // 5 + 2 * len(contents) // 5
+
+
 def estimate_messages(messages: list[Any]) -> int:
     """``count_messages``' framing (3 per message, 1 per name, 3 for the
     reply) around ``estimate_text`` of each field."""
+    plain = _plain_history(messages)
+    if plain is not None:
+        return plain
     total = 3
     for msg in messages:
         if not isinstance(msg, dict):

@@ -19,7 +19,7 @@ from datetime import date, datetime
 from typing import Any
 
 from proxy.config.budgets import Budgets, effective
-from proxy.config.tiers import RATE_SCALE, Price, Tier, price_for, served_price
+from proxy.config.tiers import RATE_SCALE, Price, Prices, Tier, price_for, served_price
 from proxy.core import tokens
 from proxy.core.principal import Principal
 from proxy.providers.base import GENERATIVE
@@ -77,18 +77,41 @@ def max_cost(plan: RoutePlan, prices: Mapping[str, Price], prompt: int, completi
     """The most the request may cost, in micro-dollars (at least 1), in
     integer arithmetic on each price's ``bound_rates`` (rounded up)."""
     most = -1
+    for per_prompt, per_completion in plan_rates(plan, prices):
+        most = max(most, per_prompt * prompt + per_completion * completion)
+    return max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
+
+
+_PLANS_KEPT = 1024  # plans whose rates a snapshot's prices remember (most plans are kept)
+
+
+def plan_rates(plan: RoutePlan, prices: Mapping[str, Price]) -> tuple[tuple[int, int], ...]:
+    """The distinct ``bound_rates`` of every price the plan may be billed at:
+    its public model's and each target's (fallbacks and context-window
+    fallbacks included). Remembered per plan on the snapshot's ``Prices``
+    (the router keeps a tier's plan per model), so a request looks up no
+    price to bound its cost; empty: no target has a price."""
+    memo = prices.plan_rates if isinstance(prices, Prices) else None
+    if memo is not None:
+        found = memo.get(id(plan))
+        if found is not None and found[0] is plan:
+            return found[1]
+    rates: list[tuple[int, int]] = []
     price = price_for(prices, plan.public_model)
     if price is not None:
-        per_prompt, per_completion = price.bound_rates
-        most = per_prompt * prompt + per_completion * completion
+        rates.append(price.bound_rates)
     for groups in (plan.groups, plan.overflow):
         for group in groups:
             for t in group.targets:
                 price = served_price(prices, t.provider.name, t.model, t.public)
-                if price is not None:
-                    per_prompt, per_completion = price.bound_rates
-                    most = max(most, per_prompt * prompt + per_completion * completion)
-    return max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
+                if price is not None and price.bound_rates not in rates:
+                    rates.append(price.bound_rates)
+    kept = tuple(rates)
+    if memo is not None:
+        if len(memo) >= _PLANS_KEPT:
+            memo.clear()
+        memo[id(plan)] = (plan, kept)
+    return kept
 
 
 @dataclass(frozen=True, slots=True)
