@@ -32,7 +32,7 @@ from proxy.core.errors import (
     UpstreamUnavailable,
 )
 from proxy.providers import http
-from proxy.providers.pool import HeaderBlock, Pool
+from proxy.providers.pool import Pool
 from proxy.web.keys import UPSTREAM_POOL
 from tests.conftest import StartGateway, gateway_config
 from tests.fakes import FakeOpenAI
@@ -169,33 +169,6 @@ async def test_sequential_requests_share_one_connection(
     assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:")
     assert b"\r\nContent-Length: 7\r\n" in first and first.endswith(b'\r\n\r\n{"a":1}')
     assert b"accept-encoding" not in first.lower()  # compression is never asked for
-
-
-async def test_a_providers_own_headers_go_once_before_the_requests(
-    wires: Callable[..., Awaitable[Wire]], pool: Pool
-) -> None:
-    async def answer(_: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        w.write(_ok(b"ok"))
-
-    wire = await wires(answer)
-    own = HeaderBlock({**HEADERS, "X-Request-Id": "configured"})
-    for request_id in ("req_1", "req_2"):
-        headers = {"X-Request-Id": request_id, "traceparent": "00-ab-cd-01"}
-        resp = await http.post(pool, _cfg(wire.url), wire.url, b"{}", headers, FAST, own)
-        await http.read_body(resp, _cfg(wire.url), FAST)
-    for request_id, sent in zip(("req_1", "req_2"), wire.requests, strict=True):
-        lines = sent.split(b"\r\n\r\n")[0].split(b"\r\n")[2:]
-        assert lines == [
-            b"Content-Length: 2",
-            b"Content-Type: application/json",
-            b"Authorization: Bearer sk-provider-secret",
-            b"X-Request-Id: " + request_id.encode(),  # the request's replaces the provider's
-            b"traceparent: 00-ab-cd-01",
-        ]
-    broken = HeaderBlock({"X-Team": "a\r\nX-Smuggled: 1"})
-    with pytest.raises(ValueError, match="line break"):
-        await http.post(pool, _cfg(wire.url), wire.url, b"{}", {}, FAST, broken)
-    assert len(wire.requests) == 2
 
 
 async def test_connection_close_from_either_side_is_honoured(

@@ -28,7 +28,7 @@ from proxy.core.errors import (
 )
 from proxy.core.sse import EventSplitter
 from proxy.providers.h1 import Broken, ConnectFailed, Failure, Response, TimedOut, Undecodable
-from proxy.providers.pool import NO_HEADERS, HeaderBlock, Pool
+from proxy.providers.pool import Pool
 
 # Response headers worth passing to the client from a provider's error.
 PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
@@ -39,13 +39,11 @@ async def post(
     cfg: ProviderConfig,
     url: str,
     payload: bytes,
-    headers: Mapping[str, str],
+    headers: dict[str, str],
     timeouts: Timeouts | None = None,
-    fixed: HeaderBlock = NO_HEADERS,
 ) -> Response:
     """POST and wait for the response headers, within ``first_byte``.
-    ``timeouts`` (a call's, see ``Call.timeouts``) replaces the provider's;
-    ``fixed``: the provider's own headers (``pool.HeaderBlock``).
+    ``timeouts`` (a call's, see ``Call.timeouts``) replaces the provider's.
 
     Each timeout means one thing, independently: ``connect`` the making of
     a new connection, ``first_byte`` the wait for the answer to begin,
@@ -55,7 +53,7 @@ async def post(
     whatever host the Location names."""
     t = timeouts or cfg.timeouts
     try:
-        resp = await client.post(url, payload, headers, t, fixed)
+        resp = await client.post(url, payload, headers, t)
     except TimedOut as exc:
         waited = t.connect if exc.which == "connect" else min(t.first_byte, t.total)
         raise UpstreamTimeout(

@@ -27,7 +27,7 @@ from proxy.core.usage import Usage
 from proxy.providers import http
 from proxy.providers.base import BatchedStream, Call, Reply
 from proxy.providers.h1 import Response
-from proxy.providers.pool import NO_HEADERS, HeaderBlock, Pool
+from proxy.providers.pool import Pool
 
 ErrorMap = Callable[[int, bytes, Mapping[str, str]], GatewayError]
 UsageOf = Callable[[Any], Usage | None]
@@ -42,18 +42,14 @@ async def send(
     error: ErrorMap,
 ) -> Response:
     """POST the call's body as it is; a non-2xx answer raises ``error``'s."""
-    fixed = headers if isinstance(headers, HeaderBlock) else HeaderBlock(headers)
-    sent = {"X-Request-Id": call.request_id}
+    sent = {**headers, "X-Request-Id": call.request_id}
     if call.trace_headers is not None:
         sent.update(call.trace_headers)
-    if call.native_headers:
-        sent, fixed = {**fixed, **sent}, NO_HEADERS
-        for name, value in call.native_headers.items():
-            # A flag list the provider's config sets too (``headers:``) keeps both.
-            have = next((k for k in sent if k.lower() == name.lower()), None)
-            sent[have or name] = f"{sent[have]},{value}" if have else value
-    payload = orjson.dumps(call.body)
-    resp = await http.post(client, cfg, url, payload, sent, call.timeouts, fixed)
+    for name, value in (call.native_headers or {}).items():
+        # A flag list the provider's config sets too (``headers:``) keeps both.
+        have = next((k for k in sent if k.lower() == name.lower()), None)
+        sent[have or name] = f"{sent[have]},{value}" if have else value
+    resp = await http.post(client, cfg, url, orjson.dumps(call.body), sent, call.timeouts)
     if resp.status >= 400:
         body = await http.read_body(resp, cfg, call.timeouts)
         raise error(resp.status, body, resp.headers)

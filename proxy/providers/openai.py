@@ -26,7 +26,7 @@ from proxy.core.usage import usage_from_openai, usage_from_responses
 from proxy.providers import http, native, paths
 from proxy.providers.base import BatchedStream, Call, Provider, Reply, UpstreamStream
 from proxy.providers.h1 import Response
-from proxy.providers.pool import HeaderBlock, Pool
+from proxy.providers.pool import Pool
 
 _PATHS = {
     "chat": "/chat/completions",
@@ -144,10 +144,9 @@ class OpenAIProvider(Provider):
     def __init__(self, config: ProviderConfig, client: Pool) -> None:
         super().__init__(config)
         self._client = client
-        headers = {"Content-Type": "application/json", **config.headers}
+        self._headers = {"Content-Type": "application/json", **config.headers}
         if config.api_key:
-            headers.update(self.auth_headers(config.api_key))
-        self._headers = HeaderBlock(headers)  # checked and encoded once
+            self._headers.update(self.auth_headers(config.api_key))
 
     def auth_headers(self, api_key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {api_key}"}
@@ -175,12 +174,11 @@ class OpenAIProvider(Provider):
         return orjson.dumps(body)
 
     async def _send(self, call: Call) -> Response:
-        headers = {"X-Request-Id": call.request_id}  # after the provider's own
+        headers = {**self._headers, "X-Request-Id": call.request_id}
         if call.trace_headers is not None:  # the attempt's traceparent
             headers.update(call.trace_headers)
-        url, payload = self.url(call), self.payload(call)
         resp = await http.post(
-            self._client, self.config, url, payload, headers, call.timeouts, self._headers
+            self._client, self.config, self.url(call), self.payload(call), headers, call.timeouts
         )
         if resp.status >= 400:
             body = await http.read_body(resp, self.config, call.timeouts)

@@ -20,7 +20,6 @@ import asyncio
 import functools
 import socket
 import ssl
-from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -48,50 +47,6 @@ def target(url: str) -> Target:
     return Target((scheme, parts.hostname, port), f"POST {path} HTTP/1.1\r\nHost: {host}\r\n")
 
 
-def _lines(headers: Mapping[str, str]) -> str:
-    """The header lines, refused if a name or value would break one."""
-    lines = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
-    n = len(headers)
-    if lines.count("\n") != n or lines.count("\r") != n:
-        raise ValueError("a header name or value holds a line break")
-    return lines
-
-
-def _keeps_alive(headers: Mapping[str, str]) -> bool:
-    return not any(k.lower() == "connection" and "close" in v.lower() for k, v in headers.items())
-
-
-class HeaderBlock(Mapping[str, str]):
-    """A provider's own headers (its key, Content-Type, the configured ones),
-    checked and encoded once: ``post`` formats only a request's few lines
-    (X-Request-Id, traceparent). A provider builds it once; a new config
-    snapshot builds new providers, so it follows the config. A line break
-    in a configured header is still refused by every ``post`` with it."""
-
-    __slots__ = ("_headers", "data", "error", "keep", "names")
-
-    def __init__(self, headers: Mapping[str, str]) -> None:
-        self._headers = dict(headers)
-        self.names = frozenset(headers)
-        self.keep = _keeps_alive(headers)
-        try:
-            self.data, self.error = _lines(headers).encode(), ""
-        except ValueError as exc:
-            self.data, self.error = b"", str(exc)
-
-    def __getitem__(self, name: str) -> str:
-        return self._headers[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._headers)
-
-    def __len__(self) -> int:
-        return len(self._headers)
-
-
-NO_HEADERS = HeaderBlock({})
-
-
 class Pool:
     """Connections to the providers; ``close`` closes every one of them."""
 
@@ -105,25 +60,18 @@ class Pool:
         self._all_lost: asyncio.Future[None] | None = None
 
     async def post(
-        self,
-        url: str,
-        payload: bytes,
-        headers: Mapping[str, str],
-        t: Timeouts,
-        fixed: HeaderBlock = NO_HEADERS,
+        self, url: str, payload: bytes, headers: dict[str, str], t: Timeouts
     ) -> Response:
-        """Send, and wait for the status and headers. Raises ``h1.Failure``s.
-        ``fixed``: the provider's own headers, sent before the request's
-        ``headers`` (one of those with the same name replaces it)."""
+        """Send, and wait for the status and headers. Raises ``h1.Failure``s."""
         where = target(url)
-        if fixed.error:
-            raise ValueError(fixed.error)
-        if not fixed.names.isdisjoint(headers):
-            headers, fixed = {**fixed, **headers}, NO_HEADERS
-        lines = _lines(headers)
-        keep = fixed.keep and _keeps_alive(headers)
-        head = f"{where.start}Content-Length: {len(payload)}\r\n".encode()
-        data = b"".join((head, fixed.data, lines.encode(), b"\r\n", payload))
+        lines = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+        n = len(headers)
+        if lines.count("\n") != n or lines.count("\r") != n:
+            raise ValueError("a header name or value holds a line break")
+        keep = not any(
+            k.lower() == "connection" and "close" in v.lower() for k, v in headers.items()
+        )
+        data = f"{where.start}Content-Length: {len(payload)}\r\n{lines}\r\n".encode() + payload
         loop = asyncio.get_running_loop()
         started = loop.time()
         conn = self._take(where.origin, started)

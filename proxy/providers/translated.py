@@ -29,7 +29,7 @@ from proxy.core.sse import IncompleteEvent, iter_events
 from proxy.providers import http
 from proxy.providers.base import Call, Provider, UpstreamStream
 from proxy.providers.h1 import Response
-from proxy.providers.pool import HeaderBlock, Pool
+from proxy.providers.pool import Pool
 
 Json = dict[str, Any]
 
@@ -141,10 +141,9 @@ class TranslatingProvider(Provider):
         super().__init__(config)
         self._client = client
         # The key goes last: a configured extra header cannot replace it.
-        own = {"Content-Type": "application/json", **headers, **config.headers}
+        self._headers = {"Content-Type": "application/json", **headers, **config.headers}
         if config.api_key:
-            own[key_header] = config.api_key
-        self._headers = HeaderBlock(own)  # checked and encoded once
+            self._headers[key_header] = config.api_key
 
     @abstractmethod
     def url(self, call: Call) -> str: ...
@@ -157,17 +156,11 @@ class TranslatingProvider(Provider):
 
     async def send(self, call: Call) -> Response:
         payload = self.payload(call)
-        headers = {"X-Request-Id": call.request_id}  # after the provider's own
+        headers = {**self._headers, "X-Request-Id": call.request_id}
         if call.trace_headers is not None:  # the attempt's traceparent
             headers.update(call.trace_headers)
         resp = await http.post(
-            self._client,
-            self.config,
-            self.url(call),
-            payload,
-            headers,
-            call.timeouts,
-            self._headers,
+            self._client, self.config, self.url(call), payload, headers, call.timeouts
         )
         if resp.status >= 400:
             body = await http.read_body(resp, self.config, call.timeouts)
