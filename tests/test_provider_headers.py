@@ -1,6 +1,6 @@
-"""A provider's own headers (``providers.<name>.headers``, its key) are
-checked and encoded once per provider (``pool.HeaderBlock``); what reaches
-the provider is what the config says, with the request's own lines."""
+"""A provider's own headers (``providers.<name>.headers``, its key) reach
+it as the config says, with the request's own X-Request-Id; a configured
+header that would break the request's header lines is refused."""
 
 from __future__ import annotations
 
