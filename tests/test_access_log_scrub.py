@@ -7,25 +7,37 @@ from typing import Any
 
 import orjson
 
+from proxy.core import redact
+from proxy.core.record import AttemptRecord, UsageRecord
+from proxy.core.usage import Usage
+from proxy.stages.settle import access_log
+from proxy.stages.settle.access_log import AccessLog, line
+
+
+class Lines:
+    """The access log's line writer, keeping what it was given."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def add(self, data: bytes) -> None:
+        self.lines.append(data)
+
+
+def _observed(log: AccessLog, writer: Lines, record: UsageRecord, cost: float | None) -> None:
+    """Write the record's line and check it is the scrubbed one, byte for
+    byte but the timestamp (which moves between the two lines)."""
+    log.observe(record, cost)
+    expected = redact.scrub_bytes(line(record, cost))
+    got = writer.lines[-1]
+    assert orjson.loads(got) | {"ts": ""} == orjson.loads(expected) | {"ts": ""}
+
 
 def test_a_line_is_written_as_the_redactor_would_leave_it() -> None:
     """Lines whose strings hold no secret and no secret's shape skip the
     scrub; every other is scrubbed: either way the written line is the
     scrubbed one, byte for byte."""
-    from proxy.core import redact
-    from proxy.core.record import AttemptRecord, UsageRecord
-    from proxy.core.usage import Usage
-    from proxy.stages.settle.access_log import AccessLog, line
-
     redact.remember("remembered-secret-value-123")
-
-    class Lines:
-        def __init__(self) -> None:
-            self.lines: list[bytes] = []
-
-        def add(self, data: bytes) -> None:
-            self.lines.append(data)
-
     writer = Lines()
     log = AccessLog(writer)  # type: ignore[arg-type]
     variants: list[dict[str, Any]] = [
@@ -45,11 +57,7 @@ def test_a_line_is_written_as_the_redactor_would_leave_it() -> None:
         record.attempt_log.append(AttemptRecord("fake", "gpt-x", 200))
         for name, value in fields.items():
             setattr(record, name, value)
-        log.observe(record, None)
-        expected = redact.scrub_bytes(line(record, None))
-        got = writer.lines[-1]
-        # The timestamp moves between the two lines: compare without it.
-        assert orjson.loads(got) | {"ts": ""} == orjson.loads(expected) | {"ts": ""}, fields
+        _observed(log, writer, record, None)
     assert b"remembered-secret-value-123" not in b"".join(writer.lines)
     assert b"A1b2C3d4E5f6G7h8J9k0" not in b"".join(writer.lines)
 
@@ -59,21 +67,7 @@ def test_a_billed_line_skips_the_scrub_only_when_its_key_prefix_could_change_not
     the key shape's trigger: it no longer sends every billed line through the
     scrub, but a prefix holding a remembered value or another shape's trigger
     still does, and the written line is the scrubbed one either way."""
-    from proxy.core import redact
-    from proxy.core.record import UsageRecord
-    from proxy.core.usage import Usage
-    from proxy.stages.settle import access_log
-    from proxy.stages.settle.access_log import AccessLog, line
-
     redact.remember("tw-Ab3_x9")  # a remembered value that fits inside a prefix
-
-    class Lines:
-        def __init__(self) -> None:
-            self.lines: list[bytes] = []
-
-        def add(self, data: bytes) -> None:
-            self.lines.append(data)
-
     writer = Lines()
     log = AccessLog(writer)  # type: ignore[arg-type]
     cases = {
@@ -88,9 +82,7 @@ def test_a_billed_line_skips_the_scrub_only_when_its_key_prefix_could_change_not
         record.usage = Usage(3, 4, source="provider")
         record.tenant, record.key_prefix = "acme", prefix
         assert access_log._clean(record) is clean, prefix
-        log.observe(record, 0.0)
-        expected = redact.scrub_bytes(line(record, 0.0))
-        assert orjson.loads(writer.lines[-1]) | {"ts": ""} == orjson.loads(expected) | {"ts": ""}
+        _observed(log, writer, record, 0.0)
     written = b"".join(writer.lines)
     assert b"tw-Ab3_x9Z" not in written and b"Q7xk_2aQ7xk_2aQ7xk_2aQ7xk_2aQ7xk_2a" not in written
     assert b'"key_prefix":"tw-Q7xk_2a"' in written

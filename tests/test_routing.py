@@ -181,10 +181,12 @@ def test_a_tiers_plan_is_kept_per_tier_and_model() -> None:
     narrow, wide = _tier("fast"), _tier("*")
 
     def plan(tier: Tier, model: str) -> RoutePlan:
-        return router.plan(model, {}, tier="t", allowed=tier.allows, allowed_by=tier)
+        return router.plan(model, {}, tier="t", access=tier)
 
     first = plan(narrow, "fast")
-    assert first == router.plan("fast", {}, tier="t", allowed=narrow.allows)  # as unkept
+    assert first == Router(parse_config(yaml.safe_dump(TIER_CFG), {})).plan(
+        "fast", {}, tier="t", access=narrow
+    )  # as a fresh router plans it
     assert [g.model for g in first.groups] == ["fast"]  # its tier may not use "slow"
     assert plan(narrow, "fast") is first  # the next request reuses it
     assert [g.model for g in plan(wide, "fast").groups] == ["fast", "slow"]  # its own

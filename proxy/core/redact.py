@@ -98,6 +98,8 @@ _SHAPES: list[tuple[tuple[str, ...], re.Pattern[str], str | Callable[[re.Match[s
 
 
 _TRIGGERS = tuple(trigger for triggers, _, _ in _SHAPES for trigger in triggers)
+# A key's display prefix as ``stores.apikeys.display_prefix`` cuts it: "tw-" + 7.
+_DISPLAY_PREFIX = re.compile(r"tw-[A-Za-z0-9_-]{7}")
 
 
 class Redactor:
@@ -139,10 +141,23 @@ class Redactor:
                     break
         return text
 
-    def untouched(self, text: str) -> bool:
+    def untouched(self, text: str, key_prefix: str | None = None) -> bool:
         """Whether ``scrub`` would leave ``text`` as it is without looking
         further: no remembered value and no shape's trigger in it (a shape's
-        pattern runs only where its trigger is)."""
+        pattern runs only where its trigger is).
+
+        ``key_prefix``: a key's display prefix, a separate field of the same
+        line (quoted in JSON). Its "tw-" is the key shape's trigger, but no
+        shape can match inside a whole display prefix: the key pattern needs
+        36 characters more, the others whitespace, a separator, "[?&]" or 16+
+        characters. So it sends no line through the whole scrub: only its
+        tail is looked at for triggers, all of it for remembered values."""
+        if key_prefix:
+            if _DISPLAY_PREFIX.fullmatch(key_prefix):
+                if self.remembers_any(key_prefix):
+                    return False
+                key_prefix = key_prefix[3:]
+            text = f"{text}\x00{key_prefix}"
         for secret in self._longest_first:
             if secret in text:
                 return False
@@ -173,12 +188,8 @@ def scrub_bytes(data: bytes) -> bytes:
     return REDACTOR.scrub_bytes(data)
 
 
-def untouched(text: str) -> bool:
-    return REDACTOR.untouched(text)
-
-
-def remembers_any(text: str) -> bool:
-    return REDACTOR.remembers_any(text)
+def untouched(text: str, key_prefix: str | None = None) -> bool:
+    return REDACTOR.untouched(text, key_prefix)
 
 
 def remember(*values: str | None) -> None:

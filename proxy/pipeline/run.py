@@ -210,8 +210,7 @@ async def proceed(
         headers,
         tenant=who.tenant if who else None,
         tier=who.tier if who else None,
-        allowed=None if tier is None else tier.allows,
-        allowed_by=tier,
+        access=tier,
     )
     record.public_model = ex.model = plan.public_model
     asked = asked_limit(ex.body)

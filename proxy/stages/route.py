@@ -16,7 +16,7 @@ plan also carries the retry policy: the matching rule's, else the model's.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from proxy.config.families import Family, family_of
@@ -29,6 +29,7 @@ from proxy.config.model import (
     Timeouts,
 )
 from proxy.config.reader import Glob, compile_glob
+from proxy.config.tiers import Tier
 from proxy.core.errors import (
     ContextLengthExceeded,
     ModelNotAllowed,
@@ -134,7 +135,7 @@ class Router:
         self._fixed: dict[str, RoutePlan] = {}
         # The same for a tier's filter: (id of the tier, name) -> (the tier,
         # its plan). Bounded: only names in ``_fixed``, tiers of this config.
-        self._tier_plans: dict[tuple[int, str], tuple[object, RoutePlan]] = {}
+        self._tier_plans: dict[tuple[int, str], tuple[Tier, RoutePlan]] = {}
         for name, model in self._exact.items():
             if not model.is_pattern:
                 own = self._group(model, model.name)
@@ -230,27 +231,34 @@ class Router:
         headers: Mapping[str, str],
         tenant: str | None = None,
         tier: str | None = None,
-        allowed: Callable[[str], bool] | None = None,
-        allowed_by: object | None = None,
+        access: Tier | None = None,
     ) -> RoutePlan:
-        """The route plan of a request. ``allowed`` (the caller's tier: may it
-        use this public model?) is asked of the requested model before the
-        providers' state is looked at, so a key is told what its tier may use,
-        not which server setting is missing; then of every fallback, and the
-        groups it refuses are left out of the plan. ``allowed_by``: the
-        immutable object ``allowed`` answers for (the tier), under which a
-        plan with nothing drawn per request is kept for the next request."""
-        memo = None
-        if not self._rules:
-            fixed = self._fixed.get(requested)
-            if fixed is not None:
-                if allowed is None:
-                    return fixed
-                if allowed_by is not None:
-                    memo = (id(allowed_by), requested)
-                    hit = self._tier_plans.get(memo)
-                    if hit is not None and hit[0] is allowed_by:
-                        return hit[1]
+        """The route plan of a request. ``access``, the caller's tier (None:
+        every model), is asked of the requested model before the providers'
+        state is looked at, so a key is told what its tier may use, not which
+        server setting is missing; then of every fallback, and the groups it
+        refuses are left out of the plan. A plan with nothing drawn per
+        request is kept for the next request of the same tier object."""
+        if self._rules or (fixed := self._fixed.get(requested)) is None:
+            return self._build(requested, headers, tenant, tier, access)
+        if access is None:
+            return fixed
+        kept = self._tier_plans.get((id(access), requested))
+        if kept is not None and kept[0] is access:
+            return kept[1]
+        plan = self._build(requested, headers, tenant, tier, access)
+        # Nothing drawn: the groups are a subset of ``_fixed``'s.
+        self._tier_plans[(id(access), requested)] = (access, plan)
+        return plan
+
+    def _build(
+        self,
+        requested: str,
+        headers: Mapping[str, str],
+        tenant: str | None,
+        tier: str | None,
+        access: Tier | None,
+    ) -> RoutePlan:
         rule = self._redirect(requested, headers, tenant, tier) if self._rules else None
         public = rule.model if rule is not None else requested
         static = self._static.get(public)
@@ -267,11 +275,11 @@ class Router:
             model = found  # a glob, or an alias of one: its own group serves this name
             groups = _distinct((self._group(model, public), *self._fallbacks[model.name]))
         overflow = self._overflow[model.name]
-        if allowed is not None:
-            if not allowed(public):
+        if access is not None:
+            if not access.allows(public):
                 raise _not_allowed(tier, public)
-            usable = tuple(g for g in groups if allowed(g.model))
-            overflow = tuple(g for g in overflow if allowed(g.model))
+            usable = tuple(g for g in groups if access.allows(g.model))
+            overflow = tuple(g for g in overflow if access.allows(g.model))
             if groups and not usable:
                 raise _not_allowed(tier, public)
             groups = usable
@@ -282,12 +290,9 @@ class Router:
                 f"The model '{requested}' is not available: {'; '.join(filter(None, reasons))}."
             )
         retry = rule.retry if rule is not None and rule.retry is not None else model.retry
-        plan = RoutePlan(
+        return RoutePlan(
             public_model=public, groups=self._draw(groups), retry=retry, overflow=overflow
         )
-        if memo is not None:  # nothing drawn: the groups are a subset of ``_fixed``'s
-            self._tier_plans[memo] = (allowed_by, plan)
-        return plan
 
     def _draw(self, groups: tuple[TargetGroup, ...]) -> tuple[TargetGroup, ...]:
         """Each group in weighted order (a group of one needs no draw)."""

@@ -31,8 +31,10 @@ so under load the requests in flight do not all find the lease empty and
 wait for Redis together. Its units are counted when leased, like any
 lease's, so the bound above is unchanged; near the limit nothing is leased
 ahead and every request goes to Redis as before. A top-up granted in the
-lease's slot adds to it; one landing in the next slot replaces it (the old
-lease's rest stays counted until its slot leaves the window, as with
+lease's slot adds to it, also when it lands after the lease's local end
+(the lease then lasts to the slot end that call proves, and the rest of
+both goes back in one piece); one landing in the next slot replaces it (the
+old lease's rest stays counted until its slot leaves the window, as with
 concurrent refills). A lease that falls below half within its slot counts
 as one that ran out: the next one asked for is twice the size. A request
 that finds the lease short meanwhile refills it itself, as without top-ups.
@@ -194,9 +196,14 @@ class PermitLeases:
         # Redis ran the script after ``asked``: the slot ends no later than this.
         ends = asked + ((slot + 1) * slot_ms - now_ms) / 1000
         old = self._leases.get(lim.key)
-        if old is not None and old.slot == slot and self._clock() < old.ends:
-            old.left += grant  # a concurrent refill in the same slot
+        if old is not None and old.slot == slot:
+            # Same slot: one lease, usable until the later of the two ends
+            # each call proves (a top-up that lands after the lease's local
+            # end, still in its slot, is not thrown away), its rest given
+            # back in one piece by the next refill.
+            old.left += grant
             old.used = max(old.used, w.used)
+            old.ends = max(old.ends, ends)
             return old
         size = old.size if old is not None else 1
         lease = _Lease(slot, ends, grant, w.used, w.reset_ms, now_ms, asked, size)

@@ -16,6 +16,7 @@ from proxy.doors.base import FrontDoor
 from proxy.pipeline import run as pipeline
 from proxy.pipeline.runtime import PRINCIPAL
 from proxy.stages import parse
+from proxy.stages.admit.billing import tier_of
 from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS, RUNTIME
 from proxy.web.responses_api import DOOR_SERVICES
 
@@ -66,7 +67,7 @@ async def count_message_tokens(request: web.Request) -> web.Response:
             request.headers,
             tenant=who.tenant if who else None,
             tier=who.tier if who else None,
-            allowed=None if who is None else _may_use(request, snap.config),
+            access=None if who is None else tier_of(snap.config, who),
         )
     counted = await off_loop(messages_request.count_tokens, body)
     return _json(counted)

@@ -20,7 +20,6 @@ Every line passes the redaction layer (``proxy.core.redact``) like any log recor
 from __future__ import annotations
 
 import logging
-import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -112,8 +111,6 @@ class _Clock:
 
 
 _CLOCK = _Clock()
-# A key's display prefix as ``stores.apikeys.display_prefix`` cuts it: "tw-" + 7.
-_DISPLAY_PREFIX = re.compile(r"tw-[A-Za-z0-9_-]{7}")
 
 
 def line(record: UsageRecord, cost: float | None) -> bytes:
@@ -164,25 +161,15 @@ def _clean(record: UsageRecord) -> bool:
     gateway's own words, none of which holds a shape's trigger), and none of
     them holds a remembered secret or a shape's trigger, so ``scrub`` would
     return the line unchanged. JSON's escapes cannot make a trigger (none
-    has a quote, a backslash or a control character). A line with bodies or
+    has a quote, a backslash or a control character). The key's display
+    prefix holds the key shape's trigger on every billed line: the redactor
+    knows it cannot match there (``redact.untouched``). A line with bodies or
     guardrail verdicts is always scrubbed."""
     if record.transcript is not None or "guardrails" in record.extra:
         return False
-    prefix = record.key_prefix
-    if prefix is not None and _DISPLAY_PREFIX.fullmatch(prefix):
-        # A key's display prefix ("tw-" + 7) holds the key shape's trigger on
-        # every billed line, which sent each one through the whole scrub.
-        # No shape can match inside it: the key pattern needs 36 characters
-        # more, the others whitespace, a separator, "[?&]" or 16+ characters,
-        # and the line's next character is a quote. So only its tail is
-        # looked at for triggers; the whole of it still for remembered values.
-        if redact.remembers_any(prefix):
-            return False
-        prefix = prefix[3:]
     strings = [
         record.request_id,
         record.tenant,
-        prefix,
         record.api,
         record.public_model,
         record.provider,
@@ -195,7 +182,7 @@ def _clean(record: UsageRecord) -> bool:
         record.config.version if record.config is not None else None,
         *(a.provider for a in record.attempt_log),
     ]
-    return redact.untouched("\x00".join(s for s in strings if s))
+    return redact.untouched("\x00".join(s for s in strings if s), record.key_prefix)
 
 
 class AccessLog:
