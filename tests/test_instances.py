@@ -103,7 +103,15 @@ async def fleet(
 ) -> AsyncIterator[Fleet]:
     root = tmp_path_factory.mktemp("fleet")
     fake = await FakeOpenAI().start()
-    cfg = {**billing_config(fake.url), "tiers": TIERS, "server": {"watch_config": True}}
+    # db_timeout_s 30, not 2: near its limit every request of a burst of 200
+    # takes its lease from Postgres, one quota row's lock at a time; on a loaded
+    # CI machine the last ones waited past 2 s and got the designed 503
+    # (billing_unavailable), which is not what these tests are about.
+    cfg = {
+        **billing_config(fake.url, db_timeout_s=30),
+        "tiers": TIERS,
+        "server": {"watch_config": True},
+    }
     config = root / "tollway.yaml"
     config.write_text(yaml.safe_dump(cfg))
     admin_key = f"canary-secret-{secrets.token_hex(8)}"
