@@ -20,6 +20,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.waiting import until_sync
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -35,23 +37,24 @@ def _free_port() -> int:
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         assert proc.poll() is None, f"exited with {proc.returncode}"
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
         except OSError:
-            time.sleep(0.05)  # polling for the port, bounded by the deadline
-    raise AssertionError(f"nothing listening on {port} within 30 s")
+            return False
+        return True
+
+    until_sync(listening, 30, interval=0.05, what=f"something listening on {port}")
 
 
 @contextmanager
-def _serving(argv: list[str], port: int, env: dict[str, str]) -> Iterator[None]:
+def _serving(argv: list[str], port: int, env: dict[str, str]) -> Iterator[int]:
+    """The process's pid, once it listens on ``port``; stopped by PID after."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_listening(proc, port)
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -69,13 +72,8 @@ def _floor(probe_ms: str | None) -> Iterator[tuple[int, int]]:
             env["TOLLWAY_LOOP_LAG_MS"] = probe_ms
         argv = [sys.executable, str(ROOT / "bench" / "floor_proxy.py"), str(port)]
         argv.append(f"http://127.0.0.1:{provider}")
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait_listening(proc, port)
-            yield port, proc.pid
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+        with _serving(argv, port, env) as pid:
+            yield port, pid
 
 
 def _chat(port: int) -> dict[str, object]:
@@ -98,17 +96,14 @@ def _observations(port: int) -> float:
 def test_floor_proxy_reports_its_loop_lag_and_a_stall_shows() -> None:
     with _floor("1") as (port, pid):
         assert "choices" in _chat(port)  # still a pass-through
-        deadline = time.monotonic() + 20
-        while _observations(port) < 50:  # the probe wakes every ms
-            assert time.monotonic() < deadline, "fewer than 50 lag observations in 20 s"
-            time.sleep(0.02)  # polling, bounded by the deadline
+        until_sync(lambda: _observations(port) >= 50, 20, what="50 lag observations")
         before = lag.scrape(port)
         os.kill(pid, signal.SIGSTOP)
         time.sleep(0.1)  # the point: the proxy's loop held for 100 ms
         os.kill(pid, signal.SIGCONT)
-        while _observations(port) < before.buckets[float("inf")] + 50:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline + 20, "the probe stopped after the stall"
-            time.sleep(0.02)
+        assert before is not None
+        seen = before.buckets[float("inf")]
+        until_sync(lambda: _observations(port) >= seen + 50, 20, what="probe after the stall")
         p99, worst = lag.window(before, lag.scrape(port))
         assert p99 is not None and worst is not None
         assert worst >= 80, f"a 100 ms stall, yet the worst lag reads {worst:.1f} ms"

@@ -33,3 +33,17 @@ async def until(check: Check, limit: float = 5.0, interval: float = 0.02, what: 
     except TimeoutError:
         name = what or getattr(check, "__qualname__", repr(check))
         raise AssertionError(f"not true within {limit}s: {name}") from None
+
+
+def until_sync(
+    check: Callable[[], object], limit: float, interval: float = 0.02, what: str = ""
+) -> float:
+    """``until`` for a test without an event loop (a subprocess polled over
+    sockets): seconds until ``check()`` is truthy; fails after ``limit``."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started >= limit:
+            name = what or getattr(check, "__qualname__", repr(check))
+            raise AssertionError(f"not true within {limit}s: {name}")
+        time.sleep(interval)
+    return time.monotonic() - started
