@@ -19,13 +19,13 @@ import math
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 
-from aiohttp import web
-from aioprometheus import Counter, Gauge, Histogram, Registry, render
+from aioprometheus import Counter, Gauge, Histogram, Registry
 from aioprometheus import histogram as hist
 
 from proxy.config.model import Config
 from proxy.config.reader import glob_match
 from proxy.core.pricing import cost_of
+from proxy.core.prometheus import text as text  # the /metrics page, imported from here too
 from proxy.core.record import AttemptRecord, UsageRecord
 
 ENDPOINTS = {
@@ -546,10 +546,3 @@ def breaker_states(health: dict[str, str]) -> dict[str, int]:
         provider = key.split("/", 1)[0]
         out[provider] = max(out.get(provider, 0), BREAKER.get(state, 0))
     return out
-
-
-def text(registry: Registry) -> web.Response:
-    # The text format only: Prometheus accepts it, and the binary one needs
-    # an extra protobuf package.
-    body, headers = render(registry, [])
-    return web.Response(body=body, headers=dict(headers))
