@@ -91,6 +91,7 @@ def add_loop_lag(app: web.Application) -> None:
         return
     from aioprometheus import Registry
 
+    from proxy.core.prometheus import text
     from proxy.web import loop_lag
 
     interval = loop_lag.interval_from_env()
@@ -107,7 +108,7 @@ def add_loop_lag(app: web.Application) -> None:
             await task
 
     async def metrics(request: web.Request) -> web.Response:
-        return loop_lag.render_text(registry)
+        return text(registry)
 
     app.cleanup_ctx.append(probe_ctx)
     app.router.add_get("/metrics", metrics)

@@ -33,6 +33,7 @@ from tests.db import start_database
 from tests.fakes import FakeOpenAI
 from tests.fakes_faults import FaultyOpenAI
 from tests.fakes_providers import FakeAnthropic, FakeGemini
+from tests.hang_report import report_tasks_on_alarm
 from tests.leaks import LeakWatch
 from tests.redis_cluster import LocalCluster
 from tests.redis_server import OwnRedis, start_redis
@@ -54,6 +55,14 @@ def pytest_configure(config: pytest.Config) -> None:
         basetemp = tempfile.mkdtemp(prefix="tollway-tests-")
         config.option.basetemp = basetemp
         atexit.register(shutil.rmtree, basetemp, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: object) -> Iterator[None]:
+    """A test that times out also prints where each task of the loop waits
+    (``tests.hang_report``): setup, call and teardown alike."""
+    yield
+    report_tasks_on_alarm(item)
 
 
 class RecordingSettler:

@@ -5,8 +5,6 @@ reaches the client once, scrubbed of secrets."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,22 +114,6 @@ async def post_chat(url: str, model: str, **extra: Any) -> tuple[int, bytes]:
         return r.status, await r.read()
 
 
-async def _answered_within(
-    request: Awaitable[tuple[int, bytes]], bound: float
-) -> tuple[int, bytes]:
-    """The gateway's answer, or a failure naming where every task of the
-    loop was waiting: this test once hung in a CI rehearsal (the gateway's
-    own timeouts are 10 s) and its thread stacks could not say where."""
-    try:
-        async with asyncio.timeout(bound):
-            return await request
-    except TimeoutError:
-        stacks = io.StringIO()
-        for task in asyncio.all_tasks():
-            task.print_stack(file=stacks)
-        pytest.fail(f"no answer within {bound} s; the loop's tasks:\n{stacks.getvalue()}")
-
-
 @pytest.mark.parametrize("kind", sorted(PROVIDERS))
 @pytest.mark.parametrize("status", [302, 307, 308])
 async def test_a_redirect_from_a_provider_is_not_followed(
@@ -150,7 +132,7 @@ async def test_a_redirect_from_a_provider_is_not_followed(
 
     provider = await hosts(redirect)
     gw = await start_gateway(one_provider(kind, provider.url))
-    code, raw = await _answered_within(post_chat(gw.url, "m"), 60)
+    code, raw = await post_chat(gw.url, "m")
     assert thief.seen == []
     assert len(provider.seen) == 1
     assert code == 502

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import gzip
 import ipaddress
+import itertools
 import random
 import socket
 import ssl
@@ -358,6 +359,76 @@ async def test_a_redirect_is_not_followed_and_the_key_goes_nowhere_else(
     with pytest.raises(UpstreamRedirect, match="HTTP 307"):
         await _ask(pool, wire)
     assert other.accepted == 0 and other.requests == []
+
+
+# Answers a provider may cut short: the test closes (or resets) the
+# connection after each interesting byte of them.
+CUT_SHORT = {
+    "302 without a body": b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere.test/\r\n"
+    b"Content-Length: 0\r\n\r\n",
+    "302 with Connection: close and a body to the close": b"HTTP/1.1 302 Found\r\n"
+    b"Location: http://elsewhere.test/\r\nConnection: close\r\n\r\nmoved",
+    "302 with a Content-Length body": b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere.test/"
+    b"\r\nContent-Length: 5\r\n\r\nmoved",
+    "302 with a chunked body": b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere.test/\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nmoved\r\n0\r\n\r\n",
+    "200 with a Content-Length body": _ok(b"whole"),
+    "200 with a body to the close": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nwhole",
+}
+
+
+@pytest.mark.parametrize("answer_name", sorted(CUT_SHORT))
+async def test_a_close_at_any_point_of_an_answer_ends_the_wait_at_once(
+    wires: Callable[..., Awaitable[Wire]], answer_name: str
+) -> None:
+    """The close itself wakes whoever waits: before the head, inside it,
+    right after it, inside the body or at its end, on a new or a reused
+    connection, by a FIN or a reset. The timeouts here are far away, so an
+    exchange the close did not end would show as a hang (once, in CI, the
+    redirect test did hang; this did not reproduce it)."""
+    wire_bytes = CUT_SHORT[answer_name]
+    head_end = wire_bytes.index(b"\r\n\r\n") + 4
+    body_to_close = b"Content-Length" not in wire_bytes and b"chunked" not in wire_bytes
+    far = Timeouts(connect=30, first_byte=30, idle=30, total=30)
+    case: dict[str, object] = {}
+
+    async def answer(_: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        if case["reused"] and n == 0:
+            w.write(_ok(b"first"))  # kept alive: the cut comes on its second request
+            return
+        w.write(wire_bytes[: case["cut"]])  # type: ignore[misc]
+        await w.drain()
+        if case["reset"]:
+            w.transport.abort()
+        else:
+            w.close()
+
+    wire = await wires(answer)
+    cuts = sorted({0, 1, head_end - 1, head_end, head_end + 1, len(wire_bytes) - 1})
+    for cut, reset, reused in itertools.product(cuts, (False, True), (False, True)):
+        case.update(cut=cut, reset=reset, reused=reused)
+        wire.requests.clear()
+        pool = Pool()
+        try:
+            async with asyncio.timeout(10):
+                if reused:
+                    assert await _ask(pool, wire, far) == b"first"
+                outcome: object = await _ask(pool, wire, far)
+        except (UpstreamRedirect, UpstreamUnavailable) as exc:
+            outcome = type(exc)
+        except TimeoutError:
+            pytest.fail(f"{answer_name}, cut after byte {cut}, {case}: the close woke nobody")
+        finally:
+            await pool.close()
+        if cut < head_end:
+            want: object = UpstreamUnavailable
+        elif wire_bytes.startswith(b"HTTP/1.1 302"):
+            want = UpstreamRedirect
+        elif body_to_close:
+            want = wire_bytes[head_end:cut]
+        else:
+            want = UpstreamUnavailable  # the body was cut short
+        assert outcome == want, f"{answer_name}, cut after byte {cut}, {case}"
 
 
 async def test_a_reset_mid_body_is_a_broken_answer(

@@ -98,6 +98,27 @@ def build_app(
     if config.auth == "keys" and billing is None:
         raise ValueError("auth: keys needs a database (billing options)")
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.server.max_body_bytes + 1)
+    _add_state(app, config, stages)
+    _add_lifetimes(
+        app,
+        config,
+        settler=settler,
+        billing=billing,
+        redis=redis,
+        reloading=reloading,
+        metrics_dir=metrics_dir,
+        access_fd=access_fd,
+        batch_role=batch_role,
+    )
+    if _counts_soon(config):
+        app.on_startup.append(_warm_tokens)
+    _routes(app)
+    return app
+
+
+def _add_state(app: web.Application, config: Config, stages: Sequence[Stage] | None) -> None:
+    """What lives as long as the app and needs nothing opened: the stages,
+    breakers, drain, metrics and the server's own guards."""
     app[STAGES] = tuple(stages) if stages is not None else registry.build_stages()
     app[UPSTREAMS] = Upstreams()  # breaker state per process until Redis is wired in
     app[LIFECYCLE] = Lifecycle()
@@ -105,8 +126,23 @@ def build_app(
     app[SERVER] = config.server
     app[GUARD_STATS] = GuardStats()
     app[AUTH_GUARD] = AuthGuard(config.server.trusted_proxies)
-    # cleanup_ctx runs in order at start and in reverse at shutdown: billing
-    # closes (final flush, leases returned) after in-flight tasks drained.
+
+
+def _add_lifetimes(
+    app: web.Application,
+    config: Config,
+    *,
+    settler: Settler | None,
+    billing: BillingOptions | None,
+    redis: RedisOptions | None,
+    reloading: reload.ReloadOptions | None,
+    metrics_dir: Path | None,
+    access_fd: int | None,
+    batch_role: BatchRole,
+) -> None:
+    """What is opened at start and closed at shutdown, in the one order that
+    works: cleanup_ctx runs in order at start and in reverse at shutdown, so
+    billing closes (final flush, leases returned) after in-flight tasks drained."""
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_config_store(config))
@@ -131,10 +167,6 @@ def build_app(
     # After the runtime its lines run on and the event log it publishes to;
     # stopped (lines finished or given back) before billing flushes their usage.
     app.cleanup_ctx.append(batches_ctx(batch_role))
-    if _counts_soon(config):
-        app.on_startup.append(_warm_tokens)
-    _routes(app)
-    return app
 
 
 def _routes(app: web.Application) -> None:

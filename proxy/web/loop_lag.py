@@ -15,11 +15,11 @@ Off unless ``TOLLWAY_LOOP_LAG_MS`` is set to the interval in milliseconds
 (``1`` in the benchmark): an idle worker woken every millisecond spends a few
 percent of a core on wake-ups alone, which nobody should pay by default.
 
-The probe itself (``LoopLag``, ``interval_from_env``, ``render``) needs no
-gateway: the benchmark's yardsticks (``bench/floor_proxy.py``) run the same
-timer and export the same series, so their lag is read the same way in the
-same run. Only ``loop_lag_ctx`` reaches into the app's state, and imports it
-when called.
+The probe itself (``LoopLag``, ``interval_from_env``) needs no gateway: the
+benchmark's yardsticks (``bench/floor_proxy.py``) run the same timer and
+export the same series (rendered by ``core.prometheus``, as the gateway's
+are), so their lag is read the same way in the same run. Only
+``loop_lag_ctx`` reaches into the app's state, and imports it when called.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aioprometheus import Gauge, Histogram, Registry, render
+from aioprometheus import Gauge, Histogram, Registry
 from aioprometheus import histogram as hist
 
 ENV = "TOLLWAY_LOOP_LAG_MS"
@@ -98,12 +98,6 @@ def interval_from_env() -> float | None:
     except ValueError as exc:
         raise ValueError(f"{ENV}={raw!r}: expected milliseconds, e.g. 1") from exc
     return ms / 1000 if ms > 0 else None
-
-
-def render_text(registry: Registry) -> web.Response:
-    """``registry`` in Prometheus' text format (the probe alone, for a yardstick)."""
-    body, headers = render(registry, [])
-    return web.Response(body=body, headers=headers)
 
 
 async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:

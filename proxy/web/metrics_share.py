@@ -33,7 +33,8 @@ import orjson
 from aioprometheus import Counter, Gauge, Histogram, Registry
 from aioprometheus import histogram as hist
 
-from proxy.stages.settle.metrics import GAUGE_MERGE, Metrics
+from proxy.stages.settle.metric_families import GAUGE_MERGE
+from proxy.stages.settle.metrics import Metrics
 
 ENV = "TOLLWAY_METRICS_DIR"
 PUBLISH_INTERVAL = 1.0

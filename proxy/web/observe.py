@@ -17,7 +17,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.stages.settle.metrics import breaker_states, target_keys, text
+from proxy.core.prometheus import text
+from proxy.stages.settle.metric_families import breaker_states, target_keys
 from proxy.stores import webhooks
 from proxy.stores.events import EventLog
 from proxy.stores.pgwait import UNAVAILABLE
