@@ -26,7 +26,7 @@ _CHUNK = 4096 - 4096 % EVENT_ID_BYTES  # 341 ids per read
 
 
 class _Pool:
-    __slots__ = ("ids", "_lock")
+    __slots__ = ("_lock", "ids")
 
     def __init__(self) -> None:
         # The ids of the last read, hex-encoded and cut in one go: drawing
