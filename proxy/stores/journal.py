@@ -61,8 +61,6 @@ INTERRUPTED_STATUS = 500
 
 
 # What an ``o`` line holds, in this order (``Opened``): the row's fixed columns.
-# The line is ``{"o": [values]}`` (an older version wrote ``{"o": {key: value}}``;
-# replay reads both).
 OPENED_KEYS = ("e", "p", "r", "t", "k", "w", "n", "m", "s", "l", "pt", "at")
 # The values of OPENED_KEYS as admission had them; the period a ``date``.
 Opened = tuple[Any, ...]
@@ -85,6 +83,15 @@ class _Entry:
     completion: int = 0
     prompt: int | None = None
 
+    @property
+    def opened(self) -> dict[str, Any]:
+        """The ``o`` line's object: built only for the few requests still
+        open when the journal is written (most close before)."""
+        assert self.values is not None  # made before it is written
+        out = dict(zip(OPENED_KEYS, self.values, strict=True))
+        out["p"] = out["p"].isoformat()
+        return out
+
 
 class Journal:
     """One worker's journal; ``run`` is its flusher, ``close`` its end."""
@@ -102,10 +109,17 @@ class Journal:
         self._stopping = asyncio.Event()
         self._size = 0
 
-    def open(self, event_id: str, record: UsageRecord, body: dict[str, Any]) -> None:
-        """Note an admitted request (in memory; on disk at the next flush, if
-        still open then). Its ``o`` line's values are made only then
-        (``opened_of``): most requests close before."""
+    def open(self, values: Opened, record: UsageRecord, body: dict[str, Any]) -> None:
+        """Note an admitted request (in memory; on disk at the next flush).
+        ``values``: OPENED_KEYS' values, the event id first."""
+        event_id = values[0]
+        self._open[event_id] = _Entry(record, body, time.monotonic(), values)
+        self._fresh.append(event_id)
+
+    def admitted(self, event_id: str, record: UsageRecord, body: dict[str, Any]) -> None:
+        """``open`` without the values: they are made (``opened_of``) only if
+        the request is still open when the journal is written; most close
+        before, and then nothing is made for them at all."""
         self._open[event_id] = _Entry(record, body, time.monotonic())
         self._fresh.append(event_id)
 
@@ -188,7 +202,7 @@ class Journal:
     def _compact(self, snapshot: list[_Entry]) -> None:
         """Rewrite the file with the open entries only (atomically)."""
         lines = b"".join(
-            orjson.dumps({"o": e.values}) + b"\n" + orjson.dumps(_noted(e)) + b"\n"
+            orjson.dumps({"o": e.opened}) + b"\n" + orjson.dumps(_noted(e)) + b"\n"
             for e in snapshot
         )
         tmp = self.path.with_suffix(".tmp")
@@ -215,7 +229,7 @@ def _lines(opening: list[_Entry], due: list[_Entry], gone: list[str]) -> bytes:
     """In a thread: the checkpoints count tokens (only the text new since
     the last one), which must not hold up the event loop. The closed ids
     of the interval go in one ``x`` line."""
-    out = [orjson.dumps({"o": e.values}) for e in opening]
+    out = [orjson.dumps({"o": e.opened}) for e in opening]
     out += [orjson.dumps(_checkpoint(entry)) for entry in due]
     if gone:
         out.append(orjson.dumps({"x": gone}))
@@ -270,10 +284,7 @@ def interrupted_rows(lines: bytes, prices: Mapping[str, Price]) -> list[UsageRow
         except orjson.JSONDecodeError:
             continue  # a line cut by the crash: the fsync before it holds
         if "o" in obj:
-            o = obj["o"]
-            if isinstance(o, list):  # this version's line: the values alone
-                o = dict(zip(OPENED_KEYS, o, strict=False))
-            opened[o["e"]] = o
+            opened[obj["o"]["e"]] = obj["o"]
         elif "c" in obj:
             noted[obj["c"]] = obj
         elif "x" in obj:

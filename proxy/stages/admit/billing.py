@@ -206,7 +206,7 @@ class Billing:
         request is still open when the journal is written."""
         admission = record.admission
         if self.journal is not None and isinstance(admission, Admission):
-            self.journal.open(admission.event_id, record, body)
+            self.journal.admitted(admission.event_id, record, body)
 
     def _opened(self, record: UsageRecord, body: dict[str, Any], at: float) -> Opened:
         """journal.OPENED_KEYS' values for a journalled (so admitted) request."""
