@@ -220,11 +220,14 @@ class Prices(dict[str, Price]):
     that is no key is matched against every glob, which per request (admit's
     budget bound, settle's cost) costs more than the rest of the pricing."""
 
-    __slots__ = ("found", "plan_rates")
+    __slots__ = ("found", "plan_rates", "served")
 
     def __init__(self, items: Mapping[str, Price] | None = None) -> None:
         super().__init__(items or {})
         self.found: dict[str, Price | None] = {}
+        # ``served_price``'s answers by (provider, provider model, served model):
+        # what ``proxy.core.pricing`` asks once per settled request.
+        self.served: dict[tuple[str | None, str | None, str | None], Price | None] = {}
         # ``admit.budget.max_cost``'s: a route plan's distinct ``bound_rates``,
         # by the plan's id (the plan kept alongside, so the id is not reused).
         self.plan_rates: dict[int, tuple[Any, tuple[tuple[int, int], ...]]] = {}
