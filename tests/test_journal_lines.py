@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from proxy.core.record import UsageRecord
+from proxy.core.usage import Usage
+from proxy.stores import journal as journal_module
 from proxy.stores.journal import OPENED_KEYS, Journal, Opened, interrupted_rows
 from proxy.stores.ledger import COLUMNS, UsageRow
 
@@ -55,3 +58,26 @@ def test_a_replay_reads_the_one_id_close_lines_of_an_older_version() -> None:
     lines = [{"o": opened}, {"o": {**opened, "e": "ev-2"}}, {"x": "ev-1"}]
     rows = interrupted_rows(b"\n".join(orjson.dumps(line) for line in lines), {})
     assert [dict(zip(COLUMNS, r.values, strict=True))["event_id"] for r in rows] == ["ev-2"]
+
+
+async def test_a_settled_request_is_checkpointed_at_the_providers_usage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose row waits for the ledger's next batch is noted at the
+    usage the provider reported (what its row bills), and a crash replay
+    bills that, not an estimate."""
+    monkeypatch.setattr(journal_module, "CHECKPOINT_S", 0.0)  # every write checkpoints
+    path = tmp_path / "journal-w.jsonl"
+    journal = Journal(path, _opened)
+    record = UsageRecord("a", "chat", provider="p", provider_model="pm")
+    journal.admitted("ev-a", record, {"messages": [{"role": "user", "content": "hi " * 500}]})
+    record.usage = Usage(321, 45, "provider")
+    await journal.flush()
+    [row] = interrupted_rows(path.read_bytes(), {})
+    got = dict(zip(COLUMNS, row.values, strict=True))
+    assert (got["prompt_tokens"], got["completion_tokens"], got["usage_source"]) == (
+        321,
+        45,
+        "provider",
+    )
+    await journal.close()

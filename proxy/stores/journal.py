@@ -239,6 +239,11 @@ def _lines(opening: list[_Entry], due: list[_Entry], gone: list[str]) -> bytes:
 def _checkpoint(entry: _Entry) -> dict[str, Any]:
     record = entry.record
     assert entry.values is not None  # written or being written: its values made
+    if record.usage.total_tokens > 0:
+        # The provider's usage is in (the request settled; its row waits for
+        # the ledger's next batch): that is what the checkpoint notes, and
+        # what the row bills. Nothing to count.
+        return _noted(entry)
     meter = record.progress
     if isinstance(meter, StreamMeter):
         payloads = meter.payloads
