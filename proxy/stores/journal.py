@@ -148,6 +148,9 @@ class Journal:
         self._stopping.set()
 
     async def flush(self) -> None:
+        if not self._open and not self._gone:  # idle: nothing to note or close
+            self._fresh.clear()
+            return
         fresh = [e for e in self._fresh if e in self._open]
         self._values(fresh)
         due = self._due(time.monotonic(), set(fresh))

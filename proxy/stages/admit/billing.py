@@ -234,15 +234,16 @@ class Billing:
             if record.tenant_id is None:
                 return  # unauthenticated: nothing to bill, nothing reserved
         usage = record.usage
+        total = usage.prompt_tokens + usage.completion_tokens
         # Priced once, at the prices of the snapshot the request ran on (a
         # reload mid-stream does not reprice it); the budgets and the row
         # take the same cost. A cache hit's usage is what its policy bills.
         cost = cost_of(record, self.prices)
-        counted = admission is not None and (usage.total_tokens > 0 or record.status < 400)
+        counted = admission is not None and (total > 0 or record.status < 400)
         hold = None
         if admission is not None:
             reservation = admission.reservation
-            self.quota.release(reservation, counted, usage.total_tokens)
+            self.quota.release(reservation, counted, total)
             hold = admission.budget
             if hold is not None and self.budgets is not None:
                 self.budgets.release(hold, to_micros(cost) if counted and cost else 0)
