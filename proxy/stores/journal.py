@@ -10,11 +10,12 @@ per event, keyed by the event id the usage row will carry:
 - ``o`` (open): the request was admitted; the row's fixed columns;
 - ``c`` (checkpoint): the usage delivered so far, for requests still running
   ``CHECKPOINT_S`` after their last note (a stream's tokens so far);
-- ``x`` (closed): its usage row reached Postgres or the spool.
+- ``x`` (closed): their usage rows reached Postgres or the spool (the ids
+  closed in one interval, in one line; an older version wrote one per id).
 
-Nothing is written on the request path: ``open`` and ``closed`` touch a
-dict, and the flusher (``run``) writes everything of the last ``FLUSH_S``
-with one append and one fsync (group commit). A request that opens and
+Nothing is written on the request path: ``admitted`` (or ``open``) and
+``closed`` touch a dict, and the flusher (``run``) writes everything of the
+last ``FLUSH_S`` with one append and one fsync (group commit). A request that opens and
 closes within one interval is never written at all. With a checkpoint taken
 ``CHECKPOINT_S`` (0.8 s) after the last and written within ``FLUSH_S``
 (0.2 s), what a crash can lose of a stream is about one second of it.
