@@ -15,9 +15,10 @@ keeps the tier's, a null one means "no budget".
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from proxy.config.reader import ConfigError
@@ -49,7 +50,7 @@ class Budgets:
 
 def to_micros(usd: Decimal) -> int:
     """Rounded up: a cost is never charged below what it is."""
-    return int((usd * MICROS).to_integral_value(rounding=ROUND_CEILING))
+    return math.ceil(usd * MICROS)
 
 
 def usd(micros: int | None) -> str | None:

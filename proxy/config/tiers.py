@@ -83,11 +83,21 @@ class Price:
     # micro-dollar (rounded up): a budget reservation's bound in integer
     # arithmetic, made once per price instead of in Decimal per request.
     bound_rates: tuple[int, int] = field(init=False, compare=False, repr=False)
+    # The zero the three detail terms add when no detail is reported, with
+    # their exponent: ``cost``'s short path returns the very same Decimal
+    # (digits and scale, which a numeric column keeps) as the long one.
+    _no_details: Decimal = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         prompt = max(self.prompt, _or(self.cache_write, self.prompt))
         completion = max(self.completion, _or(self.reasoning, self.completion))
         object.__setattr__(self, "bound_rates", (_pico(prompt), _pico(completion)))
+        zero = (
+            _or(self.cached_prompt, self.prompt) * 0
+            + _or(self.cache_write, self.prompt) * 0
+            + _or(self.reasoning, self.completion) * 0
+        )
+        object.__setattr__(self, "_no_details", zero)
 
     def cost(
         self,
@@ -97,6 +107,9 @@ class Price:
         cache_write: int = 0,
         reasoning: int = 0,
     ) -> Decimal:
+        if not (cached or cache_write or reasoning):  # most requests: two products
+            total = self.prompt * prompt_tokens + self.completion * completion_tokens
+            return (total + self._no_details) / 1_000_000
         # A provider's details never exceed the totals they are part of; if
         # one did, the plain prompt/completion share would go negative.
         cached = min(cached, prompt_tokens)
@@ -207,11 +220,14 @@ class Prices(dict[str, Price]):
     that is no key is matched against every glob, which per request (admit's
     budget bound, settle's cost) costs more than the rest of the pricing."""
 
-    __slots__ = ("found", "plan_rates")
+    __slots__ = ("found", "plan_rates", "served")
 
     def __init__(self, items: Mapping[str, Price] | None = None) -> None:
         super().__init__(items or {})
         self.found: dict[str, Price | None] = {}
+        # ``served_price``'s answers by (provider, provider model, served model):
+        # what ``proxy.core.pricing`` asks once per settled request.
+        self.served: dict[tuple[str | None, str | None, str | None], Price | None] = {}
         # ``admit.budget.max_cost``'s: a route plan's distinct ``bound_rates``,
         # by the plan's id (the plan kept alongside, so the id is not reused).
         self.plan_rates: dict[int, tuple[Any, tuple[tuple[int, int], ...]]] = {}

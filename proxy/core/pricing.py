@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 
-from proxy.config.tiers import Price, served_price
+from proxy.config.tiers import Price, Prices, served_price
 from proxy.core.record import UsageRecord
 from proxy.core.usage import Usage
 
 ZERO = Decimal(0)
+_UNSEEN = object()  # no answer kept for this name yet
+_SERVED_MAX = 4096  # answers kept per snapshot; providers may report any model name
 
 
 def cost_of(record: UsageRecord, default: Mapping[str, Price] | None = None) -> Decimal | None:
@@ -40,10 +42,18 @@ def price_usage(
 ) -> Decimal | None:
     if usage.total_tokens == 0:
         return ZERO
-    price = served_price(prices, provider, provider_model, served_model)
-    if price is None:
+    memo = prices.served if isinstance(prices, Prices) else None
+    key = (provider, provider_model, served_model)
+    price = memo.get(key, _UNSEEN) if memo is not None else _UNSEEN
+    if price is _UNSEEN:
+        price = served_price(prices, provider, provider_model, served_model)
+        if memo is not None and len(memo) < _SERVED_MAX:
+            memo[key] = price
+    if not isinstance(price, Price):  # no price configured
         return None
     d = usage.details
+    if not d:  # no cached, cache-write or reasoning counts: most answers
+        return price.cost(usage.prompt_tokens, usage.completion_tokens)
     return price.cost(
         usage.prompt_tokens,
         usage.completion_tokens,

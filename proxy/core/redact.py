@@ -100,6 +100,8 @@ _SHAPES: list[tuple[tuple[str, ...], re.Pattern[str], str | Callable[[re.Match[s
 _TRIGGERS = tuple(trigger for triggers, _, _ in _SHAPES for trigger in triggers)
 # A key's display prefix as ``stores.apikeys.display_prefix`` cuts it: "tw-" + 7.
 _DISPLAY_PREFIX = re.compile(r"tw-[A-Za-z0-9_-]{7}")
+_PREFIXES_MAX = 4096  # key prefixes whose verdict is kept (one per key in use)
+_UNSEEN = "\x00unseen"  # no verdict kept yet (no key prefix holds a NUL)
 
 
 class Redactor:
@@ -109,6 +111,10 @@ class Redactor:
         self._known: set[str] = set()
         self._longest_first: tuple[str, ...] = ()
         self._lock = threading.Lock()
+        # ``untouched``'s verdict on a key prefix: the part of it to search
+        # (its tail when it is a display prefix), or None when it holds a
+        # remembered value. Dropped whenever a value is remembered.
+        self._prefixes: dict[str, str | None] = {}
 
     def remember(self, *values: str | None) -> None:
         fresh = {v for v in values if v and len(v) >= _MIN_SECRET and v not in self._known}
@@ -117,6 +123,7 @@ class Redactor:
         with self._lock:
             self._known |= fresh
             self._longest_first = tuple(sorted(self._known, key=len, reverse=True))
+            self._prefixes = {}
 
     def remember_env(self, env: dict[str, str] | os._Environ[str]) -> None:
         self.remember(*(v for k, v in env.items() if _SECRET_ENV.search(k.upper())))
@@ -153,16 +160,28 @@ class Redactor:
         characters. So it sends no line through the whole scrub: only its
         tail is looked at for triggers, all of it for remembered values."""
         if key_prefix:
-            if _DISPLAY_PREFIX.fullmatch(key_prefix):
-                if self.remembers_any(key_prefix):
-                    return False
-                key_prefix = key_prefix[3:]
-            text = f"{text}\x00{key_prefix}"
+            prefixes = self._prefixes
+            searched = prefixes.get(key_prefix, _UNSEEN)
+            if searched is _UNSEEN:
+                searched = self._prefix_part(key_prefix)
+                if len(prefixes) >= _PREFIXES_MAX:
+                    prefixes.clear()
+                prefixes[key_prefix] = searched
+            if searched is None:
+                return False
+            text = f"{text}\x00{searched}"
         for secret in self._longest_first:
             if secret in text:
                 return False
         low = text.lower()
         return not any(trigger in low for trigger in _TRIGGERS)
+
+    def _prefix_part(self, key_prefix: str) -> str | None:
+        """What of ``key_prefix`` ``untouched`` searches: a display prefix's
+        tail (None when it holds a remembered value), any other text whole."""
+        if _DISPLAY_PREFIX.fullmatch(key_prefix):
+            return None if self.remembers_any(key_prefix) else key_prefix[3:]
+        return key_prefix
 
     def remembers_any(self, text: str) -> bool:
         """Whether ``text`` holds a remembered value (``untouched``'s first half)."""

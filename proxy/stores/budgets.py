@@ -156,9 +156,10 @@ class BudgetBook:
 
     def release(self, hold: Hold, spent: int) -> None:
         """Give back what the request reserved and did not spend."""
+        back, leases = hold.micros - spent, self._leases
         for limit in hold.limits:
-            lease = self._lease(limit)
-            lease.micros += hold.micros - spent
+            lease = leases.get(limit.key) or self._lease(limit)
+            lease.micros += back
             lease.exhausted_until = 0.0
 
     def remaining(self, limit: Limit) -> int | None:

@@ -10,11 +10,12 @@ per event, keyed by the event id the usage row will carry:
 - ``o`` (open): the request was admitted; the row's fixed columns;
 - ``c`` (checkpoint): the usage delivered so far, for requests still running
   ``CHECKPOINT_S`` after their last note (a stream's tokens so far);
-- ``x`` (closed): its usage row reached Postgres or the spool.
+- ``x`` (closed): their usage rows reached Postgres or the spool (the ids
+  closed in one interval, in one line; an older version wrote one per id).
 
-Nothing is written on the request path: ``open`` and ``closed`` touch a
-dict, and the flusher (``run``) writes everything of the last ``FLUSH_S``
-with one append and one fsync (group commit). A request that opens and
+Nothing is written on the request path: ``admitted`` (or ``open``) and
+``closed`` touch a dict, and the flusher (``run``) writes everything of the
+last ``FLUSH_S`` with one append and one fsync (group commit). A request that opens and
 closes within one interval is never written at all. With a checkpoint taken
 ``CHECKPOINT_S`` (0.8 s) after the last and written within ``FLUSH_S``
 (0.2 s), what a crash can lose of a stream is about one second of it.
@@ -35,7 +36,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -64,17 +65,21 @@ INTERRUPTED_STATUS = 500
 OPENED_KEYS = ("e", "p", "r", "t", "k", "w", "n", "m", "s", "l", "pt", "at")
 # The values of OPENED_KEYS as admission had them; the period a ``date``.
 Opened = tuple[Any, ...]
+# Builds an entry's ``Opened`` values from its record, body and the wall-clock
+# time it was opened at: called only for the entries still open when the
+# journal is written (``Billing`` provides it).
+OpenedOf = Callable[[UsageRecord, dict[str, Any], float], Opened]
 
 
 @dataclass(slots=True)
 class _Entry:
     """One admitted request, until its usage row is durable."""
 
-    values: Opened  # the row's fixed columns (OPENED_KEYS); ``opened`` is its ``o`` line
     record: UsageRecord
     body: dict[str, Any]
+    noted_at: float  # monotonic time of its last checkpoint (or of its open)
+    values: Opened | None = None  # the row's fixed columns, once written (its ``o`` line)
     written: bool = False  # its ``o`` line is on disk
-    noted_at: float = 0.0  # monotonic time of its last checkpoint (or of its open)
     seen: int = 0  # meter payloads already counted
     completion: int = 0
     prompt: int | None = None
@@ -83,6 +88,7 @@ class _Entry:
     def opened(self) -> dict[str, Any]:
         """The ``o`` line's object: built only for the few requests still
         open when the journal is written (most close before)."""
+        assert self.values is not None  # made before it is written
         out = dict(zip(OPENED_KEYS, self.values, strict=True))
         out["p"] = out["p"].isoformat()
         return out
@@ -91,12 +97,13 @@ class _Entry:
 class Journal:
     """One worker's journal; ``run`` is its flusher, ``close`` its end."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, opened_of: OpenedOf | None = None) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _try_lock(path.with_suffix(".lock"))
         if self._lock_fd is None:
             raise RuntimeError(f"journal {path.name} is owned by a live process")
+        self.opened_of = opened_of
         self._open: dict[str, _Entry] = {}
         self._fresh: list[str] = []  # opened since the last flush
         self._gone: list[str] = []  # closed since the last flush, ``o`` on disk
@@ -107,15 +114,23 @@ class Journal:
         """Note an admitted request (in memory; on disk at the next flush).
         ``values``: OPENED_KEYS' values, the event id first."""
         event_id = values[0]
-        self._open[event_id] = _Entry(values, record, body, False, time.monotonic())
+        self._open[event_id] = _Entry(record, body, time.monotonic(), values)
+        self._fresh.append(event_id)
+
+    def admitted(self, event_id: str, record: UsageRecord, body: dict[str, Any]) -> None:
+        """``open`` without the values: they are made (``opened_of``) only if
+        the request is still open when the journal is written; most close
+        before, and then nothing is made for them at all."""
+        self._open[event_id] = _Entry(record, body, time.monotonic())
         self._fresh.append(event_id)
 
     def closed(self, rows: Iterable[UsageRow]) -> None:
         """The ledger's hook: these rows are in Postgres or in the spool."""
+        pop, gone = self._open.pop, self._gone
         for row in rows:
-            entry = self._open.pop(row.values[1], None)
+            entry = pop(row.values[1], None)
             if entry is not None and entry.written:
-                self._gone.append(row.values[1])
+                gone.append(row.values[1])
 
     def open_count(self) -> int:
         return len(self._open)
@@ -134,15 +149,18 @@ class Journal:
         self._stopping.set()
 
     async def flush(self) -> None:
+        if not self._open and not self._gone:  # idle: nothing to note or close
+            self._fresh.clear()
+            return
         fresh = [e for e in self._fresh if e in self._open]
+        self._values(fresh)
         due = self._due(time.monotonic(), set(fresh))
         gone, self._fresh, self._gone = self._gone, [], []
         if not (fresh or due or gone):
             return
         opening = [self._open[e] for e in fresh]
         try:
-            lines = await asyncio.to_thread(_lines, opening, due, gone)
-            await asyncio.to_thread(self._append, lines)
+            await asyncio.to_thread(self._write, opening, due, gone)
         except BaseException:
             self._fresh[:0], self._gone[:0] = fresh, gone
             raise
@@ -155,6 +173,18 @@ class Journal:
         if self._size > COMPACT_BYTES:
             await asyncio.to_thread(self._compact, [e for e in self._open.values() if e.written])
 
+    def _values(self, fresh: list[str]) -> None:
+        """The ``o`` values of the entries about to be written (on the loop:
+        the records are still being filled in)."""
+        wall_offset = time.time() - time.monotonic()
+        for event_id in fresh:
+            entry = self._open[event_id]
+            if entry.values is None:
+                at = entry.noted_at + wall_offset  # the wall-clock time it opened at
+                if self.opened_of is None:
+                    raise RuntimeError("a journal written to needs its opened_of")
+                entry.values = self.opened_of(entry.record, entry.body, at)
+
     def _due(self, now: float, fresh: set[str]) -> list[_Entry]:
         """Running requests whose last note is ``CHECKPOINT_S`` old."""
         due = []
@@ -164,7 +194,9 @@ class Journal:
                 due.append(entry)
         return due
 
-    def _append(self, lines: bytes) -> None:
+    def _write(self, opening: list[_Entry], due: list[_Entry], gone: list[str]) -> None:
+        """In a thread: the lines, then one append and one fsync."""
+        lines = _lines(opening, due, gone)
         with open(self.path, "ab") as fh:
             fh.write(lines)
             fh.flush()
@@ -199,15 +231,23 @@ class Journal:
 
 def _lines(opening: list[_Entry], due: list[_Entry], gone: list[str]) -> bytes:
     """In a thread: the checkpoints count tokens (only the text new since
-    the last one), which must not hold up the event loop."""
+    the last one), which must not hold up the event loop. The closed ids
+    of the interval go in one ``x`` line."""
     out = [orjson.dumps({"o": e.opened}) for e in opening]
     out += [orjson.dumps(_checkpoint(entry)) for entry in due]
-    out += [orjson.dumps({"x": e}) for e in gone]
+    if gone:
+        out.append(orjson.dumps({"x": gone}))
     return b"".join(line + b"\n" for line in out)
 
 
 def _checkpoint(entry: _Entry) -> dict[str, Any]:
     record = entry.record
+    assert entry.values is not None  # written or being written: its values made
+    if record.usage.total_tokens > 0:
+        # The provider's usage is in (the request settled; its row waits for
+        # the ledger's next batch): that is what the checkpoint notes, and
+        # what the row bills. Nothing to count.
+        return _noted(entry)
     meter = record.progress
     if isinstance(meter, StreamMeter):
         payloads = meter.payloads
@@ -224,6 +264,7 @@ def _checkpoint(entry: _Entry) -> dict[str, Any]:
 
 def _noted(entry: _Entry) -> dict[str, Any]:
     record = entry.record
+    assert entry.values is not None  # written entries only
     usage = record.usage if record.usage.total_tokens > 0 else None
     return {
         "c": entry.values[0],
@@ -256,7 +297,9 @@ def interrupted_rows(lines: bytes, prices: Mapping[str, Price]) -> list[UsageRow
         elif "c" in obj:
             noted[obj["c"]] = obj
         elif "x" in obj:
-            opened.pop(obj["x"], None)
+            closed = obj["x"]  # the ids closed in one interval (one id: older lines)
+            for event_id in closed if isinstance(closed, list) else (closed,):
+                opened.pop(event_id, None)
     return [_row(o, noted.get(e, {}), prices) for e, o in opened.items()]
 
 

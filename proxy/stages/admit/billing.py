@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 import secrets
 import socket
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -31,7 +31,7 @@ from proxy.core.record import UsageRecord
 from proxy.providers.base import GENERATIVE
 from proxy.stages.auth import Authenticator
 from proxy.stores.budgets import BudgetBook, Hold
-from proxy.stores.journal import Journal
+from proxy.stores.journal import Journal, Opened
 from proxy.stores.ledger import Ledger, UsageRow
 from proxy.stores.quota import QuotaBook, Reservation, Standing, period_of
 
@@ -146,6 +146,7 @@ class Billing:
         self.journal = journal
         if journal is not None:
             ledger.on_durable = journal.closed
+            journal.opened_of = self._opened
 
     def _estimate(
         self, config: Config, principal: Principal, body: dict[str, Any], endpoint: str
@@ -200,13 +201,18 @@ class Billing:
 
     def journal_open(self, record: UsageRecord, body: dict[str, Any]) -> None:
         """Note the admitted request in the journal: from here on a crash
-        bills it as interrupted instead of losing it."""
+        bills it as interrupted instead of losing it. Only the record is
+        kept: the ``o`` line's values are read off it (``_opened``) if the
+        request is still open when the journal is written."""
         admission = record.admission
-        if self.journal is None or not isinstance(admission, Admission):
-            return
-        r = admission.reservation
-        # journal.OPENED_KEYS' values: the ``o`` line is built only if written.
-        opened = (
+        if self.journal is not None and isinstance(admission, Admission):
+            self.journal.admitted(admission.event_id, record, body)
+
+    def _opened(self, record: UsageRecord, body: dict[str, Any], at: float) -> Opened:
+        """journal.OPENED_KEYS' values for a journalled (so admitted) request."""
+        admission = record.admission
+        assert isinstance(admission, Admission)
+        return (
             admission.event_id,
             admission.period,
             record.request_id,
@@ -216,52 +222,55 @@ class Billing:
             record.door or record.endpoint,  # record.api
             record.public_model,
             body.get("stream") is True,
-            r.leased,
+            admission.reservation.leased,
             admission.prompt_tokens,
-            time.time(),
+            at,
         )
-        self.journal.open(opened, record, body)
 
     def settle(self, record: UsageRecord) -> None:
         admission = record.admission
-        reservation = admission.reservation if isinstance(admission, Admission) else None
+        if not isinstance(admission, Admission):
+            admission = None
+            if record.tenant_id is None:
+                return  # unauthenticated: nothing to bill, nothing reserved
         usage = record.usage
-        counted = reservation is not None and (usage.total_tokens > 0 or record.status < 400)
-        if reservation is not None:
-            self.quota.release(reservation, counted, usage.total_tokens)
-        hold = admission.budget if isinstance(admission, Admission) else None
-        if hold is not None and self.budgets is not None:
-            cost = cost_of(record, self.prices) if counted else None
-            self.budgets.release(hold, to_micros(cost) if cost else 0)
-        if record.tenant_id is None and reservation is None:
-            return  # unauthenticated: nothing to bill
-        row = self._row(record, reservation, counted)
-        if hold is not None:
-            row.budget_day, row.budget_leased = hold.day, bool(hold.limits)
-        self.ledger.add(row)
-
-    def _row(self, record: UsageRecord, reservation: Reservation | None, counted: bool) -> UsageRow:
-        admission = record.admission if isinstance(record.admission, Admission) else None
-        usage = record.usage
-        # Prices of the snapshot the request ran on: a reload mid-stream
-        # does not reprice it. A cache hit's usage is what its policy bills.
+        total = usage.prompt_tokens + usage.completion_tokens
+        # Priced once, at the prices of the snapshot the request ran on (a
+        # reload mid-stream does not reprice it); the budgets and the row
+        # take the same cost. A cache hit's usage is what its policy bills.
         cost = cost_of(record, self.prices)
-        period = (
-            admission.period
-            if admission is not None
-            else reservation.period
-            if reservation
-            else period_of(self.quota.clock())
-        )
+        counted = admission is not None and (total > 0 or record.status < 400)
+        hold = None
+        if admission is not None:
+            reservation = admission.reservation
+            self.quota.release(reservation, counted, total)
+            hold = admission.budget
+            if hold is not None and self.budgets is not None:
+                self.budgets.release(hold, to_micros(cost) if counted and cost else 0)
+        self.ledger.add(self._row(record, admission, counted, cost, hold))
+
+    def _row(
+        self,
+        record: UsageRecord,
+        admission: Admission | None,
+        counted: bool,
+        cost: Decimal | None,
+        hold: Hold | None,
+    ) -> UsageRow:
+        usage = record.usage
+        if admission is not None:
+            period, event_id = admission.period, admission.event_id
+            leased = admission.reservation.leased
+        else:  # authenticated, refused before admission: its own id
+            period, event_id, leased = period_of(self.quota.clock()), ids.event_id(), False
         values = (
             period,
-            # the row's own idempotency key, fixed from admission (journal) on
-            admission.event_id if admission is not None else ids.event_id(),
+            event_id,  # the row's idempotency key, fixed from admission (journal) on
             record.request_id,
             record.tenant_id,
             record.key_id,
             self.quota.worker_id,
-            record.api,
+            record.door or record.endpoint,  # record.api
             record.public_model,
             record.provider,
             record.provider_model,
@@ -283,7 +292,9 @@ class Billing:
             orjson.dumps(record.tags).decode() if record.tags else None,
             record.client_ip,
         )
-        return UsageRow(values, leased=bool(reservation and reservation.leased))
+        if hold is None:
+            return UsageRow(values, leased)
+        return UsageRow(values, leased, hold.day, bool(hold.limits))
 
 
 def _details(record: UsageRecord) -> str | None:

@@ -1,0 +1,109 @@
+"""The settle side of N billed requests, in-process, for callgrind.
+
+What a billed request costs after its answer, and nothing else: the journal
+note made at admission, ``Billing.settle`` (quota and budget release, the
+price, the usage row), the access log's settle, and per 100 rows the
+ledger's batch JSON and the journal's close. No network, no Postgres: the
+ledger is a list. Run it under callgrind at N and at 0 (imports and setup
+alone) and divide the difference by N; deterministic to a few hundred
+instructions, so a change of a few thousand per request shows, where the
+gateway-level ``instructions.py`` moves 3-6% run to run. For another
+revision, put its ``proxy`` package first on ``PYTHONPATH``::
+
+    git archive <rev> proxy | tar -x -C <dir>
+    PYTHONPATH=<dir> valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        .venv/bin/python bench/settle_side.py 2000     # and again with 0
+
+Its APIs are those of 4b7b70a and later (``Billing.journal_open``).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import tempfile
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+
+from proxy.config.tiers import BillingPolicy, Price, Prices
+from proxy.core import ids
+from proxy.core.record import AttemptRecord, UsageRecord
+from proxy.core.usage import Usage
+from proxy.stages.admit import billing
+from proxy.stages.settle.access_log import AccessLog
+from proxy.stores.budgets import BudgetBook, Hold, Limit
+from proxy.stores.journal import Journal
+from proxy.stores.ledger import UsageRow, batch_json
+from proxy.stores.quota import QuotaBook, Reservation
+
+PERIOD = date(2026, 12, 1)
+
+
+class _Queue:
+    """The ledger's ``add``; the rows stay here until the next batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[UsageRow] = []
+        self.on_durable = None
+
+    def add(self, row: UsageRow) -> None:
+        self.rows.append(row)
+
+
+class _Lines:
+    def add(self, line: bytes) -> None:
+        pass
+
+
+def main(n: int) -> None:
+    gc.disable()  # a collection's cost depends on what else is alive: not the path's
+    journal = Journal(Path(tempfile.mkdtemp()) / "journal-w.jsonl")
+    prices = Prices({"gpt-4o-mini": Price(Decimal("0.15"), Decimal("0.6"))})
+    quota = QuotaBook(None, "w-1", BillingPolicy())  # type: ignore[arg-type]
+    budgets = BudgetBook(None, "w-1", 1_000_000, 1.0)  # type: ignore[arg-type]
+    queue = _Queue()
+    bill = billing.Billing(None, quota, queue, prices, journal, budgets)  # type: ignore[arg-type]
+    access = AccessLog(_Lines())  # type: ignore[arg-type]
+    subjects = ("t:1", "k:key_1")
+    limits = tuple(Limit(s, span, PERIOD, 10**9, s) for s in subjects for span in ("month", "day"))
+    for limit in limits:  # leases with room: what the request reserved goes back
+        budgets._lease(limit).micros = 10**12
+    quota._lease(1, PERIOD).tokens = 10**9
+    for _ in range(n):
+        record = UsageRecord(
+            "req-abc",
+            "chat",
+            public_model="gpt-4o-mini",
+            tenant="acme",
+            tenant_id=1,
+            key_id="key_1",
+            key_prefix="tw-abcdefg",
+            client_ip="127.0.0.1",
+        )
+        reservation = Reservation(1, PERIOD, 1, 4000, True)
+        hold = Hold(limits, 500, PERIOD)
+        record.admission = billing.Admission(
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            reservation,
+            4000,
+            ids.event_id(),
+            100,
+            hold,
+        )
+        bill.journal_open(record, {"stream": False})
+        record.provider, record.provider_model = "openai", "gpt-4o-mini"
+        record.served_model = "gpt-4o-mini"
+        record.usage, record.latency_ms, record.attempts = Usage(120, 40, "provider"), 12.3, 1
+        record.attempt_log.append(AttemptRecord("openai", "gpt-4o-mini", 200))
+        bill.settle(record)
+        access.settle(record)
+        if len(queue.rows) >= 100:
+            batch_json(queue.rows)
+            journal.closed(queue.rows)
+            queue.rows = []
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
