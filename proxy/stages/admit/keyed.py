@@ -1,0 +1,195 @@
+"""One admission object per key: the admit stage's fast path in one call.
+
+Everything admission derives from a key, its tier and the config snapshot
+alone is worked out once and kept on the key's cached principal
+(``Principal.memo``, as ``key_limits.request_limits`` keeps its limits): the
+tier, whether the tier needs a prompt estimate, the key's rate-limit windows,
+its USD budget limits for the day, the plan's price bounds, and the header
+values that do not change per request (limits as text). ``take`` then admits
+a request from the worker's leases in one synchronous call, in the order of
+``pipeline.run.admit``: the monthly quota, the budgets, the key's windows.
+
+It stops at the first lease that is short and says where: the pipeline then
+awaits the rest exactly as the per-request code does (``run.admit``), so
+the semantics, bounds and refusal order are those of the awaited path; a
+request the fast path admits is one the awaited path would have admitted
+from the same leases without an await. The object lives as long as the
+principal (the key cache makes a new one on each lookup, so a revocation or
+a tier change reaches it within ``key_cache_ttl_s``) and is rebuilt when
+the config snapshot or the billing object changes (a reload).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import date
+from typing import Any
+
+from proxy.config.model import Config
+from proxy.config.tiers import RATE_SCALE
+from proxy.core import ids, tokens
+from proxy.core.principal import Principal
+from proxy.stages.admit import budget, key_limits
+from proxy.stages.admit.billing import Admission, Billing, clamp_max_tokens, reset_duration, tier_of
+from proxy.stages.route import RoutePlan
+from proxy.stores.budgets import Limit as BudgetLimit
+from proxy.stores.permits import PermitLeases
+from proxy.stores.quota import utc_now
+from proxy.stores.ratelimit import RateLimiter
+from proxy.stores.windows import Limit, Verdict
+
+_DAY = 86_400
+_MONTHLY = key_limits._MONTHLY_TOKENS
+# A fast ``take`` that stopped short: (the admission, the budget ask to
+# await or None, whether the key's windows were decided, their verdict).
+Taken = tuple[Admission, budget.Ask | None, bool, Verdict | None]
+
+
+class KeyAdmission:
+    """What admission keeps per (principal, config snapshot, billing)."""
+
+    __slots__ = (
+        "_day",
+        "_day_end",
+        "_day_start",
+        "_limits",
+        "_plan",
+        "_rates",
+        "billing",
+        "config",
+        "estimates",
+        "limiter",
+        "monthly",
+        "monthly_text",
+        "per_user",
+        "rate",
+        "tier",
+        "who",
+    )
+
+    def __init__(
+        self, billing: Billing, config: Config, who: Principal, limiter: RateLimiter | PermitLeases
+    ) -> None:
+        tier = tier_of(config, who)  # the 403 of an unknown tier, as before
+        self.billing, self.config, self.who, self.tier, self.limiter = (
+            billing,
+            config,
+            who,
+            tier,
+            limiter,
+        )
+        self.estimates = (
+            tier.monthly_tokens is not None
+            or tier.tokens_per_minute is not None
+            or tier.user_tokens_per_minute is not None
+        )
+        self.monthly = tier.monthly_tokens
+        self.monthly_text = str(tier.monthly_tokens)
+        self.per_user = bool(tier.user_requests_per_hour or tier.user_tokens_per_minute)
+        # The key's own windows when they cost the same for every request
+        # (no minute window): kept; else built per request by ``key_limits``.
+        self.rate: Sequence[Limit] | None = (
+            key_limits.request_limits(who, tier, 0) if tier.tokens_per_minute is None else None
+        )
+        self._day: date | None = None
+        self._day_start = self._day_end = 0.0
+        self._limits: tuple[BudgetLimit, ...] = ()
+        self._plan: RoutePlan | None = None
+        self._rates: tuple[tuple[int, int], ...] = ()
+
+    def _budget_limits(self) -> tuple[tuple[BudgetLimit, ...], date]:
+        """The key's budget limits for today: with the system clock, by
+        seconds since the epoch against the day's bounds (no datetime per
+        request); with another clock, read as ``run.admit`` reads it."""
+        quota = self.billing.quota
+        if quota.clock is utc_now:
+            t = time.time()
+            if self._day is not None and self._day_start <= t < self._day_end:
+                return self._limits, self._day
+        now = quota.clock()
+        day = now.date()
+        limits = budget.limits_for(self.who, self.tier, now)
+        if quota.clock is utc_now:
+            start = (int(now.timestamp()) // _DAY) * _DAY  # UTC days are whole multiples
+            self._day, self._day_start, self._day_end = day, float(start), float(start + _DAY)
+            self._limits = limits
+        return limits, day
+
+    def take(
+        self, body: dict[str, Any], endpoint: str, plan: RoutePlan, user: str | None
+    ) -> Taken | None:
+        """Admit from the leases without a coroutine. None: the quota lease
+        is short (nothing taken; ``run.admit`` does it all, as before).
+        Otherwise the admission and how far it got: a budget ask to await
+        (then the key's windows are not yet counted), or the key's windows
+        undecided (``key_limits.admit`` to await)."""
+        who, tier = self.who, self.tier
+        completion = clamp_max_tokens(body, tier, endpoint)
+        prompt = tokens.estimate_prompt(body, endpoint) if self.estimates else None
+        estimate = prompt + completion if prompt is not None else 0
+        reservation = self.billing.quota.take(who, tier, estimate)
+        if reservation is None:
+            return None
+        admission = Admission(who, tier, reservation, estimate, ids.event_id(), prompt)
+        book = self.billing.budgets
+        if book is not None:
+            limits, day = self._budget_limits()
+            if limits:
+                if prompt is None:  # as ``budget.take``: the size-based estimate
+                    prompt = tokens.estimate_prompt(body, endpoint)
+                if plan is not self._plan:
+                    self._rates = budget.plan_rates(plan, self.config.prices)
+                    self._plan = plan
+                # ``budget.max_cost``; ``completion`` is ``completion_budget``'s
+                # value (the limit the body goes out with, clamped above, x n)
+                most = -1
+                for per_prompt, per_completion in self._rates:
+                    cost = per_prompt * prompt + per_completion * completion
+                    if cost > most:
+                        most = cost
+                micros = max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
+                hold = book.take(limits, micros, day)
+                if hold is None:
+                    return admission, budget.Ask(limits, micros, day), False, None
+                admission.budget = hold
+        rate = self.rate
+        if rate is None or (user is not None and self.per_user):
+            done, verdict = key_limits.take(self.limiter, admission, user)
+            return admission, None, done, verdict
+        if not rate:
+            return admission, None, True, None
+        limiter = self.limiter
+        verdict = limiter.take(rate) if isinstance(limiter, PermitLeases) else None
+        return admission, None, verdict is not None, verdict
+
+    def headers(
+        self, request_id: str, admission: Admission, verdict: Verdict | None
+    ) -> dict[str, str]:
+        """``x-request-id`` and ``key_limits.response_headers``, the limits
+        already as text: only ``remaining`` and ``reset`` are made per request."""
+        out = {"x-request-id": request_id}
+        if self.monthly is not None:
+            remaining, reset = self.billing.quota.tokens_left(self.who.tenant_id, self.monthly)
+            out[_MONTHLY[0]] = self.monthly_text
+            out[_MONTHLY[1]] = str(remaining)
+            out[_MONTHLY[2]] = reset_duration(reset)
+        if verdict is not None:
+            out.update(key_limits.headers(verdict))
+        return out
+
+
+def of(
+    billing: Billing, config: Config, who: Principal, limiter: RateLimiter | PermitLeases
+) -> KeyAdmission:
+    """The key's admission object for this snapshot, built on first use."""
+    kept = who.memo.get("admission")
+    if (
+        isinstance(kept, KeyAdmission)
+        and kept.config is config
+        and kept.billing is billing
+        and kept.limiter is limiter
+    ):
+        return kept
+    made = who.memo["admission"] = KeyAdmission(billing, config, who, limiter)
+    return made
