@@ -50,7 +50,9 @@ def authenticate(request: web.Request, ex: Exchange) -> Principal | None:
     who = request.get(PRINCIPAL)
     if who is None:  # the config turned keys on after the gate let this request in
         raise InvalidApiKey("API keys are required on this gateway.")
-    name(ex.record, who)
+    record = ex.record  # ``name`` inline: every keyed request
+    record.tenant, record.tenant_id, record.key_id = who.tenant, who.tenant_id, who.key_id
+    record.key_prefix = who.key_prefix
     return who
 
 

@@ -110,7 +110,8 @@ class _Seen:
         if seen is None:
             return None
         digest, entry = seen
-        if not cache.holds(digest, entry):
+        # ``cache.holds`` inline (every request with a key comes here)
+        if cache._entries.get(digest) is not entry or entry[0] < cache._clock():
             del self._map[header]
             return None
         return entry[1]

@@ -41,6 +41,7 @@ from proxy.stores.windows import Limit, Verdict
 
 _DAY = 86_400
 _MONTHLY = key_limits._MONTHLY_TOKENS
+_HEADERS = key_limits._HEADERS
 # A fast ``take`` that stopped short: (the admission, the budget ask to
 # await or None, whether the key's windows were decided, their verdict).
 Taken = tuple[Admission, budget.Ask | None, bool, Verdict | None]
@@ -64,6 +65,8 @@ class KeyAdmission:
         "monthly_text",
         "per_user",
         "rate",
+        "rate_cap",
+        "rate_text",
         "tier",
         "who",
     )
@@ -92,6 +95,8 @@ class KeyAdmission:
         self.rate: Sequence[Limit] | None = (
             key_limits.request_limits(who, tier, 0) if tier.tokens_per_minute is None else None
         )
+        self.rate_cap = tier.requests_per_hour  # the -requests trio's limit, as text
+        self.rate_text = str(tier.requests_per_hour)
         self._day: date | None = None
         self._day_start = self._day_end = 0.0
         self._limits: tuple[BudgetLimit, ...] = ()
@@ -174,8 +179,14 @@ class KeyAdmission:
             out[_MONTHLY[0]] = self.monthly_text
             out[_MONTHLY[1]] = str(remaining)
             out[_MONTHLY[2]] = reset_duration(reset)
-        if verdict is not None:
-            out.update(key_limits.headers(verdict))
+        # ``key_limits.headers`` inline, the key's own capacity kept as text
+        for w in verdict.windows if verdict is not None else ():
+            names = _HEADERS.get(w.limit.name)
+            if names is not None:
+                capacity = w.capacity
+                out[names[0]] = self.rate_text if capacity == self.rate_cap else str(capacity)
+                out[names[1]] = str(w.remaining)
+                out[names[2]] = reset_duration(w.reset_ms / 1000)
         return out
 
 
