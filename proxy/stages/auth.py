@@ -146,7 +146,8 @@ class Authenticator:
         if header is not None:
             known = self.seen.get(header, self.cache)
             if known is not None:
-                return _valid(known)  # its expiry, checked as on the digest path
+                # its expiry, checked as on the digest path (``_valid``)
+                return known if known.expires_at is None else _valid(known)
         key = bearer(header)
         if len(key) != apikeys.KEY_LENGTH:
             raise invalid_key()  # junk of any size: refused before it is hashed

@@ -31,7 +31,13 @@ from proxy.config.tiers import RATE_SCALE
 from proxy.core import ids, tokens
 from proxy.core.principal import Principal
 from proxy.stages.admit import budget, key_limits
-from proxy.stages.admit.billing import Admission, Billing, clamp_max_tokens, reset_duration, tier_of
+from proxy.stages.admit.billing import (
+    Admission,
+    Billing,
+    _reset_text,
+    clamp_max_tokens,
+    tier_of,
+)
 from proxy.stages.route import RoutePlan
 from proxy.stores.budgets import Limit as BudgetLimit
 from proxy.stores.permits import PermitLeases
@@ -178,7 +184,7 @@ class KeyAdmission:
             remaining, reset = self.billing.quota.tokens_left(self.who.tenant_id, self.monthly)
             out[_MONTHLY[0]] = self.monthly_text
             out[_MONTHLY[1]] = str(remaining)
-            out[_MONTHLY[2]] = reset_duration(reset)
+            out[_MONTHLY[2]] = _reset_text(int(reset + 0.999))  # ``reset_duration``
         # ``key_limits.headers`` inline, the key's own capacity kept as text
         for w in verdict.windows if verdict is not None else ():
             names = _HEADERS.get(w.limit.name)
@@ -186,7 +192,7 @@ class KeyAdmission:
                 capacity = w.capacity
                 out[names[0]] = self.rate_text if capacity == self.rate_cap else str(capacity)
                 out[names[1]] = str(w.remaining)
-                out[names[2]] = reset_duration(w.reset_ms / 1000)
+                out[names[2]] = _reset_text(int(w.reset_ms / 1000 + 0.999))
         return out
 
 
