@@ -14,10 +14,12 @@ import pytest
 
 from proxy.core.errors import InvalidApiKey
 from proxy.core.principal import Principal
+from proxy.core.record import UsageRecord
 from proxy.stages import auth as auth_stage
 from proxy.stages.admit import budget, key_limits, keyed
 from proxy.stages.admit.billing import Admission
 from proxy.stages.auth import Authenticator, KeyCache
+from proxy.stages.base import Exchange
 from proxy.stores import apikeys
 from proxy.web.keys import RUNTIME
 from tests.billing_helpers import TEST_TIERS, billing_config
@@ -167,11 +169,14 @@ async def test_one_call_admits_what_the_per_request_code_admits(
     key = keyed.of(billing, snapshot.config, who, rt.permits or rt.limiter)
     assert keyed.of(billing, snapshot.config, who, rt.permits or rt.limiter) is key  # kept
     plan = snapshot.router.plan("echo", {}, tenant=who.tenant, tier=who.tier, access=key.tier)
-    for asked in ({}, {"max_tokens": 50}, {"max_tokens": 10**6, "n": 2}):
+    for i, asked in enumerate(({}, {"max_tokens": 50}, {"max_tokens": 10**6, "n": 2})):
         body = {"model": "echo", "messages": MSG, **asked}
-        taken = key.take(body, "chat", plan, None)
+        record = UsageRecord(f"req-{i}", "chat", config=snapshot.config)
+        ex = Exchange(None, record, snapshot.config, "chat", body, 0.0, who=who, model="echo")
+        taken = key.take(ex, plan)
         assert taken is not None  # the leases have room
         admission, ask, _, verdict = taken
+        assert record.admission is admission  # noted at once: settling gives it back
         assert ask is None and admission.budget is not None
         again = {"model": "echo", "messages": MSG, **asked}
         tier, estimate, prompt = billing._estimate(snapshot.config, who, again, "chat")
@@ -191,5 +196,5 @@ async def test_one_call_admits_what_the_per_request_code_admits(
         want = {"x-request-id": "req-x"}
         want |= key_limits.response_headers(billing.quota, admission, verdict)
         assert list(got.items()) == list(want.items())
-        billing.quota.release(admission.reservation, False, 0)
-        billing.budgets.release(admission.budget, 0)
+        record.status = 499  # not served: settling refunds the reservation and the hold
+        billing.settle(record)

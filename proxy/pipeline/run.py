@@ -34,7 +34,7 @@ from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import GENERATIVE, Call, Endpoint, Reply
 from proxy.stages import parse, relay
 from proxy.stages.admit import budget, key_limits, keyed
-from proxy.stages.admit.billing import Admission, Billing, tier_of
+from proxy.stages.admit.billing import Admission, tier_of
 from proxy.stages.base import Door, Exchange
 from proxy.stages.forward.attempts import Forwarded, Native, forward
 from proxy.stages.route import RoutePlan, fit
@@ -77,7 +77,7 @@ async def admit(
         # they have room, else awaited as before.
         asked = (ex.config, ex.who, ex.body, ex.endpoint, ex.model)
         admission = billing.take(*asked) or await billing.admit(*asked)
-        opened(billing, ex, admission)
+        keyed.opened(billing, ex, admission)
         ask = None
         if billing.budgets is not None:
             costs = (billing.budgets, ex.who, admission.tier, plan, ex.config.prices, ex.body)
@@ -99,15 +99,6 @@ async def admit(
         ex.notes["rate"] = verdict
         if not verdict.admitted:
             raise key_limits.refused(verdict, ex.who.key_prefix, ex.record.end_user)
-
-
-def opened(billing: Billing, ex: Exchange, admission: Admission) -> None:
-    """The admission on the usage record, and in the journal (a crash from
-    here on bills the request as interrupted)."""
-    ex.record.admission = admission
-    if ex.event_id:  # a batch line's row is keyed by its batch and line, never drawn
-        admission.event_id, admission.billed_in = ex.event_id, ex.billed_in
-    billing.journal_open(ex.record, ex.body)
 
 
 def asked_limit(body: dict[str, object]) -> int:
@@ -245,11 +236,10 @@ async def proceed(
             assert billing is not None
             # One call admits from the leases (nearly every request); a
             # short lease is awaited from where it stopped.
-            taken = key.take(ex.body, ex.endpoint, plan, record.end_user)
+            taken = key.take(ex, plan)  # the admission noted on the record, if any
             if taken is None:
                 await admit(rt, ex, plan)
             else:
-                opened(billing, ex, taken[0])
                 if taken[1] is None and taken[2]:
                     if taken[3] is not None:
                         ex.notes["rate"] = taken[3]  # a lease's verdict: admitted

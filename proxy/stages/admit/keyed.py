@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import date
-from typing import Any
 
 from proxy.config.model import Config
 from proxy.config.tiers import RATE_SCALE
@@ -38,6 +37,7 @@ from proxy.stages.admit.billing import (
     clamp_max_tokens,
     tier_of,
 )
+from proxy.stages.base import Exchange
 from proxy.stages.route import RoutePlan
 from proxy.stores.budgets import Limit as BudgetLimit
 from proxy.stores.permits import PermitLeases
@@ -127,15 +127,15 @@ class KeyAdmission:
             self._limits = limits
         return limits, day
 
-    def take(
-        self, body: dict[str, Any], endpoint: str, plan: RoutePlan, user: str | None
-    ) -> Taken | None:
+    def take(self, ex: Exchange, plan: RoutePlan) -> Taken | None:
         """Admit from the leases without a coroutine. None: the quota lease
         is short (nothing taken; ``run.admit`` does it all, as before).
-        Otherwise the admission and how far it got: a budget ask to await
+        Otherwise the admission, noted on the record and in the journal as
+        soon as it exists (``opened``: whatever happens next, settling gives
+        its reservation back), and how far it got: a budget ask to await
         (then the key's windows are not yet counted), or the key's windows
         undecided (``key_limits.admit`` to await)."""
-        who, tier = self.who, self.tier
+        who, tier, body, endpoint = self.who, self.tier, ex.body, ex.endpoint
         completion = clamp_max_tokens(body, tier, endpoint)
         prompt = tokens.estimate_prompt(body, endpoint) if self.estimates else None
         estimate = prompt + completion if prompt is not None else 0
@@ -143,6 +143,7 @@ class KeyAdmission:
         if reservation is None:
             return None
         admission = Admission(who, tier, reservation, estimate, ids.event_id(), prompt)
+        opened(self.billing, ex, admission)
         book = self.billing.budgets
         if book is not None:
             limits, day = self._budget_limits()
@@ -164,7 +165,7 @@ class KeyAdmission:
                 if hold is None:
                     return admission, budget.Ask(limits, micros, day), False, None
                 admission.budget = hold
-        rate = self.rate
+        rate, user = self.rate, ex.record.end_user
         if rate is None or (user is not None and self.per_user):
             done, verdict = key_limits.take(self.limiter, admission, user)
             return admission, None, done, verdict
@@ -194,6 +195,15 @@ class KeyAdmission:
                 out[names[1]] = str(w.remaining)
                 out[names[2]] = _reset_text(int(w.reset_ms / 1000 + 0.999))
         return out
+
+
+def opened(billing: Billing, ex: Exchange, admission: Admission) -> None:
+    """The admission on the usage record, and in the journal (a crash from
+    here on bills the request as interrupted)."""
+    ex.record.admission = admission
+    if ex.event_id:  # a batch line's row is keyed by its batch and line, never drawn
+        admission.event_id, admission.billed_in = ex.event_id, ex.billed_in
+    billing.journal_open(ex.record, ex.body)
 
 
 def of(
