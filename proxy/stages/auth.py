@@ -74,10 +74,6 @@ class KeyCache:
         """The digest's entry as stored (expired or not): what ``_Seen`` points at."""
         return self._entries.get(digest)
 
-    def holds(self, digest: bytes, entry: tuple[float, Principal | None]) -> bool:
-        """Whether ``entry`` is still the digest's entry, and unexpired."""
-        return self._entries.get(digest) is entry and entry[0] >= self._clock()
-
 
 # How many ``Authorization`` values ``Authenticator`` remembers; the map is
 # emptied when full (a repeat key is found again by one HMAC).
@@ -110,7 +106,7 @@ class _Seen:
         if seen is None:
             return None
         digest, entry = seen
-        # ``cache.holds`` inline (every request with a key comes here)
+        # still the digest's very entry, and unexpired (``KeyCache.get``'s test)
         if cache._entries.get(digest) is not entry or entry[0] < cache._clock():
             del self._map[header]
             return None
