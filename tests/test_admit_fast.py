@@ -21,6 +21,9 @@ from proxy.stages.admit.billing import Admission
 from proxy.stages.auth import Authenticator, KeyCache
 from proxy.stages.base import Exchange
 from proxy.stores import apikeys
+from proxy.stores.permits import PermitLeases
+from proxy.stores.permits import _Lease as _PermitLease
+from proxy.stores.windows import HOUR_MS, Limit
 from proxy.web.keys import RUNTIME
 from tests.billing_helpers import TEST_TIERS, billing_config
 from tests.conftest import StartKeyed
@@ -133,7 +136,7 @@ async def _chat(url: str, key: str) -> dict[str, str]:
 
 
 async def test_one_call_admits_what_the_per_request_code_admits(
-    start_keyed: StartKeyed, fake_openai: FakeOpenAI
+    start_keyed: StartKeyed, fake_openai: FakeOpenAI, redis_url: str
 ) -> None:
     """On a served gateway's own leases: the fast path's estimate, quota
     reservation, budget hold and headers (names, order, values) are those of
@@ -149,7 +152,7 @@ async def test_one_call_admits_what_the_per_request_code_admits(
     }
     config = billing_config(fake_openai.url)
     config["tiers"] = tiers
-    keyed_gw = await start_keyed(config, "budgeted", set(tiers))
+    keyed_gw = await start_keyed(config, "budgeted", set(tiers), redis_url=redis_url)
     gw, api_key = keyed_gw.gw, keyed_gw.api_key
     for _ in range(3):  # the leases are taken, the key cached
         served = await _chat(gw.base_url, api_key)
@@ -175,7 +178,7 @@ async def test_one_call_admits_what_the_per_request_code_admits(
         ex = Exchange(None, record, snapshot.config, "chat", body, 0.0, who=who, model="echo")
         taken = key.take(ex, plan)
         assert taken is not None  # the leases have room
-        admission, ask, _, verdict = taken
+        admission, ask, done, verdict = taken
         assert record.admission is admission  # noted at once: settling gives it back
         assert ask is None and admission.budget is not None
         again = {"model": "echo", "messages": MSG, **asked}
@@ -192,9 +195,32 @@ async def test_one_call_admits_what_the_per_request_code_admits(
         assert admission.budget.micros == cost
         assert admission.budget.limits == budget.limits_for(who, tier, billing.quota.clock())
         assert isinstance(admission, Admission)
-        got = key.headers("req-x", admission, verdict)
+        leased = ex.notes.get(keyed.LEASED)
+        if not done:  # the permit lease was short: the window is counted in Redis
+            verdict = await key_limits.admit(rt.permits, snapshot.config, admission, None)
+        assert (verdict is None) == isinstance(leased, dict)  # one or the other says the hour
+        got = key.headers("req-x", admission, verdict, leased)
         want = {"x-request-id": "req-x"}
         want |= key_limits.response_headers(billing.quota, admission, verdict)
+        want |= leased  # what the verdict's window said (test_leased_headers...)
         assert list(got.items()) == list(want.items())
+        assert list(got)[1:] == list(served)  # the names, in the served order
         record.status = 499  # not served: settling refunds the reservation and the hold
         billing.settle(record)
+
+
+def test_leased_headers_are_the_verdicts_headers() -> None:
+    """The -requests trio made from ``PermitLeases.take_one``'s numbers is
+    ``key_limits.headers`` of the verdict ``take`` builds on the same lease."""
+    clock = _Clock()
+    hour = Limit("tw:rl:{key_l}:rph", "requests_per_hour", 1000, HOUR_MS)
+    twins = [PermitLeases(None, clock=clock) for _ in range(2)]  # type: ignore[arg-type]
+    for leases in twins:
+        leases._leases[hour.key] = _PermitLease(7, clock.now + 6.0, 40, 300, 2_345_678, 0, 999.5, 8)
+    for _ in range(5):
+        verdict = twins[0].take([hour])
+        got = twins[1].take_one(hour)
+        assert verdict is not None and got is not None
+        assert keyed.leased_headers(hour, got[0], got[1], "1000") == key_limits.headers(verdict)
+        clock.now += 0.7
+    assert twins[1].take_one(Limit(hour.key, hour.name, 1000, HOUR_MS, 10**6)) is None  # short

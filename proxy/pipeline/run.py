@@ -132,7 +132,11 @@ def quota_headers(rt: Runtime, ex: Exchange) -> dict[str, str]:
     if not isinstance(admission, Admission) or rt.billing is None:
         return {}
     # The -requests trio is the hourly window; -tokens the minute window if any, else monthly.
-    return key_limits.response_headers(rt.billing.quota, admission, ex.notes.get("rate"))  # type: ignore[arg-type]
+    out = key_limits.response_headers(rt.billing.quota, admission, ex.notes.get("rate"))  # type: ignore[arg-type]
+    leased = ex.notes.get(keyed.LEASED)  # the -requests trio of a window admitted from a lease
+    if leased is not None:
+        out.update(leased)  # type: ignore[call-overload]
+    return out
 
 
 def _served_headers(ex: Exchange, done: Forwarded) -> dict[str, str]:
@@ -249,8 +253,8 @@ async def proceed(
     record.stream = parse.wants_stream(ex.body, ex.endpoint)
     admission = record.admission
     if key is not None and isinstance(admission, Admission):
-        rate = ex.notes.get("rate")
-        ex.headers = key.headers(record.request_id, admission, rate)  # type: ignore[arg-type]
+        rate, leased = ex.notes.get("rate"), ex.notes.get(keyed.LEASED)
+        ex.headers = key.headers(record.request_id, admission, rate, leased)  # type: ignore[arg-type]
     elif admission is None:
         ex.headers = {"x-request-id": record.request_id}
     else:

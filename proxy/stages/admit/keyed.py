@@ -172,20 +172,36 @@ class KeyAdmission:
         if not rate:
             return admission, None, True, None
         limiter = self.limiter
+        if len(rate) == 1 and isinstance(limiter, PermitLeases):
+            # The key's hourly window from the lease: its -requests header
+            # trio made from the lease's numbers, no verdict built.
+            lim = rate[0]
+            got = limiter.take_one(lim)
+            if got is None:
+                return admission, None, False, None
+            ex.notes[LEASED] = leased_headers(lim, got[0], got[1], self.rate_text)
+            return admission, None, True, None
         verdict = limiter.take(rate) if isinstance(limiter, PermitLeases) else None
         return admission, None, verdict is not None, verdict
 
     def headers(
-        self, request_id: str, admission: Admission, verdict: Verdict | None
+        self,
+        request_id: str,
+        admission: Admission,
+        verdict: Verdict | None,
+        leased: dict[str, str] | None = None,
     ) -> dict[str, str]:
         """``x-request-id`` and ``key_limits.response_headers``, the limits
-        already as text: only ``remaining`` and ``reset`` are made per request."""
+        already as text: only ``remaining`` and ``reset`` are made per request.
+        ``leased``: the window's trio ``take`` made from a lease (no verdict)."""
         out = {"x-request-id": request_id}
         if self.monthly is not None:
             remaining, reset = self.billing.quota.tokens_left(self.who.tenant_id, self.monthly)
             out[_MONTHLY[0]] = self.monthly_text
             out[_MONTHLY[1]] = str(remaining)
             out[_MONTHLY[2]] = _reset_text(int(reset + 0.999))  # ``reset_duration``
+        if leased is not None:
+            out.update(leased)
         # ``key_limits.headers`` inline, the key's own capacity kept as text
         for w in verdict.windows if verdict is not None else ():
             names = _HEADERS.get(w.limit.name)
@@ -195,6 +211,23 @@ class KeyAdmission:
                 out[names[1]] = str(w.remaining)
                 out[names[2]] = _reset_text(int(w.reset_ms / 1000 + 0.999))
         return out
+
+
+# ``Exchange.notes``' entry for the -requests trio ``take`` made from a
+# lease: the response's headers, and a later refusal's (``run.quota_headers``).
+LEASED = "rate_headers"
+
+
+def leased_headers(lim: Limit, used: int, reset_ms: int, capacity_text: str) -> dict[str, str]:
+    """``key_limits.headers`` of the window ``PermitLeases.take`` would have
+    reported for these numbers (``Window(lim, lim.capacity, True, used,
+    reset_ms, 0)``); ``capacity_text``: ``str(lim.capacity)``, kept."""
+    names = _HEADERS[lim.name]
+    return {
+        names[0]: capacity_text,
+        names[1]: str(max(0, lim.capacity - used)),
+        names[2]: _reset_text(int(reset_ms / 1000 + 0.999)),
+    }
 
 
 def opened(billing: Billing, ex: Exchange, admission: Admission) -> None:
