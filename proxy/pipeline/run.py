@@ -33,7 +33,7 @@ from proxy.pipeline.runtime import CLIENT_IP, PRINCIPAL, REQUEST_ID, TRACE, Runt
 from proxy.pipeline.snapshot import Snapshot
 from proxy.providers.base import GENERATIVE, Call, Endpoint, Reply
 from proxy.stages import parse, relay
-from proxy.stages.admit import budget, key_limits
+from proxy.stages.admit import budget, key_limits, keyed
 from proxy.stages.admit.billing import Admission, tier_of
 from proxy.stages.base import Door, Exchange
 from proxy.stages.forward.attempts import Forwarded, Native, forward
@@ -50,7 +50,9 @@ def authenticate(request: web.Request, ex: Exchange) -> Principal | None:
     who = request.get(PRINCIPAL)
     if who is None:  # the config turned keys on after the gate let this request in
         raise InvalidApiKey("API keys are required on this gateway.")
-    name(ex.record, who)
+    record = ex.record  # ``name`` inline: every keyed request
+    record.tenant, record.tenant_id, record.key_id = who.tenant, who.tenant_id, who.key_id
+    record.key_prefix = who.key_prefix
     return who
 
 
@@ -60,27 +62,37 @@ def name(record: UsageRecord, who: Principal) -> None:
     record.key_prefix = who.key_prefix
 
 
-async def admit(rt: Runtime, ex: Exchange, plan: RoutePlan) -> None:
+async def admit(
+    rt: Runtime, ex: Exchange, plan: RoutePlan, taken: keyed.Taken | None = None
+) -> None:
+    """Quota, then budgets, then the key's windows, awaited where a lease is
+    short. ``taken``: how far ``KeyAdmission.take`` got without an await
+    (the admission noted already); the rest is awaited from there."""
     if ex.who is None or rt.billing is None:
         return
-    # Each step is taken from the worker's leases without a coroutine when
-    # they have room (nearly every request), else awaited as before.
-    billing, asked = rt.billing, (ex.config, ex.who, ex.body, ex.endpoint, ex.model)
-    admission = billing.take(*asked) or await billing.admit(*asked)
-    ex.record.admission = admission
-    if ex.event_id:  # a batch line's row is keyed by its batch and line, never drawn
-        admission.event_id, admission.billed_in = ex.event_id, ex.billed_in
-    billing.journal_open(ex.record, ex.body)
-    if billing.budgets is not None:
-        costs = (billing.budgets, ex.who, admission.tier, plan, ex.config.prices, ex.body)
-        needs = (ex.endpoint, admission.prompt_tokens, billing.quota.clock())
-        admission.budget, ask = budget.take(*costs, *needs)
-        if ask is not None:
-            admission.budget = await budget.reserve(billing.budgets, ask)
+    billing = rt.billing
+    limiter = rt.permits or rt.limiter
+    if taken is None:
+        # Each step is taken from the worker's leases without a coroutine when
+        # they have room, else awaited as before.
+        asked = (ex.config, ex.who, ex.body, ex.endpoint, ex.model)
+        admission = billing.take(*asked) or await billing.admit(*asked)
+        keyed.opened(billing, ex, admission)
+        ask = None
+        if billing.budgets is not None:
+            costs = (billing.budgets, ex.who, admission.tier, plan, ex.config.prices, ex.body)
+            needs = (ex.endpoint, admission.prompt_tokens, billing.quota.clock())
+            admission.budget, ask = budget.take(*costs, *needs)
+        done, verdict = False, None
+    else:
+        admission, ask, done, verdict = taken
+    if ask is not None:
+        assert billing.budgets is not None
+        admission.budget = await budget.reserve(billing.budgets, ask)
     # After the quota: a request refused here settles as a 429 and gets its
     # reservation back, so no limit is consumed by one another limit refused.
-    limiter = rt.permits or rt.limiter
-    done, verdict = key_limits.take(limiter, admission, ex.record.end_user)
+    if taken is None or ask is not None:
+        done, verdict = key_limits.take(limiter, admission, ex.record.end_user)
     if not done:
         verdict = await key_limits.admit(limiter, ex.config, admission, ex.record.end_user)
     if verdict is not None:
@@ -120,7 +132,11 @@ def quota_headers(rt: Runtime, ex: Exchange) -> dict[str, str]:
     if not isinstance(admission, Admission) or rt.billing is None:
         return {}
     # The -requests trio is the hourly window; -tokens the minute window if any, else monthly.
-    return key_limits.response_headers(rt.billing.quota, admission, ex.notes.get("rate"))  # type: ignore[arg-type]
+    out = key_limits.response_headers(rt.billing.quota, admission, ex.notes.get("rate"))  # type: ignore[arg-type]
+    leased = ex.notes.get(keyed.LEASED)  # the -requests trio of a window admitted from a lease
+    if leased is not None:
+        out.update(leased)  # type: ignore[call-overload]
+    return out
 
 
 def _served_headers(ex: Exchange, done: Forwarded) -> dict[str, str]:
@@ -203,8 +219,13 @@ async def proceed(
     """route → admit → stages → forward → relay, for a parsed body and its
     principal: shared by the HTTP requests and the batch lines
     (``proxy.pipeline.batch_line``), which have no ``web.Request``."""
-    record, trace, who = ex.record, ex.trace, ex.who
-    tier = None if who is None else tier_of(ex.config, who)
+    record, trace, who, billing = ex.record, ex.trace, ex.who, rt.billing
+    key = (
+        None
+        if who is None or billing is None
+        else keyed.of(billing, ex.config, who, rt.permits or rt.limiter)
+    )
+    tier = key.tier if key is not None else None if who is None else tier_of(ex.config, who)
     plan = snapshot.router.plan(
         ex.model,
         headers,
@@ -215,11 +236,26 @@ async def proceed(
     record.public_model = ex.model = plan.public_model
     asked = asked_limit(ex.body)
     with trace.child("admission"):
-        if who is not None and rt.billing is not None:  # else nothing to admit: no coroutine
-            await admit(rt, ex, plan)
+        if key is not None:  # else nothing to admit: no coroutine
+            assert billing is not None
+            # One call admits from the leases (nearly every request); a
+            # short lease is awaited from where it stopped.
+            taken = key.take(ex, plan)  # the admission noted on the record, if any
+            if taken is None:
+                await admit(rt, ex, plan)
+            else:
+                if taken[1] is None and taken[2]:
+                    if taken[3] is not None:
+                        ex.notes["rate"] = taken[3]  # a lease's verdict: admitted
+                else:
+                    await admit(rt, ex, plan, taken)
     plan = fit_context(ex, plan, asked)
     record.stream = parse.wants_stream(ex.body, ex.endpoint)
-    if record.admission is None:
+    admission = record.admission
+    if key is not None and isinstance(admission, Admission):
+        rate, leased = ex.notes.get("rate"), ex.notes.get(keyed.LEASED)
+        ex.headers = key.headers(record.request_id, admission, rate, leased)  # type: ignore[arg-type]
+    elif admission is None:
         ex.headers = {"x-request-id": record.request_id}
     else:
         ex.headers = {"x-request-id": record.request_id, **quota_headers(rt, ex)}

@@ -6,6 +6,13 @@ query. Lookups are cached per process by digest for ``key_cache_ttl_s``
 Postgres; a revocation or tier change therefore reaches every worker within
 that TTL. Unknown, revoked, expired and malformed keys all get the same 401,
 which never echoes the key.
+
+A key the cache holds as valid is also found by the exact ``Authorization``
+value it came in (``Authenticator.cached``), so a repeat request skips the
+HMAC. That entry is only a pointer to the digest's cache entry: it answers
+while the digest cache still holds *that same* entry unexpired, so expiry,
+revocation and eviction reach it exactly as they reach the digest cache
+(see ``_Seen``).
 """
 
 from __future__ import annotations
@@ -63,6 +70,56 @@ class KeyCache:
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
+    def entry(self, digest: bytes) -> tuple[float, Principal | None] | None:
+        """The digest's entry as stored (expired or not): what ``_Seen`` points at."""
+        return self._entries.get(digest)
+
+
+# How many ``Authorization`` values ``Authenticator`` remembers; the map is
+# emptied when full (a repeat key is found again by one HMAC).
+SEEN_MAX = 10_000
+
+
+class _Seen:
+    """``Authorization`` value → (digest, the digest's cache entry), for the
+    keys the cache holds as valid: a repeat request skips the HMAC.
+
+    Keyed by the exact header string, not by a hash of it: a dict compares
+    the strings themselves on a hash match, so no other credential can ever
+    find an entry (a 64-bit ``hash()`` as key would let a collision
+    authenticate as someone else's key). It holds only what the process
+    already sees in every request header; unknown and revoked keys are
+    never remembered (junk cannot fill it), and the map is bounded.
+
+    An entry answers only while ``KeyCache`` still holds the very entry it
+    points at (an identity check, and its expiry): a refresh after the TTL,
+    a revocation, an eviction all make a new entry or none, so the remembered
+    value misses and the request takes the digest path, as before."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self) -> None:
+        self._map: dict[str, tuple[bytes, tuple[float, Principal | None]]] = {}
+
+    def get(self, header: str, cache: KeyCache) -> Principal | None:
+        seen = self._map.get(header)
+        if seen is None:
+            return None
+        digest, entry = seen
+        # still the digest's very entry, and unexpired (``KeyCache.get``'s test)
+        if cache._entries.get(digest) is not entry or entry[0] < cache._clock():
+            del self._map[header]
+            return None
+        return entry[1]
+
+    def remember(self, header: str, digest: bytes, cache: KeyCache) -> None:
+        entry = cache.entry(digest)
+        if entry is None or entry[1] is None:
+            return  # only keys held as valid
+        if len(self._map) >= SEEN_MAX:
+            self._map.clear()
+        self._map[header] = (digest, entry)
+
 
 class Authenticator:
     def __init__(
@@ -77,19 +134,29 @@ class Authenticator:
         self.hasher = hasher
         self.cache = cache
         self.queries = 0  # lookups that reached Postgres; tests assert on it
+        self.seen = _Seen()
 
     def cached(self, header: str | None) -> Principal | None:
         """``authenticate`` from the cache alone, without a coroutine: the
         principal, or the same 401; None when the key must be looked up."""
+        if header is not None:
+            known = self.seen.get(header, self.cache)
+            if known is not None:
+                # its expiry, checked as on the digest path (``_valid``)
+                return known if known.expires_at is None else _valid(known)
         key = bearer(header)
         if len(key) != apikeys.KEY_LENGTH:
             raise invalid_key()  # junk of any size: refused before it is hashed
         # Only keys of the right shape are ever cached (``authenticate`` looks
         # up no other), so a hit needs no shape check; a miss gets it there.
-        found, principal = self.cache.get(self.hasher.digest(key))
+        digest = self.hasher.digest(key)
+        found, principal = self.cache.get(digest)
         if not found:
             return None
-        return _valid(principal)
+        valid = _valid(principal)
+        assert header is not None  # bearer() refused None
+        self.seen.remember(header, digest, self.cache)
+        return valid
 
     async def authenticate(self, header: str | None) -> Principal:
         key = bearer(header)
@@ -107,7 +174,10 @@ class Authenticator:
                     raise
             else:
                 self.cache.put(digest, principal)
-        return _valid(principal)
+        valid = _valid(principal)
+        assert header is not None  # bearer() refused None
+        self.seen.remember(header, digest, self.cache)
+        return valid
 
     async def _lookup(self, digest: bytes) -> Principal | None:
         self.queries += 1

@@ -98,6 +98,17 @@ class PermitLeases:
         if len(limits) != 1:
             return None
         lim = limits[0]
+        got = self.take_one(lim)
+        if got is None:
+            return None
+        used, reset_ms, now_ms = got
+        return Verdict(True, (Window(lim, lim.capacity, True, used, reset_ms, 0),), now_ms, True)
+
+    def take_one(self, lim: Limit) -> tuple[int, int, int] | None:
+        """``take`` of one window, without building its verdict (the admit
+        stage's fast path formats the headers from the numbers): the units
+        counted in the window as this worker knows it, the ms until its
+        reset (``_window``'s), Redis's clock; None: ``check`` decides."""
         lease = self._leases.get(lim.key)
         now = self._clock()
         if lease is None or not (now < lease.ends and lease.left >= lim.cost):
@@ -106,8 +117,9 @@ class PermitLeases:
         lease.left -= lim.cost
         if lease.left * 2 < lease.size * lim.cost and not lease.topping:
             self._top_up_soon(lim, lease)
-        ms = lease.redis_ms + int((now - lease.taken_at) * 1000)
-        return Verdict(True, (_window(lim, lease, now),), ms, True)
+        elapsed_ms = int((now - lease.taken_at) * 1000)
+        reset = max(1, lease.reset_ms - elapsed_ms) if lease.reset_ms else 0
+        return lease.used - lease.left, reset, lease.redis_ms + elapsed_ms
 
     def _top_up_soon(self, lim: Limit, lease: _Lease) -> None:
         """Ask for the next lease in the background while the window is far

@@ -153,23 +153,18 @@ class QuotaBook:
             month = self._current = _Month.of(period)
         return month.period, now, month.end
 
-    def _period(self) -> date:
-        """``_month()``'s period: with the system clock, by the seconds since
-        the epoch against the month's bounds (``tokens_left``'s reading), no
-        datetime made per request."""
-        month = self._current
+    def take(self, who: Principal, tier: Tier, tokens: int) -> Reservation | None:
+        """``admit`` when the local lease has room (the common case): no
+        coroutine, no await. None: ``admit`` must refill it, or refuse."""
+        month = self._current  # ``_period()`` inline: this runs for every request
         if (
             self.clock is utc_now
             and month is not None
             and month.start_ts <= time.time() < month.end_ts
         ):
-            return month.period
-        return self._month()[0]
-
-    def take(self, who: Principal, tier: Tier, tokens: int) -> Reservation | None:
-        """``admit`` when the local lease has room (the common case): no
-        coroutine, no await. None: ``admit`` must refill it, or refuse."""
-        period = self._period()
+            period = month.period
+        else:
+            period = self._month()[0]
         if tier.monthly_requests is None and tier.monthly_tokens is None:
             return Reservation(who.tenant_id, period, 1, tokens, leased=False)
         need_tokens = tokens if tier.monthly_tokens is not None else 0

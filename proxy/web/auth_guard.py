@@ -47,11 +47,11 @@ def credential(headers: CIMultiDictProxy[str]) -> str | None:
     bearer when no ``Authorization`` header came."""
     given = headers.getall("Authorization", ())
     keys = headers.getall("x-api-key", ())
-    for name, values in (("Authorization", given), ("x-api-key", keys)):
-        if len(values) > 1:
-            raise InvalidRequest(
-                f"The request has more than one {name} header; send exactly one credential."
-            )
+    if len(given) > 1 or len(keys) > 1:
+        name = "Authorization" if len(given) > 1 else "x-api-key"
+        raise InvalidRequest(
+            f"The request has more than one {name} header; send exactly one credential."
+        )
     if given:
         return given[0]
     return f"Bearer {keys[0]}" if keys and keys[0] else None

@@ -1,0 +1,255 @@
+"""One admission object per key: the admit stage's fast path in one call.
+
+Everything admission derives from a key, its tier and the config snapshot
+alone is worked out once and kept on the key's cached principal
+(``Principal.memo``, as ``key_limits.request_limits`` keeps its limits): the
+tier, whether the tier needs a prompt estimate, the key's rate-limit windows,
+its USD budget limits for the day, the plan's price bounds, and the header
+values that do not change per request (limits as text). ``take`` then admits
+a request from the worker's leases in one synchronous call, in the order of
+``pipeline.run.admit``: the monthly quota, the budgets, the key's windows.
+
+It stops at the first lease that is short and says where: the pipeline then
+awaits the rest exactly as the per-request code does (``run.admit``), so
+the semantics, bounds and refusal order are those of the awaited path; a
+request the fast path admits is one the awaited path would have admitted
+from the same leases without an await. The object lives as long as the
+principal (the key cache makes a new one on each lookup, so a revocation or
+a tier change reaches it within ``key_cache_ttl_s``) and is rebuilt when
+the config snapshot or the billing object changes (a reload).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import date
+
+from proxy.config.model import Config
+from proxy.config.tiers import RATE_SCALE
+from proxy.core import ids, tokens
+from proxy.core.principal import Principal
+from proxy.stages.admit import budget, key_limits
+from proxy.stages.admit.billing import (
+    Admission,
+    Billing,
+    _reset_text,
+    clamp_max_tokens,
+    tier_of,
+)
+from proxy.stages.base import Exchange
+from proxy.stages.route import RoutePlan
+from proxy.stores.budgets import Limit as BudgetLimit
+from proxy.stores.permits import PermitLeases
+from proxy.stores.quota import utc_now
+from proxy.stores.ratelimit import RateLimiter
+from proxy.stores.windows import Limit, Verdict
+
+_DAY = 86_400
+_MONTHLY = key_limits._MONTHLY_TOKENS
+_HEADERS = key_limits._HEADERS
+# A fast ``take`` that stopped short: (the admission, the budget ask to
+# await or None, whether the key's windows were decided, their verdict).
+Taken = tuple[Admission, budget.Ask | None, bool, Verdict | None]
+
+
+class KeyAdmission:
+    """What admission keeps per (principal, config snapshot, billing)."""
+
+    __slots__ = (
+        "_day",
+        "_day_end",
+        "_day_start",
+        "_limits",
+        "_plan",
+        "_rates",
+        "billing",
+        "config",
+        "estimates",
+        "limiter",
+        "monthly",
+        "monthly_text",
+        "per_user",
+        "rate",
+        "rate_cap",
+        "rate_text",
+        "tier",
+        "who",
+    )
+
+    def __init__(
+        self, billing: Billing, config: Config, who: Principal, limiter: RateLimiter | PermitLeases
+    ) -> None:
+        tier = tier_of(config, who)  # the 403 of an unknown tier, as before
+        self.billing, self.config, self.who, self.tier, self.limiter = (
+            billing,
+            config,
+            who,
+            tier,
+            limiter,
+        )
+        self.estimates = (
+            tier.monthly_tokens is not None
+            or tier.tokens_per_minute is not None
+            or tier.user_tokens_per_minute is not None
+        )
+        self.monthly = tier.monthly_tokens
+        self.monthly_text = str(tier.monthly_tokens)
+        self.per_user = bool(tier.user_requests_per_hour or tier.user_tokens_per_minute)
+        # The key's own windows when they cost the same for every request
+        # (no minute window): kept; else built per request by ``key_limits``.
+        self.rate: Sequence[Limit] | None = (
+            key_limits.request_limits(who, tier, 0) if tier.tokens_per_minute is None else None
+        )
+        self.rate_cap = tier.requests_per_hour  # the -requests trio's limit, as text
+        self.rate_text = str(tier.requests_per_hour)
+        self._day: date | None = None
+        self._day_start = self._day_end = 0.0
+        self._limits: tuple[BudgetLimit, ...] = ()
+        self._plan: RoutePlan | None = None
+        self._rates: tuple[tuple[int, int], ...] = ()
+
+    def _budget_limits(self) -> tuple[tuple[BudgetLimit, ...], date]:
+        """The key's budget limits for today: with the system clock, by
+        seconds since the epoch against the day's bounds (no datetime per
+        request); with another clock, read as ``run.admit`` reads it."""
+        quota = self.billing.quota
+        if quota.clock is utc_now:
+            t = time.time()
+            if self._day is not None and self._day_start <= t < self._day_end:
+                return self._limits, self._day
+        now = quota.clock()
+        day = now.date()
+        limits = budget.limits_for(self.who, self.tier, now)
+        if quota.clock is utc_now:
+            start = (int(now.timestamp()) // _DAY) * _DAY  # UTC days are whole multiples
+            self._day, self._day_start, self._day_end = day, float(start), float(start + _DAY)
+            self._limits = limits
+        return limits, day
+
+    def take(self, ex: Exchange, plan: RoutePlan) -> Taken | None:
+        """Admit from the leases without a coroutine. None: the quota lease
+        is short (nothing taken; ``run.admit`` does it all, as before).
+        Otherwise the admission, noted on the record and in the journal as
+        soon as it exists (``opened``: whatever happens next, settling gives
+        its reservation back), and how far it got: a budget ask to await
+        (then the key's windows are not yet counted), or the key's windows
+        undecided (``key_limits.admit`` to await)."""
+        who, tier, body, endpoint = self.who, self.tier, ex.body, ex.endpoint
+        completion = clamp_max_tokens(body, tier, endpoint)
+        prompt = tokens.estimate_prompt(body, endpoint) if self.estimates else None
+        estimate = prompt + completion if prompt is not None else 0
+        reservation = self.billing.quota.take(who, tier, estimate)
+        if reservation is None:
+            return None
+        admission = Admission(who, tier, reservation, estimate, ids.event_id(), prompt)
+        opened(self.billing, ex, admission)
+        book = self.billing.budgets
+        if book is not None:
+            limits, day = self._budget_limits()
+            if limits:
+                if prompt is None:  # as ``budget.take``: the size-based estimate
+                    prompt = tokens.estimate_prompt(body, endpoint)
+                if plan is not self._plan:
+                    self._rates = budget.plan_rates(plan, self.config.prices)
+                    self._plan = plan
+                # ``budget.max_cost``; ``completion`` is ``completion_budget``'s
+                # value (the limit the body goes out with, clamped above, x n)
+                most = -1
+                for per_prompt, per_completion in self._rates:
+                    cost = per_prompt * prompt + per_completion * completion
+                    if cost > most:
+                        most = cost
+                micros = max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
+                hold = book.take(limits, micros, day)
+                if hold is None:
+                    return admission, budget.Ask(limits, micros, day), False, None
+                admission.budget = hold
+        rate, user = self.rate, ex.record.end_user
+        if rate is None or (user is not None and self.per_user):
+            done, verdict = key_limits.take(self.limiter, admission, user)
+            return admission, None, done, verdict
+        if not rate:
+            return admission, None, True, None
+        limiter = self.limiter
+        if len(rate) == 1 and isinstance(limiter, PermitLeases):
+            # The key's hourly window from the lease: its -requests header
+            # trio made from the lease's numbers, no verdict built.
+            lim = rate[0]
+            got = limiter.take_one(lim)
+            if got is None:
+                return admission, None, False, None
+            ex.notes[LEASED] = leased_headers(lim, got[0], got[1], self.rate_text)
+            return admission, None, True, None
+        verdict = limiter.take(rate) if isinstance(limiter, PermitLeases) else None
+        return admission, None, verdict is not None, verdict
+
+    def headers(
+        self,
+        request_id: str,
+        admission: Admission,
+        verdict: Verdict | None,
+        leased: dict[str, str] | None = None,
+    ) -> dict[str, str]:
+        """``x-request-id`` and ``key_limits.response_headers``, the limits
+        already as text: only ``remaining`` and ``reset`` are made per request.
+        ``leased``: the window's trio ``take`` made from a lease (no verdict)."""
+        out = {"x-request-id": request_id}
+        if self.monthly is not None:
+            remaining, reset = self.billing.quota.tokens_left(self.who.tenant_id, self.monthly)
+            out[_MONTHLY[0]] = self.monthly_text
+            out[_MONTHLY[1]] = str(remaining)
+            out[_MONTHLY[2]] = _reset_text(int(reset + 0.999))  # ``reset_duration``
+        if leased is not None:
+            out.update(leased)
+        # ``key_limits.headers`` inline, the key's own capacity kept as text
+        for w in verdict.windows if verdict is not None else ():
+            names = _HEADERS.get(w.limit.name)
+            if names is not None:
+                capacity = w.capacity
+                out[names[0]] = self.rate_text if capacity == self.rate_cap else str(capacity)
+                out[names[1]] = str(w.remaining)
+                out[names[2]] = _reset_text(int(w.reset_ms / 1000 + 0.999))
+        return out
+
+
+# ``Exchange.notes``' entry for the -requests trio ``take`` made from a
+# lease: the response's headers, and a later refusal's (``run.quota_headers``).
+LEASED = "rate_headers"
+
+
+def leased_headers(lim: Limit, used: int, reset_ms: int, capacity_text: str) -> dict[str, str]:
+    """``key_limits.headers`` of the window ``PermitLeases.take`` would have
+    reported for these numbers (``Window(lim, lim.capacity, True, used,
+    reset_ms, 0)``); ``capacity_text``: ``str(lim.capacity)``, kept."""
+    names = _HEADERS[lim.name]
+    return {
+        names[0]: capacity_text,
+        names[1]: str(max(0, lim.capacity - used)),
+        names[2]: _reset_text(int(reset_ms / 1000 + 0.999)),
+    }
+
+
+def opened(billing: Billing, ex: Exchange, admission: Admission) -> None:
+    """The admission on the usage record, and in the journal (a crash from
+    here on bills the request as interrupted)."""
+    ex.record.admission = admission
+    if ex.event_id:  # a batch line's row is keyed by its batch and line, never drawn
+        admission.event_id, admission.billed_in = ex.event_id, ex.billed_in
+    billing.journal_open(ex.record, ex.body)
+
+
+def of(
+    billing: Billing, config: Config, who: Principal, limiter: RateLimiter | PermitLeases
+) -> KeyAdmission:
+    """The key's admission object for this snapshot, built on first use."""
+    kept = who.memo.get("admission")
+    if (
+        isinstance(kept, KeyAdmission)
+        and kept.config is config
+        and kept.billing is billing
+        and kept.limiter is limiter
+    ):
+        return kept
+    made = who.memo["admission"] = KeyAdmission(billing, config, who, limiter)
+    return made
