@@ -241,14 +241,14 @@ async def proceed(
             # One call admits from the leases (nearly every request); a
             # short lease is awaited from where it stopped.
             taken = key.take(ex, plan)  # the admission noted on the record, if any
-            if taken is None:
+            if taken is None:  # the quota lease is short: all of it awaited
                 await admit(rt, ex, plan)
             else:
-                if taken[1] is None and taken[2]:
-                    if taken[3] is not None:
-                        ex.notes["rate"] = taken[3]  # a lease's verdict: admitted
-                else:
+                _, ask, decided, verdict = taken
+                if ask is not None or not decided:  # a budget or a window to await
                     await admit(rt, ex, plan, taken)
+                elif verdict is not None:
+                    ex.notes["rate"] = verdict  # a lease's verdict: admitted
     plan = fit_context(ex, plan, asked)
     record.stream = parse.wants_stream(ex.body, ex.endpoint)
     admission = record.admission
