@@ -95,7 +95,8 @@ def _child(tree: str, n: int) -> None:
         tier_of(config, principal)  # proceed's, for the router
         body = {"model": "bench-model", "messages": messages}
         record = UsageRecord("r", "chat", config=config)
-        admission = billing.take(config, principal, body, "chat", "bench-model")
+        # the revisions before ``keyed`` (only they run this) have ``Billing.take``
+        admission = billing.take(config, principal, body, "chat", "bench-model")  # type: ignore[attr-defined]
         assert admission is not None
         record.admission = admission
         billing.journal_open(record, body)

@@ -50,9 +50,7 @@ def authenticate(request: web.Request, ex: Exchange) -> Principal | None:
     who = request.get(PRINCIPAL)
     if who is None:  # the config turned keys on after the gate let this request in
         raise InvalidApiKey("API keys are required on this gateway.")
-    record = ex.record  # ``name`` inline: every keyed request
-    record.tenant, record.tenant_id, record.key_id = who.tenant, who.tenant_id, who.key_id
-    record.key_prefix = who.key_prefix
+    name(ex.record, who)
     return who
 
 
@@ -73,10 +71,9 @@ async def admit(
     billing = rt.billing
     limiter = rt.permits or rt.limiter
     if taken is None:
-        # Each step is taken from the worker's leases without a coroutine when
-        # they have room, else awaited as before.
-        asked = (ex.config, ex.who, ex.body, ex.endpoint, ex.model)
-        admission = billing.take(*asked) or await billing.admit(*asked)
+        # ``KeyAdmission.take`` found the quota lease short: refilled (or
+        # refused) here, then budgets and windows from their leases or awaited.
+        admission = await billing.admit(ex.config, ex.who, ex.body, ex.endpoint, ex.model)
         keyed.opened(billing, ex, admission)
         ask = None
         if billing.budgets is not None:

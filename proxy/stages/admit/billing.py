@@ -70,6 +70,15 @@ def tier_of(config: Config, principal: Principal) -> Tier:
     return tier
 
 
+def needs_estimate(tier: Tier) -> bool:
+    """Whether admitting to ``tier`` reserves tokens, so needs the prompt estimate."""
+    return (
+        tier.monthly_tokens is not None
+        or tier.tokens_per_minute is not None
+        or tier.user_tokens_per_minute is not None
+    )
+
+
 _LIMITS = ("max_completion_tokens", "max_tokens")
 
 
@@ -155,31 +164,10 @@ class Billing:
         no token limit needs one); caps the body's completion limits."""
         tier = tier_of(config, principal)
         budget = clamp_max_tokens(body, tier, endpoint)
-        if (
-            tier.monthly_tokens is not None
-            or tier.tokens_per_minute is not None
-            or tier.user_tokens_per_minute is not None
-        ):
+        if needs_estimate(tier):
             prompt = tokens.estimate_prompt(body, endpoint)
             return tier, prompt + budget, prompt
         return tier, 0, None
-
-    def take(
-        self,
-        config: Config,
-        principal: Principal,
-        body: dict[str, Any],
-        endpoint: str,
-        public_model: str,
-    ) -> Admission | None:
-        """``admit`` when the worker's quota lease has room (nearly every
-        request): no coroutine. None: ``admit`` refills the lease or refuses
-        (capping the body again changes nothing)."""
-        tier, estimate, prompt = self._estimate(config, principal, body, endpoint)
-        reservation = self.quota.take(principal, tier, estimate)
-        if reservation is None:
-            return None
-        return Admission(principal, tier, reservation, estimate, ids.event_id(), prompt)
 
     async def admit(
         self,
@@ -270,7 +258,7 @@ class Billing:
             record.tenant_id,
             record.key_id,
             self.quota.worker_id,
-            record.door or record.endpoint,  # record.api
+            record.api,
             record.public_model,
             record.provider,
             record.provider_model,

@@ -76,9 +76,16 @@ def completion_budget(body: Mapping[str, Any], endpoint: str) -> int:
 def max_cost(plan: RoutePlan, prices: Mapping[str, Price], prompt: int, completion: int) -> int:
     """The most the request may cost, in micro-dollars (at least 1), in
     integer arithmetic on each price's ``bound_rates`` (rounded up)."""
+    return bound(plan_rates(plan, prices), prompt, completion)
+
+
+def bound(rates: tuple[tuple[int, int], ...], prompt: int, completion: int) -> int:
+    """``max_cost`` for a plan's ``plan_rates``: micro-dollars, at least 1."""
     most = -1
-    for per_prompt, per_completion in plan_rates(plan, prices):
-        most = max(most, per_prompt * prompt + per_completion * completion)
+    for per_prompt, per_completion in rates:
+        cost = per_prompt * prompt + per_completion * completion
+        if cost > most:
+            most = cost
     return max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
 
 

@@ -139,34 +139,45 @@ _HEADERS = {
 _MONTHLY_TOKENS = _HEADERS["tokens_per_minute"]
 
 
+def put_window(
+    out: dict[str, str], name: str, capacity: str, remaining: int, reset_ms: int
+) -> None:
+    """One window's trio into ``out`` (the limit already as text); a window
+    the headers do not describe (an end user's) adds nothing."""
+    names = _HEADERS.get(name)
+    if names is not None:
+        out[names[0]] = capacity
+        out[names[1]] = str(remaining)
+        out[names[2]] = reset_duration(reset_ms / 1000)
+
+
 def headers(verdict: Verdict | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for w in verdict.windows if verdict is not None else ():
-        names = _HEADERS.get(w.limit.name)
-        if names is not None:
-            limit, remaining, reset = names
-            out[limit] = str(w.capacity)
-            out[remaining] = str(w.remaining)
-            out[reset] = reset_duration(w.reset_ms / 1000)
+        put_window(out, w.limit.name, str(w.capacity), w.remaining, w.reset_ms)
     return out
 
 
 def response_headers(
-    quota: QuotaBook, admission: Admission, verdict: Verdict | None
+    quota: QuotaBook,
+    admission: Admission,
+    verdict: Verdict | None,
+    out: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Every admitted response's ``x-ratelimit-*`` headers: the -requests
     trio is the key's hourly window, the -tokens trio its minute window when
     the tier has one, else the tenant's monthly tokens (``QuotaBook.standing``'s,
-    without building it)."""
-    out: dict[str, str] = {}
+    without building it). ``out``: the dict to add them to (a new one)."""
+    if out is None:
+        out = {}
     tier = admission.tier
     if tier.monthly_tokens is not None:
         remaining, reset = quota.tokens_left(admission.principal.tenant_id, tier.monthly_tokens)
         out[_MONTHLY_TOKENS[0]] = str(tier.monthly_tokens)
         out[_MONTHLY_TOKENS[1]] = str(remaining)
         out[_MONTHLY_TOKENS[2]] = reset_duration(reset)
-    if verdict is not None:
-        out.update(headers(verdict))
+    for w in verdict.windows if verdict is not None else ():
+        put_window(out, w.limit.name, str(w.capacity), w.remaining, w.reset_ms)
     return out
 
 

@@ -26,17 +26,10 @@ from collections.abc import Sequence
 from datetime import date
 
 from proxy.config.model import Config
-from proxy.config.tiers import RATE_SCALE
 from proxy.core import ids, tokens
 from proxy.core.principal import Principal
 from proxy.stages.admit import budget, key_limits
-from proxy.stages.admit.billing import (
-    Admission,
-    Billing,
-    _reset_text,
-    clamp_max_tokens,
-    tier_of,
-)
+from proxy.stages.admit.billing import Admission, Billing, clamp_max_tokens, needs_estimate, tier_of
 from proxy.stages.base import Exchange
 from proxy.stages.route import RoutePlan
 from proxy.stores.budgets import Limit as BudgetLimit
@@ -46,8 +39,6 @@ from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.windows import Limit, Verdict
 
 _DAY = 86_400
-_MONTHLY = key_limits._MONTHLY_TOKENS
-_HEADERS = key_limits._HEADERS
 # A fast ``take`` that stopped short: (the admission, the budget ask to
 # await or None, whether the key's windows were decided, their verdict).
 Taken = tuple[Admission, budget.Ask | None, bool, Verdict | None]
@@ -61,17 +52,12 @@ class KeyAdmission:
         "_day_end",
         "_day_start",
         "_limits",
-        "_plan",
-        "_rates",
         "billing",
         "config",
         "estimates",
         "limiter",
-        "monthly",
-        "monthly_text",
         "per_user",
         "rate",
-        "rate_cap",
         "rate_text",
         "tier",
         "who",
@@ -88,26 +74,17 @@ class KeyAdmission:
             tier,
             limiter,
         )
-        self.estimates = (
-            tier.monthly_tokens is not None
-            or tier.tokens_per_minute is not None
-            or tier.user_tokens_per_minute is not None
-        )
-        self.monthly = tier.monthly_tokens
-        self.monthly_text = str(tier.monthly_tokens)
+        self.estimates = needs_estimate(tier)
         self.per_user = bool(tier.user_requests_per_hour or tier.user_tokens_per_minute)
         # The key's own windows when they cost the same for every request
         # (no minute window): kept; else built per request by ``key_limits``.
         self.rate: Sequence[Limit] | None = (
             key_limits.request_limits(who, tier, 0) if tier.tokens_per_minute is None else None
         )
-        self.rate_cap = tier.requests_per_hour  # the -requests trio's limit, as text
-        self.rate_text = str(tier.requests_per_hour)
+        self.rate_text = str(tier.requests_per_hour)  # the -requests trio's limit
         self._day: date | None = None
         self._day_start = self._day_end = 0.0
         self._limits: tuple[BudgetLimit, ...] = ()
-        self._plan: RoutePlan | None = None
-        self._rates: tuple[tuple[int, int], ...] = ()
 
     def _budget_limits(self) -> tuple[tuple[BudgetLimit, ...], date]:
         """The key's budget limits for today: with the system clock, by
@@ -150,17 +127,10 @@ class KeyAdmission:
             if limits:
                 if prompt is None:  # as ``budget.take``: the size-based estimate
                     prompt = tokens.estimate_prompt(body, endpoint)
-                if plan is not self._plan:
-                    self._rates = budget.plan_rates(plan, self.config.prices)
-                    self._plan = plan
-                # ``budget.max_cost``; ``completion`` is ``completion_budget``'s
+                # ``budget.max_cost``: ``completion`` is ``completion_budget``'s
                 # value (the limit the body goes out with, clamped above, x n)
-                most = -1
-                for per_prompt, per_completion in self._rates:
-                    cost = per_prompt * prompt + per_completion * completion
-                    if cost > most:
-                        most = cost
-                micros = max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
+                rates = budget.plan_rates(plan, self.config.prices)
+                micros = budget.bound(rates, prompt, completion)
                 hold = book.take(limits, micros, day)
                 if hold is None:
                     return admission, budget.Ask(limits, micros, day), False, None
@@ -191,25 +161,12 @@ class KeyAdmission:
         verdict: Verdict | None,
         leased: dict[str, str] | None = None,
     ) -> dict[str, str]:
-        """``x-request-id`` and ``key_limits.response_headers``, the limits
-        already as text: only ``remaining`` and ``reset`` are made per request.
-        ``leased``: the window's trio ``take`` made from a lease (no verdict)."""
+        """``x-request-id`` and ``key_limits.response_headers``; ``leased``:
+        the window's trio ``take`` made from a lease (no verdict)."""
         out = {"x-request-id": request_id}
-        if self.monthly is not None:
-            remaining, reset = self.billing.quota.tokens_left(self.who.tenant_id, self.monthly)
-            out[_MONTHLY[0]] = self.monthly_text
-            out[_MONTHLY[1]] = str(remaining)
-            out[_MONTHLY[2]] = _reset_text(int(reset + 0.999))  # ``reset_duration``
+        key_limits.response_headers(self.billing.quota, admission, verdict, out)
         if leased is not None:
             out.update(leased)
-        # ``key_limits.headers`` inline, the key's own capacity kept as text
-        for w in verdict.windows if verdict is not None else ():
-            names = _HEADERS.get(w.limit.name)
-            if names is not None:
-                capacity = w.capacity
-                out[names[0]] = self.rate_text if capacity == self.rate_cap else str(capacity)
-                out[names[1]] = str(w.remaining)
-                out[names[2]] = _reset_text(int(w.reset_ms / 1000 + 0.999))
         return out
 
 
@@ -221,13 +178,10 @@ LEASED = "rate_headers"
 def leased_headers(lim: Limit, used: int, reset_ms: int, capacity_text: str) -> dict[str, str]:
     """``key_limits.headers`` of the window ``PermitLeases.take`` would have
     reported for these numbers (``Window(lim, lim.capacity, True, used,
-    reset_ms, 0)``); ``capacity_text``: ``str(lim.capacity)``, kept."""
-    names = _HEADERS[lim.name]
-    return {
-        names[0]: capacity_text,
-        names[1]: str(max(0, lim.capacity - used)),
-        names[2]: _reset_text(int(reset_ms / 1000 + 0.999)),
-    }
+    reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept."""
+    out: dict[str, str] = {}
+    key_limits.put_window(out, lim.name, capacity_text, max(0, lim.capacity - used), reset_ms)
+    return out
 
 
 def opened(billing: Billing, ex: Exchange, admission: Admission) -> None:
