@@ -63,7 +63,11 @@ def main(n: int) -> None:
     from proxy.stages.settle.access_log import AccessLog
     from proxy.stores.budgets import BudgetBook, Hold, Limit
     from proxy.stores.journal import Journal
-    from proxy.stores.ledger import batch_json
+
+    try:
+        from proxy.stores.usage_batch import batch_json
+    except ImportError:  # a revision before the ledger's split
+        from proxy.stores.ledger import batch_json  # type: ignore[attr-defined,no-redef]
     from proxy.stores.quota import QuotaBook, Reservation
 
     gc.disable()  # a collection's cost depends on what else is alive: not the path's

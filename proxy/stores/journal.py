@@ -52,7 +52,8 @@ from proxy.core.metering import StreamMeter
 from proxy.core.pricing import price_usage
 from proxy.core.record import UsageRecord
 from proxy.core.usage import Usage
-from proxy.stores.ledger import UsageRow, _try_lock, write_batch
+from proxy.stores.spool import _try_lock
+from proxy.stores.usage_batch import UsageRow, write_batch
 
 log = logging.getLogger("tollway.journal")
 
