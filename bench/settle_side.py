@@ -7,47 +7,44 @@ ledger's batch JSON and the journal's close. No network, no Postgres: the
 ledger is a list. Run it under callgrind at N and at 0 (imports and setup
 alone) and divide the difference by N; deterministic to a few hundred
 instructions, so a change of a few thousand per request shows, where the
-gateway-level ``instructions.py`` moves 3-6% run to run. For another
-revision, put its ``proxy`` package first on ``PYTHONPATH``::
+gateway-level ``instructions.py`` moves 3-6% run to run. At git
+revisions (each one's ``proxy`` from ``git archive``, first on the path;
+this file's own loop for all of them)::
 
-    git archive <rev> proxy | tar -x -C <dir>
-    PYTHONPATH=<dir> valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
-        .venv/bin/python bench/settle_side.py 2000     # and again with 0
+    .venv/bin/python bench/settle_side.py --revs 4e8cd02,HEAD [--n 2000]
 
-Its APIs are those of 4b7b70a and later (``Billing.journal_open``).
+or by hand, for the tree on the path: ``settle_side.py 2000`` (and ``0``)
+under ``valgrind --tool=callgrind``. Its APIs are those of 4b7b70a and
+later (``Billing.journal_open``).
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
+import os
+import re
+import subprocess
 import sys
+import tarfile
 import tempfile
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-
-from proxy.config.tiers import BillingPolicy, Price, Prices
-from proxy.core import ids
-from proxy.core.record import AttemptRecord, UsageRecord
-from proxy.core.usage import Usage
-from proxy.stages.admit import billing
-from proxy.stages.settle.access_log import AccessLog
-from proxy.stores.budgets import BudgetBook, Hold, Limit
-from proxy.stores.journal import Journal
-from proxy.stores.ledger import UsageRow, batch_json
-from proxy.stores.quota import QuotaBook, Reservation
+from typing import Any
 
 PERIOD = date(2026, 12, 1)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Queue:
     """The ledger's ``add``; the rows stay here until the next batch."""
 
     def __init__(self) -> None:
-        self.rows: list[UsageRow] = []
+        self.rows: list[Any] = []
         self.on_durable = None
 
-    def add(self, row: UsageRow) -> None:
+    def add(self, row: Any) -> None:
         self.rows.append(row)
 
 
@@ -57,6 +54,22 @@ class _Lines:
 
 
 def main(n: int) -> None:
+    # Imported here: the revision measured is the ``proxy`` first on the path.
+    from proxy.config.tiers import BillingPolicy, Price, Prices
+    from proxy.core import ids
+    from proxy.core.record import AttemptRecord, UsageRecord
+    from proxy.core.usage import Usage
+    from proxy.stages.admit import billing
+    from proxy.stages.settle.access_log import AccessLog
+    from proxy.stores.budgets import BudgetBook, Hold, Limit
+    from proxy.stores.journal import Journal
+
+    try:
+        from proxy.stores.usage_batch import batch_json
+    except ImportError:  # a revision before the ledger's split
+        from proxy.stores.ledger import batch_json  # type: ignore[attr-defined,no-redef]
+    from proxy.stores.quota import QuotaBook, Reservation
+
     gc.disable()  # a collection's cost depends on what else is alive: not the path's
     journal = Journal(Path(tempfile.mkdtemp()) / "journal-w.jsonl")
     prices = Prices({"gpt-4o-mini": Price(Decimal("0.15"), Decimal("0.6"))})
@@ -105,5 +118,53 @@ def main(n: int) -> None:
             queue.rows = []
 
 
+def _tree(rev: str, into: Path) -> Path:
+    out = into / rev.replace("/", "_")
+    out.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "proxy"], check=True, capture_output=True
+    ).stdout
+    tar_path = into / f"{out.name}.tar"
+    tar_path.write_bytes(archive)
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(out, filter="data")
+    return out
+
+
+def _instructions(tree: Path, n: int) -> int:
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+    done = subprocess.run(
+        [
+            *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+            *(sys.executable, __file__, str(n)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    assert found is not None, done.stderr[-2000:]
+    return int(found.group(1))
+
+
+def compare(revs: list[str], n: int) -> None:
+    """Instructions per billed request at each revision: (at N - at 0) / N."""
+    print(f"- command: bench/settle_side.py --revs {','.join(revs)} --n {n}")
+    print("\n| rev | instructions per billed request |\n|---|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for rev in revs:
+            tree = _tree(rev, Path(tmp))
+            base, full = _instructions(tree, 0), _instructions(tree, n)
+            print(f"| {rev} | {(full - base) / n:,.0f} |", flush=True)
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    if len(sys.argv) == 2 and sys.argv[1].isdigit():  # the child, under callgrind
+        main(int(sys.argv[1]))
+    else:
+        parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+        parser.add_argument("--revs", default="HEAD", help="comma-separated git revisions")
+        parser.add_argument("--n", type=int, default=2000, help="billed requests")
+        args = parser.parse_args()
+        compare(args.revs.split(","), args.n)

@@ -109,7 +109,7 @@ class Price:
     ) -> Decimal:
         if not (cached or cache_write or reasoning):  # most requests: two products
             total = self.prompt * prompt_tokens + self.completion * completion_tokens
-            return (total + self._no_details) / 1_000_000
+            return (total + self._no_details) / _MILLION
         # A provider's details never exceed the totals they are part of; if
         # one did, the plain prompt/completion share would go negative.
         cached = min(cached, prompt_tokens)
@@ -122,7 +122,11 @@ class Price:
             + self.completion * (completion_tokens - reasoning)
             + _or(self.reasoning, self.completion) * reasoning
         )
-        return total / 1_000_000
+        return total / _MILLION
+
+
+# ``/ 1_000_000`` without making the Decimal of the int per request (the same quotient).
+_MILLION = Decimal(1_000_000)
 
 
 def _or(value: Decimal | None, default: Decimal) -> Decimal:

@@ -40,7 +40,8 @@ def price_usage(
     provider_model: str | None,
     served_model: str | None,
 ) -> Decimal | None:
-    if usage.total_tokens == 0:
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    if prompt + completion == 0:  # ``usage.total_tokens``, without the property's call
         return ZERO
     memo = prices.served if isinstance(prices, Prices) else None
     key = (provider, provider_model, served_model)
@@ -53,10 +54,10 @@ def price_usage(
         return None
     d = usage.details
     if not d:  # no cached, cache-write or reasoning counts: most answers
-        return price.cost(usage.prompt_tokens, usage.completion_tokens)
+        return price.cost(prompt, completion)
     return price.cost(
-        usage.prompt_tokens,
-        usage.completion_tokens,
+        prompt,
+        completion,
         d.get("cached_tokens", 0),
         d.get("cache_write_tokens", 0),
         d.get("reasoning_tokens", 0),

@@ -23,7 +23,7 @@ import orjson
 
 
 class UsageRow(Protocol):
-    """What is kept of a refused row (``proxy.stores.ledger.UsageRow``)."""
+    """What is kept of a refused row (``proxy.stores.usage_batch.UsageRow``)."""
 
     @property
     def values(self) -> tuple[Any, ...]: ...

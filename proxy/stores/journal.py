@@ -16,7 +16,8 @@ per event, keyed by the event id the usage row will carry:
 Nothing is written on the request path: ``admitted`` (or ``open``) and
 ``closed`` touch a dict, and the flusher (``run``) writes everything of the
 last ``FLUSH_S`` with one append and one fsync (group commit). A request that opens and
-closes within one interval is never written at all. With a checkpoint taken
+closes within one interval is never written at all, and costs one tuple: its
+``_Entry`` is made at the write, only for the requests still open then. With a checkpoint taken
 ``CHECKPOINT_S`` (0.8 s) after the last and written within ``FLUSH_S``
 (0.2 s), what a crash can lose of a stream is about one second of it.
 
@@ -51,7 +52,8 @@ from proxy.core.metering import StreamMeter
 from proxy.core.pricing import price_usage
 from proxy.core.record import UsageRecord
 from proxy.core.usage import Usage
-from proxy.stores.ledger import UsageRow, _try_lock, write_batch
+from proxy.stores.spool import _try_lock
+from proxy.stores.usage_batch import UsageRow, write_batch
 
 log = logging.getLogger("tollway.journal")
 
@@ -69,6 +71,9 @@ Opened = tuple[Any, ...]
 # time it was opened at: called only for the entries still open when the
 # journal is written (``Billing`` provides it).
 OpenedOf = Callable[[UsageRecord, dict[str, Any], float], Opened]
+# A request noted since the last write: its record, body, the monotonic time
+# it was noted at and its ``Opened`` values when the caller gave them.
+_Fresh = tuple[UsageRecord, dict[str, Any], float, Opened | None]
 
 
 @dataclass(slots=True)
@@ -104,8 +109,9 @@ class Journal:
         if self._lock_fd is None:
             raise RuntimeError(f"journal {path.name} is owned by a live process")
         self.opened_of = opened_of
-        self._open: dict[str, _Entry] = {}
-        self._fresh: list[str] = []  # opened since the last flush
+        self._open: dict[str, _Entry] = {}  # noted at a write, not yet closed
+        self._fresh: dict[str, _Fresh] = {}  # noted since the last write, not yet closed
+        self._retry: list[str] = []  # in ``_open``, their ``o`` line's write failed
         self._gone: list[str] = []  # closed since the last flush, ``o`` on disk
         self._stopping = asyncio.Event()
         self._size = 0
@@ -113,27 +119,26 @@ class Journal:
     def open(self, values: Opened, record: UsageRecord, body: dict[str, Any]) -> None:
         """Note an admitted request (in memory; on disk at the next flush).
         ``values``: OPENED_KEYS' values, the event id first."""
-        event_id = values[0]
-        self._open[event_id] = _Entry(record, body, time.monotonic(), values)
-        self._fresh.append(event_id)
+        self._fresh[values[0]] = (record, body, time.monotonic(), values)
 
     def admitted(self, event_id: str, record: UsageRecord, body: dict[str, Any]) -> None:
         """``open`` without the values: they are made (``opened_of``) only if
         the request is still open when the journal is written; most close
         before, and then nothing is made for them at all."""
-        self._open[event_id] = _Entry(record, body, time.monotonic())
-        self._fresh.append(event_id)
+        self._fresh[event_id] = (record, body, time.monotonic(), None)
 
     def closed(self, rows: Iterable[UsageRow]) -> None:
         """The ledger's hook: these rows are in Postgres or in the spool."""
-        pop, gone = self._open.pop, self._gone
+        unfresh, pop, gone = self._fresh.pop, self._open.pop, self._gone
         for row in rows:
-            entry = pop(row.values[1], None)
-            if entry is not None and entry.written:
-                gone.append(row.values[1])
+            event_id = row.values[1]
+            if unfresh(event_id, None) is None:  # not closed before a write: most are
+                entry = pop(event_id, None)
+                if entry is not None and entry.written:
+                    gone.append(event_id)
 
     def open_count(self) -> int:
-        return len(self._open)
+        return len(self._open) + len(self._fresh)
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -149,20 +154,21 @@ class Journal:
         self._stopping.set()
 
     async def flush(self) -> None:
-        if not self._open and not self._gone:  # idle: nothing to note or close
-            self._fresh.clear()
+        if not self._open and not self._fresh and not self._gone:  # idle
             return
-        fresh = [e for e in self._fresh if e in self._open]
+        fresh = [e for e in self._retry if e in self._open] + self._entries()
+        self._retry = fresh  # until their values are made
         self._values(fresh)
+        self._retry = []
         due = self._due(time.monotonic(), set(fresh))
-        gone, self._fresh, self._gone = self._gone, [], []
+        gone, self._gone = self._gone, []
         if not (fresh or due or gone):
             return
         opening = [self._open[e] for e in fresh]
         try:
             await asyncio.to_thread(self._write, opening, due, gone)
         except BaseException:
-            self._fresh[:0], self._gone[:0] = fresh, gone
+            self._retry[:0], self._gone[:0] = fresh, gone
             raise
         for event_id in fresh:
             entry = self._open.get(event_id)
@@ -172,6 +178,15 @@ class Journal:
                 self._gone.append(event_id)
         if self._size > COMPACT_BYTES:
             await asyncio.to_thread(self._compact, [e for e in self._open.values() if e.written])
+
+    def _entries(self) -> list[str]:
+        """The requests noted since the last write and still open, as
+        entries of ``_open``: the ids, in the order they were noted."""
+        fresh, self._fresh = self._fresh, {}
+        entries = self._open
+        for event_id, (record, body, noted_at, values) in fresh.items():
+            entries[event_id] = _Entry(record, body, noted_at, values)
+        return list(fresh)
 
     def _values(self, fresh: list[str]) -> None:
         """The ``o`` values of the entries about to be written (on the loop:

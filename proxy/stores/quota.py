@@ -326,7 +326,8 @@ class QuotaBook:
         """Return the unused part of a reservation to the local lease."""
         if not reservation.leased:
             return
-        lease = self._lease(reservation.tenant_id, reservation.period)
+        key = (reservation.tenant_id, reservation.period)
+        lease = self._leases.get(key) or self._lease(*key)  # ``_lease`` inline: per request
         if counted:
             lease.tokens += reservation.tokens - (tokens_used if reservation.tokens else 0)
         else:

@@ -10,6 +10,7 @@ request's reservation on the way.
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 import socket
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from proxy.config.budgets import to_micros
+from proxy.config.budgets import MICROS
 from proxy.config.model import Config
 from proxy.config.tiers import Price, Tier
 from proxy.core import ids, tokens
@@ -34,6 +35,8 @@ from proxy.stores.budgets import BudgetBook, Hold
 from proxy.stores.journal import Journal, Opened
 from proxy.stores.ledger import Ledger, UsageRow
 from proxy.stores.quota import QuotaBook, Reservation, Standing, period_of
+
+_MICROS = Decimal(MICROS)
 
 
 def new_worker_id() -> str:
@@ -216,41 +219,37 @@ class Billing:
         )
 
     def settle(self, record: UsageRecord) -> None:
+        """The quota and budget refunds and the usage row, in one pass over
+        the record (runs for every request): the row's values are read
+        straight into the one tuple the ledger's batch writes as an array
+        (``batch_json``), with no helper call for what most rows leave empty."""
         admission = record.admission
         if not isinstance(admission, Admission):
-            admission = None
             if record.tenant_id is None:
                 return  # unauthenticated: nothing to bill, nothing reserved
+            admission = None
         usage = record.usage
-        total = usage.prompt_tokens + usage.completion_tokens
+        prompt, completion, status = usage.prompt_tokens, usage.completion_tokens, record.status
         # Priced once, at the prices of the snapshot the request ran on (a
         # reload mid-stream does not reprice it); the budgets and the row
         # take the same cost. A cache hit's usage is what its policy bills.
-        cost = cost_of(record, self.prices)
-        counted = admission is not None and (total > 0 or record.status < 400)
+        cost = record.cost_usd if record.costed else cost_of(record, self.prices)
         hold = None
         if admission is not None:
+            total = prompt + completion
+            counted = total > 0 or status < 400
             reservation = admission.reservation
             self.quota.release(reservation, counted, total)
             hold = admission.budget
             if hold is not None and self.budgets is not None:
-                self.budgets.release(hold, to_micros(cost) if counted and cost else 0)
-        self.ledger.add(self._row(record, admission, counted, cost, hold))
-
-    def _row(
-        self,
-        record: UsageRecord,
-        admission: Admission | None,
-        counted: bool,
-        cost: Decimal | None,
-        hold: Hold | None,
-    ) -> UsageRow:
-        usage = record.usage
-        if admission is not None:
-            period, event_id = admission.period, admission.event_id
-            leased = admission.reservation.leased
+                # ``to_micros`` inline (rounded up), by a Decimal made once.
+                self.budgets.release(hold, math.ceil(cost * _MICROS) if counted and cost else 0)
+            period = admission.billed_in or reservation.period  # admission.period
+            event_id, leased = admission.event_id, reservation.leased
         else:  # authenticated, refused before admission: its own id
-            period, event_id, leased = period_of(self.quota.clock()), ids.event_id(), False
+            counted, leased = False, False
+            period, event_id = period_of(self.quota.clock()), ids.event_id()
+        tags = record.tags
         values = (
             period,
             event_id,  # the row's idempotency key, fixed from admission (journal) on
@@ -258,40 +257,45 @@ class Billing:
             record.tenant_id,
             record.key_id,
             self.quota.worker_id,
-            record.api,
+            record.door or record.endpoint,  # record.api
             record.public_model,
             record.provider,
             record.provider_model,
-            usage.prompt_tokens,
-            usage.completion_tokens,
+            prompt,
+            completion,
             usage.source,
             counted,
             record.cached,
             record.stream,
             record.client_disconnected,
-            record.status,
+            status,
             record.error_code,
             record.latency_ms,
             record.ttft_ms,
             record.attempts,
             cost,
-            _details(record),
+            # One attempt that served, nothing else to say (most requests): no details.
+            None
+            if not usage.details
+            and not record.extra
+            and len(record.attempt_log) == 1
+            and status < 400
+            else _details(record),
             record.end_user,
-            orjson.dumps(record.tags).decode() if record.tags else None,
+            orjson.dumps(tags).decode() if tags else None,
             record.client_ip,
         )
         if hold is None:
-            return UsageRow(values, leased)
-        return UsageRow(values, leased, hold.day, bool(hold.limits))
+            self.ledger.add(UsageRow(values, leased))
+        else:
+            self.ledger.add(UsageRow(values, leased, hold.day, bool(hold.limits)))
 
 
 def _details(record: UsageRecord) -> str | None:
     """Provider-specific token counts, plus every attempt that reached a
     provider: a failed attempt may still be on the provider's invoice, plus
     the guardrails' verdicts, a semantic cache hit's similarity."""
-    given, extra, attempts = record.usage.details, record.extra, record.attempt_log
-    if not given and not extra and len(attempts) == 1 and record.status < 400:
-        return None  # one attempt that served, nothing else to say: most requests
+    given, extra = record.usage.details, record.extra
     # The keys come from the provider's usage object: made safe for jsonb.
     details: dict[str, object] = {_key(k): v for k, v in given.items()}
     reached = [a for a in record.attempt_log if a.reached]

@@ -1,7 +1,7 @@
 """Budget alerts: a budget crossing 50, 80 or 100 percent is announced once.
 
 The ledger finds the crossings in the transaction that moves the budget
-counters (``proxy.stores.ledger.Crossing``; Postgres remembers the highest
+counters (``proxy.stores.usage_batch.Crossing``; Postgres remembers the highest
 threshold announced, so each is announced once across all workers) and hands
 them here after the commit. Each becomes a log event (``tollway.budgets``),
 a count in ``tollway_budget_alerts_total{scope,span,threshold}`` and, when
@@ -30,7 +30,7 @@ from proxy.config.model import Config
 from proxy.config.reader import ConfigError
 from proxy.core import webhooks
 from proxy.stages.base import Services, Stage
-from proxy.stores.ledger import Crossing
+from proxy.stores.usage_batch import Crossing
 
 log = logging.getLogger("tollway.budgets")
 _TRIES = 3
