@@ -359,7 +359,12 @@ class QuotaBook:
             t = time.time()
             if month.start_ts <= t < month.end_ts:
                 lease = self._leases.get((tenant_id, month.period))
-                return _tokens_remaining(limit, lease), month.end_ts - t
+                if lease is None:
+                    return limit, month.end_ts - t
+                # ``_tokens_remaining``, inline: every response reads it
+                left, local = lease.left_tokens, lease.tokens
+                left = (left if left is not None else limit) + (local if local > 0 else 0)
+                return (left if left > 0 else 0), month.end_ts - t
         period, now, end = self._month()
         return _tokens_remaining(limit, self._leases.get((tenant_id, period))), max(
             0.0, (end - now).total_seconds()

@@ -86,7 +86,9 @@ def bound(rates: tuple[tuple[int, int], ...], prompt: int, completion: int) -> i
         cost = per_prompt * prompt + per_completion * completion
         if cost > most:
             most = cost
-    return max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
+    if most <= 0:
+        return 1
+    return -(-most // RATE_SCALE)  # at least 1: ``most`` > 0 rounds up to 1 or more
 
 
 _PLANS_KEPT = 1024  # plans whose rates a snapshot's prices remember (most plans are kept)

@@ -29,7 +29,14 @@ from proxy.config.model import Config
 from proxy.core import ids, tokens
 from proxy.core.principal import Principal
 from proxy.stages.admit import budget, key_limits
-from proxy.stages.admit.billing import Admission, Billing, clamp_max_tokens, needs_estimate, tier_of
+from proxy.stages.admit.billing import (
+    Admission,
+    Billing,
+    clamp_max_tokens,
+    needs_estimate,
+    reset_text,
+    tier_of,
+)
 from proxy.stages.base import Exchange
 from proxy.stages.route import RoutePlan
 from proxy.stores.budgets import Limit as BudgetLimit
@@ -56,6 +63,8 @@ class KeyAdmission:
         "config",
         "estimates",
         "limiter",
+        "monthly",
+        "monthly_text",
         "per_user",
         "rate",
         "rate_text",
@@ -82,6 +91,9 @@ class KeyAdmission:
             key_limits.request_limits(who, tier, 0) if tier.tokens_per_minute is None else None
         )
         self.rate_text = str(tier.requests_per_hour)  # the -requests trio's limit
+        # the -tokens trio's limit when it reports the month (no minute window)
+        self.monthly = tier.monthly_tokens if tier.tokens_per_minute is None else None
+        self.monthly_text = str(self.monthly)  # used only when ``monthly`` is set
         self._day: date | None = None
         self._day_start = self._day_end = 0.0
         self._limits: tuple[BudgetLimit, ...] = ()
@@ -149,7 +161,13 @@ class KeyAdmission:
             got = limiter.take_one(lim)
             if got is None:
                 return admission, None, False, None
-            ex.notes[LEASED] = leased_headers(lim, got[0], got[1], self.rate_text)
+            # ``leased_headers``, inline (one call fewer on every request)
+            used = got[0]
+            ex.notes[LEASED] = {
+                _REQUESTS[0]: self.rate_text,
+                _REQUESTS[1]: str(lim.capacity - used if used < lim.capacity else 0),
+                _REQUESTS[2]: reset_text(int(got[1] / 1000 + 0.999)),
+            }
             return admission, None, True, None
         verdict = limiter.take(rate) if isinstance(limiter, PermitLeases) else None
         return admission, None, verdict is not None, verdict
@@ -162,12 +180,35 @@ class KeyAdmission:
         leased: dict[str, str] | None = None,
     ) -> dict[str, str]:
         """``x-request-id`` and ``key_limits.response_headers``; ``leased``:
-        the window's trio ``take`` made from a lease (no verdict)."""
+        the window's trio ``take`` made from a lease (no verdict). The usual
+        block (the month's -tokens trio, the hour's trio from a lease) in one
+        dict display, the month's numbers read as ``response_headers`` reads
+        them (``QuotaBook.tokens_left``)."""
+        monthly = self.monthly
+        if verdict is None and monthly is not None and admission.tier is self.tier:
+            left, reset = self.billing.quota.tokens_left(admission.principal.tenant_id, monthly)
+            if leased is None:
+                return {
+                    "x-request-id": request_id,
+                    _TOKENS[0]: self.monthly_text,
+                    _TOKENS[1]: str(left),
+                    _TOKENS[2]: reset_text(int(reset + 0.999)),
+                }
+            return {
+                "x-request-id": request_id,
+                _TOKENS[0]: self.monthly_text,
+                _TOKENS[1]: str(left),
+                _TOKENS[2]: reset_text(int(reset + 0.999)),
+                **leased,
+            }
         out = {"x-request-id": request_id}
         key_limits.response_headers(self.billing.quota, admission, verdict, out)
         if leased is not None:
             out.update(leased)
         return out
+
+
+_TOKENS, _REQUESTS = key_limits.TOKENS_TRIO, key_limits.REQUESTS_TRIO
 
 
 # ``Exchange.notes``' entry for the -requests trio ``take`` made from a
@@ -178,10 +219,13 @@ LEASED = "rate_headers"
 def leased_headers(lim: Limit, used: int, reset_ms: int, capacity_text: str) -> dict[str, str]:
     """``key_limits.headers`` of the window ``PermitLeases.take`` would have
     reported for these numbers (``Window(lim, lim.capacity, True, used,
-    reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept."""
-    out: dict[str, str] = {}
-    key_limits.put_window(out, lim.name, capacity_text, max(0, lim.capacity - used), reset_ms)
-    return out
+    reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept.
+    ``lim`` is the key's hourly window (``KeyAdmission.rate``'s one limit)."""
+    return {
+        _REQUESTS[0]: capacity_text,
+        _REQUESTS[1]: str(lim.capacity - used if used < lim.capacity else 0),
+        _REQUESTS[2]: reset_text(int(reset_ms / 1000 + 0.999)),
+    }
 
 
 def opened(billing: Billing, ex: Exchange, admission: Admission) -> None:
