@@ -207,12 +207,10 @@ def leased_headers(lim: Limit, used: int, reset_ms: int, capacity_text: str) -> 
     """``key_limits.headers`` of the window ``PermitLeases.take`` would have
     reported for these numbers (``Window(lim, lim.capacity, True, used,
     reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept.
-    ``lim`` is the key's hourly window (``KeyAdmission.rate``'s one limit)."""
-    return {
-        _REQUESTS[0]: capacity_text,
-        _REQUESTS[1]: str(lim.capacity - used if used < lim.capacity else 0),
-        _REQUESTS[2]: reset_text(int(reset_ms / 1000 + 0.999)),
-    }
+    ``KeyAdmission.take`` makes the hour's trio the same way, inline."""
+    out: dict[str, str] = {}
+    key_limits.put_window(out, lim.name, capacity_text, max(0, lim.capacity - used), reset_ms)
+    return out
 
 
 def opened(billing: Billing, ex: Exchange, admission: Admission) -> None:
