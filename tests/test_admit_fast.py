@@ -11,18 +11,24 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
+from proxy.config.tiers import BillingPolicy
 from proxy.core.errors import InvalidApiKey
 from proxy.core.principal import Principal
 from proxy.core.record import UsageRecord
+from proxy.pipeline.registry import parse_config
 from proxy.stages import auth as auth_stage
 from proxy.stages.admit import budget, key_limits, keyed
-from proxy.stages.admit.billing import Admission
+from proxy.stages.admit.billing import Admission, Billing
 from proxy.stages.auth import Authenticator, KeyCache
 from proxy.stages.base import Exchange
+from proxy.stages.route import RoutePlan
 from proxy.stores import apikeys
 from proxy.stores.permits import PermitLeases
 from proxy.stores.permits import _Lease as _PermitLease
+from proxy.stores.quota import QuotaBook
+from proxy.stores.quota import _Lease as _QuotaLease
 from proxy.stores.windows import HOUR_MS, Limit
 from proxy.web.keys import RUNTIME
 from tests.billing_helpers import TEST_TIERS, billing_config
@@ -224,3 +230,37 @@ def test_leased_headers_are_the_verdicts_headers() -> None:
         assert keyed.leased_headers(hour, got[0], got[1], "1000") == key_limits.headers(verdict)
         clock.now += 0.7
     assert twins[1].take_one(Limit(hour.key, hour.name, 1000, HOUR_MS, 10**6)) is None  # short
+
+
+def test_the_lease_trio_take_makes_is_the_verdicts_trio() -> None:
+    """``KeyAdmission.take`` formats the -requests trio of a window admitted
+    from a lease itself (no verdict, no ``leased_headers`` call): it must be
+    ``key_limits.headers`` of the verdict ``PermitLeases.take`` builds on a
+    twin lease, second after second, and the whole block its ``headers``
+    returns that of ``key_limits.response_headers`` with that trio."""
+    config = parse_config(yaml.safe_dump(billing_config("http://127.0.0.1:9")), {})
+    who = Principal("key_lt", "tw-lt", 5, "t", "tiny", None)
+    quota = QuotaBook(None, "w-lt", BillingPolicy())  # type: ignore[arg-type] - no query here
+    quota._leases[(5, quota._month()[0])] = _QuotaLease(10**6, 10**9, 10**6, 10**9)
+    billing = Billing(None, quota, None, config.prices)  # type: ignore[arg-type]
+    clock = _Clock()
+    twins = [PermitLeases(None, clock=clock) for _ in range(2)]  # type: ignore[arg-type]
+    key = keyed.of(billing, config, who, twins[1])
+    assert key.rate is not None and len(key.rate) == 1
+    hour = key.rate[0]
+    for leases in twins:
+        leases._leases[hour.key] = _PermitLease(7, clock.now + 9.0, 40, 300, 2_345_678, 0, 999.5, 8)
+    plan = RoutePlan("echo", ())
+    for i in range(5):
+        record = UsageRecord(f"r{i}", "chat", config=config)
+        body = {"model": "echo", "messages": MSG}
+        ex = Exchange(None, record, config, "chat", body, 0.0, who=who, model="echo")
+        taken = key.take(ex, plan)
+        verdict = twins[0].take([hour])
+        assert taken is not None and taken[1:] == (None, True, None) and verdict is not None
+        leased = ex.notes[keyed.LEASED]
+        assert leased == key_limits.headers(verdict)
+        got = key.headers("req", taken[0], None, leased)  # type: ignore[arg-type]
+        want = {"x-request-id": "req", **key_limits.response_headers(quota, taken[0], verdict)}
+        assert list(got.items()) == list(want.items())
+        clock.now += 0.7

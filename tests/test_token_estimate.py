@@ -108,3 +108,47 @@ def test_cost_is_per_string_for_ascii() -> None:
     """ASCII text is sized with ``len``: no pass over its bytes."""
     big = {"messages": [{"role": "user", "content": "word " * 200_000}]}  # 1 MB
     assert tokens.estimate_prompt(big, "chat") == 3 + 3 + 1 + 1 + int(1_000_000 / 2.5) + 1
+
+
+def _plain_reference(messages: list[Any]) -> int | None:
+    """``_plain_history``'s documented answer, spelled out field by field."""
+    if not messages or not all(
+        isinstance(m, dict)
+        and set(m) == {"role", "content"}
+        and all(isinstance(v, str) and v.isascii() for v in m.values())
+        for m in messages
+    ):
+        return None
+    roles = sum(len(m["role"]) for m in messages)
+    contents = sum(len(m["content"]) for m in messages)
+    return 3 + 5 * len(messages) + 2 * roles // 5 + 2 * contents // 5
+
+
+def test_short_and_long_histories_take_the_same_shortcut() -> None:
+    """A short history is sized in a Python loop, a long one in C-level
+    passes: both answer the documented sum, and both leave every other
+    shape (a name, tools, multi-part, non-ASCII, null, not a dict) to the
+    field loop, wherever in the history it is."""
+    plain = {"role": "user", "content": "What is the order status of 42?"}
+    odd: list[Any] = [
+        {"role": "user", "name": "maria", "content": "hi"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "user", "content": None},
+        {"role": "user", "content": "Héllo"},
+        {"role": "assistant", "tool_calls": []},
+        {"content": "no role"},
+        {"role": "user"},
+        ["role", "content"],
+        "ab",
+        7,
+    ]
+    for size in (1, 3, tokens._SHORT_HISTORY, tokens._SHORT_HISTORY + 1, 30):
+        history = [dict(plain, content=plain["content"] * (i + 1)) for i in range(size)]
+        assert tokens._plain_history(history) == _plain_reference(history) is not None
+        for shape in odd:
+            for at in (0, size // 2, size):
+                mixed = [*history[:at], shape, *history[at:]]
+                assert tokens._plain_history(mixed) is None
+                want = tokens.estimate_messages(mixed)  # the field loop's count
+                assert tokens.estimate_prompt({"messages": mixed}, "chat") == want
+    assert tokens._plain_history([]) is None

@@ -48,31 +48,36 @@ def bearer(header: str | None) -> str:
 
 
 class KeyCache:
-    """Digest → Principal (or None for unknown/revoked), with a TTL and a size bound."""
+    """Digest → Principal (or None for unknown/revoked), with a TTL and a size bound.
+
+    ``entries`` (digest → (expiry by ``clock``, principal)) and ``clock`` are
+    read, never written, by the ``Authorization`` value map (``_Seen``): its
+    per-request check is an identity test on the entry and its expiry,
+    which a method call would only make dearer."""
 
     def __init__(
         self, ttl: float, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.ttl = ttl
         self._max = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
+        self.clock = clock
+        self.entries: OrderedDict[bytes, tuple[float, Principal | None]] = OrderedDict()
 
     def get(self, digest: bytes, *, stale_ok: bool = False) -> tuple[bool, Principal | None]:
-        hit = self._entries.get(digest)
-        if hit is None or (hit[0] < self._clock() and not stale_ok):
+        hit = self.entries.get(digest)
+        if hit is None or (hit[0] < self.clock() and not stale_ok):
             return False, None
         return True, hit[1]
 
     def put(self, digest: bytes, principal: Principal | None) -> None:
-        self._entries[digest] = (self._clock() + self.ttl, principal)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        self.entries[digest] = (self.clock() + self.ttl, principal)
+        self.entries.move_to_end(digest)
+        while len(self.entries) > self._max:
+            self.entries.popitem(last=False)
 
     def entry(self, digest: bytes) -> tuple[float, Principal | None] | None:
         """The digest's entry as stored (expired or not): what ``_Seen`` points at."""
-        return self._entries.get(digest)
+        return self.entries.get(digest)
 
 
 # How many ``Authorization`` values ``Authenticator`` remembers; the map is
@@ -107,7 +112,7 @@ class _Seen:
             return None
         digest, entry = seen
         # still the digest's very entry, and unexpired (``KeyCache.get``'s test)
-        if cache._entries.get(digest) is not entry or entry[0] < cache._clock():
+        if cache.entries.get(digest) is not entry or entry[0] < cache.clock():
             del self._map[header]
             return None
         return entry[1]

@@ -118,7 +118,11 @@ class PermitLeases:
         if lease.left * 2 < lease.size * lim.cost and not lease.topping:
             self._top_up_soon(lim, lease)
         elapsed_ms = int((now - lease.taken_at) * 1000)
-        reset = max(1, lease.reset_ms - elapsed_ms) if lease.reset_ms else 0
+        reset = lease.reset_ms  # ``_window``'s, its ``max`` spelled out (per request)
+        if reset:
+            reset -= elapsed_ms
+            if reset < 1:
+                reset = 1
         return lease.used - lease.left, reset, lease.redis_ms + elapsed_ms
 
     def _top_up_soon(self, lim: Limit, lease: _Lease) -> None:

@@ -153,14 +153,18 @@ class QuotaBook:
             month = self._current = _Month.of(period)
         return month.period, now, month.end
 
-    def take(self, who: Principal, tier: Tier, tokens: int) -> Reservation | None:
+    def take(
+        self, who: Principal, tier: Tier, tokens: int, at: float | None = None
+    ) -> Reservation | None:
         """``admit`` when the local lease has room (the common case): no
-        coroutine, no await. None: ``admit`` must refill it, or refuse."""
+        coroutine, no await. None: ``admit`` must refill it, or refuse.
+        ``at``: ``time.time()`` as the caller read it just now (one reading
+        for the whole admission); only with the system clock (``utc_now``)."""
         month = self._current  # ``_period()`` inline: this runs for every request
         if (
             self.clock is utc_now
             and month is not None
-            and month.start_ts <= time.time() < month.end_ts
+            and month.start_ts <= (time.time() if at is None else at) < month.end_ts
         ):
             period = month.period
         else:
@@ -177,7 +181,7 @@ class QuotaBook:
             lease.requests < self._low_requests or (need_tokens and lease.tokens < self._low_tokens)
         ) and not lease.topping:
             self._top_up_soon(who, tier, period, lease)
-        return Reservation(who.tenant_id, period, 1, need_tokens, leased=True)
+        return Reservation(who.tenant_id, period, 1, need_tokens, True)  # leased
 
     def _top_up_soon(self, who: Principal, tier: Tier, period: date, lease: _Lease) -> None:
         """Lease the next block in the background if the lease runs low and
@@ -360,7 +364,12 @@ class QuotaBook:
             t = time.time()
             if month.start_ts <= t < month.end_ts:
                 lease = self._leases.get((tenant_id, month.period))
-                return _tokens_remaining(limit, lease), month.end_ts - t
+                if lease is None:
+                    return limit, month.end_ts - t
+                # ``_tokens_remaining``, inline: every response reads it
+                left, local = lease.left_tokens, lease.tokens
+                left = (left if left is not None else limit) + (local if local > 0 else 0)
+                return (left if left > 0 else 0), month.end_ts - t
         period, now, end = self._month()
         return _tokens_remaining(limit, self._leases.get((tenant_id, period))), max(
             0.0, (end - now).total_seconds()

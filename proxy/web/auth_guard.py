@@ -46,6 +46,8 @@ def credential(headers: CIMultiDictProxy[str]) -> str | None:
     repeats. Anthropic's clients send the key as ``x-api-key``: taken as the
     bearer when no ``Authorization`` header came."""
     given = headers.getall("Authorization", ())
+    if len(given) == 1 and "x-api-key" not in headers:
+        return given[0]  # nearly every request: one Authorization header
     keys = headers.getall("x-api-key", ())
     if len(given) > 1 or len(keys) > 1:
         name = "Authorization" if len(given) > 1 else "x-api-key"

@@ -53,10 +53,11 @@ def admit(request: web.Request) -> Awaitable[None] | None:
     if path == "/admin" or path.startswith("/admin/"):
         check_admin(request)
         return None
-    rt = request.app[RUNTIME]
+    app = request.app
+    rt, guard = app[RUNTIME], app[AUTH_GUARD]
     snapshot = rt.config.current
     config = snapshot.config
-    request[CLIENT_IP] = request.app[AUTH_GUARD].proxies.client(request)
+    request[CLIENT_IP] = guard.proxies.client(request)
     endpoint = _ENDPOINTS.get(path)
     # The trace starts here so that it holds the key check: a pipeline
     # request's root span (the no-op one unless ``tracing:`` is on).
@@ -67,7 +68,7 @@ def admit(request: web.Request) -> Awaitable[None] | None:
             # A key the cache knows needs no coroutine; anything else (a
             # lookup, a refusal, a throttled address) goes the awaited way,
             # as does a traced request (its one "auth" span holds the check).
-            who = request.app[AUTH_GUARD].cached(request, rt.billing.auth)
+            who = guard.cached(request, rt.billing.auth)
             if who is not None:
                 request[PRINCIPAL] = who
                 return None

@@ -97,6 +97,13 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     if endpoint not in GENERATIVE:
         return 0
     cap = tier.max_tokens
+    n = body.get("n")
+    times = n if isinstance(n, int) and n > 0 else 1
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        # most requests: no limit sent (or null), the cap goes out
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        body[key] = cap
+        return cap * times
     budget = None  # the largest limit sent, once capped
     for key in _LIMITS:
         asked = body.get(key)
@@ -106,8 +113,7 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     if budget is None:
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         body[key] = budget = cap
-    n = body.get("n")
-    return int(budget) * (n if isinstance(n, int) and n > 0 else 1)
+    return int(budget) * times
 
 
 def ratelimit_headers(standing: Standing) -> dict[str, str]:
@@ -126,13 +132,15 @@ def ratelimit_headers(standing: Standing) -> dict[str, str]:
 
 def reset_duration(seconds: float) -> str:
     """OpenAI's reset format: ``6m0s``, ``1h2m3s``, ``1s``."""
-    return _reset_text(int(seconds + 0.999))
+    return reset_text(int(seconds + 0.999))
 
 
 @functools.lru_cache(maxsize=4096)
-def _reset_text(s: int) -> str:
-    """Formatted once per second of distance: every response reports two
-    resets, which move by a second at a time."""
+def reset_text(s: int) -> str:
+    """``reset_duration`` of whole seconds (``int(seconds + 0.999)``, as it
+    rounds): formatted once per second of distance, since every response
+    reports two resets, which move by a second at a time. The admit stage's
+    fast path (``keyed``) calls it directly, one call fewer per reset."""
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     if h:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from proxy.config.budgets import Budgets, effective
@@ -29,6 +29,9 @@ from proxy.stores.budgets import BudgetBook, Hold, Limit
 _LIMITS = ("max_tokens", "max_completion_tokens")
 
 
+_DAY = 86_400
+
+
 def limits_for(who: Principal, tier: Tier, now: datetime) -> tuple[Limit, ...]:
     """Every budget that applies to the caller right now (none: empty).
     Kept on the key's cached principal (``Principal.memo``) for the tier's
@@ -37,12 +40,42 @@ def limits_for(who: Principal, tier: Tier, now: datetime) -> tuple[Limit, ...]:
     day = now.date()
     budgets = tier.budgets
     memo = who.memo.get("budgets")
-    if isinstance(memo, tuple) and memo[0] is budgets and memo[1] == day:
-        found: tuple[Limit, ...] = memo[2]
-        return found
-    found = _build_limits(who, budgets, day)
-    who.memo["budgets"] = (budgets, day, found)
-    return found
+    if isinstance(memo, _Kept) and memo.budgets is budgets and memo.day == day:
+        return memo.limits
+    return _keep(who, budgets, day).limits
+
+
+def limits_at(who: Principal, tier: Tier, t: float) -> tuple[tuple[Limit, ...], date]:
+    """``limits_for`` the UTC instant ``t`` (seconds since the epoch, as
+    ``time.time()``), and its day: the same memo, found by ``t`` against the
+    day's bounds as epoch seconds, so the admit stage's fast path builds no
+    datetime per request."""
+    memo = who.memo.get("budgets")
+    if isinstance(memo, _Kept) and memo.budgets is tier.budgets and memo.start <= t < memo.end:
+        return memo.limits, memo.day
+    day = datetime.fromtimestamp(t, UTC).date()
+    kept = _keep(who, tier.budgets, day)
+    return kept.limits, kept.day
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """``limits_for``'s memo entry: the limits of a tier's budgets for a UTC
+    day, and the day's bounds in epoch seconds (UTC days are whole multiples
+    of 86,400 s)."""
+
+    budgets: Budgets
+    day: date
+    limits: tuple[Limit, ...]
+    start: float
+    end: float
+
+
+def _keep(who: Principal, budgets: Budgets, day: date) -> _Kept:
+    start = float(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+    kept = _Kept(budgets, day, _build_limits(who, budgets, day), start, start + _DAY)
+    who.memo["budgets"] = kept
+    return kept
 
 
 def _build_limits(who: Principal, tier: Budgets, day: date) -> tuple[Limit, ...]:
@@ -86,7 +119,9 @@ def bound(rates: tuple[tuple[int, int], ...], prompt: int, completion: int) -> i
         cost = per_prompt * prompt + per_completion * completion
         if cost > most:
             most = cost
-    return max(1, -(-most // RATE_SCALE)) if most >= 0 else 1
+    if most <= 0:
+        return 1
+    return -(-most // RATE_SCALE)  # at least 1: ``most`` > 0 rounds up to 1 or more
 
 
 _PLANS_KEPT = 1024  # plans whose rates a snapshot's prices remember (most plans are kept)

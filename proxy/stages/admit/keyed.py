@@ -23,22 +23,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import date
 
 from proxy.config.model import Config
 from proxy.core import ids, tokens
 from proxy.core.principal import Principal
 from proxy.stages.admit import budget, key_limits
-from proxy.stages.admit.billing import Admission, Billing, clamp_max_tokens, needs_estimate, tier_of
+from proxy.stages.admit.billing import (
+    Admission,
+    Billing,
+    clamp_max_tokens,
+    needs_estimate,
+    reset_text,
+    tier_of,
+)
 from proxy.stages.base import Exchange
 from proxy.stages.route import RoutePlan
-from proxy.stores.budgets import Limit as BudgetLimit
 from proxy.stores.permits import PermitLeases
 from proxy.stores.quota import utc_now
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.windows import Limit, Verdict
 
-_DAY = 86_400
 # A fast ``take`` that stopped short: (the admission, the budget ask to
 # await or None, whether the key's windows were decided, their verdict).
 Taken = tuple[Admission, budget.Ask | None, bool, Verdict | None]
@@ -48,14 +52,13 @@ class KeyAdmission:
     """What admission keeps per (principal, config snapshot, billing)."""
 
     __slots__ = (
-        "_day",
-        "_day_end",
-        "_day_start",
-        "_limits",
         "billing",
         "config",
         "estimates",
+        "hour",
         "limiter",
+        "monthly",
+        "monthly_text",
         "per_user",
         "rate",
         "rate_text",
@@ -82,27 +85,14 @@ class KeyAdmission:
             key_limits.request_limits(who, tier, 0) if tier.tokens_per_minute is None else None
         )
         self.rate_text = str(tier.requests_per_hour)  # the -requests trio's limit
-        self._day: date | None = None
-        self._day_start = self._day_end = 0.0
-        self._limits: tuple[BudgetLimit, ...] = ()
-
-    def _budget_limits(self) -> tuple[tuple[BudgetLimit, ...], date]:
-        """The key's budget limits for today: with the system clock, by
-        seconds since the epoch against the day's bounds (no datetime per
-        request); with another clock, read as ``run.admit`` reads it."""
-        quota = self.billing.quota
-        if quota.clock is utc_now:
-            t = time.time()
-            if self._day is not None and self._day_start <= t < self._day_end:
-                return self._limits, self._day
-        now = quota.clock()
-        day = now.date()
-        limits = budget.limits_for(self.who, self.tier, now)
-        if quota.clock is utc_now:
-            start = (int(now.timestamp()) // _DAY) * _DAY  # UTC days are whole multiples
-            self._day, self._day_start, self._day_end = day, float(start), float(start + _DAY)
-            self._limits = limits
-        return limits, day
+        # The usual case: the kept windows are the hour alone, taken from the
+        # worker's permit lease (``PermitLeases.take_one``).
+        self.hour: tuple[PermitLeases, Limit] | None = None
+        if self.rate is not None and len(self.rate) == 1 and isinstance(limiter, PermitLeases):
+            self.hour = (limiter, self.rate[0])
+        # the -tokens trio's limit when it reports the month (no minute window)
+        self.monthly = tier.monthly_tokens if tier.tokens_per_minute is None else None
+        self.monthly_text = str(self.monthly)  # used only when ``monthly`` is set
 
     def take(self, ex: Exchange, plan: RoutePlan) -> Taken | None:
         """Admit from the leases without a coroutine. None: the quota lease
@@ -116,14 +106,23 @@ class KeyAdmission:
         completion = clamp_max_tokens(body, tier, endpoint)
         prompt = tokens.estimate_prompt(body, endpoint) if self.estimates else None
         estimate = prompt + completion if prompt is not None else 0
-        reservation = self.billing.quota.take(who, tier, estimate)
+        billing = self.billing
+        quota = billing.quota
+        # One reading of the system clock for the quota's month and the
+        # budgets' day; another clock is read as ``run.admit`` reads it.
+        t = time.time() if quota.clock is utc_now else None
+        reservation = quota.take(who, tier, estimate, t)
         if reservation is None:
             return None
         admission = Admission(who, tier, reservation, estimate, ids.event_id(), prompt)
-        opened(self.billing, ex, admission)
-        book = self.billing.budgets
+        opened(billing, ex, admission)
+        book = billing.budgets
         if book is not None:
-            limits, day = self._budget_limits()
+            if t is not None:
+                limits, day = budget.limits_at(who, tier, t)
+            else:
+                now = quota.clock()
+                limits, day = budget.limits_for(who, tier, now), now.date()
             if limits:
                 if prompt is None:  # as ``budget.take``: the size-based estimate
                     prompt = tokens.estimate_prompt(body, endpoint)
@@ -135,22 +134,28 @@ class KeyAdmission:
                 if hold is None:
                     return admission, budget.Ask(limits, micros, day), False, None
                 admission.budget = hold
-        rate, user = self.rate, ex.record.end_user
+        hour, user = self.hour, ex.record.end_user
+        if hour is not None and (user is None or not self.per_user):
+            # The key's hourly window from the lease: its -requests header
+            # trio made from the lease's numbers, no verdict built.
+            got = hour[0].take_one(hour[1])
+            if got is None:
+                return admission, None, False, None
+            # ``leased_headers``, inline (one call fewer on every request)
+            used, capacity = got[0], hour[1].capacity
+            ex.notes[LEASED] = {
+                _REQUESTS[0]: self.rate_text,
+                _REQUESTS[1]: str(capacity - used if used < capacity else 0),
+                _REQUESTS[2]: reset_text(int(got[1] / 1000 + 0.999)),
+            }
+            return admission, None, True, None
+        rate = self.rate
         if rate is None or (user is not None and self.per_user):
             done, verdict = key_limits.take(self.limiter, admission, user)
             return admission, None, done, verdict
         if not rate:
             return admission, None, True, None
         limiter = self.limiter
-        if len(rate) == 1 and isinstance(limiter, PermitLeases):
-            # The key's hourly window from the lease: its -requests header
-            # trio made from the lease's numbers, no verdict built.
-            lim = rate[0]
-            got = limiter.take_one(lim)
-            if got is None:
-                return admission, None, False, None
-            ex.notes[LEASED] = leased_headers(lim, got[0], got[1], self.rate_text)
-            return admission, None, True, None
         verdict = limiter.take(rate) if isinstance(limiter, PermitLeases) else None
         return admission, None, verdict is not None, verdict
 
@@ -162,12 +167,35 @@ class KeyAdmission:
         leased: dict[str, str] | None = None,
     ) -> dict[str, str]:
         """``x-request-id`` and ``key_limits.response_headers``; ``leased``:
-        the window's trio ``take`` made from a lease (no verdict)."""
+        the window's trio ``take`` made from a lease (no verdict). The usual
+        block (the month's -tokens trio, the hour's trio from a lease) in one
+        dict display, the month's numbers read as ``response_headers`` reads
+        them (``QuotaBook.tokens_left``)."""
+        monthly = self.monthly
+        if verdict is None and monthly is not None and admission.tier is self.tier:
+            left, reset = self.billing.quota.tokens_left(admission.principal.tenant_id, monthly)
+            if leased is None:
+                return {
+                    "x-request-id": request_id,
+                    _TOKENS[0]: self.monthly_text,
+                    _TOKENS[1]: str(left),
+                    _TOKENS[2]: reset_text(int(reset + 0.999)),
+                }
+            return {
+                "x-request-id": request_id,
+                _TOKENS[0]: self.monthly_text,
+                _TOKENS[1]: str(left),
+                _TOKENS[2]: reset_text(int(reset + 0.999)),
+                **leased,
+            }
         out = {"x-request-id": request_id}
         key_limits.response_headers(self.billing.quota, admission, verdict, out)
         if leased is not None:
             out.update(leased)
         return out
+
+
+_TOKENS, _REQUESTS = key_limits.TOKENS_TRIO, key_limits.REQUESTS_TRIO
 
 
 # ``Exchange.notes``' entry for the -requests trio ``take`` made from a
@@ -178,7 +206,8 @@ LEASED = "rate_headers"
 def leased_headers(lim: Limit, used: int, reset_ms: int, capacity_text: str) -> dict[str, str]:
     """``key_limits.headers`` of the window ``PermitLeases.take`` would have
     reported for these numbers (``Window(lim, lim.capacity, True, used,
-    reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept."""
+    reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept.
+    ``KeyAdmission.take`` makes the hour's trio the same way, inline."""
     out: dict[str, str] = {}
     key_limits.put_window(out, lim.name, capacity_text, max(0, lim.capacity - used), reset_ms)
     return out
