@@ -47,13 +47,14 @@ def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
 
 
 @pytest.mark.parametrize(
-    ("path", "body"),
+    ("path", "body", "expected"),
     [
-        ("/v1/chat/completions", {"model": "fake-model"}),
-        ("/v1/chat/completions", {"model": "fake-model", "stream": True}),
-        ("/v1/messages", {"model": "fake-model", "max_tokens": 16}),
+        ("/v1/chat/completions", {"model": "fake-model"}, 200),
+        ("/v1/chat/completions", {"model": "fake-model", "stream": True}, 200),
+        ("/v1/messages", {"model": "fake-model", "max_tokens": 16}, 200),
+        ("/v1/chat/completions", {"model": "no-such-model"}, 404),
     ],
-    ids=["chat", "stream", "messages-door"],
+    ids=["chat", "stream", "messages-door", "refusal"],
 )
 async def test_a_slow_settle_step_does_not_hold_back_the_answer(
     start_gateway: StartGateway,
@@ -61,6 +62,7 @@ async def test_a_slow_settle_step_does_not_hold_back_the_answer(
     monkeypatch: pytest.MonkeyPatch,
     path: str,
     body: dict[str, Any],
+    expected: int,
 ) -> None:
     gw = await start_gateway(gateway_config(fake_openai.url))
     answered = threading.Event()
@@ -85,15 +87,18 @@ async def test_a_slow_settle_step_does_not_hold_back_the_answer(
     await until(lambda: had_answer, limit=HOLD_S + 30, what="the request settled")
     await until(lambda: not thread.is_alive(), limit=30, what="the client thread ended")
     status, answer = status_and_body[0]
-    assert status == 200, answer
+    assert status == expected, answer
     if body.get("stream"):
         assert answer.rstrip().endswith(b"data: [DONE]")
-    else:
+    elif status == 200:
         assert orjson.loads(answer)["usage"]
+    else:
+        assert orjson.loads(answer)["error"]["code"] == "model_not_found"
     assert had_answer == [True], "the client's answer waited for the settle step"
     (record,) = gw.settler.records
-    assert record.status == 200 and not record.client_disconnected
-    assert record.usage.prompt_tokens == FAKE_USAGE["prompt_tokens"]
+    assert record.status == expected and not record.client_disconnected
+    if status == 200:
+        assert record.usage.prompt_tokens == FAKE_USAGE["prompt_tokens"]
 
 
 BIG = 24 * 1024 * 1024  # more than loopback's socket buffers hold: the write waits on the client

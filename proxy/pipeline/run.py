@@ -170,9 +170,12 @@ async def handle(
     endpoint: Endpoint,
     rt: Runtime,
     door: Callable[[str], Door] | None = None,
+    refuse: Callable[[GatewayError, web.Request], web.Response] | None = None,
 ) -> web.StreamResponse:
     """``door``: opens the front door the client came through (given the
-    request id), for an API other than ``endpoint``'s own."""
+    request id), for an API other than ``endpoint``'s own. ``refuse``: the
+    web layer's rendering of a refusal, sent before the request settles as
+    an answer is (None: the refusal is raised, and sent after settling)."""
     started = time.perf_counter()
     snapshot = rt.config.current  # one snapshot for the whole request
     record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
@@ -200,6 +203,13 @@ async def handle(
         if ex.meter is not None or ex.door is not None:
             readied = True
             await ready(ex)
+        await answer(request, resp, rt, ex)
+        return resp
+    except GatewayError as exc:
+        ended(rt, ex, exc)
+        if refuse is None:
+            raise
+        resp = refuse(exc, request)
         await answer(request, resp, rt, ex)
         return resp
     except BaseException as exc:
