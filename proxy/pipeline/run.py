@@ -242,15 +242,17 @@ async def answer(request: web.Request, resp: web.StreamResponse, rt: Runtime, ex
         if record.status < 400:
             record.status = 499  # as ``ended`` says of a client gone
     except asyncio.CancelledError as exc:
-        ended(rt, ex, exc)  # the client left mid-write (499), or the shutdown's abort
         if not rt.lifecycle.aborting:
+            ended(rt, ex, exc)  # the client left while its answer was written: 499
             raise
-        # Headers are out: the shutdown cannot answer with a 503 any more
-        # (the middleware would); the row says the request was aborted.
+        # The shutdown's abort while a slow client reads: the answer is whole
+        # in the connection's buffer (aiohttp waits for it to drain), and
+        # goes out as the connection closes; no 503 can replace it now.
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
-        resp.force_close()
+        if request.transport is not None:
+            request.transport.close()
 
 
 async def ready(ex: Exchange) -> None:
