@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from proxy.core.record import UsageRecord
+from proxy.web.keys import LIFECYCLE
 from tests.conftest import StartGateway, gateway_config
 from tests.fakes import FAKE_USAGE, FakeOpenAI
 from tests.loopback import serve_app
@@ -177,3 +178,67 @@ async def test_a_client_gone_while_its_answer_is_written_is_still_settled(
     await until(lambda: access_lines(caplog), what="the access line")
     (line,) = access_lines(caplog)
     assert line["status"] == 499 and line["client_disconnected"] is True
+
+
+def _read_slowly(url: str, begun: threading.Event, go_on: threading.Event) -> tuple[int, int]:
+    """Send a chat request, read the first bytes of the answer, then wait
+    (``go_on``, bounded) before reading the rest to the end: the answer's
+    Content-Length and how many body bytes came."""
+    host, port = url.removeprefix("http://").split(":")
+    body = orjson.dumps({"model": "big", "messages": [{"role": "user", "content": "hi"}]})
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(60)
+    try:
+        sock.connect((host, int(port)))
+        sock.sendall(head + body)
+        got = sock.recv(4096)
+        while b"\r\n\r\n" not in got:
+            got += sock.recv(4096)
+        begun.set()
+        go_on.wait(HOLD_S)
+        headers, rest = got.split(b"\r\n\r\n", 1)
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in headers.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        received = len(rest)
+        while received < length and (chunk := sock.recv(1 << 20)):
+            received += len(chunk)
+        return length, received
+    finally:
+        sock.close()
+
+
+async def test_a_shutdown_abort_during_a_slow_read_still_delivers_the_whole_answer(
+    start_gateway: StartGateway, big_provider: str
+) -> None:
+    config = gateway_config(big_provider)
+    config["models"] = [{"name": "big", "targets": [{"provider": "fake", "model": "big"}]}]
+    gw = await start_gateway(config)
+    lifecycle = gw.app[LIFECYCLE]
+    begun, go_on = threading.Event(), threading.Event()
+    got: list[tuple[int, int]] = []
+    thread = threading.Thread(
+        target=lambda: got.append(_read_slowly(gw.url, begun, go_on)), daemon=True
+    )
+    thread.start()
+    try:
+        await until(begun.is_set, limit=60, what="the answer began")
+        # The grace passes while the client has not read: the handler is
+        # aborted while its answer is written.
+        assert await lifecycle.drain(grace=0.05) == 1
+        await until(lambda: gw.settler.records, limit=30, what="the request settled")
+    finally:
+        go_on.set()
+    await until(lambda: not thread.is_alive(), limit=60, what="the client read to the end")
+    ((length, received),) = got
+    assert received == length  # the answer was whole in the connection's buffer
+    (record,) = gw.settler.records
+    assert record.status == 200 and not record.client_disconnected
+    assert record.usage.completion_tokens == FAKE_USAGE["completion_tokens"]
