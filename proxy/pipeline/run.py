@@ -8,7 +8,9 @@ admission needs the public model (tier model rules, token estimate). The
 plug-in stages of ``proxy.pipeline.registry`` run their hooks around
 forward and relay (a hook may answer the request itself: a cache hit). The
 settle step runs in ``finally``, so every request is settled exactly once,
-including rejected, failed and disconnected ones.
+including rejected, failed and disconnected ones; for an answer that got
+that far, once the client has it whole (``answer``), so the client never
+waits for the access line, the metrics or the billing.
 """
 
 from __future__ import annotations
@@ -168,9 +170,12 @@ async def handle(
     endpoint: Endpoint,
     rt: Runtime,
     door: Callable[[str], Door] | None = None,
+    refuse: Callable[[GatewayError, web.Request], web.Response] | None = None,
 ) -> web.StreamResponse:
     """``door``: opens the front door the client came through (given the
-    request id), for an API other than ``endpoint``'s own."""
+    request id), for an API other than ``endpoint``'s own. ``refuse``: the
+    web layer's rendering of a refusal, sent before the request settles as
+    an answer is (None: the refusal is raised, and sent after settling)."""
     started = time.perf_counter()
     snapshot = rt.config.current  # one snapshot for the whole request
     record = UsageRecord(request[REQUEST_ID], endpoint, config=snapshot.config)
@@ -182,7 +187,10 @@ async def handle(
         ex.door = door(record.request_id)
         record.door = ex.door.name
     # ``Settling``'s work without its ``async with`` (two coroutines fewer
-    # per request): classified on the way out, settled in ``finally``.
+    # per request): classified on the way out, settled in ``finally``, after
+    # the answer went out whole (``answer``): the client does not wait for
+    # the access line, the metrics or the billing.
+    readied = False  # ``ready`` ran, before the answer's end
     try:
         ex.body = await parse.read_json(request, snapshot.config.server.max_body_bytes)
         if ex.door is not None:
@@ -191,15 +199,76 @@ async def handle(
         ex.who = authenticate(request, ex)
         if ex.door is not None:
             await ex.door.prepare(ex)  # a stored conversation's history, once the tenant is known
-        return await proceed(rt, snapshot, ex, request.headers)
+        resp = await proceed(rt, snapshot, ex, request.headers)
+        if ex.meter is not None or ex.door is not None:
+            readied = True
+            await ready(ex)
+        await answer(request, resp, rt, ex)
+        return resp
+    except GatewayError as exc:
+        ended(rt, ex, exc)
+        if refuse is None:
+            raise
+        resp = refuse(exc, request)
+        await answer(request, resp, rt, ex)
+        return resp
     except BaseException as exc:
         ended(rt, ex, exc)
         raise
     finally:
-        if ex.meter is None and ex.door is None:
+        if readied or (ex.meter is None and ex.door is None):
             settle_now(rt, snapshot, ex)  # nothing to await
         else:
             await settle(rt, snapshot, ex)
+
+
+async def answer(request: web.Request, resp: web.StreamResponse, rt: Runtime, ex: Exchange) -> None:
+    """The answer to the client, to its end (a stream's last chunk too),
+    before the request settles: what aiohttp would do once the handler
+    returned (its ``finish_response`` then finds the response sent and does
+    nothing), plus what the ``front`` middleware does to a response it
+    sends. A client gone before it had the whole answer is a 499, like a
+    client gone during a stream; the provider's usage is still billed."""
+    try:
+        if not resp.prepared:
+            if rt.lifecycle.draining:
+                resp.force_close()  # keep-alive clients move to another instance
+            resp.headers["x-request-id"] = ex.record.request_id
+            await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionError:
+        record = ex.record
+        record.client_disconnected = True
+        if record.status < 400:
+            record.status = 499  # as ``ended`` says of a client gone
+    except asyncio.CancelledError as exc:
+        if not rt.lifecycle.aborting:
+            ended(rt, ex, exc)  # the client left while its answer was written: 499
+            raise
+        # The shutdown's abort while a slow client reads: the answer is whole
+        # in the connection's buffer (aiohttp waits for it to drain), and
+        # goes out as the connection closes; no 503 can replace it now.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        if request.transport is not None:
+            request.transport.close()
+
+
+async def ready(ex: Exchange) -> None:
+    """What settling awaits, done before the answer's end: a stream's usage
+    (the provider's, else counted off the loop), and the door's ``finish``,
+    so what the door keeps (a stored response) exists before the client
+    sees the end of the answer and a follow-up request finds it. What is
+    left to settle is synchronous (``settle_now``)."""
+    record = ex.record
+    if ex.meter is not None and record.provider_model is not None:
+        record.usage = await settled_usage(ex.meter, ex.body, ex.endpoint, record.provider_model)
+    if ex.door is not None:
+        try:
+            await ex.door.finish(ex)
+        except Exception:
+            log.exception("door %s failed to finish request %s", record.door, record.request_id)
 
 
 def accept(ex: Exchange, headers: Mapping[str, str]) -> None:
@@ -389,15 +458,7 @@ async def settle(rt: Runtime, snapshot: Snapshot, ex: Exchange) -> None:
     """Every request ends here once, however it ended: usage, stages, settlers."""
     record, trace = ex.record, ex.trace
     with trace.child("settle"):
-        if ex.meter is not None and record.provider_model is not None:
-            record.usage = await settled_usage(
-                ex.meter, ex.body, ex.endpoint, record.provider_model
-            )
-        if ex.door is not None:
-            try:
-                await ex.door.finish(ex)
-            except Exception:
-                log.exception("door %s failed to finish request %s", record.door, record.request_id)
+        await ready(ex)
         _settled(rt, snapshot, ex)
     trace.finish(record)
 
@@ -413,6 +474,8 @@ def settle_now(rt: Runtime, snapshot: Snapshot, ex: Exchange) -> None:
 def _settled(rt: Runtime, snapshot: Snapshot, ex: Exchange) -> None:
     record = ex.record
     access_log.keep_bodies(record, ex.body, ex.meter, ex.reply)
+    # From the request's start to its settling: for an HTTP request, until
+    # its answer was handed to the client's connection whole.
     record.latency_ms = (time.perf_counter() - ex.started) * 1000
     settle_stages(snapshot, ex)
     rt.settler.settle(record)

@@ -10,6 +10,9 @@ the task resumes at the end, on a failure, or to wait for a slow client
 (whose socket buffer, once full, stops the reading of the provider).
 Once SSE headers are out, a failure can no longer change the status, so it
 becomes an OpenAI-shaped ``data: {"error": ...}`` event and a clean close.
+The stream's end (its last HTTP chunk), like a whole answer (``reply``'s
+response), is sent by the pipeline (``pipeline.run.answer``) before the
+request settles: the client never waits for the access line or the billing.
 
 Client disconnect: the server runs with ``handler_cancellation``, so the
 handler is cancelled the moment the client goes away (or the next write

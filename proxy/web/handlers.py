@@ -1,4 +1,8 @@
-"""HTTP handlers: thin adapters from routes to the pipeline and the catalog."""
+"""HTTP handlers: thin adapters from routes to the pipeline and the catalog.
+
+The pipeline's handlers pass the ``front`` middleware's ``render``: a
+refusal is sent in OpenAI's shape before the request settles, as an
+answer is, instead of after it."""
 
 from __future__ import annotations
 
@@ -18,25 +22,26 @@ from proxy.pipeline.runtime import PRINCIPAL
 from proxy.stages import parse
 from proxy.stages.admit.billing import tier_of
 from proxy.web.keys import BILLING, CONFIG, LIFECYCLE, REDIS, RUNTIME
+from proxy.web.middleware import render
 from proxy.web.responses_api import DOOR_SERVICES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await pipeline.handle(request, "chat", request.app[RUNTIME])
+    return await pipeline.handle(request, "chat", request.app[RUNTIME], refuse=render)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await pipeline.handle(request, "completions", request.app[RUNTIME])
+    return await pipeline.handle(request, "completions", request.app[RUNTIME], refuse=render)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await pipeline.handle(request, "embeddings", request.app[RUNTIME])
+    return await pipeline.handle(request, "embeddings", request.app[RUNTIME], refuse=render)
 
 
 async def moderations(request: web.Request) -> web.StreamResponse:
-    return await pipeline.handle(request, "moderations", request.app[RUNTIME])
+    return await pipeline.handle(request, "moderations", request.app[RUNTIME], refuse=render)
 
 
 def front_door(door: type[FrontDoor]) -> Handler:
@@ -45,7 +50,7 @@ def front_door(door: type[FrontDoor]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         services = request.app.get(DOOR_SERVICES)
         return await pipeline.handle(
-            request, "chat", request.app[RUNTIME], lambda rid: door(rid, services)
+            request, "chat", request.app[RUNTIME], lambda rid: door(rid, services), render
         )
 
     return handler

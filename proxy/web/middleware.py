@@ -4,8 +4,10 @@ It gives the request its id, so every response, errors included, carries
 an ``x-request-id``; registers ``/v1/`` requests as in flight for the drain
 (``proxy.web.lifecycle``); runs the gate (``proxy.web.gate``: deny by
 default); and renders every failure, the 503 of a request aborted at
-shutdown included, in OpenAI's shape. These were three middlewares; merged
-because each layer costs every request a call and a coroutine.
+shutdown included, in OpenAI's shape (``render``, which the pipeline's
+handlers also call, to send a refusal before the request settles).
+These were three middlewares; merged because each layer costs every
+request a call and a coroutine.
 """
 
 from __future__ import annotations
