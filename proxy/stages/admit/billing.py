@@ -218,7 +218,7 @@ class Billing:
             record.tenant_id,
             record.key_id,
             self.quota.worker_id,
-            record.door or record.endpoint,  # record.api
+            record.api,
             record.public_model,
             body.get("stream") is True,
             admission.reservation.leased,
@@ -241,7 +241,7 @@ class Billing:
         # Priced once, at the prices of the snapshot the request ran on (a
         # reload mid-stream does not reprice it); the budgets and the row
         # take the same cost. A cache hit's usage is what its policy bills.
-        cost = record.cost_usd if record.costed else cost_of(record, self.prices)
+        cost = cost_of(record, self.prices)
         hold = None
         if admission is not None:
             total = prompt + completion
@@ -252,7 +252,7 @@ class Billing:
             if hold is not None and self.budgets is not None:
                 # ``to_micros`` inline (rounded up), by a Decimal made once.
                 self.budgets.release(hold, math.ceil(cost * _MICROS) if counted and cost else 0)
-            period = admission.billed_in or reservation.period  # admission.period
+            period = admission.period
             event_id, leased = admission.event_id, reservation.leased
         else:  # authenticated, refused before admission: its own id
             counted, leased = False, False
@@ -265,7 +265,7 @@ class Billing:
             record.tenant_id,
             record.key_id,
             self.quota.worker_id,
-            record.door or record.endpoint,  # record.api
+            record.api,
             record.public_model,
             record.provider,
             record.provider_model,

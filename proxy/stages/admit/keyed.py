@@ -174,22 +174,15 @@ class KeyAdmission:
         monthly = self.monthly
         if verdict is None and monthly is not None and admission.tier is self.tier:
             left, reset = self.billing.quota.tokens_left(admission.principal.tenant_id, monthly)
-            if leased is None:
-                return {
-                    "x-request-id": request_id,
-                    _TOKENS[0]: self.monthly_text,
-                    _TOKENS[1]: str(left),
-                    _TOKENS[2]: reset_text(int(reset + 0.999)),
-                }
-            return {
+            out = {
                 "x-request-id": request_id,
                 _TOKENS[0]: self.monthly_text,
                 _TOKENS[1]: str(left),
                 _TOKENS[2]: reset_text(int(reset + 0.999)),
-                **leased,
             }
-        out = {"x-request-id": request_id}
-        key_limits.response_headers(self.billing.quota, admission, verdict, out)
+        else:
+            out = {"x-request-id": request_id}
+            key_limits.response_headers(self.billing.quota, admission, verdict, out)
         if leased is not None:
             out.update(leased)
         return out
