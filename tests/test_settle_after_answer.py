@@ -136,10 +136,10 @@ async def big_provider() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-def _leave_after_headers(url: str) -> bytes:
-    """Send a chat request, read the first bytes of the answer, and go: the
-    rest of it is still being written. A small receive buffer keeps the
-    kernel from taking the whole answer on the client's behalf."""
+def _ask_big(url: str) -> socket.socket:
+    """A raw socket that sent a chat request for the big answer. A small
+    receive buffer keeps the kernel from taking the whole answer on the
+    client's behalf."""
     host, port = url.removeprefix("http://").split(":")
     body = orjson.dumps({"model": "big", "messages": [{"role": "user", "content": "hi"}]})
     head = (
@@ -152,6 +152,17 @@ def _leave_after_headers(url: str) -> bytes:
     try:
         sock.connect((host, int(port)))
         sock.sendall(head + body)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _leave_after_headers(url: str) -> bytes:
+    """Send a chat request, read the first bytes of the answer, and go: the
+    rest of it is still being written."""
+    sock = _ask_big(url)
+    try:
         return sock.recv(4096)
     finally:
         sock.close()  # unread data: the kernel resets the connection
@@ -184,18 +195,8 @@ def _read_slowly(url: str, begun: threading.Event, go_on: threading.Event) -> tu
     """Send a chat request, read the first bytes of the answer, then wait
     (``go_on``, bounded) before reading the rest to the end: the answer's
     Content-Length and how many body bytes came."""
-    host, port = url.removeprefix("http://").split(":")
-    body = orjson.dumps({"model": "big", "messages": [{"role": "user", "content": "hi"}]})
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.settimeout(60)
+    sock = _ask_big(url)
     try:
-        sock.connect((host, int(port)))
-        sock.sendall(head + body)
         got = sock.recv(4096)
         while b"\r\n\r\n" not in got:
             got += sock.recv(4096)

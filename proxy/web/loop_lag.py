@@ -2,9 +2,9 @@
 
 Whatever holds the loop (tiktoken over a large prompt, a big JSON parse, any
 synchronous call) delays every other request and open stream of the worker by
-as long, and no request-latency histogram shows it where it happens. A probe's
-timer fires every ``interval`` and records how much later than asked it
-ran (clock: ``perf_counter``):
+as long, and no request-latency histogram shows it where it happens. A probe
+sleeps ``interval`` again and again and records how much later than asked it
+woke up (clock: ``perf_counter``):
 
 - ``tollway_event_loop_lag_seconds``, a histogram (fine buckets up to 3 ms,
   where "the loop is fine" ends);
@@ -80,29 +80,12 @@ class LoopLag:
         self.worst.set({}, value)
 
     async def run(self) -> None:
-        """Until cancelled. The timer is a bare callback of the loop, not a
-        task sleeping: a wake-up then costs a timer handle and one call,
-        without a future and a task step (about a fifth less CPU an idle
-        worker spends on a 1 ms probe; the rest is the kernel's wake-up, which
-        only a longer interval saves)."""
-        loop = asyncio.get_running_loop()
-        clock, interval, record = time.perf_counter, self.interval, self.record
-        due = clock() + interval
-        handle: asyncio.TimerHandle | None = None
-
-        def tick() -> None:
-            nonlocal due, handle
+        clock, interval = time.perf_counter, self.interval
+        while True:
+            due = clock() + interval
+            await asyncio.sleep(interval)
             now = clock()
-            late = now - due
-            record(late if late > 0.0 else 0.0, now)
-            due = now + interval
-            handle = loop.call_later(interval, tick)
-
-        handle = loop.call_later(interval, tick)
-        try:
-            await loop.create_future()  # never set: the timer runs until cancelled
-        finally:
-            handle.cancel()
+            self.record(max(0.0, now - due), now)
 
 
 def interval_from_env() -> float | None:
