@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+import revisions
 
 
 def _child(tree: str, n: int) -> None:
@@ -130,34 +127,8 @@ def _child(tree: str, n: int) -> None:
         admit()
 
 
-def _tree(rev: str, into: Path) -> Path:
-    out = into / rev.replace("/", "_")
-    out.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True
-    ).stdout
-    tar_path = into / f"{out.name}.tar"
-    tar_path.write_bytes(archive)
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(out, filter="data")
-    return out
-
-
 def _instructions(tree: Path, n: int) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        dump = Path(tmp) / "callgrind.out"
-        done = subprocess.run(
-            [
-                *("valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}"),
-                *(sys.executable, __file__, "--child", str(tree), "--n", str(n)),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    assert found is not None, done.stderr[-2000:]
-    return int(found.group(1))
+    return revisions.instructions([sys.executable, __file__, "--child", str(tree), "--n", str(n)])
 
 
 def main() -> None:
@@ -173,7 +144,7 @@ def main() -> None:
     print("\n| rev | instructions per admission |\n|---|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for rev in args.revs.split(","):
-            tree = _tree(rev, Path(tmp))
+            tree = revisions.export(rev, Path(tmp) / rev.replace("/", "_"), ("proxy", "bench"))
             short, long = (_instructions(tree, k * args.n) for k in (1, 3))
             print(f"| {rev} | {(long - short) / (2 * args.n):,.0f} |", flush=True)
 

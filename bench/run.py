@@ -34,7 +34,6 @@ SIGTERM included.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import shutil
@@ -43,7 +42,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,6 +57,7 @@ import lag
 import longrun
 import orjson
 import procstat
+import revisions
 from prompts import history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,14 +328,8 @@ def _stop_embedded_postgres(workdir: Path) -> None:
 
 
 def export_revision(rev: str, dest: Path) -> Path:
-    """Export proxy/ and sql/ as of ``rev`` (read-only git), so that a run
-    measures one commit even while others are editing the shared working tree."""
-    tar = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "proxy", "sql"], check=True, capture_output=True
-    ).stdout
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        tf.extractall(dest, filter="data")
-    return dest
+    """Export proxy/ and sql/ as of ``rev`` (``revisions.export``)."""
+    return revisions.export(rev, dest)
 
 
 def tollway_version(rev: str | None) -> str:

@@ -23,18 +23,16 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import re
-import subprocess
 import sys
-import tarfile
 import tempfile
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import revisions
+
 PERIOD = date(2026, 12, 1)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Queue:
@@ -118,34 +116,9 @@ def main(n: int) -> None:
             queue.rows = []
 
 
-def _tree(rev: str, into: Path) -> Path:
-    out = into / rev.replace("/", "_")
-    out.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "proxy"], check=True, capture_output=True
-    ).stdout
-    tar_path = into / f"{out.name}.tar"
-    tar_path.write_bytes(archive)
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(out, filter="data")
-    return out
-
-
 def _instructions(tree: Path, n: int) -> int:
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
-    done = subprocess.run(
-        [
-            *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
-            *(sys.executable, __file__, str(n)),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    assert found is not None, done.stderr[-2000:]
-    return int(found.group(1))
+    return revisions.instructions([sys.executable, __file__, str(n)], env)
 
 
 def compare(revs: list[str], n: int) -> None:
@@ -154,7 +127,7 @@ def compare(revs: list[str], n: int) -> None:
     print("\n| rev | instructions per billed request |\n|---|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for rev in revs:
-            tree = _tree(rev, Path(tmp))
+            tree = revisions.export(rev, Path(tmp) / rev.replace("/", "_"), ("proxy",))
             base, full = _instructions(tree, 0), _instructions(tree, n)
             print(f"| {rev} | {(full - base) / n:,.0f} |", flush=True)
 

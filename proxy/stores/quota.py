@@ -181,7 +181,7 @@ class QuotaBook:
             lease.requests < self._low_requests or (need_tokens and lease.tokens < self._low_tokens)
         ) and not lease.topping:
             self._top_up_soon(who, tier, period, lease)
-        return Reservation(who.tenant_id, period, 1, need_tokens, True)  # leased
+        return Reservation(who.tenant_id, period, 1, need_tokens, leased=True)
 
     def _top_up_soon(self, who: Principal, tier: Tier, period: date, lease: _Lease) -> None:
         """Lease the next block in the background if the lease runs low and
@@ -364,12 +364,7 @@ class QuotaBook:
             t = time.time()
             if month.start_ts <= t < month.end_ts:
                 lease = self._leases.get((tenant_id, month.period))
-                if lease is None:
-                    return limit, month.end_ts - t
-                # ``_tokens_remaining``, inline: every response reads it
-                left, local = lease.left_tokens, lease.tokens
-                left = (left if left is not None else limit) + (local if local > 0 else 0)
-                return (left if left > 0 else 0), month.end_ts - t
+                return _tokens_remaining(limit, lease), month.end_ts - t
         period, now, end = self._month()
         return _tokens_remaining(limit, self._leases.get((tenant_id, period))), max(
             0.0, (end - now).total_seconds()
@@ -402,8 +397,10 @@ def _tokens_remaining(limit: int, lease: _Lease | None) -> int:
     """``standing``'s remaining tokens (``_remaining``) of a limited month."""
     if lease is None:
         return limit
-    left = lease.left_tokens
-    return max(0, (left if left is not None else limit) + max(0, lease.tokens))
+    # ``max`` spelled out: every response's headers read it
+    left, local = lease.left_tokens, lease.tokens
+    left = (left if left is not None else limit) + (local if local > 0 else 0)
+    return left if left > 0 else 0
 
 
 def _remaining(limit: int | None, left: int | None, local: int) -> int | None:

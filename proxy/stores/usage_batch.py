@@ -23,6 +23,7 @@ import asyncpg
 import orjson
 
 from proxy.stores.dead_letter import is_refusal
+from proxy.stores.rollups import FIELDS
 
 COLUMNS = (
     "period",
@@ -101,17 +102,14 @@ _DETAIL = (
     "CASE WHEN jsonb_typeof(r.details -> '{0}') = 'number'"
     " THEN (r.details ->> '{0}')::numeric::bigint ELSE 0 END"
 )
-_ROLLUP_SUMS = (
-    "requests",
-    "errors",
-    "cache_hits",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-    "unpriced",
-)
+# The rollups' summed columns (``rollups.FIELDS``, which reports read), and
+# what each one sums over the rows a batch inserted, in the same order.
+_COLUMNS = ", ".join(FIELDS)
+_SUMS = f"""count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
+           sum(r.prompt_tokens), sum(r.completion_tokens),
+           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
+           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)"""
+_ADDED = ", ".join(f"{c} = u.{c} + excluded.{c}" for c in FIELDS)
 
 
 def _rollup(table: str, at: str, when: str) -> str:
@@ -119,19 +117,16 @@ def _rollup(table: str, at: str, when: str) -> str:
     inserted, keyed by ``at`` = ``when`` (the UTC day or month they are written)."""
     return f"""
     INSERT INTO {table} AS u ({at}, tenant_id, key_id, public_model, provider, served_model,
-                              {", ".join(_ROLLUP_SUMS)})
+                              {_COLUMNS})
     SELECT {when}, r.tenant_id, coalesce(r.key_id, ''),
            coalesce(r.public_model, ''), coalesce(r.provider, ''),
            coalesce(r.provider_model, r.public_model, ''),
-           count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
-           sum(r.prompt_tokens), sum(r.completion_tokens),
-           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
-           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)
+           {_SUMS}
     FROM rows r JOIN ins USING (period, event_id)
     WHERE r.tenant_id IS NOT NULL
     GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
     ON CONFLICT ({at}, tenant_id, key_id, public_model, provider, served_model) DO UPDATE
-    SET {", ".join(f"{c} = u.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
+    SET {_ADDED}
     RETURNING 1"""
 
 
@@ -139,17 +134,14 @@ def _tenant_rollup() -> str:
     """The upsert of ``usage_tenant_daily``: the daily sums per tenant alone
     (what an unfiltered ``group_by=day`` report reads), from the same rows."""
     return f"""
-    INSERT INTO usage_tenant_daily AS u (day, tenant_id, {", ".join(_ROLLUP_SUMS)})
+    INSERT INTO usage_tenant_daily AS u (day, tenant_id, {_COLUMNS})
     SELECT (now() AT TIME ZONE 'UTC')::date, r.tenant_id,
-           count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
-           sum(r.prompt_tokens), sum(r.completion_tokens),
-           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
-           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)
+           {_SUMS}
     FROM rows r JOIN ins USING (period, event_id)
     WHERE r.tenant_id IS NOT NULL
     GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (tenant_id, day) DO UPDATE
-    SET {", ".join(f"{c} = u.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
+    SET {_ADDED}
     RETURNING 1"""
 
 
@@ -158,12 +150,9 @@ def _model_rollup() -> str:
     model, each row counted once under each distinct name among its public
     and served model (what a ``group_by=day`` report filtered to a model reads)."""
     return f"""
-    INSERT INTO usage_model_daily AS u (day, tenant_id, model, {", ".join(_ROLLUP_SUMS)})
+    INSERT INTO usage_model_daily AS u (day, tenant_id, model, {_COLUMNS})
     SELECT (now() AT TIME ZONE 'UTC')::date, r.tenant_id, m.model,
-           count(*), count(*) FILTER (WHERE r.status >= 400), count(*) FILTER (WHERE r.cached),
-           sum(r.prompt_tokens), sum(r.completion_tokens),
-           sum({_DETAIL.format("cached_tokens")}), sum({_DETAIL.format("reasoning_tokens")}),
-           coalesce(sum(r.cost_usd), 0), count(*) FILTER (WHERE r.cost_usd IS NULL)
+           {_SUMS}
     FROM rows r JOIN ins USING (period, event_id)
     CROSS JOIN LATERAL (
         SELECT coalesce(r.public_model, '')
@@ -172,7 +161,7 @@ def _model_rollup() -> str:
     WHERE r.tenant_id IS NOT NULL
     GROUP BY 1, 2, 3 ORDER BY 3, 2, 1
     ON CONFLICT (model, tenant_id, day) DO UPDATE
-    SET {", ".join(f"{c} = u.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
+    SET {_ADDED}
     RETURNING 1"""
 
 

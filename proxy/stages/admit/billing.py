@@ -10,7 +10,6 @@ request's reservation on the way.
 from __future__ import annotations
 
 import functools
-import math
 import secrets
 import socket
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from proxy.config.budgets import MICROS
+from proxy.config.budgets import to_micros
 from proxy.config.model import Config
 from proxy.config.tiers import Price, Tier
 from proxy.core import ids, tokens
@@ -35,8 +34,6 @@ from proxy.stores.budgets import BudgetBook, Hold
 from proxy.stores.journal import Journal, Opened
 from proxy.stores.ledger import Ledger, UsageRow
 from proxy.stores.quota import QuotaBook, Reservation, Standing, period_of
-
-_MICROS = Decimal(MICROS)
 
 
 def new_worker_id() -> str:
@@ -132,15 +129,13 @@ def ratelimit_headers(standing: Standing) -> dict[str, str]:
 
 def reset_duration(seconds: float) -> str:
     """OpenAI's reset format: ``6m0s``, ``1h2m3s``, ``1s``."""
-    return reset_text(int(seconds + 0.999))
+    return _reset_text(int(seconds + 0.999))
 
 
 @functools.lru_cache(maxsize=4096)
-def reset_text(s: int) -> str:
-    """``reset_duration`` of whole seconds (``int(seconds + 0.999)``, as it
-    rounds): formatted once per second of distance, since every response
-    reports two resets, which move by a second at a time. The admit stage's
-    fast path (``keyed``) calls it directly, one call fewer per reset."""
+def _reset_text(s: int) -> str:
+    """Formatted once per second of distance: every response reports two
+    resets, which move by a second at a time."""
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     if h:
@@ -227,37 +222,47 @@ class Billing:
         )
 
     def settle(self, record: UsageRecord) -> None:
-        """The quota and budget refunds and the usage row, in one pass over
-        the record (runs for every request): the row's values are read
-        straight into the one tuple the ledger's batch writes as an array
-        (``batch_json``), with no helper call for what most rows leave empty."""
+        """The quota and budget refunds, then the usage row (runs for every
+        request). Priced once, at the prices of the snapshot the request ran
+        on (a reload mid-stream does not reprice it); the budgets and the row
+        take the same cost. A cache hit's usage is what its policy bills."""
         admission = record.admission
         if not isinstance(admission, Admission):
             if record.tenant_id is None:
                 return  # unauthenticated: nothing to bill, nothing reserved
-            admission = None
-        usage = record.usage
-        prompt, completion, status = usage.prompt_tokens, usage.completion_tokens, record.status
-        # Priced once, at the prices of the snapshot the request ran on (a
-        # reload mid-stream does not reprice it); the budgets and the row
-        # take the same cost. A cache hit's usage is what its policy bills.
+            admission = None  # authenticated, refused before admission
         cost = cost_of(record, self.prices)
-        hold = None
+        counted = admission is not None and self._refund(record, admission, cost)
+        self.ledger.add(self._row(record, admission, counted, cost))
+
+    def _refund(self, record: UsageRecord, admission: Admission, cost: Decimal | None) -> bool:
+        """Give back what the request reserved and did not use; whether it
+        counts (it used tokens, or it succeeded)."""
+        usage = record.usage
+        total = usage.prompt_tokens + usage.completion_tokens
+        counted = total > 0 or record.status < 400
+        self.quota.release(admission.reservation, counted, total)
+        hold = admission.budget
+        if hold is not None and self.budgets is not None:
+            self.budgets.release(hold, to_micros(cost) if counted and cost else 0)
+        return counted
+
+    def _row(
+        self,
+        record: UsageRecord,
+        admission: Admission | None,
+        counted: bool,
+        cost: Decimal | None,
+    ) -> UsageRow:
+        """The row's values, straight into the one tuple the ledger's batch
+        writes as an array (``batch_json``)."""
         if admission is not None:
-            total = prompt + completion
-            counted = total > 0 or status < 400
-            reservation = admission.reservation
-            self.quota.release(reservation, counted, total)
-            hold = admission.budget
-            if hold is not None and self.budgets is not None:
-                # ``to_micros`` inline (rounded up), by a Decimal made once.
-                self.budgets.release(hold, math.ceil(cost * _MICROS) if counted and cost else 0)
-            period = admission.period
-            event_id, leased = admission.event_id, reservation.leased
-        else:  # authenticated, refused before admission: its own id
-            counted, leased = False, False
+            period, event_id = admission.period, admission.event_id
+            leased, hold = admission.reservation.leased, admission.budget
+        else:  # its own id
             period, event_id = period_of(self.quota.clock()), ids.event_id()
-        tags = record.tags
+            leased, hold = False, None
+        usage, tags = record.usage, record.tags
         values = (
             period,
             event_id,  # the row's idempotency key, fixed from admission (journal) on
@@ -269,41 +274,36 @@ class Billing:
             record.public_model,
             record.provider,
             record.provider_model,
-            prompt,
-            completion,
+            usage.prompt_tokens,
+            usage.completion_tokens,
             usage.source,
             counted,
             record.cached,
             record.stream,
             record.client_disconnected,
-            status,
+            record.status,
             record.error_code,
             record.latency_ms,
             record.ttft_ms,
             record.attempts,
             cost,
-            # One attempt that served, nothing else to say (most requests): no details.
-            None
-            if not usage.details
-            and not record.extra
-            and len(record.attempt_log) == 1
-            and status < 400
-            else _details(record),
+            _details(record),
             record.end_user,
             orjson.dumps(tags).decode() if tags else None,
             record.client_ip,
         )
         if hold is None:
-            self.ledger.add(UsageRow(values, leased))
-        else:
-            self.ledger.add(UsageRow(values, leased, hold.day, bool(hold.limits)))
+            return UsageRow(values, leased)
+        return UsageRow(values, leased, hold.day, bool(hold.limits))
 
 
 def _details(record: UsageRecord) -> str | None:
     """Provider-specific token counts, plus every attempt that reached a
     provider: a failed attempt may still be on the provider's invoice, plus
     the guardrails' verdicts, a semantic cache hit's similarity."""
-    given, extra = record.usage.details, record.extra
+    given, extra, attempts = record.usage.details, record.extra, record.attempt_log
+    if not given and not extra and len(attempts) == 1 and record.status < 400:
+        return None  # one attempt that served, nothing else to say: most requests
     # The keys come from the provider's usage object: made safe for jsonb.
     details: dict[str, object] = {_key(k): v for k, v in given.items()}
     reached = [a for a in record.attempt_log if a.reached]

@@ -137,10 +137,6 @@ _HEADERS = {
     if name not in _PER_USER  # the headers describe the key's windows
 }
 _MONTHLY_TOKENS = _HEADERS["tokens_per_minute"]
-# The trios' names by what they report, for the admit stage's fast path
-# (``keyed``), which builds the usual block in one dict display.
-TOKENS_TRIO = _MONTHLY_TOKENS
-REQUESTS_TRIO = _HEADERS["requests_per_hour"]
 
 
 def put_window(
@@ -153,6 +149,17 @@ def put_window(
         out[names[0]] = capacity
         out[names[1]] = str(remaining)
         out[names[2]] = reset_duration(reset_ms / 1000)
+
+
+def put_monthly(
+    out: dict[str, str], quota: QuotaBook, tenant_id: int, limit: int, limit_text: str
+) -> None:
+    """The -tokens trio of the tenant's monthly tokens into ``out`` (the
+    limit already as text): ``QuotaBook.standing``'s numbers, without it."""
+    remaining, reset = quota.tokens_left(tenant_id, limit)
+    out[_MONTHLY_TOKENS[0]] = limit_text
+    out[_MONTHLY_TOKENS[1]] = str(remaining)
+    out[_MONTHLY_TOKENS[2]] = reset_duration(reset)
 
 
 def headers(verdict: Verdict | None) -> dict[str, str]:
@@ -176,10 +183,8 @@ def response_headers(
         out = {}
     tier = admission.tier
     if tier.monthly_tokens is not None:
-        remaining, reset = quota.tokens_left(admission.principal.tenant_id, tier.monthly_tokens)
-        out[_MONTHLY_TOKENS[0]] = str(tier.monthly_tokens)
-        out[_MONTHLY_TOKENS[1]] = str(remaining)
-        out[_MONTHLY_TOKENS[2]] = reset_duration(reset)
+        limit = tier.monthly_tokens
+        put_monthly(out, quota, admission.principal.tenant_id, limit, str(limit))
     for w in verdict.windows if verdict is not None else ():
         put_window(out, w.limit.name, str(w.capacity), w.remaining, w.reset_ms)
     return out

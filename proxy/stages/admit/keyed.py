@@ -33,7 +33,6 @@ from proxy.stages.admit.billing import (
     Billing,
     clamp_max_tokens,
     needs_estimate,
-    reset_text,
     tier_of,
 )
 from proxy.stages.base import Exchange
@@ -90,9 +89,9 @@ class KeyAdmission:
         self.hour: tuple[PermitLeases, Limit] | None = None
         if self.rate is not None and len(self.rate) == 1 and isinstance(limiter, PermitLeases):
             self.hour = (limiter, self.rate[0])
-        # the -tokens trio's limit when it reports the month (no minute window)
-        self.monthly = tier.monthly_tokens if tier.tokens_per_minute is None else None
-        self.monthly_text = str(self.monthly)  # used only when ``monthly`` is set
+        # the -tokens trio's monthly limit, and as text (used only when set)
+        self.monthly = tier.monthly_tokens
+        self.monthly_text = str(self.monthly)
 
     def take(self, ex: Exchange, plan: RoutePlan) -> Taken | None:
         """Admit from the leases without a coroutine. None: the quota lease
@@ -106,8 +105,7 @@ class KeyAdmission:
         completion = clamp_max_tokens(body, tier, endpoint)
         prompt = tokens.estimate_prompt(body, endpoint) if self.estimates else None
         estimate = prompt + completion if prompt is not None else 0
-        billing = self.billing
-        quota = billing.quota
+        quota = self.billing.quota
         # One reading of the system clock for the quota's month and the
         # budgets' day; another clock is read as ``run.admit`` reads it.
         t = time.time() if quota.clock is utc_now else None
@@ -115,49 +113,62 @@ class KeyAdmission:
         if reservation is None:
             return None
         admission = Admission(who, tier, reservation, estimate, ids.event_id(), prompt)
-        opened(billing, ex, admission)
-        book = billing.budgets
-        if book is not None:
-            if t is not None:
-                limits, day = budget.limits_at(who, tier, t)
-            else:
-                now = quota.clock()
-                limits, day = budget.limits_for(who, tier, now), now.date()
-            if limits:
-                if prompt is None:  # as ``budget.take``: the size-based estimate
-                    prompt = tokens.estimate_prompt(body, endpoint)
-                # ``budget.max_cost``: ``completion`` is ``completion_budget``'s
-                # value (the limit the body goes out with, clamped above, x n)
-                rates = budget.plan_rates(plan, self.config.prices)
-                micros = budget.bound(rates, prompt, completion)
-                hold = book.take(limits, micros, day)
-                if hold is None:
-                    return admission, budget.Ask(limits, micros, day), False, None
-                admission.budget = hold
+        opened(self.billing, ex, admission)
+        if self.billing.budgets is not None:
+            ask = self._budget(ex, plan, admission, completion, t)
+            if ask is not None:
+                return admission, ask, False, None
+        done, verdict = self._windows(ex, admission)
+        return admission, None, done, verdict
+
+    def _budget(
+        self, ex: Exchange, plan: RoutePlan, admission: Admission, completion: int, t: float | None
+    ) -> budget.Ask | None:
+        """The budgets' hold from their leases (``admission.budget``); the
+        ask to await when a lease is short."""
+        book, who, tier = self.billing.budgets, self.who, self.tier
+        assert book is not None
+        if t is not None:
+            limits, day = budget.limits_at(who, tier, t)
+        else:
+            now = self.billing.quota.clock()
+            limits, day = budget.limits_for(who, tier, now), now.date()
+        if not limits:
+            return None
+        prompt = admission.prompt_tokens
+        if prompt is None:  # as ``budget.take``: the size-based estimate
+            prompt = tokens.estimate_prompt(ex.body, ex.endpoint)
+        # ``budget.max_cost``: ``completion`` is ``completion_budget``'s value
+        # (the limit the body goes out with, clamped above, x n)
+        micros = budget.bound(budget.plan_rates(plan, self.config.prices), prompt, completion)
+        hold = book.take(limits, micros, day)
+        if hold is None:
+            return budget.Ask(limits, micros, day)
+        admission.budget = hold
+        return None
+
+    def _windows(self, ex: Exchange, admission: Admission) -> tuple[bool, Verdict | None]:
+        """The key's windows from the permit leases: whether they were
+        decided, and their verdict (None when the hour's lease admitted it:
+        its header trio is then in ``ex.notes``)."""
         hour, user = self.hour, ex.record.end_user
         if hour is not None and (user is None or not self.per_user):
             # The key's hourly window from the lease: its -requests header
             # trio made from the lease's numbers, no verdict built.
-            got = hour[0].take_one(hour[1])
+            leases, lim = hour
+            got = leases.take_one(lim)
             if got is None:
-                return admission, None, False, None
-            # ``leased_headers``, inline (one call fewer on every request)
-            used, capacity = got[0], hour[1].capacity
-            ex.notes[LEASED] = {
-                _REQUESTS[0]: self.rate_text,
-                _REQUESTS[1]: str(capacity - used if used < capacity else 0),
-                _REQUESTS[2]: reset_text(int(got[1] / 1000 + 0.999)),
-            }
-            return admission, None, True, None
+                return False, None
+            ex.notes[LEASED] = leased_headers(lim, got[0], got[1], self.rate_text)
+            return True, None
         rate = self.rate
         if rate is None or (user is not None and self.per_user):
-            done, verdict = key_limits.take(self.limiter, admission, user)
-            return admission, None, done, verdict
+            return key_limits.take(self.limiter, admission, user)
         if not rate:
-            return admission, None, True, None
+            return True, None
         limiter = self.limiter
         verdict = limiter.take(rate) if isinstance(limiter, PermitLeases) else None
-        return admission, None, verdict is not None, verdict
+        return verdict is not None, verdict
 
     def headers(
         self,
@@ -167,28 +178,18 @@ class KeyAdmission:
         leased: dict[str, str] | None = None,
     ) -> dict[str, str]:
         """``x-request-id`` and ``key_limits.response_headers``; ``leased``:
-        the window's trio ``take`` made from a lease (no verdict). The usual
-        block (the month's -tokens trio, the hour's trio from a lease) in one
-        dict display, the month's numbers read as ``response_headers`` reads
-        them (``QuotaBook.tokens_left``)."""
-        monthly = self.monthly
-        if verdict is None and monthly is not None and admission.tier is self.tier:
-            left, reset = self.billing.quota.tokens_left(admission.principal.tenant_id, monthly)
-            out = {
-                "x-request-id": request_id,
-                _TOKENS[0]: self.monthly_text,
-                _TOKENS[1]: str(left),
-                _TOKENS[2]: reset_text(int(reset + 0.999)),
-            }
+        the window's trio ``take`` made from a lease (no verdict). Without a
+        verdict that is the month's -tokens trio alone, its limit kept as text."""
+        out = {"x-request-id": request_id}
+        quota = self.billing.quota
+        if verdict is None and self.monthly is not None and admission.tier is self.tier:
+            tenant_id = admission.principal.tenant_id
+            key_limits.put_monthly(out, quota, tenant_id, self.monthly, self.monthly_text)
         else:
-            out = {"x-request-id": request_id}
-            key_limits.response_headers(self.billing.quota, admission, verdict, out)
+            key_limits.response_headers(quota, admission, verdict, out)
         if leased is not None:
             out.update(leased)
         return out
-
-
-_TOKENS, _REQUESTS = key_limits.TOKENS_TRIO, key_limits.REQUESTS_TRIO
 
 
 # ``Exchange.notes``' entry for the -requests trio ``take`` made from a
@@ -199,8 +200,7 @@ LEASED = "rate_headers"
 def leased_headers(lim: Limit, used: int, reset_ms: int, capacity_text: str) -> dict[str, str]:
     """``key_limits.headers`` of the window ``PermitLeases.take`` would have
     reported for these numbers (``Window(lim, lim.capacity, True, used,
-    reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept.
-    ``KeyAdmission.take`` makes the hour's trio the same way, inline."""
+    reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept."""
     out: dict[str, str] = {}
     key_limits.put_window(out, lim.name, capacity_text, max(0, lim.capacity - used), reset_ms)
     return out
