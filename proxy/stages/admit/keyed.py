@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import date
 
 from proxy.config.model import Config
 from proxy.core import ids, tokens
@@ -37,8 +38,11 @@ from proxy.stages.admit.billing import (
 )
 from proxy.stages.base import Exchange
 from proxy.stages.route import RoutePlan
+from proxy.stores.budgets import Limit as BudgetLimit
+from proxy.stores.budgets import _Lease as BudgetLease
 from proxy.stores.permits import PermitLeases
-from proxy.stores.quota import utc_now
+from proxy.stores.quota import Reservation, utc_now
+from proxy.stores.quota import _Lease as QuotaLease
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.windows import Limit, Verdict
 
@@ -52,8 +56,10 @@ class KeyAdmission:
 
     __slots__ = (
         "billing",
+        "budgeted",
         "config",
         "estimates",
+        "held",
         "hour",
         "limiter",
         "monthly",
@@ -92,6 +98,14 @@ class KeyAdmission:
         # the -tokens trio's monthly limit, and as text (used only when set)
         self.monthly = tier.monthly_tokens
         self.monthly_text = str(self.monthly)
+        # The worker's leases this key takes from, kept while current: the
+        # tenant's quota lease of the month (``QuotaBook.current``: the
+        # month's bounds, its period, the lease) and its budgets' leases for
+        # the day's limits (``BudgetBook.leases_of``). The stores still own
+        # them (refills, top-ups, sweeps act on the same objects); one they
+        # drop refuses ``take_from``, and is looked up again.
+        self.held: tuple[float, float, date, QuotaLease] | None = None
+        self.budgeted: tuple[tuple[BudgetLimit, ...], tuple[BudgetLease, ...]] | None = None
 
     def take(self, ex: Exchange, plan: RoutePlan) -> Taken | None:
         """Admit from the leases without a coroutine. None: the quota lease
@@ -105,11 +119,10 @@ class KeyAdmission:
         completion = clamp_max_tokens(body, tier, endpoint)
         prompt = tokens.estimate_prompt(body, endpoint) if self.estimates else None
         estimate = prompt + completion if prompt is not None else 0
-        quota = self.billing.quota
         # One reading of the system clock for the quota's month and the
         # budgets' day; another clock is read as ``run.admit`` reads it.
-        t = time.time() if quota.clock is utc_now else None
-        reservation = quota.take(who, tier, estimate, t)
+        t = time.time() if self.billing.quota.clock is utc_now else None
+        reservation = self._reserve(estimate, t)
         if reservation is None:
             return None
         admission = Admission(who, tier, reservation, estimate, ids.event_id(), prompt)
@@ -120,6 +133,19 @@ class KeyAdmission:
                 return admission, ask, False, None
         done, verdict = self._windows(ex, admission)
         return admission, None, done, verdict
+
+    def _reserve(self, estimate: int, t: float | None) -> Reservation | None:
+        """``QuotaBook.take``, from the kept lease while its month is current."""
+        quota, who, tier = self.billing.quota, self.who, self.tier
+        held = self.held
+        if held is not None and t is not None and held[0] <= t < held[1]:
+            reservation = quota.take_from(held[3], who, tier, held[2], estimate)
+            if reservation is not None:
+                return reservation
+        reservation = quota.take(who, tier, estimate, t)  # short, dropped, or a new month
+        if reservation is not None and reservation.leased and t is not None:
+            self.held = quota.current(who.tenant_id, t)
+        return reservation
 
     def _budget(
         self, ex: Exchange, plan: RoutePlan, admission: Admission, completion: int, t: float | None
@@ -141,9 +167,15 @@ class KeyAdmission:
         # ``budget.max_cost``: ``completion`` is ``completion_budget``'s value
         # (the limit the body goes out with, clamped above, x n)
         micros = budget.bound(budget.plan_rates(plan, self.config.prices), prompt, completion)
-        hold = book.take(limits, micros, day)
-        if hold is None:
-            return budget.Ask(limits, micros, day)
+        hold = None
+        kept = self.budgeted
+        if kept is not None and kept[0] is limits:
+            hold = book.take_from(kept[1], limits, micros, day)
+        if hold is None:  # short, dropped, another day's limits, or none kept yet
+            hold = book.take(limits, micros, day)
+            if hold is None:
+                return budget.Ask(limits, micros, day)
+            self.budgeted = (limits, hold.leases)
         admission.budget = hold
         return None
 
