@@ -234,7 +234,8 @@ def leased_headers(lim: Limit, used: int, reset_ms: int, capacity_text: str) -> 
     reported for these numbers (``Window(lim, lim.capacity, True, used,
     reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept."""
     out: dict[str, str] = {}
-    key_limits.put_window(out, lim.name, capacity_text, max(0, lim.capacity - used), reset_ms)
+    remaining = lim.capacity - used  # ``max(0, ...)`` spelled out: per request
+    key_limits.put_window(out, lim.name, capacity_text, remaining if remaining > 0 else 0, reset_ms)
     return out
 
 
