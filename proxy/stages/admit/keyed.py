@@ -17,6 +17,12 @@ from the same leases without an await. The object lives as long as the
 principal (the key cache makes a new one on each lookup, so a revocation or
 a tier change reaches it within ``key_cache_ttl_s``) and is rebuilt when
 the config snapshot or the billing object changes (a reload).
+
+It keeps the worker's quota lease of the month and budget leases of the
+day it takes from: the stores' own objects (refills, top-ups, heartbeats
+and sweeps act on them), taken from with the stores' ``take_from``, and
+looked up again only for a new month, another day's limits, or a lease the
+store dropped from its map (``take_from`` refuses it).
 """
 
 from __future__ import annotations
