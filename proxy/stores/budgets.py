@@ -71,6 +71,9 @@ class _Lease:
 
 
 _Key = tuple[str, str, date]
+# ``leases_of``' answer: the local leases of some limits, in their order (the
+# book's own objects, for ``take_from``).
+Leases = tuple[_Lease, ...]
 
 
 class BudgetBook:
@@ -95,7 +98,7 @@ class BudgetBook:
         leases = self.leases_of(limits)
         return None if leases is None else self.take_from(leases, limits, micros, day)
 
-    def leases_of(self, limits: tuple[Limit, ...]) -> tuple[_Lease, ...] | None:
+    def leases_of(self, limits: tuple[Limit, ...]) -> Leases | None:
         """The local leases of ``limits``, in their order, for a caller that
         keeps them and takes with ``take_from``; None: one is not leased yet."""
         leases = self._leases
@@ -108,7 +111,7 @@ class BudgetBook:
         return tuple(found)
 
     def take_from(
-        self, leases: tuple[_Lease, ...], limits: tuple[Limit, ...], micros: int, day: date
+        self, leases: Leases, limits: tuple[Limit, ...], micros: int, day: date
     ) -> Hold | None:
         """``take`` from ``limits``' local leases (``leases_of``'s): ``micros``
         from each when every one has room and none is ``dropped`` (else None:

@@ -97,6 +97,11 @@ class _Lease:
     dropped: bool = False
 
 
+# ``current``'s answer: the month's bounds as epoch seconds, its period, and
+# the tenant's lease of it (the book's own object, for ``take_from``).
+Held = tuple[float, float, date, _Lease]
+
+
 @dataclass(frozen=True, slots=True)
 class _Month:
     """A quota period's bounds, as datetimes and as epoch seconds."""
@@ -182,7 +187,7 @@ class QuotaBook:
             return None
         return self.take_from(lease, who, tier, period, tokens)
 
-    def current(self, tenant_id: int, at: float) -> tuple[float, float, date, _Lease] | None:
+    def current(self, tenant_id: int, at: float) -> Held | None:
         """The tenant's lease of the month of ``at`` (``time.time()``), with
         the month's bounds as epoch seconds and its period, for a caller that
         keeps it and takes with ``take_from`` while ``at`` is inside them;

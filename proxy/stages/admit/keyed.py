@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import date
 
 from proxy.config.model import Config
 from proxy.core import ids, tokens
@@ -44,11 +43,10 @@ from proxy.stages.admit.billing import (
 )
 from proxy.stages.base import Exchange
 from proxy.stages.route import RoutePlan
+from proxy.stores.budgets import Leases
 from proxy.stores.budgets import Limit as BudgetLimit
-from proxy.stores.budgets import _Lease as BudgetLease
 from proxy.stores.permits import PermitLeases
-from proxy.stores.quota import Reservation, utc_now
-from proxy.stores.quota import _Lease as QuotaLease
+from proxy.stores.quota import Held, Reservation, utc_now
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.windows import Limit, Verdict
 
@@ -110,8 +108,8 @@ class KeyAdmission:
         # the day's limits (``BudgetBook.leases_of``). The stores still own
         # them (refills, top-ups, sweeps act on the same objects); one they
         # drop refuses ``take_from``, and is looked up again.
-        self.held: tuple[float, float, date, QuotaLease] | None = None
-        self.budgeted: tuple[tuple[BudgetLimit, ...], tuple[BudgetLease, ...]] | None = None
+        self.held: Held | None = None
+        self.budgeted: tuple[tuple[BudgetLimit, ...], Leases] | None = None
 
     def take(self, ex: Exchange, plan: RoutePlan) -> Taken | None:
         """Admit from the leases without a coroutine. None: the quota lease
