@@ -51,6 +51,10 @@ class Hold:
     limits: tuple[Limit, ...]
     micros: int
     day: date
+    # The local leases it was taken from, in the order of ``limits`` (empty:
+    # unknown): ``release`` gives back to them without a lookup while the
+    # book still holds them (not ``dropped``).
+    leases: tuple[_Lease, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -61,9 +65,15 @@ class _Lease:
     exhausted_at: int = 0  # the limit it was exhausted under: a changed budget asks again
     refilled_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Out of the book's map (``keep_only``): whoever kept a reference to it
+    # (a key's admission object, a hold) looks the lease up again.
+    dropped: bool = False
 
 
 _Key = tuple[str, str, date]
+# ``leases_of``' answer: the local leases of some limits, in their order (the
+# book's own objects, for ``take_from``).
+Leases = tuple[_Lease, ...]
 
 
 class BudgetBook:
@@ -85,14 +95,33 @@ class BudgetBook:
         """Reserve ``micros`` from the local leases alone, when every one of
         them has room (the common case: no await, no query); None: ``admit``
         must refill one, or refuse."""
+        leases = self.leases_of(limits)
+        return None if leases is None else self.take_from(leases, limits, micros, day)
+
+    def leases_of(self, limits: tuple[Limit, ...]) -> Leases | None:
+        """The local leases of ``limits``, in their order, for a caller that
+        keeps them and takes with ``take_from``; None: one is not leased yet."""
         leases = self._leases
+        found = []
         for limit in limits:
             lease = leases.get(limit.key)
-            if lease is None or lease.micros < micros:
+            if lease is None:
                 return None
-        for limit in limits:
-            leases[limit.key].micros -= micros
-        return Hold(limits, micros, day)
+            found.append(lease)
+        return tuple(found)
+
+    def take_from(
+        self, leases: Leases, limits: tuple[Limit, ...], micros: int, day: date
+    ) -> Hold | None:
+        """``take`` from ``limits``' local leases (``leases_of``'s): ``micros``
+        from each when every one has room and none is ``dropped`` (else None:
+        the caller looks them up again, or ``admit`` refills them)."""
+        for lease in leases:
+            if lease.micros < micros or lease.dropped:
+                return None
+        for lease in leases:
+            lease.micros -= micros
+        return Hold(limits, micros, day, leases)
 
     async def admit(self, limits: tuple[Limit, ...], micros: int, day: date) -> Hold:
         """Reserve ``micros`` from every budget in ``limits``, or none of them."""
@@ -156,7 +185,17 @@ class BudgetBook:
 
     def release(self, hold: Hold, spent: int) -> None:
         """Give back what the request reserved and did not spend."""
-        back, leases = hold.micros - spent, self._leases
+        back, kept = hold.micros - spent, hold.leases
+        if kept:  # the leases it was taken from: looked up only if one was dropped
+            for lease in kept:
+                if lease.dropped:
+                    break
+            else:
+                for lease in kept:
+                    lease.micros += back
+                    lease.exhausted_until = 0.0
+                return
+        leases = self._leases
         for limit in hold.limits:
             lease = leases.get(limit.key) or self._lease(limit)
             lease.micros += back
@@ -176,6 +215,7 @@ class BudgetBook:
             lease = self._leases[key]
             if lease.refilled_at < checked_at and not lease.lock.locked():
                 del self._leases[key]
+                lease.dropped = True
 
     async def spent(self, subject: str, span: str, period: date) -> int:
         """Settled micro-dollars of one budget (0 when nothing was spent)."""

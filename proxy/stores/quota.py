@@ -77,6 +77,9 @@ class Reservation:
     requests: int
     tokens: int
     leased: bool  # taken from a Postgres lease (vs unlimited or offline allowance)
+    # The local lease it was taken from, when known: ``release`` gives back
+    # to it without a lookup while the book still holds it (not ``dropped``).
+    lease: _Lease | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -89,6 +92,14 @@ class _Lease:
     refilled_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     topping: bool = False  # a background top-up is under way
+    # Out of the book's map (``keep_only``): whoever kept a reference to it
+    # (a key's admission object, a reservation) looks the lease up again.
+    dropped: bool = False
+
+
+# ``current``'s answer: the month's bounds as epoch seconds, its period, and
+# the tenant's lease of it (the book's own object, for ``take_from``).
+Held = tuple[float, float, date, _Lease]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +182,33 @@ class QuotaBook:
             period = self._month()[0]
         if tier.monthly_requests is None and tier.monthly_tokens is None:
             return Reservation(who.tenant_id, period, 1, tokens, leased=False)
-        need_tokens = tokens if tier.monthly_tokens is not None else 0
         lease = self._leases.get((who.tenant_id, period))
-        if lease is None or lease.requests < 1 or lease.tokens < need_tokens:
+        if lease is None:
+            return None
+        return self.take_from(lease, who, tier, period, tokens)
+
+    def current(self, tenant_id: int, at: float) -> Held | None:
+        """The tenant's lease of the month of ``at`` (``time.time()``), with
+        the month's bounds as epoch seconds and its period, for a caller that
+        keeps it and takes with ``take_from`` while ``at`` is inside them;
+        None: the clock is not the system's, or there is no lease yet."""
+        month = self._current
+        if self.clock is not utc_now or month is None or not month.start_ts <= at < month.end_ts:
+            return None
+        lease = self._leases.get((tenant_id, month.period))
+        if lease is None:
+            return None
+        return month.start_ts, month.end_ts, month.period, lease
+
+    def take_from(
+        self, lease: _Lease, who: Principal, tier: Tier, period: date, tokens: int
+    ) -> Reservation | None:
+        """``take`` from the tenant's lease of ``period`` (a tier with a
+        monthly limit): one request and, under a token limit, ``tokens``; a
+        top-up asked for when it runs low. None: short, or ``dropped`` (the
+        caller looks it up again, or ``admit`` refills it)."""
+        need_tokens = tokens if tier.monthly_tokens is not None else 0
+        if lease.requests < 1 or lease.tokens < need_tokens or lease.dropped:
             return None
         lease.requests -= 1
         lease.tokens -= need_tokens
@@ -181,7 +216,7 @@ class QuotaBook:
             lease.requests < self._low_requests or (need_tokens and lease.tokens < self._low_tokens)
         ) and not lease.topping:
             self._top_up_soon(who, tier, period, lease)
-        return Reservation(who.tenant_id, period, 1, need_tokens, leased=True)
+        return Reservation(who.tenant_id, period, 1, need_tokens, True, lease)
 
     def _top_up_soon(self, who: Principal, tier: Tier, period: date, lease: _Lease) -> None:
         """Lease the next block in the background if the lease runs low and
@@ -255,7 +290,7 @@ class QuotaBook:
                         return offline
         lease.requests -= 1
         lease.tokens -= need_tokens
-        return Reservation(who.tenant_id, period, 1, need_tokens, leased=True)
+        return Reservation(who.tenant_id, period, 1, need_tokens, True, lease)
 
     async def _refill(
         self, who: Principal, tier: Tier, period: date, lease: _Lease, need_tokens: int
@@ -330,8 +365,10 @@ class QuotaBook:
         """Return the unused part of a reservation to the local lease."""
         if not reservation.leased:
             return
-        key = (reservation.tenant_id, reservation.period)
-        lease = self._leases.get(key) or self._lease(*key)  # ``_lease`` inline: per request
+        lease = reservation.lease
+        if lease is None or lease.dropped:
+            key = (reservation.tenant_id, reservation.period)
+            lease = self._leases.get(key) or self._lease(*key)  # ``_lease`` inline: per request
         if counted:
             lease.tokens += reservation.tokens - (tokens_used if reservation.tokens else 0)
         else:
@@ -377,6 +414,7 @@ class QuotaBook:
             lease = self._leases[key]
             if lease.refilled_at < checked_at and not lease.lock.locked() and not lease.topping:
                 del self._leases[key]
+                lease.dropped = True
 
     async def used(self, tenant_id: int, period: date) -> tuple[int, int]:
         """(requests, tokens) counted in Postgres for the tenant's month."""

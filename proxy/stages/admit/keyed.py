@@ -17,6 +17,12 @@ from the same leases without an await. The object lives as long as the
 principal (the key cache makes a new one on each lookup, so a revocation or
 a tier change reaches it within ``key_cache_ttl_s``) and is rebuilt when
 the config snapshot or the billing object changes (a reload).
+
+It keeps the worker's quota lease of the month and budget leases of the
+day it takes from: the stores' own objects (refills, top-ups, heartbeats
+and sweeps act on them), taken from with the stores' ``take_from``, and
+looked up again only for a new month, another day's limits, or a lease the
+store dropped from its map (``take_from`` refuses it).
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from proxy.stages.admit.billing import (
 )
 from proxy.stages.base import Exchange
 from proxy.stages.route import RoutePlan
+from proxy.stores.budgets import Leases
+from proxy.stores.budgets import Limit as BudgetLimit
 from proxy.stores.permits import PermitLeases
-from proxy.stores.quota import utc_now
+from proxy.stores.quota import Held, Reservation, utc_now
 from proxy.stores.ratelimit import RateLimiter
 from proxy.stores.windows import Limit, Verdict
 
@@ -52,8 +60,10 @@ class KeyAdmission:
 
     __slots__ = (
         "billing",
+        "budgeted",
         "config",
         "estimates",
+        "held",
         "hour",
         "limiter",
         "monthly",
@@ -92,6 +102,14 @@ class KeyAdmission:
         # the -tokens trio's monthly limit, and as text (used only when set)
         self.monthly = tier.monthly_tokens
         self.monthly_text = str(self.monthly)
+        # The worker's leases this key takes from, kept while current: the
+        # tenant's quota lease of the month (``QuotaBook.current``: the
+        # month's bounds, its period, the lease) and its budgets' leases for
+        # the day's limits (``BudgetBook.leases_of``). The stores still own
+        # them (refills, top-ups, sweeps act on the same objects); one they
+        # drop refuses ``take_from``, and is looked up again.
+        self.held: Held | None = None
+        self.budgeted: tuple[tuple[BudgetLimit, ...], Leases] | None = None
 
     def take(self, ex: Exchange, plan: RoutePlan) -> Taken | None:
         """Admit from the leases without a coroutine. None: the quota lease
@@ -105,11 +123,10 @@ class KeyAdmission:
         completion = clamp_max_tokens(body, tier, endpoint)
         prompt = tokens.estimate_prompt(body, endpoint) if self.estimates else None
         estimate = prompt + completion if prompt is not None else 0
-        quota = self.billing.quota
         # One reading of the system clock for the quota's month and the
         # budgets' day; another clock is read as ``run.admit`` reads it.
-        t = time.time() if quota.clock is utc_now else None
-        reservation = quota.take(who, tier, estimate, t)
+        t = time.time() if self.billing.quota.clock is utc_now else None
+        reservation = self._reserve(estimate, t)
         if reservation is None:
             return None
         admission = Admission(who, tier, reservation, estimate, ids.event_id(), prompt)
@@ -120,6 +137,19 @@ class KeyAdmission:
                 return admission, ask, False, None
         done, verdict = self._windows(ex, admission)
         return admission, None, done, verdict
+
+    def _reserve(self, estimate: int, t: float | None) -> Reservation | None:
+        """``QuotaBook.take``, from the kept lease while its month is current."""
+        quota, who, tier = self.billing.quota, self.who, self.tier
+        held = self.held
+        if held is not None and t is not None and held[0] <= t < held[1]:
+            reservation = quota.take_from(held[3], who, tier, held[2], estimate)
+            if reservation is not None:
+                return reservation
+        reservation = quota.take(who, tier, estimate, t)  # short, dropped, or a new month
+        if reservation is not None and reservation.leased and t is not None:
+            self.held = quota.current(who.tenant_id, t)
+        return reservation
 
     def _budget(
         self, ex: Exchange, plan: RoutePlan, admission: Admission, completion: int, t: float | None
@@ -141,9 +171,15 @@ class KeyAdmission:
         # ``budget.max_cost``: ``completion`` is ``completion_budget``'s value
         # (the limit the body goes out with, clamped above, x n)
         micros = budget.bound(budget.plan_rates(plan, self.config.prices), prompt, completion)
-        hold = book.take(limits, micros, day)
-        if hold is None:
-            return budget.Ask(limits, micros, day)
+        hold = None
+        kept = self.budgeted
+        if kept is not None and kept[0] is limits:
+            hold = book.take_from(kept[1], limits, micros, day)
+        if hold is None:  # short, dropped, another day's limits, or none kept yet
+            hold = book.take(limits, micros, day)
+            if hold is None:
+                return budget.Ask(limits, micros, day)
+            self.budgeted = (limits, hold.leases)
         admission.budget = hold
         return None
 
@@ -202,7 +238,8 @@ def leased_headers(lim: Limit, used: int, reset_ms: int, capacity_text: str) -> 
     reported for these numbers (``Window(lim, lim.capacity, True, used,
     reset_ms, 0)``), without building it; ``capacity_text``: ``str(lim.capacity)``, kept."""
     out: dict[str, str] = {}
-    key_limits.put_window(out, lim.name, capacity_text, max(0, lim.capacity - used), reset_ms)
+    remaining = lim.capacity - used  # ``max(0, ...)`` spelled out: per request
+    key_limits.put_window(out, lim.name, capacity_text, remaining if remaining > 0 else 0, reset_ms)
     return out
 
 
