@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from proxy.core.record import UsageRecord
+from proxy.core.tasks import TaskGroup
 from proxy.stores import journal as journal_module
 from proxy.stores.journal import Journal, Opened
 from proxy.stores.ledger import COLUMNS, UsageRow
@@ -43,7 +44,8 @@ async def test_the_write_follows_the_batch_and_skips_what_it_closed(
     for rid in ("a", "b"):
         journal.admitted("ev-" + rid, UsageRecord(rid, "chat"), {})
     journal.closed([_row("ev-unrelated")])  # a batch that landed before the wait began
-    task = asyncio.create_task(journal.run())
+    tasks = TaskGroup()
+    task = tasks.spawn(journal.run())
     try:
         # Waiting for the next batch, not satisfied by the one before.
         await until(lambda: not journal._landed.is_set(), what="the journal waits for a batch")
