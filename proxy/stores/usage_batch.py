@@ -175,6 +175,9 @@ def _model_rollup() -> str:
 # It returns what the statements after it need: ``q`` rows (quota leases to
 # shrink), ``b`` rows (budget leases to shrink), ``a`` rows (budgets that
 # crossed an alert threshold in this batch).
+# Not sent as is: it is the first statement of ``tollway_write_usage``
+# (migration 0012), which a test checks word for word; a change here needs a
+# migration that replaces that function.
 _WRITE = f"""
 WITH rows AS (
     {_ROWS}
