@@ -22,6 +22,13 @@ case and concurrency:
   (timers: the usage flusher, the journal, the batch poller), split between
   the event loop's thread and the others (the default executor's threads).
 
+With ``--ledger``, each CPU window of a billing target also reads what its
+clock-driven billing work did, natively (callgrind stretches those clocks):
+the journal's ``o`` lines written per request served (a request noted and
+closed within one journal interval is never written), and the ledger's
+rows per flush (usage rows inserted by the target's worker, over the
+distinct transactions that inserted them: one per flush).
+
 Needs ``perf`` with tracepoint access (root, or ``perf_event_paranoid`` <= -1
 and a readable tracefs) for the syscall half; without it only the CPU half
 runs. Wall-clock CPU moves with the machine's load (see RESULTS.md): the
@@ -94,6 +101,17 @@ class Window:
 
 
 @dataclass
+class LedgerWindow:
+    """One window's journal and ledger counts (``--ledger``)."""
+
+    requests: int
+    opened: int  # ``o`` lines the journal wrote
+    rows: int  # usage rows the ledger inserted
+    flushes: int  # distinct transactions that inserted them
+    compacted: bool = False  # the journal was rewritten meanwhile: ``opened`` is a floor
+
+
+@dataclass
 class Counts:
     """Syscalls per request, by name, on the loop's thread and on the others."""
 
@@ -142,6 +160,73 @@ def cpu_window(pid: int, port: int, scenario: run.Scenario, c: int, n: int, key:
     u1, s1 = _cpu(pid)
     v1, i1 = _switches(pid)
     return Window((u1 - u0) / n, (s1 - s0) / n, (v1 - v0) / n, (i1 - i0) / n, n / elapsed)
+
+
+def _journal(data: Path) -> tuple[str, int, int]:
+    """The worker id, the ``o`` lines and the size of a target's journal."""
+    paths = sorted(data.glob("journal-*.jsonl"))
+    if not paths:
+        return "", 0, 0
+    text = paths[0].read_bytes()
+    return paths[0].stem.removeprefix("journal-"), text.count(b'{"o":'), len(text)
+
+
+def _inserted(dsn: str, worker: str) -> tuple[int, int]:
+    """Usage rows of ``worker`` and the distinct transactions (``xmin``) that
+    inserted them: a flush is one transaction."""
+    import asyncio
+
+    import asyncpg
+
+    async def count() -> tuple[int, int]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            r = await conn.fetchrow(
+                "SELECT count(*) AS n, count(DISTINCT xmin::text) AS x"
+                " FROM usage_events WHERE worker_id = $1",
+                worker,
+            )
+            assert r is not None
+            return int(r["n"]), int(r["x"])
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def ledger_window(
+    pid: int, port: int, scenario: run.Scenario, c: int, n: int, key: str, data: Path, dsn: str
+) -> tuple[Window, LedgerWindow]:
+    """``cpu_window``, and what the journal and the ledger wrote meanwhile
+    (read once the last flushes are in: both run on timers of <= 0.2 s)."""
+    worker, o0, size0 = _journal(data)
+    rows0, x0 = _inserted(dsn, worker) if worker else (0, 0)
+    w = cpu_window(pid, port, scenario, c, n, key)
+    time.sleep(1.0)  # the last batch and journal write of the window
+    worker, o1, size1 = _journal(data)
+    rows1, x1 = _inserted(dsn, worker)
+    return w, LedgerWindow(n, o1 - o0, rows1 - rows0, x1 - x0, size1 < size0)
+
+
+def ledger_report(rows: list[tuple[str, float, int, str, list[LedgerWindow]]]) -> str:
+    lines = [
+        "| scenario | KB | c | target | journal `o` lines / request | usage rows / flush "
+        "| flushes / 1000 requests | windows |",
+        "|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for name, kb, c, target, ws in rows:
+        o = statistics.median(w.opened / w.requests for w in ws)
+        per = statistics.median(w.rows / w.flushes for w in ws if w.flushes)
+        fl = statistics.median(1000 * w.flushes / w.requests for w in ws)
+        each = ", ".join(
+            f"{w.opened}/{w.requests} o, {w.rows}/{w.flushes}"
+            + (" (compacted)" if w.compacted else "")
+            for w in ws
+        )
+        lines.append(
+            f"| {name} | {kb:g} | {c} | {target} | {o:.3f} | {per:.1f} | {fl:.1f} | {each} |"
+        )
+    return "\n".join(lines)
 
 
 def perf_works() -> bool:
@@ -271,12 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-s", type=float, default=4.0, help="idle window for the timers' rate")
     p.add_argument("--no-perf", action="store_true", help="CPU only, no syscall counts")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--ledger",
+        action="store_true",
+        help="billing targets: journal o lines per request and usage rows per flush too",
+    )
     args = p.parse_args(argv)
     use_perf = not args.no_perf and perf_works()
     if not use_perf and not args.no_perf:
         print("syscalls: perf cannot count syscalls here; CPU only", file=sys.stderr)
     names = args.targets.split(",")
     results: list[tuple[str, float, int, str, Window, Counts | None]] = []
+    ledgers: list[tuple[str, float, int, str, list[LedgerWindow]]] = []
     with tempfile.TemporaryDirectory(prefix="tollway-syscalls-", ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         procs = run.Processes(False, workdir)
@@ -299,10 +390,31 @@ def main(argv: list[str] | None = None) -> int:
                     for t in names:
                         _load(ports[t], scenario, c, args.warmup, keys[t])
                     windows: dict[str, list[Window]] = {t: [] for t in names}
+                    books: dict[str, list[LedgerWindow]] = {t: [] for t in names}
                     for _ in range(args.repeats):
                         for t in names:
-                            w = cpu_window(pids[t], ports[t], scenario, c, args.requests, keys[t])
+                            data = workdir / f"{t}-data"
+                            if args.ledger and "billing" in t:
+                                assert stores.dsn is not None
+                                w, book = ledger_window(
+                                    pids[t],
+                                    ports[t],
+                                    scenario,
+                                    c,
+                                    args.requests,
+                                    keys[t],
+                                    data,
+                                    stores.dsn,
+                                )
+                                books[t].append(book)
+                            else:
+                                w = cpu_window(
+                                    pids[t], ports[t], scenario, c, args.requests, keys[t]
+                                )
                             windows[t].append(w)
+                    for t in names:
+                        if books[t]:
+                            ledgers.append((scenario.name, scenario.prompt_kb, c, t, books[t]))
                     for t in names:
                         counts = None
                         if use_perf:
@@ -336,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
             stores.stop()
             run._stop_embedded_postgres(workdir)
     print(report(results, args))
+    if ledgers:
+        print()
+        print(ledger_report(ledgers))
     if args.json:
         args.json.write_bytes(
             orjson.dumps(

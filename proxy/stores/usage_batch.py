@@ -5,9 +5,11 @@ The batch is one statement (``_WRITE``): the events inserted ``ON CONFLICT
 DO NOTHING`` (unique by period and the event id drawn at admission), and
 only the rows actually inserted move the quota and budget counters and the
 rollups, so a batch written twice (a retry, a spool replay, a crash
-journal's replay) bills once. The leases follow in a second statement of
-the same transaction, after the counters (the lock order every lease take
-uses too). ``write_isolating`` splits a batch around the rows Postgres
+journal's replay) bills once. The keys' last use, the leases and the
+alerts follow as later statements of the same transaction, after the
+counters (the lock order every lease take uses too), all in one call of
+``tollway_write_usage`` (migration 0012): one round trip a batch.
+``write_isolating`` splits a batch around the rows Postgres
 refuses for their content. ``proxy.stores.ledger`` queues and flushes the
 rows; ``proxy.stores.spool`` keeps the batches Postgres could not take.
 """
@@ -173,6 +175,9 @@ def _model_rollup() -> str:
 # It returns what the statements after it need: ``q`` rows (quota leases to
 # shrink), ``b`` rows (budget leases to shrink), ``a`` rows (budgets that
 # crossed an alert threshold in this batch).
+# Not sent as is: it is the first statement of ``tollway_write_usage``
+# (migration 0012), which a test checks word for word; a change here needs a
+# migration that replaces that function.
 _WRITE = f"""
 WITH rows AS (
     {_ROWS}
@@ -234,82 +239,14 @@ UNION ALL
 SELECT 'a', NULL, NULL, subject, span, period, used_micros, limit_micros, alerted
 FROM spent WHERE tollway_budget_level(used_micros, limit_micros) > alerted
 """
-# When each key was last used: key rows locked in id order (after counters),
-# so concurrent batches cannot deadlock. Alone only for a batch that moved no
-# lease; else part of the leases' statement (``_with_touch``).
-_TOUCH_KEYS = """
-WITH k AS (
-    SELECT id FROM api_keys WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE
-)
-UPDATE api_keys a SET last_used_at = greatest(a.last_used_at, now())
-FROM k WHERE a.id = k.id
-"""
-# Leases are updated after the counters, in a second statement of the same
-# transaction: counter rows are always locked before lease rows, the order
-# tollway_take_lease uses too, so the two cannot deadlock.
-# A lease never goes below zero: usage beyond what it held (a tier without a
-# token limit reserves no tokens; a provider may bill past max_tokens) is in
-# the counter already, and a negative lease would hand it back as headroom.
-_SETTLE_LEASES = """
-UPDATE quota_leases l
-SET requests = greatest(0, l.requests - d.n), tokens = greatest(0, l.tokens - d.t)
-FROM unnest($1::text[], $2::bigint[], $3::date[], $4::bigint[], $5::bigint[])
-     AS d(worker_id, tenant_id, period, n, t)
-WHERE l.worker_id = d.worker_id AND l.tenant_id = d.tenant_id AND l.period = d.period
-"""
-# The same for budget leases, after the budget counters (the lock order of
-# tollway_take_budget_lease too).
-_SETTLE_BUDGET_LEASES = """
-UPDATE budget_leases l SET micros = greatest(0, l.micros - d.m)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::bigint[])
-     AS d(worker_id, subject, span, period, m)
-WHERE l.worker_id = d.worker_id AND l.subject = d.subject AND l.span = d.span
-  AND l.period = d.period
-"""
-# Both in one round trip when a batch moved both kinds of lease (a tier with
-# quotas and USD budgets: most batches), so budgets add no statement per
-# flush. Both come after all the counters; no transaction locks a lease row
-# before a counter row, so the order between the two tables cannot deadlock.
-_SETTLE_BOTH_LEASES = f"""
-WITH quota AS ({_SETTLE_LEASES.strip()} RETURNING 1)
-UPDATE budget_leases l SET micros = greatest(0, l.micros - d.m)
-FROM unnest($6::text[], $7::text[], $8::text[], $9::date[], $10::bigint[])
-     AS d(worker_id, subject, span, period, m)
-WHERE l.worker_id = d.worker_id AND l.subject = d.subject AND l.span = d.span
-  AND l.period = d.period
-"""
-
-
-# The leases and the keys' last use in one round trip: ``settle`` with the
-# key rows' update as a CTE (keys in ``$<n>``). Lease rows are this worker's
-# own, and nothing else locks both a key row and a lease row (a worker's
-# ``tollway_take_lease`` locks the counter first, which this transaction
-# already holds), so the order between the two cannot deadlock; key rows
-# are still locked in id order.
-def _with_touch(settle: str, n: int) -> str:
-    settle = settle.strip()
-    sep = "\n"
-    if settle.startswith("WITH "):  # its own CTEs follow the keys'
-        settle, sep = settle.removeprefix("WITH "), ",\n"
-    return f"""
-WITH k AS (
-    SELECT id FROM api_keys WHERE id = ANY(${n}::text[]) ORDER BY id FOR UPDATE
-), touched AS (
-    UPDATE api_keys a SET last_used_at = greatest(a.last_used_at, now())
-    FROM k WHERE a.id = k.id RETURNING 1
-){sep}{settle}
-"""
-
-
-_SETTLE_LEASES_TOUCH = _with_touch(_SETTLE_LEASES, 6)
-_SETTLE_BUDGET_LEASES_TOUCH = _with_touch(_SETTLE_BUDGET_LEASES, 6)
-_SETTLE_BOTH_LEASES_TOUCH = _with_touch(_SETTLE_BOTH_LEASES, 11)
-# Each threshold is announced once: the row is locked by this transaction.
-_ALERTED = """
-UPDATE budget_counters b SET alerted = tollway_budget_level(b.used_micros, b.limit_micros)
-FROM unnest($1::text[], $2::text[], $3::date[]) AS d(subject, span, period)
-WHERE b.subject = d.subject AND b.span = d.span AND b.period = d.period
-"""
+# The whole batch in one round trip: ``tollway_write_usage`` (migration
+# 0012) runs ``_WRITE`` (the text above, which a test checks it holds), then
+# the keys' last use, the quota and budget leases (counter rows locked before
+# lease rows: the order every lease take uses, so the two cannot deadlock)
+# and the thresholds announced, as separate statements in that order, and
+# returns ``_WRITE``'s rows. One statement, so its own transaction: no BEGIN
+# and COMMIT round trips either.
+_CALL = "SELECT * FROM tollway_write_usage($1::jsonb, $2::text[])"
 
 
 @dataclass(slots=True)
@@ -383,45 +320,13 @@ def _jsonable(value: Any) -> Any:
 async def write_batch(
     pool: asyncpg.Pool, rows: list[UsageRow], alerts: list[Crossing] | None = None
 ) -> None:
-    """One transaction: the rows, counters, rollups and leases. Budgets that
-    crossed a threshold are appended to ``alerts`` (once committed)."""
-    batch = batch_json(rows)
-    async with pool.acquire() as conn, conn.transaction():
-        out = await conn.fetch(_WRITE, batch)
-        quota = [
-            (r["worker_id"], r["tenant_id"], r["period"], r["a"], r["b"])
-            for r in out
-            if r["kind"] == "q"
-        ]
-        spent = [
-            (r["worker_id"], r["subject"], r["span"], r["period"], r["a"])
-            for r in out
-            if r["kind"] == "b"
-        ]
-        q_args = [list(x) for x in zip(*quota, strict=True)]
-        b_args = [list(x) for x in zip(*spent, strict=True)]
-        keys = sorted({row.values[_KEY] for row in rows if row.values[_KEY] is not None})
-        if quota and spent:
-            await conn.execute(_SETTLE_BOTH_LEASES_TOUCH, *q_args, *b_args, keys)
-        elif quota:
-            await conn.execute(_SETTLE_LEASES_TOUCH, *q_args, keys)
-        elif spent:
-            await conn.execute(_SETTLE_BUDGET_LEASES_TOUCH, *b_args, keys)
-        elif keys:
-            await conn.execute(_TOUCH_KEYS, keys)
-        crossed = [r for r in out if r["kind"] == "a"]
-        if crossed:
-            await conn.execute(
-                _ALERTED,
-                *(
-                    list(x)
-                    for x in zip(
-                        *[(r["subject"], r["span"], r["period"]) for r in crossed], strict=True
-                    )
-                ),
-            )
+    """One transaction: the rows, counters, rollups, keys and leases, in one
+    call. Budgets that crossed a threshold are appended to ``alerts`` (once
+    committed)."""
+    keys = sorted({row.values[_KEY] for row in rows if row.values[_KEY] is not None})
+    out = await pool.fetch(_CALL, batch_json(rows), keys)
     if alerts is not None:
-        alerts.extend(c for r in crossed for c in _crossings(r))
+        alerts.extend(c for r in out if r["kind"] == "a" for c in _crossings(r))
 
 
 def _crossings(r: asyncpg.Record) -> list[Crossing]:
