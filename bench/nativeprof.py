@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import signal
@@ -139,12 +140,29 @@ def classify(frames: list[str]) -> str:
 # loop's polling, a socket read) lands on the next Python frame to run, and an
 # executor thread's CPU on whatever the main thread runs then.
 SHIM = r"""
-import collections, os, runpy, signal, sys, threading, time
+import collections, gc, json, os, runpy, signal, sys, threading, time
 OUT = os.environ["NATIVEPROF_OUT"]
 EVERY = float(os.environ.get("NATIVEPROF_MS", "2")) / 1000
 counts = collections.Counter()
 armed = [False]
 names = {}
+collected = {"n": 0, "cpu_s": 0.0, "start": 0.0}
+
+
+def _gc(phase, info):
+    if not armed[0]:
+        return
+    if phase == "start":
+        if os.environ.get("NATIVEPROF_GC_TYPES") and not collected.get("types"):
+            young = collections.Counter(type(o).__qualname__ for o in gc.get_objects(0))
+            collected["types"] = young.most_common(25)
+        collected["start"] = time.thread_time()
+    else:
+        spent = time.thread_time() - collected["start"]
+        collected["n"] += 1
+        collected["cpu_s"] += spent
+        each = [info["generation"], round(spent * 1000, 2), info["collected"]]
+        collected.setdefault("each", []).append(each)
 
 
 def _short(path):
@@ -182,11 +200,17 @@ def _control():
             os.remove(OUT + ".dump")
             snap = dict(counts)
             counts.clear()
+            with open(OUT + ".gc", "w") as fh:
+                json.dump({"n": collected["n"], "cpu_s": collected["cpu_s"],
+                           "each": collected.pop("each", []),
+                           "types": collected.pop("types", [])}, fh)
+            collected["n"], collected["cpu_s"] = 0, 0.0
             with open(OUT + ".tmp", "w") as fh:
                 fh.writelines(f"{k} {v}\n" for k, v in snap.items())
             os.replace(OUT + ".tmp", OUT)
 
 
+gc.callbacks.append(_gc)
 signal.signal(signal.SIGPROF, _sample)
 signal.setitimer(signal.ITIMER_PROF, EVERY, EVERY)
 threading.Thread(target=_control, daemon=True).start()
@@ -198,9 +222,24 @@ def _shimmed(argv: list[str], out: Path, every_ms: float) -> list[str]:
     """``env K=V ... tollway serve ...`` -> ``env K=V ... python -c SHIM serve ...``"""
     i = argv.index(str(Path(run.PY).parent / "tollway"))  # not an env value's path
     argv = list(argv)
+    # NATIVEPROF_GC_TYPES=1 (from our environment): the young generation's
+    # types at the window's first collection, for what survives requests.
+    types = os.environ.get("NATIVEPROF_GC_TYPES", "")
+    shim = [run.PY, "-c", SHIM]
     argv[i : i + 1] = [f"NATIVEPROF_OUT={out}", f"NATIVEPROF_MS={every_ms:g}"]
-    argv[i + 2 : i + 2] = [run.PY, "-c", SHIM]
+    argv[i + 2 : i + 2] = [f"NATIVEPROF_GC_TYPES={types}", *shim]
     return argv
+
+
+def gc_window(out: Path) -> tuple[int, float, list[list[float]]]:
+    """The cyclic GC's collections in the last window: how many, their CPU
+    seconds, and each one's (generation, CPU ms) (the sampler's
+    ``gc.callbacks``; its samples hold this time too)."""
+    try:
+        data = json.loads(Path(f"{out}.gc").read_text())
+    except (OSError, ValueError):
+        return 0, 0.0, []
+    return int(data["n"]), float(data["cpu_s"]), list(data.get("each", []))
 
 
 def sigprof_window(out: Path, load: Callable[[], object]) -> Counter[str]:
@@ -384,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu: dict[str, float] = {}
     sys_us: dict[str, float] = {}
     runq: dict[str, float] = {}
+    gcs: dict[str, tuple[int, float, list[list[float]]]] = {}
     spy: dict[str, Counter[str]] = {}
     spy_comp: dict[str, Counter[str]] = {}
     dso: dict[str, Counter[str]] = {}
@@ -443,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = workdir / f"{t}.spy"
                 if args.profiler == "sigprof":
                     spy[t] = sigprof_window(out, loader(t))
+                    gcs[t] = gc_window(out)
                 else:
                     spy[t] = spy_window(
                         args.py_spy, pids[t], out, args.rate, args.native, loader(t)
@@ -454,7 +495,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 for t in names:
                     shutil.copy(workdir / f"{t}.spy", args.keep / f"{t}.spy")
+                    if Path(f"{workdir / t}.spy.gc").exists():
+                        shutil.copy(f"{workdir / t}.spy.gc", args.keep / f"{t}.gc.json")
                 kept = {"names": names, "cpu": cpu, "sys": sys_us, "runq": runq, "dso": dso}
+                kept["gc"] = gcs
                 (args.keep / "cpu.json").write_text(json.dumps(kept))
         finally:
             procs.stop_all()
@@ -472,6 +516,15 @@ def main(argv: list[str] | None = None) -> int:
         "waiting runnable for a CPU (schedstat; py-spy samples it, sigprof does not): "
         + ", ".join(f"{t} {runq[t]:.0f} µs/req" for t in names)
     )
+    if gcs:
+        print(
+            "cyclic GC in the profiled window (gc.callbacks): "
+            + ", ".join(
+                f"{t} {gcs[t][0]} collections, {gcs[t][1] * 1e6 / args.requests:.1f} µs/req "
+                f"(generation, CPU ms: {gcs[t][2]})"
+                for t in names
+            )
+        )
     if dso:
         print()
         print(_table("shared object (perf cpu-clock)", names, dso, cpu))
