@@ -1,7 +1,9 @@
 """Where a native gateway's CPU goes, by component: pass-through against billing.
 
-    .venv/bin/python bench/nativeprof.py --py-spy PATH       # chat 0.5 KB, c=16
-    .venv/bin/python bench/nativeprof.py --py-spy PATH --prompt-kb 32 --native
+    .venv/bin/python bench/nativeprof.py                      # chat 0.5 KB, c=16
+    .venv/bin/python bench/nativeprof.py --prompt-kb 32 --keep DIR
+    .venv/bin/python bench/nativeprof.py --profiler py-spy --py-spy PATH
+    .venv/bin/python bench/nativeprof.py --from DIR           # re-table a --keep
 
 Callgrind (``instructions.py``) stretches clock-driven work (the 20 ms usage
 flush runs about once a second under it, the journal's 0.2 s every 10 s) and
@@ -11,25 +13,25 @@ neither says where a *native* gateway's wall-clock CPU goes. This serves
 YAML, Postgres, Redis, fake provider and lag probe) and, per target:
 
 - **CPU per request**: ``--repeats`` windows of exactly ``--requests``
-  requests with no profiler attached (``syscalls.cpu_window``: utime and
-  stime of the serving process from ``/proc``), medians;
-- **by component**: one window of the same load under py-spy (a sampling
-  profiler reading the process's memory from outside; ``--nonblocking``
-  unless ``--native``, which pauses the process per sample to unwind C
-  frames), every sampled stack put in the first component whose rule
-  matches one of its frames (``RULES``, most specific first); a component's
-  share of the samples times the CPU per request is its µs per request;
+  requests with no profiler armed (``syscalls.cpu_window``: utime and stime
+  of the serving process from ``/proc``), medians; and the time its threads
+  waited runnable for a CPU (``/proc/<pid>/task/*/schedstat``);
+- **by component**: one window of the same load under a sampler, every
+  sampled stack put in a component (``classify``: ``REQUEST_RULES`` when a
+  frame is the request's, else ``BACKGROUND_RULES``; the first rule matching
+  a frame's ``function (file)`` names it); a component's share of the
+  samples times the CPU per request is its µs per request. The sampler is
+  ``SHIM`` (default): SIGPROF on the process's CPU time, inside the gateway,
+  uvloop kept, never sampling a thread that waits for a CPU; or py-spy from
+  outside (``--profiler py-spy``), which does sample such a thread. The
+  shim also times the cyclic GC's collections (``gc.callbacks``);
 - **by shared object**: one window under ``perf record -e cpu-clock`` (no
   call graph: this VM has no PMU and CPython is built without frame
   pointers), its samples by DSO (the kernel, libpython, uvloop, asyncpg,
   hiredis, libc...), each share times the CPU per request.
 
-Components are matched on ``function (file)`` of each frame, outermost
-first. The table's last column, billing minus pass-through, is billing's
-extra CPU per request by component. py-spy samples a thread while the OS
-says it is running, in user or kernel mode, so its shares cover both; the
-kernel's own share comes from ``/proc`` (stime) and from perf's
-``[kernel.kallsyms]`` samples. Every process started here is stopped by PID.
+The table's last column, billing minus pass-through, is billing's extra CPU
+per request by component. Every process started here is stopped by PID.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -532,6 +533,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # The profiler threads are children: make Ctrl-C stop them before exiting.
-    threading.current_thread().name = "nativeprof"
     sys.exit(main())
