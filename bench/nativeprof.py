@@ -82,7 +82,7 @@ REQUEST_RULES: list[tuple[str, str]] = [
     ("admission: journal note", r"\(proxy/stores/journal\.py"),
     (
         "admission: Redis permits (request path)",
-        r"\(proxy/stores/(permits|ratelimit|redis_client)\.py|\(redis/",
+        r"\(proxy/stores/(permits|ratelimit)\.py",
     ),
     ("admission: quota lease (request path)", r"\(proxy/stores/quota\.py"),
     ("admission: budget lease (request path)", r"\(proxy/stores/budgets\.py"),
@@ -90,6 +90,7 @@ REQUEST_RULES: list[tuple[str, str]] = [
         "admission: other (estimate, headers, objects)",
         r"\(proxy/stages/admit/|^admit \(proxy/pipeline/run",
     ),
+    ("request: Redis calls (breaker store, other)", r"\(proxy/stores/redis_client\.py|\(redis/"),
     ("auth: key lookup", r"\(proxy/(stages/auth|stores/apikeys)\.py"),
     ("request: forward/provider", r"\(proxy/(stages/forward|providers)/"),
     ("request: parse/route/pipeline/web (rest)", r"\(proxy/"),

@@ -53,6 +53,13 @@ def test_a_billed_requests_steps_are_told_apart() -> None:
         _REQUEST + ";proceed (proxy/pipeline/run.py);forward (proxy/stages/forward/attempts.py)"
     )
     assert _component(forward) == "request: forward/provider"
+    # A Redis call on a request is the permits' only from their own code
+    # (pass-through's breaker store talks to Redis too).
+    redis = ";SharedRedis.call (proxy/stores/redis_client.py);Redis.evalsha (redis/client.py)"
+    assert _component(forward + redis) == "request: Redis calls (breaker store, other)"
+    assert _component(take + ";PermitLeases.take (proxy/stores/permits.py)" + redis) == (
+        "admission: Redis permits (request path)"
+    )
 
 
 def test_background_work_is_not_a_requests() -> None:
