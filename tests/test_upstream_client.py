@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 import gzip
 import ipaddress
 import itertools
@@ -170,6 +171,31 @@ async def test_sequential_requests_share_one_connection(
     assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:")
     assert b"\r\nContent-Length: 7\r\n" in first and first.endswith(b'\r\n\r\n{"a":1}')
     assert b"accept-encoding" not in first.lower()  # compression is never asked for
+
+
+async def test_answers_read_or_dropped_leave_nothing_for_the_collector(
+    wires: Callable[..., Awaitable[Wire]], pool: Pool
+) -> None:
+    """A response and its parser must not hold each other once it is whole
+    or closed: a cycle per request is only freed by the collector, whose
+    collections stall the loop for tens of ms under load."""
+
+    async def answer(_: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        w.write(_ok(b'{"n":%d}' % n))
+
+    wire = await wires(answer)
+    await _ask(pool, wire)  # the connection is open and pooled before counting
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            assert (await _ask(pool, wire)).startswith(b'{"n":')
+        for _ in range(5):
+            (await _post(pool, wire)).close()  # dropped unread
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found == 0
 
 
 async def test_connection_close_from_either_side_is_honoured(

@@ -158,7 +158,7 @@ class Response:
     ) -> None:
         self._conn: Connection | None = conn
         self._t, self._loop = t, loop
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.status = 0
         self._raw: list[tuple[bytes, bytes]] = []
         self._parts: list[bytes] = []
@@ -237,6 +237,7 @@ class Response:
         self.sink = self.sink_end = None
         if not self._done and self._error is None:
             self._error = Broken("closed before its end", self.answered)
+        self._parser = None  # the cycle, as in ``feed``
         self._stop_timer()
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -245,10 +246,13 @@ class Response:
     # -- fed by the connection ----------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:  # whole or closed: its connection no longer feeds it
+            return
         self.answered = True
         begun = self._begun
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as exc:
             why = exc.__context__  # what a callback of ours raised, if it was that
             if isinstance(why, _Refused):
@@ -266,6 +270,10 @@ class Response:
             return
         self._last = self._loop.time()
         if self._done:
+            # The parser holds this response as its callbacks' object: a
+            # cycle only the collector would free (~10 objects a request,
+            # and its collections are loop stalls of tens of ms under load).
+            self._parser = None
             self._stop_timer()
             conn, self._conn = self._conn, None
             if conn is not None:
@@ -301,13 +309,15 @@ class Response:
         self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # it is the caller
+        status = parser.get_status_code()
         if status < 200:  # 1xx: an interim answer; the real one follows
             self._raw.clear()
             self._interim = True
             return
         self.status = status
-        self._keep = self._keep and self._parser.should_keep_alive()
+        self._keep = self._keep and parser.should_keep_alive()
         chunked = length = False
         for k, v in self._raw:
             k = k.lower()
