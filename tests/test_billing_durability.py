@@ -14,13 +14,14 @@ import pytest
 from proxy.config.tiers import BillingPolicy
 from proxy.core.principal import Principal
 from proxy.stores.embedded import EmbeddedPostgres
-from proxy.stores.ledger import COLUMNS, Ledger, Spool, UsageRow
+from proxy.stores.ledger import Ledger, Spool, UsageRow
 from proxy.stores.quota import QuotaBook
 from proxy.web.keys import BILLING
 from tests.billing_helpers import TEST_TIERS, billing_config, tenant_with_key, wait_for
 from tests.conftest import Gateway, StartGateway
 from tests.db import unique
 from tests.fakes import FAKE_USAGE, FakeOpenAI
+from tests.usage_rows import usage_row
 from tests.waiting import until
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -213,4 +214,4 @@ def _row(request_id: str) -> UsageRow:
         "attempts": 1,
         "cost_usd": Decimal(0),
     }
-    return UsageRow(tuple(values.get(c) for c in COLUMNS), leased=False)
+    return usage_row(values, leased=False)

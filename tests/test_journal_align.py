@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -15,21 +14,19 @@ import pytest
 from proxy.core.record import UsageRecord
 from proxy.core.tasks import TaskGroup
 from proxy.stores import journal as journal_module
-from proxy.stores.journal import Journal, Opened
-from proxy.stores.ledger import COLUMNS, UsageRow
+from proxy.stores.journal import Journal
+from proxy.stores.ledger import UsageRow
+from tests.usage_rows import closed_row, opened_of
 from tests.waiting import until
 
 PERIOD = date(2026, 12, 1)
 
 
-def _opened(record: UsageRecord, body: dict[str, Any], at: float) -> Opened:
-    event_id = "ev-" + record.request_id
-    return (event_id, PERIOD, record.request_id, 7, "key_j", "w", "chat", "m", False, True, 5, at)
+_opened = opened_of(PERIOD)
 
 
 def _row(event_id: str) -> UsageRow:
-    values = {"period": PERIOD, "event_id": event_id}
-    return UsageRow(tuple(values.get(c) for c in COLUMNS), leased=True)
+    return closed_row(PERIOD, event_id)
 
 
 async def test_the_write_follows_the_batch_and_skips_what_it_closed(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -16,21 +15,18 @@ import pytest
 from proxy.core.record import UsageRecord
 from proxy.core.usage import Usage
 from proxy.stores import journal as journal_module
-from proxy.stores.journal import OPENED_KEYS, Journal, Opened, interrupted_rows
+from proxy.stores.journal import OPENED_KEYS, Journal, interrupted_rows
 from proxy.stores.ledger import COLUMNS, UsageRow
+from tests.usage_rows import closed_row, opened_of
 
 PERIOD = date(2026, 12, 1)
 
 
-def _opened(record: UsageRecord, body: dict[str, Any], at: float) -> Opened:
-    event_id = "ev-" + record.request_id
-    stream = body.get("stream") is True
-    return (event_id, PERIOD, record.request_id, 7, "key_j", "w", "chat", "m", stream, True, 5, at)
+_opened = opened_of(PERIOD)
 
 
 def _row(event_id: str) -> UsageRow:
-    values = {"period": PERIOD, "event_id": event_id}
-    return UsageRow(tuple(values.get(c) for c in COLUMNS), leased=True)
+    return closed_row(PERIOD, event_id)
 
 
 async def test_closed_requests_are_not_billed_again_and_open_ones_are(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from tests.db import unique
 from tests.fakes import FAKE_USAGE, FakeOpenAI
 from tests.fakes_faults import FaultyOpenAI
 from tests.test_metrics import parse, scrape, value
+from tests.usage_rows import usage_row
 
 MSG = [{"role": "user", "content": "hi"}]
 BY_TENANT = (
@@ -108,7 +109,7 @@ def _row(tenant_id: int | None, request_id: str, **over: Any) -> UsageRow:
         "cost_usd": Decimal("0.25"),
         **over,
     }
-    return UsageRow(tuple(values.get(c) for c in COLUMNS), leased=False)
+    return usage_row(values, leased=False)
 
 
 def _refused_rows(marker: str) -> list[UsageRow]:

@@ -9,10 +9,11 @@ from pathlib import Path
 import asyncpg
 
 from proxy.stores import migrate, usage_batch
-from proxy.stores.ledger import COLUMNS, Ledger, Spool, UsageRow
+from proxy.stores.ledger import Ledger, Spool, UsageRow
 from proxy.web.billing_setup import BillingOptions, open_pool
 from tests.billing_helpers import tenant_with_key
 from tests.db import unique
+from tests.usage_rows import usage_row
 
 
 def _words(text: str) -> str:
@@ -52,7 +53,7 @@ def _row(tenant_id: int, key_id: str, request_id: str) -> UsageRow:
         "attempts": 1,
         "cost_usd": Decimal("0.25"),
     }
-    return UsageRow(tuple(values.get(c) for c in COLUMNS), leased=True)
+    return usage_row(values, leased=True)
 
 
 async def test_a_batch_is_one_statement_and_moves_counters_leases_and_keys(

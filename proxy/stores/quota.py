@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import NamedTuple
 
 import asyncpg
 
@@ -97,11 +98,6 @@ class _Lease:
     dropped: bool = False
 
 
-# ``current``'s answer: the month's bounds as epoch seconds, its period, and
-# the tenant's lease of it (the book's own object, for ``take_from``).
-Held = tuple[float, float, date, _Lease]
-
-
 @dataclass(frozen=True, slots=True)
 class _Month:
     """A quota period's bounds, as datetimes and as epoch seconds."""
@@ -117,6 +113,14 @@ class _Month:
         start = datetime(period.year, period.month, 1, tzinfo=UTC)
         end = period_end(period)
         return cls(period, start, end, start.timestamp(), end.timestamp())
+
+
+class Held(NamedTuple):
+    """``current``'s answer: the month (its bounds and period) and the
+    tenant's lease of it (the book's own object, for ``take_from``)."""
+
+    month: _Month
+    lease: _Lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +193,8 @@ class QuotaBook:
 
     def current(self, tenant_id: int, at: float) -> Held | None:
         """The tenant's lease of the month of ``at`` (``time.time()``), with
-        the month's bounds as epoch seconds and its period, for a caller that
-        keeps it and takes with ``take_from`` while ``at`` is inside them;
+        that month, for a caller that keeps it and takes with ``take_from``
+        while ``at`` is inside the month's bounds;
         None: the clock is not the system's, or there is no lease yet."""
         month = self._current
         if self.clock is not utc_now or month is None or not month.start_ts <= at < month.end_ts:
@@ -198,7 +202,7 @@ class QuotaBook:
         lease = self._leases.get((tenant_id, month.period))
         if lease is None:
             return None
-        return month.start_ts, month.end_ts, month.period, lease
+        return Held(month, lease)
 
     def take_from(
         self, lease: _Lease, who: Principal, tier: Tier, period: date, tokens: int

@@ -142,8 +142,8 @@ class KeyAdmission:
         """``QuotaBook.take``, from the kept lease while its month is current."""
         quota, who, tier = self.billing.quota, self.who, self.tier
         held = self.held
-        if held is not None and t is not None and held[0] <= t < held[1]:
-            reservation = quota.take_from(held[3], who, tier, held[2], estimate)
+        if held is not None and t is not None and held.month.start_ts <= t < held.month.end_ts:
+            reservation = quota.take_from(held.lease, who, tier, held.month.period, estimate)
             if reservation is not None:
                 return reservation
         reservation = quota.take(who, tier, estimate, t)  # short, dropped, or a new month
