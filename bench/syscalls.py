@@ -202,10 +202,31 @@ def ledger_window(
     worker, o0, size0 = _journal(data)
     rows0, x0 = _inserted(dsn, worker) if worker else (0, 0)
     w = cpu_window(pid, port, scenario, c, n, key)
-    time.sleep(1.0)  # the last batch and journal write of the window
-    worker, o1, size1 = _journal(data)
-    rows1, x1 = _inserted(dsn, worker)
+    worker, o1, size1, rows1, x1 = _settled(data, dsn, rows0 + n)
     return w, LedgerWindow(n, o1 - o0, rows1 - rows0, x1 - x0, size1 < size0)
+
+
+def _settled(
+    data: Path, dsn: str, rows: int, bound_s: float = 30.0
+) -> tuple[str, int, int, int, int]:
+    """The journal and the ledger once the window's last flushes are in:
+    every request's row inserted (one a billed request), then the journal
+    unchanged over two of its 0.2 s intervals (its ``x`` line of the last
+    batch written). Polled, within ``bound_s``: under a loaded machine the
+    flushers' timers run late, which a fixed wait would miss."""
+    deadline = time.monotonic() + bound_s
+    last: tuple[str, int, int] | None = None
+    while True:
+        worker, opened, size = _journal(data)
+        got, xacts = _inserted(dsn, worker) if worker else (0, 0)
+        if got >= rows and (worker, opened, size) == last:
+            return worker, opened, size, got, xacts
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the ledger or journal did not settle in {bound_s:g} s ({got}/{rows} rows)"
+            )
+        last = (worker, opened, size) if got >= rows else None
+        time.sleep(0.4)  # a poll interval (two journal intervals), not a synchronisation
 
 
 def ledger_report(rows: list[tuple[str, float, int, str, list[LedgerWindow]]]) -> str:
