@@ -236,7 +236,7 @@ class Journal:
                 if self.opened_of is None:
                     raise RuntimeError("a journal written to needs its opened_of")
                 record = entry.record
-                body = record.body
+                body = getattr(record, "body", None)
                 if body is None:  # settled: its row waits for the ledger
                     body = {"stream": record.stream}
                 entry.values = self.opened_of(record, body, at)
@@ -312,7 +312,7 @@ def _checkpoint(entry: _Entry) -> dict[str, Any]:
         if new:
             model = record.provider_model or str(entry.values[7] or "")
             entry.completion += tokens.count_text(meter.text_of(new), model)
-    body = record.body  # None once settled (with no usage: nothing to count)
+    body = getattr(record, "body", None)  # None once settled (with no usage: nothing to count)
     if entry.prompt is None and body is not None:
         endpoint, model = record.endpoint, record.provider_model or record.public_model or ""
         entry.prompt = tokens.count_prompt(body, endpoint, model)
