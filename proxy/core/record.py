@@ -70,6 +70,8 @@ class UsageRecord:
     # The request as admitted, while it runs: the crash journal counts its
     # prompt at a checkpoint. Billing's settle drops it and ``progress``: the
     # journal keeps the record until its row lands, ~0.2 s after the request.
+    # Unset until the journal sets it (read with ``getattr``): a field of
+    # ``__init__`` cost every record ~250 instructions (``settle_side.py``).
     body: dict[str, Any] | None = field(init=False, repr=False, compare=False)
     # Every provider attempt, in order; the last one served the answer when status < 400.
     attempt_log: list[AttemptRecord] = field(default_factory=list)

@@ -18,18 +18,19 @@ Nothing is written on the request path: ``admitted`` (or ``open``) and
 last ``FLUSH_S`` with one append and one fsync (group commit), just after a
 ledger batch has landed when one lands in the interval's last ``ALIGN_S``. A request that opens and
 closes within one interval is never written at all, and costs one tuple: its
-``_Entry`` is made at the write, only for the requests still open then.
+``_Entry`` is made at the write, only for the requests still open then. With a checkpoint taken
+``CHECKPOINT_S`` (0.8 s) after the last and written within ``FLUSH_S``
+(0.2 s), what a crash can lose of a stream is about one second of it.
 
 What the journal keeps of a request is its record (the row's columns and,
 once it settles, its usage), until the ledger's batch holding its row lands
 (~0.2 s; the request itself lasts a few ms). The parsed body rides on the
 record (``UsageRecord.body``) only while the request runs, and its stream
 meter (``progress``) likewise: settle drops both (``Billing.settle``), since a
-settled record's checkpoint counts nothing. At 32 KB prompts and c=16, the
-journal otherwise held ~400 finished chat histories at any moment
-(``tests/test_retention.py``). With a checkpoint taken
-``CHECKPOINT_S`` (0.8 s) after the last and written within ``FLUSH_S``
-(0.2 s), what a crash can lose of a stream is about one second of it.
+settled record carries the usage its row bills (the provider's, or settle's
+own count), which its checkpoint notes, counting nothing. At 32 KB prompts
+and c=16, the journal otherwise held ~400 finished chat histories at any
+moment (``tests/test_retention.py``).
 
 On start, before serving, ``replay_orphans`` turns every journal of a dead
 worker (its lock free, its spool already replayed) into usage rows for the
