@@ -2,10 +2,11 @@
 
 Billing keeps every request in its crash journal until the ledger's batch
 holding its usage row reaches Postgres (a ``kill -9`` meanwhile bills it from
-the journal). That is ~0.2 s at the default flush interval, against a few ms
-of request: at 32 KB prompts and c=16 hundreds of finished requests wait at
-any moment. What waits must be what the journal needs (the record: the
-row's columns and usage), not the parsed chat history nor the stream's
+the journal). That is the flush interval (20 ms by default) plus the batch's
+write, longer while Postgres is slow or down (until the rows go to the
+spool): dozens to thousands of finished requests wait at any moment. What
+waits must be what the journal needs (the record: the row's columns and
+usage), not the parsed chat history nor the stream's
 relayed events, which only a request still running can need (its exact
 prompt and completion counts at a checkpoint).
 

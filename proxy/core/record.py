@@ -69,7 +69,7 @@ class UsageRecord:
     progress: StreamMeter | None = None  # a running stream's meter (journal checkpoints)
     # The request as admitted, while it runs: the crash journal counts its
     # prompt at a checkpoint. Billing's settle drops it and ``progress``: the
-    # journal keeps the record until its row lands, ~0.2 s after the request.
+    # journal keeps the record until its row lands (the ledger's next batch).
     # Unset until the journal sets it (read with ``getattr``): a field of
     # ``__init__`` cost every record ~250 instructions (``settle_side.py``).
     body: dict[str, Any] | None = field(init=False, repr=False, compare=False)

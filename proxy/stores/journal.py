@@ -24,13 +24,14 @@ closes within one interval is never written at all, and costs one tuple: its
 
 What the journal keeps of a request is its record (the row's columns and,
 once it settles, its usage), until the ledger's batch holding its row lands
-(~0.2 s; the request itself lasts a few ms). The parsed body rides on the
+(its ``flush_interval_ms``, 20 by default, plus the batch's write; longer
+while Postgres is slow or down, until the rows go to the spool). The parsed body rides on the
 record (``UsageRecord.body``) only while the request runs, and its stream
 meter (``progress``) likewise: settle drops both (``Billing.settle``), since a
 settled record carries the usage its row bills (the provider's, or settle's
-own count), which its checkpoint notes, counting nothing. At 32 KB prompts
-and c=16, the journal otherwise held ~400 finished chat histories at any
-moment (``tests/test_retention.py``).
+own count), which its checkpoint notes, counting nothing. Otherwise every
+finished request's chat history stayed in memory until then: ~38 KiB each at
+32 KB prompts (``tests/test_retention.py``).
 
 On start, before serving, ``replay_orphans`` turns every journal of a dead
 worker (its lock free, its spool already replayed) into usage rows for the
