@@ -109,8 +109,9 @@ async def test_finished_requests_awaiting_the_ledger_hold_no_prompt(
     await until(lambda: ledger.pending() >= REQUESTS, what="every row settled, queued")
     fake_openai.seen.clear()  # the provider's copies
     gw.settler.records.clear()  # the test settler's own list of records
+    # A handler may still be returning from its settle: bounded, not a sleep.
+    await until(lambda: _bodies_alive(sent) == 0, 2.0, 0.1, "no prompt held")
     assert ledger.pending() >= REQUESTS  # their rows still wait for the ledger
-    assert _bodies_alive(sent) == 0
 
 
 async def test_finished_streams_awaiting_the_ledger_hold_no_relayed_events(
@@ -126,6 +127,6 @@ async def test_finished_streams_awaiting_the_ledger_hold_no_relayed_events(
     await until(lambda: ledger.pending() >= REQUESTS, what="every row settled, queued")
     fake_openai.seen.clear()
     gw.settler.records.clear()
+    await until(lambda: _meters_alive() == 0, 2.0, 0.1, "no stream meter held")
+    await until(lambda: _bodies_alive(sent) == 0, 2.0, 0.1, "no prompt held")
     assert ledger.pending() >= REQUESTS
-    assert _meters_alive() == 0
-    assert _bodies_alive(sent) == 0
