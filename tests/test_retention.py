@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +35,21 @@ from tests.fakes import FakeOpenAI
 from tests.waiting import until
 
 REQUESTS = 24
-MARK = "retention-probe-"  # in every prompt this test sends, nowhere else
 HISTORY = "the user and the assistant talked at length about the weather " * 500  # ~32 KB
 
 
-def _messages(i: int) -> list[dict[str, Any]]:
+def _messages(mark: str, i: int) -> list[dict[str, Any]]:
     return [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": HISTORY},
         {"role": "assistant", "content": "Noted."},
-        {"role": "user", "content": f"{MARK}{i}"},
+        {"role": "user", "content": f"{mark}{i}"},
     ]
 
 
-def _bodies_alive(sent: list[list[dict[str, Any]]]) -> int:
-    """Parsed request bodies of this test still in memory (not the test's own lists)."""
+def _bodies_alive(mark: str, sent: list[list[dict[str, Any]]]) -> int:
+    """Parsed bodies of the prompts sent with ``mark`` still in memory (not
+    the test's own lists)."""
     gc.collect()
     ours = {id(m) for m in sent}
     found = 0
@@ -59,14 +60,21 @@ def _bodies_alive(sent: list[list[dict[str, Any]]]) -> int:
         if not isinstance(messages, list) or id(messages) in ours or not messages:
             continue
         last = messages[-1]
-        if isinstance(last, dict) and str(last.get("content", "")).startswith(MARK):
+        if isinstance(last, dict) and str(last.get("content", "")).startswith(mark):
             found += 1
     return found
 
 
-def _meters_alive() -> int:
+def _meters() -> list[StreamMeter]:
     gc.collect()
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, StreamMeter))
+    return [obj for obj in gc.get_objects() if isinstance(obj, StreamMeter)]
+
+
+def _new_meters(before: list[StreamMeter]) -> int:
+    """Stream meters alive now that were not before (``before`` keeps the
+    earlier ones alive, so no new one can reuse an old one's id)."""
+    old = {id(m) for m in before}
+    return sum(1 for m in _meters() if id(m) not in old)
 
 
 async def _billed(
@@ -78,8 +86,10 @@ async def _billed(
     return gw, key["api_key"]
 
 
-async def _send(gw: Gateway, key: str, stream: bool) -> list[list[dict[str, Any]]]:
-    sent = [_messages(i) for i in range(REQUESTS)]
+async def _send(gw: Gateway, key: str, stream: bool) -> tuple[str, list[list[dict[str, Any]]]]:
+    """``REQUESTS`` prompts at once, each ending in a marker no other test sends."""
+    mark = f"retention-{uuid.uuid4().hex}-"
+    sent = [_messages(mark, i) for i in range(REQUESTS)]
 
     async def one(s: aiohttp.ClientSession, messages: list[dict[str, Any]]) -> None:
         body = {"model": "fake-model", "messages": messages, "stream": stream}
@@ -93,7 +103,7 @@ async def _send(gw: Gateway, key: str, stream: bool) -> list[list[dict[str, Any]
 
     async with aiohttp.ClientSession() as s:
         await asyncio.gather(*(one(s, m) for m in sent))
-    return sent
+    return mark, sent
 
 
 async def test_finished_requests_awaiting_the_ledger_hold_no_prompt(
@@ -104,13 +114,13 @@ async def test_finished_requests_awaiting_the_ledger_hold_no_prompt(
     tmp_path: Path,
 ) -> None:
     gw, key = await _billed(start_gateway, fake_openai, pg, pg_url, tmp_path)
-    sent = await _send(gw, key, stream=False)
+    mark, sent = await _send(gw, key, stream=False)
     ledger = gw.app[BILLING].ledger
     await until(lambda: ledger.pending() >= REQUESTS, what="every row settled, queued")
     fake_openai.seen.clear()  # the provider's copies
     gw.settler.records.clear()  # the test settler's own list of records
     # A handler may still be returning from its settle: bounded, not a sleep.
-    await until(lambda: _bodies_alive(sent) == 0, 2.0, 0.1, "no prompt held")
+    await until(lambda: _bodies_alive(mark, sent) == 0, 2.0, 0.1, "no prompt held")
     assert ledger.pending() >= REQUESTS  # their rows still wait for the ledger
 
 
@@ -122,11 +132,12 @@ async def test_finished_streams_awaiting_the_ledger_hold_no_relayed_events(
     tmp_path: Path,
 ) -> None:
     gw, key = await _billed(start_gateway, fake_openai, pg, pg_url, tmp_path)
-    sent = await _send(gw, key, stream=True)
+    before = _meters()
+    mark, sent = await _send(gw, key, stream=True)
     ledger = gw.app[BILLING].ledger
     await until(lambda: ledger.pending() >= REQUESTS, what="every row settled, queued")
     fake_openai.seen.clear()
     gw.settler.records.clear()
-    await until(lambda: _meters_alive() == 0, 2.0, 0.1, "no stream meter held")
-    await until(lambda: _bodies_alive(sent) == 0, 2.0, 0.1, "no prompt held")
+    await until(lambda: _new_meters(before) == 0, 2.0, 0.1, "no stream meter held")
+    await until(lambda: _bodies_alive(mark, sent) == 0, 2.0, 0.1, "no prompt held")
     assert ledger.pending() >= REQUESTS
