@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.core.usage import NO_USAGE, Usage
 
@@ -67,6 +67,12 @@ class UsageRecord:
     transcript: dict[str, object] | None = None  # prompt/completion, when logging allows
     admission: object | None = None  # the billing stage's reservation, refunded at settle
     progress: StreamMeter | None = None  # a running stream's meter (journal checkpoints)
+    # The request as admitted, while it runs: the crash journal counts its
+    # prompt at a checkpoint. Billing's settle drops it and ``progress``: the
+    # journal keeps the record until its row lands (the ledger's next batch).
+    # Unset until the journal sets it (read with ``getattr``): a field of
+    # ``__init__`` cost every record ~250 instructions (``settle_side.py``).
+    body: dict[str, Any] | None = field(init=False, repr=False, compare=False)
     # Every provider attempt, in order; the last one served the answer when status < 400.
     attempt_log: list[AttemptRecord] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)

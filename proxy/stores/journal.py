@@ -22,6 +22,17 @@ closes within one interval is never written at all, and costs one tuple: its
 ``CHECKPOINT_S`` (0.8 s) after the last and written within ``FLUSH_S``
 (0.2 s), what a crash can lose of a stream is about one second of it.
 
+What the journal keeps of a request is its record (the row's columns and,
+once it settles, its usage), until the ledger's batch holding its row lands
+(its ``flush_interval_ms``, 20 by default, plus the batch's write; longer
+while Postgres is slow or down, until the rows go to the spool). The parsed body rides on the
+record (``UsageRecord.body``) only while the request runs, and its stream
+meter (``progress``) likewise: settle drops both (``Billing.settle``), since a
+settled record carries the usage its row bills (the provider's, or settle's
+own count), which its checkpoint notes, counting nothing. Otherwise every
+finished request's chat history stayed in memory until then: ~38 KiB each at
+32 KB prompts (``tests/test_retention.py``).
+
 On start, before serving, ``replay_orphans`` turns every journal of a dead
 worker (its lock free, its spool already replayed) into usage rows for the
 entries opened and never closed: ``status`` 500, ``error_code``
@@ -75,11 +86,13 @@ OPENED_KEYS = ("e", "p", "r", "t", "k", "w", "n", "m", "s", "l", "pt", "at")
 Opened = tuple[Any, ...]
 # Builds an entry's ``Opened`` values from its record, body and the wall-clock
 # time it was opened at: called only for the entries still open when the
-# journal is written (``Billing`` provides it).
+# journal is written (``Billing`` provides it). The body of a request that
+# has settled meanwhile is gone: it gets ``{"stream": record.stream}``, all
+# an ``o`` line reads of a body.
 OpenedOf = Callable[[UsageRecord, dict[str, Any], float], Opened]
-# A request noted since the last write: its record, body, the monotonic time
-# it was noted at and its ``Opened`` values when the caller gave them.
-_Fresh = tuple[UsageRecord, dict[str, Any], float, Opened | None]
+# A request noted since the last write: its record, the monotonic time it
+# was noted at and its ``Opened`` values when the caller gave them.
+_Fresh = tuple[UsageRecord, float, Opened | None]
 
 
 @dataclass(slots=True)
@@ -87,7 +100,6 @@ class _Entry:
     """One admitted request, until its usage row is durable."""
 
     record: UsageRecord
-    body: dict[str, Any]
     noted_at: float  # monotonic time of its last checkpoint (or of its open)
     values: Opened | None = None  # the row's fixed columns, once written (its ``o`` line)
     written: bool = False  # its ``o`` line is on disk
@@ -125,14 +137,17 @@ class Journal:
 
     def open(self, values: Opened, record: UsageRecord, body: dict[str, Any]) -> None:
         """Note an admitted request (in memory; on disk at the next flush).
-        ``values``: OPENED_KEYS' values, the event id first."""
-        self._fresh[values[0]] = (record, body, time.monotonic(), values)
+        ``values``: OPENED_KEYS' values, the event id first. The body goes
+        on the record, which keeps it until the request settles."""
+        record.body = body
+        self._fresh[values[0]] = (record, time.monotonic(), values)
 
     def admitted(self, event_id: str, record: UsageRecord, body: dict[str, Any]) -> None:
         """``open`` without the values: they are made (``opened_of``) only if
         the request is still open when the journal is written; most close
         before, and then nothing is made for them at all."""
-        self._fresh[event_id] = (record, body, time.monotonic(), None)
+        record.body = body
+        self._fresh[event_id] = (record, time.monotonic(), None)
 
     def closed(self, rows: Iterable[UsageRow]) -> None:
         """The ledger's hook: these rows are in Postgres or in the spool."""
@@ -208,8 +223,8 @@ class Journal:
         entries of ``_open``: the ids, in the order they were noted."""
         fresh, self._fresh = self._fresh, {}
         entries = self._open
-        for event_id, (record, body, noted_at, values) in fresh.items():
-            entries[event_id] = _Entry(record, body, noted_at, values)
+        for event_id, (record, noted_at, values) in fresh.items():
+            entries[event_id] = _Entry(record, noted_at, values)
         return list(fresh)
 
     def _values(self, fresh: list[str]) -> None:
@@ -222,7 +237,11 @@ class Journal:
                 at = entry.noted_at + wall_offset  # the wall-clock time it opened at
                 if self.opened_of is None:
                     raise RuntimeError("a journal written to needs its opened_of")
-                entry.values = self.opened_of(entry.record, entry.body, at)
+                record = entry.record
+                body = getattr(record, "body", None)
+                if body is None:  # settled: its row waits for the ledger
+                    body = {"stream": record.stream}
+                entry.values = self.opened_of(record, body, at)
 
     def _due(self, now: float, fresh: set[str]) -> list[_Entry]:
         """Running requests whose last note is ``CHECKPOINT_S`` old."""
@@ -295,9 +314,10 @@ def _checkpoint(entry: _Entry) -> dict[str, Any]:
         if new:
             model = record.provider_model or str(entry.values[7] or "")
             entry.completion += tokens.count_text(meter.text_of(new), model)
-    if entry.prompt is None:
+    body = getattr(record, "body", None)  # None once settled (with no usage: nothing to count)
+    if entry.prompt is None and body is not None:
         endpoint, model = record.endpoint, record.provider_model or record.public_model or ""
-        entry.prompt = tokens.count_prompt(entry.body, endpoint, model)
+        entry.prompt = tokens.count_prompt(body, endpoint, model)
     return _noted(entry)
 
 

@@ -196,8 +196,9 @@ class Billing:
     def journal_open(self, record: UsageRecord, body: dict[str, Any]) -> None:
         """Note the admitted request in the journal: from here on a crash
         bills it as interrupted instead of losing it. Only the record is
-        kept: the ``o`` line's values are read off it (``_opened``) if the
-        request is still open when the journal is written."""
+        kept (the body on it, until settle drops it): the ``o`` line's
+        values are read off it (``_opened``) if the request is still open
+        when the journal is written."""
         admission = record.admission
         if self.journal is not None and isinstance(admission, Admission):
             self.journal.admitted(admission.event_id, record, body)
@@ -231,6 +232,7 @@ class Billing:
             if record.tenant_id is None:
                 return  # unauthenticated: nothing to bill, nothing reserved
             admission = None  # authenticated, refused before admission
+        record.body = record.progress = None  # the journal keeps the record: not these
         cost = cost_of(record, self.prices)
         counted = admission is not None and self._refund(record, admission, cost)
         self.ledger.add(self._row(record, admission, counted, cost))
