@@ -94,8 +94,8 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     if endpoint not in GENERATIVE:
         return 0
     cap = tier.max_tokens
-    n = body.get("n")
-    times = n if isinstance(n, int) and n > 0 else 1
+    n = body.get("n")  # most requests send none: no ``isinstance`` then (~1k instructions)
+    times = 1 if n is None else n if isinstance(n, int) and n > 0 else 1
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         # most requests: no limit sent (or null), the cap goes out
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
