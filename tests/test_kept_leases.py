@@ -7,6 +7,7 @@ given back to: the store's map decides, as for a request that kept nothing."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 import yaml
@@ -113,3 +114,32 @@ def test_a_swept_lease_is_neither_taken_from_nor_given_back_to() -> None:
     assert (old_month.requests, new_month.requests) == (4, 2)
     assert [lease.micros for lease in old_days] == [100 - hold] * 2
     assert [lease.micros for lease in new_days] == [50] * 2
+
+
+def test_at_the_days_end_the_key_takes_from_the_next_days_budgets(monkeypatch: Any) -> None:
+    """The key keeps its budgets' day (``budget.limits_at``'s entry) and
+    answers from it by the clock against the day's bounds: at the bound, the
+    next day's limits are asked for, never the kept day's leases taken from."""
+    s = _Setup()
+    s.quota._leases[(TENANT, s.period)] = _QuotaLease(10, 10**6)
+    today = s.budget_leases(100)
+    first = s.admit(0)
+    assert first is not None and first[1] is None and first[0].budget is not None
+    hold = first[0].budget.micros
+    assert s.key.budgeted is not None
+    end = s.key.budgeted[0].end
+    monkeypatch.setattr(time, "time", lambda: end)  # the first instant of the next day
+    taken = s.admit(1)
+    assert taken is not None and isinstance(taken[1], budget.Ask)  # no lease of that day yet
+    assert taken[1].day == s.key.budgeted[0].day + timedelta(days=1)
+    assert [lease.micros for lease in today] == [100 - hold] * 2  # the kept day left alone
+    tomorrow = budget.limits_at(s.who, s.key.tier, end)
+    assert tomorrow.limits == taken[1].limits and tomorrow.day == taken[1].day
+    made = [_BudgetLease(micros=70) for _ in tomorrow.limits]
+    for limit, lease in zip(tomorrow.limits, made, strict=True):
+        s.book._leases[limit.key] = lease
+    again = s.admit(2)
+    assert again is not None and again[1] is None and again[0].budget is not None
+    assert again[0].budget.day == taken[1].day
+    assert [lease.micros for lease in made] == [70 - hold] * 2
+    assert s.key.budgeted[0] is tomorrow  # the next day's entry is the one kept now

@@ -117,8 +117,10 @@ class PermitLeases:
         lease.left -= lim.cost
         if lease.left * 2 < lease.size * lim.cost and not lease.topping:
             self._top_up_soon(lim, lease)
-        elapsed_ms = int((now - lease.taken_at) * 1000)
-        reset = lease.reset_ms  # ``_window``'s, its ``max`` spelled out (per request)
+        # ``_window``'s, its ``int()`` a ``__trunc__`` and its ``max`` spelled
+        # out: per request, and a type call costs ~0.9k instructions more
+        elapsed_ms = ((now - lease.taken_at) * 1000).__trunc__()
+        reset = lease.reset_ms
         if reset:
             reset -= elapsed_ms
             if reset < 1:

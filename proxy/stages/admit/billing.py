@@ -94,8 +94,8 @@ def clamp_max_tokens(body: dict[str, Any], tier: Tier, endpoint: str) -> int:
     if endpoint not in GENERATIVE:
         return 0
     cap = tier.max_tokens
-    n = body.get("n")
-    times = n if isinstance(n, int) and n > 0 else 1
+    n = body.get("n")  # most requests send none: no ``isinstance`` then (~1k instructions)
+    times = 1 if n is None else n if isinstance(n, int) and n > 0 else 1
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         # most requests: no limit sent (or null), the cap goes out
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -128,8 +128,10 @@ def ratelimit_headers(standing: Standing) -> dict[str, str]:
 
 
 def reset_duration(seconds: float) -> str:
-    """OpenAI's reset format: ``6m0s``, ``1h2m3s``, ``1s``."""
-    return _reset_text(int(seconds + 0.999))
+    """OpenAI's reset format: ``6m0s``, ``1h2m3s``, ``1s``. Every response
+    reports two resets: ``float.__trunc__`` is ``int()`` of the float, without
+    the type call's argument parsing (~0.9k of ~2.2k instructions a call)."""
+    return _reset_text((seconds + 0.999).__trunc__())
 
 
 @functools.lru_cache(maxsize=4096)

@@ -40,29 +40,29 @@ def limits_for(who: Principal, tier: Tier, now: datetime) -> tuple[Limit, ...]:
     day = now.date()
     budgets = tier.budgets
     memo = who.memo.get("budgets")
-    if isinstance(memo, _Kept) and memo.budgets is budgets and memo.day == day:
+    if isinstance(memo, DayLimits) and memo.budgets is budgets and memo.day == day:
         return memo.limits
     return _keep(who, budgets, day).limits
 
 
-def limits_at(who: Principal, tier: Tier, t: float) -> tuple[tuple[Limit, ...], date]:
+def limits_at(who: Principal, tier: Tier, t: float) -> DayLimits:
     """``limits_for`` the UTC instant ``t`` (seconds since the epoch, as
-    ``time.time()``), and its day: the same memo, found by ``t`` against the
-    day's bounds as epoch seconds, so the admit stage's fast path builds no
-    datetime per request."""
+    ``time.time()``), with its day and the day's bounds: the memo entry
+    itself, found by ``t`` against those bounds, so the admit stage's fast
+    path builds no datetime per request (and, keeping the entry, can tell
+    by ``t`` alone that it is still the day's)."""
     memo = who.memo.get("budgets")
-    if isinstance(memo, _Kept) and memo.budgets is tier.budgets and memo.start <= t < memo.end:
-        return memo.limits, memo.day
-    day = datetime.fromtimestamp(t, UTC).date()
-    kept = _keep(who, tier.budgets, day)
-    return kept.limits, kept.day
+    if isinstance(memo, DayLimits) and memo.budgets is tier.budgets and memo.start <= t < memo.end:
+        return memo
+    return _keep(who, tier.budgets, datetime.fromtimestamp(t, UTC).date())
 
 
 @dataclass(frozen=True, slots=True)
-class _Kept:
-    """``limits_for``'s memo entry: the limits of a tier's budgets for a UTC
-    day, and the day's bounds in epoch seconds (UTC days are whole multiples
-    of 86,400 s)."""
+class DayLimits:
+    """``limits_for``'s memo entry: the limits of a tier's budgets (and the
+    key's overrides) for a UTC day, and the day's bounds in epoch seconds
+    (UTC days are whole multiples of 86,400 s). The limits of one principal
+    and budgets object for an instant inside the bounds are always these."""
 
     budgets: Budgets
     day: date
@@ -71,9 +71,9 @@ class _Kept:
     end: float
 
 
-def _keep(who: Principal, budgets: Budgets, day: date) -> _Kept:
+def _keep(who: Principal, budgets: Budgets, day: date) -> DayLimits:
     start = float(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
-    kept = _Kept(budgets, day, _build_limits(who, budgets, day), start, start + _DAY)
+    kept = DayLimits(budgets, day, _build_limits(who, budgets, day), start, start + _DAY)
     who.memo["budgets"] = kept
     return kept
 

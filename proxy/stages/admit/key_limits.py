@@ -147,7 +147,7 @@ def put_window(
     names = _HEADERS.get(name)
     if names is not None:
         out[names[0]] = capacity
-        out[names[1]] = str(remaining)
+        out[names[1]] = f"{remaining}"  # ``str()`` of an int, without a type call
         out[names[2]] = reset_duration(reset_ms / 1000)
 
 
@@ -158,7 +158,7 @@ def put_monthly(
     limit already as text): ``QuotaBook.standing``'s numbers, without it."""
     remaining, reset = quota.tokens_left(tenant_id, limit)
     out[_MONTHLY_TOKENS[0]] = limit_text
-    out[_MONTHLY_TOKENS[1]] = str(remaining)
+    out[_MONTHLY_TOKENS[1]] = f"{remaining}"  # ``str()`` of an int, without a type call
     out[_MONTHLY_TOKENS[2]] = reset_duration(reset)
 
 

@@ -44,7 +44,6 @@ from proxy.stages.admit.billing import (
 from proxy.stages.base import Exchange
 from proxy.stages.route import RoutePlan
 from proxy.stores.budgets import Leases
-from proxy.stores.budgets import Limit as BudgetLimit
 from proxy.stores.permits import PermitLeases
 from proxy.stores.quota import Held, Reservation, utc_now
 from proxy.stores.ratelimit import RateLimiter
@@ -71,6 +70,7 @@ class KeyAdmission:
         "per_user",
         "rate",
         "rate_text",
+        "rates",
         "tier",
         "who",
     )
@@ -109,7 +109,11 @@ class KeyAdmission:
         # them (refills, top-ups, sweeps act on the same objects); one they
         # drop refuses ``take_from``, and is looked up again.
         self.held: Held | None = None
-        self.budgeted: tuple[tuple[BudgetLimit, ...], Leases] | None = None
+        # The budgets' day is the memo entry of ``budget.limits_at`` (the
+        # day's limits and bounds): while ``t`` is inside them, they are the
+        # limits ``limits_at`` would answer, without asking it.
+        self.budgeted: tuple[budget.DayLimits, Leases] | None = None
+        self.rates: tuple[RoutePlan, tuple[tuple[int, int], ...]] | None = None
 
     def take(self, ex: Exchange, plan: RoutePlan) -> Taken | None:
         """Admit from the leases without a coroutine. None: the quota lease
@@ -158,8 +162,12 @@ class KeyAdmission:
         ask to await when a lease is short."""
         book, who, tier = self.billing.budgets, self.who, self.tier
         assert book is not None
-        if t is not None:
-            limits, day = budget.limits_at(who, tier, t)
+        kept = self.budgeted
+        if kept is not None and t is not None and kept[0].start <= t < kept[0].end:
+            limits, day = kept[0].limits, kept[0].day  # the kept day's, still current
+        elif t is not None:
+            today = budget.limits_at(who, tier, t)
+            limits, day = today.limits, today.day
         else:
             now = self.billing.quota.clock()
             limits, day = budget.limits_for(who, tier, now), now.date()
@@ -170,18 +178,30 @@ class KeyAdmission:
             prompt = tokens.estimate_prompt(ex.body, ex.endpoint)
         # ``budget.max_cost``: ``completion`` is ``completion_budget``'s value
         # (the limit the body goes out with, clamped above, x n)
-        micros = budget.bound(budget.plan_rates(plan, self.config.prices), prompt, completion)
+        micros = budget.bound(self._rates(plan), prompt, completion)
         hold = None
-        kept = self.budgeted
-        if kept is not None and kept[0] is limits:
+        if kept is not None and kept[0].limits is limits:
             hold = book.take_from(kept[1], limits, micros, day)
         if hold is None:  # short, dropped, another day's limits, or none kept yet
             hold = book.take(limits, micros, day)
             if hold is None:
                 return budget.Ask(limits, micros, day)
-            self.budgeted = (limits, hold.leases)
+            entry = who.memo.get("budgets")  # ``limits_for``'s entry of these limits
+            if isinstance(entry, budget.DayLimits) and entry.limits is limits:
+                self.budgeted = (entry, hold.leases)
         admission.budget = hold
         return None
+
+    def _rates(self, plan: RoutePlan) -> tuple[tuple[int, int], ...]:
+        """``budget.plan_rates`` of the plan, kept for the last plan asked
+        (the router keeps a tier's plan per model, so a key's requests bring
+        the same object; the prices are this snapshot's, as the object is)."""
+        kept = self.rates
+        if kept is not None and kept[0] is plan:
+            return kept[1]
+        rates = budget.plan_rates(plan, self.config.prices)
+        self.rates = (plan, rates)
+        return rates
 
     def _windows(self, ex: Exchange, admission: Admission) -> tuple[bool, Verdict | None]:
         """The key's windows from the permit leases: whether they were
