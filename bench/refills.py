@@ -31,7 +31,10 @@ import syscalls
 # billing stores' round trips, written as JSON to $REFILLS_OUT when
 # $REFILLS_OUT.dump appears.
 SHIM = r"""
-import collections, functools, json, os, runpy, threading, time
+import collections, functools, json, os, runpy, sys, threading, time
+# ``-c`` puts the working directory first: the ``proxy`` measured is the
+# one on PYTHONPATH (run.py's: the tree, or ``--src``), not the cwd's.
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 OUT = os.environ["REFILLS_OUT"]
 counts = collections.Counter()
 books = []
@@ -67,6 +70,8 @@ counted(ratelimit.RateLimiter, "check_leasing", "redis permit script")
 counted(permits.PermitLeases, "_top_up", "permit top-up (background)")
 counted(quota.QuotaBook, "_take_lease", "quota lease call")
 counted(quota.QuotaBook, "_top_up", "quota top-up (background)")
+counted(quota.QuotaBook, "take_from", "quota take_from")
+counted(quota.QuotaBook, "admit", "quota admit (awaited)")
 counted(budgets.BudgetBook, "_refill", "budget refill")
 counted(ledger.Ledger, "_flush", "ledger flush")
 counted(ledger.Ledger, "_write", "ledger batch written")
@@ -78,6 +83,19 @@ counted(breaker, "health", "breaker health_now slow branch (a state per key)")
 counted(breaker.Breakers, "record", "breaker record")
 for cls in (quota.QuotaBook, budgets.BudgetBook, permits.PermitLeases, ledger.Ledger):
     kept(cls)
+
+
+take_lease = quota.QuotaBook._take_lease
+
+
+async def _granted(self, *args, **kwargs):
+    row = await take_lease(self, *args, **kwargs)
+    counts["quota requests granted"] += row["got_requests"]
+    counts["quota tokens granted (k)"] += row["got_tokens"] // 1000
+    return row
+
+
+quota.QuotaBook._take_lease = _granted
 
 
 def _snapshot():
@@ -138,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         procs = run.Processes(False, workdir)
         stores = run.Datastores(workdir, argparse.Namespace(targets=name, dsn=None))
         try:
-            env = run.Env(run._free_port(), workdir, stores.dsn, None, stores.redis_url)
-            if args.src is not None:
-                env.tollway_src = args.src.resolve()
+            src = args.src.resolve() if args.src is not None else None
+            env = run.Env(run._free_port(), workdir, stores.dsn, src, stores.redis_url)
             fake = [run.PY, str(run.BENCH / "fake_provider.py"), str(env.provider_port)]
             procs.start("fake_provider", fake, "0", env.provider_port)
             target = next(t for t in run.TARGETS if t.name == name)
