@@ -23,8 +23,9 @@ The lease size doubles while leases run out within their slot (up to
 ``BASE_SIZE`` requests, or that many requests' worth of tokens) and halves
 when they do not. Beyond ``BASE_SIZE`` (up to ``MAX_SIZE``) it grows only
 while the window has room for ``FAR_LEASES * 16`` leases of the new size
-(so the 1/16 rule never trims it, and what a lease can leave counted unused
-is at most 1/64 of what was left): a busy key far from its limit (a large
+(so the 1/16 rule never trims it, and what a worker's leases can leave
+counted unused, a lease and the rest of the one before, is under 1/32 of
+what was left): a busy key far from its limit (a large
 window, many requests a slot) goes to Redis once every few hundred
 requests instead of every 64, and a key nearer its limit leases exactly as
 before.
