@@ -15,7 +15,8 @@ this file's own loop for all of them)::
 
 or by hand, for the tree on the path: ``settle_side.py 2000`` (and ``0``)
 under ``valgrind --tool=callgrind``. Its APIs are those of 4b7b70a and
-later (``Billing.journal_open``).
+later (``Billing.journal_open``). The reservation and hold carry the leases
+they were taken from, as an admission's do since lease5 (b98bd3f).
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def main(n: int) -> None:
     for limit in limits:  # leases with room: what the request reserved goes back
         budgets._lease(limit).micros = 10**12
     quota._lease(1, PERIOD).tokens = 10**9
+    # The leases an admission's reservation and hold carry (``take_from``),
+    # so the refunds give back to them as a real admission's do; before
+    # lease5 (a8e32fc and older) there were none: looked up instead.
+    kept = quota._leases[(1, PERIOD)], tuple(budgets._leases[limit.key] for limit in limits)
+    carry = "lease" in getattr(Reservation, "__slots__", ())
     for _ in range(n):
         record = UsageRecord(
             "req-abc",
@@ -92,8 +98,12 @@ def main(n: int) -> None:
             key_prefix="tw-abcdefg",
             client_ip="127.0.0.1",
         )
-        reservation = Reservation(1, PERIOD, 1, 4000, True)
-        hold = Hold(limits, 500, PERIOD)
+        if carry:
+            reservation = Reservation(1, PERIOD, 1, 4000, True, kept[0])
+            hold = Hold(limits, 500, PERIOD, kept[1])
+        else:
+            reservation = Reservation(1, PERIOD, 1, 4000, True)
+            hold = Hold(limits, 500, PERIOD)
         record.admission = billing.Admission(
             None,  # type: ignore[arg-type]
             None,  # type: ignore[arg-type]

@@ -285,8 +285,10 @@ def served_price(
 class BillingPolicy:
     """``billing:`` — how admission leases quota and how usage is written."""
 
-    lease_requests: int = 64  # largest block of requests one worker leases at once
-    lease_tokens: int = 256_000  # largest block of tokens
+    # Largest block of requests one worker leases at once (a busy lease's
+    # background top-ups ask for up to 16 blocks: ``quota.MAX_SCALE``).
+    lease_requests: int = 64
+    lease_tokens: int = 256_000  # largest block of tokens (the same)
     lease_budget_usd: float = 1.0  # largest block of a USD budget
     offline_allowance: int = 0  # requests per worker admitted while Postgres is down
     flush_interval_ms: int = 20

@@ -20,8 +20,15 @@ lease counted until that slot leaves the window (≤ 1/16 of what was left),
 as does a lease replaced across a slot boundary by concurrent refills
 (refills within one slot merge).
 The lease size doubles while leases run out within their slot (up to
-``MAX_SIZE`` requests, or that many requests' worth of tokens) and halves
-when they do not.
+``BASE_SIZE`` requests, or that many requests' worth of tokens) and halves
+when they do not. Beyond ``BASE_SIZE`` (up to ``MAX_SIZE``) it grows only
+while the window has room for ``FAR_LEASES * 16`` leases of the new size
+(so the 1/16 rule never trims it, and what a worker's leases can leave
+counted unused, a lease and the rest of the one before, is under 1/32 of
+what was left): a busy key far from its limit (a large
+window, many requests a slot) goes to Redis once every few hundred
+requests instead of every 64, and a key nearer its limit leases exactly as
+before.
 
 **Top-ups.** When a request admitted from a lease leaves it below half its
 size, and the window was far from its capacity at the last lease
@@ -53,7 +60,8 @@ from proxy.core.tasks import TaskGroup
 from proxy.stores.ratelimit import LeaseAsk, RateLimiter
 from proxy.stores.windows import SLOTS, Limit, Verdict, Window
 
-MAX_SIZE = 64
+BASE_SIZE = 64  # requests' worth a lease may grow to anywhere (the 1/16 rule bounds it)
+MAX_SIZE = 1024  # ... and beyond that, only far from the window's capacity (``_grown``)
 # Leases asked for ahead of need only while the window has room for this
 # many full leases beyond the 1/16 rule (so each top-up is granted in full).
 FAR_LEASES = 4
@@ -130,7 +138,7 @@ class PermitLeases:
     def _top_up_soon(self, lim: Limit, lease: _Lease) -> None:
         """Ask for the next lease in the background while the window is far
         from its capacity (see the module's docstring)."""
-        size = min(MAX_SIZE, lease.size * 2)  # running low within its slot: as running out
+        size = _grown(lim, lease.size, lease.used)  # running low within its slot: as running out
         ask = size * lim.cost
         if lim.concurrency or lim.capacity - lease.used < FAR_LEASES * 16 * ask:
             return  # near the limit: leases shrink, requests go to Redis
@@ -202,7 +210,7 @@ class PermitLeases:
         if old is None:
             return LeaseAsk(extra=lim.cost)
         ran_out = now < old.ends  # used up within its slot: a bigger one next
-        old.size = min(MAX_SIZE, old.size * 2) if ran_out else max(1, old.size // 2)
+        old.size = _grown(lim, old.size, old.used) if ran_out else max(1, old.size // 2)
         back, old.left = old.left, 0
         return LeaseAsk(extra=old.size * lim.cost, slot=old.slot, back=back)
 
@@ -237,6 +245,18 @@ class PermitLeases:
         windows = tuple(_window(lim, leased[lim.key], now) for lim in limits)
         first = leased[limits[0].key]
         return Verdict(True, windows, first.redis_ms + int((now - first.taken_at) * 1000), True)
+
+
+def _grown(lim: Limit, size: int, used: int) -> int:
+    """The next lease's size after one that ran out (or low) within its
+    slot: twice as many requests' worth, up to ``BASE_SIZE``; beyond it, up
+    to ``MAX_SIZE`` while the window (``used`` of it counted at the last
+    lease) has room for ``FAR_LEASES * 16`` leases of that size."""
+    size *= 2
+    if size <= BASE_SIZE:
+        return size
+    room = (lim.capacity - used) // (FAR_LEASES * 16 * max(1, lim.cost))
+    return max(BASE_SIZE, min(MAX_SIZE, size, room))
 
 
 def _window(lim: Limit, lease: _Lease, now: float) -> Window:

@@ -19,7 +19,16 @@ of a block (``take``), so under load a request seldom finds it empty and
 waits for Postgres, and the requests in flight do not all queue behind one
 refill. Only while Postgres had at least ``FAR_BLOCKS`` blocks more to give
 at the last lease call: near the limit nothing is leased ahead, and the
-1/8 rule above applies exactly as without it. A top-up takes its block
+1/8 rule above applies exactly as without it. A busy lease's top-ups grow:
+once its lease calls have come less than ``BUSY_S`` apart for ``BUSY_S``,
+each top-up asks for twice the blocks (up to ``MAX_SCALE``), at most one
+doubling a ``BUSY_S``, and halves again after a pause, so a tenant sending
+thousands of requests a second to a worker costs it about one lease call a
+second, not one per block; a scaled top-up too is asked for only while
+Postgres has ``FAR_BLOCKS`` of it more to give (else a smaller one), and
+Postgres grants at most 1/8 of what is left, so the bound is unchanged.
+What a stopped worker's leases hold until the sweep releases them is at
+most ``MAX_SCALE`` blocks more. A top-up takes its block
 with the same statement as a refill, so the bound is the same: nothing is
 admitted that Postgres did not lease; and it does not hold the lease's
 lock, so a request that finds the lease short still refills it itself, as
@@ -55,6 +64,8 @@ Clock = Callable[[], datetime]
 _REFILL_TRIES = 8  # lease calls one admission may make before it gives up
 LOW_WATER = 2  # top a lease up in the background when 1/LOW_WATER of a block is left...
 FAR_BLOCKS = 8  # ...while Postgres had at least this many blocks more at the last lease call
+BUSY_S = 1.0  # lease calls this close together for this long: the top-ups' blocks double...
+MAX_SCALE = 16  # ...up to this many blocks a top-up
 
 
 def utc_now() -> datetime:
@@ -93,6 +104,8 @@ class _Lease:
     refilled_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     topping: bool = False  # a background top-up is under way
+    scale: int = 1  # blocks a top-up asks for (``_scaled``)
+    busy_since: float = 0.0  # since when lease calls came less than ``BUSY_S`` apart
     # Out of the book's map (``keep_only``): whoever kept a reference to it
     # (a key's admission object, a reservation) looks the lease up again.
     dropped: bool = False
@@ -240,21 +253,13 @@ class QuotaBook:
         whichever runs low, and only while far from its limit."""
         policy = self._policy
         want_r = want_t = 0
-        if lease.requests < self._low_requests and (
-            tier.monthly_requests is None
-            or (
-                lease.left_requests is not None
-                and lease.left_requests >= FAR_BLOCKS * policy.lease_requests
-            )
-        ):
-            want_r = policy.lease_requests
-        if (
-            tier.monthly_tokens is not None
-            and lease.tokens < self._low_tokens
-            and lease.left_tokens is not None
-            and lease.left_tokens >= FAR_BLOCKS * policy.lease_tokens
-        ):
-            want_t = policy.lease_tokens
+        if lease.requests < self._low_requests:
+            if tier.monthly_requests is None:
+                want_r = policy.lease_requests * lease.scale
+            else:
+                want_r = _far_block(policy.lease_requests, lease.scale, lease.left_requests)
+        if tier.monthly_tokens is not None and lease.tokens < self._low_tokens:
+            want_t = _far_block(policy.lease_tokens, lease.scale, lease.left_tokens)
         if tier.monthly_requests is not None and lease.left_requests is None:
             want_r = want_t = 0  # nothing leased yet: the first block comes through ``admit``
         return want_r, want_t
@@ -264,6 +269,7 @@ class QuotaBook:
         meanwhile refills it itself, exactly as without top-ups (and during
         an outage waits no longer than it did)."""
         try:
+            _scaled(lease, time.monotonic())
             want_r, want_t = self._ahead(tier, lease)
             if not (want_r or want_t):
                 return  # a refill got there first
@@ -429,6 +435,31 @@ class QuotaBook:
             period,
         )
         return (row["requests_used"], row["tokens_used"]) if row else (0, 0)
+
+
+def _scaled(lease: _Lease, now: float) -> None:
+    """Before a top-up: double the lease's ``scale`` once its lease calls
+    have come less than ``BUSY_S`` apart for ``BUSY_S`` (then again after
+    another ``BUSY_S`` of it), halve it after a pause of ``BUSY_S`` or more."""
+    if not lease.refilled_at or now - lease.refilled_at >= BUSY_S:
+        lease.busy_since = 0.0
+        lease.scale = max(1, lease.scale // 2)
+    elif not lease.busy_since:
+        lease.busy_since = now
+    elif now - lease.busy_since >= BUSY_S:
+        lease.busy_since = now
+        lease.scale = min(MAX_SCALE, lease.scale * 2)
+
+
+def _far_block(block: int, scale: int, left: int | None) -> int:
+    """The largest of ``block * scale``, ``block * scale // 2``, ... ``block`` that
+    Postgres had ``FAR_BLOCKS`` of at the last lease call (0: none, or
+    nothing leased yet)."""
+    if left is None:
+        return 0
+    while scale > 1 and left < FAR_BLOCKS * block * scale:
+        scale //= 2
+    return block * scale if left >= FAR_BLOCKS * block * scale else 0
 
 
 def _fits(lease: _Lease, tokens: int) -> bool:
