@@ -234,7 +234,7 @@ def test_leased_headers_are_the_verdicts_headers() -> None:
 
 def test_the_lease_trio_take_makes_is_the_verdicts_trio() -> None:
     """``KeyAdmission.take`` formats the -requests trio of a window admitted
-    from a lease itself (no verdict, no ``leased_headers`` call): it must be
+    from a lease (with ``leased_headers``, no verdict built): it must be
     ``key_limits.headers`` of the verdict ``PermitLeases.take`` builds on a
     twin lease, second after second, and the whole block its ``headers``
     returns that of ``key_limits.response_headers`` with that trio."""
