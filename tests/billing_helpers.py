@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import yaml
 
+from proxy.config.tiers import Tier
+from proxy.core.errors import QuotaExceeded
+from proxy.core.principal import Principal
 from proxy.pipeline.registry import parse_config
 from proxy.stores import accounts, apikeys
+from proxy.stores.quota import QuotaBook
 from tests.conftest import gateway_config
 from tests.db import unique
 from tests.waiting import until
@@ -88,3 +94,28 @@ async def wait_for(
     except AssertionError:
         raise AssertionError(f"{query!r} stayed {seen[0]!r}, expected {expect!r}") from None
     return seen[0]
+
+
+async def admit_concurrently(
+    book: QuotaBook, who: Principal, tier: Tier, clients: int, each: int, pause_s: float, seed: int
+) -> tuple[int, int]:
+    """``clients`` clients each try ``each`` admissions of 100 tokens the way
+    a request does (the lease's fast path, else the awaited refill), pausing
+    ``pause_s`` to 3x that between them (requests in flight); the admitted and
+    refused counts."""
+    rng = random.Random(seed)
+    admitted = refused = 0
+
+    async def client() -> None:
+        nonlocal admitted, refused
+        for _ in range(each):
+            try:
+                if book.take(who, tier, 100) is None:
+                    await book.admit(who, tier, 100)
+                admitted += 1
+            except QuotaExceeded:
+                refused += 1
+            await asyncio.sleep(pause_s + rng.random() * 2 * pause_s)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return admitted, refused

@@ -4,17 +4,14 @@ Postgres, nothing is leased ahead near the limit, and the limit stays exact."""
 
 from __future__ import annotations
 
-import asyncio
-import random
 from pathlib import Path
 
 import asyncpg
 
 from proxy.config.tiers import BillingPolicy, Tier
-from proxy.core.errors import QuotaExceeded
 from proxy.core.principal import Principal
 from proxy.stores.quota import QuotaBook
-from tests.billing_helpers import tenant_with_key
+from tests.billing_helpers import admit_concurrently, tenant_with_key
 
 ROOMY = Tier("roomy", None, None, 1_000_000_000, 1_000_000_000_000, 4096)
 
@@ -65,21 +62,7 @@ async def test_the_limit_is_exact_with_top_ups_under_concurrency(
     who = await _who(pg, tmp_path)
     tier = Tier("three-thousand", None, None, 3000, 1_000_000_000, 4096)
     book = QuotaBook(pg, "w-exact", BillingPolicy(lease_requests=64, lease_tokens=640_000))
-    rng = random.Random(12)
-    admitted = refused = 0
-
-    async def client() -> None:
-        nonlocal admitted, refused
-        for _ in range(250):
-            try:
-                if book.take(who, tier, 100) is None:
-                    await book.admit(who, tier, 100)
-                admitted += 1
-            except QuotaExceeded:
-                refused += 1
-            await asyncio.sleep(0.0005 + rng.random() / 1000)  # requests in flight
-
-    await asyncio.gather(*(client() for _ in range(16)))
+    admitted, refused = await admit_concurrently(book, who, tier, 16, 250, 0.0005, seed=12)
     await book.settle_top_ups()
     assert admitted == 3000 and refused == 1000
     assert book.top_ups > 0  # the top-ups did run, far from the limit

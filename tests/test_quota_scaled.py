@@ -3,19 +3,16 @@ fewer lease calls under load, the same exact limit, and nothing scaled near it."
 
 from __future__ import annotations
 
-import asyncio
-import random
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from proxy.config.tiers import BillingPolicy, Tier
-from proxy.core.errors import QuotaExceeded
 from proxy.core.principal import Principal
 from proxy.stores import quota
 from proxy.stores.quota import BUSY_S, FAR_BLOCKS, MAX_SCALE, QuotaBook, _far_block, _Lease, _scaled
-from tests.billing_helpers import tenant_with_key
+from tests.billing_helpers import admit_concurrently, tenant_with_key
 
 
 def test_the_scale_doubles_once_a_busy_second_and_halves_after_a_pause() -> None:
@@ -57,21 +54,7 @@ async def test_the_limit_is_exact_while_top_ups_scale(
     who = Principal("key_s", "tw-s", tenant_id, tenant, "scaled", None)
     tier = Tier("twenty-thousand", None, None, 20_000, 1_000_000_000_000, 4096)
     book = QuotaBook(pg, "w-scaled", BillingPolicy(lease_requests=32, lease_tokens=1_000_000))
-    rng = random.Random(5)
-    admitted = refused = 0
-
-    async def client() -> None:
-        nonlocal admitted, refused
-        for _ in range(1500):
-            try:
-                if book.take(who, tier, 100) is None:
-                    await book.admit(who, tier, 100)
-                admitted += 1
-            except QuotaExceeded:
-                refused += 1
-            await asyncio.sleep(0.0002 + rng.random() / 2000)  # requests in flight
-
-    await asyncio.gather(*(client() for _ in range(16)))
+    admitted, refused = await admit_concurrently(book, who, tier, 16, 1500, 0.0002, seed=5)
     await book.settle_top_ups()
     assert admitted == 20_000 and refused == 4_000
     assert book.top_ups > 0

@@ -28,6 +28,7 @@ import aiohttp
 import asyncpg
 
 from proxy.core.metering import StreamMeter
+from proxy.stores.ledger import Ledger
 from proxy.web.keys import BILLING
 from tests.billing_helpers import billing_config, tenant_with_key
 from tests.conftest import Gateway, StartGateway
@@ -106,6 +107,17 @@ async def _send(gw: Gateway, key: str, stream: bool) -> tuple[str, list[list[dic
     return mark, sent
 
 
+async def _all_settled(gw: Gateway, fake_openai: FakeOpenAI) -> Ledger:
+    """Wait (bounded) until every request's row waits in the ledger, then drop
+    the test's own references to the requests: the provider's copies and the
+    test settler's list of records."""
+    ledger = gw.app[BILLING].ledger
+    await until(lambda: ledger.pending() >= REQUESTS, what="every row settled, queued")
+    fake_openai.seen.clear()
+    gw.settler.records.clear()
+    return ledger
+
+
 async def test_finished_requests_awaiting_the_ledger_hold_no_prompt(
     start_gateway: StartGateway,
     fake_openai: FakeOpenAI,
@@ -115,10 +127,7 @@ async def test_finished_requests_awaiting_the_ledger_hold_no_prompt(
 ) -> None:
     gw, key = await _billed(start_gateway, fake_openai, pg, pg_url, tmp_path)
     mark, sent = await _send(gw, key, stream=False)
-    ledger = gw.app[BILLING].ledger
-    await until(lambda: ledger.pending() >= REQUESTS, what="every row settled, queued")
-    fake_openai.seen.clear()  # the provider's copies
-    gw.settler.records.clear()  # the test settler's own list of records
+    ledger = await _all_settled(gw, fake_openai)
     # A handler may still be returning from its settle: bounded, not a sleep.
     await until(lambda: _bodies_alive(mark, sent) == 0, 2.0, 0.1, "no prompt held")
     assert ledger.pending() >= REQUESTS  # their rows still wait for the ledger
@@ -134,10 +143,7 @@ async def test_finished_streams_awaiting_the_ledger_hold_no_relayed_events(
     gw, key = await _billed(start_gateway, fake_openai, pg, pg_url, tmp_path)
     before = _meters()
     mark, sent = await _send(gw, key, stream=True)
-    ledger = gw.app[BILLING].ledger
-    await until(lambda: ledger.pending() >= REQUESTS, what="every row settled, queued")
-    fake_openai.seen.clear()
-    gw.settler.records.clear()
+    ledger = await _all_settled(gw, fake_openai)
     await until(lambda: _new_meters(before) == 0, 2.0, 0.1, "no stream meter held")
     await until(lambda: _bodies_alive(mark, sent) == 0, 2.0, 0.1, "no prompt held")
     assert ledger.pending() >= REQUESTS
