@@ -85,7 +85,10 @@ def test_raw_profiles_are_read_whole(tmp_path: Path) -> None:
 @pytest.mark.timeout(400)
 def test_a_short_run_finds_billing_work_in_the_billing_target(tmp_path: Path) -> None:
     kept = tmp_path / "kept"
-    argv = [sys.executable, str(ROOT / "bench" / "nativeprof.py"), "--requests", "400"]
+    # 3,000 requests: the profiling timer fires per kernel tick (~4 ms of
+    # CPU here, whatever --every-ms asks), so 400 requests gave ~27 samples,
+    # and a run once found none in admission or settle by chance.
+    argv = [sys.executable, str(ROOT / "bench" / "nativeprof.py"), "--requests", "3000"]
     argv += ["--warmup", "50", "--repeats", "1", "--concurrency", "4", "--every-ms", "0.5"]
     argv += ["--no-perf", "--keep", str(kept)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=380)
