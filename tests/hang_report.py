@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import selectors
 import signal
+import socket
 import traceback
 from types import FrameType
 
@@ -33,6 +36,38 @@ def task_stacks() -> str:
         out.write(f"{task!r}\n")
         awaited = [(f, f.f_lineno) for f in _await_frames(task.get_coro())]
         out.write("".join(traceback.StackSummary.extract(awaited).format()))
+    return out.getvalue()
+
+
+def selector_fds() -> str:
+    """What the running loop's selector watches, fd by fd, beside what each
+    fd is now (a listening socket and its address, a connection, a pipe):
+    a socket the loop never polls (its fd closed behind the loop's back, the
+    number reused, the stale entry kept) accepts or reads nothing, which
+    looks like a hang with no task waiting on it."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return ""
+    selector = getattr(loop, "_selector", None)
+    if not isinstance(selector, selectors.BaseSelector):
+        return ""
+    out = io.StringIO()
+    for fd, key in sorted(selector.get_map().items()):
+        try:
+            what = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            what = "(closed)"
+        if what.startswith("socket:"):
+            try:
+                sock = socket.socket(fileno=os.dup(fd))
+                with sock:
+                    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    what += f" {'listening' if listening else 'connected'} {sock.getsockname()}"
+            except OSError as exc:
+                what += f" ({exc})"
+        reader, writer = key.data if isinstance(key.data, tuple) else (key.data, None)
+        out.write(f"fd {fd} events={key.events} {what} reader={reader!r} writer={writer!r}\n")
     return out.getvalue()
 
 
@@ -64,6 +99,8 @@ def report_tasks_on_alarm(item: pytest.Item) -> None:
         terminal = item.config.get_terminal_writer()
         terminal.sep("+", title="Tasks of the event loop")
         terminal.write(task_stacks() or "(no event loop running)\n")
+        terminal.sep("+", title="What the loop's selector watches")
+        terminal.write(selector_fds() or "(no selector loop running)\n")
         inner(signum, frame)
 
     signal.signal(signal.SIGALRM, handler)

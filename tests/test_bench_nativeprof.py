@@ -1,12 +1,13 @@
 """``bench/nativeprof.py``: its stacks land in the components the table names,
-and a short run against real gateways finds billing's own work only in the
-billing target."""
+and a short run against real gateways finds billing's own work in the
+billing target, a larger share of it than in the pass-through one."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -85,10 +86,11 @@ def test_raw_profiles_are_read_whole(tmp_path: Path) -> None:
 @pytest.mark.timeout(400)
 def test_a_short_run_finds_billing_work_in_the_billing_target(tmp_path: Path) -> None:
     kept = tmp_path / "kept"
-    # 3,000 requests: the profiling timer fires per kernel tick (~4 ms of
+    # 6,000 requests: the profiling timer fires per kernel tick (~4 ms of
     # CPU here, whatever --every-ms asks), so 400 requests gave ~27 samples,
-    # and a run once found none in admission or settle by chance.
-    argv = [sys.executable, str(ROOT / "bench" / "nativeprof.py"), "--requests", "3000"]
+    # and a run once found none in admission or settle by chance (billing's
+    # own steps are ~5% of the billing target's samples).
+    argv = [sys.executable, str(ROOT / "bench" / "nativeprof.py"), "--requests", "6000"]
     argv += ["--warmup", "50", "--repeats", "1", "--concurrency", "4", "--every-ms", "0.5"]
     argv += ["--no-perf", "--keep", str(kept)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=380)
@@ -97,7 +99,13 @@ def test_a_short_run_finds_billing_work_in_the_billing_target(tmp_path: Path) ->
     assert cpu["tollway"] > 0 and cpu["tollway_billing"] > 0
     billing = nativeprof.components(nativeprof._raw_counts(kept / "tollway_billing.spy"))
     passing = nativeprof.components(nativeprof._raw_counts(kept / "tollway.spy"))
-    own = [k for k in billing if k.startswith(("admission", "settle: Billing"))]
-    assert sum(billing[k] for k in own) > 0, billing
-    assert not any(k.startswith(("admission", "settle: Billing")) for k in passing), passing
+
+    def share(counts: Counter[str]) -> float:
+        own = sum(n for k, n in counts.items() if k.startswith(("admission", "settle: Billing")))
+        return own / sum(counts.values())
+
+    # Pass-through calls Billing.settle too (it returns at once: nothing to
+    # bill), so its share is small, not nil (~0.5% against ~5%).
+    assert share(billing) > 0, billing
+    assert share(billing) > share(passing), (billing, passing)
     assert "| component (sigprof) |" in done.stdout
