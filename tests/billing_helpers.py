@@ -115,6 +115,7 @@ async def admit_concurrently(
                 admitted += 1
             except QuotaExceeded:
                 refused += 1
+            # The load's shape (requests in flight), not a wait for anything.
             await asyncio.sleep(pause_s + rng.random() * 2 * pause_s)
 
     await asyncio.gather(*(client() for _ in range(clients)))

@@ -37,12 +37,17 @@ def limits_for(who: Principal, tier: Tier, now: datetime) -> tuple[Limit, ...]:
     Kept on the key's cached principal (``Principal.memo``) for the tier's
     budgets object and the day, so a request does not rebuild the Limits
     (nor format their labels) nor hash the principal to find them."""
+    return day_limits(who, tier, now).limits
+
+
+def day_limits(who: Principal, tier: Tier, now: datetime) -> DayLimits:
+    """``limits_for`` with its day and bounds: the memo entry itself."""
     day = now.date()
     budgets = tier.budgets
     memo = who.memo.get("budgets")
     if isinstance(memo, DayLimits) and memo.budgets is budgets and memo.day == day:
-        return memo.limits
-    return _keep(who, budgets, day).limits
+        return memo
+    return _keep(who, budgets, day)
 
 
 def limits_at(who: Principal, tier: Tier, t: float) -> DayLimits:

@@ -164,13 +164,12 @@ class KeyAdmission:
         assert book is not None
         kept = self.budgeted
         if kept is not None and t is not None and kept[0].start <= t < kept[0].end:
-            limits, day = kept[0].limits, kept[0].day  # the kept day's, still current
+            today = kept[0]  # the kept day's, still current
         elif t is not None:
             today = budget.limits_at(who, tier, t)
-            limits, day = today.limits, today.day
         else:
-            now = self.billing.quota.clock()
-            limits, day = budget.limits_for(who, tier, now), now.date()
+            today = budget.day_limits(who, tier, self.billing.quota.clock())
+        limits, day = today.limits, today.day
         if not limits:
             return None
         prompt = admission.prompt_tokens
@@ -186,9 +185,7 @@ class KeyAdmission:
             hold = book.take(limits, micros, day)
             if hold is None:
                 return budget.Ask(limits, micros, day)
-            entry = who.memo.get("budgets")  # ``limits_for``'s entry of these limits
-            if isinstance(entry, budget.DayLimits) and entry.limits is limits:
-                self.budgeted = (entry, hold.leases)
+            self.budgeted = (today, hold.leases)
         admission.budget = hold
         return None
 
