@@ -11,11 +11,18 @@ the difference between the reservation and the real cost to the local
 leases; the ledger moves the counters and shrinks the Postgres leases by the
 real cost in the transaction that inserts the usage row
 (``proxy.stores.ledger``), so ``limit - used - leases`` is never negative.
+
+As with the quota, a lease is topped up in the background when it falls
+below half of what its next top-up asks for, only while Postgres had
+``FAR_BLOCKS`` of that more to give, and a busy lease's top-ups grow
+(``proxy.stores.lease_pace``): a request seldom waits for Postgres, and near
+the limit only the request path leases, as without top-ups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -24,7 +31,11 @@ import asyncpg
 
 from proxy.config.budgets import usd
 from proxy.core.errors import QuotaExceeded, ServiceUnavailable
+from proxy.core.tasks import TaskGroup
 from proxy.stores import pgwait
+from proxy.stores.lease_pace import far_block, low_water, scaled
+
+log = logging.getLogger("tollway.budgets")
 
 _REFILL_TRIES = 8
 
@@ -68,6 +79,10 @@ class _Lease:
     # Out of the book's map (``keep_only``): whoever kept a reference to it
     # (a key's admission object, a hold) looks the lease up again.
     dropped: bool = False
+    topping: bool = False  # a background top-up is under way
+    scale: int = 1  # blocks a top-up asks for (``lease_pace.scaled``)
+    busy_since: float = 0.0
+    low: int = 1  # below this a top-up is asked for (``lease_pace.low_water``)
 
 
 _Key = tuple[str, str, date]
@@ -84,12 +99,18 @@ class BudgetBook:
         self._db_wait = pgwait.Budget(db_timeout)
         self._leases: dict[_Key, _Lease] = {}
         self.lease_calls = 0
+        self.top_ups = 0  # lease calls made in the background, ahead of need
+        self._topping = TaskGroup()
 
     def _lease(self, limit: Limit) -> _Lease:
         lease = self._leases.get(limit.key)
         if lease is None:
-            lease = self._leases[limit.key] = _Lease()
+            lease = self._leases[limit.key] = _Lease(low=low_water(self._block, 0))
         return lease
+
+    def _ahead(self, lease: _Lease) -> int:
+        """What a top-up asks for now: ``scale`` blocks while far from the limit."""
+        return far_block(self._block, lease.scale, lease.left)
 
     def take(self, limits: tuple[Limit, ...], micros: int, day: date) -> Hold | None:
         """Reserve ``micros`` from the local leases alone, when every one of
@@ -121,7 +142,42 @@ class BudgetBook:
                 return None
         for lease in leases:
             lease.micros -= micros
+            if lease.micros < lease.low and not lease.topping:
+                self._top_up_soon(limits[leases.index(lease)], lease)
         return Hold(limits, micros, day, leases)
+
+    def _top_up_soon(self, limit: Limit, lease: _Lease) -> None:
+        """Lease the next block in the background while far from the limit."""
+        if not self._ahead(lease):
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on a loop: nothing to run it in the background
+        lease.topping = True
+        self._topping.spawn(self._top_up(limit, lease), name="budget-top-up")
+
+    async def _top_up(self, limit: Limit, lease: _Lease) -> None:
+        """Not under the lease's lock: a request that finds the lease short
+        meanwhile refills it itself, exactly as without top-ups."""
+        try:
+            scaled(lease, time.monotonic())
+            want = self._ahead(lease)
+            lease.low = low_water(self._block, want)
+            if not want or lease.micros >= lease.low:
+                return  # a refill got there first
+            self.top_ups += 1
+            await self._lease_call(limit, lease, want, 0)
+        except pgwait.DatabaseDown:
+            pass  # the request that finds the lease short refills it
+        except Exception:  # ahead of need: a request refills the lease on its own
+            log.exception("background budget top-up failed")
+        finally:
+            lease.topping = False
+
+    async def settle_top_ups(self) -> None:
+        """Wait for the top-ups under way (before the leases are handed back)."""
+        await self._topping.drain(grace=10)
 
     async def admit(self, limits: tuple[Limit, ...], micros: int, day: date) -> Hold:
         """Reserve ``micros`` from every budget in ``limits``, or none of them."""
@@ -147,23 +203,12 @@ class BudgetBook:
     async def _refill(self, limit: Limit, lease: _Lease, micros: int) -> None:
         if lease.exhausted_until > time.monotonic() and lease.exhausted_at == limit.micros:
             raise over_budget(limit, micros)
+        scaled(lease, time.monotonic())  # a busy lease asks for its scaled blocks here too
         for _ in range(_REFILL_TRIES):
             short = micros - lease.micros
+            want = max(short, self._block, self._ahead(lease))
             try:
-                self.lease_calls += 1
-                row = await pgwait.fetchrow(
-                    self._pool,
-                    self._db_wait,
-                    "budget lease",
-                    "SELECT * FROM tollway_take_budget_lease($1, $2, $3, $4, $5, $6, $7)",
-                    self.worker_id,
-                    limit.subject,
-                    limit.span,
-                    limit.period,
-                    max(short, self._block),
-                    short,
-                    limit.micros,
-                )
+                got = await self._lease_call(limit, lease, want, short)
             except pgwait.DatabaseDown:
                 raise ServiceUnavailable(
                     "Budgets cannot be checked right now (billing database unreachable);"
@@ -171,17 +216,37 @@ class BudgetBook:
                     code="billing_unavailable",
                     headers={"retry-after": "5"},
                 ) from None
-            assert row is not None
-            lease.refilled_at = time.monotonic()
-            lease.micros += row["got"]
-            lease.left = row["left_micros"]
             if lease.micros >= micros:
                 return
-            if not row["got"]:
+            if not got:
                 break
         lease.exhausted_until = time.monotonic() + 0.25
         lease.exhausted_at = limit.micros
         raise over_budget(limit, micros)
+
+    async def _lease_call(self, limit: Limit, lease: _Lease, want: int, need: int) -> int:
+        """One lease statement (a refill's or a top-up's), its grant added
+        to the local lease; what it granted."""
+        self.lease_calls += 1
+        row = await pgwait.fetchrow(
+            self._pool,
+            self._db_wait,
+            "budget lease",
+            "SELECT * FROM tollway_take_budget_lease($1, $2, $3, $4, $5, $6, $7)",
+            self.worker_id,
+            limit.subject,
+            limit.span,
+            limit.period,
+            want,
+            need,
+            limit.micros,
+        )
+        assert row is not None
+        lease.refilled_at = time.monotonic()
+        lease.micros += row["got"]
+        lease.left = row["left_micros"]
+        lease.low = low_water(self._block, self._ahead(lease))
+        return int(row["got"])
 
     def release(self, hold: Hold, spent: int) -> None:
         """Give back what the request reserved and did not spend."""
@@ -213,7 +278,7 @@ class BudgetBook:
         (swept while this worker was cut off): they are no longer ours."""
         for key in [k for k in self._leases if k not in alive]:
             lease = self._leases[key]
-            if lease.refilled_at < checked_at and not lease.lock.locked():
+            if lease.refilled_at < checked_at and not lease.lock.locked() and not lease.topping:
                 del self._leases[key]
                 lease.dropped = True
 

@@ -15,20 +15,14 @@ the provider may count a prompt differently from tiktoken, and a reasoning
 model may be billed beyond ``max_tokens`` by its provider.
 
 A worker's lease is topped up in the background when it falls to half
-of a block (``take``), so under load a request seldom finds it empty and
+of its block (``take``), so under load a request seldom finds it empty and
 waits for Postgres, and the requests in flight do not all queue behind one
 refill. Only while Postgres had at least ``FAR_BLOCKS`` blocks more to give
 at the last lease call: near the limit nothing is leased ahead, and the
-1/8 rule above applies exactly as without it. A busy lease's top-ups grow:
-once its lease calls have come less than ``BUSY_S`` apart for ``BUSY_S``,
-each top-up asks for twice the blocks (up to ``MAX_SCALE``), at most one
-doubling a ``BUSY_S``, and halves again after a pause, so a tenant sending
-thousands of requests a second to a worker costs it about one lease call a
-second, not one per block; a scaled top-up too is asked for only while
-Postgres has ``FAR_BLOCKS`` of it more to give (else a smaller one), and
-Postgres grants at most 1/8 of what is left, so the bound is unchanged.
-What a stopped worker's leases hold until the sweep releases them is at
-most ``MAX_SCALE`` blocks more. A top-up takes its block
+1/8 rule above applies exactly as without it. A busy lease's top-ups (and
+its low-water mark) grow up to ``MAX_SCALE`` blocks (``lease_pace``), so a
+tenant sending thousands of requests a second to a worker costs it about
+one lease call a second, not one per block. A top-up takes its block
 with the same statement as a refill, so the bound is the same: nothing is
 admitted that Postgres did not lease; and it does not hold the lease's
 lock, so a request that finds the lease short still refills it itself, as
@@ -57,15 +51,12 @@ from proxy.core.errors import QuotaExceeded, ServiceUnavailable
 from proxy.core.principal import Principal
 from proxy.core.tasks import TaskGroup
 from proxy.stores import pgwait
+from proxy.stores.lease_pace import far_block, low_water, scaled
 
 log = logging.getLogger("tollway.quota")
 
 Clock = Callable[[], datetime]
 _REFILL_TRIES = 8  # lease calls one admission may make before it gives up
-LOW_WATER = 2  # top a lease up in the background when 1/LOW_WATER of a block is left...
-FAR_BLOCKS = 8  # ...while Postgres had at least this many blocks more at the last lease call
-BUSY_S = 1.0  # lease calls this close together for this long: the top-ups' blocks double...
-MAX_SCALE = 16  # ...up to this many blocks a top-up
 
 
 def utc_now() -> datetime:
@@ -104,8 +95,11 @@ class _Lease:
     refilled_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     topping: bool = False  # a background top-up is under way
-    scale: int = 1  # blocks a top-up asks for (``_scaled``)
+    scale: int = 1  # blocks a top-up asks for (``lease_pace.scaled``)
     busy_since: float = 0.0  # since when lease calls came less than ``BUSY_S`` apart
+    # Below these a top-up is asked for (half of what it asks: ``lease_pace``).
+    low_requests: int = 1
+    low_tokens: int = 1
     # Out of the book's map (``keep_only``): whoever kept a reference to it
     # (a key's admission object, a reservation) looks the lease up again.
     dropped: bool = False
@@ -161,15 +155,32 @@ class QuotaBook:
         self.lease_calls = 0
         self.top_ups = 0  # lease calls made in the background, ahead of need
         self._current: _Month | None = None  # the clock's month at the last reading
-        self._low_requests = max(1, policy.lease_requests // LOW_WATER)
-        self._low_tokens = max(1, policy.lease_tokens // LOW_WATER)
         self._topping = TaskGroup()
 
     def _lease(self, tenant_id: int, period: date) -> _Lease:
         lease = self._leases.get((tenant_id, period))
         if lease is None:
             lease = self._leases[(tenant_id, period)] = _Lease()
+            self._pace(lease, None)
         return lease
+
+    def _blocks(self, tier: Tier | None, lease: _Lease) -> tuple[int, int]:
+        """(requests, tokens) a lease call of ``lease`` asks for ahead of
+        need: its ``scale`` of blocks while far from the limit, else 0
+        (``lease_pace.far_block``)."""
+        policy = self._policy
+        if tier is not None and tier.monthly_requests is None:
+            ahead_r = policy.lease_requests * lease.scale
+        else:
+            ahead_r = far_block(policy.lease_requests, lease.scale, lease.left_requests)
+        return ahead_r, far_block(policy.lease_tokens, lease.scale, lease.left_tokens)
+
+    def _pace(self, lease: _Lease, tier: Tier | None) -> None:
+        """The lease's low-water marks: half of what its next top-up asks
+        for (``lease_pace.low_water``)."""
+        ahead_r, ahead_t = self._blocks(tier, lease)
+        lease.low_requests = low_water(self._policy.lease_requests, ahead_r)
+        lease.low_tokens = low_water(self._policy.lease_tokens, ahead_t)
 
     def _month(self) -> tuple[date, datetime, datetime]:
         """(period, now, the period's end) by one reading of the clock; the
@@ -230,7 +241,7 @@ class QuotaBook:
         lease.requests -= 1
         lease.tokens -= need_tokens
         if (
-            lease.requests < self._low_requests or (need_tokens and lease.tokens < self._low_tokens)
+            lease.requests < lease.low_requests or (need_tokens and lease.tokens < lease.low_tokens)
         ) and not lease.topping:
             self._top_up_soon(who, tier, period, lease)
         return Reservation(who.tenant_id, period, 1, need_tokens, True, lease)
@@ -249,27 +260,21 @@ class QuotaBook:
         self._topping.spawn(self._top_up(who, tier, period, lease), name="quota-top-up")
 
     def _ahead(self, tier: Tier, lease: _Lease) -> tuple[int, int]:
-        """(requests, tokens) worth leasing ahead of need now: a block of
-        whichever runs low, and only while far from its limit."""
-        policy = self._policy
-        want_r = want_t = 0
-        if lease.requests < self._low_requests:
-            if tier.monthly_requests is None:
-                want_r = policy.lease_requests * lease.scale
-            else:
-                want_r = _far_block(policy.lease_requests, lease.scale, lease.left_requests)
-        if tier.monthly_tokens is not None and lease.tokens < self._low_tokens:
-            want_t = _far_block(policy.lease_tokens, lease.scale, lease.left_tokens)
+        """(requests, tokens) worth leasing ahead of need now: ``_blocks``
+        of whichever runs low, and only while far from its limit."""
         if tier.monthly_requests is not None and lease.left_requests is None:
-            want_r = want_t = 0  # nothing leased yet: the first block comes through ``admit``
-        return want_r, want_t
+            return 0, 0  # nothing leased yet: the first block comes through ``admit``
+        ahead_r, ahead_t = self._blocks(tier, lease)
+        low_t = tier.monthly_tokens is not None and lease.tokens < lease.low_tokens
+        return (ahead_r if lease.requests < lease.low_requests else 0, ahead_t if low_t else 0)
 
     async def _top_up(self, who: Principal, tier: Tier, period: date, lease: _Lease) -> None:
         """Not under the lease's lock: a request that finds the lease short
         meanwhile refills it itself, exactly as without top-ups (and during
         an outage waits no longer than it did)."""
         try:
-            _scaled(lease, time.monotonic())
+            scaled(lease, time.monotonic())
+            self._pace(lease, tier)
             want_r, want_t = self._ahead(tier, lease)
             if not (want_r or want_t):
                 return  # a refill got there first
@@ -310,11 +315,15 @@ class QuotaBook:
         # Requests that still fit keep being admitted while we wait on Postgres
         # (refunds make room for them), so the lease may run short of what we
         # did not ask for. Only a grant of nothing for what we asked means the
-        # month is used up; otherwise ask again for what is short now.
+        # month is used up; otherwise ask again for what is short now. A busy
+        # lease asks for its scaled blocks here too, while far from the limit.
+        scaled(lease, time.monotonic())
+        block_r, block_t = self._policy.lease_requests, self._policy.lease_tokens
         for _ in range(_REFILL_TRIES):
-            want_r = self._policy.lease_requests if lease.requests < 1 else 0
+            ahead_r, ahead_t = self._blocks(tier, lease)
+            want_r = max(block_r, ahead_r) if lease.requests < 1 else 0
             short_t = max(0, need_tokens - lease.tokens)
-            want_t = max(short_t, self._policy.lease_tokens) if short_t else 0
+            want_t = max(short_t, block_t, ahead_t) if short_t else 0
             try:
                 row = await self._take_lease(who, tier, period, lease, want_r, want_t, short_t)
             except pgwait.DatabaseDown:
@@ -359,6 +368,7 @@ class QuotaBook:
         lease.requests += row["got_requests"]
         lease.tokens += row["got_tokens"]
         lease.left_requests, lease.left_tokens = row["left_requests"], row["left_tokens"]
+        self._pace(lease, tier)
         return row
 
     def _offline(self, who: Principal, period: date, tokens: int) -> Reservation:
@@ -435,31 +445,6 @@ class QuotaBook:
             period,
         )
         return (row["requests_used"], row["tokens_used"]) if row else (0, 0)
-
-
-def _scaled(lease: _Lease, now: float) -> None:
-    """Before a top-up: double the lease's ``scale`` once its lease calls
-    have come less than ``BUSY_S`` apart for ``BUSY_S`` (then again after
-    another ``BUSY_S`` of it), halve it after a pause of ``BUSY_S`` or more."""
-    if not lease.refilled_at or now - lease.refilled_at >= BUSY_S:
-        lease.busy_since = 0.0
-        lease.scale = max(1, lease.scale // 2)
-    elif not lease.busy_since:
-        lease.busy_since = now
-    elif now - lease.busy_since >= BUSY_S:
-        lease.busy_since = now
-        lease.scale = min(MAX_SCALE, lease.scale * 2)
-
-
-def _far_block(block: int, scale: int, left: int | None) -> int:
-    """The largest of ``block * scale``, ``block * scale // 2``, ... ``block`` that
-    Postgres had ``FAR_BLOCKS`` of at the last lease call (0: none, or
-    nothing leased yet)."""
-    if left is None:
-        return 0
-    while scale > 1 and left < FAR_BLOCKS * block * scale:
-        scale //= 2
-    return block * scale if left >= FAR_BLOCKS * block * scale else 0
 
 
 def _fits(lease: _Lease, tokens: int) -> bool:

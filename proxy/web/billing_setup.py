@@ -118,6 +118,7 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
             ledger.stop()
             await flusher
             await quota.settle_top_ups()  # a block leased ahead is handed back with the rest
+            await budgets.settle_top_ups()
             await ledger.close()
             journal.stop()
             await journaler
