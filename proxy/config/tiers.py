@@ -285,11 +285,12 @@ def served_price(
 class BillingPolicy:
     """``billing:`` — how admission leases quota and how usage is written."""
 
-    # Largest block of requests one worker leases at once (a busy lease's
-    # background top-ups ask for up to 16 blocks: ``quota.MAX_SCALE``).
+    # The block of requests one worker leases at once (a busy lease asks for
+    # up to 16 blocks: ``lease_pace.MAX_SCALE``; near the limit less, by the
+    # 1/8 rule).
     lease_requests: int = 64
-    lease_tokens: int = 256_000  # largest block of tokens (the same)
-    lease_budget_usd: float = 1.0  # largest block of a USD budget
+    lease_tokens: int = 256_000  # the block of tokens (the same)
+    lease_budget_usd: float = 1.0  # the block of a USD budget (the same)
     offline_allowance: int = 0  # requests per worker admitted while Postgres is down
     flush_interval_ms: int = 20
     key_cache_ttl_s: float = 5.0
