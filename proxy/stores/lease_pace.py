@@ -5,7 +5,8 @@ top a lease up in the background before a request finds it empty. Under
 load a fixed block means a lease call every few requests, and at large
 prompts (a 32 KB request reserves ~17k tokens) the requests in flight hold
 more than half a block, so they outrun the top-up and wait for Postgres on
-the request path. So a busy lease's top-ups grow: once its lease calls have
+the request path. So a busy lease's lease calls grow (top-ups and the
+request path's refills alike, while far from the limit): once they have
 come less than ``BUSY_S`` apart for ``BUSY_S``, each asks for twice the
 blocks (up to ``MAX_SCALE``), at most one doubling a ``BUSY_S``, and it
 halves again after a pause; its low-water mark is half of what the top-up

@@ -10,19 +10,21 @@ exactly 10 are admitted.
 A request reserves one request and ``prompt estimate + max_tokens`` tokens
 (the tier's ``max_tokens`` cap when the client sends none; the forwarded
 request carries that cap). Settling refunds the unused part to the local
-lease. Token overshoot is therefore bounded by the prompt estimate's error:
-the provider may count a prompt differently from tiktoken, and a reasoning
-model may be billed beyond ``max_tokens`` by its provider.
+lease. Token overshoot is therefore bounded by the prompt estimate's error
+(a size-based estimate, ``tokens.estimate_text``: at most 1.5x under the
+true count on crafted text, never under it on realistic text), and a
+reasoning model may be billed beyond ``max_tokens`` by its provider.
 
 A worker's lease is topped up in the background when it falls to half
 of its block (``take``), so under load a request seldom finds it empty and
 waits for Postgres, and the requests in flight do not all queue behind one
 refill. Only while Postgres had at least ``FAR_BLOCKS`` blocks more to give
 at the last lease call: near the limit nothing is leased ahead, and the
-1/8 rule above applies exactly as without it. A busy lease's top-ups (and
-its low-water mark) grow up to ``MAX_SCALE`` blocks (``lease_pace``), so a
-tenant sending thousands of requests a second to a worker costs it about
-one lease call a second, not one per block. A top-up takes its block
+1/8 rule above applies exactly as without it. A busy lease's lease calls
+(top-ups and refills alike) grow up to ``MAX_SCALE`` blocks, and its
+low-water mark with them (``lease_pace``), so a tenant sending thousands of
+requests a second to a worker costs it about one lease call a second, not
+one per block. A top-up takes its block
 with the same statement as a refill, so the bound is the same: nothing is
 admitted that Postgres did not lease; and it does not hold the lease's
 lock, so a request that finds the lease short still refills it itself, as
