@@ -283,8 +283,10 @@ _tollway = _tollway_serve("tollway")
 class Datastores:
     """The Postgres and Redis that billing targets share, for this run only:
     ``--dsn`` or an embedded Postgres, and an embedded Redis; started only
-    when a target needs them, stopped by ``stop``. Unpinned: like a real
-    database host, they are nobody's CPU in particular."""
+    when a target needs them, stopped by ``stop``. Unpinned by default: like
+    a real database host, they are nobody's CPU in particular.
+    ``--stores-cpu`` pins them to one CPU (the load generator's: the proxy's
+    CPU then runs the proxy alone, as with a database on its own host)."""
 
     def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
         self.dsn: str | None = args.dsn
@@ -298,7 +300,9 @@ class Datastores:
         from proxy.stores.embedded import EmbeddedPostgres, EmbeddedRedis
 
         pinned = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the servers inherit it
+        cpu = getattr(args, "stores_cpu", None)
+        # the servers inherit it
+        os.sched_setaffinity(0, {int(cpu)} if cpu is not None else range(os.cpu_count() or 1))
         try:
             if self.dsn is None:
                 pg = EmbeddedPostgres(workdir / "bench-pg", cleanup="delete")
@@ -825,6 +829,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes with taskset")
+    p.add_argument(
+        "--stores-cpu",
+        help="pin Postgres and Redis to this CPU (default: unpinned; "
+        f"{LOADGEN_CPU} keeps them off the proxy's CPU, as a database on its own host)",
+    )
     p.add_argument(
         "--dsn", help="Postgres for floor_db_batch and tollway_billing (default: embedded)"
     )
