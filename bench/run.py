@@ -314,6 +314,17 @@ class Datastores:
         finally:
             os.sched_setaffinity(0, pinned)
 
+    def pids(self) -> dict[str, int]:
+        """The embedded Postgres postmaster's and Redis server's PIDs."""
+        out = {}
+        for server in self._servers:
+            pgdata = getattr(server, "pgdata", None)
+            if pgdata is not None:
+                out["postgres"] = int((pgdata / "postmaster.pid").read_text().split()[0])
+            elif getattr(server, "proc", None) is not None:
+                out["redis"] = server.proc.pid
+        return out
+
     def stop(self) -> None:
         for server in reversed(self._servers):
             server.stop()

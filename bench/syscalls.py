@@ -22,6 +22,11 @@ case and concurrency:
   (timers: the usage flusher, the journal, the batch poller), split between
   the event loop's thread and the others (the default executor's threads).
 
+With ``--stores``, each CPU window also reads the CPU of the run's
+Postgres (the postmaster and its backends) and Redis: what the billing
+targets' usage rows, leases and permits cost the machine beside the
+gateway's own CPU (the yardstick ``floor_db_batch``'s, for its rows).
+
 With ``--ledger``, each CPU window of a billing target also reads what its
 clock-driven billing work did, natively (callgrind stretches those clocks):
 the journal's ``o`` lines written per request served (a request noted and
@@ -98,6 +103,46 @@ class Window:
     voluntary: float
     involuntary: float
     rps: float
+    pg_us: float = 0.0  # Postgres's CPU a request (``--stores``)
+    redis_us: float = 0.0  # Redis's
+
+
+# ``--stores``: the run's Postgres postmaster and Redis server, whose CPU
+# (with their children's) each window reads too.
+STORES: dict[str, int] = {}
+
+
+def _tree_cpu(root: int) -> float:
+    """utime + stime of ``root`` and its live descendants, with what its
+    reaped children used (cutime + cstime: a Postgres backend that exited)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(d.name)
+        stats[pid] = fields
+        children.setdefault(int(fields[1]), []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        fields = stats.get(pid)
+        if fields is None:
+            continue
+        total += int(fields[11]) + int(fields[12])
+        if pid == root:
+            total += int(fields[13]) + int(fields[14])
+        todo.extend(children.get(pid, ()))
+    return total * _TICK_US
+
+
+def _stores_cpu() -> tuple[float, float]:
+    pg, redis = STORES.get("postgres"), STORES.get("redis")
+    return (_tree_cpu(pg) if pg else 0.0), (_tree_cpu(redis) if redis else 0.0)
 
 
 @dataclass
@@ -154,12 +199,17 @@ def _load(port: int, scenario: run.Scenario, c: int, n: int, key: str) -> dict[s
 def cpu_window(pid: int, port: int, scenario: run.Scenario, c: int, n: int, key: str) -> Window:
     u0, s0 = _cpu(pid)
     v0, i0 = _switches(pid)
+    pg0, r0 = _stores_cpu()
     t0 = time.perf_counter()
     _load(port, scenario, c, n, key)
     elapsed = time.perf_counter() - t0
     u1, s1 = _cpu(pid)
     v1, i1 = _switches(pid)
-    return Window((u1 - u0) / n, (s1 - s0) / n, (v1 - v0) / n, (i1 - i0) / n, n / elapsed)
+    pg1, r1 = _stores_cpu()
+    switches = (v1 - v0) / n, (i1 - i0) / n
+    return Window(
+        (u1 - u0) / n, (s1 - s0) / n, *switches, n / elapsed, (pg1 - pg0) / n, (r1 - r0) / n
+    )
 
 
 def _journal(data: Path) -> tuple[str, int, int]:
@@ -340,6 +390,9 @@ def report(
         "| on the loop's thread, per request | other threads, per request |",
         "|---|---:|---:|---|---:|---:|---:|---:|---|---|",
     ]
+    if args.stores:
+        lines[0] = lines[0].replace("| sys µs/req ", "| sys µs/req | Postgres / Redis µs/req ")
+        lines[1] = "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|"
     for name, kb, c, target, w, counts in results:
         if counts is None:
             total, main_s, thr_s = "—", "—", "—"
@@ -349,8 +402,9 @@ def report(
                 f"({counts.main.get('all', 0):.2f} + {counts.threads.get('all', 0):.2f})"
             )
             main_s, thr_s = _top(counts.main), _top(counts.threads)
+        stores = f"| {w.pg_us:.0f} / {w.redis_us:.0f} " if args.stores else ""
         lines.append(
-            f"| {name} | {kb:g} | {c} | {target} | {w.user_us:.0f} | {w.sys_us:.0f} "
+            f"| {name} | {kb:g} | {c} | {target} | {w.user_us:.0f} | {w.sys_us:.0f} {stores}"
             f"| {w.voluntary:.2f} / {w.involuntary:.2f} | {total} | {main_s} | {thr_s} |"
         )
     return "\n".join(lines)
@@ -382,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="billing targets: journal o lines per request and usage rows per flush too",
     )
+    p.add_argument(
+        "--stores",
+        action="store_true",
+        help="also the CPU a request of Postgres and Redis (the run's, with their children)",
+    )
     args = p.parse_args(argv)
     use_perf = not args.no_perf and perf_works()
     if not use_perf and not args.no_perf:
@@ -400,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             fake = [run.PY, str(run.BENCH / "fake_provider.py"), str(env.provider_port)]
             procs.start("fake_provider", fake, "0", env.provider_port)
             ports = run._start_targets(argparse.Namespace(targets=args.targets), procs, env)
+            if args.stores:
+                STORES.update(stores.pids())
             pids = {t: procs.pid(t) for t in names}
             keys = {t: env.api_keys.get(t, "sk-bench") for t in names}
             idle = {}
@@ -456,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                             statistics.median(w.voluntary for w in ws),
                             statistics.median(w.involuntary for w in ws),
                             statistics.median(w.rps for w in ws),
+                            statistics.median(w.pg_us for w in ws),
+                            statistics.median(w.redis_us for w in ws),
                         )
                         results.append((scenario.name, scenario.prompt_kb, c, t, med, counts))
                         print(
