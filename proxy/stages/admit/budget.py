@@ -57,7 +57,7 @@ def limits_at(who: Principal, tier: Tier, t: float) -> DayLimits:
     path builds no datetime per request (and, keeping the entry, can tell
     by ``t`` alone that it is still the day's)."""
     memo = who.memo.get("budgets")
-    if isinstance(memo, DayLimits) and memo.budgets is tier.budgets and memo.start <= t < memo.end:
+    if isinstance(memo, DayLimits) and memo.holds(tier.budgets, t):
         return memo
     return _keep(who, tier.budgets, datetime.fromtimestamp(t, UTC).date())
 
@@ -74,6 +74,11 @@ class DayLimits:
     limits: tuple[Limit, ...]
     start: float
     end: float
+
+    def holds(self, budgets: Budgets, t: float) -> bool:
+        """Whether these are the limits of ``budgets`` at the instant ``t``
+        (``time.time()``): the same budgets object, ``t`` inside the day."""
+        return self.budgets is budgets and self.start <= t < self.end
 
 
 def _keep(who: Principal, budgets: Budgets, day: date) -> DayLimits:

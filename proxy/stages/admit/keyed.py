@@ -110,8 +110,8 @@ class KeyAdmission:
         # drop refuses ``take_from``, and is looked up again.
         self.held: Held | None = None
         # The budgets' day is the memo entry of ``budget.limits_at`` (the
-        # day's limits and bounds): while ``t`` is inside them, they are the
-        # limits ``limits_at`` would answer, without asking it.
+        # day's limits and bounds): while it ``holds`` for ``t``, they are
+        # the limits ``limits_at`` would answer, without asking it.
         self.budgeted: tuple[budget.DayLimits, Leases] | None = None
         self.rates: tuple[RoutePlan, tuple[tuple[int, int], ...]] | None = None
 
@@ -163,7 +163,7 @@ class KeyAdmission:
         book, who, tier = self.billing.budgets, self.who, self.tier
         assert book is not None
         kept = self.budgeted
-        if kept is not None and t is not None and kept[0].start <= t < kept[0].end:
+        if kept is not None and t is not None and kept[0].holds(tier.budgets, t):
             today = kept[0]  # the kept day's, still current
         elif t is not None:
             today = budget.limits_at(who, tier, t)
