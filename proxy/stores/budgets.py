@@ -33,7 +33,7 @@ from proxy.config.budgets import usd
 from proxy.core.errors import QuotaExceeded, ServiceUnavailable
 from proxy.core.tasks import TaskGroup
 from proxy.stores import pgwait
-from proxy.stores.lease_pace import far_block, low_water, scaled
+from proxy.stores.lease_pace import far_block, low_water, scaled, top_up_soon
 
 log = logging.getLogger("tollway.budgets")
 
@@ -148,32 +148,19 @@ class BudgetBook:
 
     def _top_up_soon(self, limit: Limit, lease: _Lease) -> None:
         """Lease the next block in the background while far from the limit."""
-        if not self._ahead(lease):
-            return
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return  # not on a loop: nothing to run it in the background
-        lease.topping = True
-        self._topping.spawn(self._top_up(limit, lease), name="budget-top-up")
+        if self._ahead(lease):
+            top_up_soon(self._topping, lease, "budget", log, self._top_up, limit, lease)
 
     async def _top_up(self, limit: Limit, lease: _Lease) -> None:
         """Not under the lease's lock: a request that finds the lease short
         meanwhile refills it itself, exactly as without top-ups."""
-        try:
-            scaled(lease, time.monotonic())
-            want = self._ahead(lease)
-            lease.low = low_water(self._block, want)
-            if not want or lease.micros >= lease.low:
-                return  # a refill got there first
-            self.top_ups += 1
-            await self._lease_call(limit, lease, want, 0)
-        except pgwait.DatabaseDown:
-            pass  # the request that finds the lease short refills it
-        except Exception:  # ahead of need: a request refills the lease on its own
-            log.exception("background budget top-up failed")
-        finally:
-            lease.topping = False
+        scaled(lease, time.monotonic())
+        want = self._ahead(lease)
+        lease.low = low_water(self._block, want)
+        if not want or lease.micros >= lease.low:
+            return  # a refill got there first
+        self.top_ups += 1
+        await self._lease_call(limit, lease, want, 0)
 
     async def settle_top_ups(self) -> None:
         """Wait for the top-ups under way (before the leases are handed back)."""

@@ -23,7 +23,13 @@ one and a half top-ups of ``MAX_SCALE`` blocks.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
+
+from proxy.core.tasks import TaskGroup
+from proxy.stores import pgwait
 
 LOW_WATER = 2  # top a lease up when 1/LOW_WATER of its (scaled) block is left...
 FAR_BLOCKS = 8  # ...while Postgres had at least this many of it more at the last lease call
@@ -72,3 +78,47 @@ def low_water(block: int, ahead: int) -> int:
     lease near the limit, whose top-ups are smaller, is not below its mark
     after every one of them."""
     return max(1, max(block, ahead) // LOW_WATER)
+
+
+class Topped(Protocol):
+    """A local lease that can be topped up in the background."""
+
+    topping: bool  # a background top-up is under way
+
+
+def top_up_soon(
+    group: TaskGroup,
+    lease: Topped,
+    what: str,
+    log: logging.Logger,
+    work: Callable[..., Awaitable[object]],
+    *args: object,
+) -> None:
+    """Run ``work(*args)`` (a top-up of ``lease``) as a task of ``group``,
+    with ``lease.topping`` set until it ends; nothing when no loop is
+    running. A top-up is ahead of need: when it fails, the request that
+    finds the lease short refills it on its own, so a failure is only
+    logged, and an unreachable database not even that."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return  # not on a loop: nothing to run it in the background
+    lease.topping = True
+    group.spawn(_topping(lease, what, log, work, args), name=f"{what}-top-up")
+
+
+async def _topping(
+    lease: Topped,
+    what: str,
+    log: logging.Logger,
+    work: Callable[..., Awaitable[object]],
+    args: tuple[object, ...],
+) -> None:
+    try:
+        await work(*args)
+    except pgwait.DatabaseDown:
+        pass
+    except Exception:
+        log.exception("background %s top-up failed", what)
+    finally:
+        lease.topping = False

@@ -49,7 +49,6 @@ that finds the lease short meanwhile refills it itself, as without top-ups.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -57,6 +56,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from proxy.core.tasks import TaskGroup
+from proxy.stores.lease_pace import top_up_soon
 from proxy.stores.ratelimit import LeaseAsk, RateLimiter
 from proxy.stores.windows import SLOTS, Limit, Verdict, Window
 
@@ -143,27 +143,17 @@ class PermitLeases:
         if lim.concurrency or lim.capacity - lease.used < FAR_LEASES * 16 * ask:
             return  # near the limit: leases shrink, requests go to Redis
         lease.size = size
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return  # not on a loop: nothing to run it in the background
-        lease.topping = True
-        self._topping.spawn(self._top_up(lim, lease, ask), name="permit-top-up")
+        top_up_soon(self._topping, lease, "permit", log, self._top_up, lim, lease, ask)
 
     async def _top_up(self, lim: Limit, lease: _Lease, ask: int) -> None:
-        try:
-            asked = self._clock()
-            if self._leases.get(lim.key) is not lease or asked >= lease.ends:
-                return  # replaced, or its slot is over: the next request refills
-            self.top_ups += 1
-            probe = Limit(lim.key, lim.name, lim.capacity, lim.window_ms, 0)
-            verdict, grants = await self.limiter.check_leasing([probe], 1, [LeaseAsk(extra=ask)])
-            if verdict.admitted and verdict.shared:
-                self._keep(lim, verdict.windows[0], grants[0], verdict.now_ms, asked)
-        except Exception:  # ahead of need: a request refills the lease on its own
-            log.exception("background permit top-up failed")
-        finally:
-            lease.topping = False
+        asked = self._clock()
+        if self._leases.get(lim.key) is not lease or asked >= lease.ends:
+            return  # replaced, or its slot is over: the next request refills
+        self.top_ups += 1
+        probe = Limit(lim.key, lim.name, lim.capacity, lim.window_ms, 0)
+        verdict, grants = await self.limiter.check_leasing([probe], 1, [LeaseAsk(extra=ask)])
+        if verdict.admitted and verdict.shared:
+            self._keep(lim, verdict.windows[0], grants[0], verdict.now_ms, asked)
 
     async def settle_top_ups(self) -> None:
         """Wait for the top-ups under way (before Redis is closed)."""

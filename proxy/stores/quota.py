@@ -53,7 +53,7 @@ from proxy.core.errors import QuotaExceeded, ServiceUnavailable
 from proxy.core.principal import Principal
 from proxy.core.tasks import TaskGroup
 from proxy.stores import pgwait
-from proxy.stores.lease_pace import far_block, low_water, scaled
+from proxy.stores.lease_pace import far_block, low_water, scaled, top_up_soon
 
 log = logging.getLogger("tollway.quota")
 
@@ -252,14 +252,8 @@ class QuotaBook:
         """Lease the next block in the background if the lease runs low and
         Postgres is far from the limit (see the module's docstring)."""
         want_r, want_t = self._ahead(tier, lease)
-        if not (want_r or want_t):
-            return
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return  # not on a loop: nothing to run it in the background
-        lease.topping = True
-        self._topping.spawn(self._top_up(who, tier, period, lease), name="quota-top-up")
+        if want_r or want_t:
+            top_up_soon(self._topping, lease, "quota", log, self._top_up, who, tier, period, lease)
 
     def _ahead(self, tier: Tier, lease: _Lease) -> tuple[int, int]:
         """(requests, tokens) worth leasing ahead of need now: ``_blocks``
@@ -273,21 +267,14 @@ class QuotaBook:
     async def _top_up(self, who: Principal, tier: Tier, period: date, lease: _Lease) -> None:
         """Not under the lease's lock: a request that finds the lease short
         meanwhile refills it itself, exactly as without top-ups (and during
-        an outage waits no longer than it did)."""
-        try:
-            scaled(lease, time.monotonic())
-            self._pace(lease, tier)
-            want_r, want_t = self._ahead(tier, lease)
-            if not (want_r or want_t):
-                return  # a refill got there first
-            self.top_ups += 1
-            await self._take_lease(who, tier, period, lease, want_r, want_t, 0)
-        except pgwait.DatabaseDown:
-            pass  # the request that finds the lease short refills it (or goes offline)
-        except Exception:  # ahead of need: a request refills the lease on its own
-            log.exception("background quota top-up failed")
-        finally:
-            lease.topping = False
+        an outage waits no longer than it did, or goes offline)."""
+        scaled(lease, time.monotonic())
+        self._pace(lease, tier)
+        want_r, want_t = self._ahead(tier, lease)
+        if not (want_r or want_t):
+            return  # a refill got there first
+        self.top_ups += 1
+        await self._take_lease(who, tier, period, lease, want_r, want_t, 0)
 
     async def settle_top_ups(self) -> None:
         """Wait for the top-ups under way (before the leases are handed back)."""
