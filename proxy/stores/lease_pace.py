@@ -1,4 +1,5 @@
-"""How far ahead of need a worker leases, for the quota and the budgets alike.
+"""How far ahead of need a worker leases, for the quota and the budgets alike
+(and the background top-up every local lease uses, the Redis permits' too).
 
 Both books lease blocks from Postgres under its 1/8-of-what-is-left rule and
 top a lease up in the background before a request finds it empty. Under
@@ -31,7 +32,7 @@ from typing import Protocol
 from proxy.core.tasks import TaskGroup
 from proxy.stores import pgwait
 
-LOW_WATER = 2  # top a lease up when 1/LOW_WATER of its (scaled) block is left...
+LOW_WATER = 2  # top a lease up when 1/LOW_WATER of what its top-up asks for is left...
 FAR_BLOCKS = 8  # ...while Postgres had at least this many of it more at the last lease call
 BUSY_S = 1.0  # lease calls this close together for this long: the top-ups' blocks double...
 MAX_SCALE = 16  # ...up to this many blocks a top-up
