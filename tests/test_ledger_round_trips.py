@@ -21,11 +21,13 @@ def _words(text: str) -> str:
 
 
 def test_the_batch_function_runs_the_ledgers_own_statement() -> None:
-    """``tollway_write_usage`` (a migration, fixed once applied) holds the
-    statement ``usage_batch`` makes from its columns: a row that gains a
-    column without a migration replacing the function fails here, not in
-    production."""
-    (path,) = [p for v, p in migrate.available() if p.name == "0012_usage_write.sql"]
+    """``tollway_write_usage`` (a migration, fixed once applied; the latest
+    that replaces it) holds the statement ``usage_batch`` makes from its
+    columns: a row that gains a column without a migration replacing the
+    function fails here, not in production."""
+    defining = "FUNCTION tollway_write_usage"
+    path = [p for _, p in migrate.available() if defining in p.read_text()][-1]
+    assert path.name == "0013_usage_write_fine.sql"
     function = _words(path.read_text())
     ctes, final = usage_batch._WRITE.strip().rsplit("\n)\nSELECT 'q'", 1)
     assert _words(ctes.replace("$1::jsonb", "p_batch")) in function
