@@ -436,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="billing targets: journal o lines per request and usage rows per flush too",
     )
+    p.add_argument("--src", type=Path, help="the checkout whose proxy/ runs (default: this one)")
     p.add_argument(
         "--stores",
         action="store_true",
@@ -453,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         procs = run.Processes(False, workdir)
         stores = run.Datastores(workdir, argparse.Namespace(targets=args.targets, dsn=None))
         try:
+            src = args.src.resolve() if args.src is not None else None
             env = run.Env(
-                run._free_port(), workdir, stores.dsn, None, stores.redis_url, loop_lag_ms=0.0
+                run._free_port(), workdir, stores.dsn, src, stores.redis_url, loop_lag_ms=0.0
             )
             fake = [run.PY, str(run.BENCH / "fake_provider.py"), str(env.provider_port)]
             procs.start("fake_provider", fake, "0", env.provider_port)
