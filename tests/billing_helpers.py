@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,27 +97,42 @@ async def wait_for(
     return seen[0]
 
 
+# One client's way to admit a request as the admit stage does: the local
+# leases' fast path (None: short), else the awaited refill.
+Admitter = tuple[Callable[[], object | None], Callable[[], Awaitable[object]]]
+
+
 async def admit_concurrently(
     book: QuotaBook, who: Principal, tier: Tier, clients: int, each: int, pause_s: float, seed: int
 ) -> tuple[int, int]:
-    """``clients`` clients each try ``each`` admissions of 100 tokens the way
-    a request does (the lease's fast path, else the awaited refill), pausing
-    ``pause_s`` to 3x that between them (requests in flight); the admitted and
-    refused counts."""
+    """``clients`` clients each try ``each`` quota admissions of 100 tokens
+    (``admit_in_flight``); the admitted and refused counts."""
+    admitter = (lambda: book.take(who, tier, 100), lambda: book.admit(who, tier, 100))
+    return await admit_in_flight([admitter] * clients, each, pause_s, seed)
+
+
+async def admit_in_flight(
+    clients: Sequence[Admitter], each: int, pause_s: float, seed: int
+) -> tuple[int, int]:
+    """Each client tries ``each`` admissions the way a request does (the
+    fast path, else the awaited refill; a 429 ``QuotaExceeded`` counts as
+    refused), pausing ``pause_s`` to 3x that between them (requests in
+    flight); the admitted and refused counts."""
     rng = random.Random(seed)
     admitted = refused = 0
 
-    async def client() -> None:
+    async def client(admitter: Admitter) -> None:
         nonlocal admitted, refused
+        take, admit = admitter
         for _ in range(each):
             try:
-                if book.take(who, tier, 100) is None:
-                    await book.admit(who, tier, 100)
+                if take() is None:
+                    await admit()
                 admitted += 1
             except QuotaExceeded:
                 refused += 1
             # The load's shape (requests in flight), not a wait for anything.
             await asyncio.sleep(pause_s + rng.random() * 2 * pause_s)
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(admitter) for admitter in clients))
     return admitted, refused

@@ -5,17 +5,16 @@ budget is still spent exactly to its limit."""
 
 from __future__ import annotations
 
-import asyncio
-import random
 import uuid
 from datetime import date
+from functools import partial
 
 import asyncpg
 import pytest
 
-from proxy.core.errors import QuotaExceeded
 from proxy.stores import lease_pace
 from proxy.stores.budgets import BudgetBook, Limit
+from tests.billing_helpers import admit_in_flight
 
 MONTH = date(2026, 12, 1)
 
@@ -79,22 +78,11 @@ async def test_the_budget_is_exact_while_top_ups_grow(
     monkeypatch.setattr(lease_pace, "BUSY_S", 0.01)
     limit = _limit(50_000_000)
     books = [BudgetBook(pg, f"w-bexact-{i}", 50_000, 2.0) for i in range(2)]
-    rng = random.Random(7)
-    admitted = refused = 0
-
-    async def client(book: BudgetBook) -> None:
-        nonlocal admitted, refused
-        for _ in range(400):
-            try:
-                if book.take((limit,), 10_000, MONTH) is None:
-                    await book.admit((limit,), 10_000, MONTH)
-                admitted += 1
-            except QuotaExceeded:
-                refused += 1
-            # The load's shape (requests in flight), not a wait for anything.
-            await asyncio.sleep(0.0002 + rng.random() * 0.0004)
-
-    await asyncio.gather(*(client(books[i % 2]) for i in range(16)))
+    clients = [
+        (partial(book.take, (limit,), 10_000, MONTH), partial(book.admit, (limit,), 10_000, MONTH))
+        for book in books * 8
+    ]
+    admitted, refused = await admit_in_flight(clients, 400, 0.0002, seed=7)
     for book in books:
         await book.settle_top_ups()
     assert admitted == 5_000 and refused == 1_400

@@ -143,12 +143,14 @@ class BudgetBook:
         for lease in leases:
             lease.micros -= micros
             if lease.micros < lease.low and not lease.topping:
-                self._top_up_soon(limits[leases.index(lease)], lease)
+                self._top_up_soon(limits, leases, lease)
         return Hold(limits, micros, day, leases)
 
-    def _top_up_soon(self, limit: Limit, lease: _Lease) -> None:
-        """Lease the next block in the background while far from the limit."""
+    def _top_up_soon(self, limits: tuple[Limit, ...], leases: Leases, lease: _Lease) -> None:
+        """Lease the next block of ``lease`` (one of ``limits``' ``leases``, in
+        their order) in the background while far from the limit."""
         if self._ahead(lease):
+            limit = next(lim for lim, held in zip(limits, leases, strict=True) if held is lease)
             top_up_soon(self._topping, lease, "budget", log, self._top_up, limit, lease)
 
     async def _top_up(self, limit: Limit, lease: _Lease) -> None:

@@ -47,9 +47,10 @@ class Paced(Protocol):
 
 
 def scaled(lease: Paced, now: float) -> None:
-    """Before a top-up: double the lease's ``scale`` once its lease calls
-    have come less than ``BUSY_S`` apart for ``BUSY_S`` (then again after
-    another ``BUSY_S`` of it), halve it after a pause of ``BUSY_S`` or more."""
+    """Before a lease call (a top-up, or a refill on the request path):
+    double the lease's ``scale`` once its lease calls have come less than
+    ``BUSY_S`` apart for ``BUSY_S`` (then again after another ``BUSY_S`` of
+    it), halve it after a pause of ``BUSY_S`` or more."""
     if not lease.refilled_at or now - lease.refilled_at >= BUSY_S:
         lease.busy_since = 0.0
         lease.scale = max(1, lease.scale // 2)
