@@ -58,6 +58,7 @@ from typing import Any
 
 # bench/'s own modules (the script's directory is on sys.path).
 import orjson
+import procstat
 import run
 
 # The syscalls counted one by one (every other lands in "other"): what a
@@ -114,30 +115,8 @@ STORES: dict[str, int] = {}
 
 def _tree_cpu(root: int) -> float:
     """utime + stime of ``root`` and its live descendants, with what its
-    reaped children used (cutime + cstime: a Postgres backend that exited)."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(d.name)
-        stats[pid] = fields
-        children.setdefault(int(fields[1]), []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        fields = stats.get(pid)
-        if fields is None:
-            continue
-        total += int(fields[11]) + int(fields[12])
-        if pid == root:
-            total += int(fields[13]) + int(fields[14])
-        todo.extend(children.get(pid, ()))
-    return total * _TICK_US
+    reaped children used (a Postgres backend that exited)."""
+    return (procstat.cpu_us(procstat.tree(root)) or 0.0) + procstat.reaped_us(root)
 
 
 def _stores_cpu() -> tuple[float, float]:
