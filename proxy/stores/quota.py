@@ -177,12 +177,14 @@ class QuotaBook:
             ahead_r = far_block(policy.lease_requests, lease.scale, lease.left_requests)
         return ahead_r, far_block(policy.lease_tokens, lease.scale, lease.left_tokens)
 
-    def _pace(self, lease: _Lease, tier: Tier | None) -> None:
-        """The lease's low-water marks: half of what its next top-up asks
-        for (``lease_pace.low_water``)."""
-        ahead_r, ahead_t = self._blocks(tier, lease)
-        lease.low_requests = low_water(self._policy.lease_requests, ahead_r)
-        lease.low_tokens = low_water(self._policy.lease_tokens, ahead_t)
+    def _pace(self, lease: _Lease, tier: Tier | None) -> tuple[int, int]:
+        """Set the lease's low-water marks: half of what its next top-up asks
+        for (``lease_pace.low_water``). Returns that ``_blocks``, for a
+        caller about to ask."""
+        blocks = self._blocks(tier, lease)
+        lease.low_requests = low_water(self._policy.lease_requests, blocks[0])
+        lease.low_tokens = low_water(self._policy.lease_tokens, blocks[1])
+        return blocks
 
     def _month(self) -> tuple[date, datetime, datetime]:
         """(period, now, the period's end) by one reading of the clock; the
@@ -255,12 +257,15 @@ class QuotaBook:
         if want_r or want_t:
             top_up_soon(self._topping, lease, "quota", log, self._top_up, who, tier, period, lease)
 
-    def _ahead(self, tier: Tier, lease: _Lease) -> tuple[int, int]:
+    def _ahead(
+        self, tier: Tier, lease: _Lease, blocks: tuple[int, int] | None = None
+    ) -> tuple[int, int]:
         """(requests, tokens) worth leasing ahead of need now: ``_blocks``
-        of whichever runs low, and only while far from its limit."""
+        (``blocks`` when the caller has them already) of whichever runs
+        low, and only while far from its limit."""
         if tier.monthly_requests is not None and lease.left_requests is None:
             return 0, 0  # nothing leased yet: the first block comes through ``admit``
-        ahead_r, ahead_t = self._blocks(tier, lease)
+        ahead_r, ahead_t = self._blocks(tier, lease) if blocks is None else blocks
         low_t = tier.monthly_tokens is not None and lease.tokens < lease.low_tokens
         return (ahead_r if lease.requests < lease.low_requests else 0, ahead_t if low_t else 0)
 
@@ -269,8 +274,7 @@ class QuotaBook:
         meanwhile refills it itself, exactly as without top-ups (and during
         an outage waits no longer than it did, or goes offline)."""
         scaled(lease, time.monotonic())
-        self._pace(lease, tier)
-        want_r, want_t = self._ahead(tier, lease)
+        want_r, want_t = self._ahead(tier, lease, self._pace(lease, tier))
         if not (want_r or want_t):
             return  # a refill got there first
         self.top_ups += 1
