@@ -68,3 +68,33 @@ async def test_an_idle_journal_waits_for_no_batch(
     async with asyncio.timeout(5):
         await journal._next_batch()
     await journal.close()
+
+
+async def test_the_wait_for_a_batch_covers_the_ledgers_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the ledger's batches further apart than ``ALIGN_S`` (its 100 ms
+    default), the journal waits up to the ledger's interval for the next
+    one, so a batch still lands within the wait and what it closed is never
+    written."""
+    monkeypatch.setattr(journal_module, "FLUSH_S", 30.0)
+    monkeypatch.setattr(journal_module, "ALIGN_S", 0.001)  # alone it would miss the batch
+    path = tmp_path / "journal-w.jsonl"
+    journal = Journal(path, _opened, batch_every=30.0)
+    for rid in ("a", "b"):
+        journal.admitted("ev-" + rid, UsageRecord(rid, "chat"), {})
+    journal.closed([_row("ev-unrelated")])  # so that the wait shows as the flag cleared
+    tasks = TaskGroup()
+    task = tasks.spawn(journal.run())
+    try:
+        await until(lambda: not journal._landed.is_set(), what="the journal waits for a batch")
+        journal.closed([_row("ev-a")])
+        await until(lambda: path.exists() and path.stat().st_size > 0, what="the journal wrote")
+        lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        assert [line["o"]["e"] for line in lines] == ["ev-b"]
+        journal.stop()
+        async with asyncio.timeout(5):
+            await task
+    finally:
+        task.cancel()
+        await journal.close()

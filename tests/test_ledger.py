@@ -12,6 +12,7 @@ import aiohttp
 import asyncpg
 import orjson
 
+from proxy.core.tasks import TaskGroup
 from proxy.stores.ledger import COLUMNS, Ledger, Spool, UsageRow
 from proxy.web.keys import BILLING
 from tests.billing_helpers import billing_config, tenant_with_key, wait_for
@@ -21,6 +22,7 @@ from tests.fakes import FAKE_USAGE, FakeOpenAI
 from tests.fakes_faults import FaultyOpenAI
 from tests.test_metrics import parse, scrape, value
 from tests.usage_rows import usage_row
+from tests.waiting import until
 
 MSG = [{"role": "user", "content": "hi"}]
 BY_TENANT = (
@@ -156,6 +158,46 @@ async def test_a_refused_row_is_dead_lettered_and_its_batch_commits(
     await ledger.flush()  # the next flush does not try them again
     assert ledger.dead_lettered == 3
     await ledger.close()
+
+
+async def test_an_idle_flusher_sleeps_and_a_row_waits_at_most_the_interval(
+    pg: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Every batch costs Postgres ~1 ms before its first row, so the flusher
+    writes when the oldest row has waited the interval, and with nothing to
+    write it does not wake at all (it used to flush an empty queue every
+    interval)."""
+    tenant, _ = await tenant_with_key(pg, tmp_path, "pro")
+    tenant_id = await pg.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    ledger = Ledger(pg, Spool(tmp_path / "spool-idle.jsonl"), "w-idle", 0.05, 3600)
+    flushes = 0
+    flush = ledger.flush
+
+    async def counted() -> None:
+        nonlocal flushes
+        flushes += 1
+        await flush()
+
+    ledger.flush = counted  # type: ignore[method-assign]
+    tasks = TaskGroup()
+    task = tasks.spawn(ledger.run())
+    try:
+        await until(lambda: flushes == 1, what="the first round (the leases' heartbeat)")
+        # A window of ten intervals in which nothing may happen (the
+        # behaviour under test, not a wait for something).
+        await asyncio.sleep(0.5)
+        assert flushes == 1
+        marker = unique("idle")
+        ledger.add(_row(tenant_id, f"{marker}-1"))
+        ledger.add(_row(tenant_id, f"{marker}-2"))
+        count = "SELECT count(*) FROM usage_events WHERE request_id LIKE $1"
+        await until(lambda: pg.fetchval(count, marker + "-%"), what="the rows landed")
+        assert await pg.fetchval(count, marker + "-%") == 2  # in one batch
+        assert flushes == 2 and ledger.pending() == 0
+    finally:
+        ledger.stop()
+        await task
+        await ledger.close()
 
 
 async def test_a_refused_row_in_a_spool_does_not_block_its_replay(

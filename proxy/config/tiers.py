@@ -292,7 +292,7 @@ class BillingPolicy:
     lease_tokens: int = 256_000  # the block of tokens (the same)
     lease_budget_usd: float = 1.0  # the block of a USD budget (the same)
     offline_allowance: int = 0  # requests per worker admitted while Postgres is down
-    flush_interval_ms: int = 20
+    flush_interval_ms: int = 100  # a usage row waits at most this long for its batch
     key_cache_ttl_s: float = 5.0
     lease_ttl_s: float = 60.0  # leases of a worker silent this long are released
     # Each wait on Postgres a request makes (a connection, then the statement:

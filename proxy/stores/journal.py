@@ -16,7 +16,8 @@ per event, keyed by the event id the usage row will carry:
 Nothing is written on the request path: ``admitted`` (or ``open``) and
 ``closed`` touch a dict, and the flusher (``run``) writes everything of the
 last ``FLUSH_S`` with one append and one fsync (group commit), just after a
-ledger batch has landed when one lands in the interval's last ``ALIGN_S``. A request that opens and
+ledger batch has landed when one lands in the interval's last ``ALIGN_S`` (or
+the ledger's interval, when longer: ``_align_s``). A request that opens and
 closes within one interval is never written at all, and costs one tuple: its
 ``_Entry`` is made at the write, only for the requests still open then. With a checkpoint taken
 ``CHECKPOINT_S`` (0.8 s) after the last and written within ``FLUSH_S``
@@ -24,7 +25,7 @@ closes within one interval is never written at all, and costs one tuple: its
 
 What the journal keeps of a request is its record (the row's columns and,
 once it settles, its usage), until the ledger's batch holding its row lands
-(its ``flush_interval_ms``, 20 by default, plus the batch's write; longer
+(its ``flush_interval_ms``, 100 by default, plus the batch's write; longer
 while Postgres is slow or down, until the rows go to the spool). The parsed body rides on the
 record (``UsageRecord.body``) only while the request runs, and its stream
 meter (``progress``) likewise: settle drops both (``Billing.settle``), since a
@@ -120,8 +121,13 @@ class _Entry:
 class Journal:
     """One worker's journal; ``run`` is its flusher, ``close`` its end."""
 
-    def __init__(self, path: Path, opened_of: OpenedOf | None = None) -> None:
+    def __init__(
+        self, path: Path, opened_of: OpenedOf | None = None, batch_every: float = 0.0
+    ) -> None:
         self.path = path
+        # How often the ledger's batches land (its ``flush_interval_ms``):
+        # the write waits up to that long for the next one (``_align_s``).
+        self.batch_every = batch_every
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _try_lock(path.with_suffix(".lock"))
         if self._lock_fd is None:
@@ -163,10 +169,16 @@ class Journal:
     def open_count(self) -> int:
         return len(self._open) + len(self._fresh)
 
+    def _align_s(self) -> float:
+        """How long a write waits for the ledger's next batch: ``ALIGN_S``,
+        or the ledger's interval when that is longer (so that a batch lands
+        within the wait), at most ``FLUSH_S``."""
+        return min(FLUSH_S, max(ALIGN_S, self.batch_every))
+
     async def run(self) -> None:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FLUSH_S - ALIGN_S):
+                async with asyncio.timeout(FLUSH_S - self._align_s()):
                     await self._stopping.wait()
             await self._next_batch()
             try:
@@ -175,7 +187,7 @@ class Journal:
                 log.exception("could not write the request journal; retrying")
 
     async def _next_batch(self) -> None:
-        """Wait (at most ``ALIGN_S``) for the ledger's next batch to land.
+        """Wait (at most ``_align_s``) for the ledger's next batch to land.
         Under load, a write at a random moment found most requests of its
         interval settled but their rows still queued (they land every
         ``flush_interval_ms``), and wrote an ``o`` line for each (measured:
@@ -185,7 +197,7 @@ class Journal:
             return
         self._landed.clear()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(ALIGN_S):
+            async with asyncio.timeout(self._align_s()):
                 await self._landed.wait()
 
     def stop(self) -> None:

@@ -99,7 +99,10 @@ def billing_ctx(opts: BillingOptions) -> Callable[[web.Application], AsyncIterat
                 pool, worker, int(policy.lease_budget_usd * MICROS), policy.db_timeout_s
             )
             ledger.on_budget_leases = budgets.keep_only
-            journal = Journal(opts.data_dir / f"journal-{worker}.jsonl")
+            journal = Journal(
+                opts.data_dir / f"journal-{worker}.jsonl",
+                batch_every=policy.flush_interval_ms / 1000,
+            )
             billing = Billing(
                 Authenticator(pool, hasher, KeyCache(policy.key_cache_ttl_s), policy.db_timeout_s),
                 quota,
