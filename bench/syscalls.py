@@ -111,6 +111,8 @@ class Window:
 # ``--stores``: the run's Postgres postmaster and Redis server, whose CPU
 # (with their children's) each window reads too.
 STORES: dict[str, int] = {}
+# ``--rate``: the load generator's open-loop rate (0: closed loop), set by ``main``.
+RATE: list[float] = [0.0]
 
 
 def _tree_cpu(root: int) -> float:
@@ -168,6 +170,7 @@ def _load(port: int, scenario: run.Scenario, c: int, n: int, key: str) -> dict[s
     argv += [orjson.dumps(scenario.body).decode(), f"--concurrency={c}", "--duration=900"]
     argv += ["--warmup=0", f"--max-requests={n}", f"--api-key={key}"]
     argv += ["--stream"] if scenario.stream else []
+    argv += [f"--rate={RATE[0]:g}"] if RATE[0] else []
     done = subprocess.run(argv, capture_output=True, check=True, timeout=1200)
     out: dict[str, Any] = orjson.loads(done.stdout)
     if out["errors"] or out["ok"] != n:
@@ -417,11 +420,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--src", type=Path, help="the checkout whose proxy/ runs (default: this one)")
     p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="open loop: this many requests/s on c connections (loadgen.py --rate): the"
+        " costs per request below capacity, where the timers' share shows",
+    )
+    p.add_argument(
         "--stores",
         action="store_true",
         help="also the CPU a request of Postgres and Redis (the run's, with their children)",
     )
     args = p.parse_args(argv)
+    RATE[0] = args.rate
     use_perf = not args.no_perf and perf_works()
     if not use_perf and not args.no_perf:
         print("syscalls: perf cannot count syscalls here; CPU only", file=sys.stderr)
