@@ -50,6 +50,7 @@ async def _setup(
     pg: asyncpg.Pool,
     redis: OwnRedis,
     tmp_path: Path,
+    tier: str = "four",
 ) -> tuple[Gateway, str, str]:
     gw = await start_gateway(
         _config(fake),
@@ -58,7 +59,7 @@ async def _setup(
         redis_url=redis.url,
         redis_timeout_s=0.05,  # the production timeout: these tests are about Redis faults
     )
-    tenant, key = await tenant_with_key(pg, tmp_path, "four", set(TIERS))
+    tenant, key = await tenant_with_key(pg, tmp_path, tier, set(TIERS))
     return gw, tenant, key["api_key"]
 
 
@@ -152,7 +153,11 @@ async def test_slow_redis_costs_one_timeout_not_a_failure(
     own_redis: OwnRedis,
     tmp_path: Path,
 ) -> None:
-    gw, _, key = await _setup(start_gateway, fake_openai, pg_url, pg, own_redis, tmp_path)
+    # "pro": a window far from its limit. With "four" the fallback admits 2,
+    # and on a loaded machine the first request's own Redis call could time
+    # out (50 ms) and take one of them, so the third request's 429 would be
+    # right and this test would fail for a reason it is not about.
+    gw, _, key = await _setup(start_gateway, fake_openai, pg_url, pg, own_redis, tmp_path, "pro")
     assert (await _chat(gw, key, _body()))[0] == 200
     async with Redis.from_url(own_redis.url) as direct:
         await direct.client_pause(2000, all=True)  # every command waits two seconds
