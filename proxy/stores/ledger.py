@@ -120,12 +120,12 @@ class Ledger:
 
         Stopped by an event, not a cancel: a cancel landing inside a batch
         write would leave the batch neither in Postgres nor in the spool."""
-        beat = 0.0
+        beat_at = 0.0  # monotonic: when the leases' next heartbeat is due
         while not self._stopping.is_set():
-            await self._due(beat + self._lease_ttl / 4)
+            await self._due(beat_at)
             await self.flush()
-            if time.monotonic() - beat > self._lease_ttl / 4:
-                beat = time.monotonic()
+            if time.monotonic() >= beat_at:
+                beat_at = time.monotonic() + self._lease_ttl / 4
                 await self._heartbeat_and_sweep()
 
     async def _due(self, beat_at: float) -> None:
@@ -140,7 +140,7 @@ class Ledger:
                     await self._rows.wait()
             if not self._queue:
                 return  # a heartbeat, or a stop
-        since = self._since.get("queue") if self._queue else None
+        since = self._since.get("queue")  # set while the queue has rows
         wait = self._interval if since is None else since + self._interval - time.monotonic()
         if wait > 0:
             with contextlib.suppress(TimeoutError):
